@@ -1,0 +1,33 @@
+"""mope: mixtures of parameter-efficient experts as a PEFT method.
+
+Importing ``mope`` registers ``peft_type="MOPE"`` with PEFT, so ``get_peft_model``,
+``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle MoPE bundles.
+"""
+
+from __future__ import annotations
+
+from .bundle import save_pretrained
+from .config import MoPEConfig
+from .layer import MoPELayer
+from .registration import register
+from .routing import ROUTERS, Router, Routing
+from .tuner import MoPEModel
+
+register()
+
+from .api import get_mope_model, load_mope  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ROUTERS",
+    "MoPEConfig",
+    "MoPELayer",
+    "MoPEModel",
+    "Router",
+    "Routing",
+    "__version__",
+    "get_mope_model",
+    "load_mope",
+    "save_pretrained",
+]

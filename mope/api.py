@@ -1,0 +1,28 @@
+"""Entry points that mirror PEFT's, importable without knowing PEFT's registration details."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from .config import MoPEConfig
+
+
+def get_mope_model(model: nn.Module, config: MoPEConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Wrap ``model`` with a MoPE adapter; same as ``peft.get_peft_model(model, config)``."""
+    if not isinstance(config, MoPEConfig):
+        raise ValueError(f"get_mope_model needs a MoPEConfig, got {type(config).__name__}")
+    return get_peft_model(model, config, adapter_name=adapter_name, **kwargs)
+
+
+def load_mope(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> PeftModel:
+    """Load a MoPE bundle onto ``model``; same as ``PeftModel.from_pretrained`` once mope is imported.
+
+    Having this function means ``mope`` is imported, so the ``MOPE`` PEFT type is registered:
+    a process that never imported mope gets ``KeyError('MOPE')`` from PEFT instead.
+    """
+    config = MoPEConfig.from_pretrained(os.fspath(path))
+    return PeftModel.from_pretrained(model, os.fspath(path), config=config, **kwargs)

@@ -1,0 +1,82 @@
+"""Bundle files: PEFT's own ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Loading checks the bundle before any weight is copied: the tensor file's header is read when
+the config is loaded (no tensor data, nothing unpickled), and compared, after the experts are
+attached, with the tensors the model expects. Any mismatch raises ``ValueError`` naming the
+file and the tensors, and the model is restored (see ``MoPEModel.inject_adapter``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError, safe_open
+
+
+def read_bundle_header(folder: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in ``folder/adapter_model.safetensors`` (header only)."""
+    path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"MoPE bundle '{folder}' has no {SAFETENSORS_WEIGHTS_NAME}; mope bundles are safetensors only "
+            "(pickled .bin files are never loaded)."
+        )
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"Cannot read MoPE bundle file '{path}': it is truncated or not safetensors ({error})."
+        ) from error
+
+
+def describe_mismatch(
+    path: str, expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], limit: int = 5
+) -> str | None:
+    """A message listing missing, unexpected and wrongly shaped tensors, or None if they agree."""
+
+    def listing(keys: list[str]) -> str:
+        shown = ", ".join(keys[:limit])
+        return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {listing(missing)}")
+    if unexpected:
+        problems.append(f"tensors for modules this model does not have: {listing(unexpected)}")
+    if wrong:
+        problems.append(
+            "wrong shapes: " + listing([f"{k} is {list(found[k])}, model needs {list(expected[k])}" for k in wrong])
+        )
+    if not problems:
+        return None
+    hint = " The bundle was probably made for another base model or config." if unexpected or wrong else ""
+    return f"MoPE bundle file '{path}' does not fit this model: " + "; ".join(problems) + "." + hint
+
+
+def save_pretrained(model, save_directory: str | os.PathLike, **kwargs) -> None:
+    """``model.save_pretrained`` that never leaves a half-written bundle.
+
+    The bundle is written into a temporary folder beside the target; only when that has fully
+    succeeded are its files moved into place (each move atomic, the config last, as it is what
+    marks a folder as a bundle). If saving fails, the old bundle is untouched.
+    """
+    target = os.path.abspath(os.fspath(save_directory))
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".mope-save-", dir=parent)
+    try:
+        model.save_pretrained(staging, **kwargs)
+        for root, _dirs, files in os.walk(staging):
+            destination = os.path.join(target, os.path.relpath(root, staging))
+            os.makedirs(destination, exist_ok=True)
+            for name in sorted(files, key=lambda n: n == CONFIG_NAME):
+                os.replace(os.path.join(root, name), os.path.join(destination, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,15 @@
+"""Dense softmax gate: every expert acts on every token, weighted by the softmax."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Router, Routing
+
+
+class DenseRouter(Router):
+    """``g = softmax(W x)``. ``top_k`` is ignored; the load is the probability itself."""
+
+    def gate(self, logits: torch.Tensor) -> Routing:
+        probs = torch.softmax(logits, dim=-1)
+        return Routing(weights=probs, probs=probs, logits=logits, load=probs)

@@ -1,0 +1,253 @@
+"""``MoPEModel``: PEFT's ``BaseTuner`` for mixtures of parameter-efficient experts.
+
+Injection wraps each targeted module in a :class:`~mope.layer.MoPELayer`. Two hooks on the
+wrapped model connect the layers to the batch: a pre-hook captures the routing inputs
+(attention masks) into the shared :class:`~mope.context.RoutingContext`, a post-hook sums
+the layers' recorded router losses onto the output as ``aux_loss`` (and into ``loss``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections import defaultdict
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_peft_model_state_dict
+from torch import nn
+
+from .bundle import describe_mismatch
+from .context import CAPTURED_INPUTS, RoutingContext
+from .layer import MoPELayer
+from .losses import AUX_LOSSES
+
+# In encoder-decoder models, decoder modules see decoder tokens, except the key/value
+# projections of cross-attention, which see the encoder's tokens.
+CROSS_ATTENTION_KV = re.compile(r"(EncDecAttention\.[kv]|encoder_attn\.[kv]_proj|crossattention\.self\.(key|value))$")
+LOSS_COEF_FIELD = {loss.name: loss.coef_field for loss in AUX_LOSSES}
+
+
+def attach_aux_loss(output: Any, aux: torch.Tensor) -> Any:
+    """Put ``aux`` on a model output as ``aux_loss`` and add it to ``loss`` when there is one.
+
+    A model that has an ``aux_loss`` of its own (e.g. Mixtral) gets the sum. Tuple outputs
+    (``return_dict=False``) are returned unchanged: use dict outputs to train with MoPE losses.
+    """
+    if not isinstance(output, dict):  # ModelOutput is an OrderedDict
+        return output
+    previous = output.get("aux_loss")
+    output["aux_loss"] = aux if previous is None else previous + aux.to(previous.device)
+    if output.get("loss") is not None:
+        output["loss"] = output["loss"] + aux.to(output["loss"].device)
+    return output
+
+
+class ModelSnapshot:
+    """What injecting an adapter can change, so that a failed injection leaves the model as it was."""
+
+    def __init__(self, model: nn.Module, tuner: BaseTuner) -> None:
+        self.children = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.tuner = tuner
+        self.targeted_module_names = list(tuner.targeted_module_names)
+
+    def restore(self, adapter_name: str) -> None:
+        for parent, name, child in self.children:
+            if parent._modules.get(name) is not child:
+                parent._modules[name] = child
+        for layer in self.tuner_layers:
+            if adapter_name in getattr(layer, "mope_experts", {}):
+                layer.delete_adapter(adapter_name)
+        for parameter, requires_grad in self.requires_grad:
+            parameter.requires_grad = requires_grad
+        self.tuner.targeted_module_names[:] = self.targeted_module_names
+
+
+class MoPEModel(BaseTuner):
+    """Creates a mixture of parameter-efficient experts on a pretrained model (use via ``get_peft_model``)."""
+
+    prefix: str = "mope_"
+    tuner_layer_cls = MoPELayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    # injection ---------------------------------------------------------------------------------
+
+    def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        self.routing_context = RoutingContext()
+        self.hook_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.forward_parameter_names: list[str] | None = None
+
+    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        self.hook_handles = [
+            model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
+            model.register_forward_hook(self._attach_aux_loss),
+        ]
+
+    def _prepare_adapter_config(self, peft_config, model_config: dict) -> Any:
+        model_type = model_config.get("model_type")
+        if peft_config.target_modules is None:
+            defaults = self.target_module_mapping.get(model_type)
+            if defaults is None:
+                raise ValueError(
+                    f"MoPEConfig.target_modules is None and mope knows no default targets for model_type "
+                    f"'{model_type}'; set target_modules (e.g. 'all-linear')."
+                )
+            peft_config.target_modules = set(defaults)
+        loaded_from = getattr(peft_config, "bundle_path", None)
+        if loaded_from and peft_config.base_model_type and model_type and peft_config.base_model_type != model_type:
+            raise ValueError(
+                f"MoPE bundle '{loaded_from}' was made for a '{peft_config.base_model_type}' model "
+                f"(MoPEConfig.base_model_type), but this model is '{model_type}'."
+            )
+        if model_type and model_type != "custom":
+            peft_config.base_model_type = model_type
+        return peft_config
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """PEFT's injection, made all-or-nothing: on any error the model is restored, then it re-raises."""
+        snapshot = ModelSnapshot(model, self)
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+            self._check_bundle_fits(adapter_name)
+        except Exception:
+            snapshot.restore(adapter_name)
+            raise
+
+    def _check_bundle_fits(self, adapter_name: str) -> None:
+        """Compare a loaded config's bundle header with the tensors the injected model expects."""
+        config = self.peft_config[adapter_name]
+        found = getattr(config, "bundle_tensor_shapes", None)
+        if found is None:
+            return
+        state = get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=False)
+        expected = {f"base_model.{key}": tuple(value.shape) for key, value in state.items()}
+        problem = describe_mismatch(f"{config.bundle_path}/adapter_model.safetensors", expected, found)
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _create_and_replace(
+        self,
+        config,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, MoPELayer):
+            target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+            return
+        new_module = MoPELayer(
+            target,
+            adapter_name,
+            config,
+            context=self.routing_context,
+            mask_key=self._mask_key_for(current_key),
+            module_name=current_key,
+        )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _mask_key_for(self, module_name: str) -> str:
+        if not getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            return "attention_mask"
+        in_decoder = "decoder" in module_name.split(".")
+        if in_decoder and not CROSS_ATTENTION_KV.search(module_name):
+            return "decoder_attention_mask"
+        return "attention_mask"
+
+    # routing context and aux losses -------------------------------------------------------------
+
+    def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = {}
+        for name in CAPTURED_INPUTS:
+            value = kwargs.get(name)
+            if value is None and args:
+                if self.forward_parameter_names is None:
+                    self.forward_parameter_names = list(inspect.signature(module.forward).parameters)
+                if name in self.forward_parameter_names:
+                    index = self.forward_parameter_names.index(name)
+                    value = args[index] if index < len(args) else None
+            if isinstance(value, torch.Tensor):
+                inputs[name] = value
+        self.routing_context.begin(inputs, collecting=module.training)
+
+    def _attach_aux_loss(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        ctx = self.routing_context
+        ctx.collecting = False
+        if not ctx.records:
+            return None
+        records, ctx.records = ctx.records, []
+        return attach_aux_loss(output, self.combine_losses(records))
+
+    def combine_losses(self, records) -> torch.Tensor:
+        """``sum over (adapter, loss) of coef * mean over modules``; see :mod:`mope.losses`."""
+        groups: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+        for record in records:
+            groups[(record.adapter_name, record.loss_name)].append(record.value)
+        total = None
+        for (adapter_name, loss_name), values in groups.items():
+            coef = getattr(self.peft_config[adapter_name], LOSS_COEF_FIELD[loss_name])
+            device = values[0].device
+            term = coef * torch.stack([v.to(device) for v in values]).mean()
+            total = term if total is None else total + term.to(total.device)
+        return total
+
+    # merging and unloading ----------------------------------------------------------------------
+
+    def _mope_layers(self) -> list[MoPELayer]:
+        return [m for m in self.model.modules() if isinstance(m, MoPELayer)]
+
+    def _check_mope_merge(self, adapter_names: list[str] | None) -> None:
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        blockers = [
+            blocker
+            for layer in self._mope_layers()
+            for name in names
+            if name in layer.mope_experts and (blocker := layer.merge_blocker(name)) is not None
+        ]
+        if blockers:
+            more = f" (and {len(blockers) - 1} more modules)" if len(blockers) > 1 else ""
+            raise ValueError(
+                f"Cannot merge the MoPE adapter into the base weights: {blockers[0]}{more}. Merging is exact "
+                "only when the routing does not depend on the input (e.g. num_experts=1); nothing was changed."
+            )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._check_mope_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        if merge:
+            self._check_mope_merge(adapter_names)
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        for handle in self.hook_handles:
+            handle.remove()
+        self.hook_handles = []
+        return model
