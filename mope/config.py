@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from peft import PeftConfig
 
-from .experts import EXPERT_BANKS
+from .experts import ACTIVATIONS, EXPERT_BANKS
 from .registration import add_peft_type_member
 from .routing import ROUTER_INITS, ROUTERS
 
@@ -21,6 +22,16 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def pattern_matches(pattern: str, module_name: str) -> bool:
+    """PEFT's ``rank_pattern`` rule: the regex matches the whole name or a dotted suffix of it."""
+    return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
+
+
+def pattern_value(table: dict[str, int], module_name: str, default: int) -> int:
+    """The value of the first pattern in ``table`` matching ``module_name``, else ``default``."""
+    return next((value for pattern, value in table.items() if pattern_matches(pattern, module_name)), default)
 
 
 @dataclass
@@ -55,15 +66,48 @@ class MoPEConfig(PeftConfig):
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter (e.g. 'classifier')."}
     )
-    num_experts: int = field(default=8, metadata={"help": "Routed experts per adapted module (N)."})
-    top_k: int = field(default=2, metadata={"help": "Experts each token uses (sparse gates); 1 <= top_k <= N."})
-    r: int = field(default=8, metadata={"help": "LoRA rank of each expert."})
+    num_experts: int = field(default=8, metadata={"help": "Experts per adapted module (N), shared experts included."})
+    top_k: int = field(
+        default=2,
+        metadata={"help": "Routed experts each token uses (sparse gates); 1 <= top_k <= N - num_shared_experts."},
+    )
+    num_shared_experts: int = field(
+        default=0,
+        metadata={"help": "Experts every token uses with weight 1, besides the routed ones (DeepSeekMoE)."},
+    )
+    num_experts_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Per-module num_experts, keyed by module-name regex (as PEFT's rank_pattern)."},
+    )
+    top_k_pattern: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Per-module top_k, keyed by module-name regex."}
+    )
+    r: int = field(default=8, metadata={"help": "Rank of each LoRA expert; bottleneck size of adapter experts."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator: delta = (alpha / r) * B A x."})
     lora_dropout: float = field(
         default=0.0,
         metadata={"help": "Dropout on the experts' input; one mask per layer shared by all experts."},
     )
     expert_type: str = field(default="lora", metadata={"help": f"Expert kind, one of {sorted(EXPERT_BANKS)}."})
+    adapter_placement: str = field(
+        default="parallel",
+        metadata={"help": "Adapter experts: 'parallel' (on the module input, He et al.) or 'series' (on its output)."},
+    )
+    adapter_activation: str = field(
+        default="relu", metadata={"help": f"Adapter experts' nonlinearity, one of {sorted(ACTIVATIONS)}."}
+    )
+    adapter_scaling: float = field(default=1.0, metadata={"help": "Adapter experts' output scale."})
+    feedforward_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "(IA)3 experts: modules whose input (not output) is scaled, e.g. ['down_proj'] (PEFT IA3)."},
+    )
+    router_blocks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Block-level routing (MixLoRA): module-name regexes of blocks (e.g. ['mlp']) whose adapted "
+            "projections share one router; it runs once per block, on the input of the block's first adapted module."
+        },
+    )
     router: str = field(default="top_k", metadata={"help": f"Gate strategy, one of {sorted(ROUTERS)}."})
     router_jitter: float = field(
         default=0.0,
@@ -99,16 +143,43 @@ class MoPEConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.feedforward_modules, list):
+            self.feedforward_modules = set(self.feedforward_modules)
 
     def _check(self) -> None:
         for name in ("num_experts", "top_k", "r"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"MoPEConfig.{name} must be an integer >= 1, got {value!r}")
-        if self.top_k > self.num_experts:
+        if not _is_int(self.num_shared_experts) or not 0 <= self.num_shared_experts < self.num_experts:
             raise ValueError(
-                f"MoPEConfig.top_k ({self.top_k}) must not exceed MoPEConfig.num_experts ({self.num_experts})"
+                f"MoPEConfig.num_shared_experts must be an integer in [0, num_experts={self.num_experts}), "
+                f"got {self.num_shared_experts!r}: at least one expert must be routed"
             )
+        self.check_top_k(self.num_experts, self.top_k, "MoPEConfig.top_k")
+        for name in ("num_experts_pattern", "top_k_pattern"):
+            table = getattr(self, name)
+            if not isinstance(table, dict):
+                raise ValueError(f"MoPEConfig.{name} must be a dict of module-name regex -> int, got {table!r}")
+            for pattern, value in table.items():
+                if not _is_int(value) or value < 1:
+                    raise ValueError(f"MoPEConfig.{name}[{pattern!r}] must be an integer >= 1, got {value!r}")
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ValueError(f"MoPEConfig.{name} key {pattern!r} is not a valid regex: {error}") from error
+        if self.adapter_placement not in ("parallel", "series"):
+            raise ValueError(
+                f"MoPEConfig.adapter_placement={self.adapter_placement!r} is unknown; choose 'parallel' or 'series'"
+            )
+        if self.adapter_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"MoPEConfig.adapter_activation={self.adapter_activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}"
+            )
+        if not _is_number(self.adapter_scaling) or self.adapter_scaling <= 0:
+            raise ValueError(f"MoPEConfig.adapter_scaling must be a number > 0, got {self.adapter_scaling!r}")
+        if self.feedforward_modules and self.expert_type != "ia3":
+            raise ValueError("MoPEConfig.feedforward_modules only applies to expert_type='ia3'")
         if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
             raise ValueError(f"MoPEConfig.lora_alpha must be a number > 0, got {self.lora_alpha!r}")
         for name in ("lora_dropout", "router_jitter"):
@@ -132,6 +203,34 @@ class MoPEConfig(PeftConfig):
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("MoPEConfig.layers_to_transform cannot be combined with a regex target_modules")
 
+    def check_top_k(self, num_experts: int, top_k: int, where: str) -> None:
+        routed = num_experts - self.num_shared_experts
+        if routed < 1:
+            raise ValueError(
+                f"{where}: num_experts={num_experts} leaves no routed expert beside "
+                f"num_shared_experts={self.num_shared_experts}"
+            )
+        if top_k > routed:
+            raise ValueError(
+                f"{where} ({top_k}) must not exceed the routed experts (num_experts - num_shared_experts = {routed})"
+            )
+
+    def module_settings(self, module_name: str) -> tuple[int, int]:
+        """``(num_experts, top_k)`` for one module, after ``num_experts_pattern`` / ``top_k_pattern``."""
+        num_experts = pattern_value(self.num_experts_pattern, module_name, self.num_experts)
+        top_k = pattern_value(self.top_k_pattern, module_name, self.top_k)
+        self.check_top_k(num_experts, top_k, f"MoPEConfig.top_k/top_k_pattern for module '{module_name}'")
+        return num_experts, top_k
+
+    def is_feedforward(self, module_name: str) -> bool:
+        """Whether ``feedforward_modules`` lists the module ((IA)3 then scales its input)."""
+        targets = self.feedforward_modules
+        if not targets:
+            return False
+        if isinstance(targets, str):
+            return re.fullmatch(targets, module_name) is not None
+        return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
@@ -145,7 +244,8 @@ class MoPEConfig(PeftConfig):
         from .bundle import read_bundle_header
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        # normpath: joining "" leaves a trailing separator, and error messages must name the real file path.
+        folder = os.path.normpath(os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or ""))
         if os.path.isdir(folder):
             config.bundle_tensor_shapes = read_bundle_header(folder)
             config.bundle_path = folder

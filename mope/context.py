@@ -13,6 +13,7 @@ the backward pass sees the same batch; records are only taken during the forward
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,11 +33,14 @@ class RoutingContext:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     records: list[LossRecord] = field(default_factory=list)
     collecting: bool = False
+    # (adapter name, block name) -> Routing of the block's leader layer in the current forward
+    block_routings: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def begin(self, inputs: dict[str, torch.Tensor], collecting: bool) -> None:
         self.inputs = inputs
         self.records = []
         self.collecting = collecting
+        self.block_routings = {}
 
     def token_mask(self, key: str, token_shape: torch.Size) -> torch.Tensor | None:
         """The ``[batch, seq]`` mask (1 = real token) for a layer input of leading shape ``token_shape``.
@@ -54,4 +58,6 @@ class RoutingContext:
         return mask[:, -seq:] if mask.shape[1] > seq else mask
 
     def record(self, adapter_name: str, loss_name: str, value: torch.Tensor) -> None:
-        self.records.append(LossRecord(adapter_name, loss_name, value))
+        """Keep ``value`` if a forward is collecting; outside one (e.g. a checkpointing recomputation) drop it."""
+        if self.collecting:
+            self.records.append(LossRecord(adapter_name, loss_name, value))

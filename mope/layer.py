@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,11 +24,29 @@ def supported_base_layer(module: nn.Module) -> bool:
     return isinstance(module, tuple(SUPPORTED_BASE_LAYERS))
 
 
+@dataclass(frozen=True)
+class AdapterSettings:
+    """What one adapter resolved to on one module (after the config's per-module patterns)."""
+
+    num_experts: int
+    num_shared: int
+    top_k: int
+    aux_losses: tuple[str, ...]
+
+
+@dataclass
+class BlockLink:
+    """Block-level routing: the layers of one block share the router of its leader (the first adapted layer)."""
+
+    block: str
+    leader: MoPELayer
+
+
 class MoPELayer(nn.Module, BaseTunerLayer):
-    """Wraps an ``nn.Linear`` or ``Conv1D``: ``y = base(x) + sum_adapters mixture(x)``."""
+    """Wraps an ``nn.Linear`` or ``Conv1D``: per active adapter, route then apply the expert bank."""
 
     adapter_layer_names = ("mope_experts", "mope_router")
-    other_param_names = ("mope_aux_losses",)
+    other_param_names = ("mope_settings", "mope_block")
 
     def __init__(
         self,
@@ -47,7 +66,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.mope_experts = nn.ModuleDict()
         self.mope_router = nn.ModuleDict()
-        self.mope_aux_losses: dict[str, tuple[str, ...]] = {}
+        self.mope_settings: dict[str, AdapterSettings] = {}
+        self.mope_block: dict[str, BlockLink] = {}  # plain dict: the leader must not become a submodule
         self.in_features, self.out_features = _get_in_out_features(base_layer)
         self.weight_transposed = next(t for cls, t in SUPPORTED_BASE_LAYERS.items() if isinstance(base_layer, cls))
         self.routing_context = context
@@ -59,37 +79,82 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config, inference_mode: bool = False) -> None:
-        self.mope_experts[adapter_name] = EXPERT_BANKS[config.expert_type](self.in_features, self.out_features, config)
-        self.mope_router[adapter_name] = ROUTERS[config.router](self.in_features, config)
-        self.mope_aux_losses[adapter_name] = tuple(
-            loss.name for loss in AUX_LOSSES if getattr(config, loss.coef_field) > 0
+        num_experts, top_k = config.module_settings(self.module_name)
+        num_shared = config.num_shared_experts
+        self.mope_experts[adapter_name] = EXPERT_BANKS[config.expert_type](
+            self.in_features, self.out_features, config, num_experts, module_name=self.module_name
         )
+        self.mope_router[adapter_name] = ROUTERS[config.router](
+            self.in_features, num_experts - num_shared, top_k, config
+        )
+        aux_losses = tuple(loss.name for loss in AUX_LOSSES if getattr(config, loss.coef_field) > 0)
+        self.mope_settings[adapter_name] = AdapterSettings(num_experts, num_shared, top_k, aux_losses)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def gate_weights(self, adapter_name: str, routed: torch.Tensor) -> torch.Tensor:
+        """Weights over all experts: the router's over the routed ones, then 1 for each shared expert."""
+        num_shared = self.mope_settings[adapter_name].num_shared
+        if num_shared == 0:
+            return routed
+        return torch.cat([routed, routed.new_ones((*routed.shape[:-1], num_shared))], dim=-1)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
-        ctx = self.routing_context
-        for name in self.active_adapters:
-            if name not in self.mope_experts:
-                continue
+            return self.base_layer(x, *args, **kwargs)
+        active = [name for name in self.active_adapters if name in self.mope_experts]
+        routings = {name: self.route(name, x) for name in active}
+        weights = {name: self.gate_weights(name, routings[name].weights) for name in active}
+        base_input = x
+        for name in active:
             bank = self.mope_experts[name]
-            routing = self.mope_router[name](x)
-            delta = bank(x.to(bank.lora_A.dtype), routing.weights)
-            result = result + delta.to(result.dtype)
-            if ctx is not None and ctx.collecting and self.training and self.mope_aux_losses[name]:
-                self._record_losses(ctx, name, routing, x.shape[:-1])
+            if bank.scales_input:
+                base_input = bank.scale_input(base_input, weights[name])
+        result = self.base_layer(base_input, *args, **kwargs)
+        for name in active:
+            result = self.mope_experts[name](x, result, weights[name])
+        ctx = self.routing_context
+        # Not gated on ``ctx.collecting``: gradient-checkpointing recomputation must redo the loss
+        # ops of the forward (same saved tensors); ``ctx.record`` drops what it computes then.
+        if ctx is not None and self.training:
+            for name in active:
+                if name in self.mope_router:  # block followers reuse the leader's routing: count it once
+                    self._record_losses(ctx, name, routings[name], x.shape[:-1])
         return result
 
+    def route(self, adapter_name: str, x: torch.Tensor):
+        """This layer's routing; with block-level routing the leader routes and the others reuse it."""
+        link = self.mope_block.get(adapter_name)
+        if link is None:
+            return self.mope_router[adapter_name](x)
+        key = (adapter_name, link.block)
+        ctx = self.routing_context
+        if link.leader is self:
+            routing = self.mope_router[adapter_name](x)
+            ctx.block_routings[key] = routing
+            return routing
+        routing = ctx.block_routings.get(key)
+        if routing is None or routing.weights.shape[:-1] != x.shape[:-1]:
+            raise RuntimeError(
+                f"Block-level routing of block '{link.block}': module '{self.module_name}' ran before the block's "
+                f"router on '{link.leader.module_name}' in this forward pass (or on other tokens). Route a block whose "
+                "first adapted module runs first, or adapt the block's modules without router_blocks."
+            )
+        return routing
+
+    def router_for(self, adapter_name: str):
+        link = self.mope_block.get(adapter_name)
+        return self.mope_router[adapter_name] if link is None else link.leader.mope_router[adapter_name]
+
     def _record_losses(self, ctx: RoutingContext, adapter_name: str, routing, token_shape) -> None:
+        wanted = self.mope_settings[adapter_name].aux_losses
+        if not wanted:
+            return
         mask = ctx.token_mask(self.mask_key, token_shape)
-        wanted = self.mope_aux_losses[adapter_name]
         for loss in AUX_LOSSES:
             if loss.name in wanted:
                 ctx.record(adapter_name, loss.name, loss.fn(routing, mask))
@@ -98,7 +163,10 @@ class MoPELayer(nn.Module, BaseTunerLayer):
 
     def merge_blocker(self, adapter_name: str) -> str | None:
         """Why ``adapter_name`` cannot be merged into the base weight here, or None if it can."""
-        router = self.mope_router[adapter_name]
+        bank_blocker = self.mope_experts[adapter_name].merge_blocker()
+        if bank_blocker is not None:
+            return f"module '{self.module_name}': adapter '{adapter_name}': {bank_blocker}"
+        router = self.router_for(adapter_name)
         if router.fixed_weights() is None:
             return (
                 f"module '{self.module_name}': adapter '{adapter_name}' routes by input "
@@ -107,33 +175,41 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             )
         return None
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """Weight update in the base layer's own layout; only for input-independent routing."""
+    def _merged_weight(self, adapter_name: str, sign: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         blocker = self.merge_blocker(adapter_name)
         if blocker is not None:
             raise ValueError(f"Cannot merge: {blocker}.")
-        delta = self.mope_experts[adapter_name].delta_weight(self.mope_router[adapter_name].fixed_weights())
-        return delta.T if self.weight_transposed else delta
+        base = self.get_base_layer()
+        gate = self.gate_weights(adapter_name, self.router_for(adapter_name).fixed_weights())
+        weight = base.weight.data.T if self.weight_transposed else base.weight.data
+        bias = base.bias.data if getattr(base, "bias", None) is not None else None
+        return self.mope_experts[adapter_name].merge_into(weight, bias, gate, sign)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         names = [name for name in adapter_names if name in self.mope_experts]
         for name in names:  # check all before changing anything
-            self.get_delta_weight(name)
-        weight = self.get_base_layer().weight
+            blocker = self.merge_blocker(name)
+            if blocker is not None:
+                raise ValueError(f"Cannot merge: {blocker}.")
         for name in names:
-            delta = self.get_delta_weight(name).to(weight.dtype)
-            if safe_merge and not torch.isfinite(weight.data + delta).all():
+            weight, bias = self._merged_weight(name, sign=1)
+            if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"Merging adapter '{name}' into '{self.module_name}' gives non-finite weights.")
-            weight.data += delta
+            self._write_base(weight, bias)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        weight = self.get_base_layer().weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.mope_experts:
-                weight.data -= self.get_delta_weight(name).to(weight.dtype)
+                self._write_base(*self._merged_weight(name, sign=-1))
+
+    def _write_base(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        base = self.get_base_layer()
+        base.weight.data.copy_(weight.T if self.weight_transposed else weight)
+        if bias is not None:
+            base.bias.data.copy_(bias)
 
     def __repr__(self) -> str:
         return "mope." + super().__repr__()

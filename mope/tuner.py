@@ -14,13 +14,16 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_peft_model_state_dict
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
 from torch import nn
+from transformers import PreTrainedModel
 
 from .bundle import describe_mismatch
+from .config import pattern_matches
 from .context import CAPTURED_INPUTS, RoutingContext
-from .layer import MoPELayer
+from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES
 
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
@@ -42,6 +45,32 @@ def attach_aux_loss(output: Any, aux: torch.Tensor) -> Any:
     if output.get("loss") is not None:
         output["loss"] = output["loss"] + aux.to(output["loss"].device)
     return output
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """The output heads PEFT's 'all-linear' leaves out: the output embedding, a classification head."""
+    if not isinstance(model, PreTrainedModel):
+        return []
+    heads = [model.get_output_embeddings()] + [getattr(model, name, None) for name in SEQ_CLS_HEAD_NAMES]
+    return [head for head in heads if head is not None]
+
+
+def include_mope_layers_in_all_linear(config, model: nn.Module) -> None:
+    """Expand ``target_modules='all-linear'`` so that layers already wrapped by MoPE count as linear.
+
+    PEFT's expansion recognises an already adapted layer by "Linear" in its class name (LoRA's
+    naming); ``MoPELayer`` wraps both ``nn.Linear`` and ``Conv1D`` under one name, so without
+    this a second 'all-linear' adapter on a MoPE model matches no module at all. The heads PEFT
+    leaves out stay out.
+    """
+    target = config.target_modules
+    if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return
+    heads = {id(head) for head in head_modules(model)}
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, MoPELayer) and id(m) not in heads}
+    if wrapped:
+        _maybe_include_all_linear_layers(config, model)
+        config.target_modules = set(config.target_modules) | wrapped
 
 
 class ModelSnapshot:
@@ -117,6 +146,7 @@ class MoPEModel(BaseTuner):
         """PEFT's injection, made all-or-nothing: on any error the model is restored, then it re-raises."""
         snapshot = ModelSnapshot(model, self)
         try:
+            include_mope_layers_in_all_linear(self.peft_config[adapter_name], model)
             super().inject_adapter(
                 model,
                 adapter_name,
@@ -124,10 +154,65 @@ class MoPEModel(BaseTuner):
                 low_cpu_mem_usage=low_cpu_mem_usage,
                 state_dict=state_dict,
             )
+            self._check_patterns_used(adapter_name)
+            self._link_blocks(adapter_name)
             self._check_bundle_fits(adapter_name)
         except Exception:
             snapshot.restore(adapter_name)
             raise
+
+    def _check_patterns_used(self, adapter_name: str) -> None:
+        """Every per-module pattern must match an adapted module: a typo would silently do nothing."""
+        config = self.peft_config[adapter_name]
+        adapted = [
+            name
+            for name, m in self.model.named_modules()
+            if isinstance(m, MoPELayer) and adapter_name in m.mope_experts
+        ]
+        for field_name in ("num_experts_pattern", "top_k_pattern"):
+            for pattern in getattr(config, field_name):
+                if not any(pattern_matches(pattern, name) for name in adapted):
+                    raise ValueError(
+                        f"MoPEConfig.{field_name} key {pattern!r} matches none of the {len(adapted)} adapted modules "
+                        f"(e.g. {', '.join(adapted[:3])})"
+                    )
+        if config.feedforward_modules and not any(config.is_feedforward(name) for name in adapted):
+            raise ValueError(
+                f"MoPEConfig.feedforward_modules={config.feedforward_modules!r} matches none of the adapted modules "
+                f"(e.g. {', '.join(adapted[:3])})"
+            )
+
+    def _link_blocks(self, adapter_name: str) -> None:
+        """Block-level routing: keep the router of each block's first adapted module, drop the others'."""
+        config = self.peft_config[adapter_name]
+        if not config.router_blocks:
+            return
+        layers = [
+            (n, m) for n, m in self.model.named_modules() if isinstance(m, MoPELayer) and adapter_name in m.mope_experts
+        ]
+        blocks = [
+            n for n, _ in self.model.named_modules() if n and any(pattern_matches(p, n) for p in config.router_blocks)
+        ]
+        linked = 0
+        for block in blocks:
+            members = [m for n, m in layers if n.startswith(block + ".")]
+            if not members:
+                continue
+            leader = members[0]
+            for member in members:
+                if member.mope_settings[adapter_name] != leader.mope_settings[adapter_name]:
+                    raise ValueError(
+                        f"MoPEConfig.router_blocks: modules '{leader.module_name}' and '{member.module_name}' of "
+                        f"block '{block}' resolve to different num_experts/top_k; a shared router needs equal ones"
+                    )
+                member.mope_block[adapter_name] = BlockLink(block, leader)
+                if member is not leader:
+                    del member.mope_router[adapter_name]
+                linked += 1
+        if not linked:
+            raise ValueError(
+                f"MoPEConfig.router_blocks={config.router_blocks!r} matches no module that contains adapted modules"
+            )
 
     def _check_bundle_fits(self, adapter_name: str) -> None:
         """Compare a loaded config's bundle header with the tensors the injected model expects."""

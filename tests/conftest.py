@@ -14,6 +14,9 @@ import transformers
 import mope  # noqa: F401  (registers the MOPE PEFT type)
 
 transformers.logging.set_verbosity_error()
+# One thread per test process: pytest-xdist runs one process per core, and tiny models gain
+# nothing from intra-op threads (two processes with default threads each ran 10x slower).
+torch.set_num_threads(1)
 
 
 def tiny_llama():

@@ -1,13 +1,25 @@
-"""Expert types. Add one: an ``nn.Module`` bank in its own file plus one line in ``EXPERT_BANKS``."""
+"""Expert types. Add one: an ``ExpertBank`` subclass in its own file plus one line in ``EXPERT_BANKS``."""
 
 from __future__ import annotations
 
-from torch import nn
+from .adapter import ACTIVATIONS, AdapterExpertBank
+from .base import ExpertBank
+from .ia3 import IA3ExpertBank
+from .lora import LoRAExpertBank, SharedALoRAExpertBank
 
-from .lora import LoRAExpertBank
-
-EXPERT_BANKS: dict[str, type[nn.Module]] = {
+EXPERT_BANKS: dict[str, type[ExpertBank]] = {
     "lora": LoRAExpertBank,
+    "lora_shared_a": SharedALoRAExpertBank,
+    "adapter": AdapterExpertBank,
+    "ia3": IA3ExpertBank,
 }
 
-__all__ = ["EXPERT_BANKS", "LoRAExpertBank"]
+__all__ = [
+    "ACTIVATIONS",
+    "EXPERT_BANKS",
+    "AdapterExpertBank",
+    "ExpertBank",
+    "IA3ExpertBank",
+    "LoRAExpertBank",
+    "SharedALoRAExpertBank",
+]

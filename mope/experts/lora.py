@@ -8,24 +8,29 @@ import torch
 from torch import nn
 
 from ..dispatch import lora_masked
+from .base import ExpertBank
 
 
-class LoRAExpertBank(nn.Module):
-    """All N LoRA experts of one module.
+def make_dropout(rate: float) -> nn.Module:
+    """One dropout for all experts (one mask per layer); none at all when the rate is 0."""
+    return nn.Dropout(rate) if rate > 0 else nn.Identity()
+
+
+class LoRAExpertBank(ExpertBank):
+    """All N LoRA experts of one module: expert e adds ``(alpha / r) * B_e^T A_e x``.
 
     ``lora_A [N, r, d_in]``: expert e's A equals PEFT's ``lora_A.weight``.
     ``lora_B [N, r, d_out]``: expert e's B is PEFT's ``lora_B.weight`` transposed; this layout makes
-    ``B_cat`` a free view for the second GEMM. Expert e adds ``(alpha / r) * B_e^T A_e x``.
+    ``B_cat`` a free view for the second GEMM.
     """
 
-    def __init__(self, in_features: int, out_features: int, config) -> None:
-        super().__init__()
-        n, r = config.num_experts, config.r
-        self.num_experts, self.r = n, r
-        self.scaling = config.lora_alpha / r
-        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.lora_A = nn.Parameter(torch.empty(n, r, in_features))
-        self.lora_B = nn.Parameter(torch.empty(n, r, out_features))
+    def __init__(self, in_features: int, out_features: int, config, num_experts: int, module_name: str = "") -> None:
+        super().__init__(in_features, out_features, config, num_experts)
+        self.r = config.r
+        self.scaling = config.lora_alpha / config.r
+        self.dropout = make_dropout(config.lora_dropout)
+        self.lora_A = nn.Parameter(torch.empty(num_experts, config.r, in_features))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, config.r, out_features))
         self.reset_parameters(config.init_weights)
 
     def reset_parameters(self, init_weights: bool = True) -> None:
@@ -37,15 +42,50 @@ class LoRAExpertBank(nn.Module):
             bound = 1.0 / math.sqrt(self.r)
             nn.init.uniform_(self.lora_B, -bound, bound)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Mixture output ``sum_e weights[..., e] * expert_e(x)`` (one dropout mask for all experts)."""
-        return lora_masked(self.dropout(x), self.lora_A, self.lora_B, weights, self.scaling)
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        delta = lora_masked(self.dropout(x.to(self.lora_A.dtype)), self.lora_A, self.lora_B, weights, self.scaling)
+        return base_out + delta.to(base_out.dtype)
 
     def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
-        """``[d_out, d_in]`` weight update for input-independent gate weights ``[N]`` (nn.Linear layout)."""
+        """``[d_out, d_in]`` update for input-independent gate weights ``[N]`` (nn.Linear layout)."""
         scaled_b = self.lora_B * (weights.to(self.lora_B.dtype) * self.scaling)[:, None, None]
         return torch.einsum("nro,nri->oi", scaled_b, self.lora_A)
+
+    def merge_into(self, weight, bias, weights, sign=1):
+        return weight + sign * self.delta_weight(weights).to(weight.dtype), bias
 
     def extra_repr(self) -> str:
         n, r, d_in = self.lora_A.shape
         return f"num_experts={n}, r={r}, in_features={d_in}, out_features={self.lora_B.shape[-1]}"
+
+
+class SharedALoRAExpertBank(ExpertBank):
+    """HydraLoRA-style experts: one shared ``A [r, d_in]``, N heads ``B [N, r, d_out]``.
+
+    ``delta = s * sum_e g_e B_e^T (A x) = s * B_cat ((g (x) 1_r) * (1_N (x) A x))``: one small GEMM
+    for A, one for B_cat; A's cost does not grow with N.
+    """
+
+    def __init__(self, in_features: int, out_features: int, config, num_experts: int, module_name: str = "") -> None:
+        super().__init__(in_features, out_features, config, num_experts)
+        self.r = config.r
+        self.scaling = config.lora_alpha / config.r
+        self.dropout = make_dropout(config.lora_dropout)
+        self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, config.r, out_features))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if config.init_weights:
+            nn.init.zeros_(self.lora_B)
+        else:
+            nn.init.uniform_(self.lora_B, -1.0 / math.sqrt(self.r), 1.0 / math.sqrt(self.r))
+
+    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
+        gate = (weights * self.scaling).to(h.dtype)
+        mixed = (gate.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)
+        delta = mixed @ self.lora_B.reshape(-1, self.out_features)
+        return base_out + delta.to(base_out.dtype)
+
+    def merge_into(self, weight, bias, weights, sign=1):
+        b = torch.einsum("n,nro->ro", weights.to(self.lora_B.dtype) * self.scaling, self.lora_B)
+        return weight + sign * (b.T @ self.lora_A).to(weight.dtype), bias

@@ -53,12 +53,12 @@ class Router(nn.Module):
     top-k on bf16 logits flip expert choices between otherwise equal runs.
     """
 
-    def __init__(self, in_features: int, config) -> None:
+    def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__()
-        self.num_experts = config.num_experts
-        self.top_k = config.top_k
+        self.num_experts = num_experts
+        self.top_k = top_k
         self.jitter = config.router_jitter
-        self.weight = nn.Parameter(torch.empty(config.num_experts, in_features))
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features))
         ROUTER_INITS[config.router_init](self.weight.data, config.router_init_std)
 
     def forward(self, x: torch.Tensor) -> Routing:
