@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from .context import RoutingContext
 from .experts import EXPERT_BANKS
 from .losses import AUX_LOSSES
-from .routing import ROUTERS
+from .routing import ROUTERS, RoutingInputs
 
 # Module types that can carry experts, and whether their weight is stored transposed
 # ([in, out], GPT-2's Conv1D) relative to nn.Linear ([out, in]).
@@ -107,7 +107,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.mope_experts]
-        routings = {name: self.route(name, x) for name in active}
+        inputs = self.routing_inputs(x)
+        routings = {name: self.route(name, x, inputs) for name in active}
         weights = {name: self.gate_weights(name, routings[name].weights) for name in active}
         base_input = x
         for name in active:
@@ -123,18 +124,24 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         if ctx is not None and self.training:
             for name in active:
                 if name in self.mope_router:  # block followers reuse the leader's routing: count it once
-                    self._record_losses(ctx, name, routings[name], x.shape[:-1])
+                    self._record_losses(ctx, name, routings[name], inputs.token_mask)
         return result
 
-    def route(self, adapter_name: str, x: torch.Tensor):
+    def routing_inputs(self, x: torch.Tensor) -> RoutingInputs:
+        ctx = self.routing_context
+        if ctx is None:
+            return RoutingInputs()
+        return RoutingInputs(token_mask=ctx.token_mask(self.mask_key, x.shape[:-1]))
+
+    def route(self, adapter_name: str, x: torch.Tensor, inputs: RoutingInputs):
         """This layer's routing; with block-level routing the leader routes and the others reuse it."""
         link = self.mope_block.get(adapter_name)
         if link is None:
-            return self.mope_router[adapter_name](x)
+            return self.mope_router[adapter_name](x, inputs)
         key = (adapter_name, link.block)
         ctx = self.routing_context
         if link.leader is self:
-            routing = self.mope_router[adapter_name](x)
+            routing = self.mope_router[adapter_name](x, inputs)
             ctx.block_routings[key] = routing
             return routing
         routing = ctx.block_routings.get(key)
@@ -150,11 +157,10 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         link = self.mope_block.get(adapter_name)
         return self.mope_router[adapter_name] if link is None else link.leader.mope_router[adapter_name]
 
-    def _record_losses(self, ctx: RoutingContext, adapter_name: str, routing, token_shape) -> None:
+    def _record_losses(self, ctx: RoutingContext, adapter_name: str, routing, mask: torch.Tensor | None) -> None:
         wanted = self.mope_settings[adapter_name].aux_losses
         if not wanted:
             return
-        mask = ctx.token_mask(self.mask_key, token_shape)
         for loss in AUX_LOSSES:
             if loss.name in wanted:
                 ctx.record(adapter_name, loss.name, loss.fn(routing, mask))

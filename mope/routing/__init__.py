@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ROUTER_INITS, Router, Routing
+from .base import ROUTER_INITS, Router, Routing, RoutingInputs
 from .dense import DenseRouter
 from .top_k import TopKRouter
 
@@ -11,4 +11,4 @@ ROUTERS: dict[str, type[Router]] = {
     "dense": DenseRouter,
 }
 
-__all__ = ["ROUTERS", "ROUTER_INITS", "DenseRouter", "Router", "Routing", "TopKRouter"]
+__all__ = ["ROUTERS", "ROUTER_INITS", "DenseRouter", "Router", "Routing", "RoutingInputs", "TopKRouter"]

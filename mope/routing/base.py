@@ -27,6 +27,18 @@ class Routing:
     load: torch.Tensor
 
 
+@dataclass
+class RoutingInputs:
+    """What a router may look at besides the hidden states (all optional).
+
+    ``token_mask``: 1 for real tokens, 0 for padding, shaped like the hidden states' token dims
+    (``[batch, seq]``), or None when unknown. Gates that look across tokens (capacity,
+    expert choice, sequence pooling) must ignore padding through it.
+    """
+
+    token_mask: torch.Tensor | None = None
+
+
 def init_router_normal(weight: torch.Tensor, std: float) -> None:
     nn.init.normal_(weight, mean=0.0, std=std)
 
@@ -61,15 +73,18 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, in_features))
         ROUTER_INITS[config.router_init](self.weight.data, config.router_init_std)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, inputs: RoutingInputs | None = None) -> Routing:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            h = x.float()
-            if self.training and self.jitter > 0:
-                h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            logits = nn.functional.linear(h, self.weight.float())
-            return self.gate(logits)
+            return self.gate(self.score(x.float()), inputs or RoutingInputs())
 
-    def gate(self, logits: torch.Tensor) -> Routing:
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits ``[..., N]`` from fp32 hidden states (jitter applied in training)."""
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return nn.functional.linear(x, self.weight.float())
+
+    def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
+        """Turn fp32 logits into a Routing; what distinguishes one gate from another."""
         raise NotImplementedError
 
     def fixed_weights(self) -> torch.Tensor | None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import Router, Routing
+from .base import Router, Routing, RoutingInputs
 
 
 class DenseRouter(Router):
     """``g = softmax(W x)``. ``top_k`` is ignored; the load is the probability itself."""
 
-    def gate(self, logits: torch.Tensor) -> Routing:
+    def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         probs = torch.softmax(logits, dim=-1)
         return Routing(weights=probs, probs=probs, logits=logits, load=probs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Router, Routing
+from .base import Router, Routing, RoutingInputs
 
 
 class TopKRouter(Router):
@@ -13,7 +13,7 @@ class TopKRouter(Router):
     Gradients reach the router through the selected weights only (Mixtral's convention).
     """
 
-    def gate(self, logits: torch.Tensor) -> Routing:
+    def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         probs = torch.softmax(logits, dim=-1)
         top_values, top_index = torch.topk(probs, self.top_k, dim=-1)
         top_values = top_values / top_values.sum(dim=-1, keepdim=True)
