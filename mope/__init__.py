@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from .bundle import save_pretrained
 from .config import MoPEConfig
+from .forward_inputs import install as install_forward_inputs
 from .layer import MoPELayer
 from .registration import register
 from .routing import ROUTERS, Router, Routing
+from .schedule import step_schedule
 from .tuner import MoPEModel
 
 register()
+install_forward_inputs()  # let model(..., task_ids=...) reach MoPE through PEFT's task classes
 
 from .api import get_mope_model, load_mope  # noqa: E402
 
@@ -30,4 +33,5 @@ __all__ = [
     "get_mope_model",
     "load_mope",
     "save_pretrained",
+    "step_schedule",
 ]

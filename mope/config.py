@@ -12,6 +12,10 @@ from peft import PeftConfig
 from .experts import ACTIVATIONS, EXPERT_BANKS
 from .registration import add_peft_type_member
 from .routing import ROUTER_INITS, ROUTERS
+from .routing.capacity import CAPACITY_POLICIES
+from .routing.levels import ROUTING_LEVELS
+from .routing.options import check_routing_options
+from .routing.top_k import TOP_K_ORDERS
 
 MOPE_VERSION = "0.1.0"
 
@@ -113,6 +117,44 @@ class MoPEConfig(PeftConfig):
         default=0.0,
         metadata={"help": "Training-only multiplicative noise U(1-eps, 1+eps) on the router input (Switch); 0 = off."},
     )
+    top_k_order: str = field(
+        default="softmax_then_topk",
+        metadata={
+            "help": f"How top_k weights its chosen experts, one of {sorted(TOP_K_ORDERS)}: renormalised softmax "
+            "(GShard/Mixtral), softmax over the k kept logits (Shazeer 2017; equal in value), or raw probabilities."
+        },
+    )
+    router_noise: bool = field(
+        default=False,
+        metadata={
+            "help": "Noisy top-k (Shazeer 2017): logits + N(0,1) * softplus(W_noise x), trainable, training only."
+        },
+    )
+    capacity_factor: float | None = field(
+        default=None,
+        metadata={
+            "help": "Expert capacity ceil(f * T * k / N) over the batch's non-padding tokens (top_k, switch); "
+            "expert_choice picks ceil(f * T / N) tokens per expert. None: no capacity (top_k), 1.25 (switch), "
+            "top_k (expert_choice)."
+        },
+    )
+    capacity_policy: str = field(
+        default="sequence",
+        metadata={
+            "help": f"Which assignments overflow capacity, one of {sorted(CAPACITY_POLICIES)}: earlier tokens "
+            "first, highest top-1 probability first (BPR), or GShard's random second expert then token order."
+        },
+    )
+    allow_noncausal_routing: bool = field(
+        default=False,
+        metadata={
+            "help": "Let expert_choice run outside training in a causal model (it looks at later tokens, so "
+            "generation and eval scoring leak the future); refused by default."
+        },
+    )
+    sinkhorn_iterations: int = field(
+        default=8, metadata={"help": "Sinkhorn iterations of the 'balanced' gate (S-BASE) in training."}
+    )
     router_init: str = field(default="normal", metadata={"help": f"Router weight init, one of {sorted(ROUTER_INITS)}."})
     router_init_std: float = field(default=0.02, metadata={"help": "Std of the 'normal' router init."})
     aux_loss_coef: float = field(
@@ -121,6 +163,84 @@ class MoPEConfig(PeftConfig):
     )
     z_loss_coef: float = field(
         default=0.001, metadata={"help": "Weight of the ST-MoE router z-loss (mean over adapted modules)."}
+    )
+    # Gates top_p, hierarchical, dselect_k, cosine, hash; routing level; more losses; schedule
+    # (validated by mope.routing.options.check_routing_options; docs/gates/).
+    router_temperature: float = field(
+        default=1.0, metadata={"help": "Router softmax temperature T > 0: every gate sees logits / T."}
+    )
+    routing_level: str = field(
+        default="token",
+        metadata={
+            "help": f"What the gate looks at, one of {sorted(ROUTING_LEVELS)}: each token; the masked mean of the "
+            "layer input over the sequence (one decision per sequence); or task_ids given as "
+            "model(..., task_ids=LongTensor[batch]) (a learned per-task gate, MOELoRA)."
+        },
+    )
+    num_tasks: int | None = field(
+        default=None, metadata={"help": "routing_level='task': number of tasks; task ids lie in [0, num_tasks)."}
+    )
+    top_p: float = field(
+        default=0.4,
+        metadata={
+            "help": "router='top_p': each token uses the fewest experts whose probabilities sum to >= top_p "
+            "(at most top_k), renormalised (Huang et al. 2024). In (0, 1]."
+        },
+    )
+    num_groups: int = field(
+        default=2,
+        metadata={
+            "help": "Experts split evenly into this many contiguous groups: the groups of router='hierarchical' "
+            "and of LoRAMoE's localized balancing loss."
+        },
+    )
+    dselect_gamma: float = field(
+        default=1.0, metadata={"help": "router='dselect_k': width gamma > 0 of the smooth-step function."}
+    )
+    cosine_dim: int = field(
+        default=16, metadata={"help": "router='cosine' (X-MoE): dimension of the low-dimensional routing space."}
+    )
+    cosine_init_temperature: float = field(
+        default=0.07, metadata={"help": "router='cosine': initial value of the learned temperature (> 0)."}
+    )
+    hash_seed: int = field(default=0, metadata={"help": "router='hash': seed of the fixed random token-id hash."})
+    importance_loss_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of Shazeer's importance loss CV(sum of gate weights per expert)^2; 0 = off."},
+    )
+    entropy_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the mean per-token gate entropy; > 0 sharpens gates (DSelect-k, dynamic top-p), "
+            "< 0 spreads them; 0 = off."
+        },
+    )
+    localized_balance_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of LoRAMoE's localized balancing loss (needs model(..., group_ids=...)); 0 = off."},
+    )
+    localized_balance_delta: float = field(
+        default=0.1,
+        metadata={"help": "LoRAMoE's delta in [0, 1): importance of an example's own expert group counts 1 + delta."},
+    )
+    router_schedule_steps: int = field(
+        default=0,
+        metadata={"help": "Dense-to-sparse schedule length in steps (mope.schedule); 0 = no schedule."},
+    )
+    router_schedule_start_top_k: int | None = field(
+        default=None,
+        metadata={"help": "top_k at step 0, moved linearly to top_k over the schedule; None = top_k not annealed."},
+    )
+    router_schedule_start_temperature: float | None = field(
+        default=None,
+        metadata={"help": "Router temperature at step 0, moved linearly to router_temperature; None = not annealed."},
+    )
+    router_schedule_counter: str = field(
+        default="forward",
+        metadata={
+            "help": "What advances the schedule: 'forward' (each training forward; gradient accumulation counts "
+            "micro-batches) or 'manual' (mope.step_schedule(model) after each optimizer step)."
+        },
     )
     init_weights: bool = field(
         default=True,
@@ -139,6 +259,8 @@ class MoPEConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = add_peft_type_member()
         self._check()
+        self._check_sparse_gate_options()
+        check_routing_options(self)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -202,6 +324,29 @@ class MoPEConfig(PeftConfig):
             raise ValueError("MoPEConfig.layers_pattern needs MoPEConfig.layers_to_transform to be set")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("MoPEConfig.layers_to_transform cannot be combined with a regex target_modules")
+
+    def _check_sparse_gate_options(self) -> None:
+        """Options of top_k, switch, expert_choice and balanced (mope.routing.top_k/capacity/...)."""
+        for name, table in (("top_k_order", TOP_K_ORDERS), ("capacity_policy", CAPACITY_POLICIES)):
+            value = getattr(self, name)
+            if value not in table:
+                raise ValueError(f"MoPEConfig.{name}={value!r} is unknown; choose one of {sorted(table)}")
+        for name in ("router_noise", "allow_noncausal_routing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoPEConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        factor = self.capacity_factor
+        if factor is not None:
+            if not _is_number(factor) or not 0 < factor < float("inf"):
+                raise ValueError(f"MoPEConfig.capacity_factor must be None or a finite number > 0, got {factor!r}")
+            if not ROUTERS[self.router].accepts_capacity:
+                raise ValueError(
+                    f"MoPEConfig.capacity_factor is set but router={self.router!r} has no expert capacity; "
+                    f"gates with capacity: {sorted(name for name, cls in ROUTERS.items() if cls.accepts_capacity)}"
+                )
+        if not _is_int(self.sinkhorn_iterations) or self.sinkhorn_iterations < 1:
+            raise ValueError(
+                f"MoPEConfig.sinkhorn_iterations must be an integer >= 1, got {self.sinkhorn_iterations!r}"
+            )
 
     def check_top_k(self, num_experts: int, top_k: int, where: str) -> None:
         routed = num_experts - self.num_shared_experts

@@ -14,6 +14,7 @@ from .context import RoutingContext
 from .experts import EXPERT_BANKS
 from .losses import AUX_LOSSES
 from .routing import ROUTERS, RoutingInputs
+from .routing.levels import ROUTING_LEVELS
 
 # Module types that can carry experts, and whether their weight is stored transposed
 # ([in, out], GPT-2's Conv1D) relative to nn.Linear ([out, in]).
@@ -84,10 +85,11 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         self.mope_experts[adapter_name] = EXPERT_BANKS[config.expert_type](
             self.in_features, self.out_features, config, num_experts, module_name=self.module_name
         )
+        router_features = ROUTING_LEVELS[config.routing_level].router_features(self.in_features, config)
         self.mope_router[adapter_name] = ROUTERS[config.router](
-            self.in_features, num_experts - num_shared, top_k, config
+            router_features, num_experts - num_shared, top_k, config
         )
-        aux_losses = tuple(loss.name for loss in AUX_LOSSES if getattr(config, loss.coef_field) > 0)
+        aux_losses = tuple(loss.name for loss in AUX_LOSSES if getattr(config, loss.coef_field) != 0)
         self.mope_settings[adapter_name] = AdapterSettings(num_experts, num_shared, top_k, aux_losses)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -124,14 +126,14 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         if ctx is not None and self.training:
             for name in active:
                 if name in self.mope_router:  # block followers reuse the leader's routing: count it once
-                    self._record_losses(ctx, name, routings[name], inputs.token_mask)
+                    self._record_losses(ctx, name, routings[name], inputs)
         return result
 
     def routing_inputs(self, x: torch.Tensor) -> RoutingInputs:
         ctx = self.routing_context
         if ctx is None:
             return RoutingInputs()
-        return RoutingInputs(token_mask=ctx.token_mask(self.mask_key, x.shape[:-1]))
+        return ctx.routing_inputs(self.mask_key, x.shape[:-1])
 
     def route(self, adapter_name: str, x: torch.Tensor, inputs: RoutingInputs):
         """This layer's routing; with block-level routing the leader routes and the others reuse it."""
@@ -157,13 +159,15 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         link = self.mope_block.get(adapter_name)
         return self.mope_router[adapter_name] if link is None else link.leader.mope_router[adapter_name]
 
-    def _record_losses(self, ctx: RoutingContext, adapter_name: str, routing, mask: torch.Tensor | None) -> None:
+    def _record_losses(self, ctx: RoutingContext, adapter_name: str, routing, inputs: RoutingInputs) -> None:
         wanted = self.mope_settings[adapter_name].aux_losses
         if not wanted:
             return
         for loss in AUX_LOSSES:
             if loss.name in wanted:
-                ctx.record(adapter_name, loss.name, loss.fn(routing, mask))
+                # a loss that needs more than the mask (e.g. group labels) gets it from the inputs and router
+                extra = loss.extra(inputs, self.router_for(adapter_name)) if loss.extra is not None else {}
+                ctx.record(adapter_name, loss.name, loss.fn(routing, inputs.token_mask, **extra))
 
     # merging ---------------------------------------------------------------------------------
 

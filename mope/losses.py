@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,16 +48,94 @@ def router_z_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Tensor:
     return masked_mean(z, mask)[0]
 
 
+def cv_squared(values: torch.Tensor, weights: torch.Tensor | None = None, correction: int = 0) -> torch.Tensor:
+    """Squared coefficient of variation ``var / mean^2`` of ``values``, entries weighted 0/1 by ``weights``.
+
+    ``correction=0``: population variance (Shazeer's tensor2tensor code); 1: sample variance
+    (LoRAMoE's code). The 1e-10 keeps an all-zero vector at 0, as both do.
+    """
+    weights = torch.ones_like(values) if weights is None else weights.to(values.dtype).expand_as(values)
+    count = weights.sum()
+    mean = (values * weights).sum() / count.clamp_min(1.0)
+    var = ((values - mean) ** 2 * weights).sum() / (count - correction).clamp_min(1.0)
+    return var / (mean**2 + 1e-10)
+
+
+def importance_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Tensor:
+    """Shazeer et al. 2017: ``CV(Importance)^2``, ``Importance_i`` = sum over real tokens of gate weight ``g_i``.
+
+    0 when every expert gets the same total weight; unlike the load-balancing loss, the gradient
+    flows through the weights themselves (not a detached dispatch count).
+    """
+    return cv_squared(masked_mean(routing.weights, mask))
+
+
+def entropy_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over real tokens of the gate's entropy ``-sum_i p_i log p_i`` (summed over selectors).
+
+    The selectors are ``routing.selectors`` (DSelect-k's k single-expert selectors) or else the
+    softmax ``probs``. Sign convention: a positive coefficient *minimises* entropy (sharper,
+    more decisive gates: DSelect-k's regulariser, the "dynamic loss" of top-p routing); a
+    negative one maximises it (smoother gates). ``log`` is clamped so exact zeros (smooth-step
+    selectors) give a finite gradient.
+    """
+    selectors = routing.selectors if routing.selectors is not None else routing.probs.unsqueeze(-2)
+    entropy = -(selectors * selectors.clamp_min(1e-12).log()).sum(dim=(-1, -2))
+    return masked_mean(entropy.unsqueeze(-1), mask)[0]
+
+
+def localized_balance_loss(
+    routing: Routing, mask: torch.Tensor | None, group_ids: torch.Tensor | None, num_groups: int, delta: float
+) -> torch.Tensor:
+    """LoRAMoE (Dou et al. 2024) localized balancing constraint.
+
+    Experts are split in order into ``num_groups`` equal groups; each example m has a group label
+    (its sample type). ``Q[m, i]`` = sum of expert i's gate weight over m's real tokens,
+    ``I[m, i] = 1 + delta`` if expert i is in m's group else ``1 - delta``, ``Z = I * Q``, and the
+    loss is ``CV(Z)^2`` over all entries (LoRAMoE's code: sample variance / mean^2; the paper
+    writes var / mean). Examples with no real token count nowhere.
+    """
+    from .routing.levels import per_example
+
+    weights = routing.weights
+    batch, n = weights.shape[0], weights.shape[-1]
+    per_token = weights.reshape(batch, -1, n)
+    real_rows = None
+    if mask is not None:
+        mask = mask.reshape(batch, -1, 1).to(per_token.dtype)
+        per_token = per_token * mask
+        real_rows = (mask.sum(dim=1) > 0).to(per_token.dtype)  # [batch, 1]
+    ids = per_example(group_ids, batch, "group_ids", "MoPEConfig.localized_balance_coef > 0").to(weights.device)
+    ids = ids.repeat_interleave(batch // ids.shape[0])
+    expert_group = torch.arange(n, device=weights.device) * num_groups // n
+    own = expert_group.unsqueeze(0) == ids.unsqueeze(1)
+    z = per_token.sum(dim=1) * torch.where(own, 1.0 + delta, 1.0 - delta)
+    return cv_squared(z, real_rows, correction=1)
+
+
+def localized_balance_inputs(inputs, router) -> dict:
+    """What the localized balancing loss needs beyond the mask: the group labels and the router's groups."""
+    return {"group_ids": inputs.group_ids, "num_groups": router.num_groups, "delta": router.group_delta}
+
+
 @dataclass(frozen=True)
 class AuxLoss:
-    """A loss, the config field that weights it, and its function."""
+    """A loss, the config field that weights it, its function, and what else it reads.
+
+    ``extra(inputs, router) -> kwargs``: for losses that need more than the routing and the
+    token mask (e.g. per-example group labels from the routing inputs); None for the others.
+    """
 
     name: str
     coef_field: str
-    fn: Callable[[Routing, torch.Tensor | None], torch.Tensor]
+    fn: Callable[..., torch.Tensor]
+    extra: Callable[[Any, Any], dict] | None = None
 
 
 AUX_LOSSES: tuple[AuxLoss, ...] = (
     AuxLoss("load_balancing", "aux_loss_coef", load_balancing_loss),
     AuxLoss("z_loss", "z_loss_coef", router_z_loss),
+    AuxLoss("importance", "importance_loss_coef", importance_loss),
+    AuxLoss("entropy", "entropy_loss_coef", entropy_loss),
+    AuxLoss("localized_balance", "localized_balance_coef", localized_balance_loss, localized_balance_inputs),
 )

@@ -23,8 +23,10 @@ from transformers import PreTrainedModel
 from .bundle import describe_mismatch
 from .config import pattern_matches
 from .context import CAPTURED_INPUTS, RoutingContext
+from .forward_inputs import generate_with_routing
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES
+from .schedule import advance_schedules, apply_schedules, attach_schedule, detach_schedule
 
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
 # projections of cross-attention, which see the encoder's tokens.
@@ -93,6 +95,7 @@ class ModelSnapshot:
         for parameter, requires_grad in self.requires_grad:
             parameter.requires_grad = requires_grad
         self.tuner.targeted_module_names[:] = self.targeted_module_names
+        detach_schedule(self.tuner, adapter_name)
 
 
 class MoPEModel(BaseTuner):
@@ -146,6 +149,7 @@ class MoPEModel(BaseTuner):
         """PEFT's injection, made all-or-nothing: on any error the model is restored, then it re-raises."""
         snapshot = ModelSnapshot(model, self)
         try:
+            attach_schedule(self, self.peft_config[adapter_name], adapter_name)  # before: the bundle check counts it
             include_mope_layers_in_all_linear(self.peft_config[adapter_name], model)
             super().inject_adapter(
                 model,
@@ -261,11 +265,15 @@ class MoPEModel(BaseTuner):
 
     # routing context and aux losses -------------------------------------------------------------
 
-    def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        inputs = {}
-        for name in CAPTURED_INPUTS:
+    def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Record CAPTURED_INPUTS for the routers; remove mope's own (``consumed``) ones from the call."""
+        apply_schedules(self)
+        inputs = dict(self.routing_context.given)
+        consumed = {spec.name for spec in CAPTURED_INPUTS if spec.consumed and spec.name in kwargs}
+        for spec in CAPTURED_INPUTS:
+            name = spec.name
             value = kwargs.get(name)
-            if value is None and args:
+            if value is None and args and not spec.consumed:
                 if self.forward_parameter_names is None:
                     self.forward_parameter_names = list(inspect.signature(module.forward).parameters)
                 if name in self.forward_parameter_names:
@@ -274,10 +282,15 @@ class MoPEModel(BaseTuner):
             if isinstance(value, torch.Tensor):
                 inputs[name] = value
         self.routing_context.begin(inputs, collecting=module.training)
+        if consumed:
+            return args, {key: value for key, value in kwargs.items() if key not in consumed}
+        return None
 
     def _attach_aux_loss(self, module: nn.Module, args: tuple, output: Any) -> Any:
         ctx = self.routing_context
         ctx.collecting = False
+        if module.training:
+            advance_schedules(self, "forward")
         if not ctx.records:
             return None
         records, ctx.records = ctx.records, []
@@ -295,6 +308,14 @@ class MoPEModel(BaseTuner):
             term = coef * torch.stack([v.to(device) for v in values]).mean()
             total = term if total is None else total + term.to(total.device)
         return total
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        detach_schedule(self, adapter_name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's ``generate``; ``task_ids``/``group_ids`` reach every step, sequence decisions stay the prompt's."""
+        return generate_with_routing(self, *args, **kwargs)
 
     # merging and unloading ----------------------------------------------------------------------
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from .levels import ROUTING_LEVELS
 
 
 @dataclass
@@ -18,13 +21,19 @@ class Routing:
     is all the dispatch needs. ``probs`` and ``logits``: the router's full softmax and raw scores
     (for losses and statistics). ``load``: each token's share of dispatch per expert, summing
     to 1 over experts (one-hot / k for top-k, the probabilities for a dense gate); the
-    load-balancing loss reads it.
+    load-balancing loss reads it. ``dropped``: bool ``[..., N]``, True where the gate chose the
+    expert but capacity overflow removed the assignment (its weight is then 0), or None for gates
+    without capacity; :func:`mope.routing.capacity.drop_rate_by_position` reads it.
+    ``selectors``: ``[..., S, N]`` distributions whose entropy the entropy regulariser penalises
+    (DSelect-k's S single-expert selectors), or None, meaning ``probs`` is the one selector.
     """
 
     weights: torch.Tensor
     probs: torch.Tensor
     logits: torch.Tensor
     load: torch.Tensor
+    dropped: torch.Tensor | None = None
+    selectors: torch.Tensor | None = None
 
 
 @dataclass
@@ -34,9 +43,20 @@ class RoutingInputs:
     ``token_mask``: 1 for real tokens, 0 for padding, shaped like the hidden states' token dims
     (``[batch, seq]``), or None when unknown. Gates that look across tokens (capacity,
     expert choice, sequence pooling) must ignore padding through it.
+    ``token_ids``: ``[batch, seq]`` token ids aligned with the layer's tokens (hash routing), or None.
+    ``task_ids`` / ``group_ids``: ``[batch]`` per-example labels given as ``model(..., task_ids=...)``
+    (task-level routing) and ``group_ids=...`` (LoRAMoE's localized balancing), or None.
+    ``cache_step``: True when the layer sees only the newest tokens of a longer, KV-cached sequence.
+    ``decisions``: the model's :class:`~mope.routing.levels.DecisionCache` (sequence-level routing
+    keeps the prompt's decision there for later tokens), or None.
     """
 
     token_mask: torch.Tensor | None = None
+    token_ids: torch.Tensor | None = None
+    task_ids: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    cache_step: bool = False
+    decisions: Any = None
 
 
 def init_router_normal(weight: torch.Tensor, std: float) -> None:
@@ -65,6 +85,11 @@ class Router(nn.Module):
     top-k on bf16 logits flip expert choices between otherwise equal runs.
     """
 
+    # Whether the gate reads MoPEConfig.capacity_factor (the config refuses it for gates that would ignore it).
+    accepts_capacity: bool = False
+    # Whether top_k is a free choice the dense-to-sparse schedule may anneal (not for structural k: hash, DSelect-k).
+    schedules_top_k: bool = True
+
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -72,10 +97,34 @@ class Router(nn.Module):
         self.jitter = config.router_jitter
         self.weight = nn.Parameter(torch.empty(num_experts, in_features))
         ROUTER_INITS[config.router_init](self.weight.data, config.router_init_std)
+        # Expert groups (hierarchical gate, LoRAMoE's localized balancing): experts split evenly, in order.
+        self.num_groups, self.group_delta = config.num_groups, config.localized_balance_delta
+        # What the router looks at (token state, pooled sequence, task id): mope.routing.levels.
+        self.level = ROUTING_LEVELS[config.routing_level]
+        # Dense-to-sparse schedule (mope.schedule): start values at progress 0, configured ones at 1.
+        self.final_top_k, self.start_top_k = top_k, config.router_schedule_start_top_k
+        self.final_temperature = self.temperature = config.router_temperature
+        self.start_temperature = config.router_schedule_start_temperature
+        self.set_schedule_progress(0.0 if config.router_schedule_steps else 1.0)
 
     def forward(self, x: torch.Tensor, inputs: RoutingInputs | None = None) -> Routing:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self.gate(self.score(x.float()), inputs or RoutingInputs())
+            return self.level.route(self, x.float(), inputs or RoutingInputs())
+
+    def decide(self, x: torch.Tensor, inputs: RoutingInputs) -> Routing:
+        """Score and gate fp32 router inputs (token states, pooled states or task one-hots, per level)."""
+        logits = self.score(x)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return self.gate(logits, inputs)
+
+    def set_schedule_progress(self, progress: float) -> None:
+        """Interpolate top_k and the temperature linearly from their start values (0) to the configured ones (1)."""
+        if self.schedules_top_k and self.start_top_k is not None:
+            start = min(self.start_top_k, self.num_experts)
+            self.top_k = math.floor(start + (self.final_top_k - start) * progress + 0.5)
+        if self.start_temperature is not None:
+            self.temperature = self.start_temperature + (self.final_temperature - self.start_temperature) * progress
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Router logits ``[..., N]`` from fp32 hidden states (jitter applied in training)."""

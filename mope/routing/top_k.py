@@ -1,22 +1,105 @@
-"""Token-choice top-k gate, as in GShard and Mixtral: softmax, keep the k largest, renormalise."""
+"""Token-choice top-k gate (Shazeer 2017, GShard, Mixtral), with optional noise and expert capacity."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from .base import Router, Routing, RoutingInputs
+from .capacity import apply_capacity
+
+# (logits [..., N], k) -> (probs [..., N], chosen weights [..., k], chosen experts [..., k])
+TopKOrder = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def softmax_then_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GShard / Mixtral: softmax over all N, keep the k largest, renormalise them to sum 1."""
+    probs = torch.softmax(logits, dim=-1)
+    values, index = torch.topk(probs, k, dim=-1)
+    return probs, values / values.sum(dim=-1, keepdim=True), index
+
+
+def topk_then_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shazeer et al. 2017: KeepTopK on the logits, then softmax over the k kept ones.
+
+    Equal in value and gradient to ``softmax_then_topk`` (both are exp(l_i) / sum over the
+    kept exp(l_j)); kept as its own option because it is the paper's formulation, and with
+    noisy logits it names what is computed.
+    """
+    top_logits, index = torch.topk(logits, k, dim=-1)
+    return torch.softmax(logits, dim=-1), torch.softmax(top_logits, dim=-1), index
+
+
+def softmax_then_topk_unnormalised(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Switch / DeepSeek / Qwen-MoE (``norm_topk_prob=False``): the k largest probabilities, as they are.
+
+    The only order whose weights differ from the other two; with k = 1 it is the one that still
+    gives the router a gradient from the task loss (a renormalised top-1 weight is always 1).
+    """
+    probs = torch.softmax(logits, dim=-1)
+    values, index = torch.topk(probs, k, dim=-1)
+    return probs, values, index
+
+
+TOP_K_ORDERS: dict[str, TopKOrder] = {
+    "softmax_then_topk": softmax_then_topk,
+    "topk_then_softmax": topk_then_softmax,
+    "softmax_then_topk_unnormalised": softmax_then_topk_unnormalised,
+}
 
 
 class TopKRouter(Router):
-    """``g = renorm(top_k(softmax(W x)))``; unselected experts get weight exactly 0.
+    """``g = top_k(W x)`` weighted by ``top_k_order``; unselected experts get weight exactly 0.
 
     Gradients reach the router through the selected weights only (Mixtral's convention).
+    Options: ``router_noise`` (Shazeer's trainable noise, training only), ``capacity_factor`` /
+    ``capacity_policy`` (see :mod:`mope.routing.capacity`).
     """
 
+    accepts_capacity = True
+
+    def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
+        super().__init__(in_features, num_experts, top_k, config)
+        self.order = config.top_k_order
+        self.capacity_factor: float | None = config.capacity_factor
+        self.capacity_policy: str = config.capacity_policy
+        # Shazeer 2017 start W_noise at zero: noise std softplus(0) = ln 2 while the router learns.
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, in_features)) if config.router_noise else None
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Noisy top-k: ``W x + N(0, 1) * softplus(W_noise x)`` in training; plain ``W x`` otherwise."""
+        logits = super().score(x)
+        if self.noise_weight is not None and self.training:
+            std = F.softplus(F.linear(x, self.noise_weight.float()))
+            logits = logits + torch.randn_like(logits) * std
+        return logits
+
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
-        probs = torch.softmax(logits, dim=-1)
-        top_values, top_index = torch.topk(probs, self.top_k, dim=-1)
-        top_values = top_values / top_values.sum(dim=-1, keepdim=True)
-        weights = torch.zeros_like(probs).scatter(-1, top_index, top_values)
-        load = torch.zeros_like(probs).scatter(-1, top_index, 1.0 / self.top_k)
-        return Routing(weights=weights, probs=probs, logits=logits, load=load)
+        probs, values, index = TOP_K_ORDERS[self.order](logits, self.top_k)
+        # load: the gate's choice before capacity (GShard/fairseq count it so for the balancing loss)
+        load = torch.zeros_like(probs).scatter(-1, index, 1.0 / self.top_k)
+        dropped = None
+        if self.capacity_factor is not None:
+            kept, dropped_slots = apply_capacity(
+                index,
+                values,
+                probs.max(dim=-1).values,
+                inputs.token_mask,
+                self.capacity_factor,
+                self.capacity_policy,
+                self.num_experts,
+                self.training,
+            )
+            values = values * kept
+            dropped = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, dropped_slots)
+        weights = torch.zeros_like(probs).scatter(-1, index, values)
+        return Routing(weights=weights, probs=probs, logits=logits, load=load, dropped=dropped)
+
+    def extra_repr(self) -> str:
+        extra = f", order={self.order}, noise={self.noise_weight is not None}"
+        if self.capacity_factor is not None:
+            extra += f", capacity_factor={self.capacity_factor}, capacity_policy={self.capacity_policy}"
+        return super().extra_repr() + extra

@@ -1,0 +1,43 @@
+"""Cosine gate of X-MoE (Chi et al. 2022), against representation collapse."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import ROUTER_INITS, Router
+from .top_k import TopKRouter
+
+# Upper bound of the learned logit scale 1/tau (tau >= 0.01), as in CLIP and Tutel's cosine gate.
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class CosineRouter(TopKRouter):
+    """``s_e = cos(W_p x, E_e) / tau``, then top-k as Mixtral (the ``top_k`` gate's rule and options).
+
+    ``W_p`` (``weight``, ``[d_r, d]``) projects the token to a low-dimensional routing space
+    (``cosine_dim`` = d_r); the expert embeddings ``E`` (``[N, d_r]``) and the projection are both
+    L2-normalised, so the score is a cosine in [-1, 1], divided by a learned temperature
+    ``tau`` (stored as ``log(1/tau)``, clamped at tau >= 0.01). Routing in a small space with
+    normalised scores keeps the router from collapsing the token representations onto the
+    expert embeddings (X-MoE). Extra cost: a ``[d -> d_r]`` and a ``[d_r -> N]`` GEMM.
+    """
+
+    def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
+        super().__init__(in_features, num_experts, top_k, config)
+        self.weight = nn.Parameter(torch.empty(config.cosine_dim, in_features))
+        ROUTER_INITS[config.router_init](self.weight.data, config.router_init_std)
+        self.expert_embeddings = nn.Parameter(torch.empty(num_experts, config.cosine_dim))
+        nn.init.orthogonal_(self.expert_embeddings, gain=0.32)  # X-MoE's init
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.cosine_init_temperature)))
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        projected = Router.score(self, x)  # W_p x, with the base class's training-only jitter
+        cosine = F.normalize(projected, dim=-1) @ F.normalize(self.expert_embeddings.float(), dim=-1).T
+        return cosine * self.log_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", cosine_dim={self.weight.shape[0]}"

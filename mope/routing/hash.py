@@ -1,0 +1,53 @@
+"""Hash routing (Roller et al. 2021, "Hash Layers For Large Sparse Models"): a fixed, non-learned baseline."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .base import Router, Routing, RoutingInputs
+
+# A Mersenne prime for the universal hash ((a * id + b) mod P) mod N; ids * a stay below 2^63.
+HASH_PRIME = 2**31 - 1
+
+
+class HashRouter(Router):
+    """Token id t goes to expert ``((a t + b) mod P) mod N``, weight 1; a, b drawn from ``hash_seed``.
+
+    No parameters and no learning: a baseline that balances load by construction over a
+    vocabulary (Hash Layers), and a check of what a learned gate adds. The same token always
+    goes to the same expert, in every layer; ``top_k`` is ignored (one expert per token). Needs
+    the token ids aligned with the layer's tokens (``input_ids``; ``decoder_input_ids`` in a
+    decoder): layers fed ``inputs_embeds``, or an encoder-decoder decoder called with ``labels``
+    only, raise a ValueError. Token level only. The z-loss of its constant logits is a constant:
+    set ``z_loss_coef=0`` and ``aux_loss_coef=0``, there is nothing to train.
+    """
+
+    schedules_top_k = False
+
+    def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
+        super().__init__(in_features, num_experts, top_k, config)
+        del self.weight  # nothing learned
+        generator = torch.Generator().manual_seed(config.hash_seed)
+        self.multiplier = int(torch.randint(1, HASH_PRIME, (1,), generator=generator))
+        self.offset = int(torch.randint(0, HASH_PRIME, (1,), generator=generator))
+        self.in_features = in_features
+
+    def expert_of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return ((token_ids.long() * self.multiplier + self.offset) % HASH_PRIME) % self.num_experts
+
+    def decide(self, x: torch.Tensor, inputs: RoutingInputs) -> Routing:
+        if inputs.token_ids is None or inputs.token_ids.shape != x.shape[:-1]:
+            raise ValueError(
+                "router='hash' routes by token id, but this layer got no token ids matching its tokens "
+                f"(layer input {tuple(x.shape)}): pass input_ids (not inputs_embeds), and decoder_input_ids "
+                "for an encoder-decoder decoder, or choose a learned gate."
+            )
+        one_hot = F.one_hot(self.expert_of(inputs.token_ids.to(x.device)), self.num_experts).to(x.dtype)
+        return Routing(weights=one_hot, probs=one_hot, logits=torch.zeros_like(one_hot), load=one_hot)
+
+    def fixed_weights(self) -> torch.Tensor | None:
+        return torch.ones(1) if self.num_experts == 1 else None
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, in_features={self.in_features}, a={self.multiplier}, b={self.offset}"

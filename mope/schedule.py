@@ -1,0 +1,107 @@
+"""Dense-to-sparse router schedule, driven by a training step saved with the bundle.
+
+With ``router_schedule_steps = S > 0`` each router starts at ``router_schedule_start_top_k``
+and/or ``router_schedule_start_temperature`` and moves linearly to the configured ``top_k`` /
+``router_temperature`` over S steps (progress = min(1, step / S)); e.g. start dense (start top-k
+= N, or a high temperature) and anneal to sparse top-2 (Nie et al. 2021, "Dense-to-Sparse Gate").
+
+The step is model-level state: a ``long`` buffer in ``MoPEModel.mope_schedule[adapter]``, saved in
+the bundle as ``base_model.mope_schedule.step`` and restored by ``PeftModel.from_pretrained``.
+A host-side copy of it means no device sync per forward: it is advanced with the buffer and
+re-read from it only when a state dict is loaded. Routers receive the new progress (plain Python
+attributes) at the next forward's pre-hook, and only when it changed.
+
+What counts as a step (``router_schedule_counter``):
+
+- ``"forward"`` (default): each training-mode forward of the whole model. Gradient
+  accumulation therefore counts micro-batches: use S = optimizer steps * accumulation steps.
+- ``"manual"``: only :func:`step_schedule`, called after each ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+SCHEDULE_COUNTERS = ("forward", "manual")
+
+
+class RouterSchedule(nn.Module):
+    """One adapter's schedule step: the saved buffer ``step`` and its host copy ``count``."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps = steps
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.count = 0
+        self.applied = 0.0  # the progress the routers were last given (they start at 0)
+
+    def advance(self) -> None:
+        self.step.add_(1)
+        self.count += 1
+
+    def progress(self) -> float:
+        return min(1.0, self.count / self.steps)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.count = int(self.step.item())  # once per load, not per forward
+
+    def extra_repr(self) -> str:
+        return f"steps={self.steps}, step={self.count}"
+
+
+def attach_schedule(tuner: nn.Module, config: Any, adapter_name: str) -> None:
+    """Create the adapter's step buffer (only when it has a schedule: other bundles keep their keys)."""
+    if not config.router_schedule_steps:
+        return
+    if "mope_schedule" not in tuner._modules:
+        tuner.mope_schedule = nn.ModuleDict()
+    tuner.mope_schedule[adapter_name] = RouterSchedule(config.router_schedule_steps)
+
+
+def detach_schedule(tuner: nn.Module, adapter_name: str) -> None:
+    """Drop a deleted (or failed) adapter's step, so that no bundle of another adapter saves it."""
+    schedules = schedules_of(tuner)
+    if adapter_name in schedules:
+        del schedules[adapter_name]
+
+
+def schedules_of(tuner: nn.Module) -> nn.ModuleDict | dict:
+    return tuner._modules.get("mope_schedule") or {}
+
+
+def advance_schedules(tuner: Any, counter: str) -> None:
+    """Advance the step of every active adapter whose schedule counts ``counter`` events."""
+    schedules = schedules_of(tuner)
+    for name in tuner.active_adapters:
+        if name in schedules and tuner.peft_config[name].router_schedule_counter == counter:
+            schedules[name].advance()
+
+
+def apply_schedules(tuner: Any) -> None:
+    """Give each scheduled adapter's routers its current progress, if it changed (cheap; no device sync)."""
+    for name, schedule in schedules_of(tuner).items():
+        progress = schedule.progress()
+        if progress == schedule.applied:
+            continue
+        for module in tuner.model.modules():
+            routers = getattr(module, "mope_router", None)
+            if isinstance(routers, nn.ModuleDict) and name in routers:
+                routers[name].set_schedule_progress(progress)
+        schedule.applied = progress
+
+
+def step_schedule(model: nn.Module) -> None:
+    """Advance the router schedule by one step; call after each ``optimizer.step()``.
+
+    Acts on adapters with ``router_schedule_counter='manual'``; a no-op for the others (and for a
+    MoPE model without a schedule), so a training loop may always call it.
+    """
+    tuner = model.base_model if isinstance(model, PeftModel) else model
+    if not hasattr(tuner, "routing_context"):
+        raise ValueError(f"mope.step_schedule needs a MoPE model (a PeftModel with a MoPE adapter), got {type(model)}")
+    advance_schedules(tuner, "manual")

@@ -1,0 +1,195 @@
+"""Sparse gates (top_k variants, switch, expert_choice, balanced) on tiny models, their options and guarantees.
+
+Reference implementations for capacity dropping, switch and expert choice live in
+``test_gates_capacity.py``; the balanced gate's guarantees in ``test_gates_balanced.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from peft import PeftModel, get_peft_model
+from torch.nn import functional as F
+
+import mope
+from mope.routing import ROUTERS, NoncausalRoutingError, RoutingInputs
+
+ROWS = {
+    "top_k_topk_then_softmax": {"top_k_order": "topk_then_softmax"},
+    "top_k_unnormalised": {"top_k_order": "softmax_then_topk_unnormalised"},
+    "top_k_noisy": {"router_noise": True},
+    "top_k_capacity_sequence": {"capacity_factor": 1.0},
+    "top_k_capacity_bpr": {"capacity_factor": 1.0, "capacity_policy": "bpr"},
+    "top_k_capacity_random_second": {"capacity_factor": 1.0, "capacity_policy": "random_second"},
+    "switch": {"router": "switch", "capacity_factor": 0.75},
+    "expert_choice": {"router": "expert_choice", "allow_noncausal_routing": True},
+    "balanced": {"router": "balanced"},
+}
+
+
+def sparse_config(model: str, **kwargs) -> mope.MoPEConfig:
+    task = "SEQ_CLS" if model == "bert" else "CAUSAL_LM"
+    base = {"target_modules": "all-linear", "num_experts": 4, "top_k": 2, "r": 4}
+    return mope.MoPEConfig(task_type=task, **{**base, **kwargs})
+
+
+def make_router(router: str = "top_k", n: int = 4, k: int = 2, in_features: int = 8, **kwargs):
+    config = mope.MoPEConfig(num_experts=n, top_k=k, router=router, **kwargs)
+    return ROUTERS[router](in_features, n, k, config)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "bert"])
+@pytest.mark.parametrize("row", list(ROWS))
+def test_gate_trains_and_round_trips(row, model_name, tmp_path):
+    torch.manual_seed(0)
+    batch = make_batch(model_name, pad=2)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    base = make_model(model_name)
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+    model = get_peft_model(base, sparse_config(model_name, **ROWS[row]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, base_logits, rtol=0, atol=0)
+
+    routers = [m for m in model.modules() if isinstance(m, mope.Router)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        out = model(**batch)
+        out.loss.backward()
+        assert all(r.weight.grad is not None and torch.isfinite(r.weight.grad).all() for r in routers)
+        if ROWS[row].get("router_noise"):
+            assert any(r.noise_weight.grad.abs().sum() > 0 for r in routers)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert min(losses[-3:]) < losses[0], losses
+
+    model.eval()
+    with torch.no_grad():
+        trained = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(make_model(model_name), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, trained, rtol=0, atol=0)
+
+
+def test_topk_orders():
+    logits = torch.randn(5, 7, 6)
+    inputs = RoutingInputs()
+    renorm = make_router(n=6, k=3).gate(logits, inputs)
+    shazeer = make_router(n=6, k=3, top_k_order="topk_then_softmax").gate(logits, inputs)
+    raw = make_router(n=6, k=3, top_k_order="softmax_then_topk_unnormalised").gate(logits, inputs)
+    torch.testing.assert_close(shazeer.weights, renorm.weights)  # equal in value, as documented
+    chosen = renorm.weights > 0
+    assert (chosen.sum(-1) == 3).all() and torch.equal(raw.weights > 0, chosen)
+    torch.testing.assert_close(raw.weights, logits.softmax(-1) * chosen)
+    torch.testing.assert_close(renorm.weights.sum(-1), torch.ones(5, 7))
+
+
+def test_noisy_top_k_noise_is_softplus_scaled_and_training_only():
+    torch.manual_seed(0)
+    router = make_router(n=4, k=1, router_noise=True)
+    with torch.no_grad():
+        router.weight.normal_()
+        router.noise_weight.normal_()
+    x = torch.randn(8)
+    clean = F.linear(x, router.weight)
+    router.train()
+    draws = torch.stack([router.score(x) for _ in range(4000)]) - clean
+    torch.testing.assert_close(draws.std(0), F.softplus(F.linear(x, router.noise_weight)), rtol=0.06, atol=0)
+    torch.testing.assert_close(draws.mean(0), torch.zeros(4), rtol=0, atol=0.1)
+    router.eval()
+    torch.testing.assert_close(router.score(x), clean, rtol=0, atol=0)
+
+
+def test_noise_weight_is_saved(tmp_path):
+    model = get_peft_model(make_model("llama"), sparse_config("llama", router_noise=True))
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(key.endswith("mope_router.noise_weight") for key in keys)
+
+
+def test_expert_choice_refuses_inference_in_causal_lm():
+    batch = make_batch("llama")
+    model = get_peft_model(make_model("llama"), sparse_config("llama", router="expert_choice"))
+    model.train()
+    model(**batch).loss.backward()  # training is allowed (the caveat is documented)
+    model.eval()
+    with pytest.raises(NoncausalRoutingError, match="allow_noncausal_routing"):
+        model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
+    with pytest.raises(NoncausalRoutingError, match=r"MoPEConfig\.allow_noncausal_routing=True"), torch.no_grad():
+        model(**batch)
+    allowed = get_peft_model(
+        make_model("llama"), sparse_config("llama", router="expert_choice", allow_noncausal_routing=True)
+    )
+    allowed.eval()
+    out = allowed.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
+    assert out.shape == (2, 10)
+    encoder = get_peft_model(make_model("bert"), sparse_config("bert", router="expert_choice"))
+    encoder.eval()
+    with torch.no_grad():
+        encoder(**make_batch("bert"))  # an encoder is not causal: no refusal
+
+
+def test_expert_choice_refuses_a_kv_cache_step_in_any_model():
+    router = make_router("expert_choice")  # no task_type: not known to be causal
+    router.train()
+    logits = torch.randn(2, 1, 4)
+    with pytest.raises(NoncausalRoutingError, match="allow_noncausal_routing"):
+        router.gate(logits, RoutingInputs(cache_step=True))
+    allowed = make_router("expert_choice", allow_noncausal_routing=True)
+    assert allowed.gate(logits, RoutingInputs(cache_step=True)).weights.shape == (2, 1, 4)
+
+
+SYNC_ROWS = [
+    {"router": "top_k", "capacity_factor": 1.0, "capacity_policy": policy}
+    for policy in ("sequence", "bpr", "random_second")
+] + [
+    {"router": "top_k", "router_noise": True},
+    {"router": "switch"},
+    {"router": "expert_choice"},
+    {"router": "balanced", "k": 3},
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are detectable on CUDA only")
+@pytest.mark.parametrize("kwargs", SYNC_ROWS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_gates_make_no_host_sync(kwargs):
+    router = make_router(**kwargs, n=6).cuda()
+    x = torch.randn(4, 32, 8, device="cuda")
+    mask = torch.ones(4, 32, dtype=torch.long, device="cuda")
+    mask[0, :5] = 0
+    for training in (True, False):
+        router.train(training)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            routing = router(x, RoutingInputs(token_mask=mask))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert routing.weights.shape == (4, 32, 6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"capacity_factor": 0}, "capacity_factor"),
+        ({"capacity_factor": -1.0}, "capacity_factor"),
+        ({"capacity_factor": float("inf")}, "capacity_factor"),
+        ({"capacity_factor": "1"}, "capacity_factor"),
+        ({"capacity_factor": 1.0, "router": "dense"}, "capacity_factor"),
+        ({"capacity_policy": "fifo"}, "capacity_policy"),
+        ({"top_k_order": "topk"}, "top_k_order"),
+        ({"router_noise": 1}, "router_noise"),
+        ({"allow_noncausal_routing": "yes"}, "allow_noncausal_routing"),
+        ({"sinkhorn_iterations": 0}, "sinkhorn_iterations"),
+    ],
+)
+def test_invalid_sparse_gate_options(kwargs, field):
+    with pytest.raises(ValueError, match=f"MoPEConfig.{field}"):
+        mope.MoPEConfig(**kwargs)

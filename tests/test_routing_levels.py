@@ -1,0 +1,213 @@
+"""Routing levels: sequence pooling (padding, KV cache, generate) and task-level routing through PEFT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from peft import get_peft_model
+from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+import mope
+from mope.forward_inputs import WRAPPED_MARK
+from mope.layer import MoPELayer
+from mope.routing import ROUTERS, RoutingInputs
+
+
+def sharpen_routers(model, std: float = 1.0) -> None:
+    """Router weights large enough that decisions differ between tokens and sequences."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mope_router" in name:
+                p.normal_(0, std)
+
+
+@pytest.mark.parametrize("router", ["top_k", "dense", "top_p", "cosine"])
+def test_sequence_level_is_the_gate_of_the_masked_mean(router):
+    config = mope.MoPEConfig(num_experts=4, top_k=2, router=router, routing_level="sequence")
+    torch.manual_seed(0)
+    gate = ROUTERS[router](16, 4, 2, config)
+    x = torch.randn(3, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    routing = gate(x, RoutingInputs(token_mask=mask))
+    for b in range(3):
+        pooled = sum(x[b, t] for t in range(5) if mask[b, t]) / mask[b].sum()
+        want = gate.decide(pooled.unsqueeze(0), RoutingInputs()).weights[0]
+        for t in range(5):
+            torch.testing.assert_close(routing.weights[b, t], want)
+    poisoned = x.clone()
+    poisoned[mask == 0] = 1e4
+    torch.testing.assert_close(gate(poisoned, RoutingInputs(token_mask=mask)).weights, routing.weights)
+
+
+def test_sequence_level_ignores_padding_in_bert():
+    config = mope.MoPEConfig(
+        task_type="SEQ_CLS", target_modules="all-linear", num_experts=4, router="top_k", routing_level="sequence"
+    )
+    model = get_peft_model(make_model("bert"), config)
+    sharpen_routers(model)
+    model.eval()
+    batch = make_batch("bert", seq=6)
+    padded = {
+        "input_ids": torch.cat([batch["input_ids"], torch.zeros(2, 3, dtype=torch.long)], dim=1),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.zeros(2, 3, dtype=torch.long)], dim=1),
+    }
+    with torch.no_grad():
+        want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(model(**padded).logits, want, rtol=1e-5, atol=1e-5)
+        unmasked = model(input_ids=padded["input_ids"], attention_mask=torch.ones_like(padded["input_ids"])).logits
+    assert not torch.allclose(unmasked, want, atol=1e-4)
+
+
+def sequence_llama():
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM",
+        target_modules="all-linear",
+        num_experts=4,
+        top_k=1,
+        r=8,
+        routing_level="sequence",
+        init_weights=False,
+    )
+    model = get_peft_model(make_model("llama"), config)
+    sharpen_routers(model)
+    return model.eval()
+
+
+def count_decisions(model) -> list[int]:
+    calls = [0]
+    for module in model.modules():
+        if isinstance(module, MoPELayer):
+            router = module.mope_router["default"]
+            original = router.decide
+
+            def decide(x, inputs, original=original):
+                calls[0] += 1
+                return original(x, inputs)
+
+            router.decide = decide
+    return calls
+
+
+def test_sequence_level_generate_decides_on_the_prompt_with_and_without_cache():
+    model = sequence_llama()
+    layers = sum(isinstance(m, MoPELayer) for m in model.modules())
+    prompt = make_batch("llama", pad=2)
+    prompt.pop("labels")
+    calls = count_decisions(model)
+    outputs = {}
+    for use_cache in (True, False):
+        calls[0] = 0
+        outputs[use_cache] = model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=use_cache)
+        assert calls[0] == layers  # one decision per router, on the prompt, reused for every new token
+    assert outputs[True].shape[1] == prompt["input_ids"].shape[1] + 5
+    assert torch.equal(outputs[True], outputs[False])
+    # the control: the bare model's generate re-pools prompt + new tokens at every uncached step
+    unpinned = model.base_model.model.generate(**prompt, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert not torch.equal(unpinned, outputs[True])
+
+
+def test_kv_cache_step_reuses_the_prompt_decision_outside_generate():
+    model = sequence_llama()
+    prompt = make_batch("llama")
+    with torch.no_grad():
+        first = model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"], use_cache=True)
+        next_ids = first.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([prompt["attention_mask"], torch.ones_like(next_ids)], dim=1)
+        calls = count_decisions(model)
+        step = model(input_ids=next_ids, attention_mask=mask, cache=first.past_key_values)
+        assert calls[0] == 0 and torch.isfinite(step.logits).all()
+        model.base_model.routing_context.decisions.clear()
+        with pytest.raises(RuntimeError, match="KV-cached"):
+            model(input_ids=next_ids, attention_mask=mask, cache=first.past_key_values)
+
+
+def task_model(name: str, router: str = "top_k", num_tasks: int = 3):
+    task = {"llama": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}[name]
+    config = mope.MoPEConfig(
+        task_type=task,
+        target_modules="all-linear",
+        num_experts=4,
+        top_k=1,
+        r=4,
+        router=router,
+        routing_level="task",
+        num_tasks=num_tasks,
+        init_weights=False,
+    )
+    model = get_peft_model(make_model(name), config)
+    sharpen_routers(model, std=3.0)
+    return model
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "t5"])
+def test_task_ids_reach_the_routers_through_peft_forward(name):
+    model = task_model(name)
+    model.train()
+    seen: list[dict] = []
+    model.base_model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
+    batch = make_batch(name, batch=3)
+    out = model(**batch, task_ids=torch.tensor([0, 2, 2]), group_ids=torch.tensor([0, 1, 1]))
+    out.loss.backward()
+    assert "task_ids" not in seen[-1] and "group_ids" not in seen[-1]  # consumed by mope's pre-hook
+    layer = next(m for m in model.modules() if isinstance(m, MoPELayer))
+    router = layer.mope_router["default"]
+    assert router.weight.shape == (4, 3)  # a per-task logit table
+    assert router.weight.grad[:, 1].abs().sum() == 0 and router.weight.grad[:, 2].abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        a = model(**batch, task_ids=torch.tensor([0, 0, 0])).logits
+        b = model(**batch, task_ids=torch.tensor([1, 1, 1])).logits
+        with pytest.raises(ValueError, match="task_ids"):
+            model(**batch)
+        with pytest.raises(ValueError, match="num_tasks"):
+            model(**batch, task_ids=torch.tensor([0, 3, 0]))
+        with pytest.raises(ValueError, match="task_ids"):
+            model(**batch, task_ids=torch.tensor([[0, 1, 2]]))
+    assert not torch.allclose(a, b)
+
+
+def test_task_level_weights_are_the_gate_of_the_task_column():
+    model = task_model("llama", router="dense")
+    captured = []
+    layer = next(m for m in model.modules() if isinstance(m, MoPELayer))
+    layer.mope_router["default"].register_forward_hook(lambda m, a, out: captured.append(out))
+    batch = make_batch("llama", batch=2)
+    with torch.no_grad():
+        model(**batch, task_ids=torch.tensor([2, 0]))
+    table = layer.mope_router["default"].weight
+    for b, task in enumerate([2, 0]):
+        want = torch.softmax(table[:, task], dim=0)
+        torch.testing.assert_close(captured[0].weights[b], want.expand(8, 4))
+
+
+def test_task_level_generate_keeps_task_ids_for_every_step():
+    model = task_model("llama").eval()
+    prompt = make_batch("llama")
+    prompt.pop("labels")
+    out = {}
+    for use_cache in (True, False):
+        out[use_cache] = model.generate(
+            **prompt, task_ids=torch.tensor([1, 2]), max_new_tokens=4, do_sample=False, use_cache=use_cache
+        )
+    assert torch.equal(out[True], out[False])
+    with pytest.raises(ValueError, match="task_ids"):
+        model.generate(**prompt, max_new_tokens=2, do_sample=False)
+
+
+def test_every_peft_task_class_passes_task_ids():
+    """PEFT drops task_ids for all methods but Poly; if a PEFT upgrade renames things, this fails."""
+    classes = set(MODEL_TYPE_TO_PEFT_MODEL_MAPPING.values())
+    wrapped = {cls.__name__ for cls in classes if getattr(cls.__dict__.get("forward"), WRAPPED_MARK, False)}
+    assert {"PeftModelForCausalLM", "PeftModelForSequenceClassification", "PeftModelForSeq2SeqLM"} <= wrapped
+    assert {"PeftModelForTokenClassification", "PeftModelForQuestionAnswering"} <= wrapped
+
+
+def test_a_second_adapter_shares_the_routing_context():
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=2)
+    model = get_peft_model(make_model("llama"), config)
+    model.add_adapter("other", mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["v_proj"], num_experts=2))
+    contexts = {id(m.routing_context) for m in model.modules() if isinstance(m, MoPELayer)}
+    assert contexts == {id(model.base_model.routing_context)}
+    assert len(model.base_model.hook_handles) == 2
