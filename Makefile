@@ -1,5 +1,5 @@
 # Two entry points, each sets itself up on a fresh machine:
-#   make demo   runs the main job (examples/quickstart.py)
+#   make demo   runs the main job (python -m mope.demo: MoPE vs equal-size LoRA on the real MiniLM)
 #   make test   runs ruff and the test suite
 # torch is installed first, pinned, so that no CUDA build is pulled in on a CPU machine.
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python -m mope.demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check mope tests examples benchmarks

@@ -1,0 +1,54 @@
+"""Predict the eval split of a classification recipe with a saved bundle, in a fresh process.
+
+    python -m mope.predict --recipe RECIPE --bundle DIR --out predictions.json
+
+Used by the demo to check that a bundle reloaded in a new process gives the training run's
+predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch.utils.data import DataLoader
+
+from .api import load_mope
+from .training import quiet_third_party
+from .training.data import Collator, load_examples
+from .training.models import build_model, load_tokenizer
+from .training.recipe import load_recipe
+
+
+@torch.no_grad()
+def predict(recipe_path: str, bundle: str, overrides: list[str] = ()) -> list[int]:
+    recipe = load_recipe(recipe_path, overrides)
+    examples = load_examples(recipe.data, recipe.model.task)
+    tokenizer = load_tokenizer(recipe.model)
+    base = build_model(recipe.model, len(examples.labels), recipe.training.seed)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    model = load_mope(base, bundle).eval()
+    loader = DataLoader(
+        examples.eval,
+        batch_size=recipe.training.eval_batch_size,
+        collate_fn=Collator(tokenizer, recipe.data, recipe.model.task, examples.labels),
+    )
+    return [p for batch in loader for p in model(**batch).logits.argmax(-1).tolist()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    quiet_third_party()
+    with open(args.out, "w") as handle:
+        json.dump({"predictions": predict(args.recipe, args.bundle, args.overrides)}, handle)
+
+
+if __name__ == "__main__":
+    main()

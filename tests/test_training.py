@@ -1,0 +1,117 @@
+"""Recipes and the accelerate loop: schema, every YAML, offline runs, DDP on two CPU processes, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mope.training.loop import run
+from mope.training.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+OFFLINE_TINY = ROOT / "recipes" / "offline" / "tiny_llama_lm.yaml"
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
+LAUNCH += ["--dynamo_backend", "no"]
+
+
+def env(**extra: str) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_validates_and_opens_with_launch_comment(path):
+    recipe = load_recipe(path)
+    assert recipe.training.output_dir
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{path} must open with a comment"
+    assert "accelerate launch" in path.read_text().split("\n\n")[0] or "Launch" in path.read_text()
+
+
+def test_unknown_key_and_wrong_type_are_named(tmp_path):
+    with pytest.raises(RecipeError, match=r"training\.learnin_rate"):
+        load_recipe(OFFLINE_TINY, ["training.learnin_rate=0.1"])
+    with pytest.raises(RecipeError, match=r"training\.batch_size"):
+        load_recipe(OFFLINE_TINY, ["training.batch_size=many"])
+    with pytest.raises(RecipeError, match="max_steps"):
+        load_recipe(OFFLINE_TINY, ["training.epochs=2"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml"):
+        load_recipe(bad)
+
+
+def test_bad_adapter_config_is_named(tmp_path):
+    recipe = load_recipe(OFFLINE_TINY, ["adapter.config.top_k=9", f"training.output_dir={tmp_path}"])
+    with pytest.raises(RecipeError, match=r"MoPEConfig\.top_k"):
+        run(recipe)
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if "offline" in p.parts], ids=lambda p: p.name)
+def test_offline_recipes_run_a_few_steps(path, tmp_path):
+    overrides = [f"training.output_dir={tmp_path}", "training.max_steps=2", "training.epochs=null"]
+    overrides += ["data.max_examples=16", "training.eval_every=null", "training.save_every=null"]
+    summary = run(load_recipe(path, overrides))
+    assert summary["steps"] == 2
+    assert (tmp_path / "bundle" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "bundle" / "adapter_config.json").exists()
+    assert (tmp_path / "metrics.jsonl").read_text().strip()
+    if summary["method"] == "mope":
+        load = json.loads((tmp_path / "routing_summary.json").read_text())
+        assert load and all(abs(sum(v["share"]) - 1) < 1e-5 for v in load.values())
+
+
+def test_ddp_on_two_cpu_processes_ends_with_identical_weights(tmp_path):
+    command = [*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "mope.train", "--recipe", str(OFFLINE_TINY)]
+    command += [f"training.output_dir={tmp_path}", "training.max_steps=6", "training.save_every=null"]
+    subprocess.run(command, check=True, env=env(ACCELERATE_USE_CPU="1"), cwd=ROOT, timeout=600)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["rank_checksums"]) == 2
+    assert summary["rank_checksums"][0] == summary["rank_checksums"][1]
+    assert summary["steps"] == 6
+
+
+def train_command(out: Path, *extra: str) -> list[str]:
+    command = [*LAUNCH, "--num_processes", "1", "--cpu", "-m", "mope.train", "--recipe", str(OFFLINE_TINY)]
+    return [*command, f"training.output_dir={out}", "training.max_steps=16", "training.save_every=4", *extra]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    common = ["adapter.config.lora_dropout=0.1"]  # RNG state must be restored too
+    subprocess.run(train_command(tmp_path / "full", *common), check=True, env=env(), cwd=ROOT, timeout=600)
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen(
+        train_command(out, *common),
+        env=env(MOPE_DEBUG_STEP_DELAY="0.5"),
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-8").exists():
+        assert process.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.json").exists()
+
+    resumed = train_command(out, *common, "--resume_from_checkpoint", "latest")
+    subprocess.run(resumed, check=True, env=env(), cwd=ROOT, timeout=600)
+    want = load_file(tmp_path / "full" / "bundle" / "adapter_model.safetensors")
+    got = load_file(out / "bundle" / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
