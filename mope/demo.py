@@ -26,8 +26,16 @@ RECIPES = {
     "mope": "recipes/offline/minilm_stdlib_mope.yaml",
     "lora": "recipes/offline/minilm_stdlib_lora.yaml",
 }
+# accelerate launch gives a single process one CPU thread unless told otherwise.
 LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH += [
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--num_cpu_threads_per_process",
+    str(os.cpu_count() or 1),
+]
 
 
 def trainable(recipe_path: str, overrides: list[str], num_labels: int) -> int:
