@@ -1,0 +1,777 @@
+"""Training-step time and memory of MoPE against PEFT LoRA, PEFT X-LoRA, a frozen base and a naive loop.
+
+Run from the repository root (no network needed; models are tiny random Llamas built from configs):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py                 # full run, a few minutes
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --quick         # smoke run, < 60 s on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --out DIR       # default: benchmarks/results
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --profile       # torch.profiler top ops instead
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --sections gpu  # only some tables
+
+It writes ``DIR/step_time.json`` and ``DIR/step_time.md`` and prints the markdown tables
+(``--profile``: ``DIR/step_time_profile.md``, the top ops by self CPU time of the MoPE and LoRA steps).
+
+What is measured (see ../shared/MEASURING.md):
+
+- A *step* is ``model.train()``, grads set to None, a forward pass on a random batch with an all-ones
+  attention mask and ``labels`` (so MoPE's aux losses are in ``loss``), then ``loss.backward()``.
+  No optimizer step: it costs about the same for every adapter and would only blur the ratios.
+- *Frozen base*: the base model with every weight frozen, plus ``enable_input_require_grads()``,
+  so the backward pass still runs through every layer down to the input embeddings (as it must
+  for any adapter on the first layer) but computes no weight gradient. It is the floor.
+- All candidates of one table live in one process. After warm-up, each repetition runs every
+  candidate once, in an order rotated per repetition; a ratio is the median over repetitions of
+  (candidate time / reference time in the same repetition), shown with its 25-75 % range; "ms"
+  is the median absolute time.
+- Peak memory: each candidate in its own subprocess. After the model is built, the kernel's peak-RSS
+  mark is reset (``/proc/self/clear_refs``), two steps run, and the process's peak RSS (``VmHWM``,
+  what ``ru_maxrss`` reports for a process not forked from a bigger one) is the step's peak, model
+  and torch runtime included; "rise" is that peak minus the resident size just before the first
+  step (the step's own share). On CUDA: ``torch.cuda.max_memory_allocated`` with one candidate on
+  the device at a time.
+- GPU rows (bf16 base model) run only when ``torch.cuda.is_available()``; otherwise one row says so.
+- Candidates: PEFT LoRA (alpha = 2r); MoPE top-2 of N with r=8, with its default aux-loss weights or
+  with both set to 0; PEFT X-LoRA over 4 LoRA r=8 adapters saved by PEFT first, experts trainable
+  (a construction error becomes the row's note); the naive loop (no aux losses). All use
+  ``target_modules='all-linear'`` and no dropout.
+- ``--quick`` uses tiny shapes, 3 repetitions and 1 CPU thread (2 threads on 2 cores shared with
+  other jobs can make small steps 5x slower): a smoke test, not a measurement.
+
+The naive per-expert loop below is kept here on purpose: it is the common public pattern
+(``torch.where`` per expert, that expert's LoRA on its tokens, ``index_add`` back) that MoPE's
+dispatch is meant to beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import peft
+import torch
+import transformers
+from peft import LoraConfig, XLoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mope
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_LORA = "peft_lora_r16"
+REFERENCE_BASE = "frozen_base"
+REFERENCE_MOPE = "mope_top2_of_8"
+SCALING_EXPERTS = (4, 8, 16, 64)
+
+
+# shapes and settings -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A tiny random Llama (intermediate = 4 * hidden, 4 heads) and the batch it is trained on."""
+
+    hidden: int
+    layers: int
+    batch: int
+    seq: int
+    vocab: int = 1000
+    heads: int = 4
+
+    def describe(self) -> str:
+        return (
+            f"Llama hidden {self.hidden}, {self.layers} layers, ffn {4 * self.hidden}, {self.heads} heads, "
+            f"vocab {self.vocab}; batch {self.batch} x seq {self.seq}"
+        )
+
+    def as_arg(self) -> str:
+        return f"{self.hidden},{self.layers},{self.batch},{self.seq}"
+
+    @classmethod
+    def from_arg(cls, text: str) -> Shape:
+        hidden, layers, batch, seq = (int(v) for v in text.split(","))
+        return cls(hidden, layers, batch, seq)
+
+
+@dataclass(frozen=True)
+class Settings:
+    step_shapes: tuple[Shape, ...]
+    scaling_shape: Shape
+    memory_shape: Shape
+    gpu_shape: Shape
+    warmup: int
+    reps: int
+    gpu_reps: int
+    memory_candidates: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+FULL = Settings(
+    step_shapes=(Shape(256, 4, 8, 128), Shape(1024, 2, 8, 128)),
+    scaling_shape=Shape(1024, 2, 8, 128),
+    memory_shape=Shape(1024, 2, 8, 128),
+    gpu_shape=Shape(1024, 4, 8, 512),
+    warmup=1,  # plus the one step each candidate runs when it is built
+    reps=7,  # 9 took over 10 minutes on a shared 2-core machine
+    gpu_reps=25,
+    memory_candidates=(REFERENCE_BASE, REFERENCE_LORA, REFERENCE_MOPE),
+    notes=("hidden 1024 uses 2 layers, not 4: with 4, one step takes several seconds on 2 CPU cores.",),
+)
+QUICK = Settings(
+    step_shapes=(Shape(64, 2, 2, 32),),
+    scaling_shape=Shape(64, 2, 2, 32),
+    memory_shape=Shape(64, 2, 2, 32),
+    gpu_shape=Shape(256, 2, 4, 128),
+    warmup=1,
+    reps=3,
+    gpu_reps=3,
+    memory_candidates=(REFERENCE_LORA, REFERENCE_MOPE),
+    notes=("--quick: tiny shapes, 1 CPU thread, 3 repetitions; a smoke test, not a measurement.",),
+)
+
+
+# models --------------------------------------------------------------------------------------------
+
+
+def build_base(shape: Shape, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """The same random weights for every candidate (seed 0); ``use_cache=False`` as in training."""
+    config = LlamaConfig(
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        intermediate_size=4 * shape.hidden,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        vocab_size=shape.vocab,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def make_batch(shape: Shape, device: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=generator).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+class NaiveLoopMoELoRA(nn.Module):
+    """Top-k mixture of LoRA experts the common public way: a Python loop over experts.
+
+    Each expert is its own pair of ``nn.Linear``; per expert, ``torch.where`` finds its tokens,
+    its LoRA runs on them, and ``index_add_`` puts the weighted result back. No aux losses.
+    """
+
+    def __init__(self, base: nn.Linear, num_experts: int = 8, top_k: int = 2, r: int = 8, alpha: float = 16) -> None:
+        super().__init__()
+        self.base = base
+        self.top_k, self.scaling = top_k, alpha / r
+        device = base.weight.device
+        self.router = nn.Linear(base.in_features, num_experts, bias=False, device=device)
+        self.lora_A = nn.ModuleList(
+            nn.Linear(base.in_features, r, bias=False, device=device) for _ in range(num_experts)
+        )
+        self.lora_B = nn.ModuleList(
+            nn.Linear(r, base.out_features, bias=False, device=device) for _ in range(num_experts)
+        )
+        for b in self.lora_B:
+            nn.init.zeros_(b.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        flat = x.reshape(-1, x.shape[-1]).float()
+        probs = torch.softmax(self.router(flat), dim=-1)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        delta = torch.zeros(flat.shape[0], result.shape[-1], device=flat.device)
+        for e, (lora_a, lora_b) in enumerate(zip(self.lora_A, self.lora_B, strict=True)):
+            token, slot = torch.where(experts == e)
+            if token.numel() == 0:
+                continue
+            out = lora_b(lora_a(flat[token])) * (weights[token, slot, None] * self.scaling)
+            delta.index_add_(0, token, out)
+        return result + delta.view_as(result).to(result.dtype)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def attach_frozen_base(model: LlamaForCausalLM, shape: Shape, workdir: Path) -> nn.Module:
+    freeze(model).enable_input_require_grads()
+    return model
+
+
+def attach_peft_lora(r: int) -> Callable[[nn.Module, Shape, Path], nn.Module]:
+    def attach(model: nn.Module, shape: Shape, workdir: Path) -> nn.Module:
+        config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+        return get_peft_model(model, config)
+
+    return attach
+
+
+def attach_mope(
+    num_experts: int, top_k: int = 2, aux_losses: bool = True
+) -> Callable[[nn.Module, Shape, Path], nn.Module]:
+    def attach(model: nn.Module, shape: Shape, workdir: Path) -> nn.Module:
+        coefs = {} if aux_losses else {"aux_loss_coef": 0.0, "z_loss_coef": 0.0}
+        config = mope.MoPEConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            **coefs,
+        )
+        return get_peft_model(model, config)
+
+    return attach
+
+
+def attach_naive_loop(model: LlamaForCausalLM, shape: Shape, workdir: Path) -> nn.Module:
+    """Replace every ``nn.Linear`` inside the decoder layers (PEFT's 'all-linear': not ``lm_head``)."""
+    freeze(model)
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, NaiveLoopMoELoRA(child))
+    return model
+
+
+def attach_xlora(model: LlamaForCausalLM, shape: Shape, workdir: Path) -> nn.Module:
+    """PEFT X-LoRA over 4 LoRA r=8 adapters (saved first by PEFT), experts trainable.
+
+    X-LoRA loads its experts under the names "0".."n-1", so the ``adapters`` keys must be those.
+    """
+    device = model.device
+    adapters = {}
+    for i in range(4):
+        lora = get_peft_model(build_base(shape), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        lora.save_pretrained(workdir / f"lora_expert_{i}")
+        adapters[str(i)] = str(workdir / f"lora_expert_{i}")
+    config = XLoraConfig(
+        task_type="CAUSAL_LM", hidden_size=shape.hidden, adapters=adapters, use_trainable_adapters=True
+    )
+    return get_peft_model(model, config).to(device)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    label: str
+    attach: Callable[[nn.Module, Shape, Path], nn.Module]
+
+
+STEP_CANDIDATES = (
+    Candidate(REFERENCE_BASE, "frozen base (input grads only)", attach_frozen_base),
+    Candidate("peft_lora_r8", "PEFT LoRA r=8", attach_peft_lora(8)),
+    Candidate(REFERENCE_LORA, "PEFT LoRA r=16", attach_peft_lora(16)),
+    Candidate(REFERENCE_MOPE, "MoPE top-2 of 8, r=8, aux losses on", attach_mope(8)),
+    Candidate("mope_top2_of_8_no_aux", "MoPE top-2 of 8, r=8, aux losses off", attach_mope(8, aux_losses=False)),
+    Candidate("peft_xlora_4x_r8", "PEFT X-LoRA, 4 LoRA r=8 experts", attach_xlora),
+    Candidate("naive_loop_top2_of_8", "naive per-expert loop, top-2 of 8, r=8", attach_naive_loop),
+)
+SCALING_CANDIDATES = tuple(
+    Candidate(f"mope_top2_of_{n}", f"MoPE top-2 of {n}, r=8", attach_mope(n)) for n in SCALING_EXPERTS
+)
+CANDIDATES_BY_NAME = {c.name: c for c in STEP_CANDIDATES + SCALING_CANDIDATES}
+
+
+# timing --------------------------------------------------------------------------------------------
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def training_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+
+
+def error_note(error: Exception) -> str:
+    return f"error: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
+def build_steps(
+    candidates: tuple[Candidate, ...], shape: Shape, device: str, dtype: torch.dtype, workdir: Path
+) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
+    """One ready step function per candidate that builds and runs once; an error note per one that fails."""
+    batch = make_batch(shape, device)
+    steps, errors = {}, {}
+    for candidate in candidates:
+        try:
+            model = candidate.attach(build_base(shape, device, dtype), shape, workdir)
+            model.train()
+            step = lambda model=model: training_step(model, batch)  # noqa: E731
+            step()
+            steps[candidate.name] = step
+        except Exception as error:  # a candidate that cannot run becomes a row saying why
+            errors[candidate.name] = error_note(error)
+    return steps, errors
+
+
+def interleaved_times(
+    steps: dict[str, Callable[[], None]], warmup: int, reps: int, device: str
+) -> dict[str, list[float]]:
+    """Seconds per step, one value per repetition; every repetition runs each candidate once."""
+    names = list(steps)
+    if not names:
+        return {}
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@dataclass
+class Ratio:
+    median: float
+    q25: float
+    q75: float
+
+    @classmethod
+    def single(cls, value: float) -> Ratio:
+        """A ratio of two single measurements (memory): no spread."""
+        return cls(value, value, value)
+
+    def __str__(self) -> str:
+        if self.q25 == self.q75:
+            return f"{self.median:.2f}x"
+        return f"{self.median:.2f}x [{self.q25:.2f}-{self.q75:.2f}]"
+
+
+def paired_ratio(candidate: list[float], reference: list[float]) -> Ratio:
+    ratios = [c / r for c, r in zip(candidate, reference, strict=True)]
+    if len(ratios) == 1:
+        return Ratio.single(ratios[0])
+    q25, _, q75 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return Ratio(statistics.median(ratios), q25, q75)
+
+
+# rows ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    section: str
+    name: str
+    label: str
+    shape: str
+    metric: str
+    value: float | None = None
+    ratios: dict[str, Ratio] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+
+
+def timing_rows(
+    section: str,
+    candidates: tuple[Candidate, ...],
+    references: tuple[str, ...],
+    shape: Shape,
+    settings: Settings,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    note: str = "",
+) -> list[Row]:
+    with tempfile.TemporaryDirectory() as workdir:
+        steps, errors = build_steps(candidates, shape, device, dtype, Path(workdir))
+        times = interleaved_times(steps, settings.warmup, settings.reps, device)
+    rows = []
+    for candidate in candidates:
+        row = Row(section, candidate.name, candidate.label, shape.describe(), "ms", note=note)
+        if candidate.name in errors:
+            row.note = errors[candidate.name]
+        else:
+            row.value = 1000 * statistics.median(times[candidate.name])
+            row.ratios = {ref: paired_ratio(times[candidate.name], times[ref]) for ref in references if ref in times}
+        rows.append(row)
+    del steps
+    gc.collect()
+    return rows
+
+
+def step_rows(settings: Settings) -> list[Row]:
+    references = (REFERENCE_LORA, REFERENCE_BASE, REFERENCE_MOPE)
+    rows = []
+    for shape in settings.step_shapes:
+        section = f"step time, CPU fp32, hidden {shape.hidden}"
+        rows += timing_rows(section, STEP_CANDIDATES, references, shape, settings)
+    return rows
+
+
+def scaling_rows(settings: Settings) -> list[Row]:
+    section = f"scaling with N at top-2, CPU fp32, hidden {settings.scaling_shape.hidden}"
+    return timing_rows(section, SCALING_CANDIDATES, (REFERENCE_MOPE,), settings.scaling_shape, settings)
+
+
+# memory --------------------------------------------------------------------------------------------
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb() -> float:
+    """The process's peak RSS: ``VmHWM`` where /proc has it, else ``ru_maxrss``.
+
+    ``ru_maxrss`` of a child also counts the parent's peak at fork/exec time (Linux keeps the larger
+    of the two), so a child of this benchmark would report the parent's ~430 MB whatever it did.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS; Linux only.
+
+    Without it the peak would be whatever importing torch/transformers left behind, not the step's.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def memory_child(name: str, shape: Shape) -> None:
+    """Run in a fresh process: build one candidate, two steps, print its memory as one JSON line."""
+    with tempfile.TemporaryDirectory() as workdir:
+        model = CANDIDATES_BY_NAME[name].attach(build_base(shape), shape, Path(workdir))
+    model.train()
+    batch = make_batch(shape, "cpu")
+    gc.collect()
+    reset = reset_peak_rss()
+    before = current_rss_mb()
+    for _ in range(2):
+        training_step(model, batch)
+    print(json.dumps({"peak_mb": peak_rss_mb(), "before_step_mb": before, "peak_reset": reset}))
+
+
+def measure_in_subprocesses(names: tuple[str, ...], shape: Shape) -> dict[str, dict[str, float] | str]:
+    """Start one child per candidate (concurrently: nothing is timed there), collect its JSON or error."""
+    script, threads = str(Path(__file__).resolve()), str(torch.get_num_threads())
+    children = {
+        name: subprocess.Popen(
+            [sys.executable, script, "--memory-child", name, "--shape", shape.as_arg(), "--threads", threads],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+        )
+        for name in names
+    }
+    results: dict[str, dict[str, float] | str] = {}
+    for name, child in children.items():
+        stdout, stderr = child.communicate()
+        if child.returncode == 0:
+            results[name] = json.loads(stdout.strip().splitlines()[-1])
+        else:
+            last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {child.returncode}"
+            results[name] = f"error: {last[:200]}"
+    return results
+
+
+def memory_rows(settings: Settings) -> list[Row]:
+    shape = settings.memory_shape
+    section = f"peak memory of a training step, CPU fp32, hidden {shape.hidden}"
+    results = measure_in_subprocesses(settings.memory_candidates, shape)
+    reference = results.get(REFERENCE_LORA)
+    rows = []
+    for name, result in results.items():
+        row = Row(section, name, CANDIDATES_BY_NAME[name].label, shape.describe(), "step peak RSS MB")
+        rows.append(row)
+        if isinstance(result, str):
+            row.note = result
+            continue
+        row.value = result["peak_mb"]
+        row.extra = {"step_rise_mb": result["peak_mb"] - result["before_step_mb"]}
+        row.note = "peak RSS (VmHWM) of the whole process over two steps (model, torch runtime included)"
+        if not result["peak_reset"]:
+            row.note += "; peak mark could not be reset, so it includes import/build"
+        if isinstance(reference, dict):
+            reference_rise = reference["peak_mb"] - reference["before_step_mb"]
+            row.ratios = {
+                REFERENCE_LORA: Ratio.single(result["peak_mb"] / reference["peak_mb"]),
+                f"{REFERENCE_LORA} (step rise)": Ratio.single(row.extra["step_rise_mb"] / reference_rise),
+            }
+    return rows
+
+
+# GPU -----------------------------------------------------------------------------------------------
+
+GPU_CANDIDATES = tuple(c for c in STEP_CANDIDATES if c.name != "peft_lora_r8")
+
+
+def cuda_peak_mb(candidate: Candidate, shape: Shape, workdir: Path) -> float:
+    """``max_memory_allocated`` over two steps with only this candidate on the device."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = candidate.attach(build_base(shape, "cuda", torch.bfloat16), shape, workdir)
+    model.train()
+    batch = make_batch(shape, "cuda")
+    for _ in range(2):
+        training_step(model, batch)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    del model
+    return peak
+
+
+def gpu_memory_rows(shape: Shape) -> list[Row]:
+    section = f"peak memory of a training step, CUDA bf16, hidden {shape.hidden}"
+    peaks, rows = {}, []
+    with tempfile.TemporaryDirectory() as workdir:
+        for candidate in GPU_CANDIDATES:
+            row = Row(section, candidate.name, candidate.label, shape.describe(), "MB max allocated")
+            try:
+                peaks[candidate.name] = row.value = cuda_peak_mb(candidate, shape, Path(workdir))
+            except Exception as error:
+                row.note = error_note(error)
+            rows.append(row)
+    for row in rows:
+        if row.value is not None and REFERENCE_LORA in peaks:
+            row.ratios = {REFERENCE_LORA: Ratio.single(row.value / peaks[REFERENCE_LORA])}
+    return rows
+
+
+def gpu_rows(settings: Settings) -> list[Row]:
+    if not torch.cuda.is_available():
+        return [Row("GPU (CUDA bf16)", "gpu", "all GPU rows", "-", "ms", note="skipped: no CUDA")]
+    shape = settings.gpu_shape
+    note = "bf16 base; adapters in each library's default dtype"
+    section = f"step time, CUDA bf16, hidden {shape.hidden}"
+    references = (REFERENCE_LORA, REFERENCE_BASE, REFERENCE_MOPE)
+    gpu_settings = replace(settings, reps=settings.gpu_reps)
+    rows = timing_rows(section, GPU_CANDIDATES, references, shape, gpu_settings, "cuda", torch.bfloat16, note)
+    return rows + gpu_memory_rows(shape)
+
+
+# profile -------------------------------------------------------------------------------------------
+
+
+def profile_table(candidate: Candidate, shape: Shape, rows: int = 15) -> str:
+    """torch.profiler's op table of three steps, sorted by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory() as workdir:
+        model = candidate.attach(build_base(shape), shape, Path(workdir))
+    model.train()
+    batch = make_batch(shape, "cpu")
+    training_step(model, batch)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(3):
+            training_step(model, batch)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    return f"## {candidate.label}, {shape.describe()} (3 steps)\n\n```\n{table}\n```\n"
+
+
+# report --------------------------------------------------------------------------------------------
+
+
+def git_state() -> str:
+    """Commit of the ``mope`` package actually imported, and whether its files differ from it."""
+    package = Path(mope.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=package, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        commit, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", ".")
+    except OSError:
+        commit, dirty = "", ""
+    if not commit:
+        return f"{package}, not in a git checkout"
+    return f"{package} at {commit}" + (" + uncommitted changes" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, str | int | float]:
+    info: dict[str, str | int | float] = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "mope": f"{mope.__version__} ({git_state()})",
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def ratio_columns(rows: list[Row]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [ref for ref in row.ratios if ref not in columns]
+    return columns
+
+
+def section_table(rows: list[Row]) -> str:
+    ratio_refs = ratio_columns(rows)
+    extras = sorted({key for row in rows for key in row.extra})
+    header = ["candidate", rows[0].metric, *extras, *(f"vs {ref}" for ref in ratio_refs), "note"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.label, "-" if row.value is None else f"{row.value:.1f}"]
+        cells += [f"{row.extra[key]:.1f}" if key in row.extra else "-" for key in extras]
+        cells += [str(row.ratios[ref]) if ref in row.ratios else "-" for ref in ratio_refs]
+        cells.append(row.note.replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[Row], info: dict, mode: str, notes: tuple[str, ...]) -> str:
+    parts = [f"# Training-step benchmark ({mode})", ""]
+    parts += [f"- {key}: {value}" for key, value in info.items()]
+    parts += ["", *notes]
+    parts += [
+        "",
+        "Step = forward + `loss.backward()` (no optimizer step), `target_modules='all-linear'`, "
+        "`lora_dropout=0`, all-ones attention mask. Ratios: median of per-repetition ratios "
+        "[25-75 % range], candidates interleaved in one process. Frozen base = all weights frozen, "
+        "gradient still flowing back to the input embeddings.",
+    ]
+    sections: dict[str, list[Row]] = {}
+    for row in rows:
+        sections.setdefault(row.section, []).append(row)
+    for section, members in sections.items():
+        parts += ["", f"## {section}", "", f"Shape: {members[0].shape}", "", section_table(members)]
+    return "\n".join(parts) + "\n"
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
+    "step": step_rows,
+    "scaling": scaling_rows,
+    "memory": memory_rows,
+    "gpu": gpu_rows,
+}
+
+
+def write_results(rows: list[Row], info: dict, mode: str, settings: Settings, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, info, mode, settings.notes)
+    (out / "step_time.md").write_text(table)
+    payload = {"mode": mode, "machine": info, "rows": [asdict(row) for row in rows]}
+    (out / "step_time.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return table
+
+
+def run_benchmark(settings: Settings, mode: str, sections: list[str], out: Path) -> None:
+    """Run the sections in turn, rewriting the results after each, so an interrupted run leaves what it had."""
+    started, info = time.perf_counter(), machine()
+    info["load average (1, 5, 15 min) before"] = str(load_average())
+    info["repetitions"] = f"{settings.warmup} warm-up + {settings.reps} timed per candidate"
+    if "gpu" in sections and torch.cuda.is_available():
+        info["repetitions"] += f" ({settings.gpu_reps} on the GPU)"
+    rows: list[Row] = []
+    for section in sections:
+        try:
+            rows += SECTIONS[section](settings)
+        except Exception as error:  # keep the other sections' results
+            rows.append(Row(section, section, f"section '{section}'", "-", "-", note=error_note(error)))
+        info["load average (1, 5, 15 min) after"] = str(load_average())
+        info["wall time s"] = round(time.perf_counter() - started, 1)
+        table = write_results(rows, info, mode, settings, out)
+    print(table)
+
+
+def run_profile(settings: Settings, out: Path) -> None:
+    shape = settings.step_shapes[0]
+    header = f"# torch.profiler, {torch.get_num_threads()} CPU thread(s), load average before {load_average()}\n\n"
+    text = header + "".join(profile_table(CANDIDATES_BY_NAME[n], shape) for n in (REFERENCE_MOPE, REFERENCE_LORA))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step_time_profile.md").write_text(text)
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke test)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--profile", action="store_true", help="instead of the tables, profile the MoPE and LoRA r=16 steps"
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's own; --quick: 1, robust beside other jobs)"
+    )
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if args.memory_child:
+        memory_child(args.memory_child, Shape.from_arg(args.shape))
+        return
+    sections = args.sections.split(",")
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown --sections {sorted(unknown)}; choose from {list(SECTIONS)}")
+    settings, mode = (QUICK, "quick") if args.quick else (FULL, "full")
+    if args.profile:
+        run_profile(settings, args.out)
+        return
+    run_benchmark(settings, mode, sections, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Smoke test of ``benchmarks/step_time.py --quick``: it runs and writes well-formed results.
+
+Not a timed test: nothing here asserts anything about speed or memory, only that every
+expected row is there with positive numbers (or, for third-party X-LoRA, a recorded error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "benchmarks" / "step_time.py"
+
+STEP_ROWS = {
+    "frozen_base",
+    "peft_lora_r8",
+    "peft_lora_r16",
+    "mope_top2_of_8",
+    "mope_top2_of_8_no_aux",
+    "peft_xlora_4x_r8",
+    "naive_loop_top2_of_8",
+}
+SCALING_ROWS = {"mope_top2_of_4", "mope_top2_of_8", "mope_top2_of_16", "mope_top2_of_64"}
+MEMORY_ROWS = {"peft_lora_r16", "mope_top2_of_8"}
+MAY_FAIL = {"peft_xlora_4x_r8"}  # PEFT's X-LoRA may not construct with every peft/transformers version
+
+
+def run_quick_benchmark(out: Path) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| candidate |" in done.stdout
+    assert "| candidate |" in (out / "step_time.md").read_text()
+    return json.loads((out / "step_time.json").read_text())
+
+
+def rows_of(results: dict, section_start: str) -> dict[str, dict]:
+    return {row["name"]: row for row in results["rows"] if row["section"].startswith(section_start)}
+
+
+def assert_positive(row: dict) -> None:
+    if row["name"] in MAY_FAIL and row["note"].startswith("error:"):
+        return
+    assert not row["note"].startswith("error:"), row
+    assert row["value"] is not None and row["value"] > 0, row
+    assert row["ratios"], row
+    for ratio in row["ratios"].values():
+        assert 0 < ratio["q25"] <= ratio["median"] <= ratio["q75"], row
+
+
+def check_machine(results: dict) -> None:
+    machine = results["machine"]
+    assert results["mode"] == "quick"
+    for key in ("cpu", "torch_threads", "torch", "peft", "transformers"):
+        assert machine[key], key
+
+
+def check_step_rows(results: dict) -> None:
+    rows = rows_of(results, "step time, CPU")
+    assert set(rows) == STEP_ROWS
+    for row in rows.values():
+        assert_positive(row)
+        if row["value"] is not None:
+            assert set(row["ratios"]) == {"peft_lora_r16", "frozen_base", "mope_top2_of_8"}
+    assert rows["peft_lora_r16"]["ratios"]["peft_lora_r16"]["median"] == 1.0
+
+
+def check_scaling_rows(results: dict) -> None:
+    rows = rows_of(results, "scaling with N")
+    assert set(rows) == SCALING_ROWS
+    for row in rows.values():
+        assert_positive(row)
+        assert set(row["ratios"]) == {"mope_top2_of_8"}
+
+
+def check_memory_rows(results: dict) -> None:
+    rows = rows_of(results, "peak memory of a training step, CPU")
+    assert set(rows) == MEMORY_ROWS
+    for row in rows.values():
+        assert_positive(row)
+        assert row["extra"]["step_rise_mb"] >= 0
+
+
+def check_gpu_rows(results: dict) -> None:
+    gpu = [row for row in results["rows"] if "CUDA" in row["section"]]
+    assert gpu
+    if gpu[0]["note"] == "skipped: no CUDA":
+        assert len(gpu) == 1
+        return
+    for row in gpu:
+        assert_positive(row)
+
+
+def test_quick_benchmark_writes_every_row(tmp_path):
+    """One test, so that the benchmark runs once even when pytest-xdist spreads tests over workers."""
+    results = run_quick_benchmark(tmp_path)
+    check_machine(results)
+    check_step_rows(results)
+    check_scaling_rows(results)
+    check_memory_rows(results)
+    check_gpu_rows(results)
