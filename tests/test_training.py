@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mope import MoPEConfig
 from mope.training.loop import run
 from mope.training.recipe import RecipeError, load_recipe
 
@@ -32,6 +33,8 @@ def env(**extra: str) -> dict:
 def test_every_recipe_validates_and_opens_with_launch_comment(path):
     recipe = load_recipe(path)
     assert recipe.training.output_dir
+    if recipe.adapter.method == "mope":  # the adapter block must be a valid MoPEConfig too
+        MoPEConfig(**recipe.adapter.config)
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), f"{path} must open with a comment"
     assert "accelerate launch" in path.read_text().split("\n\n")[0] or "Launch" in path.read_text()
