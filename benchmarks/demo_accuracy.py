@@ -1,0 +1,122 @@
+"""Accuracy, training time and expert balance on the demo task, over seeds and methods.
+
+Run from the repository root (offline, CPU; about 2.5 minutes per run on 2 cores, so the
+default 3 seeds x 3 methods take ~25 minutes: run it alone, see ../shared/MEASURING.md):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_accuracy.py [--seeds 0 1 2] [--lrs 0.002]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_accuracy.py --quick      # smoke run
+
+Methods, at equal trainable parameters (routers and the classifier head counted): the MoPE
+top-2-of-8 recipe, the same mixture with a dense gate, and one PEFT LoRA whose rank the demo
+picks to match. Every run goes through ``accelerate launch -m mope.train``. Writes
+``benchmarks/results/demo_accuracy.json`` and ``.md``: per method, mean and spread of held-out
+accuracy and training time over seeds, at each learning rate, and the mean coefficient of
+variation of the expert load per layer (mixtures only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+
+import torch
+
+from mope.demo import RECIPES, launch, matching_lora_rank
+from mope.training import quiet_third_party
+from mope.training.data import load_examples
+from mope.training.recipe import load_recipe
+
+METHODS = {
+    "mope top-2 of 8": (RECIPES["mope"], []),
+    "mope dense 8": (RECIPES["mope"], ["adapter.config.router=dense"]),
+    "lora": (RECIPES["lora"], None),  # rank filled in to match
+}
+
+
+def mean_cv(routing_summary: str) -> float | None:
+    if not os.path.exists(routing_summary):
+        return None
+    with open(routing_summary) as handle:
+        layers = json.load(handle)
+    return statistics.mean(v["cv"] for v in layers.values()) if layers else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.002])
+    parser.add_argument("--quick", action="store_true", help="2 steps on 32 examples: a smoke test")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    quiet_third_party()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    num_labels = len(load_examples(load_recipe(RECIPES["mope"]).data, "sequence_classification").labels)
+    rank, _, _ = matching_lora_rank(num_labels)
+    quick = ["training.max_steps=2", "training.epochs=null", "data.max_examples=32"] if args.quick else []
+    work = tempfile.mkdtemp(prefix="mope-demo-bench-")
+    rows = []
+    for lr in args.lrs:
+        for name, (recipe, extra) in METHODS.items():
+            extra = (
+                extra if extra is not None else [f"adapter.config.r={rank}", f"adapter.config.lora_alpha={2 * rank}"]
+            )
+            runs = []
+            for seed in args.seeds:
+                out = os.path.join(work, f"{name.replace(' ', '_')}-lr{lr}-s{seed}")
+                overrides = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
+                summary = launch(recipe, [*overrides, *extra, *quick])
+                summary["load_cv"] = mean_cv(os.path.join(out, "routing_summary.json"))
+                runs.append(summary)
+            accuracy = [r["eval_accuracy"] for r in runs]
+            seconds = [r["train_seconds"] for r in runs]
+            cvs = [r["load_cv"] for r in runs if r["load_cv"] is not None]
+            rows.append(
+                {
+                    "method": name,
+                    "learning_rate": lr,
+                    "trainable_parameters": runs[0]["trainable_parameters"],
+                    "accuracy_mean": statistics.mean(accuracy),
+                    "accuracy_spread": max(accuracy) - min(accuracy),
+                    "train_seconds_mean": statistics.mean(seconds),
+                    "load_cv_mean": statistics.mean(cvs) if cvs else None,
+                    "seeds": args.seeds,
+                    "runs": runs,
+                }
+            )
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "lora_rank": rank,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "demo_accuracy.json"), "w") as handle:
+        json.dump({"machine": machine, "rows": rows}, handle, indent=1)
+    lines = [
+        "# Demo task: accuracy over seeds",
+        "",
+        f"Machine: {machine}",
+        "",
+        "| method | lr | trainable | accuracy (mean) | spread | train s (mean) | load CV |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cv = "" if r["load_cv_mean"] is None else f"{r['load_cv_mean']:.3f}"
+        lines.append(
+            f"| {r['method']} | {r['learning_rate']} | {r['trainable_parameters']:,} | {r['accuracy_mean']:.4f} | "
+            f"{r['accuracy_spread']:.4f} | {r['train_seconds_mean']:.1f} | {cv} |"
+        )
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "demo_accuracy.md"), "w") as handle:
+        handle.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
