@@ -7,6 +7,7 @@ Run from the repository root (no network needed; models are tiny random Llamas b
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --out DIR       # default: benchmarks/results
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --profile       # torch.profiler top ops instead
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --sections gpu  # only some tables
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --dispatch masked,sorted  # + a row per strategy
 
 It writes ``DIR/step_time.json`` and ``DIR/step_time.md`` and prints the markdown tables
 (``--profile``: ``DIR/step_time_profile.md``, the top ops by self CPU time of the MoPE and LoRA steps).
@@ -70,6 +71,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mope
+from mope.dispatch import DISPATCH_CHOICES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_LORA = "peft_lora_r16"
@@ -118,6 +120,7 @@ class Settings:
     gpu_reps: int
     memory_candidates: tuple[str, ...]
     notes: tuple[str, ...] = ()
+    dispatches: tuple[str, ...] = ()  # --dispatch: extra MoPE rows with MoPEConfig.dispatch forced
 
 
 FULL = Settings(
@@ -226,7 +229,7 @@ def attach_peft_lora(r: int) -> Callable[[nn.Module, Shape, Path], nn.Module]:
 
 
 def attach_mope(
-    num_experts: int, top_k: int = 2, aux_losses: bool = True
+    num_experts: int, top_k: int = 2, aux_losses: bool = True, dispatch: str = "auto"
 ) -> Callable[[nn.Module, Shape, Path], nn.Module]:
     def attach(model: nn.Module, shape: Shape, workdir: Path) -> nn.Module:
         coefs = {} if aux_losses else {"aux_loss_coef": 0.0, "z_loss_coef": 0.0}
@@ -237,6 +240,7 @@ def attach_mope(
             lora_alpha=16,
             lora_dropout=0.0,
             target_modules="all-linear",
+            dispatch=dispatch,
             **coefs,
         )
         return get_peft_model(model, config)
@@ -292,6 +296,26 @@ SCALING_CANDIDATES = tuple(
     Candidate(f"mope_top2_of_{n}", f"MoPE top-2 of {n}, r=8", attach_mope(n)) for n in SCALING_EXPERTS
 )
 CANDIDATES_BY_NAME = {c.name: c for c in STEP_CANDIDATES + SCALING_CANDIDATES}
+
+
+def with_dispatch_rows(candidates: tuple[Candidate, ...], dispatches: tuple[str, ...]) -> tuple[Candidate, ...]:
+    """``candidates`` plus, for each MoPE candidate with aux losses on, one row per forced dispatch strategy.
+
+    The plain MoPE rows use the config default (``auto``); these show what each strategy costs.
+    """
+    extra = []
+    for candidate in candidates:
+        if candidate.name.startswith("mope_top2_of_") and not candidate.name.endswith("_no_aux"):
+            num_experts = int(candidate.name.rsplit("_", 1)[1])
+            extra += [
+                Candidate(
+                    f"{candidate.name}_{name}",
+                    f"{candidate.label} [dispatch={name}]",
+                    attach_mope(num_experts, dispatch=name),
+                )
+                for name in dispatches
+            ]
+    return candidates + tuple(extra)
 
 
 # timing --------------------------------------------------------------------------------------------
@@ -423,13 +447,15 @@ def step_rows(settings: Settings) -> list[Row]:
     rows = []
     for shape in settings.step_shapes:
         section = f"step time, CPU fp32, hidden {shape.hidden}"
-        rows += timing_rows(section, STEP_CANDIDATES, references, shape, settings)
+        candidates = with_dispatch_rows(STEP_CANDIDATES, settings.dispatches)
+        rows += timing_rows(section, candidates, references, shape, settings)
     return rows
 
 
 def scaling_rows(settings: Settings) -> list[Row]:
     section = f"scaling with N at top-2, CPU fp32, hidden {settings.scaling_shape.hidden}"
-    return timing_rows(section, SCALING_CANDIDATES, (REFERENCE_MOPE,), settings.scaling_shape, settings)
+    candidates = with_dispatch_rows(SCALING_CANDIDATES, settings.dispatches)
+    return timing_rows(section, candidates, (REFERENCE_MOPE,), settings.scaling_shape, settings)
 
 
 # memory --------------------------------------------------------------------------------------------
@@ -579,7 +605,8 @@ def gpu_rows(settings: Settings) -> list[Row]:
     section = f"step time, CUDA bf16, hidden {shape.hidden}"
     references = (REFERENCE_LORA, REFERENCE_BASE, REFERENCE_MOPE)
     gpu_settings = replace(settings, reps=settings.gpu_reps)
-    rows = timing_rows(section, GPU_CANDIDATES, references, shape, gpu_settings, "cuda", torch.bfloat16, note)
+    candidates = with_dispatch_rows(GPU_CANDIDATES, settings.dispatches)
+    rows = timing_rows(section, candidates, references, shape, gpu_settings, "cuda", torch.bfloat16, note)
     return rows + gpu_memory_rows(shape)
 
 
@@ -753,6 +780,12 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="torch CPU threads (default: torch's own; --quick: 1, robust beside other jobs)"
     )
+    parser.add_argument(
+        "--dispatch",
+        default="",
+        help="comma-separated MoPEConfig.dispatch values (masked,sorted,grouped,auto): an extra row per MoPE "
+        "candidate and value, beside the default rows (which use 'auto')",
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -767,6 +800,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --sections {sorted(unknown)}; choose from {list(SECTIONS)}")
     settings, mode = (QUICK, "quick") if args.quick else (FULL, "full")
+    dispatches = tuple(name for name in args.dispatch.split(",") if name)
+    unknown = set(dispatches) - set(DISPATCH_CHOICES)
+    if unknown:
+        parser.error(f"unknown --dispatch {sorted(unknown)}; choose from {list(DISPATCH_CHOICES)}")
+    settings = replace(settings, dispatches=dispatches)
     if args.profile:
         run_profile(settings, args.out)
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .bundle import save_pretrained
 from .config import MoPEConfig
+from .dispatch import set_dispatch
 from .forward_inputs import install as install_forward_inputs
 from .layer import MoPELayer
 from .registration import register
@@ -33,5 +34,6 @@ __all__ = [
     "get_mope_model",
     "load_mope",
     "save_pretrained",
+    "set_dispatch",
     "step_schedule",
 ]

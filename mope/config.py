@@ -9,6 +9,7 @@ from typing import Any
 
 from peft import PeftConfig
 
+from .dispatch import DISPATCH_CHOICES
 from .experts import ACTIVATIONS, EXPERT_BANKS
 from .registration import add_peft_type_member
 from .routing import ROUTER_INITS, ROUTERS
@@ -204,6 +205,18 @@ class MoPEConfig(PeftConfig):
         default=0.07, metadata={"help": "router='cosine': initial value of the learned temperature (> 0)."}
     )
     hash_seed: int = field(default=0, metadata={"help": "router='hash': seed of the fixed random token-id hash."})
+    soft_merge_lora: str = field(
+        default="factors",
+        metadata={
+            "help": "router='soft_merge' with LoRA experts: 'factors' merges A and B separately (SMEAR's parameter "
+            "merge; not the mixture of outputs) or 'delta' merges B_e^T A_e (the exact mixture of the experts' "
+            "linear maps; one [d_out, d_in] weight per sequence in memory)."
+        },
+    )
+    slots_per_expert: int = field(
+        default=1,
+        metadata={"help": "router='soft_tokens' (Soft MoE): slots each expert processes per sequence (>= 1)."},
+    )
     importance_loss_coef: float = field(
         default=0.0,
         metadata={"help": "Weight of Shazeer's importance loss CV(sum of gate weights per expert)^2; 0 = off."},
@@ -242,6 +255,13 @@ class MoPEConfig(PeftConfig):
             "micro-batches) or 'manual' (mope.step_schedule(model) after each optimizer step)."
         },
     )
+    dispatch: str = field(
+        default="auto",
+        metadata={
+            "help": f"How LoRA experts are applied, one of {list(DISPATCH_CHOICES)} (mope.dispatch): 'auto' picks "
+            "by shape. A runtime setting: not saved in adapter_config.json; mope.set_dispatch changes it later."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={
@@ -267,6 +287,16 @@ class MoPEConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.feedforward_modules, list):
             self.feedforward_modules = set(self.feedforward_modules)
+
+    # Runtime-only settings: kept out of the saved adapter_config.json (as LoraConfig.runtime_config).
+    RUNTIME_FIELDS = ("dispatch",)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The saved configuration: every field but the runtime-only ones."""
+        saved = super().to_dict()
+        for name in self.RUNTIME_FIELDS:
+            saved.pop(name, None)
+        return saved
 
     def _check(self) -> None:
         for name in ("num_experts", "top_k", "r"):
@@ -316,6 +346,10 @@ class MoPEConfig(PeftConfig):
             value = getattr(self, name)
             if value not in table:
                 raise ValueError(f"MoPEConfig.{name}={value!r} is unknown; choose one of {sorted(table)}")
+        if self.dispatch not in DISPATCH_CHOICES:
+            raise ValueError(
+                f"MoPEConfig.dispatch={self.dispatch!r} is unknown; choose one of {list(DISPATCH_CHOICES)}"
+            )
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"MoPEConfig.init_weights must be True or False, got {self.init_weights!r}")
         if self.target_parameters:

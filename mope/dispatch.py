@@ -1,18 +1,34 @@
-"""How a gate's weights are applied to an expert bank.
+"""How a gate's weights are applied to a bank of LoRA experts: a table of strategies.
 
-``lora_masked`` is the default: with ``g`` zero for experts a token does not use,
+Every strategy computes the same thing, ``delta[t] = s * sum_e g[t, e] * B_e^T A_e x[t]`` over the
+experts with ``g[t, e] != 0``, with the same gradients; they differ only in cost.
 
-    delta = s * B_cat (g (x) 1_r  *  A_cat x)
+- ``masked``: with ``g`` zero for experts a token does not use,
+  ``delta = s * B_cat (g (x) 1_r  *  A_cat x)`` where ``A_cat`` stacks all experts' A (inner dim
+  N*r). Two plain GEMMs, no sort, no host sync; unselected experts get zero gradient. It computes
+  all N experts for every token, so it wins while N*r is small against the layer width.
+- ``sorted``: the (token, expert) pairs with nonzero weight, sorted by expert once (one host sync
+  for the per-expert counts), per-expert GEMMs on contiguous segments, scaled by the gate weight
+  and added back with ``index_add``. Work tracks k*r, not N*r, plus a gather and a scatter of the
+  selected rows and a Python loop over experts (not tokens).
+- ``grouped``: ``sorted`` with the per-expert loop replaced by ``torch._grouped_mm`` (one kernel
+  for all experts). Used only where it runs: CUDA, bf16, sizes multiple of 8, compute
+  capability >= 9.0; anywhere else it falls back to ``sorted``.
 
-where ``A_cat`` stacks all experts' A (inner dim N*r). That is exactly the top-k output, costs
-two plain GEMMs, needs no sort and no host sync, and gives unselected experts zero gradient.
-It wins while N*r is small against the layer width.
+``auto`` picks by shape (:func:`auto_dispatch`); calibration in its docstring.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 from torch.nn import functional as F
+
+# (x [..., d_in], lora_A [N, r, d_in], lora_B [N, r, d_out], weights [..., N], scaling) -> delta [..., d_out]
+LoRADispatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def lora_masked(
@@ -24,3 +40,153 @@ def lora_masked(
     gate = (weights * scaling).to(h.dtype).unsqueeze(-1)
     h = (h.unflatten(-1, (n, r)) * gate).flatten(-2)
     return h @ lora_B.reshape(n * r, -1)
+
+
+@dataclass
+class SortedPairs:
+    """The nonzero (token, expert) pairs of flat gate weights ``[T, N]``, grouped by expert."""
+
+    token: torch.Tensor  # [P] token index of each pair, expert-major order
+    gate: torch.Tensor  # [P, 1] the pair's gate weight times the LoRA scaling, in the experts' dtype
+    sizes: list[int]  # pairs per expert (host ints: the one sync)
+
+
+def sort_pairs(weights: torch.Tensor, scaling: float, dtype: torch.dtype) -> SortedPairs:
+    """Pairs in expert-major order: ``nonzero`` of the transposed mask already sorts them by expert.
+
+    The per-expert counts come to the host once (``tolist``); ``nonzero_static`` with their sum
+    then needs no second sync on CUDA.
+    """
+    used = (weights != 0).t()  # [N, T]
+    sizes = used.sum(dim=1).tolist()
+    expert, token = torch.nonzero_static(used, size=sum(sizes)).unbind(1)
+    gate = (weights[token, expert] * scaling).to(dtype).unsqueeze(-1)
+    return SortedPairs(token, gate, sizes)
+
+
+def scatter_back(out: torch.Tensor, pairs: SortedPairs, tokens: int, lead: torch.Size) -> torch.Tensor:
+    delta = out.new_zeros(tokens, out.shape[-1]).index_add(0, pairs.token, out)
+    return delta.view(*lead, out.shape[-1])
+
+
+def lora_sorted(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Per-expert GEMMs on the tokens each expert got; a loop over experts, never over tokens."""
+    n, _, d_in = lora_A.shape
+    flat_x = x.reshape(-1, d_in)
+    pairs = sort_pairs(weights.reshape(-1, n), scaling, x.dtype)
+    used = [e for e, size in enumerate(pairs.sizes) if size]
+    sizes = [pairs.sizes[e] for e in used]
+    # unbind, not lora_A[e]: one stacked gradient in backward instead of a zero-filled full one per expert
+    a_experts, b_experts = lora_A.unbind(0), lora_B.unbind(0)
+    segments = flat_x.index_select(0, pairs.token).split(sizes)
+    # A, then the gate (on the r-wide h: cheaper than on d_out), then B, per non-empty segment
+    hidden = torch.cat([seg @ a_experts[e].t() for e, seg in zip(used, segments, strict=True)]) * pairs.gate
+    out = torch.cat([h @ b_experts[e] for e, h in zip(used, hidden.split(sizes), strict=True)])
+    return scatter_back(out, pairs, flat_x.shape[0], x.shape[:-1])
+
+
+def lora_grouped(
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``sorted`` with one ``torch._grouped_mm`` per side instead of a loop over experts."""
+    n, _, d_in = lora_A.shape
+    flat_x = x.reshape(-1, d_in)
+    pairs = sort_pairs(weights.reshape(-1, n), scaling, x.dtype)
+    offsets = torch.tensor(pairs.sizes).cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
+    rows = flat_x.index_select(0, pairs.token)
+    hidden = torch._grouped_mm(rows, lora_A.transpose(-2, -1), offs=offsets) * pairs.gate
+    out = torch._grouped_mm(hidden, lora_B, offs=offsets)
+    return scatter_back(out, pairs, flat_x.shape[0], x.shape[:-1])
+
+
+def always(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
+    return True
+
+
+def grouped_mm_supported(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
+    """Where ``torch._grouped_mm`` is known to run forward and backward: CUDA sm90+, bf16, 16-byte strides.
+
+    (It also runs on CPU in recent torch, but its backward fails there when an expert gets no
+    token, and the loop of ``sorted`` is as fast on CPU.)
+    """
+    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == lora_A.dtype == torch.bfloat16):
+        return False
+    if any(size % 8 for size in lora_A.shape[1:]):
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+@dataclass(frozen=True)
+class LoRADispatch:
+    """One way to apply gate weights to LoRA experts; ``fallback`` names the strategy used where it cannot run."""
+
+    name: str
+    apply: LoRADispatchFn
+    supported: Callable[[torch.Tensor, torch.Tensor], bool] = always
+    fallback: str | None = None
+
+
+LORA_DISPATCH: dict[str, LoRADispatch] = {
+    "masked": LoRADispatch("masked", lora_masked),
+    "sorted": LoRADispatch("sorted", lora_sorted),
+    "grouped": LoRADispatch("grouped", lora_grouped, grouped_mm_supported, fallback="sorted"),
+}
+DISPATCH_CHOICES: tuple[str, ...] = ("auto", *LORA_DISPATCH)
+
+# auto_dispatch's thresholds (see its docstring for the measurements behind them)
+SPARSE_MIN_EXPERTS_PER_ACTIVE = 16  # N / k at or above which sorting pays
+SPARSE_MIN_TOKENS = 512  # fewer tokens: per-expert overheads dominate, stay masked
+
+
+def auto_dispatch(tokens: int, num_experts: int, active: int, device_type: str = "cpu") -> str:
+    """The strategy ``auto`` picks for ``tokens`` tokens, N experts and ``active`` (k) experts per token.
+
+    Masked computes N*r ranks per token; sorted k*r, plus a gather and a scatter of the k*T selected
+    rows and ~6 small GEMMs per expert (fwd + bwd). Rule: sparse dispatch when ``N / k >= 16`` and
+    ``tokens >= 512``, else ``masked``; dense gates (``active == N``) always stay masked. Sparse
+    means ``sorted`` on CPU and ``grouped`` on CUDA (where ``grouped`` cannot run there,
+    :func:`resolve_dispatch` keeps ``masked``: a loop of small kernels is what makes a GPU slow).
+    N / k = 8 is a coin toss on CPU (0.76-1.16 below), so it stays masked. The CUDA branch is not
+    calibrated yet (no GPU run of these strategies so far).
+
+    Calibration (``benchmarks/dispatch_calibration.py``, ``benchmarks/results/dispatch_calibration.md``:
+    one layer d_in = d_out = d, r = 8, fwd + bwd, fp32, 1 thread, 2-core AMD EPYC, torch 2.13,
+    median of 15 interleaved pairs; two runs at load 2.1-2.7 from others' jobs), sorted / masked:
+
+        T=1024  d=256:  N/k=2: 1.41-2.57  N/k=8: 0.95-1.16  N/k=32: 0.49-0.51
+        T=1024  d=1024: N/k=2: 1.95-2.31  N/k=8: 0.76-1.16  N/k=32: 0.43
+        T=128   d=256:  1.47-2.11 at every N/k (overheads dominate)
+        T=128   d=1024: N/k<=4: 1.65-2.01  N/k=8: 1.07-1.17  N/k=32: 0.78-0.81
+    """
+    if active >= num_experts or tokens < SPARSE_MIN_TOKENS:
+        return "masked"
+    if num_experts < SPARSE_MIN_EXPERTS_PER_ACTIVE * active:
+        return "masked"
+    return "grouped" if device_type == "cuda" else "sorted"
+
+
+def resolve_dispatch(name: str, x: torch.Tensor, lora_A: torch.Tensor, active: int) -> LoRADispatch:
+    """The strategy that runs: ``auto`` resolved by shape, then fallbacks until one is supported here."""
+    if name == "auto":
+        name = auto_dispatch(x.numel() // x.shape[-1], lora_A.shape[0], active, x.device.type)
+        if not LORA_DISPATCH[name].supported(x, lora_A):
+            name = "masked"
+    strategy = LORA_DISPATCH[name]
+    while not strategy.supported(x, lora_A):
+        strategy = LORA_DISPATCH[strategy.fallback]
+    return strategy
+
+
+def set_dispatch(model: nn.Module, name: str) -> int:
+    """Set the dispatch strategy of every LoRA expert bank in ``model`` (a runtime setting, not saved).
+
+    Returns how many banks were changed.
+    """
+    if name not in DISPATCH_CHOICES:
+        raise ValueError(f"dispatch={name!r} is unknown; choose one of {list(DISPATCH_CHOICES)}")
+    banks = [module for module in model.modules() if hasattr(module, "dispatch")]
+    for bank in banks:
+        bank.dispatch = name
+    return len(banks)

@@ -89,6 +89,11 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         self.mope_router[adapter_name] = ROUTERS[config.router](
             router_features, num_experts - num_shared, top_k, config
         )
+        router = self.mope_router[adapter_name]
+        bank = self.mope_experts[adapter_name]
+        if hasattr(bank, "active_experts"):  # dispatch hint (mope.dispatch.auto_dispatch): nonzeros per token
+            most_k = max(top_k, config.router_schedule_start_top_k or 0)
+            bank.active_experts = min(num_experts, most_k + num_shared) if router.sparse_weights else num_experts
         aux_losses = tuple(loss.name for loss in AUX_LOSSES if getattr(config, loss.coef_field) != 0)
         self.mope_settings[adapter_name] = AdapterSettings(num_experts, num_shared, top_k, aux_losses)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -119,7 +124,11 @@ class MoPELayer(nn.Module, BaseTunerLayer):
                 base_input = bank.scale_input(base_input, weights[name])
         result = self.base_layer(base_input, *args, **kwargs)
         for name in active:
-            result = self.mope_experts[name](x, result, weights[name])
+            router = self.router_for(name)
+            if router.applies_experts:  # soft_merge / soft_tokens apply the bank themselves
+                result = router.apply_experts(self.mope_experts[name], x, result, routings[name], weights[name])
+            else:
+                result = self.mope_experts[name](x, result, weights[name])
         ctx = self.routing_context
         # Not gated on ``ctx.collecting``: gradient-checkpointing recomputation must redo the loss
         # ops of the forward (same saved tensors); ``ctx.record`` drops what it computes then.

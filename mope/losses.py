@@ -20,13 +20,23 @@ import torch
 from .routing import Routing
 
 
+def token_weights(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``mask`` flattened and divided by its count (None stays None): a masked mean is then one matvec."""
+    if mask is None:
+        return None
+    weights = mask.reshape(-1).to(dtype)
+    return weights / weights.sum().clamp_min(1.0)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over all token dims of ``values [..., N]`` (keeping N), with ``token_weights`` (None: plain mean)."""
+    flat = values.reshape(-1, values.shape[-1])  # a view for the routers' contiguous outputs
+    return flat.mean(dim=0) if weights is None else weights @ flat
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over all token dims of ``values [..., N]`` (keeping N), counting only mask == 1."""
-    flat = values.reshape(-1, values.shape[-1])
-    if mask is None:
-        return flat.mean(dim=0)
-    weights = mask.reshape(-1, 1).to(flat.dtype)
-    return (flat * weights).sum(dim=0) / weights.sum().clamp_min(1.0)
+    return weighted_mean(values, token_weights(mask, values.dtype))
 
 
 def load_balancing_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Tensor:
@@ -34,18 +44,21 @@ def load_balancing_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Te
 
     ``f_i`` is the share of dispatch that expert i receives (top-k: fraction of token slots;
     sums to 1), ``P_i`` the mean router probability. Equals 1 under perfectly uniform routing,
-    up to N when all tokens collapse onto one expert. Only ``P`` carries gradient.
+    up to N when all tokens collapse onto one expert. Only ``P`` carries gradient. The mask is
+    normalised once for both means, each one matvec (fewer small kernels per layer on a GPU).
     """
     num_experts = routing.probs.shape[-1]
-    share = masked_mean(routing.load.detach(), mask)
-    prob = masked_mean(routing.probs, mask)
-    return num_experts * (share * prob).sum()
+    weights = token_weights(mask, routing.probs.dtype)
+    share = weighted_mean(routing.load.detach(), weights)
+    prob = weighted_mean(routing.probs, weights)
+    return num_experts * torch.dot(share, prob)
 
 
 def router_z_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``; keeps logits small."""
-    z = torch.logsumexp(routing.logits, dim=-1, keepdim=True) ** 2
-    return masked_mean(z, mask)[0]
+    z = torch.logsumexp(routing.logits, dim=-1).square().reshape(-1)
+    weights = token_weights(mask, z.dtype)
+    return z.mean() if weights is None else torch.dot(weights, z)
 
 
 def cv_squared(values: torch.Tensor, weights: torch.Tensor | None = None, correction: int = 0) -> torch.Tensor:

@@ -26,6 +26,7 @@ from .context import CAPTURED_INPUTS, RoutingContext
 from .forward_inputs import generate_with_routing
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES
+from .routing import ROUTERS
 from .schedule import advance_schedules, apply_schedules, attach_schedule, detach_schedule
 
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
@@ -243,6 +244,7 @@ class MoPEModel(BaseTuner):
         if isinstance(target, MoPELayer):
             target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
             return
+        ROUTERS[config.router].check_module(self.model, current_key, config)
         new_module = MoPELayer(
             target,
             adapter_name,

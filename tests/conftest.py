@@ -98,6 +98,20 @@ def make_batch(name: str, batch: int = 2, seq: int = 8, seed: int = 1, pad: int 
     return out
 
 
+def assert_round_trip(model, model_name: str, folder) -> None:
+    """Save ``model``, load the bundle onto a fresh base with PEFT, and expect identical logits."""
+    from peft import PeftModel
+
+    model.eval()
+    batch = make_batch(model_name, pad=2)
+    with torch.no_grad():
+        want = model(**batch).logits
+    model.save_pretrained(folder)
+    loaded = PeftModel.from_pretrained(make_model(model_name), folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, want, rtol=0, atol=0)
+
+
 @pytest.fixture
 def model_factory():
     return make_model

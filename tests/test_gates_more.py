@@ -10,8 +10,8 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch, make_model
-from peft import PeftModel, get_peft_model
+from conftest import assert_round_trip, make_batch, make_model
+from peft import get_peft_model
 
 import mope
 from mope.layer import MoPELayer
@@ -55,14 +55,7 @@ def test_forward_backward_and_round_trip(router, model_name, tmp_path):
         assert routers and any(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
-    model.eval()
-    batch = make_batch(model_name, pad=2)
-    with torch.no_grad():
-        want = model(**batch).logits
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(make_model(model_name), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, want, rtol=0, atol=0)
+    assert_round_trip(model, model_name, tmp_path)
 
 
 def router_of(router: str, num_experts: int = 6, top_k: int = 2, **extra):

@@ -32,6 +32,14 @@ class ExpertBank(nn.Module):
         """The module's output given its input ``x`` and the base module's output."""
         raise NotImplementedError
 
+    def forward_merged(
+        self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor, lora_mode: str = "factors"
+    ) -> torch.Tensor:
+        """The output with the experts' parameters merged by per-sequence ``weights`` (router='soft_merge')."""
+        from ..merging import merged_forward  # merging imports the expert types
+
+        return merged_forward(self, x, base_out, weights, lora_mode)
+
     def merge_blocker(self) -> str | None:
         """Why this expert type can never be folded into the base weight, or None if it can."""
         return None

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..dispatch import lora_masked
+from ..dispatch import resolve_dispatch
 from .base import ExpertBank
 
 
@@ -29,6 +29,10 @@ class LoRAExpertBank(ExpertBank):
         self.r = config.r
         self.scaling = config.lora_alpha / config.r
         self.dropout = make_dropout(config.lora_dropout)
+        # How gate weights reach the experts (mope.dispatch; a runtime setting, not saved), and how
+        # many experts a token uses at most (the layer sets it from its router; N = dense: masked).
+        self.dispatch: str = getattr(config, "dispatch", "auto")
+        self.active_experts: int = num_experts
         self.lora_A = nn.Parameter(torch.empty(num_experts, config.r, in_features))
         self.lora_B = nn.Parameter(torch.empty(num_experts, config.r, out_features))
         self.reset_parameters(config.init_weights)
@@ -43,7 +47,9 @@ class LoRAExpertBank(ExpertBank):
             nn.init.uniform_(self.lora_B, -bound, bound)
 
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        delta = lora_masked(self.dropout(x.to(self.lora_A.dtype)), self.lora_A, self.lora_B, weights, self.scaling)
+        x = self.dropout(x.to(self.lora_A.dtype))
+        strategy = resolve_dispatch(self.dispatch, x, self.lora_A, self.active_experts)
+        delta = strategy.apply(x, self.lora_A, self.lora_B, weights, self.scaling)
         return base_out + delta.to(base_out.dtype)
 
     def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
@@ -56,7 +62,10 @@ class LoRAExpertBank(ExpertBank):
 
     def extra_repr(self) -> str:
         n, r, d_in = self.lora_A.shape
-        return f"num_experts={n}, r={r}, in_features={d_in}, out_features={self.lora_B.shape[-1]}"
+        return (
+            f"num_experts={n}, r={r}, in_features={d_in}, out_features={self.lora_B.shape[-1]}, "
+            f"dispatch={self.dispatch}"
+        )
 
 
 class SharedALoRAExpertBank(ExpertBank):

@@ -11,6 +11,8 @@ from .dselect_k import DSelectKRouter
 from .expert_choice import ExpertChoiceRouter, NoncausalRoutingError
 from .hash import HashRouter
 from .hierarchical import HierarchicalRouter
+from .soft_merge import SoftMergeRouter
+from .soft_tokens import SoftTokensRouter
 from .switch import SwitchRouter
 from .top_k import TOP_K_ORDERS, TopKRouter
 from .top_p import TopPRouter
@@ -26,6 +28,8 @@ ROUTERS: dict[str, type[Router]] = {
     "dselect_k": DSelectKRouter,
     "cosine": CosineRouter,
     "hash": HashRouter,
+    "soft_merge": SoftMergeRouter,
+    "soft_tokens": SoftTokensRouter,
 }
 
 __all__ = [

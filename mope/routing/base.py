@@ -89,6 +89,8 @@ class Router(nn.Module):
     accepts_capacity: bool = False
     # Whether top_k is a free choice the dense-to-sparse schedule may anneal (not for structural k: hash, DSelect-k).
     schedules_top_k: bool = True
+    # Whether a token's weights have at most top_k nonzeros (sorted dispatch pays); False: dense-ish (masked).
+    sparse_weights: bool = True
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__()
@@ -135,6 +137,20 @@ class Router(nn.Module):
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         """Turn fp32 logits into a Routing; what distinguishes one gate from another."""
         raise NotImplementedError
+
+    # Gates that apply the experts themselves (soft_merge merges their parameters, soft_tokens mixes tokens
+    # into slots) set this and override apply_experts; the layer otherwise calls the bank's mixture of outputs.
+    applies_experts: bool = False
+
+    def apply_experts(
+        self, bank: nn.Module, x: torch.Tensor, base_out: torch.Tensor, routing: Routing, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The module's output from its input ``x``, the base output and this forward's routing."""
+        return bank(x, base_out, weights)
+
+    @classmethod
+    def check_module(cls, model: nn.Module, module_name: str, config: Any) -> None:
+        """Raise ValueError at injection if this gate cannot run on ``module_name`` of ``model``."""
 
     def fixed_weights(self) -> torch.Tensor | None:
         """Gate weights if they do not depend on the input (then the mixture can be merged), else None."""

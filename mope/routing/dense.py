@@ -10,6 +10,8 @@ from .base import Router, Routing, RoutingInputs
 class DenseRouter(Router):
     """``g = softmax(W x)``. ``top_k`` is ignored; the load is the probability itself."""
 
+    sparse_weights = False
+
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         probs = torch.softmax(logits, dim=-1)
         return Routing(weights=probs, probs=probs, logits=logits, load=probs)

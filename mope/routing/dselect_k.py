@@ -39,6 +39,7 @@ class DSelectKRouter(Router):
     """
 
     schedules_top_k = False
+    sparse_weights = False  # smooth-step selectors spread weight over many experts early in training
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__(in_features, num_experts, top_k, config)

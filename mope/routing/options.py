@@ -12,6 +12,7 @@ from typing import Any
 
 from ..schedule import SCHEDULE_COUNTERS
 from .levels import ROUTING_LEVELS
+from .soft_tokens import check_soft_gate_options
 
 
 def _is_int(value: Any) -> bool:
@@ -76,6 +77,7 @@ def check_routing_options(config: Any) -> None:
     delta = c.localized_balance_delta
     _require(_is_number(delta) and 0 <= delta < 1, "localized_balance_delta", "a number in [0, 1)", delta)
     check_schedule(c, routed, ROUTERS)
+    check_soft_gate_options(c)
 
 
 def check_groups(routed: int, num_groups: int, top_k: int, where: str) -> None:

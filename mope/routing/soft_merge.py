@@ -1,0 +1,74 @@
+"""Soft merging gate (SMEAR, Muqeeth et al. 2023; MoV, Zadouri et al. 2023).
+
+The gate is a plain softmax over all experts, but instead of mixing the experts' *outputs* its
+probabilities merge the experts' *parameters* into one expert per sequence (:mod:`mope.merging`),
+which then runs on the sequence's tokens: one expert's compute per token instead of N.
+
+LoRA and bottleneck adapters merge once per sequence, so they need ``routing_level='sequence'``
+(the router sees the masked mean-pool of the layer input) or ``'task'``; (IA)³ merges its
+vectors per token (``g L``, exact and cheap), at any level. LoRA merges its factors or its
+``ΔW`` (``MoPEConfig.soft_merge_lora``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Router, Routing, RoutingInputs
+
+SOFT_MERGE_LORA_MODES = ("factors", "delta")
+# Expert types whose merge is per sequence (the rest, (IA)3, merge per token).
+PER_SEQUENCE_TYPES = frozenset({"lora", "lora_shared_a", "adapter"})
+
+
+class SoftMergeRouter(Router):
+    """``g = softmax(W x / T)`` over all experts; the bank applies ``sum_e g_e theta_e`` (``top_k`` is ignored)."""
+
+    sparse_weights = False
+    schedules_top_k = False
+    applies_experts = True
+
+    def __init__(self, in_features: int, num_experts: int, top_k: int, config: Any) -> None:
+        super().__init__(in_features, num_experts, top_k, config)
+        self.lora_mode = config.soft_merge_lora
+
+    def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
+        probs = torch.softmax(logits, dim=-1)
+        return Routing(weights=probs, probs=probs, logits=logits, load=probs)
+
+    def apply_experts(self, bank, x, base_out, routing, weights):
+        return bank.forward_merged(x, base_out, weights, lora_mode=self.lora_mode)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", soft_merge_lora={self.lora_mode}"
+
+
+def check_soft_merge_options(config: Any) -> None:
+    """Validate ``soft_merge_lora`` and, for router='soft_merge', the level, expert type and shared experts."""
+    from ..merging import mergeable_expert_types
+
+    c = config
+    if c.soft_merge_lora not in SOFT_MERGE_LORA_MODES:
+        raise ValueError(
+            f"MoPEConfig.soft_merge_lora={c.soft_merge_lora!r} is unknown; choose one of {list(SOFT_MERGE_LORA_MODES)}"
+        )
+    if c.router != "soft_merge":
+        return
+    if c.expert_type not in mergeable_expert_types():
+        raise ValueError(
+            f"MoPEConfig.expert_type={c.expert_type!r} cannot be soft-merged; router='soft_merge' supports "
+            f"{mergeable_expert_types()}"
+        )
+    if c.expert_type in PER_SEQUENCE_TYPES and c.routing_level == "token":
+        raise ValueError(
+            f"MoPEConfig.routing_level='token' with router='soft_merge' and expert_type={c.expert_type!r}: the "
+            "experts' parameters are merged once per sequence, so set routing_level='sequence' (the gate reads the "
+            "masked mean-pool of the layer input) or 'task'. Per-token merging is offered for expert_type='ia3'."
+        )
+    if c.num_shared_experts:
+        raise ValueError(
+            "MoPEConfig.num_shared_experts must be 0 with router='soft_merge': the merge weights are the gate's "
+            "probabilities, which sum to 1 over the routed experts"
+        )

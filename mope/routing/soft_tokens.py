@@ -1,0 +1,158 @@
+"""Soft MoE token merging (Puigcerver et al. 2023, "From Sparse to Soft Mixtures of Experts").
+
+Per module and sequence there are ``S = N * p`` slots (``p = MoPEConfig.slots_per_expert``);
+slot s belongs to expert ``s // p``. With router weight ``Φ [S, d]`` and logits ``l = x Φ^T``:
+
+    D = softmax over tokens (padding excluded) of l      dispatch, [batch, T, S]
+    x̃_s = sum_t D_ts x_t                                 slot inputs
+    ỹ_s = f_{e(s)}(x̃_s)                                  the slot's expert delta (LoRA / adapter)
+    C = softmax over slots of l                           combine, [batch, T, S]
+    y_t = base(x_t) + sum_s C_ts ỹ_s
+
+Every slot mixes all tokens of its sequence, later ones included: encoder (non-causal) models
+only. A causal task type is refused by the config, a decoder module at injection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..experts.adapter import AdapterExpertBank
+from ..experts.base import ExpertBank
+from ..experts.lora import LoRAExpertBank, SharedALoRAExpertBank
+from .base import ROUTER_INITS, Router, Routing, RoutingInputs
+from .expert_choice import CAUSAL_TASK_TYPES
+from .soft_merge import check_soft_merge_options
+
+
+@dataclass
+class SoftTokenRouting(Routing):
+    """A Routing plus Soft MoE's ``dispatch`` and ``combine`` weights ``[..., S]`` (token dims first).
+
+    ``weights``/``probs``/``load`` are each expert's share of a token's combine weights (its slots
+    summed); ``logits`` the logsumexp of the expert's slot logits, so the router losses read them.
+    """
+
+    dispatch: torch.Tensor | None = None
+    combine: torch.Tensor | None = None
+
+
+def lora_slot_deltas(bank: LoRAExpertBank, xs: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    """``s B_e^T A_e x̃`` for slot inputs ``xs [batch, N, p, d_in]``: ``[batch, N, p, d_out]``."""
+    h = torch.einsum("bnpi,nri->bnpr", xs, bank.lora_A)
+    return torch.einsum("bnpr,nro->bnpo", h, bank.lora_B) * bank.scaling
+
+
+def shared_a_slot_deltas(bank: SharedALoRAExpertBank, xs: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bnpr,nro->bnpo", xs @ bank.lora_A.T, bank.lora_B) * bank.scaling
+
+
+def adapter_slot_deltas(bank: AdapterExpertBank, xs: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    """``s (u_e(act(D_e z̃ + b_e)) + c_e)``; ``z̃`` is the slot's input (parallel) or its base output (series)."""
+    z = zs if bank.series else xs
+    h = bank.activation(torch.einsum("bnpz,nrz->bnpr", z, bank.down) + bank.down_bias[:, None, :])
+    return (torch.einsum("bnpr,nro->bnpo", h, bank.up) + bank.up_bias[:, None, :]) * bank.scaling
+
+
+SLOT_DELTAS: dict[type[ExpertBank], Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    LoRAExpertBank: lora_slot_deltas,
+    SharedALoRAExpertBank: shared_a_slot_deltas,
+    AdapterExpertBank: adapter_slot_deltas,
+}
+
+
+class SoftTokensRouter(Router):
+    """Soft MoE: slots are dispatch-weighted token averages; tokens read back combine-weighted slot outputs."""
+
+    sparse_weights = False
+    schedules_top_k = False
+    applies_experts = True
+
+    def __init__(self, in_features: int, num_experts: int, top_k: int, config: Any) -> None:
+        super().__init__(in_features, num_experts, top_k, config)
+        self.slots_per_expert = config.slots_per_expert
+        if self.slots_per_expert != 1:  # Φ: one row per slot, slot s belongs to expert s // p
+            self.weight = nn.Parameter(torch.empty(num_experts * self.slots_per_expert, in_features))
+            ROUTER_INITS[config.router_init](self.weight.data, config.router_init_std)
+
+    def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
+        token_shape, slots = logits.shape[:-1], logits.shape[-1]
+        flat = logits.reshape(token_shape[0], -1, slots)  # [batch, T, S]
+        over_tokens = flat
+        if inputs.token_mask is not None:
+            real = inputs.token_mask.reshape(flat.shape[:2]).to(device=flat.device, dtype=torch.bool)
+            over_tokens = flat.masked_fill(~real.unsqueeze(-1), torch.finfo(flat.dtype).min)
+        dispatch = torch.softmax(over_tokens, dim=1).reshape(logits.shape)
+        combine = torch.softmax(logits, dim=-1)
+        per_expert = (self.num_experts, self.slots_per_expert)
+        share = combine.unflatten(-1, per_expert).sum(-1)
+        expert_logits = logits.unflatten(-1, per_expert).logsumexp(-1)
+        return SoftTokenRouting(
+            weights=share, probs=share, logits=expert_logits, load=share, dispatch=dispatch, combine=combine
+        )
+
+    def apply_experts(self, bank, x, base_out, routing, weights):
+        slot_deltas = SLOT_DELTAS.get(type(bank))
+        if slot_deltas is None:
+            raise ValueError(f"router='soft_tokens' cannot run {type(bank).__name__} experts")
+        dtype = next(bank.parameters()).dtype
+        batch = x.shape[0]
+        dispatch = routing.dispatch.reshape(batch, -1, routing.dispatch.shape[-1]).to(dtype)  # [batch, T, S]
+        combine = routing.combine.reshape(dispatch.shape).to(dtype)
+        slots = (self.num_experts, self.slots_per_expert)
+        xs = dispatch.transpose(1, 2) @ bank.dropout(x.to(dtype)).reshape(batch, -1, x.shape[-1])
+        zs = dispatch.transpose(1, 2) @ base_out.to(dtype).reshape(batch, -1, base_out.shape[-1])
+        outs = slot_deltas(bank, xs.unflatten(1, slots), zs.unflatten(1, slots)).flatten(1, 2)  # [batch, S, d_out]
+        return base_out + (combine @ outs).reshape(base_out.shape).to(base_out.dtype)
+
+    @classmethod
+    def check_module(cls, model: nn.Module, module_name: str, config: Any) -> None:
+        model_config = getattr(model, "config", None)
+        if getattr(model_config, "is_encoder_decoder", False):
+            causal = "decoder" in module_name.split(".")
+        else:
+            can_generate = getattr(model, "can_generate", None)
+            causal = bool(getattr(model_config, "is_decoder", False)) or bool(callable(can_generate) and can_generate())
+        if causal:
+            raise ValueError(
+                f"MoPEConfig.router='soft_tokens' cannot adapt '{module_name}': it sits in a causal decoder, and Soft "
+                "MoE mixes every token of a sequence (later ones included) into each slot. Use it on encoder models, "
+                "or choose router='soft_merge' or 'dense'."
+            )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", slots_per_expert={self.slots_per_expert}"
+
+
+def check_soft_gate_options(config: Any) -> None:
+    """Validate the options of soft_merge and soft_tokens (called by ``check_routing_options``)."""
+    c = config
+    check_soft_merge_options(c)
+    p = c.slots_per_expert
+    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+        raise ValueError(f"MoPEConfig.slots_per_expert must be an integer >= 1, got {p!r}")
+    if c.router != "soft_tokens":
+        return
+    task_type = str(getattr(c.task_type, "value", c.task_type)) if c.task_type is not None else None
+    if task_type in CAUSAL_TASK_TYPES:
+        raise ValueError(
+            f"MoPEConfig.router='soft_tokens' (Soft MoE) is for encoder (non-causal) models: each slot mixes every "
+            f"token of the sequence, later ones included, so task_type={task_type!r} cannot use it. Choose "
+            "router='soft_merge' or 'dense' for causal models."
+        )
+    if c.routing_level != "token":
+        raise ValueError("MoPEConfig.routing_level must be 'token' with router='soft_tokens': slots mix the tokens")
+    if c.expert_type not in ("lora", "lora_shared_a", "adapter"):
+        raise ValueError(
+            f"MoPEConfig.expert_type={c.expert_type!r} with router='soft_tokens': slots need additive experts "
+            "('lora', 'lora_shared_a', 'adapter')"
+        )
+    if c.num_shared_experts:
+        raise ValueError("MoPEConfig.num_shared_experts must be 0 with router='soft_tokens'")
+    if c.router_blocks:
+        raise ValueError("MoPEConfig.router_blocks is not supported with router='soft_tokens' (slots are per module)")

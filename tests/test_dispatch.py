@@ -1,0 +1,242 @@
+"""Dispatch strategies (mope.dispatch): every strategy equals ``masked`` in outputs and gradients."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+import mope
+from mope.dispatch import (
+    LORA_DISPATCH,
+    SPARSE_MIN_EXPERTS_PER_ACTIVE,
+    SPARSE_MIN_TOKENS,
+    auto_dispatch,
+    lora_masked,
+    resolve_dispatch,
+)
+from mope.layer import MoPELayer
+
+STRATEGIES = [name for name in LORA_DISPATCH if name != "masked"]
+
+
+def topk_weights(logits: torch.Tensor, k: int) -> torch.Tensor:
+    values, index = logits.softmax(-1).topk(k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, index, values)
+
+
+def layer_for(num_experts: int, top_k: int, shared: int, dispatch: str, **kwargs) -> MoPELayer:
+    config = mope.MoPEConfig(
+        num_experts=num_experts,
+        top_k=top_k,
+        num_shared_experts=shared,
+        r=3,
+        init_weights=False,
+        dispatch=dispatch,
+        **kwargs,
+    )
+    torch.manual_seed(0)
+    layer = MoPELayer(nn.Linear(16, 12), "default", config).double()
+    with torch.no_grad():  # a router scale that makes the top-k choice non-trivial
+        layer.mope_router["default"].weight.normal_(0, 1.0)
+    return layer
+
+
+def output_and_grads(layer: MoPELayer, x: torch.Tensor) -> list[torch.Tensor]:
+    """The layer's output and the grads w.r.t. x, lora_A, lora_B and the router weight."""
+    bank = layer.mope_experts["default"]
+    params = [x, bank.lora_A, bank.lora_B, layer.mope_router["default"].weight]
+    out = layer(x)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    return [out, *torch.autograd.grad(out, params, upstream)]
+
+
+def assert_same_as_masked(layer: MoPELayer, x: torch.Tensor, strategy: str) -> None:
+    bank = layer.mope_experts["default"]
+    bank.dispatch = strategy
+    got = output_and_grads(layer, x)
+    bank.dispatch = "masked"
+    want = output_and_grads(layer, x)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("num_experts", [4, 8, 16])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+@pytest.mark.parametrize("shared", [0, 1])
+@pytest.mark.parametrize("token_dims", [(40,), (3, 7)])
+def test_strategy_equals_masked_with_gradients(strategy, num_experts, top_k, shared, token_dims):
+    layer = layer_for(num_experts, top_k, shared, strategy)
+    x = torch.randn(*token_dims, 16, dtype=torch.float64, requires_grad=True)
+    assert_same_as_masked(layer, x, strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_equals_masked_with_dropped_tokens(strategy):
+    """Capacity overflow zeroes chosen weights, so some tokens use fewer experts, some none."""
+    layer = layer_for(8, 2, 0, strategy, capacity_factor=0.3)
+    x = torch.randn(4, 9, 16, dtype=torch.float64, requires_grad=True)
+    assert_same_as_masked(layer, x, strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_handles_tokens_without_experts_and_unused_experts(strategy):
+    """Padding-like rows with all-zero weights, and experts no token chose, give zero delta / grad."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    lora_a = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
+    lora_b = torch.randn(5, 2, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.zeros(2, 6, 5, dtype=torch.float64)
+    weights[0, :4, 1] = 0.7
+    weights[0, :4, 3] = 0.3
+    weights[1, 2:, 1] = 1.0
+    weights.requires_grad_()
+    results = []
+    for fn in (resolve_dispatch(strategy, x, lora_a, 2).apply, lora_masked):
+        out = fn(x, lora_a, lora_b, weights, 2.0)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, lora_a, lora_b])])
+    for g, w in zip(*results, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert results[0][0][0, 4:].abs().max() == 0
+    assert results[0][2][[0, 2, 4]].abs().max() == 0  # unused experts: zero gradient
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+def test_grouped_kernel_math_on_cpu_fp32():
+    """The grouped path's math, forced on CPU fp32 (where auto never picks it): every expert gets tokens,
+    since torch's CPU backward of ``_grouped_mm`` fails on an empty group."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16, requires_grad=True)
+    lora_a = torch.randn(4, 8, 16, requires_grad=True)
+    lora_b = torch.randn(4, 8, 8, requires_grad=True)
+    logits = torch.randn(64, 4, requires_grad=True)
+    assert (topk_weights(logits, 2) != 0).sum(0).min() > 0
+    results = []
+    for fn in (LORA_DISPATCH["grouped"].apply, lora_masked):
+        out = fn(x, lora_a, lora_b, topk_weights(logits, 2), 2.0)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, lora_a, lora_b, logits])])
+    for g, w in zip(*results, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+
+
+def test_auto_rule():
+    tokens = SPARSE_MIN_TOKENS
+    many = SPARSE_MIN_EXPERTS_PER_ACTIVE * 2
+    assert auto_dispatch(tokens, many, 2) == "sorted"  # sparse and many tokens
+    assert auto_dispatch(tokens, many, 2, "cuda") == "grouped"
+    assert auto_dispatch(tokens - 1, many, 2) == "masked"  # few tokens
+    assert auto_dispatch(tokens, many - 1, 2) == "masked"  # N*r not large against k*r
+    assert auto_dispatch(10**6, 64, 64) == "masked"  # dense gate
+    x, lora_a = torch.zeros(tokens, 8), torch.zeros(many, 2, 8)
+    assert resolve_dispatch("auto", x, lora_a, 2).name == "sorted"
+    assert resolve_dispatch("auto", x[:4], lora_a, 2).name == "masked"
+
+
+def test_grouped_falls_back_to_sorted_on_cpu():
+    x, lora_a = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(3, 8, 8, dtype=torch.bfloat16)
+    assert resolve_dispatch("grouped", x, lora_a, 1).name == "sorted"
+    assert resolve_dispatch("grouped", x.float(), lora_a.float(), 1).name == "sorted"
+
+
+def test_dense_gates_use_masked():
+    dense = layer_for(16, 2, 0, "auto", router="dense").mope_experts["default"]
+    assert dense.active_experts == 16
+    assert resolve_dispatch("auto", torch.zeros(4096, 16), dense.lora_A, dense.active_experts).name == "masked"
+    sparse = layer_for(16, 2, 1, "auto").mope_experts["default"]
+    assert sparse.active_experts == 3  # top_k + shared
+
+
+def test_config_dispatch_validated_and_not_saved(tmp_path):
+    with pytest.raises(ValueError, match=r"MoPEConfig\.dispatch"):
+        mope.MoPEConfig(dispatch="fastest")
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules="all-linear", num_experts=4, r=2, dispatch="sorted")
+    assert "dispatch" not in config.to_dict()
+    model = get_peft_model(make_model("llama"), config)
+    assert all(b.dispatch == "sorted" for b in model.modules() if hasattr(b, "active_experts"))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "dispatch" not in saved and saved["num_experts"] == 4
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    banks = [b for b in loaded.modules() if hasattr(b, "active_experts")]
+    assert banks and all(b.dispatch == "auto" for b in banks)
+    assert mope.set_dispatch(loaded, "masked") == len(banks)
+    assert all(b.dispatch == "masked" for b in banks)
+    with pytest.raises(ValueError, match="dispatch"):
+        mope.set_dispatch(loaded, "fastest")
+
+
+def llama_with(dispatch: str):
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM",
+        target_modules="all-linear",
+        num_experts=8,
+        top_k=2,
+        r=4,
+        init_weights=False,
+        dispatch=dispatch,
+    )
+    return get_peft_model(make_model("llama"), config)
+
+
+def test_whole_llama_sorted_equals_masked_in_logits_and_training_grads():
+    models = {name: llama_with(name) for name in ("masked", "sorted")}
+    batch = make_batch("llama", batch=3, seq=10, pad=4)
+    optimizers = {
+        name: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for name, m in models.items()
+    }
+    for _ in range(2):
+        grads, outputs = {}, {}
+        for name, model in models.items():
+            model.train()
+            optimizers[name].zero_grad()
+            outputs[name] = model(**batch)
+            outputs[name].loss.backward()
+            grads[name] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        torch.testing.assert_close(outputs["sorted"].logits, outputs["masked"].logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outputs["sorted"].loss, outputs["masked"].loss, atol=1e-6, rtol=1e-6)
+        assert grads["sorted"].keys() == grads["masked"].keys()
+        for n, grad in grads["masked"].items():
+            torch.testing.assert_close(grads["sorted"][n], grad, atol=1e-5, rtol=1e-4, msg=n)
+        for optimizer in optimizers.values():
+            optimizer.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_equals_masked_on_cuda_bf16(strategy):
+    torch.manual_seed(0)
+    tokens, n, r, d = 256, 16, 8, 64
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    lora_a = (torch.randn(n, r, d, device="cuda") / d**0.5).bfloat16().requires_grad_()
+    lora_b = (torch.randn(n, r, d, device="cuda") / r**0.5).bfloat16().requires_grad_()
+    logits = torch.randn(tokens, n, device="cuda", requires_grad=True)
+    exact = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b, logits)]
+    results = []
+    for fn, inputs in (
+        (LORA_DISPATCH[strategy].apply, (x, lora_a, lora_b, logits)),
+        (lora_masked, (x, lora_a, lora_b, logits)),
+        (lora_masked, exact),
+    ):
+        out = fn(inputs[0], inputs[1], inputs[2], topk_weights(inputs[3], 2), 2.0)
+        results.append([out, *torch.autograd.grad(out.double().square().sum(), list(inputs))])
+    # bf16 rounds differently along each path (masked multiplies zeros in, sorted never sees them), so
+    # compare each with a float64 reference: the strategy may not be much worse than masked itself.
+    for got, masked, reference in zip(*results, strict=True):
+        scale = reference.double().norm()
+        error_got = (got.double() - reference.double()).norm() / scale
+        error_masked = (masked.double() - reference.double()).norm() / scale
+        assert error_got < max(2 * error_masked, 1e-2), (error_got.item(), error_masked.item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_on_cuda_is_grouped_in_bf16_and_masked_where_grouped_cannot_run():
+    x = torch.zeros(SPARSE_MIN_TOKENS, 64, device="cuda")
+    lora_a = torch.zeros(SPARSE_MIN_EXPERTS_PER_ACTIVE * 2, 8, 64, device="cuda")
+    assert resolve_dispatch("auto", x, lora_a, 2).name == "masked"  # fp32: no grouped_mm, no per-expert loop
+    bf16 = resolve_dispatch("auto", x.bfloat16(), lora_a.bfloat16(), 2).name
+    assert bf16 == ("grouped" if torch.cuda.get_device_capability() >= (9, 0) else "masked")
