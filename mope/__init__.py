@@ -19,6 +19,7 @@ from .tuner import MoPEModel
 register()
 install_forward_inputs()  # let model(..., task_ids=...) reach MoPE through PEFT's task classes
 
+from .analysis import routing_stats  # noqa: E402
 from .api import get_mope_model, load_mope  # noqa: E402
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "__version__",
     "get_mope_model",
     "load_mope",
+    "routing_stats",
     "save_pretrained",
     "set_dispatch",
     "step_schedule",

@@ -1,5 +1,6 @@
 """Routing statistics, collected only when asked."""
 
-from .load import ExpertLoadMeter, expert_load
+from .load import expert_load
+from .stats import LayerStats, RoutingStats, routing_stats
 
-__all__ = ["ExpertLoadMeter", "expert_load"]
+__all__ = ["LayerStats", "RoutingStats", "expert_load", "routing_stats"]

@@ -1,0 +1,75 @@
+"""mope.routing_stats: load, entropy and drop rate by position, collected only while asked."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from peft import get_peft_model
+
+import mope
+from mope.layer import MoPELayer
+
+
+def wrapped(**kwargs):
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "up_proj"], r=2, **kwargs)
+    return get_peft_model(make_model("llama"), config).eval()
+
+
+def test_load_shares_entropy_and_tokens_exclude_padding():
+    model = wrapped(num_experts=4, top_k=2)
+    batch = make_batch("llama", batch=2, seq=8, pad=3)
+    batch.pop("labels")
+    with mope.routing_stats(model) as stats:
+        model(**batch)
+    report = stats.report()
+    assert len(report) == sum(isinstance(m, MoPELayer) for m in model.modules()) == 4
+    for layer in report.values():
+        assert layer["tokens"] == 2 * 8 - 3
+        assert sum(layer["load"]) == pytest.approx(1.0)
+        assert 0 < layer["entropy"] <= math.log(4) + 1e-6
+        assert layer["drop_rate"] == 0.0 and layer["drop_rate_by_position"] == []
+    # hooks are gone after the block: a later forward changes nothing
+    model(**batch)
+    assert stats.report() == report
+
+
+def test_entropy_matches_a_hand_computation():
+    model = wrapped(num_experts=3, top_k=1)
+    layer = next(m for m in model.modules() if isinstance(m, MoPELayer))
+    x = torch.randn(1, 5, layer.in_features)
+    with mope.routing_stats(model) as stats:
+        layer(x)
+    probs = torch.softmax(x @ layer.mope_router["default"].weight.T, -1)
+    want = -(probs * probs.log()).sum(-1).mean().item()
+    name = next(n for n, m in model.named_modules() if m is layer)
+    assert stats.report()[name]["entropy"] == pytest.approx(want, rel=1e-5)
+
+
+def test_drop_rate_by_position_with_capacity():
+    model = wrapped(num_experts=4, top_k=2, capacity_factor=0.5, capacity_policy="sequence")
+    batch = make_batch("llama", batch=4, seq=12)
+    batch.pop("labels")
+    with mope.routing_stats(model) as stats:
+        model(**batch)
+    for layer in stats.report().values():
+        by_position = layer["drop_rate_by_position"]
+        assert len(by_position) == 12
+        assert 0 < layer["drop_rate"] < 1
+        # "sequence" serves early positions first: drops land towards the end
+        assert by_position[0] <= by_position[-1]
+        assert sum(by_position[6:]) > sum(by_position[:6])
+
+
+def test_batches_of_different_lengths_accumulate_by_position():
+    model = wrapped(num_experts=4, top_k=1, capacity_factor=0.5)
+    with mope.routing_stats(model) as stats:
+        for seq in (6, 10):
+            batch = make_batch("llama", batch=2, seq=seq)
+            batch.pop("labels")
+            model(**batch)
+    for layer in stats.report().values():
+        assert len(layer["drop_rate_by_position"]) == 10
+        assert layer["tokens"] == 2 * 6 + 2 * 10
