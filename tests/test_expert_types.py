@@ -258,3 +258,12 @@ def test_invalid_placement_is_refused_and_model_untouched(kwargs, field):
 
 def test_activation_table_is_used():
     assert set(ACTIVATIONS) >= {"relu", "gelu", "silu", "tanh"}
+
+
+def test_ia3_on_a_module_it_cannot_scale_is_refused():
+    base = make_model("llama")
+    before = {n: type(m) for n, m in base.named_modules()}
+    config = mope.MoPEConfig(target_modules=["embed_tokens"], expert_type="ia3", num_experts=2, top_k=1)
+    with pytest.raises(ValueError, match="embed_tokens"):
+        get_peft_model(base, config)
+    assert {n: type(m) for n, m in base.named_modules()} == before
