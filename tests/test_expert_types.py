@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import assert_round_trip, make_batch, make_model
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -106,13 +106,7 @@ def test_starts_at_base_trains_and_round_trips(name, model_name, router, tmp_pat
         losses.append(out.loss.item())
     assert min(losses[-5:]) < 0.9 * losses[0], losses
 
-    model.eval()
-    with torch.no_grad():
-        trained = model(**inputs).logits
-    model.save_pretrained(tmp_path)
-    again = PeftModel.from_pretrained(make_model(model_name), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(again(**inputs).logits, trained, rtol=0, atol=0)
+    assert_round_trip(model, model_name, tmp_path)
 
 
 def linear_shapes(model: nn.Module) -> list[tuple[str, int, int]]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model
-from peft import PeftModel, get_peft_model
+from conftest import assert_round_trip, make_batch, make_model
+from peft import get_peft_model
 from torch.nn import functional as F
 
 import mope
@@ -67,13 +67,7 @@ def test_gate_trains_and_round_trips(row, model_name, tmp_path):
         losses.append(out.loss.item())
     assert min(losses[-3:]) < losses[0], losses
 
-    model.eval()
-    with torch.no_grad():
-        trained = model(**inputs).logits
-    model.save_pretrained(tmp_path)
-    again = PeftModel.from_pretrained(make_model(model_name), tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(again(**inputs).logits, trained, rtol=0, atol=0)
+    assert_round_trip(model, model_name, tmp_path)
 
 
 def test_topk_orders():
