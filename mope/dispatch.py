@@ -69,36 +69,40 @@ def scatter_back(out: torch.Tensor, pairs: SortedPairs, tokens: int, lead: torch
     return delta.view(*lead, out.shape[-1])
 
 
+def gather_pairs(
+    x: torch.Tensor, lora_A: torch.Tensor, weights: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, SortedPairs]:
+    """The input rows of every (token, expert) pair, grouped by expert, and the pairs themselves."""
+    n, _, d_in = lora_A.shape
+    pairs = sort_pairs(weights.reshape(-1, n), scaling, x.dtype)
+    return x.reshape(-1, d_in).index_select(0, pairs.token), pairs
+
+
 def lora_sorted(
     x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """Per-expert GEMMs on the tokens each expert got; a loop over experts, never over tokens."""
-    n, _, d_in = lora_A.shape
-    flat_x = x.reshape(-1, d_in)
-    pairs = sort_pairs(weights.reshape(-1, n), scaling, x.dtype)
+    rows, pairs = gather_pairs(x, lora_A, weights, scaling)
     used = [e for e, size in enumerate(pairs.sizes) if size]
     sizes = [pairs.sizes[e] for e in used]
     # unbind, not lora_A[e]: one stacked gradient in backward instead of a zero-filled full one per expert
     a_experts, b_experts = lora_A.unbind(0), lora_B.unbind(0)
-    segments = flat_x.index_select(0, pairs.token).split(sizes)
+    segments = rows.split(sizes)
     # A, then the gate (on the r-wide h: cheaper than on d_out), then B, per non-empty segment
     hidden = torch.cat([seg @ a_experts[e].t() for e, seg in zip(used, segments, strict=True)]) * pairs.gate
     out = torch.cat([h @ b_experts[e] for e, h in zip(used, hidden.split(sizes), strict=True)])
-    return scatter_back(out, pairs, flat_x.shape[0], x.shape[:-1])
+    return scatter_back(out, pairs, x.shape[:-1].numel(), x.shape[:-1])
 
 
 def lora_grouped(
     x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float
 ) -> torch.Tensor:
     """``sorted`` with one ``torch._grouped_mm`` per side instead of a loop over experts."""
-    n, _, d_in = lora_A.shape
-    flat_x = x.reshape(-1, d_in)
-    pairs = sort_pairs(weights.reshape(-1, n), scaling, x.dtype)
+    rows, pairs = gather_pairs(x, lora_A, weights, scaling)
     offsets = torch.tensor(pairs.sizes).cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
-    rows = flat_x.index_select(0, pairs.token)
     hidden = torch._grouped_mm(rows, lora_A.transpose(-2, -1), offs=offsets) * pairs.gate
     out = torch._grouped_mm(hidden, lora_B, offs=offsets)
-    return scatter_back(out, pairs, flat_x.shape[0], x.shape[:-1])
+    return scatter_back(out, pairs, x.shape[:-1].numel(), x.shape[:-1])
 
 
 def always(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
