@@ -7,7 +7,7 @@
 
 Per adapted module (the router's own module; block followers share their leader's): expert load
 (share of non-padding dispatch), mean gate entropy, drop rate, and drop rate by sequence
-position (OpenMoE's "drop towards the end"). Hooks add a few on-device reductions per router
+position (OpenMoE's "drop towards the end"), expert load by position. Hooks (:mod:`.hooks`) add a few on-device reductions per router
 call; nothing is copied to the host until ``report()``.
 """
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..routing import Routing, RoutingInputs
+from .hooks import RouterHooks, token_mask
 
 
 @dataclass
@@ -28,6 +29,7 @@ class LayerStats:
     entropy: float  # mean per-token entropy of the router probabilities (nats)
     drop_rate: float  # dropped / requested (token, expert) pairs; 0 without capacity
     drop_rate_by_position: list[float]  # the same per sequence position
+    load_by_position: list[list[float]]  # [position][expert]: share of dispatch at each sequence position
     tokens: int
 
 
@@ -36,7 +38,7 @@ class Accumulator:
 
     def __init__(self) -> None:
         self.load = self.entropy = self.tokens = self.dropped = self.requested = None
-        self.dropped_at = self.requested_at = None
+        self.dropped_at = self.requested_at = self.load_at = None
 
     @staticmethod
     def add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -51,11 +53,13 @@ class Accumulator:
             total, value = value, total
         return torch.cat([total[: value.shape[0]] + value, total[value.shape[0] :]])
 
-    def update(self, routing: Routing, mask: torch.Tensor | None) -> None:
+    def update(self, routing: Routing, inputs: RoutingInputs) -> None:
         probs = routing.probs.detach().float()
-        real = torch.ones(probs.shape[:-1], device=probs.device) if mask is None else mask.to(probs.device).float()
-        flat_real = real.reshape(-1, 1)
-        self.load = self.add(self.load, (routing.load.detach().float().reshape(-1, probs.shape[-1]) * flat_real).sum(0))
+        real = token_mask(routing, inputs)
+        token_load = routing.load.detach().float() * real.unsqueeze(-1)
+        self.load = self.add(self.load, token_load.reshape(-1, probs.shape[-1]).sum(0))
+        if token_load.dim() == 3:  # [batch, seq, N]: expert load by position
+            self.load_at = self.add_padded(self.load_at, token_load.sum(0))
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         self.entropy = self.add(self.entropy, (entropy * real).sum())
         self.tokens = self.add(self.tokens, real.sum())
@@ -74,52 +78,34 @@ class Accumulator:
         cv = (load.std(unbiased=False) / load.mean()).item() if load.numel() > 1 else 0.0
         drop_rate = 0.0 if self.dropped is None else (self.dropped / self.requested.clamp_min(1)).item()
         by_position = [] if self.dropped_at is None else (self.dropped_at / self.requested_at.clamp_min(1)).tolist()
+        load_at = (
+            []
+            if self.load_at is None
+            else (self.load_at / self.load_at.sum(-1, keepdim=True).clamp_min(1e-12)).tolist()
+        )
         return LayerStats(
             load=load.tolist(),
             load_cv=cv,
             entropy=(self.entropy / self.tokens.clamp_min(1)).item(),
             drop_rate=drop_rate,
             drop_rate_by_position=by_position,
+            load_by_position=load_at,
             tokens=int(self.tokens.item()),
         )
 
 
-class RoutingStats:
+class RoutingStats(RouterHooks["Accumulator"]):
     """Context manager: hooks every router of ``adapter_name`` while open."""
 
     def __init__(self, model: nn.Module, adapter_name: str = "default") -> None:
-        from ..layer import MoPELayer
-
-        self.accumulators: dict[str, Accumulator] = {}
-        self.handles = []
-        for name, layer in model.named_modules():
-            if isinstance(layer, MoPELayer) and adapter_name in layer.mope_router:
-                self.accumulators[name] = Accumulator()
-                hook = self.hook_for(self.accumulators[name])
-                self.handles.append(layer.mope_router[adapter_name].register_forward_hook(hook))
-
-    @staticmethod
-    def hook_for(accumulator: Accumulator):
-        def hook(module: nn.Module, args: tuple, output: Routing) -> None:
-            inputs = args[1] if len(args) > 1 and isinstance(args[1], RoutingInputs) else None
-            accumulator.update(output, None if inputs is None else inputs.token_mask)
-
-        return hook
+        super().__init__(model, lambda router: Accumulator(), adapter_name)
 
     def __enter__(self) -> RoutingStats:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
     def report(self) -> dict[str, dict]:
         """Per module: the statistics as plain Python values (one device-to-host copy per number)."""
-        return {name: asdict(acc.result()) for name, acc in self.accumulators.items() if acc.load is not None}
+        return {name: asdict(acc.result()) for name, acc in self.collectors.items() if acc.load is not None}
 
 
 def routing_stats(model: nn.Module, adapter_name: str = "default") -> RoutingStats:

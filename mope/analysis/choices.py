@@ -1,0 +1,56 @@
+"""Which expert(s) each token was routed to in the last forward, per router (kept on device).
+
+The *top-1 choice* is the argmax of the router's probabilities: the expert the router prefers,
+also for a token whose assignment capacity dropped. The *top-k set* is the ``top_k`` most
+probable experts (the router's current ``top_k``, at most N). Token analyses (token-id
+specialisation, stability between checkpoints, the token-to-expert map) all read these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..routing import Router, Routing, RoutingInputs
+from .hooks import RouterHooks, token_mask
+
+
+def top_choice(routing: Routing) -> torch.Tensor:
+    """``[*token_dims]`` index of each token's most probable expert."""
+    return routing.probs.detach().argmax(-1)
+
+
+def top_set(routing: Routing, k: int) -> torch.Tensor:
+    """``[*token_dims, k]`` the k most probable experts of each token, sorted by index (comparable as sets)."""
+    probs = routing.probs.detach()
+    return probs.topk(min(k, probs.shape[-1]), dim=-1).indices.sort(-1).values
+
+
+class ChoiceRecorder:
+    """Keeps one router's choices of the latest forward: top-1, top-k set, mask and token ids."""
+
+    def __init__(self, router: Router) -> None:
+        self.k = max(1, int(getattr(router, "top_k", 1)))
+        self.top1 = self.topk = self.mask = self.token_ids = None
+
+    def update(self, routing: Routing, inputs: RoutingInputs) -> None:
+        self.top1 = top_choice(routing)
+        self.topk = top_set(routing, self.k)
+        self.mask = token_mask(routing, inputs) > 0
+        ids = inputs.token_ids
+        self.token_ids = ids if ids is not None and tuple(ids.shape) == tuple(self.top1.shape) else None
+
+
+def record_choices(model: nn.Module, adapter_name: str = "default") -> RouterHooks[ChoiceRecorder]:
+    """Hooks that keep every router's choices of the latest forward; use as a context manager."""
+    return RouterHooks(model, ChoiceRecorder, adapter_name)
+
+
+@torch.no_grad()
+def token_choices(model: nn.Module, batch: Mapping[str, torch.Tensor], adapter_name: str = "default") -> dict:
+    """One forward of ``batch``; per module, the top-1 expert of each token as ``[batch, seq]`` host ints."""
+    with record_choices(model, adapter_name) as hooks:
+        model(**batch)
+    return {name: rec.top1.cpu() for name, rec in hooks.collectors.items() if rec.top1 is not None}

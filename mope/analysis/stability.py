@@ -1,0 +1,52 @@
+"""Routing stability between two checkpoints (OpenMoE's "early routing learning").
+
+Run the same batches through two models that differ only in their MoPE weights (e.g. a bundle
+after 10% and after 100% of training) and count, per router, the real tokens whose top-1 expert
+agrees, and those whose top-k set agrees. OpenMoE found the token-to-expert assignment fixed
+early in pre-training: agreement between an early and the final checkpoint stays high.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .choices import record_choices
+
+
+@torch.no_grad()
+def routing_agreement(
+    model_a: nn.Module, model_b: nn.Module, batches: Iterable[dict], adapter_name: str = "default"
+) -> dict[str, dict[str, float | int]]:
+    """Per module: ``top1_agreement`` and ``topk_agreement`` (shares of real tokens) and ``tokens`` counted.
+
+    The models must have the same adapted modules (same base, same target modules). Counts
+    accumulate on the device; they are read once at the end.
+    """
+    with record_choices(model_a, adapter_name) as a, record_choices(model_b, adapter_name) as b:
+        if set(a.collectors) != set(b.collectors):
+            only = sorted(set(a.collectors) ^ set(b.collectors))
+            raise ValueError(
+                f"The two models route in different modules ({', '.join(only[:3])}): compare checkpoints of one adapter."
+            )
+        sums: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            model_a(**batch)
+            model_b(**batch)
+            for name, first in a.collectors.items():
+                second = b.collectors[name]
+                if first.top1 is None or second.top1 is None:
+                    continue
+                real = first.mask & second.mask
+                same_top1 = (first.top1 == second.top1) & real
+                same_set = (first.topk == second.topk).all(-1) & real if first.k == second.k else torch.zeros_like(real)
+                counts = torch.stack([same_top1.sum(), same_set.sum(), real.sum()]).float()
+                sums[name] = sums[name] + counts if name in sums else counts
+    return {name: agreement(counts.tolist()) for name, counts in sums.items()}
+
+
+def agreement(counts: list[float]) -> dict[str, float | int]:
+    top1, topk, tokens = counts
+    return {"top1_agreement": top1 / max(tokens, 1), "topk_agreement": topk / max(tokens, 1), "tokens": int(tokens)}
