@@ -1,6 +1,7 @@
 # Two entry points, each sets itself up on a fresh machine:
 #   make demo   runs the main job (python -m mope.demo: MoPE vs equal-size LoRA on the real MiniLM)
-#   make test   runs ruff and the test suite
+#   make test   runs ruff, the docs build (warnings are errors) and the test suite
+#   make docs   builds the docs site into site/ (preview: .venv/bin/mkdocs serve)
 # torch is installed first, pinned, so that no CUDA build is pulled in on a CPU machine.
 
 PYTHON ?= python3
@@ -11,8 +12,9 @@ STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint docs setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +29,14 @@ demo: $(STAMP)
 	$(BIN)/python -m mope.demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check mope tests examples benchmarks
-	$(BIN)/ruff format --check mope tests examples benchmarks
+	$(BIN)/ruff check mope tests examples benchmarks docs
+	$(BIN)/ruff format --check mope tests examples benchmarks docs
 
-test: lint
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
+test: lint docs
 	$(BIN)/python -m pytest -n 2 -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site
