@@ -50,6 +50,7 @@ def test_entropy_matches_a_hand_computation():
 
 def test_drop_rate_by_position_with_capacity():
     model = wrapped(num_experts=4, top_k=2, capacity_factor=0.5, capacity_policy="sequence")
+    model.train()  # a causal model drops only in training (mope.routing.top_k.TopKRouter.capacity_applies)
     batch = make_batch("llama", batch=4, seq=12)
     batch.pop("labels")
     with mope.routing_stats(model) as stats:

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from .base import Router, Routing, RoutingInputs
 from .capacity import apply_capacity
+from .expert_choice import CAUSAL_TASK_TYPES
 
 # (logits [..., N], k) -> (probs [..., N], chosen weights [..., k], chosen experts [..., k])
 TopKOrder = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -56,7 +57,7 @@ class TopKRouter(Router):
 
     Gradients reach the router through the selected weights only (Mixtral's convention).
     Options: ``router_noise`` (Shazeer's trainable noise, training only), ``capacity_factor`` /
-    ``capacity_policy`` (see :mod:`mope.routing.capacity`).
+    ``capacity_policy`` (see :mod:`mope.routing.capacity`; in a causal model, training only).
     """
 
     accepts_capacity = True
@@ -66,6 +67,7 @@ class TopKRouter(Router):
         self.order = config.top_k_order
         self.capacity_factor: float | None = config.capacity_factor
         self.capacity_policy: str = config.capacity_policy
+        self.causal = config.task_type in CAUSAL_TASK_TYPES
         # Shazeer 2017 start W_noise at zero: noise std softplus(0) = ln 2 while the router learns.
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, in_features)) if config.router_noise else None
 
@@ -82,7 +84,9 @@ class TopKRouter(Router):
         # load: the gate's choice before capacity (GShard/fairseq count it so for the balancing loss)
         load = torch.zeros_like(probs).scatter(-1, index, 1.0 / self.top_k)
         dropped = None
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None and not self.capacity_applies():
+            dropped = torch.zeros_like(probs, dtype=torch.bool)  # capacity configured, nothing dropped
+        elif self.capacity_factor is not None:
             kept, dropped_slots = apply_capacity(
                 index,
                 values,
@@ -97,6 +101,17 @@ class TopKRouter(Router):
             dropped = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, dropped_slots)
         weights = torch.zeros_like(probs).scatter(-1, index, values)
         return Routing(weights=weights, probs=probs, logits=logits, load=load, dropped=dropped)
+
+    def capacity_applies(self) -> bool:
+        """Whether capacity may drop assignments in this forward: always in training, in eval only if not causal.
+
+        Capacity counts the batch's tokens, later ones included, so in a causal model's eval it
+        would leak the future and make KV-cached decoding (each step's few tokens compete) differ
+        from uncached decoding (the whole sequence competes). Switch and GShard also set an eval
+        capacity; a causal model here drops nothing outside training, as Mixtral- and DeepSeek-style
+        inference does, so a token's output depends on it and earlier tokens only.
+        """
+        return self.training or not self.causal
 
     def extra_repr(self) -> str:
         extra = f", order={self.order}, noise={self.noise_weight is not None}"

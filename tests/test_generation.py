@@ -1,0 +1,141 @@
+"""``generate`` with a KV cache gives, token for token, what it gives without one, for every causal-safe gate.
+
+Cached decoding runs the routers on the newest token only; uncached decoding re-runs them on the
+whole sequence at every step. Greedy outputs agree only if a token's routing reads no later
+token and no other sequence of the batch: token-level gates decide per new token, sequence and
+task decisions are the prompt's (``mope.routing.levels.DecisionCache``), and expert capacity is
+off in a causal model outside training (``mope.routing.capacity``). Gates that look at later
+tokens are refused with a clear error instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model
+from peft import get_peft_model
+
+import mope
+from mope.routing import ROUTERS, NoncausalRoutingError, RoutingInputs
+
+# (config kwargs) of every gate and option that must decode the same with and without a KV cache
+ROWS: dict[str, dict] = {
+    "top_k": {},
+    "top_k_unnormalised": {"top_k_order": "softmax_then_topk_unnormalised"},
+    "top_k_noisy": {"router_noise": True},
+    "dense": {"router": "dense"},
+    "switch": {"router": "switch"},
+    "top_k_capacity_sequence": {"capacity_factor": 0.5},
+    "top_k_capacity_bpr": {"capacity_factor": 0.5, "capacity_policy": "bpr"},
+    "top_k_capacity_random_second": {"capacity_factor": 0.5, "capacity_policy": "random_second"},
+    "balanced": {"router": "balanced"},
+    "top_p": {"router": "top_p", "top_p": 0.6, "top_k": 3},
+    "hierarchical": {"router": "hierarchical", "num_groups": 2, "top_k": 1},
+    "dselect_k": {"router": "dselect_k"},
+    "cosine": {"router": "cosine"},
+    "hash": {"router": "hash", "aux_loss_coef": 0.0, "z_loss_coef": 0.0},
+    "soft_merge": {"router": "soft_merge", "routing_level": "sequence"},
+    "soft_merge_delta": {"router": "soft_merge", "routing_level": "sequence", "soft_merge_lora": "delta"},
+    "soft_merge_ia3_token": {"router": "soft_merge", "expert_type": "ia3"},
+    "sequence_level": {"routing_level": "sequence"},
+    "temperature": {"router_temperature": 0.5},
+    "schedule": {"router_schedule_steps": 10, "router_schedule_start_top_k": 4},
+    "router_blocks": {"target_modules": ["gate_proj", "up_proj", "down_proj"], "router_blocks": ["mlp"]},
+    "shared_experts": {"num_shared_experts": 1},
+    "adapter": {"expert_type": "adapter"},
+    "adapter_series": {"expert_type": "adapter", "adapter_placement": "series"},
+    "ia3": {"expert_type": "ia3", "feedforward_modules": ["down_proj"]},
+    "lora_shared_a": {"expert_type": "lora_shared_a"},
+}
+
+
+def generation_model(model_name: str = "llama", **kwargs) -> torch.nn.Module:
+    """A wrapped tiny model whose experts change its outputs and whose routers make sharp, varied choices."""
+    base = {"target_modules": "all-linear", "num_experts": 4, "top_k": 2, "r": 4, "init_weights": False}
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", **{**base, **kwargs})
+    model = get_peft_model(make_model(model_name), config)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "mope_router" in name:
+                param.normal_(0, 1.0)
+            elif "mope_experts" in name:
+                param.mul_(4.0)  # experts strong enough that a different choice changes the next token
+    return model.eval()
+
+
+def prompts(padded: bool) -> dict[str, torch.Tensor]:
+    """Two prompts; ``padded``: the second is shorter and left-padded, as a tokenizer with padding_side='left' does."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 128, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :3] = 0
+        mask[1, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def greedy(model, batch: dict, use_cache: bool) -> torch.Tensor:
+    return model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+
+def assert_cache_agrees(model, batch: dict) -> None:
+    cached, uncached = greedy(model, batch, True), greedy(model, batch, False)
+    assert cached.shape == (2, batch["input_ids"].shape[1] + 6)
+    assert torch.equal(cached, uncached), f"cached {cached.tolist()}\nuncached {uncached.tolist()}"
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+@pytest.mark.parametrize("row", list(ROWS))
+def test_generate_with_kv_cache_equals_without(row, padded):
+    model = generation_model(**ROWS[row])
+    assert_cache_agrees(model, prompts(padded))
+
+
+def test_adapter_changes_the_generation():
+    """The control: the rows above would pass trivially if the experts did not change the tokens."""
+    batch = prompts(padded=True)
+    model = generation_model()
+    with model.disable_adapter():
+        plain = greedy(model, batch, True)
+    assert not torch.equal(greedy(model, batch, True), plain)
+
+
+def test_task_level_generation_with_kv_cache():
+    model = generation_model(routing_level="task", num_tasks=3)
+    batch = {**prompts(padded=True), "task_ids": torch.tensor([2, 0])}
+    assert_cache_agrees(model, batch)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_gpt2_conv1d_generation_with_kv_cache(padded):
+    model = generation_model("gpt2", capacity_factor=0.5)
+    assert_cache_agrees(model, prompts(padded))
+
+
+def test_expert_choice_generation_is_refused_clearly():
+    model = generation_model(router="expert_choice")
+    for use_cache in (True, False):
+        with pytest.raises(NoncausalRoutingError, match=r"expert_choice.*allow_noncausal_routing=True"):
+            greedy(model, prompts(padded=True), use_cache)
+
+
+def test_soft_tokens_is_refused_for_a_causal_model():
+    with pytest.raises(ValueError, match="soft_tokens"):
+        generation_model(router="soft_tokens")
+
+
+@pytest.mark.parametrize("router", ["top_k", "switch", "cosine"])
+def test_capacity_drops_in_causal_training_and_in_encoder_eval_only(router):
+    logits = torch.randn(2, 9, 4) * 3
+    inputs = RoutingInputs(token_mask=torch.ones(2, 9))
+    for task_type, training, drops in (
+        ("CAUSAL_LM", True, True),
+        ("CAUSAL_LM", False, False),
+        ("SEQ_CLS", False, True),
+    ):
+        config = mope.MoPEConfig(task_type=task_type, num_experts=4, top_k=2, router=router, capacity_factor=0.25)
+        gate = ROUTERS[router](8, 4, 2, config).train(training)
+        routing = gate.gate(logits, inputs)
+        assert bool(routing.dropped.any()) == drops, (task_type, training)
+        assert routing.dropped.shape == (2, 9, 4)  # statistics still see the gate's capacity, with 0 drops
