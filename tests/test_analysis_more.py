@@ -98,3 +98,23 @@ def test_token_choices_give_one_top1_expert_per_token_and_layer():
     for top1 in choices.values():
         assert top1.shape == (4, 16) and top1.device.type == "cpu"
         assert int(top1.max()) < 3
+
+
+def test_plots_render_to_png(tmp_path):
+    from mope.analysis.plots import load_heatmap, routing_by_position, token_map
+
+    model = wrapped(num_experts=4, top_k=2)
+    batches = repeated_token_batches(1)
+    report = routing_report(model, batches)
+    heat = load_heatmap(report)
+    assert heat.axes[0].images[0].get_array().shape == (4, 4)
+    position = routing_by_position(report)
+    assert len(position.axes) == 2
+    assert "nothing dropped" in position.axes[0].texts[0].get_text()  # no capacity set
+    choices = {name: top1[1] for name, top1 in token_choices(model, batches[0]).items()}
+    tokens = [str(i) for i in batches[0]["input_ids"][1].tolist()]
+    mapped = token_map(tokens, choices, num_experts=4)
+    assert mapped.axes[0].images[0].get_array().shape == (4, 16)
+    for i, fig in enumerate((heat, position, mapped)):
+        fig.savefig(tmp_path / f"{i}.png")
+        assert (tmp_path / f"{i}.png").read_bytes()[:4] == b"\x89PNG"

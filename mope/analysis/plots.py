@@ -1,0 +1,98 @@
+"""Plots of routing reports: load heatmap, routing by position, token-to-expert map.
+
+Each function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state,
+no screen: the Agg canvas renders it), so it shows in a notebook and saves with ``fig.savefig``.
+The report arguments are what :func:`mope.analysis.routing_report` / ``routing_stats().report()`` return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+from torch import nn
+
+from .choices import token_choices
+
+PREFIX = "base_model.model."
+
+
+def short_name(module: str) -> str:
+    """Module name without PEFT's wrapper prefix (``model.layers.0.self_attn.q_proj``)."""
+    return module.removeprefix(PREFIX)
+
+
+def load_heatmap(report: Mapping[str, Mapping]) -> Figure:
+    """Layers by experts, colour = share of dispatch; a balanced layer is one flat colour."""
+    names = list(report)
+    width = max(len(report[n]["load"]) for n in names)
+    grid = np.full((len(names), width), np.nan)
+    for row, name in enumerate(names):
+        grid[row, : len(report[name]["load"])] = report[name]["load"]
+    fig = Figure(figsize=(max(5.0, 2.8 + 0.45 * width), 1.2 + 0.32 * len(names)), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xticks(range(width), [str(e) for e in range(width)])
+    ax.set_yticks(range(len(names)), [short_name(n) for n in names], fontsize=7)
+    ax.set_xlabel("expert")
+    ax.set_title("expert load: share of dispatch")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
+def routing_by_position(report: Mapping[str, Mapping], module: str | None = None) -> Figure:
+    """Left: drop rate by position, one line per layer (OpenMoE's drop towards the end).
+    Right: each expert's share of dispatch by position for ``module`` (default: the first layer)."""
+    module = module or next(iter(report))
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    drops, shares = fig.subplots(1, 2)
+    lines = [(n, s["drop_rate_by_position"]) for n, s in report.items() if s.get("drop_rate_by_position")]
+    for name, rates in lines:
+        drops.plot(rates, label=short_name(name), linewidth=1)
+    if lines and len(lines) <= 8:
+        drops.legend(fontsize=6)
+    if not lines:
+        drops.text(0.5, 0.5, "no capacity limit: nothing dropped", ha="center", va="center", transform=drops.transAxes)
+    drops.set(xlabel="position", ylabel="drop rate", title="dropped assignments by position")
+    by_position = np.asarray(report[module].get("load_by_position") or [[]])
+    if by_position.size:
+        positions = np.arange(by_position.shape[0])
+        shares.stackplot(positions, by_position.T, labels=[f"expert {e}" for e in range(by_position.shape[1])])
+        shares.legend(fontsize=6, loc="upper right")
+        shares.set_xlim(0, max(positions[-1], 1))
+        shares.set_ylim(0, 1)
+    shares.set(xlabel="position", ylabel="share of dispatch", title=f"experts by position: {short_name(module)}")
+    return fig
+
+
+def token_map(tokens: Sequence[str], choices: Mapping[str, torch.Tensor], num_experts: int | None = None) -> Figure:
+    """Tokens by layers, colour = each token's top-1 expert (``choices``: module -> ``[seq]`` expert ids)."""
+    names = list(choices)
+    grid = np.stack([np.asarray(choices[n]).reshape(-1)[: len(tokens)] for n in names])
+    num_experts = num_experts or int(grid.max()) + 1
+    fig = Figure(figsize=(1.8 + 0.34 * len(tokens), 1.0 + 0.3 * len(names)), layout="constrained")
+    ax = fig.add_subplot()
+    palette = colormaps["tab10" if num_experts <= 10 else "tab20"].colors  # one distinct colour per expert
+    cmap = ListedColormap([palette[e % len(palette)] for e in range(num_experts)])
+    image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest")
+    ax.set_xticks(range(len(tokens)), list(tokens), rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), [short_name(n) for n in names], fontsize=7)
+    ax.set_title("top-1 expert per token")
+    bar = fig.colorbar(image, ax=ax, ticks=range(num_experts), shrink=0.8)
+    bar.set_label("expert")
+    return fig
+
+
+def text_token_map(model: nn.Module, tokenizer, text: str, adapter_name: str = "default") -> Figure:
+    """:func:`token_map` for one text: tokenise, run the model once, plot each token's top-1 expert per layer."""
+    batch = tokenizer([text], return_tensors="pt")
+    device = next(model.parameters()).device
+    choices = token_choices(model, {k: v.to(device) for k, v in batch.items()}, adapter_name)
+    tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    routers = {n: m for n, m in model.named_modules() if n in choices}
+    num_experts = max(routers[n].mope_router[adapter_name].num_experts for n in choices) if choices else None
+    return token_map(tokens, {n: c[0] for n, c in choices.items()}, num_experts)
