@@ -1,0 +1,155 @@
+"""What makes a mixture pay on the demo task: a small study of MoPE defaults against an equal-size LoRA.
+
+Run from the repository root, alone on the machine (offline, CPU; ~2.5 minutes per run on 2 cores):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --variants lora top2 --lrs 0.002 0.005 --seeds 0
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --list          # the variants and their overrides
+
+Every variant is a set of recipe overrides on the demo's MoPE recipe (or the LoRA recipe at the rank
+that matches the default mixture's trainable parameters, routers and head counted). Each run
+goes through ``accelerate launch -m mope.train`` like the demo. Results are appended one line
+per run to ``benchmarks/results/defaults_study.jsonl`` (so a long study can be stopped and
+continued: a (variant, lr, seed) already there is skipped), and
+``benchmarks/results/defaults_study.md`` is rewritten from all lines: per variant and learning
+rate, mean accuracy over seeds, seeds run, trainable parameters, mean training time and load CV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from collections import defaultdict
+
+from demo_accuracy import mean_cv
+
+from mope.demo import RECIPES, launch
+from mope.training import quiet_third_party
+
+LORA = "lora r=20"
+# BERT's encoder layers: one router per layer (block-level routing, on the layer's first adapted
+# module's input) instead of one per projection; frees ~147k router parameters for experts.
+PER_LAYER = "adapter.config.router_blocks=['layer\\.\\d+']"
+
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    LORA: ("lora", ["adapter.config.r=20", "adapter.config.lora_alpha=40"]),
+    "top2": ("mope", []),
+    "top2 alpha16": ("mope", ["adapter.config.lora_alpha=16"]),
+    "top2 seq": ("mope", ["adapter.config.routing_level=sequence"]),
+    "top2 seq alpha16": ("mope", ["adapter.config.routing_level=sequence", "adapter.config.lora_alpha=16"]),
+    "top2 no aux": ("mope", ["adapter.config.aux_loss_coef=0", "adapter.config.z_loss_coef=0"]),
+    "top2 router lr x10": ("mope", ["training.router_learning_rate=LRx10"]),
+    "top2 per-layer +2 shared": (
+        "mope",
+        [PER_LAYER, "adapter.config.num_experts=10", "adapter.config.num_shared_experts=2"],
+    ),
+    "top2 per-layer +2 shared alpha16": (
+        "mope",
+        [
+            PER_LAYER,
+            "adapter.config.num_experts=10",
+            "adapter.config.num_shared_experts=2",
+            "adapter.config.lora_alpha=16",
+        ],
+    ),
+    "top1 of 4 r4 +1 shared per-layer": (
+        "mope",
+        [
+            PER_LAYER,
+            "adapter.config.num_experts=5",
+            "adapter.config.num_shared_experts=1",
+            "adapter.config.top_k=1",
+            "adapter.config.top_k_order=softmax_then_topk_unnormalised",
+            "adapter.config.r=4",
+            "adapter.config.lora_alpha=8",
+        ],
+    ),
+    "dense": ("mope", ["adapter.config.router=dense"]),
+    "dense alpha16": ("mope", ["adapter.config.router=dense", "adapter.config.lora_alpha=16"]),
+}
+
+
+def resolve(overrides: list[str], lr: float) -> list[str]:
+    """Fill in learning-rate-relative values (``LRx10``)."""
+    return [o.replace("LRx10", repr(lr * 10)) for o in overrides]
+
+
+def read_runs(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_table(runs: list[dict], path: str) -> str:
+    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[(run["variant"], run["learning_rate"])].append(run)
+    lines = [
+        "# Defaults study on the demo task (MiniLM, stdlib docstrings, 10 classes)",
+        "",
+        "Written by benchmarks/defaults_study.py from defaults_study.jsonl (one line per run).",
+        "",
+        "| variant | lr | seeds | trainable | accuracy (mean) | min | max | train s (mean) | load CV |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (variant, lr), group in sorted(groups.items(), key=lambda item: (item[0][0] != LORA, item[0])):
+        accuracy = [r["eval_accuracy"] for r in group]
+        cvs = [r["load_cv"] for r in group if r.get("load_cv") is not None]
+        cv = f"{statistics.mean(cvs):.3f}" if cvs else ""
+        lines.append(
+            f"| {variant} | {lr:g} | {len(group)} | {group[0]['trainable_parameters']:,} | "
+            f"{statistics.mean(accuracy):.4f} | {min(accuracy):.4f} | {max(accuracy):.4f} | "
+            f"{statistics.mean(r['train_seconds'] for r in group):.1f} | {cv} |"
+        )
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as handle:
+        handle.write(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=[LORA, "top2"], choices=sorted(VARIANTS), metavar="NAME")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.002])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--list", action="store_true", help="print the variants and exit")
+    args = parser.parse_args()
+    if args.list:
+        for name, (method, overrides) in VARIANTS.items():
+            print(f"{name!r}: {method} {' '.join(overrides)}")
+        return
+    quiet_third_party()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.makedirs(args.out, exist_ok=True)
+    log = os.path.join(args.out, "defaults_study.jsonl")
+    done = {(r["variant"], r["learning_rate"], r["seed"]) for r in read_runs(log)}
+    work = tempfile.mkdtemp(prefix="mope-study-")
+    for lr in args.lrs:
+        for variant in args.variants:
+            method, overrides = VARIANTS[variant]
+            for seed in args.seeds:
+                if (variant, lr, seed) in done:
+                    continue
+                out = os.path.join(work, f"{variant.replace(' ', '_')}-lr{lr}-s{seed}")
+                common = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
+                summary = launch(RECIPES[method], [*common, *resolve(overrides, lr)])
+                row = {
+                    "variant": variant,
+                    "learning_rate": lr,
+                    "seed": seed,
+                    "eval_accuracy": summary["eval_accuracy"],
+                    "train_seconds": summary["train_seconds"],
+                    "trainable_parameters": summary["trainable_parameters"],
+                    "load_cv": mean_cv(os.path.join(out, "routing_summary.json")),
+                }
+                with open(log, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                print(write_table(read_runs(log), os.path.join(args.out, "defaults_study.md")), flush=True)
+
+
+if __name__ == "__main__":
+    main()
