@@ -21,6 +21,8 @@ install_forward_inputs()  # let model(..., task_ids=...) reach MoPE through PEFT
 
 from .analysis import routing_stats  # noqa: E402
 from .api import get_mope_model, load_mope  # noqa: E402
+from .export import collapse_to_lora, export_lora  # noqa: E402
+from .fixed_task import fix_task  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,9 @@ __all__ = [
     "Router",
     "Routing",
     "__version__",
+    "collapse_to_lora",
+    "export_lora",
+    "fix_task",
     "get_mope_model",
     "load_mope",
     "routing_stats",

@@ -75,6 +75,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         self.mask_key = mask_key
         self.module_name = module_name
         self.merged_adapters: list[str] = []
+        self.merged_gates: dict[str, torch.Tensor] = {}  # the gate each merge used, so unmerge undoes exactly that
         self._disable_adapters = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
@@ -187,19 +188,23 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             return f"module '{self.module_name}': adapter '{adapter_name}': {bank_blocker}"
         router = self.router_for(adapter_name)
         if router.fixed_weights() is None:
+            hint = "; fix one task first with mope.fix_task(model, task_id)" if router.level.name == "task" else ""
             return (
                 f"module '{self.module_name}': adapter '{adapter_name}' routes by input "
                 f"({type(router).__name__} over {router.num_experts} experts), so no single weight update "
-                "reproduces it"
+                f"reproduces it{hint}"
             )
         return None
 
-    def _merged_weight(self, adapter_name: str, sign: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        blocker = self.merge_blocker(adapter_name)
-        if blocker is not None:
-            raise ValueError(f"Cannot merge: {blocker}.")
+    def _merged_weight(
+        self, adapter_name: str, sign: int, gate: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if gate is None:
+            blocker = self.merge_blocker(adapter_name)
+            if blocker is not None:
+                raise ValueError(f"Cannot merge: {blocker}.")
+            gate = self.gate_weights(adapter_name, self.router_for(adapter_name).fixed_weights())
         base = self.get_base_layer()
-        gate = self.gate_weights(adapter_name, self.router_for(adapter_name).fixed_weights())
         weight = base.weight.data.T if self.weight_transposed else base.weight.data
         bias = base.bias.data if getattr(base, "bias", None) is not None else None
         return self.mope_experts[adapter_name].merge_into(weight, bias, gate, sign)
@@ -212,17 +217,19 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             if blocker is not None:
                 raise ValueError(f"Cannot merge: {blocker}.")
         for name in names:
-            weight, bias = self._merged_weight(name, sign=1)
+            gate = self.gate_weights(name, self.router_for(name).fixed_weights())
+            weight, bias = self._merged_weight(name, sign=1, gate=gate)
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"Merging adapter '{name}' into '{self.module_name}' gives non-finite weights.")
             self._write_base(weight, bias)
             self.merged_adapters.append(name)
+            self.merged_gates[name] = gate
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.mope_experts:
-                self._write_base(*self._merged_weight(name, sign=-1))
+                self._write_base(*self._merged_weight(name, sign=-1, gate=self.merged_gates.pop(name, None)))
 
     def _write_base(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         base = self.get_base_layer()

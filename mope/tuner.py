@@ -336,7 +336,8 @@ class MoPEModel(BaseTuner):
             more = f" (and {len(blockers) - 1} more modules)" if len(blockers) > 1 else ""
             raise ValueError(
                 f"Cannot merge the MoPE adapter into the base weights: {blockers[0]}{more}. Merging is exact "
-                "only when the routing does not depend on the input (e.g. num_experts=1); nothing was changed."
+                "only when the routing does not depend on the input (e.g. num_experts=1, or task-level routing with "
+                "a task fixed by mope.fix_task); nothing was changed."
             )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

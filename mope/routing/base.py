@@ -108,6 +108,9 @@ class Router(nn.Module):
         self.final_temperature = self.temperature = config.router_temperature
         self.start_temperature = config.router_schedule_start_temperature
         self.set_schedule_progress(0.0 if config.router_schedule_steps else 1.0)
+        # routing_level='task': the task that mope.fix_task pinned (used when a forward gives no task_ids,
+        # and what makes the weights input-independent, hence mergeable); a runtime setting, not saved.
+        self.fixed_task: int | None = None
 
     def forward(self, x: torch.Tensor, inputs: RoutingInputs | None = None) -> Routing:
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -156,6 +159,15 @@ class Router(nn.Module):
         """Gate weights if they do not depend on the input (then the mixture can be merged), else None."""
         if self.num_experts == 1:
             return torch.ones(1, device=self.weight.device)
+        if self.fixed_task is not None:  # task-level routing pinned to one task: the gate of its one-hot column
+            was_training = self.training
+            self.eval()  # no noise or jitter: the weights an inference forward with that task uses
+            try:
+                with torch.no_grad():
+                    routing = self.level.route(self, self.weight.new_zeros(1, 1, 1).float(), RoutingInputs())
+            finally:
+                self.train(was_training)
+            return routing.weights.reshape(-1, self.num_experts)[0]
         return None
 
     def extra_repr(self) -> str:

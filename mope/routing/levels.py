@@ -139,7 +139,10 @@ class TaskLevel:
     def route(self, router: Any, x: torch.Tensor, inputs: Any) -> Any:
         token_shape = x.shape[:-1]
         num_tasks = router.weight.shape[-1]
-        ids = per_example(inputs.task_ids, token_shape[0], "task_ids", "routing_level='task'")
+        ids = inputs.task_ids
+        if ids is None and router.fixed_task is not None:  # mope.fix_task: one task for every example
+            ids = torch.tensor([router.fixed_task], device=x.device)
+        ids = per_example(ids, token_shape[0], "task_ids", "routing_level='task'")
         if ids.device.type == "cpu" and (bool((ids < 0).any()) or bool((ids >= num_tasks).any())):
             raise ValueError(f"task_ids must lie in [0, num_tasks={num_tasks}), got {ids.tolist()}.")
         ids = ids.to(x.device)
