@@ -2,6 +2,7 @@
 #   make demo   runs the main job (python -m mope.demo: MoPE vs equal-size LoRA on the real MiniLM)
 #   make test   runs ruff, the docs build (warnings are errors) and the test suite
 #   make docs   builds the docs site into site/ (preview: .venv/bin/mkdocs serve)
+#   make bench  runs the speed benchmarks (run alone: training step, memory, inference; ~15 min)
 # torch is installed first, pinned, so that no CUDA build is pulled in on a CPU machine.
 
 PYTHON ?= python3
@@ -14,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test lint docs setup clean
+.PHONY: demo test lint docs bench setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,10 @@ lint: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py
+	$(BIN)/python benchmarks/inference_time.py
 
 test: lint docs
 	$(BIN)/python -m pytest -n 2 -q

