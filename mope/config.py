@@ -274,6 +274,13 @@ class MoPEConfig(PeftConfig):
         metadata={"help": "model_type of the base model the adapter was made for; filled in automatically."},
     )
     mope_version: str = field(default=MOPE_VERSION, metadata={"help": "mope version that wrote this config."})
+    upgraded_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Set on load when adapter_config.json was upgraded (mope.upgrade): the mope version that "
+            "wrote it ('unversioned' if none). None: loaded as written. Runtime-only, not saved."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -289,7 +296,7 @@ class MoPEConfig(PeftConfig):
             self.feedforward_modules = set(self.feedforward_modules)
 
     # Runtime-only settings: kept out of the saved adapter_config.json (as LoraConfig.runtime_config).
-    RUNTIME_FIELDS = ("dispatch",)
+    RUNTIME_FIELDS = ("dispatch", "upgraded_from")
 
     def to_dict(self) -> dict[str, Any]:
         """The saved configuration: every field but the runtime-only ones."""
@@ -409,6 +416,17 @@ class MoPEConfig(PeftConfig):
         if isinstance(targets, str):
             return re.fullmatch(targets, module_name) is not None
         return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
+        """The config stored in ``path_json_file``, upgraded to this mope version (``mope.upgrade``).
+
+        ``from_pretrained`` reads the file through here, so an old bundle is upgraded explicitly
+        (logged, ``upgraded_from`` set) and a newer, malformed or unknown-key one is a clear ValueError.
+        """
+        from .upgrade import read_config_file
+
+        return read_config_file(path_json_file, cls)
 
     @classmethod
     def from_pretrained(
