@@ -23,6 +23,7 @@ from .analysis import routing_stats  # noqa: E402
 from .api import get_mope_model, load_mope  # noqa: E402
 from .export import collapse_to_lora, export_lora  # noqa: E402
 from .fixed_task import fix_task  # noqa: E402
+from .reuse import from_lora_adapters  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,7 @@ __all__ = [
     "collapse_to_lora",
     "export_lora",
     "fix_task",
+    "from_lora_adapters",
     "get_mope_model",
     "load_mope",
     "routing_stats",

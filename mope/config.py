@@ -269,6 +269,13 @@ class MoPEConfig(PeftConfig):
             "False: random, non-identity init (for tests)."
         },
     )
+    freeze_experts: bool = field(
+        default=False,
+        metadata={
+            "help": "True: the experts never train (requires_grad stays False through set_adapter and "
+            "is_trainable=True loads); only the routers do. mope.from_lora_adapters(trainable=False) sets it."
+        },
+    )
     base_model_type: str | None = field(
         default=None,
         metadata={"help": "model_type of the base model the adapter was made for; filled in automatically."},
@@ -359,6 +366,8 @@ class MoPEConfig(PeftConfig):
             )
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"MoPEConfig.init_weights must be True or False, got {self.init_weights!r}")
+        if not isinstance(self.freeze_experts, bool):
+            raise ValueError(f"MoPEConfig.freeze_experts must be True or False, got {self.freeze_experts!r}")
         if self.target_parameters:
             raise ValueError("MoPEConfig.target_parameters is not supported: mope adapts modules, not parameters")
         if self.layers_pattern and self.layers_to_transform is None:

@@ -97,6 +97,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             bank.active_experts = min(num_experts, most_k + num_shared) if router.sparse_weights else num_experts
         aux_losses = tuple(loss.name for loss in AUX_LOSSES if getattr(config, loss.coef_field) != 0)
         self.mope_settings[adapter_name] = AdapterSettings(num_experts, num_shared, top_k, aux_losses)
+        if config.freeze_experts:  # PEFT re-freezes these after each set_adapter and mark-trainable pass
+            self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("mope_experts",)}
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 

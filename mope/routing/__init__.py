@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .arrow import ArrowRouter
 from .balanced import BalancedRouter
 from .base import ROUTER_INITS, Router, Routing, RoutingInputs
 from .capacity import CAPACITY_POLICIES, drop_rate_by_position
@@ -30,6 +31,7 @@ ROUTERS: dict[str, type[Router]] = {
     "hash": HashRouter,
     "soft_merge": SoftMergeRouter,
     "soft_tokens": SoftTokensRouter,
+    "arrow": ArrowRouter,
 }
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "ROUTERS",
     "ROUTER_INITS",
     "TOP_K_ORDERS",
+    "ArrowRouter",
     "BalancedRouter",
     "DenseRouter",
     "ExpertChoiceRouter",

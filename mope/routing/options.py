@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from ..schedule import SCHEDULE_COUNTERS
+from .arrow import check_arrow_options
 from .levels import ROUTING_LEVELS
 from .soft_tokens import check_soft_gate_options
 
@@ -78,6 +79,7 @@ def check_routing_options(config: Any) -> None:
     _require(_is_number(delta) and 0 <= delta < 1, "localized_balance_delta", "a number in [0, 1)", delta)
     check_schedule(c, routed, ROUTERS)
     check_soft_gate_options(c)
+    check_arrow_options(c)
 
 
 def check_groups(routed: int, num_groups: int, top_k: int, where: str) -> None:

@@ -1,0 +1,253 @@
+"""mope.from_lora_adapters and the Arrow gate, checked against adapters that real PEFT trained and saved."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import mope
+from mope.layer import MoPELayer
+from mope.reuse import init_arrow
+from mope.routing.arrow import ArrowRouter, top_right_singular_vectors
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def train_lora(model_name: str, folder: Path, seed: int, **lora_kwargs) -> Path:
+    """A few AdamW steps of a PEFT LoRA on random tokens (seeded, so adapters differ), saved by PEFT."""
+    model = get_peft_model(make_model(model_name), LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(3):
+        batch = make_batch(model_name, batch=2, seq=8, seed=100 * seed + step)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_adapters(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("loras")
+    return [
+        train_lora("llama", root / "r2", seed=1, r=2, lora_alpha=4, target_modules=LLAMA_TARGETS),
+        train_lora(
+            "llama",
+            root / "r4",
+            seed=2,
+            r=4,
+            lora_alpha=8,
+            target_modules=LLAMA_TARGETS,
+            rank_pattern={"down_proj": 3},
+            alpha_pattern={"v_proj": 2},
+        ),
+        train_lora("llama", root / "rs", seed=3, r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, use_rslora=True),
+    ]
+
+
+def peft_logits(model_name: str, path: Path, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return PeftModel.from_pretrained(make_model(model_name), path)(**batch).logits
+
+
+def one_expert_config(num_experts: int) -> mope.MoPEConfig:
+    """Task-level top-1 routing: task t gets all gate weight on expert t once the router weight is the identity."""
+    return mope.MoPEConfig(
+        task_type="CAUSAL_LM", num_experts=num_experts, top_k=1, routing_level="task", num_tasks=num_experts
+    )
+
+
+def route_task_t_to_expert_t(model) -> None:
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, MoPELayer):
+                layer.mope_router["default"].weight.copy_(10 * torch.eye(layer.mope_router["default"].num_experts))
+
+
+def mope_layers(model) -> list[MoPELayer]:
+    return [m for m in model.modules() if isinstance(m, MoPELayer)]
+
+
+def test_each_expert_reproduces_its_peft_adapter(llama_adapters):
+    batch = make_batch("llama", pad=2)
+    model = mope.from_lora_adapters(make_model("llama"), llama_adapters, one_expert_config(3))
+    route_task_t_to_expert_t(model)
+    assert {m.module_name.split(".")[-1] for m in mope_layers(model)} == set(LLAMA_TARGETS)
+    assert mope_layers(model)[0].mope_experts["default"].lora_A.shape[:2] == (3, 4)  # padded to the largest rank
+    for expert, path in enumerate(llama_adapters):
+        with torch.no_grad():
+            got = model(**batch, task_ids=torch.full((2,), expert)).logits
+        torch.testing.assert_close(got, peft_logits("llama", path, batch), rtol=0, atol=1e-5)
+
+
+def test_frozen_experts_stay_frozen_and_round_trip(llama_adapters, tmp_path):
+    model = mope.from_lora_adapters(make_model("llama"), llama_adapters[:2], mope.MoPEConfig(top_k=1))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("mope_router" in n for n in trainable)
+    model.set_adapter("default")  # PEFT's set_adapter marks adapter layers trainable: not the frozen experts
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "mope_experts" in n)
+    model.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(make_model("llama"), tmp_path, is_trainable=True)
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == trainable
+    batch = make_batch("llama", pad=2)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+    open_model = mope.from_lora_adapters(make_model("llama"), llama_adapters[:2], trainable=True)
+    assert all(p.requires_grad for n, p in open_model.named_parameters() if "mope_experts" in n)
+
+
+def test_gpt2_conv1d_adapter_is_reproduced(tmp_path):
+    targets = {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}
+    paths = [train_lora("gpt2", tmp_path / f"g{i}", seed=i, r=2 + 2 * i, lora_alpha=4, **targets) for i in range(2)]
+    model = mope.from_lora_adapters(make_model("gpt2"), paths, one_expert_config(2))
+    route_task_t_to_expert_t(model)
+    batch = make_batch("gpt2", pad=2)
+    for expert, path in enumerate(paths):
+        with torch.no_grad():
+            got = model(**batch, task_ids=torch.full((2,), expert)).logits
+        torch.testing.assert_close(got, peft_logits("gpt2", path, batch), rtol=0, atol=1e-5)
+
+
+# Arrow ------------------------------------------------------------------------------------------
+
+
+def test_arrow_prototype_is_the_top_singular_vector_of_each_update(llama_adapters):
+    model = mope.from_lora_adapters(make_model("llama"), llama_adapters)  # default: arrow
+    layer = mope_layers(model)[0]
+    bank, router = layer.mope_experts["default"], layer.mope_router["default"]
+    assert isinstance(router, ArrowRouter) and not list(router.parameters())
+    for e in range(3):
+        delta = bank.lora_B[e].T.double() @ bank.lora_A[e].double()
+        top = torch.linalg.svd(delta).Vh[0].float()
+        assert abs(torch.dot(router.weight[e], top)) == pytest.approx(1.0, abs=1e-5)
+    # an input along expert 1's prototype routes there
+    x = 5 * router.weight[1] + 0.01 * torch.randn(router.weight.shape[1])
+    assert router(x[None, None]).weights[0, 0].argmax() == 1
+
+
+def test_prototypes_of_a_zero_update_are_zero():
+    a, b = torch.randn(2, 3, 8), torch.randn(2, 3, 5)
+    b[1] = 0
+    prototypes = top_right_singular_vectors(a, b)
+    assert prototypes[0].norm() == pytest.approx(1.0) and prototypes[1].abs().sum() == 0
+
+
+def test_arrow_mixture_runs_untrained_and_round_trips(llama_adapters, tmp_path):
+    base = make_model("llama")
+    batch = make_batch("llama", pad=2)
+    with torch.no_grad():
+        base_logits = base(**batch).logits
+    model = mope.from_lora_adapters(base, llama_adapters[:2], mope.MoPEConfig(router="arrow", top_k=1))
+    assert not any(p.requires_grad for p in model.parameters())  # frozen experts, parameterless router
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert torch.isfinite(logits).all() and not torch.allclose(logits, base_logits)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["router"] == "arrow" and saved["freeze_experts"] is True
+    again = PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, logits, rtol=0, atol=0)
+    assert init_arrow(again) == len(mope_layers(again))  # recomputing gives the saved prototypes
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, logits, rtol=0, atol=1e-6)
+
+
+def test_arrow_needs_lora_experts():
+    with pytest.raises(ValueError, match="expert_type"):
+        mope.MoPEConfig(router="arrow", expert_type="adapter")
+    with pytest.raises(ValueError, match="routing_level"):
+        mope.MoPEConfig(router="arrow", routing_level="task", num_tasks=2)
+
+
+# Bad input: a ValueError naming the folder / module / field, and the model unchanged ---------------
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_refused(paths, match: str, config=None, model_name: str = "llama") -> None:
+    base = make_model(model_name)
+    before = state(base)
+    with pytest.raises(ValueError, match=match):
+        mope.from_lora_adapters(base, paths, config)
+    assert not any(isinstance(m, MoPELayer) for m in base.modules())
+    after = state(base)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def edit_config(folder: Path, **changes) -> None:
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_bad_adapters_are_refused_and_the_model_is_left_alone(llama_adapters, tmp_path):
+    good = llama_adapters[0]
+
+    def variant(name: str, **changes) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        edit_config(folder, **changes)
+        return folder
+
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
+    assert_refused([good, missing], r"missing'.*adapter_model\.safetensors")
+    assert_refused([good, variant("ia3", peft_type="IA3")], r"ia3'.*not 'LORA'")
+    assert_refused([good, variant("bias", bias="all")], r"bias'.*bias='all'")
+    assert_refused([good, variant("dora", use_dora=True)], r"dora'.*use_dora")
+    assert_refused([good, variant("pissa", init_lora_weights="pissa")], "changes the base weights")
+    named = [variant(name, base_model_name_or_path=f"org/{name}") for name in ("one", "other")]
+    assert_refused(named, "other'.*made for base model 'org/other', but .* for 'org/one'")
+    assert_refused([good], "expert_type='adapter'", mope.MoPEConfig(expert_type="adapter"))
+    assert_refused([good, good], "top_k", mope.MoPEConfig(top_k=3))
+    assert_refused([], "paths is empty")
+
+    extra = variant("extra")
+    tensors = load_file(extra / "adapter_model.safetensors")
+    base_head = make_model("llama").lm_head.weight.detach()
+    save_file({**tensors, "base_model.model.lm_head.base_layer.weight": base_head}, extra / "adapter_model.safetensors")
+    mope.from_lora_adapters(make_model("llama"), [extra])  # a copy of the base's own weight is fine
+    save_file({**tensors, "base_model.model.lm_head.weight": torch.zeros(128, 64)}, extra / "adapter_model.safetensors")
+    assert_refused([extra], r"extra'.*tensor 'base_model\.model\.lm_head\.weight' is not a LoRA A/B weight and differs")
+
+
+def test_mismatched_modules_and_shapes_are_refused(llama_adapters, tmp_path):
+    good = llama_adapters[0]
+    fewer = train_lora("llama", tmp_path / "fewer", seed=4, r=2, target_modules=["q_proj"])
+    assert_refused([good, fewer], r"r2'.*adapts module 'model\.layers\.0\.mlp\.down_proj', which .*fewer' does not")
+    assert_refused([good], r"target_modules=.*leaves out module", mope.MoPEConfig(target_modules=["q_proj"]))
+    assert_refused([good], "num_experts=3", mope.MoPEConfig(num_experts=3))
+    gpt2 = train_lora("gpt2", tmp_path / "gpt2", seed=5, r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    assert_refused([gpt2], "c_attn' is not in the base model")
+    assert_refused(
+        [train_lora_on(tmp_path / "wide", hidden=32)], r"wide'.*lora_B \[32, 2\] do not fit its 128 -> 64 features"
+    )
+
+
+def train_lora_on(folder: Path, hidden: int) -> Path:
+    """A LoRA saved from a Llama of another hidden size (same module names)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = get_peft_model(transformers.LlamaForCausalLM(config), LoraConfig(r=2, target_modules=LLAMA_TARGETS))
+    model.save_pretrained(folder)
+    return folder
