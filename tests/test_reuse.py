@@ -251,3 +251,14 @@ def train_lora_on(folder: Path, hidden: int) -> Path:
     model = get_peft_model(transformers.LlamaForCausalLM(config), LoraConfig(r=2, target_modules=LLAMA_TARGETS))
     model.save_pretrained(folder)
     return folder
+
+
+def test_arrow_generation_with_kv_cache_equals_without(llama_adapters):
+    from test_generation import assert_cache_agrees, prompts
+
+    model = mope.from_lora_adapters(make_model("llama"), llama_adapters, mope.MoPEConfig(router="arrow", top_k=2))
+    with torch.no_grad():
+        for layer in mope_layers(model):
+            layer.mope_experts["default"].lora_B.mul_(50.0)  # strong enough that routing changes the tokens
+    init_arrow(model)
+    assert_cache_agrees(model.eval(), prompts(padded=True))
