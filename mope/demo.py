@@ -55,8 +55,13 @@ def matching_lora_rank(num_labels: int) -> tuple[int, int, int]:
     return r, head + r * per_rank, target
 
 
+def launch_command(recipe: str, overrides: list[str]) -> list[str]:
+    """``python -m accelerate.commands.launch ... -m mope.train --recipe RECIPE overrides...`` (also ``mope train``)."""
+    return [sys.executable, *LAUNCH, "-m", "mope.train", "--recipe", recipe, *overrides]
+
+
 def launch(recipe: str, overrides: list[str]) -> dict:
-    command = [sys.executable, *LAUNCH, "-m", "mope.train", "--recipe", recipe, *overrides]
+    command = launch_command(recipe, overrides)
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
     out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("training.output_dir="))

@@ -110,7 +110,7 @@ def test_plots_render_to_png(tmp_path):
     assert heat.axes[0].images[0].get_array().shape == (4, 4)
     position = routing_by_position(report)
     assert len(position.axes) == 2
-    assert "nothing dropped" in position.axes[0].texts[0].get_text()  # no capacity set
+    assert "no drops recorded" in position.axes[0].texts[0].get_text()  # no capacity set
     choices = {name: top1[1] for name, top1 in token_choices(model, batches[0]).items()}
     tokens = [str(i) for i in batches[0]["input_ids"][1].tolist()]
     mapped = token_map(tokens, choices, num_experts=4)

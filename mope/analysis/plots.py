@@ -56,16 +56,25 @@ def routing_by_position(report: Mapping[str, Mapping], module: str | None = None
     if lines and len(lines) <= 8:
         drops.legend(fontsize=6)
     if not lines:
-        drops.text(0.5, 0.5, "no capacity limit: nothing dropped", ha="center", va="center", transform=drops.transAxes)
-    drops.set(xlabel="position", ylabel="drop rate", title="dropped assignments by position")
+        drops.text(
+            0.5,
+            0.5,
+            "no drops recorded (no capacity limit,\nor a causal model outside training)",
+            ha="center",
+            va="center",
+            transform=drops.transAxes,
+        )
+    drops.set(xlabel="position", ylabel="drop rate")
+    drops.set_title("dropped assignments by position", fontsize=9)
     by_position = np.asarray(report[module].get("load_by_position") or [[]])
     if by_position.size:
         positions = np.arange(by_position.shape[0])
         shares.stackplot(positions, by_position.T, labels=[f"expert {e}" for e in range(by_position.shape[1])])
-        shares.legend(fontsize=6, loc="upper right")
+        shares.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         shares.set_xlim(0, max(positions[-1], 1))
         shares.set_ylim(0, 1)
-    shares.set(xlabel="position", ylabel="share of dispatch", title=f"experts by position: {short_name(module)}")
+    shares.set(xlabel="position", ylabel="share of dispatch")
+    shares.set_title(f"experts by position\n{short_name(module)}", fontsize=9)
     return fig
 
 
@@ -87,12 +96,18 @@ def token_map(tokens: Sequence[str], choices: Mapping[str, torch.Tensor], num_ex
     return fig
 
 
-def text_token_map(model: nn.Module, tokenizer, text: str, adapter_name: str = "default") -> Figure:
-    """:func:`token_map` for one text: tokenise, run the model once, plot each token's top-1 expert per layer."""
-    batch = tokenizer([text], return_tensors="pt")
+def text_token_map(
+    model: nn.Module, tokenizer, text: str, adapter_name: str = "default", max_tokens: int = 48
+) -> Figure:
+    """:func:`token_map` for one text (its first ``max_tokens`` tokens): run the model once, plot top-1 experts.
+
+    Modules that see no per-token states (e.g. BERT's pooler, fed the first token only) are left out.
+    """
+    batch = tokenizer([text], return_tensors="pt", truncation=True, max_length=max_tokens)
     device = next(model.parameters()).device
     choices = token_choices(model, {k: v.to(device) for k, v in batch.items()}, adapter_name)
     tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
-    routers = {n: m for n, m in model.named_modules() if n in choices}
-    num_experts = max(routers[n].mope_router[adapter_name].num_experts for n in choices) if choices else None
-    return token_map(tokens, {n: c[0] for n, c in choices.items()}, num_experts)
+    per_token = {n: c[0] for n, c in choices.items() if tuple(c.shape) == (1, len(tokens))}
+    modules = dict(model.named_modules())
+    num_experts = max((modules[n].mope_router[adapter_name].num_experts for n in per_token), default=None)
+    return token_map(tokens, per_token, num_experts)

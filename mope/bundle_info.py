@@ -1,0 +1,79 @@
+"""What a bundle holds, from its config file and the safetensors header alone (no model, no tensor data).
+
+``mope inspect`` prints this; it is cheap enough to run on any bundle, also one for a base
+model the machine does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+
+from .bundle import read_bundle_header
+
+# Parameter groups by the attribute a tensor name passes through (MoPELayer.adapter_layer_names).
+PARAMETER_GROUPS = {".mope_experts.": "experts", ".mope_router.": "routers"}
+# Config fields shown as the summary, in this order.
+SUMMARY_FIELDS = (
+    "task_type",
+    "expert_type",
+    "num_experts",
+    "num_shared_experts",
+    "r",
+    "router",
+    "top_k",
+    "routing_level",
+    "capacity_factor",
+    "target_modules",
+    "modules_to_save",
+    "base_model_name_or_path",
+)
+
+
+@dataclass
+class BundleInfo:
+    config: dict  # adapter_config.json as written
+    adapted_modules: int  # modules carrying experts
+    parameters: dict[str, int] = field(default_factory=dict)  # experts / routers / other
+    file_bytes: int = 0  # adapter_model.safetensors + adapter_config.json
+
+    def summary(self) -> dict[str, object]:
+        return {key: self.config.get(key) for key in SUMMARY_FIELDS}
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """``adapter_config.json`` of a MoPE bundle; ValueError naming the folder when absent or not MoPE."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isdir(folder):
+        raise ValueError(f"bundle folder '{folder}' does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"'{folder}' is not a bundle: it has no {CONFIG_NAME}")
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from error
+    if not isinstance(config, dict) or config.get("peft_type") != "MOPE":
+        found = config.get("peft_type") if isinstance(config, dict) else None
+        raise ValueError(f"'{folder}' is not a MoPE bundle (peft_type {found!r} in {CONFIG_NAME})")
+    return config
+
+
+def describe_bundle(folder: str | os.PathLike) -> BundleInfo:
+    """Config, adapted-module count, parameter counts by group and file size of the bundle in ``folder``."""
+    folder = os.fspath(folder)
+    config = read_config(folder)
+    header = read_bundle_header(folder)
+    parameters = {"experts": 0, "routers": 0, "other": 0}
+    modules = set()
+    for name, shape in header.items():
+        group = next((g for marker, g in PARAMETER_GROUPS.items() if marker in name), "other")
+        parameters[group] += math.prod(shape)
+        if group == "experts":
+            modules.add(name.split(".mope_experts.")[0])
+    size = sum(os.path.getsize(os.path.join(folder, f)) for f in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME))
+    return BundleInfo(config, len(modules), parameters, size)

