@@ -78,9 +78,14 @@ def generate_with_routing(tuner: Any, *args: Any, **kwargs: Any) -> Any:
     """``tuner.model.generate`` with mope's inputs given to every step and sequence decisions pinned."""
     context: RoutingContext = tuner.routing_context
     given = {spec.name: kwargs.pop(spec.name) for spec in CAPTURED_INPUTS if spec.consumed and spec.name in kwargs}
+    found = generate_inputs(args, kwargs)
+    if getattr(getattr(tuner.model, "config", None), "is_encoder_decoder", False) and "input_ids" in found:
+        # decoding steps get encoder_outputs, not input_ids, yet the decoder's cross-attention k/v layers
+        # route encoder tokens: hash routing reads their ids from here
+        given["input_ids"] = found["input_ids"]
     with context.giving(**given):
         # steps that do not pass through the model's forward (an encoder-decoder's encoder) see these
-        context.begin({**generate_inputs(args, kwargs), **context.given}, collecting=False)
+        context.begin({**found, **context.given}, collecting=False)
         context.decisions.clear()
         context.decisions.pinned = True
         try:

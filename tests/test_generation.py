@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import MODELS, make_model
 from peft import get_peft_model
 
 import mope
@@ -52,7 +52,7 @@ ROWS: dict[str, dict] = {
 def generation_model(model_name: str = "llama", **kwargs) -> torch.nn.Module:
     """A wrapped tiny model whose experts change its outputs and whose routers make sharp, varied choices."""
     base = {"target_modules": "all-linear", "num_experts": 4, "top_k": 2, "r": 4, "init_weights": False}
-    config = mope.MoPEConfig(task_type="CAUSAL_LM", **{**base, **kwargs})
+    config = mope.MoPEConfig(task_type=MODELS[model_name][1], **{**base, **kwargs})
     model = get_peft_model(make_model(model_name), config)
     torch.manual_seed(5)
     with torch.no_grad():
@@ -81,7 +81,8 @@ def greedy(model, batch: dict, use_cache: bool) -> torch.Tensor:
 
 def assert_cache_agrees(model, batch: dict) -> None:
     cached, uncached = greedy(model, batch, True), greedy(model, batch, False)
-    assert cached.shape == (2, batch["input_ids"].shape[1] + 6)
+    start = 1 if model.config.is_encoder_decoder else batch["input_ids"].shape[1]  # decoder start token or prompt
+    assert cached.shape == (2, start + 6)
     assert torch.equal(cached, uncached), f"cached {cached.tolist()}\nuncached {uncached.tolist()}"
 
 
@@ -111,6 +112,15 @@ def test_task_level_generation_with_kv_cache():
 def test_gpt2_conv1d_generation_with_kv_cache(padded):
     model = generation_model("gpt2", capacity_factor=0.5)
     assert_cache_agrees(model, prompts(padded))
+
+
+T5_ROWS = {name: ROWS[name] for name in ("top_k", "switch", "hash", "sequence_level")}
+
+
+@pytest.mark.parametrize("row", list(T5_ROWS))
+def test_t5_generation_with_kv_cache(row):
+    """Encoder-decoder: the decoder's cross-attention k/v layers route encoder tokens (hash: by the prompt's ids)."""
+    assert_cache_agrees(generation_model("t5", **T5_ROWS[row]), prompts(padded=True))
 
 
 def test_expert_choice_generation_is_refused_clearly():
