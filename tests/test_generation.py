@@ -114,6 +114,15 @@ def test_gpt2_conv1d_generation_with_kv_cache(padded):
     assert_cache_agrees(model, prompts(padded))
 
 
+@pytest.mark.parametrize("row", ["top_k", "sequence_level", "hash"])
+def test_beam_search_with_kv_cache(row):
+    """Beams expand the batch: sequence decisions are repeated per beam, token ids follow the reordered beams."""
+    model, batch = generation_model(**ROWS[row]), prompts(padded=True)
+    beams = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "num_return_sequences": 2, "pad_token_id": 0}
+    cached, uncached = (model.generate(**batch, **beams, use_cache=use_cache) for use_cache in (True, False))
+    assert cached.shape == (4, 12) and torch.equal(cached, uncached)
+
+
 T5_ROWS = {name: ROWS[name] for name in ("top_k", "switch", "hash", "sequence_level")}
 
 
