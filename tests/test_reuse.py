@@ -229,6 +229,10 @@ def test_mismatched_modules_and_shapes_are_refused(llama_adapters, tmp_path):
     assert_refused([good, fewer], r"r2'.*adapts module 'model\.layers\.0\.mlp\.down_proj', which .*fewer' does not")
     assert_refused([good], r"target_modules=.*leaves out module", mope.MoPEConfig(target_modules=["q_proj"]))
     assert_refused([good], "num_experts=3", mope.MoPEConfig(num_experts=3))
+    assert_refused(
+        [good], "picks module .* which the adapters do not adapt", mope.MoPEConfig(target_modules="all-linear")
+    )
+    mope.from_lora_adapters(make_model("llama"), [good], mope.MoPEConfig(top_k=1, target_modules=LLAMA_TARGETS))
     gpt2 = train_lora("gpt2", tmp_path / "gpt2", seed=5, r=2, target_modules=["c_attn"], fan_in_fan_out=True)
     assert_refused([gpt2], "c_attn' is not in the base model")
     assert_refused(
@@ -262,3 +266,24 @@ def test_arrow_generation_with_kv_cache_equals_without(llama_adapters):
             layer.mope_experts["default"].lora_B.mul_(50.0)  # strong enough that routing changes the tokens
     init_arrow(model)
     assert_cache_agrees(model.eval(), prompts(padded=True))
+
+
+def test_arrow_equals_peft_arrow_given_the_same_prototypes(llama_adapters, tmp_path):
+    """PEFT's own Arrow (lora/arrow.py) is the reference for scores, top-k and mixing. Its prototypes come
+    from 15 power iterations, which miss the top singular vector when s2/s1 is near 1 (it is, for LoRAs
+    trained a few steps), so both use mope's exact ones here."""
+    from peft import ArrowConfig, create_arrow_model
+
+    other = train_lora("llama", tmp_path / "r4b", seed=6, r=4, lora_alpha=4, target_modules=LLAMA_TARGETS)
+    paths = [llama_adapters[2], other]  # PEFT's Arrow needs equal ranks
+    batch = make_batch("llama", pad=2)
+    for k in (1, 2):
+        ours = mope.from_lora_adapters(make_model("llama"), paths, mope.MoPEConfig(router="arrow", top_k=k))
+        ref = create_arrow_model(make_model("llama"), [str(p) for p in paths], ArrowConfig(top_k=k, rng_seed=0))
+        with torch.no_grad():
+            ref(**batch)  # PEFT builds its prototypes on the first forward
+            modules = dict(ref.base_model.model.named_modules())
+            for layer in mope_layers(ours):
+                (arrow,) = [m for m in modules[layer.module_name].modules() if hasattr(m, "prototypes")]
+                arrow.prototypes.copy_(layer.mope_router["default"].weight)
+            torch.testing.assert_close(ours(**batch).logits, ref(**batch).logits, rtol=0, atol=1e-5)
