@@ -97,17 +97,25 @@ def token_map(tokens: Sequence[str], choices: Mapping[str, torch.Tensor], num_ex
 
 
 def text_token_map(
-    model: nn.Module, tokenizer, text: str, adapter_name: str = "default", max_tokens: int = 48
+    model: nn.Module,
+    tokenizer,
+    text: str,
+    adapter_name: str = "default",
+    max_tokens: int = 48,
+    only: str | None = None,
 ) -> Figure:
     """:func:`token_map` for one text (its first ``max_tokens`` tokens): run the model once, plot top-1 experts.
 
-    Modules that see no per-token states (e.g. BERT's pooler, fed the first token only) are left out.
+    ``only``: keep modules whose name contains it (e.g. ``"query"``). Modules that see no
+    per-token states (e.g. BERT's pooler, fed the first token only) are left out.
     """
     batch = tokenizer([text], return_tensors="pt", truncation=True, max_length=max_tokens)
     device = next(model.parameters()).device
     choices = token_choices(model, {k: v.to(device) for k, v in batch.items()}, adapter_name)
     tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
-    per_token = {n: c[0] for n, c in choices.items() if tuple(c.shape) == (1, len(tokens))}
+    per_token = {
+        n: c[0] for n, c in choices.items() if tuple(c.shape) == (1, len(tokens)) and (only is None or only in n)
+    }
     modules = dict(model.named_modules())
     num_experts = max((modules[n].mope_router[adapter_name].num_experts for n in per_token), default=None)
     return token_map(tokens, per_token, num_experts)
