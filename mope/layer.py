@@ -59,18 +59,13 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         module_name: str = "",
     ) -> None:
         super().__init__()
-        if not supported_base_layer(base_layer):
-            raise ValueError(
-                f"Module '{module_name}' is a {type(base_layer).__name__}; MoPE experts attach to "
-                f"{', '.join(t.__name__ for t in SUPPORTED_BASE_LAYERS)} only. Adjust target_modules."
-            )
+        self.in_features, self.out_features = self.base_features(base_layer, module_name)
         self.base_layer = base_layer
         self.mope_experts = nn.ModuleDict()
         self.mope_router = nn.ModuleDict()
         self.mope_settings: dict[str, AdapterSettings] = {}
         self.mope_block: dict[str, BlockLink] = {}  # plain dict: the leader must not become a submodule
-        self.in_features, self.out_features = _get_in_out_features(base_layer)
-        self.weight_transposed = next(t for cls, t in SUPPORTED_BASE_LAYERS.items() if isinstance(base_layer, cls))
+        self.weight_transposed = any(t for cls, t in SUPPORTED_BASE_LAYERS.items() if isinstance(base_layer, cls))
         self.routing_context = context
         self.mask_key = mask_key
         self.module_name = module_name
@@ -80,12 +75,26 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+    @staticmethod
+    def base_features(base_layer: nn.Module, module_name: str) -> tuple[int, int]:
+        """``(in_features, out_features)`` of a module experts can wrap; ValueError naming it otherwise."""
+        if not supported_base_layer(base_layer):
+            raise ValueError(
+                f"Module '{module_name}' is a {type(base_layer).__name__}; MoPE experts attach to "
+                f"{', '.join(t.__name__ for t in SUPPORTED_BASE_LAYERS)} (or, as whole-FFN experts, to a gated "
+                "MLP block: mope.ffn_layer) only. Adjust target_modules."
+            )
+        return _get_in_out_features(base_layer)
+
+    def make_bank(self, config, num_experts: int) -> nn.Module:
+        return EXPERT_BANKS[config.expert_type](
+            self.in_features, self.out_features, config, num_experts, module_name=self.module_name
+        )
+
     def update_layer(self, adapter_name: str, config, inference_mode: bool = False) -> None:
         num_experts, top_k = config.module_settings(self.module_name)
         num_shared = config.num_shared_experts
-        self.mope_experts[adapter_name] = EXPERT_BANKS[config.expert_type](
-            self.in_features, self.out_features, config, num_experts, module_name=self.module_name
-        )
+        self.mope_experts[adapter_name] = self.make_bank(config, num_experts)
         router_features = ROUTING_LEVELS[config.routing_level].router_features(self.in_features, config)
         self.mope_router[adapter_name] = ROUTERS[config.router](
             router_features, num_experts - num_shared, top_k, config

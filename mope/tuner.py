@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from .bundle import describe_mismatch
 from .config import pattern_matches
 from .context import CAPTURED_INPUTS, RoutingContext
+from .ffn_layer import layer_class_for
 from .forward_inputs import generate_with_routing
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES
@@ -245,7 +246,7 @@ class MoPEModel(BaseTuner):
             target.update_layer(adapter_name, config, inference_mode=config.inference_mode)
             return
         ROUTERS[config.router].check_module(self.model, current_key, config)
-        new_module = MoPELayer(
+        new_module = layer_class_for(target)(
             target,
             adapter_name,
             config,

@@ -1,0 +1,173 @@
+"""Whole-FFN experts (MixLoRA, Li et al. 2024): each expert is the gated MLP with its own LoRAs.
+
+Target an MLP *block* instead of its projections (``target_modules=["mlp"]`` on Llama, Mistral,
+Qwen2: a module with ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn``) and every expert is
+a full FFN with a LoRA on each of its three projections and its own nonlinearity:
+
+    h_e(x)   = act((W1 + s dW1_e) x) * (W3 + s dW3_e) x
+    FFN_e(x) = (W2 + s dW2_e) h_e(x)
+    y        = sum_e g_e FFN_e(x) + (1 - sum_e g_e) FFN(x)
+
+The last term gives the frozen MLP whatever weight the gate does not hand out: 0 for a
+renormalised top-k or a dense gate, the whole token for one that capacity dropped (as a frozen
+layer would), and it keeps ``init_weights=True`` an exact start at the base model even with
+shared experts (weight 1 each).
+
+Cost: W2 is linear, so ``sum_e g_e W2 h_e = W2 (sum_e g_e h_e)``: the frozen down projection runs
+once per token on the gate-weighted sum of the experts' hidden states, not k times; ``W1 x`` and
+``W3 x`` run once too. Per (token, expert) pair only the rank-r deltas and the elementwise
+nonlinearity run, on the expert's tokens grouped by ``mope.dispatch.sort_pairs`` (a loop over
+experts, never over tokens). The k hidden states per token are what MixLoRA's extra memory is.
+
+Per-projection experts (``target_modules=["gate_proj", "up_proj", "down_proj"]``, optionally
+with ``router_blocks=["mlp"]``) are the cheaper alternative: one nonlinearity, mixtures inside
+each linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .dispatch import sort_pairs
+from .experts.lora import LoRAExpertBank
+from .layer import MoPELayer
+from .routing import ROUTERS
+
+
+@dataclass(frozen=True)
+class GatedMLP:
+    """Attribute names of a gated MLP block: ``down(act(gate(x)) * up(x))``."""
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    act: str = "act_fn"
+
+    def matches(self, module: nn.Module) -> bool:
+        linears = (getattr(module, name, None) for name in (self.gate, self.up, self.down))
+        return all(isinstance(m, nn.Linear) for m in linears) and callable(getattr(module, self.act, None))
+
+
+# Block layouts that can carry whole-FFN experts; add one line for another family's MLP.
+FFN_BLOCKS: tuple[GatedMLP, ...] = (GatedMLP(),)
+
+
+def ffn_block_layout(module: nn.Module) -> GatedMLP | None:
+    return next((layout for layout in FFN_BLOCKS if layout.matches(module)), None)
+
+
+class FFNExpertBank(nn.Module):
+    """N whole-FFN experts: a LoRA stack per projection (``gate``, ``up``: d -> F; ``down``: F -> d)."""
+
+    def __init__(self, hidden: int, inner: int, config, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate = LoRAExpertBank(hidden, inner, config, num_experts)
+        self.up = LoRAExpertBank(hidden, inner, config, num_experts)
+        self.down = LoRAExpertBank(inner, hidden, config, num_experts)
+
+    def merge_blocker(self) -> str | None:
+        return "whole-FFN experts mix nonlinear blocks; no update of the base weights reproduces them"
+
+    @staticmethod
+    def lora(bank: LoRAExpertBank, e: int, x: torch.Tensor) -> torch.Tensor:
+        return (bank.dropout(x) @ bank.lora_A[e].t()) @ bank.lora_B[e] * bank.scaling
+
+    def mix(
+        self,
+        x: torch.Tensor,
+        gate_out: torch.Tensor,
+        up_out: torch.Tensor,
+        hidden: torch.Tensor,
+        weights: torch.Tensor,
+        act: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For flat tokens: ``sum_e g_e h_e + (1 - sum_e g_e) h`` and ``sum_e g_e s dW2_e h_e``.
+
+        ``x [T, d]``; ``gate_out``, ``up_out``, ``hidden [T, F]`` are the base MLP's ``W1 x``, ``W3 x``
+        and ``act(W1 x) * W3 x``; ``weights [T, N]`` the gate weights (zero where unused).
+        """
+        pairs = sort_pairs(weights, 1.0, hidden.dtype)
+        index = pairs.token
+        rows, gates, ups = (t.index_select(0, index).split(pairs.sizes) for t in (x, gate_out, up_out))
+        states, deltas = [], []
+        for e, (xs, gs, us) in enumerate(zip(rows, gates, ups, strict=True)):
+            if not pairs.sizes[e]:
+                continue
+            h = act(gs + self.lora(self.gate, e, xs)) * (us + self.lora(self.up, e, xs))
+            states.append(h)
+            deltas.append(self.lora(self.down, e, h))
+        if not states:  # no token uses any expert (e.g. all dropped): the frozen MLP alone
+            return hidden, hidden.new_zeros(hidden.shape[0], self.down.lora_B.shape[-1])
+        remainder = (1.0 - weights.sum(-1, keepdim=True)).to(hidden.dtype)
+        mixed = (hidden * remainder).index_add(0, index, torch.cat(states) * pairs.gate)
+        delta = torch.cat(deltas) * pairs.gate
+        return mixed, delta.new_zeros(hidden.shape[0], delta.shape[-1]).index_add(0, index, delta)
+
+
+class MoPEFFNLayer(MoPELayer):
+    """Wraps a gated MLP block; per active adapter, route once, then mix whole-FFN experts."""
+
+    @staticmethod
+    def base_features(base_layer: nn.Module, module_name: str) -> tuple[int, int]:
+        layout = ffn_block_layout(base_layer)
+        if layout is None:
+            raise ValueError(f"Module '{module_name}' is not a gated MLP block (gate_proj, up_proj, down_proj, act_fn)")
+        return getattr(base_layer, layout.gate).in_features, getattr(base_layer, layout.down).out_features
+
+    def make_bank(self, config, num_experts: int) -> nn.Module:
+        if config.expert_type != "lora":
+            raise ValueError(
+                f"Module '{self.module_name}' is an MLP block: whole-FFN experts are LoRA experts, but "
+                f"MoPEConfig.expert_type={config.expert_type!r}. Target its projections instead."
+            )
+        if ROUTERS[config.router].applies_experts:
+            raise ValueError(
+                f"MoPEConfig.router={config.router!r} applies experts itself and cannot drive whole-FFN experts "
+                f"on MLP block '{self.module_name}'; target its projections instead."
+            )
+        layout = ffn_block_layout(self.base_layer)
+        inner = getattr(self.base_layer, layout.gate).out_features
+        return FFNExpertBank(self.in_features, inner, config, num_experts)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """PEFT finds no ``weight`` on an MLP block; follow its down projection's device and dtype."""
+        weight = getattr(self.base_layer, ffn_block_layout(self.base_layer).down).weight
+        dtype = weight.dtype if weight.is_floating_point() else None
+        for layer_name in self.adapter_layer_names:
+            modules = getattr(self, layer_name)
+            if adapter_name in modules:
+                modules[adapter_name] = modules[adapter_name].to(device or weight.device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        active = [name for name in self.active_adapters if name in self.mope_experts]
+        if self.disable_adapters or not active:
+            return self.base_layer(x, *args, **kwargs)
+        mlp, layout = self.base_layer, ffn_block_layout(self.base_layer)
+        act, down = getattr(mlp, layout.act), getattr(mlp, layout.down)
+        gate_out, up_out = getattr(mlp, layout.gate)(x), getattr(mlp, layout.up)(x)
+        hidden = act(gate_out) * up_out
+        flat = (x.reshape(-1, x.shape[-1]), gate_out.flatten(0, -2), up_out.flatten(0, -2), hidden.flatten(0, -2))
+        inputs = self.routing_inputs(x)
+        mixed, delta = flat[3], 0
+        for name in active:
+            routing = self.route(name, x, inputs)
+            weights = self.gate_weights(name, routing.weights).reshape(-1, self.mope_settings[name].num_experts)
+            bank = self.mope_experts[name]
+            dtype = bank.gate.lora_A.dtype
+            adapter_mixed, adapter_delta = bank.mix(*(t.to(dtype) for t in flat), weights, act)
+            mixed = mixed + (adapter_mixed - flat[3].to(dtype)).to(mixed.dtype)
+            delta = delta + adapter_delta
+            if self.routing_context is not None and self.training and name in self.mope_router:
+                self._record_losses(self.routing_context, name, routing, inputs)
+        out = down(mixed) + delta  # the one pass of the frozen down projection
+        return out.to(hidden.dtype).reshape(*x.shape[:-1], -1)
+
+
+def layer_class_for(target: nn.Module) -> type[MoPELayer]:
+    """Whole-FFN experts for a gated MLP block, per-module experts for everything else."""
+    return MoPEFFNLayer if ffn_block_layout(target) is not None else MoPELayer

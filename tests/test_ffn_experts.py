@@ -1,0 +1,173 @@
+"""Whole-FFN experts (MixLoRA) on gated MLP blocks, against a reference that runs each expert's FFN in full."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_round_trip, make_batch, make_model
+from peft import get_peft_model
+from torch.nn import functional as F
+
+import mope
+from mope.ffn_layer import MoPEFFNLayer
+
+
+def ffn_model(init_weights: bool = False, **overrides):
+    settings = {"num_experts": 4, "top_k": 2, "r": 4, "lora_alpha": 8, "router_init_std": 1.0} | overrides
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["mlp"], init_weights=init_weights, **settings)
+    return get_peft_model(make_model("llama"), config)
+
+
+def ffn_layers(model) -> list[MoPEFFNLayer]:
+    return [m for m in model.modules() if isinstance(m, MoPEFFNLayer)]
+
+
+def expert_weight(base: torch.nn.Linear, bank, e: int) -> torch.Tensor:
+    """W + s B_e^T A_e in nn.Linear layout, formed explicitly."""
+    return base.weight + bank.scaling * bank.lora_B[e].t() @ bank.lora_A[e]
+
+
+def reference_ffn(layer: MoPEFFNLayer, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_e g_e FFN_e(x) + (1 - sum_e g_e) FFN(x)``, each expert a full MLP with its own weights."""
+    mlp, bank = layer.base_layer, layer.mope_experts["default"]
+    out = (1 - weights.sum(-1, keepdim=True)) * mlp(x)
+    for e in range(bank.num_experts):
+        h = mlp.act_fn(F.linear(x, expert_weight(mlp.gate_proj, bank.gate, e))) * F.linear(
+            x, expert_weight(mlp.up_proj, bank.up, e)
+        )
+        out = out + weights[..., e : e + 1] * F.linear(h, expert_weight(mlp.down_proj, bank.down, e))
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"router": "dense"},
+        {"num_experts": 5, "num_shared_experts": 1},
+        {"router": "switch", "capacity_factor": 0.5},  # drops tokens: they keep the frozen MLP
+        {"top_k_order": "softmax_then_topk_unnormalised"},
+    ],
+    ids=["top2", "dense", "shared", "capacity", "unnormalised"],
+)
+def test_layer_equals_the_full_ffn_reference_in_value_and_gradient(overrides):
+    model = ffn_model(**overrides)
+    model.train()
+    batch = make_batch("llama", pad=2)
+    layer = ffn_layers(model)[0]
+    x = torch.randn(2, 8, 64, requires_grad=True)
+    mask = batch["attention_mask"]
+    model.base_model.routing_context.begin({"attention_mask": mask}, collecting=False)
+    got = layer(x)
+    gate = layer.gate_weights("default", layer.mope_router["default"](x, layer.routing_inputs(x)).weights)
+    want = reference_ffn(layer, x, gate)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    params = [p for p in layer.parameters() if p.requires_grad] + [x]
+    probe = torch.randn_like(want)
+    grads = torch.autograd.grad((got * probe).sum(), params, allow_unused=True)
+    want_grads = torch.autograd.grad((want * probe).sum(), params, allow_unused=True)
+    for g, w in zip(grads, want_grads, strict=True):
+        if w is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_dropped_tokens_keep_the_frozen_mlp():
+    model = ffn_model(router="switch", capacity_factor=0.25)
+    model.train()
+    layer = ffn_layers(model)[0]
+    x = torch.randn(1, 16, 64)
+    routing = layer.mope_router["default"](x, layer.routing_inputs(x))
+    dropped = routing.weights.sum(-1) == 0
+    assert dropped.any() and not dropped.all()
+    torch.testing.assert_close(layer(x)[dropped], layer.base_layer(x)[dropped], rtol=0, atol=1e-6)
+
+
+def test_frozen_projections_run_once_per_forward_not_k_times():
+    """W2 (and W1, W3) see each token once: sum_e g_e W2 h_e = W2 sum_e g_e h_e."""
+    model = ffn_model(top_k=2)
+    mlp = ffn_layers(model)[0].base_layer
+    rows: dict[str, list[int]] = {"gate_proj": [], "up_proj": [], "down_proj": []}
+    for name, seen in rows.items():
+        getattr(mlp, name).register_forward_hook(lambda m, a, o, seen=seen: seen.append(a[0].shape[:-1].numel()))
+    batch = make_batch("llama")
+    model(**batch)
+    tokens = batch["input_ids"].numel()
+    assert rows == {"gate_proj": [tokens], "up_proj": [tokens], "down_proj": [tokens]}
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_experts": 5, "num_shared_experts": 1}], ids=["top2", "shared"])
+def test_init_weights_starts_at_the_base_model(overrides):
+    base = make_model("llama")
+    batch = make_batch("llama", pad=2)
+    with torch.no_grad():
+        want = base(**batch).logits
+        got = ffn_model(init_weights=True, **overrides)(**batch).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_trains_saves_and_loads(tmp_path):
+    model = ffn_model(init_weights=True)
+    model.train()
+    batch = make_batch("llama")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        out = model(**batch)
+        assert out.aux_loss is not None and out.aux_loss > 0
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".mlp.mope_" in n for n in trained)
+    assert_round_trip(model, "llama", tmp_path / "bundle")
+
+
+def test_generate_with_cache_equals_without():
+    model = ffn_model()
+    model.eval()
+    prompt = make_batch("llama", pad=2)
+    prompt.pop("labels")
+    kwargs = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = model.generate(**prompt, use_cache=True, **kwargs)
+        uncached = model.generate(**prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_per_projection_and_block_targets_mix_in_one_model():
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "mlp"], init_weights=False)
+    model = get_peft_model(make_model("llama"), config)
+    assert len(ffn_layers(model)) == 2
+    assert sum(type(m) is mope.MoPELayer for m in model.modules()) == 4
+    model(**make_batch("llama")).loss.backward()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"expert_type": "adapter"}, "whole-FFN experts are LoRA experts"),
+        ({"router": "soft_merge", "routing_level": "sequence"}, "cannot drive whole-FFN experts"),
+    ],
+)
+def test_unsupported_settings_are_refused_and_the_model_is_unchanged(overrides, message):
+    base = make_model("llama")
+    before = {name: type(m) for name, m in base.named_modules()}
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["mlp"], **overrides)
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(base, config)
+    assert {name: type(m) for name, m in base.named_modules()} == before
+
+
+def test_merge_is_refused_with_nothing_changed():
+    model = ffn_model()
+    batch = make_batch("llama")
+    with torch.no_grad():
+        before = model(**batch).logits
+    with pytest.raises(ValueError, match="whole-FFN experts"):
+        model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
