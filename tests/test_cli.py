@@ -146,3 +146,27 @@ def test_train_validates_the_recipe_then_launches_accelerate(monkeypatch, tmp_pa
     assert_user_error(run("train", tmp_path / "no.yaml"), "no.yaml")
     assert not calls[1:]
     assert os.path.isfile(recipe)
+
+
+def test_stability_of_a_bundle_with_itself_is_one_everywhere(built):
+    base, bundle, data = built
+    result = run("stability", bundle, bundle, "--base", base, "--data", data, "--max-examples", 4)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if ".0." in line or ".1." in line]  # one per router
+    assert len(rows) == 4
+    assert all(line.count("1.000") == 2 for line in rows)
+
+
+def test_collapse_can_weigh_experts_by_their_load_on_data(built, tmp_path):
+    from safetensors.torch import load_file
+
+    base, bundle, data = built
+    result = run("export-lora", bundle, "--base", base, "--out", tmp_path / "rule", "--method", "concat")
+    assert result.exit_code == 0, result.output
+    result = run("collapse", bundle, "--base", base, "--out", tmp_path / "load", "--method", "concat", "--data", data)
+    assert result.exit_code == 0, result.output
+    assert "measured on" in result.stdout
+    rule = load_file(tmp_path / "rule" / "adapter_model.safetensors")
+    measured = load_file(tmp_path / "load" / "adapter_model.safetensors")
+    b_keys = [k for k in rule if k.endswith("lora_B.weight")]
+    assert b_keys and any(not torch.equal(rule[k], measured[k]) for k in b_keys)
