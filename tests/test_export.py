@@ -42,6 +42,7 @@ EXACT_CASES = {
     "bert-classifier-head": ("bert", {}, None),
     "llama-task-top2-shared": ("llama", {**TASK, "num_experts": 5, "num_shared_experts": 1}, 2),
     "llama-task-shared-a": ("llama", {**TASK, "num_experts": 4, "expert_type": "lora_shared_a"}, 1),
+    "llama-task-per-module-counts": ("llama", {**TASK, "num_experts": 2, "num_experts_pattern": {"q_proj": 4}}, 0),
 }
 
 
@@ -197,3 +198,22 @@ def test_export_is_saved_in_the_experts_dtype(tmp_path):
     mope.export_lora(model, tmp_path, rank=2)
     state = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
+
+
+def test_block_routing_usage_is_read_from_the_blocks_router(tmp_path):
+    """With router_blocks, routing_stats reports the leader's module only; its followers use that entry."""
+    model = mope_model(
+        "llama",
+        routing_level="task",
+        num_tasks=1,
+        num_experts=3,
+        top_k=1,
+        target_modules=["q_proj", "k_proj", "v_proj"],
+        router_blocks=["self_attn"],
+    )
+    with mope.routing_stats(model) as stats:
+        want = logits(model, "llama", task_ids=torch.zeros(3, dtype=torch.long))
+    report = stats.report()
+    assert len(report) == 2  # one router per layer's attention block
+    mope.export_lora(model, tmp_path, method="concat", usage=report)
+    torch.testing.assert_close(logits(load_lora("llama", tmp_path), "llama"), want, rtol=0, atol=1e-5)
