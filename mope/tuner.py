@@ -226,8 +226,17 @@ class MoPEModel(BaseTuner):
         found = getattr(config, "bundle_tensor_shapes", None)
         if found is None:
             return
-        state = get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=False)
-        expected = {f"base_model.{key}": tuple(value.shape) for key, value in state.items()}
+        expected, optional = (
+            {
+                f"base_model.{key}": tuple(value.shape)
+                for key, value in get_peft_model_state_dict(
+                    self, adapter_name=adapter_name, save_embedding_layers=save
+                ).items()
+            }
+            for save in (False, True)
+        )
+        # PEFT also saves the base weights of a targeted (or resized) embedding / lm_head: allowed, not required
+        found = {key: shape for key, shape in found.items() if key in expected or optional.get(key) != shape}
         problem = describe_mismatch(f"{config.bundle_path}/adapter_model.safetensors", expected, found)
         if problem is not None:
             raise ValueError(problem)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import MODELS, make_batch, make_model
+from conftest import MODELS, assert_round_trip, make_batch, make_model
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import safe_open
@@ -400,3 +400,10 @@ def test_bundle_round_trips_through_a_new_process(tmp_path: Path) -> None:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.allclose(load_file(str(out_file))["logits"], logits, atol=1e-6)
+
+
+def test_lm_head_target_round_trips(tmp_path):
+    """PEFT saves the targeted lm_head's base weight with the adapter; loading accepts that copy."""
+    config = MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"], init_weights=False)
+    model = get_peft_model(make_model("llama"), config)
+    assert_round_trip(model, "llama", tmp_path / "bundle")
