@@ -202,52 +202,48 @@ def collapse_inputs(bundle: Path, base: str, data: str | None, text_column: str,
     return model, measured.report()
 
 
-@app.command()
-def collapse(
-    bundle: Bundle,
-    base: Base,
-    out: Out,
-    method: Method = "svd",
-    rank: Rank = None,
-    data: UsageData = None,
-    text_column: TextColumn = "text",
-    max_examples: MaxExamples = None,
-) -> None:
-    """Collapse the mixture into one LoRA per module, print what it became, and write it as a PEFT LoRA bundle."""
-    from .bundle import save_pretrained
-    from .bundle_info import describe_bundle
-    from .export import LoraBundle, collapse_to_lora
+def lora_command(summary: bool):
+    """``collapse`` (summary: collapse_to_lora, a table) and ``export-lora`` (export_lora, one line): same options."""
 
-    with user_errors():
-        mixture = describe_bundle(bundle)
-        model, usage = collapse_inputs(bundle, base, data, text_column, max_examples)
-        config, state = collapse_to_lora(model, method=method, rank=rank, usage=usage)
-        save_pretrained(LoraBundle(config, state), out)
-    lora_params = sum(t.numel() for k, t in state.items() if ".lora_" in k)
-    rows = [["method", method], ["usage", "measured on " + data if data else "router rule"], ["LoRA r", config.r],
-            ["target modules", len(config.target_modules)], ["LoRA parameters", f"{lora_params:,}"],
-            ["mixture expert parameters", f"{mixture.parameters['experts']:,}"], ["written to", out]]  # fmt: skip
-    console.print(table("collapsed to LoRA", ["field", "value"], rows))
+    def command(
+        bundle: Bundle,
+        base: Base,
+        out: Out,
+        method: Method = "svd",
+        rank: Rank = None,
+        data: UsageData = None,
+        text_column: TextColumn = "text",
+        max_examples: MaxExamples = None,
+    ) -> None:
+        from .bundle import save_pretrained
+        from .bundle_info import describe_bundle
+        from .export import LoraBundle, collapse_to_lora, export_lora
+
+        with user_errors():
+            experts = describe_bundle(bundle).parameters["experts"]
+            model, usage = collapse_inputs(bundle, base, data, text_column, max_examples)
+            if not summary:
+                typer.echo(
+                    f"wrote PEFT LoRA bundle to {export_lora(model, out, method=method, rank=rank, usage=usage)}"
+                )
+                return
+            config, state = collapse_to_lora(model, method=method, rank=rank, usage=usage)
+            save_pretrained(LoraBundle(config, state), out)
+        lora_params = sum(t.numel() for k, t in state.items() if ".lora_" in k)
+        rows = [["method", method], ["usage", "measured on " + data if data else "router rule"], ["LoRA r", config.r],
+                ["target modules", len(config.target_modules)], ["LoRA parameters", f"{lora_params:,}"],
+                ["mixture expert parameters", f"{experts:,}"], ["written to", out]]  # fmt: skip
+        console.print(table("collapsed to LoRA", ["field", "value"], rows))
+
+    return command
 
 
-@app.command("export-lora")
-def export_lora(
-    bundle: Bundle,
-    base: Base,
-    out: Out,
-    method: Method = "svd",
-    rank: Rank = None,
-    data: UsageData = None,
-    text_column: TextColumn = "text",
-    max_examples: MaxExamples = None,
-) -> None:
-    """Write the mixture as a plain PEFT LoRA bundle (loads without mope installed)."""
-    from .export import export_lora as export
-
-    with user_errors():
-        model, usage = collapse_inputs(bundle, base, data, text_column, max_examples)
-        path = export(model, out, method=method, rank=rank, usage=usage)
-    typer.echo(f"wrote PEFT LoRA bundle to {path}")
+app.command(
+    "collapse", help="Collapse the mixture into one LoRA per module, print what it became, write a PEFT LoRA bundle."
+)(lora_command(summary=True))
+app.command("export-lora", help="Write the mixture as a plain PEFT LoRA bundle (loads without mope installed).")(
+    lora_command(summary=False)
+)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
