@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(BIN)/python -m mope.demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check mope tests examples benchmarks docs
-	$(BIN)/ruff format --check mope tests examples benchmarks docs
+	$(BIN)/ruff check mope tests examples benchmarks docs/_ext
+	$(BIN)/ruff format --check mope tests examples benchmarks docs/_ext
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
