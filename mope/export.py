@@ -175,6 +175,12 @@ def collapse_modules(
     model: PeftModel, method: str, rank: int | None, usage: Mapping[str, UsageEntry] | None, adapter_name: str
 ) -> list[CollapsedModule]:
     layers = [m for m in model.modules() if isinstance(m, MoPELayer) and adapter_name in m.mope_experts]
+    blocks = [m.module_name for m in layers if type(m.mope_experts[adapter_name]) not in LORA_FACTORS]
+    if blocks:  # whole-FFN experts (mope.ffn_layer) mix nonlinear blocks: no LoRA reproduces them
+        raise ValueError(
+            f"collapse_to_lora: module '{blocks[0]}' has whole-FFN experts (an MLP block was targeted); they mix "
+            "nonlinear blocks, so no single LoRA reproduces them. Target the MLP's projections to collapse."
+        )
     if usage is not None:  # routing_stats keys are PeftModel names; module names lack the prefix
         usage = {key.removeprefix(PEFT_PREFIX): value for key, value in usage.items()}
         routers = {(link.leader if (link := m.mope_block.get(adapter_name)) else m).module_name for m in layers}

@@ -171,3 +171,10 @@ def test_merge_is_refused_with_nothing_changed():
         model.merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
+
+
+def test_collapse_to_lora_is_refused_naming_the_block(tmp_path):
+    model = ffn_model()
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.mlp' has whole-FFN experts"):
+        mope.export_lora(model, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
