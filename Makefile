@@ -39,6 +39,7 @@ docs: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/inference_time.py
+	$(BIN)/python benchmarks/layer_time.py
 
 test: lint docs
 	$(BIN)/python -m pytest -n 2 -q

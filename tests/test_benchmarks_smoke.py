@@ -138,3 +138,19 @@ def test_quick_inference_benchmark_writes_every_row(tmp_path):
     for row in [*forward.values(), *generate.values()]:
         assert_positive(row)
         assert set(row["ratios"]) == {"frozen_base", "peft_lora_r16"}
+
+
+def test_quick_layer_benchmark_writes_every_row(tmp_path):
+    results = run_quick_benchmark(tmp_path, REPO_ROOT / "benchmarks" / "layer_time.py")
+    rows = rows_of(results, "one layer")
+    assert set(rows) == {
+        "frozen_layer",
+        "peft_lora_r8",
+        "peft_lora_r16",
+        "mope_top2_of_8",
+        "mope_top2_of_8_sorted",
+        "naive_loop_top2_of_8",
+    }
+    for row in rows.values():
+        assert_positive(row)
+        assert set(row["ratios"]) == {"peft_lora_r16", "frozen_layer", "naive_loop_top2_of_8"}

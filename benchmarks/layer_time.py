@@ -1,0 +1,137 @@
+"""One adapted linear layer, forward + backward: MoPE against one LoRA, a frozen layer and the naive loop.
+
+Run from the repository root, alone on the machine (CPU, a minute or two):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/layer_time.py [--quick] [--threads N] [--out DIR]
+
+The issue's reference shape: an ``nn.Linear(1024 -> 2048)`` (weight 2048 x 1024) on 2048 tokens,
+fp32. Each candidate wraps the same frozen layer; a step is the forward pass and the backward of
+the output's sum (gradients for the input and the adapter's parameters). Candidates: the frozen
+layer (input gradient only), PEFT LoRA r=8 and r=16, MoPE top-2 of 8 with r=8 (the real
+``MoPELayer`` with its router and both aux losses; dispatch ``auto`` and forced ``sorted``), and
+step_time.py's naive per-expert loop (top-2 of 8, r=8). Interleaved repetitions after warm-up;
+ratios are medians of per-repetition ratios [25-75 %]. Writes ``DIR/layer_time.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from step_time import REPO_ROOT, NaiveLoopMoELoRA, Row, interleaved_times, load_average, machine, paired_ratio
+from step_time import section_table as table
+from torch import nn
+
+import mope
+
+
+class OneLayer(nn.Module):
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(d_in, d_out)
+        self.proj.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def frozen(layer: OneLayer) -> nn.Module:
+    return layer
+
+
+def peft_lora(r: int) -> Callable[[OneLayer], nn.Module]:
+    return lambda layer: get_peft_model(layer, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["proj"]))
+
+
+def mope_top2(dispatch: str) -> Callable[[OneLayer], nn.Module]:
+    config = dict(num_experts=8, top_k=2, r=8, lora_alpha=16, target_modules=["proj"], dispatch=dispatch)
+    return lambda layer: get_peft_model(layer, mope.MoPEConfig(**config))
+
+
+def naive(layer: OneLayer) -> nn.Module:
+    layer.proj = NaiveLoopMoELoRA(layer.proj)
+    return layer
+
+
+CANDIDATES = {
+    "frozen_layer": ("frozen layer (input grad only)", frozen),
+    "peft_lora_r8": ("PEFT LoRA r=8", peft_lora(8)),
+    "peft_lora_r16": ("PEFT LoRA r=16", peft_lora(16)),
+    "mope_top2_of_8": ("MoPE top-2 of 8, r=8 (dispatch auto)", mope_top2("auto")),
+    "mope_top2_of_8_sorted": ("MoPE top-2 of 8, r=8 [dispatch=sorted]", mope_top2("sorted")),
+    "naive_loop_top2_of_8": ("naive per-expert loop, top-2 of 8, r=8", naive),
+}
+
+
+def run(tokens: int, d_in: int, d_out: int, warmup: int, reps: int) -> list[Row]:
+    x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    steps = {}
+    for name, (_, attach) in CANDIDATES.items():
+        model = attach(OneLayer(d_in, d_out)).train()
+
+        def step(model: nn.Module = model) -> None:
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            model(x).sum().backward()
+
+        step()
+        steps[name] = step
+    times = interleaved_times(steps, warmup, reps, "cpu")
+    shape = f"nn.Linear({d_in} -> {d_out}), {tokens} tokens, fp32, forward + backward"
+    refs = ("peft_lora_r16", "frozen_layer", "naive_loop_top2_of_8")
+    return [
+        Row(
+            "one layer",
+            name,
+            label,
+            shape,
+            "ms",
+            value=1000 * statistics.median(times[name]),
+            ratios={ref: paired_ratio(times[name], times[ref]) for ref in refs},
+        )
+        for name, (label, _) in CANDIDATES.items()
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny layer, 3 repetitions (smoke test)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; --quick: 1)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    if args.threads or args.quick:
+        torch.set_num_threads(args.threads or 1)
+    started, info = time.perf_counter(), machine()
+    info["load average (1, 5, 15 min) before"] = str(load_average())
+    shape, warmup, reps = ((64, 32, 64), 1, 3) if args.quick else ((2048, 1024, 2048), 2, 15)
+    rows = run(*shape, warmup=warmup, reps=reps)
+    info["load average (1, 5, 15 min) after"] = str(load_average())
+    info["wall time s"] = round(time.perf_counter() - started, 1)
+    text = "\n".join(
+        [
+            f"# One adapted layer ({'quick' if args.quick else 'full'})",
+            "",
+            *(f"- {key}: {value}" for key, value in info.items()),
+            "",
+            f"Shape: {rows[0].shape}. Ratios: candidate time / reference time, median [25-75 %].",
+            "",
+            table(rows),
+        ]
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "layer_time.md").write_text(text + "\n")
+    payload = {"machine": info, "rows": [asdict(row) for row in rows]}
+    (args.out / "layer_time.json").write_text(json.dumps(payload, indent=1) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
