@@ -25,7 +25,7 @@ from collections import defaultdict
 
 from demo_accuracy import mean_cv
 
-from mope.demo import RECIPES, launch
+from mope.demo import LAUNCH, RECIPES, launch
 from mope.training import quiet_third_party
 
 LORA = "lora r=20"
@@ -33,14 +33,29 @@ LORA = "lora r=20"
 # module's input) instead of one per projection; frees ~147k router parameters for experts.
 PER_LAYER = "adapter.config.router_blocks=['layer\\.\\d+']"
 
+# Fewer, larger experts: top-1 of 4 routed rank-4 experts plus one shared rank-4 expert, one router per layer.
+TOP1_SHARED = [
+    PER_LAYER,
+    "adapter.config.num_experts=5",
+    "adapter.config.num_shared_experts=1",
+    "adapter.config.top_k=1",
+    "adapter.config.top_k_order=softmax_then_topk_unnormalised",
+    "adapter.config.r=4",
+    "adapter.config.lora_alpha=8",
+]
+
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     LORA: ("lora", ["adapter.config.r=20", "adapter.config.lora_alpha=40"]),
+    "lora r=4 (active rank of top-2 r=2)": ("lora", ["adapter.config.r=4", "adapter.config.lora_alpha=8"]),
     "top2": ("mope", []),
+    "top2 alpha8": ("mope", ["adapter.config.lora_alpha=8"]),
     "top2 alpha16": ("mope", ["adapter.config.lora_alpha=16"]),
     "top2 seq": ("mope", ["adapter.config.routing_level=sequence"]),
     "top2 seq alpha16": ("mope", ["adapter.config.routing_level=sequence", "adapter.config.lora_alpha=16"]),
     "top2 no aux": ("mope", ["adapter.config.aux_loss_coef=0", "adapter.config.z_loss_coef=0"]),
     "top2 router lr x10": ("mope", ["training.router_learning_rate=LRx10"]),
+    "top2 router lr /10": ("mope", ["training.router_learning_rate=LR/10"]),
+    "top2 aux0.1": ("mope", ["adapter.config.aux_loss_coef=0.1"]),
     "top2 per-layer +2 shared": (
         "mope",
         [PER_LAYER, "adapter.config.num_experts=10", "adapter.config.num_shared_experts=2"],
@@ -54,26 +69,36 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
             "adapter.config.lora_alpha=16",
         ],
     ),
-    "top1 of 4 r4 +1 shared per-layer": (
+    "top1 of 4 r4 +1 shared per-layer": ("mope", TOP1_SHARED),
+    "top1 of 4 r4 +1 shared per-layer router lr /10": ("mope", [*TOP1_SHARED, "training.router_learning_rate=LR/10"]),
+    "top2 per-layer +2 shared router lr /10": (
         "mope",
         [
             PER_LAYER,
-            "adapter.config.num_experts=5",
-            "adapter.config.num_shared_experts=1",
-            "adapter.config.top_k=1",
-            "adapter.config.top_k_order=softmax_then_topk_unnormalised",
-            "adapter.config.r=4",
-            "adapter.config.lora_alpha=8",
+            "adapter.config.num_experts=10",
+            "adapter.config.num_shared_experts=2",
+            "training.router_learning_rate=LR/10",
         ],
     ),
     "dense": ("mope", ["adapter.config.router=dense"]),
     "dense alpha16": ("mope", ["adapter.config.router=dense", "adapter.config.lora_alpha=16"]),
+    "dense alpha32": ("mope", ["adapter.config.router=dense", "adapter.config.lora_alpha=32"]),
+    "dense alpha64": ("mope", ["adapter.config.router=dense", "adapter.config.lora_alpha=64"]),
+    "dense alpha128": ("mope", ["adapter.config.router=dense", "adapter.config.lora_alpha=128"]),
+    "dense alpha32 router lr /10": (
+        "mope",
+        ["adapter.config.router=dense", "adapter.config.lora_alpha=32", "training.router_learning_rate=LR/10"],
+    ),
+    "top2 alpha8 router lr /10": (
+        "mope",
+        ["adapter.config.lora_alpha=8", "training.router_learning_rate=LR/10"],
+    ),
 }
 
 
 def resolve(overrides: list[str], lr: float) -> list[str]:
-    """Fill in learning-rate-relative values (``LRx10``)."""
-    return [o.replace("LRx10", repr(lr * 10)) for o in overrides]
+    """Fill in learning-rate-relative values (``LRx10``, ``LR/10``)."""
+    return [o.replace("LRx10", repr(lr * 10)).replace("LR/10", repr(lr / 10)) for o in overrides]
 
 
 def read_runs(path: str) -> list[dict]:
@@ -116,6 +141,7 @@ def main() -> None:
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.002])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--threads", type=int, help="CPU threads per run (default: the demo's, all cores)")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     args = parser.parse_args()
     if args.list:
@@ -124,6 +150,8 @@ def main() -> None:
         return
     quiet_third_party()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        LAUNCH[LAUNCH.index("--num_cpu_threads_per_process") + 1] = str(args.threads)
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "defaults_study.jsonl")
     done = {(r["variant"], r["learning_rate"], r["seed"]) for r in read_runs(log)}
