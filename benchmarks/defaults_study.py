@@ -71,6 +71,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     ),
     "top1 of 4 r4 +1 shared per-layer": ("mope", TOP1_SHARED),
     "top1 of 4 r4 +1 shared per-layer router lr /10": ("mope", [*TOP1_SHARED, "training.router_learning_rate=LR/10"]),
+    "top1 of 4 r4 +1 shared per-layer router lr /10 alpha16": (
+        "mope",
+        [*TOP1_SHARED, "training.router_learning_rate=LR/10", "adapter.config.lora_alpha=16"],
+    ),
+    "dense alpha64 router lr /10": (
+        "mope",
+        ["adapter.config.router=dense", "adapter.config.lora_alpha=64", "training.router_learning_rate=LR/10"],
+    ),
     "top2 per-layer +2 shared router lr /10": (
         "mope",
         [
@@ -162,7 +170,7 @@ def main() -> None:
             for seed in args.seeds:
                 if (variant, lr, seed) in done:
                     continue
-                out = os.path.join(work, f"{variant.replace(' ', '_')}-lr{lr}-s{seed}")
+                out = os.path.join(work, f"{variant.replace(' ', '_').replace('/', 'div')}-lr{lr}-s{seed}")
                 common = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
                 summary = launch(RECIPES[method], [*common, *resolve(overrides, lr)])
                 row = {
