@@ -153,18 +153,19 @@ class MoPEFFNLayer(MoPELayer):
         hidden = act(gate_out) * up_out
         flat = (x.reshape(-1, x.shape[-1]), gate_out.flatten(0, -2), up_out.flatten(0, -2), hidden.flatten(0, -2))
         inputs = self.routing_inputs(x)
-        mixed, delta = flat[3], 0
+        mixed, delta = None, 0
         for name in active:
             routing = self.route(name, x, inputs)
             weights = self.gate_weights(name, routing.weights).reshape(-1, self.mope_settings[name].num_experts)
             bank = self.mope_experts[name]
             dtype = bank.gate.lora_A.dtype
             adapter_mixed, adapter_delta = bank.mix(*(t.to(dtype) for t in flat), weights, act)
-            mixed = mixed + (adapter_mixed - flat[3].to(dtype)).to(mixed.dtype)
+            # several adapters: each adds its change to the frozen hidden state
+            mixed = adapter_mixed if mixed is None else mixed + (adapter_mixed - flat[3].to(dtype))
             delta = delta + adapter_delta
             if self.routing_context is not None and self.training and name in self.mope_router:
                 self._record_losses(self.routing_context, name, routing, inputs)
-        out = down(mixed) + delta  # the one pass of the frozen down projection
+        out = down(mixed.to(hidden.dtype)) + delta  # the one pass of the frozen down projection
         return out.to(hidden.dtype).reshape(*x.shape[:-1], -1)
 
 

@@ -27,9 +27,11 @@ def expert_weight(base: torch.nn.Linear, bank, e: int) -> torch.Tensor:
     return base.weight + bank.scaling * bank.lora_B[e].t() @ bank.lora_A[e]
 
 
-def reference_ffn(layer: MoPEFFNLayer, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def reference_ffn(
+    layer: MoPEFFNLayer, x: torch.Tensor, weights: torch.Tensor, adapter: str = "default"
+) -> torch.Tensor:
     """``sum_e g_e FFN_e(x) + (1 - sum_e g_e) FFN(x)``, each expert a full MLP with its own weights."""
-    mlp, bank = layer.base_layer, layer.mope_experts["default"]
+    mlp, bank = layer.base_layer, layer.mope_experts[adapter]
     out = (1 - weights.sum(-1, keepdim=True)) * mlp(x)
     for e in range(bank.num_experts):
         h = mlp.act_fn(F.linear(x, expert_weight(mlp.gate_proj, bank.gate, e))) * F.linear(
@@ -178,3 +180,18 @@ def test_collapse_to_lora_is_refused_naming_the_block(tmp_path):
     with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.mlp' has whole-FFN experts"):
         mope.export_lora(model, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+
+
+def test_two_active_adapters_each_add_their_change_to_the_frozen_mlp():
+    model = ffn_model()
+    model.add_adapter("second", mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["mlp"], init_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    layer = ffn_layers(model)[0]
+    assert layer.active_adapters == ["default", "second"]
+    x = torch.randn(2, 8, 64)
+    frozen = layer.base_layer(x)
+    want = frozen.clone()
+    for name in ("default", "second"):
+        gate = layer.gate_weights(name, layer.mope_router[name](x, layer.routing_inputs(x)).weights)
+        want += reference_ffn(layer, x, gate, name) - frozen
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
