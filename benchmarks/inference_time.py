@@ -57,36 +57,19 @@ def peft_lora(r: int, merged: bool = False) -> Attach:
     return attach
 
 
-def mope_mixture(routing_level: str = "token") -> Attach:
-    def attach(model: nn.Module) -> nn.Module:
-        config = mope.MoPEConfig(
-            task_type="CAUSAL_LM",
-            num_experts=8,
-            top_k=2,
-            r=8,
-            lora_alpha=16,
-            target_modules="all-linear",
-            routing_level=routing_level,
-        )
-        return get_peft_model(model, config)
+def top2_of_8(**settings) -> mope.MoPEConfig:
+    """The MoPE candidate of every table: top-2 of 8 LoRA experts, r=8, on all linear layers."""
+    common = {"task_type": "CAUSAL_LM", "num_experts": 8, "top_k": 2, "r": 8, "lora_alpha": 16}
+    return mope.MoPEConfig(target_modules="all-linear", **common, **settings)
 
-    return attach
+
+def mope_mixture(routing_level: str = "token") -> Attach:
+    return lambda model: get_peft_model(model, top2_of_8(routing_level=routing_level))
 
 
 def mope_task_merged(model: nn.Module) -> nn.Module:
     """Task-level top-2 of 8 (random, non-identity experts), pinned to task 1 and merged into the base."""
-    config = mope.MoPEConfig(
-        task_type="CAUSAL_LM",
-        num_experts=8,
-        top_k=2,
-        r=8,
-        lora_alpha=16,
-        target_modules="all-linear",
-        routing_level="task",
-        num_tasks=4,
-        init_weights=False,
-    )
-    wrapped = get_peft_model(model, config)
+    wrapped = get_peft_model(model, top2_of_8(routing_level="task", num_tasks=4, init_weights=False))
     mope.fix_task(wrapped, 1)
     return wrapped.merge_and_unload()
 
