@@ -3,8 +3,8 @@
 The tuner captures selected forward inputs (attention masks, token ids, task and group ids: the
 table ``CAPTURED_INPUTS``) in a forward pre-hook on the wrapped model,
 so every call path (``PeftModel.forward``, ``generate``, a direct call of the base model) sees
-the current batch. Layers read the token mask from here and record their aux losses here; the
-tuner's forward hook sums the records onto the model output.
+the current batch. Layers read the token mask from here and record what their aux losses need
+here; the tuner's forward hook computes the losses and adds them to the model output.
 
 The inputs stay in place after the forward so that gradient-checkpointing recomputation in
 the backward pass sees the same batch; records are only taken during the forward itself.
@@ -49,9 +49,17 @@ TOKEN_IDS_FOR_MASK: dict[str, str] = {"attention_mask": "input_ids", "decoder_at
 
 @dataclass
 class LossRecord:
+    """What one layer's aux loss needs, kept during the forward; the loss itself is computed after it.
+
+    Computing every layer's loss at the end, batched over the layers (``AuxLoss.values``), takes a
+    handful of kernels instead of a dozen per layer: on a GPU a step is mostly kernel launches.
+    """
+
     adapter_name: str
     loss_name: str
-    value: torch.Tensor
+    routing: Any  # mope.routing.Routing
+    mask: torch.Tensor | None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,7 +125,7 @@ class RoutingContext:
         finally:
             self.given = previous
 
-    def record(self, adapter_name: str, loss_name: str, value: torch.Tensor) -> None:
-        """Keep ``value`` if a forward is collecting; outside one (e.g. a checkpointing recomputation) drop it."""
+    def record(self, record: LossRecord) -> None:
+        """Keep ``record`` if a forward is collecting; outside one (e.g. a checkpointing recomputation) drop it."""
         if self.collecting:
-            self.records.append(LossRecord(adapter_name, loss_name, value))
+            self.records.append(record)

@@ -10,7 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .context import RoutingContext
+from .context import LossRecord, RoutingContext
 from .experts import EXPERT_BANKS
 from .losses import AUX_LOSSES
 from .routing import ROUTERS, RoutingInputs
@@ -127,7 +127,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.mope_experts]
         inputs = self.routing_inputs(x)
-        routings = {name: self.route(name, x, inputs) for name in active}
+        adapter_x = self.adapter_input(x, active)
+        routings = {name: self.route(name, adapter_x, inputs) for name in active}
         weights = {name: self.gate_weights(name, routings[name].weights) for name in active}
         base_input = x
         for name in active:
@@ -136,19 +137,27 @@ class MoPELayer(nn.Module, BaseTunerLayer):
                 base_input = bank.scale_input(base_input, weights[name])
         result = self.base_layer(base_input, *args, **kwargs)
         for name in active:
-            router = self.router_for(name)
+            router, bank = self.router_for(name), self.mope_experts[name]
             if router.applies_experts:  # soft_merge / soft_tokens apply the bank themselves
-                result = router.apply_experts(self.mope_experts[name], x, result, routings[name], weights[name])
+                result = router.apply_experts(bank, adapter_x, result, routings[name], weights[name])
             else:
-                result = self.mope_experts[name](x, result, weights[name])
+                result = bank(adapter_x, result, weights[name])
         ctx = self.routing_context
-        # Not gated on ``ctx.collecting``: gradient-checkpointing recomputation must redo the loss
-        # ops of the forward (same saved tensors); ``ctx.record`` drops what it computes then.
         if ctx is not None and self.training:
             for name in active:
                 if name in self.mope_router:  # block followers reuse the leader's routing: count it once
                     self._record_losses(ctx, name, routings[name], inputs)
         return result
+
+    def adapter_input(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
+        """``x`` in fp32 once for the routers (which score in fp32) and fp32 experts, if it is not already.
+
+        One cast instead of one per router and bank: a half-precision model then keeps one fp32
+        copy of each adapted layer's input for the backward, as a PEFT LoRA does, not two.
+        """
+        if x.dtype == torch.float32 or not all(self.mope_experts[n].dtype == torch.float32 for n in active):
+            return x
+        return x.float()
 
     def routing_inputs(self, x: torch.Tensor) -> RoutingInputs:
         ctx = self.routing_context
@@ -181,6 +190,11 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         return self.mope_router[adapter_name] if link is None else link.leader.mope_router[adapter_name]
 
     def _record_losses(self, ctx: RoutingContext, adapter_name: str, routing, inputs: RoutingInputs) -> None:
+        """Keep what this layer's aux losses need; the tuner computes them after the forward, all layers at once.
+
+        No loss op runs here, so a gradient-checkpointing recomputation (which ``ctx.record``
+        ignores) runs exactly the ops of the forward.
+        """
         wanted = self.mope_settings[adapter_name].aux_losses
         if not wanted:
             return
@@ -188,7 +202,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             if loss.name in wanted:
                 # a loss that needs more than the mask (e.g. group labels) gets it from the inputs and router
                 extra = loss.extra(inputs, self.router_for(adapter_name)) if loss.extra is not None else {}
-                ctx.record(adapter_name, loss.name, loss.fn(routing, inputs.token_mask, **extra))
+                ctx.record(LossRecord(adapter_name, loss.name, routing, inputs.token_mask, extra))
 
     # merging ---------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Auxiliary router losses: one implementation each, all ignoring padding.
 
 Every function takes one layer's :class:`~mope.routing.Routing` and a token mask (1 = real
-token, 0 = padding, or None) and returns a scalar. The tuner averages each loss over the
-adapted modules and weights it by its config coefficient:
+token, 0 = padding, or None) and returns a scalar; the default losses also have a batched form
+over layers (``*_losses``), which the tuner uses after the forward. The tuner averages each loss
+over the adapted modules and weights it by its config coefficient:
 
     aux_loss = sum_name coef_name * mean_over_modules(loss_name)
 
@@ -11,6 +12,7 @@ so a coefficient means the same thing whatever the depth of the model.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,11 +56,32 @@ def load_balancing_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Te
     return num_experts * torch.dot(share, prob)
 
 
+def stacked(routings: list[Routing], field: str) -> torch.Tensor:
+    """``[L, T, N]``: one Routing field of L layers with the same token shape, tokens flattened."""
+    return torch.stack([getattr(r, field).reshape(-1, getattr(r, field).shape[-1]) for r in routings])
+
+
+def load_balancing_losses(routings: list[Routing], mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`load_balancing_loss` of each of L layers routing the same tokens, ``[L]``, in a few kernels."""
+    probs = stacked(routings, "probs")
+    weights = token_weights(mask, probs.dtype)
+    load = stacked(routings, "load").detach()
+    share, prob = (x.mean(dim=1) if weights is None else weights @ x for x in (load, probs))  # [L, N]
+    return probs.shape[-1] * (share * prob).sum(dim=-1)
+
+
 def router_z_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of ``logsumexp(logits)^2``; keeps logits small."""
     z = torch.logsumexp(routing.logits, dim=-1).square().reshape(-1)
     weights = token_weights(mask, z.dtype)
     return z.mean() if weights is None else torch.dot(weights, z)
+
+
+def router_z_losses(routings: list[Routing], mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`router_z_loss` of each of L layers routing the same tokens, ``[L]``."""
+    z = torch.logsumexp(stacked(routings, "logits"), dim=-1).square()  # [L, T]
+    weights = token_weights(mask, z.dtype)
+    return z.mean(dim=1) if weights is None else z @ weights
 
 
 def cv_squared(values: torch.Tensor, weights: torch.Tensor | None = None, correction: int = 0) -> torch.Tensor:
@@ -137,17 +160,36 @@ class AuxLoss:
 
     ``extra(inputs, router) -> kwargs``: for losses that need more than the routing and the
     token mask (e.g. per-example group labels from the routing inputs); None for the others.
+    ``batched(routings, mask) -> [L]``: the same loss for L layers at once (same token shape,
+    device and mask), or None: then :meth:`values` calls ``fn`` per layer.
     """
 
     name: str
     coef_field: str
     fn: Callable[..., torch.Tensor]
     extra: Callable[[Any, Any], dict] | None = None
+    batched: Callable[[list[Routing], torch.Tensor | None], torch.Tensor] | None = None
+
+    def values(self, records: list[Any]) -> torch.Tensor:
+        """The loss of each recorded layer (``mope.context.LossRecord``), ``[len(records)]`` in some order.
+
+        Layers are batched where ``batched`` exists and they share token shape, device and mask
+        (all layers of a decoder do; an encoder-decoder makes two batches).
+        """
+        if self.batched is None:
+            values = [self.fn(r.routing, r.mask, **r.extra).reshape(1) for r in records]
+        else:
+            batches: dict[tuple, list[Any]] = defaultdict(list)
+            for r in records:
+                batches[(r.routing.probs.shape, r.routing.probs.device, id(r.mask))].append(r)
+            values = [self.batched([r.routing for r in b], b[0].mask) for b in batches.values()]
+        device = values[0].device
+        return torch.cat([v.to(device) for v in values])
 
 
 AUX_LOSSES: tuple[AuxLoss, ...] = (
-    AuxLoss("load_balancing", "aux_loss_coef", load_balancing_loss),
-    AuxLoss("z_loss", "z_loss_coef", router_z_loss),
+    AuxLoss("load_balancing", "aux_loss_coef", load_balancing_loss, batched=load_balancing_losses),
+    AuxLoss("z_loss", "z_loss_coef", router_z_loss, batched=router_z_losses),
     AuxLoss("importance", "importance_loss_coef", importance_loss),
     AuxLoss("entropy", "entropy_loss_coef", entropy_loss),
     AuxLoss("localized_balance", "localized_balance_coef", localized_balance_loss, localized_balance_inputs),

@@ -33,7 +33,7 @@ from .schedule import advance_schedules, apply_schedules, attach_schedule, detac
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
 # projections of cross-attention, which see the encoder's tokens.
 CROSS_ATTENTION_KV = re.compile(r"(EncDecAttention\.[kv]|encoder_attn\.[kv]_proj|crossattention\.self\.(key|value))$")
-LOSS_COEF_FIELD = {loss.name: loss.coef_field for loss in AUX_LOSSES}
+AUX_LOSS_BY_NAME = {loss.name: loss for loss in AUX_LOSSES}
 
 
 def attach_aux_loss(output: Any, aux: torch.Tensor) -> Any:
@@ -310,14 +310,13 @@ class MoPEModel(BaseTuner):
 
     def combine_losses(self, records) -> torch.Tensor:
         """``sum over (adapter, loss) of coef * mean over modules``; see :mod:`mope.losses`."""
-        groups: dict[tuple[str, str], list[torch.Tensor]] = defaultdict(list)
+        groups: dict[tuple[str, str], list] = defaultdict(list)
         for record in records:
-            groups[(record.adapter_name, record.loss_name)].append(record.value)
+            groups[(record.adapter_name, record.loss_name)].append(record)
         total = None
-        for (adapter_name, loss_name), values in groups.items():
-            coef = getattr(self.peft_config[adapter_name], LOSS_COEF_FIELD[loss_name])
-            device = values[0].device
-            term = coef * torch.stack([v.to(device) for v in values]).mean()
+        for (adapter_name, loss_name), group in groups.items():
+            loss = AUX_LOSS_BY_NAME[loss_name]
+            term = getattr(self.peft_config[adapter_name], loss.coef_field) * loss.values(group).mean()
             total = term if total is None else total + term.to(total.device)
         return total
 

@@ -240,3 +240,32 @@ def test_auto_on_cuda_is_grouped_in_bf16_and_masked_where_grouped_cannot_run():
     assert resolve_dispatch("auto", x, lora_a, 2).name == "masked"  # fp32: no grouped_mm, no per-expert loop
     bf16 = resolve_dispatch("auto", x.bfloat16(), lora_a.bfloat16(), 2).name
     assert bf16 == ("grouped" if torch.cuda.get_device_capability() >= (9, 0) else "masked")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are detectable on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_dispatch_training_step_makes_no_host_sync_in_mope(dtype):
+    """A whole Llama step (routing, aux losses, stats, masked dispatch, backward): no sync from mope's code.
+
+    Syncs the base model makes itself (transformers' mask handling) are not ours; CUDA's sync-debug
+    warnings name the Python line that asked for the sync, so each is attributed to its file.
+    """
+    import warnings
+    from pathlib import Path
+
+    model = llama_with("auto").to("cuda", dtype)
+    batch = {k: v.cuda() for k, v in make_batch("llama", batch=3, seq=10, pad=4).items()}
+    model.train()
+    model(**batch).loss.backward()  # warm-up: lazy initialisation may sync once
+    mope_dir = str(Path(mope.__file__).parent)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught, mope.routing_stats(model) as stats:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(**batch).loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    ours = [f"{w.filename}:{w.lineno}" for w in caught if w.filename.startswith(mope_dir)]
+    assert not ours, ours
+    assert stats.report()  # statistics accumulated on device, read here on request

@@ -165,21 +165,28 @@ def test_aux_loss_is_mean_over_layers_weighted_by_coefficients():
     )
     model = get_peft_model(make_model("llama"), config)
     model.train()
-    seen: list[tuple[str, torch.Tensor]] = []
+    seen = []
     ctx = model.base_model.routing_context
     original = ctx.record
 
-    def spy(adapter_name, loss_name, value):
-        seen.append((loss_name, value.detach()))
-        original(adapter_name, loss_name, value)
+    def spy(record):
+        seen.append(record)
+        original(record)
 
     ctx.record = spy
     out = model(**make_batch("llama", pad=2))
     layers = sum(isinstance(m, MoPELayer) for m in model.modules())
-    lb = torch.stack([v for n, v in seen if n == "load_balancing"])
-    z = torch.stack([v for n, v in seen if n == "z_loss"])
+    # the reference: each layer's loss on its own (the tuner batches them over layers)
+    lb = torch.stack([load_balancing_loss(r.routing, r.mask) for r in seen if r.loss_name == "load_balancing"])
+    z = torch.stack([router_z_loss(r.routing, r.mask) for r in seen if r.loss_name == "z_loss"])
     assert len(lb) == len(z) == layers
-    torch.testing.assert_close(out.aux_loss.detach(), 0.5 * lb.mean() + 0.25 * z.mean())
+    torch.testing.assert_close(out.aux_loss, 0.5 * lb.mean() + 0.25 * z.mean())
+    routed = [r.routing for r in seen if r.loss_name == "load_balancing"]
+    tensors = [r.probs for r in routed] + [r.logits for r in routed]
+    grads = torch.autograd.grad(out.aux_loss, tensors, retain_graph=True)
+    expected = torch.autograd.grad(0.5 * lb.mean() + 0.25 * z.mean(), tensors)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_no_aux_loss_in_eval_mode():
