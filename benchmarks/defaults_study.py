@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import tempfile
 from collections import defaultdict
@@ -97,6 +98,18 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "mope",
         ["adapter.config.router=dense", "adapter.config.lora_alpha=32", "training.router_learning_rate=LR/10"],
     ),
+    "dense alpha96 router lr /10": (
+        "mope",
+        ["adapter.config.router=dense", "adapter.config.lora_alpha=96", "training.router_learning_rate=LR/10"],
+    ),
+    "dense alpha64 router lr /3": (
+        "mope",
+        ["adapter.config.router=dense", "adapter.config.lora_alpha=64", "training.router_learning_rate=LR/3"],
+    ),
+    "dense alpha64 router lr /30": (
+        "mope",
+        ["adapter.config.router=dense", "adapter.config.lora_alpha=64", "training.router_learning_rate=LR/30"],
+    ),
     "top2 alpha8 router lr /10": (
         "mope",
         ["adapter.config.lora_alpha=8", "training.router_learning_rate=LR/10"],
@@ -105,8 +118,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 
 def resolve(overrides: list[str], lr: float) -> list[str]:
-    """Fill in learning-rate-relative values (``LRx10``, ``LR/10``)."""
-    return [o.replace("LRx10", repr(lr * 10)).replace("LR/10", repr(lr / 10)) for o in overrides]
+    """Fill in learning-rate-relative values (``LRx10``, ``LR/10``, ``LR/3``, ...)."""
+
+    def value(match: re.Match) -> str:
+        factor = float(match.group(2))
+        return repr(lr * factor if match.group(1) == "x" else lr / factor)
+
+    return [re.sub(r"LR([x/])(\d+(?:\.\d+)?)", value, o) for o in overrides]
 
 
 def read_runs(path: str) -> list[dict]:

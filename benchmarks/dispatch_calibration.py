@@ -1,13 +1,15 @@
 """Calibrate ``mope.dispatch.auto_dispatch``: masked vs sorted on one LoRA expert layer, fwd + bwd.
 
-Run from the repository root (CPU, 1 thread, a minute or two):
+Run from the repository root (CPU, 1 thread, a minute or two; or on a CUDA machine, bf16):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dispatch_calibration.py [--quick] [--out DIR]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dispatch_calibration.py [--quick] [--device cuda] [--out DIR]
 
 For each shape (tokens T, width d = d_in = d_out, N experts, top-k, r = 8) it times one step
 (forward, then backward of the output's sum, grads w.r.t. x, A, B and the router logits) of each
-strategy, interleaved, and reports the median of per-repetition ratios sorted / masked
-(< 1: sorted is faster). Writes ``DIR/dispatch_calibration.json`` and ``.md``.
+strategy, interleaved, and reports the median of per-repetition ratios strategy / masked
+(< 1: the strategy is faster). On CPU the strategies are masked and sorted (fp32); on CUDA masked,
+sorted and grouped (bf16, where ``grouped`` can run). Writes ``DIR/dispatch_calibration.json``
+and ``.md`` (``dispatch_calibration_cuda.*`` on CUDA).
 """
 
 from __future__ import annotations
@@ -28,15 +30,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 FULL_GRID = [
     (t, d, n, k) for t in (128, 1024) for d in (256, 1024) for n, k in ((8, 2), (16, 2), (64, 2), (8, 1), (4, 2))
 ]
+CUDA_GRID = [
+    (t, d, n, k) for t in (1024, 8192) for d in (1024, 4096) for n, k in ((8, 2), (16, 2), (64, 2), (8, 1), (4, 2))
+]
 QUICK_GRID = [(64, 64, 8, 2), (64, 64, 4, 2)]
 
 
-def make_step(tokens: int, d: int, n: int, k: int, name: str, r: int = 8):
+def make_step(tokens: int, d: int, n: int, k: int, name: str, device: str, r: int = 8):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, d, generator=generator, requires_grad=True)
-    lora_a = torch.randn(n, r, d, generator=generator).div_(d**0.5).requires_grad_()
-    lora_b = torch.randn(n, r, d, generator=generator).div_(r**0.5).requires_grad_()
-    logits = torch.randn(tokens, n, generator=generator, requires_grad=True)
+
+    def leaf(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * scale).to(device, dtype).requires_grad_()
+
+    x, lora_a, lora_b = leaf(tokens, d), leaf(n, r, d, scale=d**-0.5), leaf(n, r, d, scale=r**-0.5)
+    logits = torch.randn(tokens, n, generator=generator).to(device).requires_grad_()
     apply = LORA_DISPATCH[name].apply
 
     def step() -> None:
@@ -48,50 +56,79 @@ def make_step(tokens: int, d: int, n: int, k: int, name: str, r: int = 8):
     return step
 
 
-def ratio(tokens: int, d: int, n: int, k: int, reps: int) -> float:
-    steps = {name: make_step(tokens, d, n, k, name) for name in ("masked", "sorted")}
+def strategies(device: str, d: int) -> list[str]:
+    """masked first (the reference), then what can run here at this width."""
+    probe_x = torch.zeros(1, d, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    probe_a = torch.zeros(2, 8, d, device=device, dtype=probe_x.dtype)
+    return [name for name, s in LORA_DISPATCH.items() if s.supported(probe_x, probe_a)]
+
+
+def ratios(tokens: int, d: int, n: int, k: int, reps: int, device: str) -> dict[str, float]:
+    """Median over repetitions of each strategy's time / masked's time."""
+    steps = {name: make_step(tokens, d, n, k, name, device) for name in strategies(device, d)}
     for step in steps.values():
         step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
-        for name in list(steps)[rep % 2 :] + list(steps)[: rep % 2]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            if device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             steps[name]()
+            if device == "cuda":
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
-    return statistics.median(s / m for s, m in zip(times["sorted"], times["masked"], strict=True))
+    result = {"masked_ms": round(1000 * statistics.median(times["masked"]), 4)}
+    for name in names[1:]:
+        result[name] = round(statistics.median(s / m for s, m in zip(times[name], times["masked"], strict=True)), 3)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    grid, reps = (QUICK_GRID, 3) if args.quick else (FULL_GRID, 15)
+    grid, reps = (QUICK_GRID, 3) if args.quick else (CUDA_GRID if args.device == "cuda" else FULL_GRID, 15)
+    if args.device == "cuda":
+        reps *= 2
     load_before = [round(v, 2) for v in os.getloadavg()]
     rows = []
     for tokens, d, n, k in grid:
-        value = ratio(tokens, d, n, k, reps)
-        rows.append({"tokens": tokens, "d": d, "N": n, "k": k, "sorted_over_masked": round(value, 3)})
-        rows[-1]["auto"] = auto_dispatch(tokens, n, k)
+        rows.append({"tokens": tokens, "d": d, "N": n, "k": k, **ratios(tokens, d, n, k, reps, args.device)})
+        rows[-1]["auto"] = auto_dispatch(tokens, n, k, args.device)
         print(rows[-1], flush=True)
     info = {
-        "cpu": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        "dtype": "bf16" if args.device == "cuda" else "fp32",
         "threads": 1,
         "reps": reps,
         "load before": load_before,
         "load after": [round(v, 2) for v in os.getloadavg()],
     }
+    others = [name for name in rows[0] if name not in ("tokens", "d", "N", "k", "masked_ms", "auto")]
+    stem = "dispatch_calibration" + ("_cuda" if args.device == "cuda" else "")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "dispatch_calibration.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
-    lines = ["# sorted / masked, one LoRA layer fwd+bwd, r=8, fp32", "", *(f"- {k}: {v}" for k, v in info.items())]
-    lines += ["", "| tokens | d | N | k | sorted / masked | auto picks |", "|---|---|---|---|---|---|"]
+    (args.out / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    lines = [
+        f"# strategy / masked, one LoRA layer fwd+bwd, r=8, {info['dtype']}",
+        "",
+        *(f"- {key}: {value}" for key, value in info.items()),
+        "",
+        "| tokens | d | N | k | masked ms | " + " | ".join(f"{name} / masked" for name in others) + " | auto picks |",
+        "|---|---|---|---|---|" + "---|" * len(others) + "---|",
+    ]
     lines += [
-        f"| {r['tokens']} | {r['d']} | {r['N']} | {r['k']} | {r['sorted_over_masked']:.2f} | {r['auto']} |"
+        f"| {r['tokens']} | {r['d']} | {r['N']} | {r['k']} | {r['masked_ms']:.3f} | "
+        + " | ".join(f"{r.get(name, float('nan')):.2f}" for name in others)
+        + f" | {r['auto']} |"
         for r in rows
     ]
-    (args.out / "dispatch_calibration.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -26,7 +26,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -107,22 +107,31 @@ class Settings:
     new_tokens: int
     warmup: int
     reps: int
+    device: str = "cpu"  # "cuda": bf16 base models on the GPU
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device == "cuda" else torch.float32
+
+    @property
+    def where(self) -> str:
+        return "CUDA bf16" if self.device == "cuda" else "CPU fp32"
 
 
 FULL = Settings(Shape(256, 4, 8, 128), Shape(256, 4, 4, 32), new_tokens=32, warmup=2, reps=15)
 QUICK = Settings(Shape(64, 2, 2, 16), Shape(64, 2, 2, 8), new_tokens=4, warmup=1, reps=3)
 
 
-def build(candidate: Candidate, shape: Shape) -> nn.Module:
-    model = candidate.attach(build_base(shape)).eval()
+def build(candidate: Candidate, shape: Shape, settings: Settings) -> nn.Module:
+    model = candidate.attach(build_base(shape, settings.device, settings.dtype)).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
 
 
-def prompts(shape: Shape) -> dict[str, torch.Tensor]:
+def prompts(shape: Shape, device: str) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=generator)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=generator).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -160,9 +169,9 @@ def table_rows(
 ) -> list[Row]:
     steps = {}
     for candidate in candidates:
-        steps[candidate.name] = make_step(build(candidate, shape))
+        steps[candidate.name] = make_step(build(candidate, shape, settings))
         steps[candidate.name]()  # built and run once before timing
-    times = interleaved_times(steps, settings.warmup, settings.reps, "cpu")
+    times = interleaved_times(steps, settings.warmup, settings.reps, settings.device)
     references = [name for name in ("frozen_base", "peft_lora_r16") if name in times]
     return [
         Row(
@@ -182,10 +191,11 @@ def run(settings: Settings, mode: str, out: Path) -> str:
     started, info = time.perf_counter(), machine()
     info["load average (1, 5, 15 min) before"] = str(load_average())
     info["repetitions"] = f"{settings.warmup} warm-up + {settings.reps} timed per candidate"
-    forward_batch, generate_batch = prompts(settings.forward_shape), prompts(settings.generate_shape)
+    forward_batch = prompts(settings.forward_shape, settings.device)
+    generate_batch = prompts(settings.generate_shape, settings.device)
     new_tokens = settings.generate_shape.batch * settings.new_tokens
     rows = table_rows(
-        "forward latency, CPU fp32, eval, no_grad",
+        f"forward latency, {settings.where}, eval, no_grad",
         FORWARD,
         settings.forward_shape,
         lambda model: forward_step(model, forward_batch),
@@ -194,7 +204,7 @@ def run(settings: Settings, mode: str, out: Path) -> str:
         "ms",
     )
     rows += table_rows(
-        f"greedy generation with KV cache, {settings.new_tokens} new tokens per prompt, CPU fp32",
+        f"greedy generation with KV cache, {settings.new_tokens} new tokens per prompt, {settings.where}",
         GENERATE,
         settings.generate_shape,
         lambda model: generate_step(model, generate_batch, settings.new_tokens),
@@ -217,9 +227,10 @@ def run(settings: Settings, mode: str, out: Path) -> str:
         parts += ["", f"## {section}", "", f"Shape: {members[0].shape}", "", section_table(members)]
     text = "\n".join(parts) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "inference_time.md").write_text(text)
+    stem = "inference_time" + ("_cuda" if settings.device == "cuda" else "")
+    (out / f"{stem}.md").write_text(text)
     payload = {"mode": mode, "machine": info, "rows": [asdict(row) for row in rows]}
-    (out / "inference_time.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
     return text
 
 
@@ -228,12 +239,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (smoke test)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; --quick: 1)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: bf16 models on the GPU")
     args = parser.parse_args()
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
     settings, mode = (QUICK, "quick") if args.quick else (FULL, "full")
-    print(run(settings, mode, args.out))
+    print(run(replace(settings, device=args.device), mode, args.out))
 
 
 if __name__ == "__main__":

@@ -652,26 +652,49 @@ def gpu_rows(settings: Settings) -> list[Row]:
     gpu_settings = replace(settings, reps=settings.gpu_reps)
     candidates = with_dispatch_rows(GPU_CANDIDATES, settings.dispatches)
     rows = timing_rows(section, candidates, references, shape, gpu_settings, "cuda", torch.bfloat16, note)
+    scaling = with_dispatch_rows(SCALING_CANDIDATES, settings.dispatches)
+    rows += timing_rows(
+        f"N-scaling at top-2, CUDA bf16, hidden {shape.hidden}",
+        scaling,
+        ("mope_top2_of_8",),
+        shape,
+        gpu_settings,
+        "cuda",
+        torch.bfloat16,
+        note,
+    )
     return rows + gpu_memory_rows(shape)
 
 
 # profile -------------------------------------------------------------------------------------------
 
 
-def profile_table(candidate: Candidate, shape: Shape, rows: int = 15) -> str:
-    """torch.profiler's op table of three steps, sorted by self CPU time."""
+def profile_table(candidate: Candidate, shape: Shape, device: str = "cpu", rows: int = 15) -> str:
+    """torch.profiler's op table of three steps, sorted by self CPU time (on CUDA: by device time).
+
+    On CUDA it also counts the kernels launched per step: at small widths a GPU step costs launches.
+    """
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
     with tempfile.TemporaryDirectory() as workdir:
-        model = candidate.attach(build_base(shape), shape, Path(workdir))
+        model = candidate.attach(build_base(shape, device, dtype), shape, Path(workdir))
     model.train()
-    batch = make_batch(shape, "cpu")
+    batch = make_batch(shape, device)
     training_step(model, batch)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(3):
             training_step(model, batch)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-    return f"## {candidate.label}, {shape.describe()} (3 steps)\n\n```\n{table}\n```\n"
+        synchronize(device)
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows)
+    kernels = ""
+    if cuda:
+        launched = sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+        kernels = f"Kernels launched per step: {launched / 3:.0f}\n\n"
+    return f"## {candidate.label}, {shape.describe()}, {device} (3 steps)\n\n{kernels}```\n{table}\n```\n"
 
 
 # report --------------------------------------------------------------------------------------------
@@ -802,12 +825,14 @@ def run_benchmark(settings: Settings, mode: str, sections: list[str], out: Path)
     print(table)
 
 
-def run_profile(settings: Settings, out: Path) -> None:
-    shape = settings.step_shapes[0]
-    header = f"# torch.profiler, {torch.get_num_threads()} CPU thread(s), load average before {load_average()}\n\n"
-    text = header + "".join(profile_table(CANDIDATES_BY_NAME[n], shape) for n in (REFERENCE_MOPE, REFERENCE_LORA))
+def run_profile(settings: Settings, out: Path, device: str) -> None:
+    shape = settings.gpu_shape if device == "cuda" else settings.step_shapes[0]
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU thread(s)"
+    header = f"# torch.profiler, {where}, load average before {load_average()}\n\n"
+    names = (REFERENCE_MOPE, REFERENCE_LORA)
+    text = header + "".join(profile_table(CANDIDATES_BY_NAME[n], shape, device) for n in names)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "step_time_profile.md").write_text(text)
+    (out / f"step_time_profile{'_cuda' if device == 'cuda' else ''}.md").write_text(text)
     print(text)
 
 
@@ -818,6 +843,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="instead of the tables, profile the MoPE and LoRA r=16 steps"
     )
+    parser.add_argument("--profile-device", default="cpu", choices=("cpu", "cuda"), help="where --profile runs")
     parser.add_argument(
         "--sections",
         default=",".join(SECTIONS),
@@ -852,7 +878,7 @@ def main() -> None:
         parser.error(f"unknown --dispatch {sorted(unknown)}; choose from {list(DISPATCH_CHOICES)}")
     settings = replace(settings, dispatches=dispatches)
     if args.profile:
-        run_profile(settings, args.out)
+        run_profile(settings, args.out, args.profile_device)
         return
     run_benchmark(settings, mode, sections, args.out)
 
