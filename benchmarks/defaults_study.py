@@ -4,6 +4,7 @@ Run from the repository root, alone on the machine (offline, CPU; ~2.5 minutes p
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --variants lora top2 --lrs 0.002 0.005 --seeds 0
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --list          # the variants and their overrides
+    ... defaults_study.py --task modules ...   # the second task (finer labels), same variants
 
 Every variant is a set of recipe overrides on the demo's MoPE recipe (or the LoRA recipe at the rank
 that matches the default mixture's trainable parameters, routers and head counted). Each run
@@ -30,6 +31,8 @@ from mope.demo import LAUNCH, RECIPES, launch
 from mope.training import quiet_third_party
 
 LORA = "lora r=20"
+# --task: the demo's task, or a second one (finer labels) to check that a finding holds beyond it
+TASKS = {"families": "builtin:stdlib_docstrings", "modules": "builtin:stdlib_modules"}
 # BERT's encoder layers: one router per layer (block-level routing, on the layer's first adapted
 # module's input) instead of one per projection; frees ~147k router parameters for experts.
 PER_LAYER = "adapter.config.router_blocks=['layer\\.\\d+']"
@@ -135,23 +138,26 @@ def read_runs(path: str) -> list[dict]:
 
 
 def write_table(runs: list[dict], path: str) -> str:
-    groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    groups: dict[tuple[str, str, float], list[dict]] = defaultdict(list)
     for run in runs:
-        groups[(run["variant"], run["learning_rate"])].append(run)
+        groups[(run.get("task", "families"), run["variant"], run["learning_rate"])].append(run)
     lines = [
-        "# Defaults study on the demo task (MiniLM, stdlib docstrings, 10 classes)",
+        "# Defaults study (MiniLM; stdlib docstrings, 10 classes)",
         "",
-        "Written by benchmarks/defaults_study.py from defaults_study.jsonl (one line per run).",
+        "Written by benchmarks/defaults_study.py from defaults_study.jsonl (one line per run). Tasks: "
+        "`families` = the demo's (10 package families), `modules` = 10 modules of three domains "
+        "(concurrency, web, XML).",
         "",
-        "| variant | lr | seeds | trainable | accuracy (mean) | min | max | train s (mean) | load CV |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | variant | lr | seeds | trainable | accuracy (mean) | min | max | train s (mean) | load CV |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (variant, lr), group in sorted(groups.items(), key=lambda item: (item[0][0] != LORA, item[0])):
+    order = sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] != LORA, item[0][1:]))
+    for (task, variant, lr), group in order:
         accuracy = [r["eval_accuracy"] for r in group]
         cvs = [r["load_cv"] for r in group if r.get("load_cv") is not None]
         cv = f"{statistics.mean(cvs):.3f}" if cvs else ""
         lines.append(
-            f"| {variant} | {lr:g} | {len(group)} | {group[0]['trainable_parameters']:,} | "
+            f"| {task} | {variant} | {lr:g} | {len(group)} | {group[0]['trainable_parameters']:,} | "
             f"{statistics.mean(accuracy):.4f} | {min(accuracy):.4f} | {max(accuracy):.4f} | "
             f"{statistics.mean(r['train_seconds'] for r in group):.1f} | {cv} |"
         )
@@ -166,6 +172,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=[LORA, "top2"], choices=sorted(VARIANTS), metavar="NAME")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.002])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--task", default="families", choices=sorted(TASKS))
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: the demo's, all cores)")
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
@@ -180,18 +187,20 @@ def main() -> None:
         LAUNCH[LAUNCH.index("--num_cpu_threads_per_process") + 1] = str(args.threads)
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "defaults_study.jsonl")
-    done = {(r["variant"], r["learning_rate"], r["seed"]) for r in read_runs(log)}
+    done = {(r.get("task", "families"), r["variant"], r["learning_rate"], r["seed"]) for r in read_runs(log)}
     work = tempfile.mkdtemp(prefix="mope-study-")
     for lr in args.lrs:
         for variant in args.variants:
             method, overrides = VARIANTS[variant]
             for seed in args.seeds:
-                if (variant, lr, seed) in done:
+                if (args.task, variant, lr, seed) in done:
                     continue
                 out = os.path.join(work, f"{variant.replace(' ', '_').replace('/', 'div')}-lr{lr}-s{seed}")
                 common = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
+                common.append(f"data.source={TASKS[args.task]}")
                 summary = launch(RECIPES[method], [*common, *resolve(overrides, lr)])
                 row = {
+                    "task": args.task,
                     "variant": variant,
                     "learning_rate": lr,
                     "seed": seed,

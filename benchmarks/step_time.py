@@ -666,6 +666,28 @@ def gpu_rows(settings: Settings) -> list[Row]:
     return rows + gpu_memory_rows(shape)
 
 
+def compiled(candidate: Candidate) -> Candidate:
+    """The candidate under ``torch.compile`` (default mode): fuses the routing path's small kernels."""
+
+    def attach(model: nn.Module, shape: Shape, workdir: Path) -> nn.Module:
+        return torch.compile(candidate.attach(model, shape, workdir))
+
+    return Candidate(f"{candidate.name}_compiled", f"{candidate.label}, torch.compile", attach)
+
+
+def gpu_compiled_rows(settings: Settings) -> list[Row]:
+    """LoRA r=16 and MoPE top-2 of 8, eager and under ``torch.compile``, on the GPU shape (CUDA only)."""
+    if not torch.cuda.is_available():
+        return [Row("GPU, torch.compile", "gpu_compiled", "all rows", "-", "ms", note="skipped: no CUDA")]
+    shape = settings.gpu_shape
+    eager = tuple(CANDIDATES_BY_NAME[name] for name in (REFERENCE_LORA, REFERENCE_MOPE))
+    candidates = eager + tuple(compiled(c) for c in eager)
+    references = (REFERENCE_LORA, f"{REFERENCE_LORA}_compiled")
+    section = f"step time, CUDA bf16, hidden {shape.hidden}, eager and torch.compile"
+    gpu_settings = replace(settings, reps=settings.gpu_reps)
+    return timing_rows(section, candidates, references, shape, gpu_settings, "cuda", torch.bfloat16, "bf16 base")
+
+
 # profile -------------------------------------------------------------------------------------------
 
 
@@ -794,6 +816,7 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "scaling": scaling_rows,
     "memory": memory_rows,
     "gpu": gpu_rows,
+    "gpu_compiled": gpu_compiled_rows,
 }
 
 

@@ -13,7 +13,8 @@ experts with ``g[t, e] != 0``, with the same gradients; they differ only in cost
   selected rows and a Python loop over experts (not tokens).
 - ``grouped``: ``sorted`` with the per-expert loop replaced by ``torch._grouped_mm`` (one kernel
   for all experts). Used only where it runs: CUDA, bf16, sizes multiple of 8, compute
-  capability >= 9.0; anywhere else it falls back to ``sorted``.
+  capability >= 9.0; anywhere else it falls back to ``sorted``. Only on request: on an H200 it
+  was slower than ``masked`` at every shape measured (see :func:`auto_dispatch`).
 
 ``auto`` picks by shape (:func:`auto_dispatch`); calibration in its docstring.
 """
@@ -148,12 +149,13 @@ def auto_dispatch(tokens: int, num_experts: int, active: int, device_type: str =
     """The strategy ``auto`` picks for ``tokens`` tokens, N experts and ``active`` (k) experts per token.
 
     Masked computes N*r ranks per token; sorted k*r, plus a gather and a scatter of the k*T selected
-    rows and ~6 small GEMMs per expert (fwd + bwd). Rule: sparse dispatch when ``N / k >= 16`` and
-    ``tokens >= 512``, else ``masked``; dense gates (``active == N``) always stay masked. Sparse
-    means ``sorted`` on CPU and ``grouped`` on CUDA (where ``grouped`` cannot run there,
-    :func:`resolve_dispatch` keeps ``masked``: a loop of small kernels is what makes a GPU slow).
-    N / k = 8 is a coin toss on CPU (0.76-1.16 below), so it stays masked. The CUDA branch is not
-    calibrated yet (no GPU run of these strategies so far).
+    rows and ~6 small GEMMs per expert (fwd + bwd). Rule on CPU: ``sorted`` when ``N / k >= 16``
+    and ``tokens >= 512``, else ``masked``; dense gates (``active == N``) always stay masked.
+    N / k = 8 is a coin toss on CPU (0.76-1.16 below), so it stays masked. On CUDA always
+    ``masked``: at every shape measured (up to 8192 tokens, width 4096, N = 64 at k = 2;
+    ``benchmarks/results/dispatch_calibration_cuda.md``, H200, bf16) masked was the fastest,
+    grouped took 1.4-2.1x and sorted 2-9x its time: the masked GEMMs' extra N*r columns cost less
+    than the sort, gather and scatter kernels.
 
     Calibration (``benchmarks/dispatch_calibration.py``, ``benchmarks/results/dispatch_calibration.md``:
     one layer d_in = d_out = d, r = 8, fwd + bwd, fp32, 1 thread, 2-core AMD EPYC, torch 2.13,
@@ -164,19 +166,17 @@ def auto_dispatch(tokens: int, num_experts: int, active: int, device_type: str =
         T=128   d=256:  1.47-2.11 at every N/k (overheads dominate)
         T=128   d=1024: N/k<=4: 1.65-2.01  N/k=8: 1.07-1.17  N/k=32: 0.78-0.81
     """
-    if active >= num_experts or tokens < SPARSE_MIN_TOKENS:
+    if device_type == "cuda" or active >= num_experts or tokens < SPARSE_MIN_TOKENS:
         return "masked"
     if num_experts < SPARSE_MIN_EXPERTS_PER_ACTIVE * active:
         return "masked"
-    return "grouped" if device_type == "cuda" else "sorted"
+    return "sorted"
 
 
 def resolve_dispatch(name: str, x: torch.Tensor, lora_A: torch.Tensor, active: int) -> LoRADispatch:
     """The strategy that runs: ``auto`` resolved by shape, then fallbacks until one is supported here."""
     if name == "auto":
         name = auto_dispatch(x.numel() // x.shape[-1], lora_A.shape[0], active, x.device.type)
-        if not LORA_DISPATCH[name].supported(x, lora_A):
-            name = "masked"
     strategy = LORA_DISPATCH[name]
     while not strategy.supported(x, lora_A):
         strategy = LORA_DISPATCH[strategy.fallback]

@@ -77,6 +77,20 @@ def test_topk_orders():
     shazeer = make_router(n=6, k=3, top_k_order="topk_then_softmax").gate(logits, inputs)
     raw = make_router(n=6, k=3, top_k_order="softmax_then_topk_unnormalised").gate(logits, inputs)
     torch.testing.assert_close(shazeer.weights, renorm.weights)  # equal in value, as documented
+    # GShard's formulation spelled out (softmax, top-k of the probabilities, divide by their sum):
+    # the same weights and the same gradient as the softmax over the top logits that mope computes
+    reference_logits = logits.clone().requires_grad_()
+    probs = reference_logits.softmax(-1)
+    values, index = probs.topk(3, dim=-1)
+    reference = torch.zeros_like(probs).scatter(-1, index, values / values.sum(-1, keepdim=True))
+    ours_logits = logits.clone().requires_grad_()
+    ours = make_router(n=6, k=3).gate(ours_logits, inputs).weights
+    torch.testing.assert_close(ours, reference)
+    upstream = torch.randn_like(reference)
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, ours_logits, upstream)[0],
+        torch.autograd.grad(reference, reference_logits, upstream)[0],
+    )
     chosen = renorm.weights > 0
     assert (chosen.sum(-1) == 3).all() and torch.equal(raw.weights > 0, chosen)
     torch.testing.assert_close(raw.weights, logits.softmax(-1) * chosen)

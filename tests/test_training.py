@@ -15,8 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from mope import MoPEConfig
+from mope.training import stdlib_docstrings
+from mope.training.data import read_rows
 from mope.training.loop import run
-from mope.training.recipe import RecipeError, load_recipe
+from mope.training.recipe import DataSection, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -38,6 +40,21 @@ def test_every_recipe_validates_and_opens_with_launch_comment(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), f"{path} must open with a comment"
     assert "accelerate launch" in path.read_text().split("\n\n")[0] or "Launch" in path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("source", "labels"),
+    [("builtin:stdlib_docstrings", stdlib_docstrings.FAMILIES), ("builtin:stdlib_modules", stdlib_docstrings.MODULES)],
+)
+def test_builtin_stdlib_tasks_are_deterministic_labelled_and_split(source, labels):
+    section = DataSection(source=source)
+    train, held_out = read_rows(section)
+    assert (train, held_out) == read_rows(section)  # the same rows, in the same order, every time
+    for rows in (train, held_out):
+        assert {row["label"] for row in rows} == set(labels)
+    texts = [row["text"] for row in train + held_out]
+    assert len(texts) == len(set(texts))  # no text in both splits or under two labels
+    assert 0.1 < len(held_out) / len(texts) < 0.3  # eval_fraction 0.2, by hash
 
 
 def test_unknown_key_and_wrong_type_are_named(tmp_path):

@@ -48,6 +48,8 @@ def read_rows(section: DataSection) -> tuple[list[dict], list[dict]]:
     source = section.source
     if source == "builtin:stdlib_docstrings":
         return stdlib_docstrings.build(eval_fraction=section.eval_fraction)
+    if source == "builtin:stdlib_modules":
+        return stdlib_docstrings.build(eval_fraction=section.eval_fraction, families=stdlib_docstrings.MODULES)
     if source == "builtin:synthetic":
         return split_by_hash(synthetic(), section.eval_fraction, section.text_column)
     import datasets

@@ -45,7 +45,7 @@ class ModelSection(Section):
 class DataSection(Section):
     source: str = Field(
         ...,
-        description="'builtin:stdlib_docstrings', 'builtin:synthetic', a local .json/.jsonl/.csv/.parquet "
+        description="'builtin:stdlib_docstrings', 'builtin:stdlib_modules', 'builtin:synthetic', a local .json/.jsonl/.csv/.parquet "
         "file, or a datasets hub name.",
     )
     text_column: str = "text"
