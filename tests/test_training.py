@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
+from peft import get_peft_model
 from safetensors.torch import load_file
 
 from mope import MoPEConfig
 from mope.training import stdlib_docstrings
 from mope.training.data import read_rows
-from mope.training.loop import run
-from mope.training.recipe import DataSection, RecipeError, load_recipe
+from mope.training.loop import parameter_groups, run
+from mope.training.recipe import DEFAULT_ROUTER_LR_SCALE, DataSection, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -68,6 +70,21 @@ def test_unknown_key_and_wrong_type_are_named(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(RecipeError, match=r"bad\.yaml"):
         load_recipe(bad)
+
+
+def test_router_learning_rate_absolute_or_relative_and_not_both():
+    lr = ["training.learning_rate=0.004"]
+    assert load_recipe(OFFLINE_TINY, lr).training.router_lr == pytest.approx(0.004 * DEFAULT_ROUTER_LR_SCALE)
+    assert load_recipe(OFFLINE_TINY, [*lr, "training.router_lr_scale=0.25"]).training.router_lr == pytest.approx(0.001)
+    assert load_recipe(OFFLINE_TINY, [*lr, "training.router_learning_rate=0.0003"]).training.router_lr == 0.0003
+    with pytest.raises(RecipeError, match=r"router_learning_rate.*router_lr_scale"):
+        load_recipe(OFFLINE_TINY, ["training.router_learning_rate=0.001", "training.router_lr_scale=0.1"])
+    with pytest.raises(RecipeError, match=r"training\.router_lr_scale"):
+        load_recipe(OFFLINE_TINY, ["training.router_lr_scale=0"])
+    model = get_peft_model(tiny_llama(), MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=4))
+    groups = parameter_groups(model, load_recipe(OFFLINE_TINY, [*lr, "training.router_lr_scale=0.5"]))
+    assert [g["lr"] for g in groups] == [0.004, 0.002]
+    assert all("mope_router" in n for n, p in model.named_parameters() if any(p is q for q in groups[1]["params"]))
 
 
 def test_bad_adapter_config_is_named(tmp_path):

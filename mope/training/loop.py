@@ -48,7 +48,7 @@ def parameter_groups(model, recipe: Recipe) -> list[dict]:
     others = [p for n, p in trainable if "mope_router" not in n]
     groups = [{"params": others, "lr": t.learning_rate, "weight_decay": t.weight_decay}]
     if router:
-        groups.append({"params": router, "lr": t.router_learning_rate or t.learning_rate, "weight_decay": 0.0})
+        groups.append({"params": router, "lr": t.router_lr, "weight_decay": 0.0})
     return groups
 
 

@@ -62,6 +62,11 @@ class AdapterSection(Section):
     config: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of MoPEConfig / LoraConfig.")
 
 
+# Routers learn this much slower than experts unless a recipe says otherwise (the defaults study:
+# it kept top-k routers from collapsing and helped dense gates on both study tasks).
+DEFAULT_ROUTER_LR_SCALE = 1.0
+
+
 class TrainingSection(Section):
     output_dir: str = "out/run"
     seed: int = 0
@@ -71,7 +76,15 @@ class TrainingSection(Section):
     eval_batch_size: int = Field(64, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     learning_rate: float = Field(1e-3, gt=0)
-    router_learning_rate: float | None = Field(None, gt=0, description="Learning rate of router parameters.")
+    router_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of router parameters (default: learning_rate * router_lr_scale)."
+    )
+    router_lr_scale: float | None = Field(
+        None,
+        gt=0,
+        description="Router learning rate as a multiple of learning_rate, kept when learning_rate is overridden "
+        f"(default {DEFAULT_ROUTER_LR_SCALE}: routers learn 10x slower than experts, see docs/training.md).",
+    )
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int = Field(0, ge=0)
@@ -88,7 +101,17 @@ class TrainingSection(Section):
     def length(self) -> TrainingSection:
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("training: set exactly one of 'max_steps' and 'epochs'")
+        if self.router_learning_rate is not None and self.router_lr_scale is not None:
+            raise ValueError("training: set at most one of 'router_learning_rate' and 'router_lr_scale'")
         return self
+
+    @property
+    def router_lr(self) -> float:
+        """The router parameters' learning rate: absolute if given, else a multiple of ``learning_rate``."""
+        if self.router_learning_rate is not None:
+            return self.router_learning_rate
+        scale = DEFAULT_ROUTER_LR_SCALE if self.router_lr_scale is None else self.router_lr_scale
+        return self.learning_rate * scale
 
 
 class Recipe(Section):
