@@ -101,18 +101,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "mope",
         ["adapter.config.router=dense", "adapter.config.lora_alpha=32", "training.router_learning_rate=LR/10"],
     ),
-    "dense alpha96 router lr /10": (
-        "mope",
-        ["adapter.config.router=dense", "adapter.config.lora_alpha=96", "training.router_learning_rate=LR/10"],
-    ),
-    "dense alpha64 router lr /3": (
-        "mope",
-        ["adapter.config.router=dense", "adapter.config.lora_alpha=64", "training.router_learning_rate=LR/3"],
-    ),
-    "dense alpha64 router lr /30": (
-        "mope",
-        ["adapter.config.router=dense", "adapter.config.lora_alpha=64", "training.router_learning_rate=LR/30"],
-    ),
+    **{
+        f"dense alpha{alpha} router lr /{div}": (
+            "mope",
+            [
+                "adapter.config.router=dense",
+                f"adapter.config.lora_alpha={alpha}",
+                f"training.router_learning_rate=LR/{div}",
+            ],
+        )
+        for alpha, div in ((96, 10), (64, 3), (64, 30))
+    },
     "top2 alpha8 router lr /10": (
         "mope",
         ["adapter.config.lora_alpha=8", "training.router_learning_rate=LR/10"],
