@@ -112,10 +112,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         )
         for alpha, div in ((96, 10), (64, 3), (64, 30))
     },
-    "top2 alpha8 router lr /10": (
-        "mope",
-        ["adapter.config.lora_alpha=8", "training.router_learning_rate=LR/10"],
-    ),
+    **{
+        f"top2 alpha{alpha} router lr /10": (
+            "mope",
+            [f"adapter.config.lora_alpha={alpha}", "training.router_learning_rate=LR/10"],
+        )
+        for alpha in (8, 16)
+    },
 }
 
 
