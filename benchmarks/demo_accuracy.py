@@ -3,12 +3,14 @@
 Run from the repository root (offline, CPU; about 2.5 minutes per run on 2 cores, so the
 default 3 seeds x 3 methods take ~25 minutes: run it alone, see ../shared/MEASURING.md):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_accuracy.py [--seeds 0 1 2] [--lrs 0.002]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_accuracy.py [--seeds 0 1 2] [--lrs 0.002 ...]
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/demo_accuracy.py --quick      # smoke run
 
-Methods, at equal trainable parameters (routers and the classifier head counted): the MoPE
-top-2-of-8 recipe, the same mixture with a dense gate, and one PEFT LoRA whose rank the demo
-picks to match. Every run goes through ``accelerate launch -m mope.train``. Writes
+Methods, at equal trainable parameters (routers and the classifier head counted): the demo's
+MoPE recipe (a dense gate over 8 rank-2 experts), the same experts under a top-2 gate, and one
+PEFT LoRA whose rank the demo picks to match; each at its own best learning rate from the
+defaults study (or every method at each of ``--lrs``). Every run goes through
+``accelerate launch -m mope.train``. Writes
 ``benchmarks/results/demo_accuracy.json`` and ``.md``: per method, mean and spread of held-out
 accuracy and training time over seeds, at each learning rate, and the mean coefficient of
 variation of the expert load per layer (mixtures only).
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 
@@ -30,10 +33,15 @@ from mope.training import quiet_third_party
 from mope.training.data import load_examples
 from mope.training.recipe import load_recipe
 
+# name -> (recipe, overrides, the method's best learning rate in the defaults study's screen)
 METHODS = {
-    "mope top-2 of 8": (RECIPES["mope"], []),
-    "mope dense 8": (RECIPES["mope"], ["adapter.config.router=dense"]),
-    "lora": (RECIPES["lora"], None),  # rank filled in to match
+    "mope dense 8, r=2, alpha 64, router lr /10 (demo recipe)": (RECIPES["mope"], [], 0.002),
+    "mope top-2 of 8, r=2, alpha 4, router lr /10": (
+        RECIPES["mope"],
+        ["adapter.config.router=top_k", "adapter.config.top_k=2", "adapter.config.lora_alpha=4"],
+        0.005,
+    ),
+    "lora": (RECIPES["lora"], None, 0.002),  # rank filled in to match
 }
 
 
@@ -48,7 +56,9 @@ def mean_cv(routing_summary: str) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.002])
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", help="learning rates for every method (default: each method's own best)"
+    )
     parser.add_argument("--quick", action="store_true", help="2 steps on 32 examples: a smoke test")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -60,34 +70,33 @@ def main() -> None:
     quick = ["training.max_steps=2", "training.epochs=null", "data.max_examples=32"] if args.quick else []
     work = tempfile.mkdtemp(prefix="mope-demo-bench-")
     rows = []
-    for lr in args.lrs:
-        for name, (recipe, extra) in METHODS.items():
-            extra = (
-                extra if extra is not None else [f"adapter.config.r={rank}", f"adapter.config.lora_alpha={2 * rank}"]
-            )
-            runs = []
-            for seed in args.seeds:
-                out = os.path.join(work, f"{name.replace(' ', '_')}-lr{lr}-s{seed}")
-                overrides = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
-                summary = launch(recipe, [*overrides, *extra, *quick])
-                summary["load_cv"] = mean_cv(os.path.join(out, "routing_summary.json"))
-                runs.append(summary)
-            accuracy = [r["eval_accuracy"] for r in runs]
-            seconds = [r["train_seconds"] for r in runs]
-            cvs = [r["load_cv"] for r in runs if r["load_cv"] is not None]
-            rows.append(
-                {
-                    "method": name,
-                    "learning_rate": lr,
-                    "trainable_parameters": runs[0]["trainable_parameters"],
-                    "accuracy_mean": statistics.mean(accuracy),
-                    "accuracy_spread": max(accuracy) - min(accuracy),
-                    "train_seconds_mean": statistics.mean(seconds),
-                    "load_cv_mean": statistics.mean(cvs) if cvs else None,
-                    "seeds": args.seeds,
-                    "runs": runs,
-                }
-            )
+    plan = [(lr, name) for lr in args.lrs for name in METHODS] if args.lrs else [(m[2], n) for n, m in METHODS.items()]
+    for lr, name in plan:
+        recipe, extra, _ = METHODS[name]
+        extra = extra if extra is not None else [f"adapter.config.r={rank}", f"adapter.config.lora_alpha={2 * rank}"]
+        runs = []
+        for seed in args.seeds:
+            out = os.path.join(work, f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}-lr{lr}-s{seed}")
+            overrides = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
+            summary = launch(recipe, [*overrides, *extra, *quick])
+            summary["load_cv"] = mean_cv(os.path.join(out, "routing_summary.json"))
+            runs.append(summary)
+        accuracy = [r["eval_accuracy"] for r in runs]
+        seconds = [r["train_seconds"] for r in runs]
+        cvs = [r["load_cv"] for r in runs if r["load_cv"] is not None]
+        rows.append(
+            {
+                "method": name,
+                "learning_rate": lr,
+                "trainable_parameters": runs[0]["trainable_parameters"],
+                "accuracy_mean": statistics.mean(accuracy),
+                "accuracy_spread": max(accuracy) - min(accuracy),
+                "train_seconds_mean": statistics.mean(seconds),
+                "load_cv_mean": statistics.mean(cvs) if cvs else None,
+                "seeds": args.seeds,
+                "runs": runs,
+            }
+        )
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),

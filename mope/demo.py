@@ -55,6 +55,17 @@ def matching_lora_rank(num_labels: int) -> tuple[int, int, int]:
     return r, head + r * per_rank, target
 
 
+def describe_mixture(recipe_path: str) -> str:
+    """``'MoPE dense 8, r=2'`` or ``'MoPE top-2 of 8, r=2'``: the table label for a MoPE recipe."""
+    config = load_recipe(recipe_path).adapter.config
+    experts, rank = config.get("num_experts", 8), config.get("r", 8)
+    router = config.get("router", "top_k")
+    if router == "dense":
+        return f"MoPE dense {experts}, r={rank}"
+    gate = f"top-{config.get('top_k', 2)}" if router == "top_k" else f"{router} {config.get('top_k', 2)}"
+    return f"MoPE {gate} of {experts}, r={rank}"
+
+
 def launch_command(recipe: str, overrides: list[str]) -> list[str]:
     """``python -m accelerate.commands.launch ... -m mope.train --recipe RECIPE overrides...`` (also ``mope train``)."""
     return [sys.executable, *LAUNCH, "-m", "mope.train", "--recipe", recipe, *overrides]
@@ -93,7 +104,7 @@ def main() -> int:
     print("\n| method | trainable params | eval accuracy | train time (s) |")
     print("|---|---|---|---|")
     for method, s in results.items():
-        name = "MoPE top-2 of 8, r=2" if method == "mope" else f"PEFT LoRA r={rank}"
+        name = describe_mixture(RECIPES["mope"]) if method == "mope" else f"PEFT LoRA r={rank}"
         print(f"| {name} | {s['trainable_parameters']:,} | {s['eval_accuracy']:.4f} | {s['train_seconds']:.1f} |")
 
     mope_dir = os.path.join(args.out, "mope")
