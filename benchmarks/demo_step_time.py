@@ -27,8 +27,10 @@ import mope
 COMMON = {"task_type": "SEQ_CLS", "target_modules": "all-linear"}
 CONFIGS = {
     "PEFT LoRA r=20": lambda: LoraConfig(r=20, lora_alpha=40, **COMMON),
-    "MoPE top-2 of 8, r=2 (demo recipe)": lambda: mope.MoPEConfig(num_experts=8, top_k=2, r=2, lora_alpha=4, **COMMON),
-    "MoPE dense 8, r=2, alpha 64": lambda: mope.MoPEConfig(num_experts=8, router="dense", r=2, lora_alpha=64, **COMMON),
+    "MoPE top-2 of 8, r=2, alpha 4": lambda: mope.MoPEConfig(num_experts=8, top_k=2, r=2, lora_alpha=4, **COMMON),
+    "MoPE dense 8, r=2, alpha 64 (demo recipe)": lambda: mope.MoPEConfig(
+        num_experts=8, router="dense", r=2, lora_alpha=64, **COMMON
+    ),
     "MoPE top-1 of 4 r=4 + 1 shared, per-layer router": lambda: mope.MoPEConfig(
         num_experts=5,
         num_shared_experts=1,
