@@ -6,11 +6,12 @@ Run from the repository root, alone on the machine (offline, CPU; ~2.5 minutes p
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --list          # the variants and their overrides
     ... defaults_study.py --task modules ...   # the second task (finer labels), same variants
 
-Every variant is a set of recipe overrides on the demo's MoPE recipe (or the LoRA recipe at the rank
-that matches the default mixture's trainable parameters, routers and head counted). Each run
-goes through ``accelerate launch -m mope.train`` like the demo. Results are appended one line
-per run to ``benchmarks/results/defaults_study.jsonl`` (so a long study can be stopped and
-continued: a (variant, lr, seed) already there is skipped), and
+Every variant is a set of recipe overrides on the demo's MoPE recipe as it was when the study began
+(``STUDY_BASE``: top-2 of 8, r=2, alpha 4), or on the LoRA recipe at the rank that matches the
+mixture's trainable parameters (routers and head counted). Each run goes through
+``accelerate launch -m mope.train`` like the demo. Results are appended one line per run to
+``benchmarks/results/defaults_study.jsonl`` (so a long study can be stopped and continued: a
+(task, variant, lr, seed) already there is skipped), and
 ``benchmarks/results/defaults_study.md`` is rewritten from all lines: per variant and learning
 rate, mean accuracy over seeds, seeds run, trainable parameters, mean training time and load CV.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import tempfile
 from collections import defaultdict
@@ -31,6 +31,14 @@ from mope.demo import LAUNCH, RECIPES, launch
 from mope.training import quiet_third_party
 
 LORA = "lora r=20"
+# The variants are changes to the demo's MoPE recipe as it was when the study began (top-2 of 8,
+# r=2, alpha 4, routers at the experts' learning rate); the recipe has moved on since.
+STUDY_BASE = [
+    "adapter.config.router=top_k",
+    "adapter.config.top_k=2",
+    "adapter.config.lora_alpha=4",
+    "training.router_lr_scale=1.0",
+]
 # --task: the demo's task, or a second one (finer labels) to check that a finding holds beyond it
 TASKS = {"families": "builtin:stdlib_docstrings", "modules": "builtin:stdlib_modules"}
 # BERT's encoder layers: one router per layer (block-level routing, on the layer's first adapted
@@ -57,8 +65,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "top2 seq": ("mope", ["adapter.config.routing_level=sequence"]),
     "top2 seq alpha16": ("mope", ["adapter.config.routing_level=sequence", "adapter.config.lora_alpha=16"]),
     "top2 no aux": ("mope", ["adapter.config.aux_loss_coef=0", "adapter.config.z_loss_coef=0"]),
-    "top2 router lr x10": ("mope", ["training.router_learning_rate=LRx10"]),
-    "top2 router lr /10": ("mope", ["training.router_learning_rate=LR/10"]),
+    "top2 router lr x10": ("mope", ["training.router_lr_scale=10"]),
+    "top2 router lr /10": ("mope", ["training.router_lr_scale=0.1"]),
     "top2 aux0.1": ("mope", ["adapter.config.aux_loss_coef=0.1"]),
     "top2 per-layer +2 shared": (
         "mope",
@@ -74,14 +82,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "top1 of 4 r4 +1 shared per-layer": ("mope", TOP1_SHARED),
-    "top1 of 4 r4 +1 shared per-layer router lr /10": ("mope", [*TOP1_SHARED, "training.router_learning_rate=LR/10"]),
+    "top1 of 4 r4 +1 shared per-layer router lr /10": ("mope", [*TOP1_SHARED, "training.router_lr_scale=0.1"]),
     "top1 of 4 r4 +1 shared per-layer router lr /10 alpha16": (
         "mope",
-        [*TOP1_SHARED, "training.router_learning_rate=LR/10", "adapter.config.lora_alpha=16"],
+        [*TOP1_SHARED, "training.router_lr_scale=0.1", "adapter.config.lora_alpha=16"],
     ),
     "dense alpha64 router lr /10": (
         "mope",
-        ["adapter.config.router=dense", "adapter.config.lora_alpha=64", "training.router_learning_rate=LR/10"],
+        ["adapter.config.router=dense", "adapter.config.lora_alpha=64", "training.router_lr_scale=0.1"],
     ),
     "top2 per-layer +2 shared router lr /10": (
         "mope",
@@ -89,7 +97,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
             PER_LAYER,
             "adapter.config.num_experts=10",
             "adapter.config.num_shared_experts=2",
-            "training.router_learning_rate=LR/10",
+            "training.router_lr_scale=0.1",
         ],
     ),
     "dense": ("mope", ["adapter.config.router=dense"]),
@@ -99,7 +107,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "dense alpha128": ("mope", ["adapter.config.router=dense", "adapter.config.lora_alpha=128"]),
     "dense alpha32 router lr /10": (
         "mope",
-        ["adapter.config.router=dense", "adapter.config.lora_alpha=32", "training.router_learning_rate=LR/10"],
+        ["adapter.config.router=dense", "adapter.config.lora_alpha=32", "training.router_lr_scale=0.1"],
     ),
     **{
         f"dense alpha{alpha} router lr /{div}": (
@@ -107,7 +115,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
             [
                 "adapter.config.router=dense",
                 f"adapter.config.lora_alpha={alpha}",
-                f"training.router_learning_rate=LR/{div}",
+                f"training.router_lr_scale={1 / div!r}",
             ],
         )
         for alpha, div in ((96, 10), (64, 3), (64, 30))
@@ -115,21 +123,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     **{
         f"top2 alpha{alpha} router lr /10": (
             "mope",
-            [f"adapter.config.lora_alpha={alpha}", "training.router_learning_rate=LR/10"],
+            [f"adapter.config.lora_alpha={alpha}", "training.router_lr_scale=0.1"],
         )
         for alpha in (8, 16)
     },
 }
-
-
-def resolve(overrides: list[str], lr: float) -> list[str]:
-    """Fill in learning-rate-relative values (``LRx10``, ``LR/10``, ``LR/3``, ...)."""
-
-    def value(match: re.Match) -> str:
-        factor = float(match.group(2))
-        return repr(lr * factor if match.group(1) == "x" else lr / factor)
-
-    return [re.sub(r"LR([x/])(\d+(?:\.\d+)?)", value, o) for o in overrides]
 
 
 def read_runs(path: str) -> list[dict]:
@@ -200,7 +198,8 @@ def main() -> None:
                 out = os.path.join(work, f"{variant.replace(' ', '_').replace('/', 'div')}-lr{lr}-s{seed}")
                 common = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
                 common.append(f"data.source={TASKS[args.task]}")
-                summary = launch(RECIPES[method], [*common, *resolve(overrides, lr)])
+                base = STUDY_BASE if method == "mope" else []
+                summary = launch(RECIPES[method], [*common, *base, *overrides])
                 row = {
                     "task": args.task,
                     "variant": variant,

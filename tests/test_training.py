@@ -20,7 +20,7 @@ from mope import MoPEConfig
 from mope.training import stdlib_docstrings
 from mope.training.data import read_rows
 from mope.training.loop import parameter_groups, run
-from mope.training.recipe import DEFAULT_ROUTER_LR_SCALE, DataSection, RecipeError, load_recipe
+from mope.training.recipe import DataSection, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -74,7 +74,7 @@ def test_unknown_key_and_wrong_type_are_named(tmp_path):
 
 def test_router_learning_rate_absolute_or_relative_and_not_both():
     lr = ["training.learning_rate=0.004"]
-    assert load_recipe(OFFLINE_TINY, lr).training.router_lr == pytest.approx(0.004 * DEFAULT_ROUTER_LR_SCALE)
+    assert load_recipe(OFFLINE_TINY, lr).training.router_lr == pytest.approx(0.004)  # default: same rate
     assert load_recipe(OFFLINE_TINY, [*lr, "training.router_lr_scale=0.25"]).training.router_lr == pytest.approx(0.001)
     assert load_recipe(OFFLINE_TINY, [*lr, "training.router_learning_rate=0.0003"]).training.router_lr == 0.0003
     with pytest.raises(RecipeError, match=r"router_learning_rate.*router_lr_scale"):
