@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import platform
 import statistics
 import tempfile
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from demo_accuracy import mean_cv
 
@@ -55,6 +58,9 @@ TOP1_SHARED = [
     "adapter.config.r=4",
     "adapter.config.lora_alpha=8",
 ]
+
+# The demo recipe since session 3: dense gate, alpha 64, routers at a tenth of the experts' learning rate.
+DENSE = ["adapter.config.router=dense", "adapter.config.lora_alpha=64", "training.router_lr_scale=0.1"]
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     LORA: ("lora", ["adapter.config.r=20", "adapter.config.lora_alpha=40"]),
@@ -127,7 +133,42 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         )
         for alpha in (8, 16)
     },
+    # Round 2 (session 4): what the dense demo recipe's gain comes from, and whether it holds on a second task.
+    "lora r=20 alpha80": ("lora", ["adapter.config.r=20", "adapter.config.lora_alpha=80"]),
+    "lora r=20 alpha160": ("lora", ["adapter.config.r=20", "adapter.config.lora_alpha=160"]),
+    "dense alpha128 router lr /10": ("mope", [*DENSE[:1], "adapter.config.lora_alpha=128", DENSE[2]]),
+    "dense 4x r4 alpha64 router lr /10": ("mope", [*DENSE, "adapter.config.num_experts=4", "adapter.config.r=4"]),
+    "dense 16x r1 alpha64 router lr /10": ("mope", [*DENSE, "adapter.config.num_experts=16", "adapter.config.r=1"]),
+    "dense alpha64 +1 shared router lr /10": ("mope", [*DENSE, "adapter.config.num_shared_experts=1"]),
+    "dense alpha64 per-layer router lr /10": ("mope", [*DENSE, PER_LAYER]),
+    "dense alpha64 router zeros lr /10": ("mope", [*DENSE, "adapter.config.router_init=zeros"]),
+    # a fixed uniform gate: the same experts and scale, no routing (router starts at zero and does not learn)
+    "dense alpha64 uniform (router frozen)": (
+        "mope",
+        [*DENSE[:2], "adapter.config.router_init=zeros", "training.router_lr_scale=1e-9"],
+    ),
+    "dense alpha64 temperature 2 router lr /10": ("mope", [*DENSE, "adapter.config.router_temperature=2"]),
+    "dense alpha64 no aux router lr /10": (
+        "mope",
+        [*DENSE, "adapter.config.aux_loss_coef=0", "adapter.config.z_loss_coef=0"],
+    ),
+    # dense-to-sparse: top-8 at step 0, annealed to top-2 over the first 60 training forwards
+    "top2 alpha16 router lr /10 dense-to-sparse": (
+        "mope",
+        [
+            "adapter.config.lora_alpha=16",
+            "training.router_lr_scale=0.1",
+            "adapter.config.router_schedule_steps=60",
+            "adapter.config.router_schedule_start_top_k=8",
+        ],
+    ),
 }
+
+
+def key(row: dict) -> tuple:
+    """What identifies a run: task, global settings, variant, learning rate, seed."""
+    settings = tuple(row.get("settings", []))
+    return (row.get("task", "families"), settings, row["variant"], row["learning_rate"], row["seed"])
 
 
 def read_runs(path: str) -> list[dict]:
@@ -140,14 +181,17 @@ def read_runs(path: str) -> list[dict]:
 def write_table(runs: list[dict], path: str) -> str:
     groups: dict[tuple[str, str, float], list[dict]] = defaultdict(list)
     for run in runs:
-        groups[(run.get("task", "families"), run["variant"], run["learning_rate"])].append(run)
+        task = " ".join([run.get("task", "families"), *run.get("settings", [])])
+        groups[(task, run["variant"], run["learning_rate"])].append(run)
+    machines = sorted({f"{r['machine']} ({r['workers']} runs at once)" for r in runs if r.get("machine")})
     lines = [
         "# Defaults study (MiniLM; stdlib docstrings, 10 classes)",
         "",
-        "Written by benchmarks/defaults_study.py from defaults_study.jsonl (one line per run). Tasks: "
+        f"Written by benchmarks/defaults_study.py from {os.path.basename(path)[:-3]}.jsonl (one line per run). Tasks: "
         "`families` = the demo's (10 package families), `modules` = 10 modules of three domains "
-        "(concurrency, web, XML).",
+        "(concurrency, web, XML); settings applied to every run follow the task's name.",
         "",
+        *([f"Machines: {'; '.join(machines)}.", ""] if machines else []),
         "| task | variant | lr | seeds | trainable | accuracy (mean) | min | max | train s (mean) | load CV |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -167,14 +211,38 @@ def write_table(runs: list[dict], path: str) -> str:
     return text
 
 
+def run_in_process(job: tuple[str, list[str], int]) -> dict:
+    """One run in a worker process (``--workers``): the same loop ``mope.train`` runs, without the launcher."""
+    import torch
+
+    from mope.training.loop import run
+    from mope.training.recipe import load_recipe
+
+    recipe, overrides, threads = job
+    torch.set_num_threads(threads)
+    summary = run(load_recipe(recipe, overrides))
+    summary["machine"] = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=[LORA, "top2"], choices=sorted(VARIANTS), metavar="NAME")
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.002])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--task", default="families", choices=sorted(TASKS))
+    parser.add_argument("--task", nargs="+", default=["families"], choices=sorted(TASKS))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run (recorded)")
+    parser.add_argument("--model", help="model.name_or_path for every run (recorded), e.g. a local copy of MiniLM")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="defaults_study", help="stem of the .jsonl log and .md table in --out")
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: the demo's, all cores)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="run this many runs at once, in-process in worker processes (0: each "
+        "run through accelerate launch, one at a time); their train times are then not comparable",
+    )
     parser.add_argument("--list", action="store_true", help="print the variants and exit")
     args = parser.parse_args()
     if args.list:
@@ -185,34 +253,55 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         LAUNCH[LAUNCH.index("--num_cpu_threads_per_process") + 1] = str(args.threads)
+    settings = [*args.set, *([f"model.name_or_path={args.model}"] if args.model else [])]
     os.makedirs(args.out, exist_ok=True)
-    log = os.path.join(args.out, "defaults_study.jsonl")
-    done = {(r.get("task", "families"), r["variant"], r["learning_rate"], r["seed"]) for r in read_runs(log)}
+    log = os.path.join(args.out, f"{args.name}.jsonl")
+    done = {key(r) for r in read_runs(log)}
     work = tempfile.mkdtemp(prefix="mope-study-")
-    for lr in args.lrs:
-        for variant in args.variants:
-            method, overrides = VARIANTS[variant]
-            for seed in args.seeds:
-                if (args.task, variant, lr, seed) in done:
-                    continue
-                out = os.path.join(work, f"{variant.replace(' ', '_').replace('/', 'div')}-lr{lr}-s{seed}")
-                common = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
-                common.append(f"data.source={TASKS[args.task]}")
-                base = STUDY_BASE if method == "mope" else []
-                summary = launch(RECIPES[method], [*common, *base, *overrides])
-                row = {
-                    "task": args.task,
-                    "variant": variant,
-                    "learning_rate": lr,
-                    "seed": seed,
-                    "eval_accuracy": summary["eval_accuracy"],
-                    "train_seconds": summary["train_seconds"],
-                    "trainable_parameters": summary["trainable_parameters"],
-                    "load_cv": mean_cv(os.path.join(out, "routing_summary.json")),
-                }
-                with open(log, "a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-                print(write_table(read_runs(log), os.path.join(args.out, "defaults_study.md")), flush=True)
+    jobs = []  # seeds outermost, so a study cut short has whole seeds
+    for seed in args.seeds:
+        for task in args.task:
+            for variant in args.variants:
+                for lr in args.lrs:
+                    row = {"task": task, "settings": settings, "variant": variant, "learning_rate": lr, "seed": seed}
+                    if key(row) in done:
+                        continue
+                    method, overrides = VARIANTS[variant]
+                    out = os.path.join(work, f"{len(jobs)}-{variant.replace(' ', '_').replace('/', 'div')}")
+                    common = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
+                    common.append(f"data.source={TASKS[task]}")
+                    base = STUDY_BASE if method == "mope" else []
+                    jobs.append((row, RECIPES[method], [*common, *base, *overrides, *settings], out))
+
+    def record(row: dict, summary: dict, out: str) -> None:
+        row = {**row, **{k: summary[k] for k in ("eval_accuracy", "train_seconds", "trainable_parameters")}}
+        row["load_cv"] = mean_cv(os.path.join(out, "routing_summary.json"))
+        row.update({"machine": summary.get("machine", platform.processor()), "workers": args.workers})
+        with open(log, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        table = write_table(read_runs(log), os.path.join(args.out, f"{args.name}.md"))
+        print(
+            table
+            if not args.workers
+            else f"{row['variant']} lr {row['learning_rate']:g} seed {row['seed']} "
+            f"{row['task']}: {row['eval_accuracy']:.4f}",
+            flush=True,
+        )
+
+    if not args.workers:
+        for row, recipe, overrides, out in jobs:
+            record(row, launch(recipe, overrides), out)
+        return
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=quiet_third_party) as pool:
+        futures = {pool.submit(run_in_process, (recipe, o, threads)): (row, out) for row, recipe, o, out in jobs}
+        for future in as_completed(futures):
+            row, out = futures[future]
+            try:
+                record(row, future.result(), out)
+            except Exception as error:  # one failed run is reported; the rest of the study goes on
+                print(f"FAILED {row}: {error!r}", flush=True)
 
 
 if __name__ == "__main__":

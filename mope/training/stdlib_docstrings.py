@@ -10,6 +10,7 @@ train/eval split is fixed by a hash of the text.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import os
 import sysconfig
@@ -50,19 +51,20 @@ def first_paragraph(docstring: str, max_chars: int = 300) -> str:
     return " ".join(text.split())[:max_chars]
 
 
-def docstrings_of(path: str) -> list[str]:
+@functools.cache  # a process that trains several runs (the defaults study's workers) parses each file once
+def docstrings_of(path: str) -> tuple[str, ...]:
     try:
         with open(path, encoding="utf-8") as handle:
             tree = ast.parse(handle.read())
     except (SyntaxError, UnicodeDecodeError, OSError):
-        return []
+        return ()
     found = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             doc = ast.get_docstring(node)
             if doc and len(doc.strip()) >= 30:
                 found.append(first_paragraph(doc))
-    return found
+    return tuple(found)
 
 
 def package_files(root: str, package: str) -> list[str]:
