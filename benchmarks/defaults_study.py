@@ -2,9 +2,10 @@
 
 Run from the repository root, alone on the machine (offline, CPU; ~2.5 minutes per run on 2 cores):
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --variants lora top2 --lrs 0.002 0.005 --seeds 0
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --variants "lora r=20" top2 --lrs 0.002 0.005 --seeds 0
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --list          # the variants and their overrides
-    ... defaults_study.py --task modules ...   # the second task (finer labels), same variants
+    ... defaults_study.py --task families modules ...   # also the second task (finer labels)
+    ... --workers 15 --name study_h100 --model DIR ...   # 15 runs at once, in-process (a GPU machine)
 
 Every variant is a set of recipe overrides on the demo's MoPE recipe as it was when the study began
 (``STUDY_BASE``: top-2 of 8, r=2, alpha 4), or on the LoRA recipe at the rank that matches the
@@ -152,6 +153,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "mope",
         [*DENSE, "adapter.config.aux_loss_coef=0", "adapter.config.z_loss_coef=0"],
     ),
+    "dense alpha64 per-layer temperature 2 router lr /10": (
+        "mope",
+        [*DENSE, PER_LAYER, "adapter.config.router_temperature=2"],
+    ),
+    "dense alpha128 per-layer router lr /10": ("mope", [*DENSE, PER_LAYER, "adapter.config.lora_alpha=128"]),
+    "dense alpha64 sequence-level router lr /10": ("mope", [*DENSE, "adapter.config.routing_level=sequence"]),
     # dense-to-sparse: top-8 at step 0, annealed to top-2 over the first 60 training forwards
     "top2 alpha16 router lr /10 dense-to-sparse": (
         "mope",
