@@ -154,3 +154,54 @@ def test_quick_layer_benchmark_writes_every_row(tmp_path):
     for row in rows.values():
         assert_positive(row)
         assert set(row["ratios"]) == {"peft_lora_r16", "frozen_layer", "naive_loop_top2_of_8"}
+
+
+def benchmark_module(name: str):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_padded_candidate_matches_masked_dispatch():
+    """dispatch_calibration.py's padded-bmm candidate computes the masked form's values and gradients."""
+    import torch
+
+    from mope.dispatch import lora_masked
+
+    lora_padded = benchmark_module("dispatch_calibration").lora_padded
+    torch.manual_seed(0)
+    for tokens, n, k, collapsed in ((37, 8, 2, False), (64, 8, 1, True), (20, 4, 4, False)):
+        x = torch.randn(tokens, 16, requires_grad=True)
+        lora_a, lora_b = torch.randn(n, 3, 16, requires_grad=True), torch.randn(n, 3, 24, requires_grad=True)
+        logits = torch.randn(tokens, n) + (100 * torch.eye(n)[0] if collapsed else 0)  # collapsed: experts idle
+        top = logits.topk(k, -1)
+        weights = torch.zeros(tokens, n).scatter(1, top.indices, top.values.softmax(-1))
+        upstream = torch.randn(tokens, 24)
+        results = []
+        for fn in (lora_masked, lora_padded):
+            out = fn(x, lora_a, lora_b, weights, 2.0)
+            results.append((out, *torch.autograd.grad(out, (x, lora_a, lora_b), upstream)))
+        for got, want in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_defaults_study_variants_are_valid_recipes(tmp_path):
+    """Every study variant's overrides load as a recipe and build their adapter config; runs group by settings."""
+    from mope.training.models import ADAPTER_CONFIGS, TASK_TYPES
+    from mope.training.recipe import load_recipe
+
+    study = benchmark_module("defaults_study")
+    for name, (method, overrides) in study.VARIANTS.items():
+        base = study.STUDY_BASE if method == "mope" else []
+        recipe = load_recipe(study.RECIPES[method], [*base, *overrides])
+        config = ADAPTER_CONFIGS[method](task_type=TASK_TYPES[recipe.model.task], **recipe.adapter.config)
+        assert config is not None, name
+    row = {"task": "modules", "variant": study.LORA, "learning_rate": 0.002, "seed": 0, "eval_accuracy": 0.5}
+    row |= {"train_seconds": 1.0, "trainable_parameters": 10}
+    longer = {**row, "settings": ["training.epochs=8"], "eval_accuracy": 0.7}
+    assert study.key(row) != study.key(longer)
+    table = study.write_table([row, longer], str(tmp_path / "t.md"))
+    assert "| modules | lora r=20 | 0.002 | 1 |" in table
+    assert "| modules training.epochs=8 | lora r=20 | 0.002 | 1 | 10 | 0.7000 |" in table
