@@ -45,6 +45,19 @@ METHODS = {
 }
 
 
+def layer_cvs(routing_summary: str) -> dict[str, float]:
+    """Mean load CV of each encoder layer's adapted modules (``...layer.<i>...``), from a run's routing summary."""
+    if not os.path.exists(routing_summary):
+        return {}
+    with open(routing_summary) as handle:
+        modules = json.load(handle)
+    by_layer: dict[str, list[float]] = {}
+    for name, load in modules.items():
+        match = re.search(r"\.layers?\.(\d+)\.", name)
+        by_layer.setdefault(match.group(1) if match else "other", []).append(load["cv"])
+    return {layer: statistics.mean(cvs) for layer, cvs in sorted(by_layer.items(), key=lambda kv: (len(kv[0]), kv[0]))}
+
+
 def mean_cv(routing_summary: str) -> float | None:
     if not os.path.exists(routing_summary):
         return None
@@ -80,6 +93,7 @@ def main() -> None:
             overrides = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
             summary = launch(recipe, [*overrides, *extra, *quick])
             summary["load_cv"] = mean_cv(os.path.join(out, "routing_summary.json"))
+            summary["load_cv_by_layer"] = layer_cvs(os.path.join(out, "routing_summary.json"))
             runs.append(summary)
         accuracy = [r["eval_accuracy"] for r in runs]
         seconds = [r["train_seconds"] for r in runs]
@@ -93,6 +107,10 @@ def main() -> None:
                 "accuracy_spread": max(accuracy) - min(accuracy),
                 "train_seconds_mean": statistics.mean(seconds),
                 "load_cv_mean": statistics.mean(cvs) if cvs else None,
+                "load_cv_by_layer": {
+                    layer: statistics.mean(r["load_cv_by_layer"][layer] for r in runs)
+                    for layer in runs[0]["load_cv_by_layer"]
+                },
                 "seeds": args.seeds,
                 "runs": runs,
             }
@@ -121,6 +139,23 @@ def main() -> None:
             f"| {r['method']} | {r['learning_rate']} | {r['trainable_parameters']:,} | {r['accuracy_mean']:.4f} | "
             f"{r['accuracy_spread']:.4f} | {r['train_seconds_mean']:.1f} | {cv} |"
         )
+    mixtures = [r for r in rows if r["load_cv_by_layer"]]
+    if mixtures:
+        layers = list(mixtures[0]["load_cv_by_layer"])
+        lines += [
+            "",
+            "Expert load balance per encoder layer: coefficient of variation of the experts' token shares on the",
+            "held-out set (0 = even), mean over the layer's adapted modules and over seeds.",
+            "",
+            "| method | lr | " + " | ".join(f"layer {x}" if x.isdigit() else "other modules" for x in layers) + " |",
+            "|---|---|" + "---|" * len(layers),
+        ]
+        lines += [
+            f"| {r['method']} | {r['learning_rate']} | "
+            + " | ".join(f"{r['load_cv_by_layer'].get(layer, float('nan')):.3f}" for layer in layers)
+            + " |"
+            for r in mixtures
+        ]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "demo_accuracy.md"), "w") as handle:
         handle.write(text)
