@@ -5,7 +5,7 @@ Run from the repository root, alone on the machine (offline, CPU; ~2.5 minutes p
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --variants "lora r=20" top2 --lrs 0.002 0.005 --seeds 0
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --list          # the variants and their overrides
     ... defaults_study.py --task families modules ...   # also the second task (finer labels)
-    ... --workers 15 --name study_h100 --model DIR ...   # 15 runs at once, in-process (a GPU machine)
+    ... --workers 15 --name study_h100 --model DIR ...   # 15 runs at once, in-process (see study_on_device.sh)
 
 Every variant is a set of recipe overrides on the demo's MoPE recipe as it was when the study began
 (``STUDY_BASE``: top-2 of 8, r=2, alpha 4), or on the LoRA recipe at the rank that matches the
