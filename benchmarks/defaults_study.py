@@ -263,22 +263,7 @@ def main() -> None:
     settings = [*args.set, *([f"model.name_or_path={args.model}"] if args.model else [])]
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, f"{args.name}.jsonl")
-    done = {key(r) for r in read_runs(log)}
-    work = tempfile.mkdtemp(prefix="mope-study-")
-    jobs = []  # seeds outermost, so a study cut short has whole seeds
-    for seed in args.seeds:
-        for task in args.task:
-            for variant in args.variants:
-                for lr in args.lrs:
-                    row = {"task": task, "settings": settings, "variant": variant, "learning_rate": lr, "seed": seed}
-                    if key(row) in done:
-                        continue
-                    method, overrides = VARIANTS[variant]
-                    out = os.path.join(work, f"{len(jobs)}-{variant.replace(' ', '_').replace('/', 'div')}")
-                    common = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
-                    common.append(f"data.source={TASKS[task]}")
-                    base = STUDY_BASE if method == "mope" else []
-                    jobs.append((row, RECIPES[method], [*common, *base, *overrides, *settings], out))
+    jobs = plan(args, settings, done={key(r) for r in read_runs(log)})
 
     def record(row: dict, summary: dict, out: str) -> None:
         row = {**row, **{k: summary[k] for k in ("eval_accuracy", "train_seconds", "trainable_parameters")}}
@@ -287,13 +272,10 @@ def main() -> None:
         with open(log, "a") as handle:
             handle.write(json.dumps(row) + "\n")
         table = write_table(read_runs(log), os.path.join(args.out, f"{args.name}.md"))
-        print(
-            table
-            if not args.workers
-            else f"{row['variant']} lr {row['learning_rate']:g} seed {row['seed']} "
-            f"{row['task']}: {row['eval_accuracy']:.4f}",
-            flush=True,
+        brief = (
+            f"{row['variant']} lr {row['learning_rate']:g} seed {row['seed']} {row['task']}: {row['eval_accuracy']:.4f}"
         )
+        print(brief if args.workers else table, flush=True)
 
     if not args.workers:
         for row, recipe, overrides, out in jobs:
@@ -309,6 +291,27 @@ def main() -> None:
                 record(row, future.result(), out)
             except Exception as error:  # one failed run is reported; the rest of the study goes on
                 print(f"FAILED {row}: {error!r}", flush=True)
+
+
+def plan(args: argparse.Namespace, settings: list[str], done: set[tuple]) -> list[tuple[dict, str, list[str], str]]:
+    """``(row, recipe, overrides, output_dir)`` per run not in ``done``; seeds outermost, so a study cut short
+    has whole seeds."""
+    work = tempfile.mkdtemp(prefix="mope-study-")
+    jobs = []
+    for seed in args.seeds:
+        for task in args.task:
+            for variant in args.variants:
+                for lr in args.lrs:
+                    row = {"task": task, "settings": settings, "variant": variant, "learning_rate": lr, "seed": seed}
+                    if key(row) in done:
+                        continue
+                    method, overrides = VARIANTS[variant]
+                    out = os.path.join(work, f"{len(jobs)}-{variant.replace(' ', '_').replace('/', 'div')}")
+                    common = [f"training.output_dir={out}", f"training.seed={seed}", f"training.learning_rate={lr}"]
+                    common.append(f"data.source={TASKS[task]}")
+                    base = STUDY_BASE if method == "mope" else []
+                    jobs.append((row, RECIPES[method], [*common, *base, *overrides, *settings], out))
+    return jobs
 
 
 if __name__ == "__main__":
