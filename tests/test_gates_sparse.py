@@ -201,3 +201,16 @@ def test_gates_make_no_host_sync(kwargs):
 def test_invalid_sparse_gate_options(kwargs, field):
     with pytest.raises(ValueError, match=f"MoPEConfig.{field}"):
         mope.MoPEConfig(**kwargs)
+
+
+def test_router_scores_in_fp32_under_cpu_autocast():
+    """Under bf16 autocast the router still scores in fp32: the same logits as without autocast."""
+    model = get_peft_model(make_model("llama"), mope.MoPEConfig(target_modules=["q_proj"], num_experts=4, r=2))
+    router = next(m for m in model.modules() if isinstance(m, ROUTERS["top_k"]))
+    x = torch.randn(2, 3, router.weight.shape[1])
+    plain = router(x, RoutingInputs())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = router(x, RoutingInputs())
+        assert torch.is_autocast_enabled("cpu")  # the router's own context did not leak out
+    assert cast.logits.dtype == cast.weights.dtype == torch.float32
+    torch.testing.assert_close(cast.logits, plain.logits)
