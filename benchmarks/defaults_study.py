@@ -94,10 +94,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "mope",
         [*TOP1_SHARED, "training.router_lr_scale=0.1", "adapter.config.lora_alpha=16"],
     ),
-    "dense alpha64 router lr /10": (
-        "mope",
-        ["adapter.config.router=dense", "adapter.config.lora_alpha=64", "training.router_lr_scale=0.1"],
-    ),
+    "dense alpha64 router lr /10": ("mope", DENSE),
     "top2 per-layer +2 shared router lr /10": (
         "mope",
         [
@@ -125,7 +122,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                 f"training.router_lr_scale={1 / div!r}",
             ],
         )
-        for alpha, div in ((96, 10), (64, 3), (64, 30))
+        for alpha, div in ((96, 10), (128, 10), (64, 3), (64, 30))
     },
     **{
         f"top2 alpha{alpha} router lr /10": (
@@ -137,7 +134,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # Round 2 (session 4): what the dense demo recipe's gain comes from, and whether it holds on a second task.
     "lora r=20 alpha80": ("lora", ["adapter.config.r=20", "adapter.config.lora_alpha=80"]),
     "lora r=20 alpha160": ("lora", ["adapter.config.r=20", "adapter.config.lora_alpha=160"]),
-    "dense alpha128 router lr /10": ("mope", [*DENSE[:1], "adapter.config.lora_alpha=128", DENSE[2]]),
     "dense 4x r4 alpha64 router lr /10": ("mope", [*DENSE, "adapter.config.num_experts=4", "adapter.config.r=4"]),
     "dense 16x r1 alpha64 router lr /10": ("mope", [*DENSE, "adapter.config.num_experts=16", "adapter.config.r=1"]),
     "dense alpha64 +1 shared router lr /10": ("mope", [*DENSE, "adapter.config.num_shared_experts=1"]),
@@ -146,7 +142,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # a fixed uniform gate: the same experts and scale, no routing (router starts at zero and does not learn)
     "dense alpha64 uniform (router frozen)": (
         "mope",
-        [*DENSE[:2], "adapter.config.router_init=zeros", "training.router_lr_scale=1e-9"],
+        [*DENSE, "adapter.config.router_init=zeros", "training.router_lr_scale=1e-9"],
     ),
     "dense alpha64 temperature 2 router lr /10": ("mope", [*DENSE, "adapter.config.router_temperature=2"]),
     "dense alpha64 no aux router lr /10": (

@@ -45,25 +45,26 @@ METHODS = {
 }
 
 
-def layer_cvs(routing_summary: str) -> dict[str, float]:
-    """Mean load CV of each encoder layer's adapted modules (``...layer.<i>...``), from a run's routing summary."""
+def module_cvs(routing_summary: str) -> dict[str, float]:
+    """Expert load CV of each adapted module, from a run's ``routing_summary.json`` (empty for LoRA runs)."""
     if not os.path.exists(routing_summary):
         return {}
     with open(routing_summary) as handle:
-        modules = json.load(handle)
+        return {name: load["cv"] for name, load in json.load(handle).items()}
+
+
+def layer_cvs(routing_summary: str) -> dict[str, float]:
+    """Mean load CV of each encoder layer's adapted modules (``...layer.<i>...``; the rest under "other")."""
     by_layer: dict[str, list[float]] = {}
-    for name, load in modules.items():
+    for name, cv in module_cvs(routing_summary).items():
         match = re.search(r"\.layers?\.(\d+)\.", name)
-        by_layer.setdefault(match.group(1) if match else "other", []).append(load["cv"])
+        by_layer.setdefault(match.group(1) if match else "other", []).append(cv)
     return {layer: statistics.mean(cvs) for layer, cvs in sorted(by_layer.items(), key=lambda kv: (len(kv[0]), kv[0]))}
 
 
 def mean_cv(routing_summary: str) -> float | None:
-    if not os.path.exists(routing_summary):
-        return None
-    with open(routing_summary) as handle:
-        layers = json.load(handle)
-    return statistics.mean(v["cv"] for v in layers.values()) if layers else None
+    cvs = module_cvs(routing_summary)
+    return statistics.mean(cvs.values()) if cvs else None
 
 
 def main() -> None:

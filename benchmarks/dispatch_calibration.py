@@ -42,8 +42,8 @@ def lora_padded(
     """A candidate kept here, not in mope.dispatch: ``sorted`` with the loop over experts replaced by two
     ``bmm`` over expert-major rows padded to the busiest expert's count (padding rows: token 0, gate 0).
 
-    Work tracks ``N * max_count`` rows (``k * T`` when balanced) with no Python loop; it lost to
-    ``masked`` on CPU at every N/k <= 8 shape measured (see the calibration table's ``padded`` column).
+    Work tracks ``N * max_count`` rows (``k * T`` when balanced) with no Python loop. On CPU it lost to
+    ``masked`` at every N/k <= 4 shape measured and was mixed at N/k = 8 (the table's ``padded`` column).
     """
     n, _, d_in = lora_A.shape
     w = weights.reshape(-1, n)
