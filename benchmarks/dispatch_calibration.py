@@ -6,7 +6,8 @@ Run from the repository root (CPU, 1 thread, a minute or two; or on a CUDA machi
 
 For each shape (tokens T, width d = d_in = d_out, N experts, top-k, r = 8) it times one step
 (forward, then backward of the output's sum, grads w.r.t. x, A, B and the router logits) of each
-strategy, interleaved, and reports the median of per-repetition ratios strategy / masked
+strategy (each adds its delta into a given base output), interleaved, and reports the median of
+per-repetition ratios strategy / masked
 (< 1: the strategy is faster). On CPU the strategies are masked and sorted (fp32); on CUDA masked,
 sorted and grouped (bf16, where ``grouped`` can run). Writes ``DIR/dispatch_calibration.json``
 and ``.md`` (``dispatch_calibration_cuda.*`` on CUDA).
@@ -37,7 +38,12 @@ QUICK_GRID = [(64, 64, 8, 2), (64, 64, 4, 2)]
 
 
 def lora_padded(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    scaling: float,
+    base_out: torch.Tensor,
 ) -> torch.Tensor:
     """A candidate kept here, not in mope.dispatch: ``sorted`` with the loop over experts replaced by two
     ``bmm`` over expert-major rows padded to the busiest expert's count (padding rows: token 0, gate 0).
@@ -59,7 +65,7 @@ def lora_padded(
     rows = x.reshape(-1, d_in).index_select(0, index).view(n, capacity, d_in)
     hidden = torch.bmm(rows, lora_A.transpose(1, 2)) * gate.view(n, capacity, 1)
     out = torch.bmm(hidden, lora_B).view(n * capacity, -1)
-    return x.new_zeros(w.shape[0], out.shape[-1]).index_add(0, index, out).view(*x.shape[:-1], -1)
+    return base_out.reshape(w.shape[0], -1).index_add(0, index, out).view(base_out.shape)
 
 
 CANDIDATES = {"padded": lora_padded}  # timed next to mope's strategies, not offered by mope
@@ -74,13 +80,14 @@ def make_step(tokens: int, d: int, n: int, k: int, name: str, device: str, r: in
 
     x, lora_a, lora_b = leaf(tokens, d), leaf(n, r, d, scale=d**-0.5), leaf(n, r, d, scale=r**-0.5)
     logits = torch.randn(tokens, n, generator=generator).to(device).requires_grad_()
+    base_out = torch.randn(tokens, d, generator=generator).to(device, dtype)  # what the frozen layer gave
     apply = CANDIDATES[name] if name in CANDIDATES else LORA_DISPATCH[name].apply
 
     def step() -> None:
         probs = logits.softmax(-1)
         values, index = probs.topk(k, dim=-1)
         weights = torch.zeros_like(probs).scatter(-1, index, values)
-        apply(x, lora_a, lora_b, weights, 2.0).sum().backward()
+        apply(x, lora_a, lora_b, weights, 2.0, base_out).sum().backward()
 
     return step
 

@@ -1,11 +1,15 @@
 """How a gate's weights are applied to a bank of LoRA experts: a table of strategies.
 
-Every strategy computes the same thing, ``delta[t] = s * sum_e g[t, e] * B_e^T A_e x[t]`` over the
-experts with ``g[t, e] != 0``, with the same gradients; they differ only in cost.
+Every strategy computes the same thing, the base layer's output plus
+``delta[t] = s * sum_e g[t, e] * B_e^T A_e x[t]`` over the experts with ``g[t, e] != 0``, with the
+same gradients; they differ only in cost. Each adds its last product into the base output in one
+op (``addmm``, ``index_add``) rather than forming ``delta`` and adding it: one pass over a
+``[tokens, d_out]`` tensor fewer, forward and backward.
 
 - ``masked``: with ``g`` zero for experts a token does not use,
   ``delta = s * B_cat (g (x) 1_r  *  A_cat x)`` where ``A_cat`` stacks all experts' A (inner dim
-  N*r). Two plain GEMMs, no sort, no host sync; unselected experts get zero gradient. It computes
+  N*r). Two plain GEMMs (the second an ``addmm`` into the base output, ``s`` its ``alpha``), no
+  sort, no host sync; unselected experts get zero gradient. It computes
   all N experts for every token, so it wins while N*r is small against the layer width.
 - ``sorted``: the (token, expert) pairs with nonzero weight, sorted by expert once (one host sync
   for the per-expert counts), per-expert GEMMs on contiguous segments, scaled by the gate weight
@@ -28,19 +32,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# (x [..., d_in], lora_A [N, r, d_in], lora_B [N, r, d_out], weights [..., N], scaling) -> delta [..., d_out]
-LoRADispatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (x [..., d_in], lora_A [N, r, d_in], lora_B [N, r, d_out], weights [..., N], scaling, base_out [..., d_out])
+#   -> base_out + delta [..., d_out], in base_out's dtype
+LoRADispatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor]
 
 
 def lora_masked(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    scaling: float,
+    base_out: torch.Tensor,
 ) -> torch.Tensor:
-    """``x [..., d_in]``, ``lora_A [N, r, d_in]``, ``lora_B [N, r, d_out]``, ``weights [..., N]``."""
+    """``x [..., d_in]``, ``lora_A [N, r, d_in]``, ``lora_B [N, r, d_out]``, ``weights [..., N]``, ``base_out [..., d_out]``."""
     n, r, d_in = lora_A.shape
     h = F.linear(x, lora_A.reshape(n * r, d_in))
-    gate = (weights * scaling).to(h.dtype).unsqueeze(-1)
+    fused = base_out.dtype == h.dtype  # else (half base, fp32 experts): scale the narrow h, add in base's dtype
+    gate = (weights if fused else weights * scaling).to(h.dtype).unsqueeze(-1)
     h = (h.unflatten(-1, (n, r)) * gate).flatten(-2)
-    return h @ lora_B.reshape(n * r, -1)
+    lora_B_cat = lora_B.reshape(n * r, -1)
+    if not fused:
+        return base_out + (h @ lora_B_cat).to(base_out.dtype)
+    flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, n * r), lora_B_cat, alpha=scaling)
+    return flat.view(base_out.shape)
 
 
 @dataclass
@@ -61,13 +76,14 @@ def sort_pairs(weights: torch.Tensor, scaling: float, dtype: torch.dtype) -> Sor
     used = (weights != 0).t()  # [N, T]
     sizes = used.sum(dim=1).tolist()
     expert, token = torch.nonzero_static(used, size=sum(sizes)).unbind(1)
-    gate = (weights[token, expert] * scaling).to(dtype).unsqueeze(-1)
+    gate = (weights[token, expert].to(dtype) * scaling).unsqueeze(-1)
     return SortedPairs(token, gate, sizes)
 
 
-def scatter_back(out: torch.Tensor, pairs: SortedPairs, tokens: int, lead: torch.Size) -> torch.Tensor:
-    delta = out.new_zeros(tokens, out.shape[-1]).index_add(0, pairs.token, out)
-    return delta.view(*lead, out.shape[-1])
+def add_back(base_out: torch.Tensor, out: torch.Tensor, pairs: SortedPairs) -> torch.Tensor:
+    """``base_out`` plus each pair's output row added at its token (out of place: one op, no zeros, no add)."""
+    flat = base_out.reshape(-1, base_out.shape[-1]).index_add(0, pairs.token, out.to(base_out.dtype))
+    return flat.view(base_out.shape)
 
 
 def gather_pairs(
@@ -80,7 +96,12 @@ def gather_pairs(
 
 
 def lora_sorted(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    scaling: float,
+    base_out: torch.Tensor,
 ) -> torch.Tensor:
     """Per-expert GEMMs on the tokens each expert got; a loop over experts, never over tokens."""
     rows, pairs = gather_pairs(x, lora_A, weights, scaling)
@@ -92,18 +113,23 @@ def lora_sorted(
     # A, then the gate (on the r-wide h: cheaper than on d_out), then B, per non-empty segment
     hidden = torch.cat([seg @ a_experts[e].t() for e, seg in zip(used, segments, strict=True)]) * pairs.gate
     out = torch.cat([h @ b_experts[e] for e, h in zip(used, hidden.split(sizes), strict=True)])
-    return scatter_back(out, pairs, x.shape[:-1].numel(), x.shape[:-1])
+    return add_back(base_out, out, pairs)
 
 
 def lora_grouped(
-    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, weights: torch.Tensor, scaling: float
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    scaling: float,
+    base_out: torch.Tensor,
 ) -> torch.Tensor:
     """``sorted`` with one ``torch._grouped_mm`` per side instead of a loop over experts."""
     rows, pairs = gather_pairs(x, lora_A, weights, scaling)
     offsets = torch.tensor(pairs.sizes).cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
     hidden = torch._grouped_mm(rows, lora_A.transpose(-2, -1), offs=offsets) * pairs.gate
     out = torch._grouped_mm(hidden, lora_B, offs=offsets)
-    return scatter_back(out, pairs, x.shape[:-1].numel(), x.shape[:-1])
+    return add_back(base_out, out, pairs)
 
 
 def always(x: torch.Tensor, lora_A: torch.Tensor) -> bool:

@@ -179,9 +179,10 @@ def test_padded_candidate_matches_masked_dispatch():
         top = logits.topk(k, -1)
         weights = torch.zeros(tokens, n).scatter(1, top.indices, top.values.softmax(-1))
         upstream = torch.randn(tokens, 24)
+        base_out = torch.randn(tokens, 24)
         results = []
         for fn in (lora_masked, lora_padded):
-            out = fn(x, lora_a, lora_b, weights, 2.0)
+            out = fn(x, lora_a, lora_b, weights, 2.0, base_out)
             results.append((out, *torch.autograd.grad(out, (x, lora_a, lora_b), upstream)))
         for got, want in zip(results[1], results[0], strict=True):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -96,13 +96,14 @@ def test_strategy_handles_tokens_without_experts_and_unused_experts(strategy):
     weights[0, :4, 3] = 0.3
     weights[1, 2:, 1] = 1.0
     weights.requires_grad_()
+    base_out = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
     results = []
     for fn in (resolve_dispatch(strategy, x, lora_a, 2).apply, lora_masked):
-        out = fn(x, lora_a, lora_b, weights, 2.0)
-        results.append([out, *torch.autograd.grad(out.square().sum(), [x, lora_a, lora_b])])
+        out = fn(x, lora_a, lora_b, weights, 2.0, base_out)
+        results.append([out, *torch.autograd.grad(out.square().sum(), [x, lora_a, lora_b, base_out])])
     for g, w in zip(*results, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
-    assert results[0][0][0, 4:].abs().max() == 0
+    assert torch.equal(results[0][0][0, 4:], base_out[0, 4:])  # no expert: the base output, exactly
     assert results[0][2][[0, 2, 4]].abs().max() == 0  # unused experts: zero gradient
 
 
@@ -116,9 +117,10 @@ def test_grouped_kernel_math_on_cpu_fp32():
     lora_b = torch.randn(4, 8, 8, requires_grad=True)
     logits = torch.randn(64, 4, requires_grad=True)
     assert (topk_weights(logits, 2) != 0).sum(0).min() > 0
+    base_out = torch.randn(64, 8)
     results = []
     for fn in (LORA_DISPATCH["grouped"].apply, lora_masked):
-        out = fn(x, lora_a, lora_b, topk_weights(logits, 2), 2.0)
+        out = fn(x, lora_a, lora_b, topk_weights(logits, 2), 2.0, base_out)
         results.append([out, *torch.autograd.grad(out.square().sum(), [x, lora_a, lora_b, logits])])
     for g, w in zip(*results, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
@@ -222,7 +224,8 @@ def test_strategy_equals_masked_on_cuda_bf16(strategy):
         (lora_masked, (x, lora_a, lora_b, logits)),
         (lora_masked, exact),
     ):
-        out = fn(inputs[0], inputs[1], inputs[2], topk_weights(inputs[3], 2), 2.0)
+        base_out = inputs[0].new_zeros(tokens, d)
+        out = fn(inputs[0], inputs[1], inputs[2], topk_weights(inputs[3], 2), 2.0, base_out)
         results.append([out, *torch.autograd.grad(out.double().square().sum(), list(inputs))])
     # bf16 rounds differently along each path (masked multiplies zeros in, sorted never sees them), so
     # compare each with a float64 reference: the strategy may not be much worse than masked itself.

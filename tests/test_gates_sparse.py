@@ -6,11 +6,14 @@ Reference implementations for capacity dropping, switch and expert choice live i
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from conftest import assert_round_trip, make_batch, make_model
 from peft import get_peft_model
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mope
 from mope.routing import ROUTERS, NoncausalRoutingError, RoutingInputs
@@ -214,3 +217,32 @@ def test_router_scores_in_fp32_under_cpu_autocast():
         assert torch.is_autocast_enabled("cpu")  # the router's own context did not leak out
     assert cast.logits.dtype == cast.weights.dtype == torch.float32
     torch.testing.assert_close(cast.logits, plain.logits)
+
+
+class AtenCounter(TorchDispatchMode):
+    """Counts the aten ops that run inside it, by name (e.g. 'softmax', 'scatter')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__.lstrip("_")] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("router_name", ["top_k", "balanced"])
+def test_probs_and_load_cost_nothing_until_read(router_name):
+    """A top-k routing computes its full softmax and its load only when something reads them."""
+    router = make_router(router_name, n=6, k=2).eval()
+    logits = torch.randn(3, 5, 6)
+    with AtenCounter() as ops:
+        routing = router.gate(logits, RoutingInputs())
+    # balanced's weights are the softmax's: it computes probs anyway; neither computes the load
+    assert ops.counts["softmax"] == 1 and ops.counts["scatter"] == 1
+    with AtenCounter() as ops:
+        probs, load = routing.probs, routing.load
+        assert routing.probs is probs and routing.load is load  # computed once
+    assert ops.counts["scatter"] == 1
+    torch.testing.assert_close(probs, logits.softmax(-1))
+    torch.testing.assert_close(load, (routing.weights > 0).float() / 2)

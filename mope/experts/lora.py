@@ -49,8 +49,7 @@ class LoRAExpertBank(ExpertBank):
     def forward(self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.lora_A.dtype))
         strategy = resolve_dispatch(self.dispatch, x, self.lora_A, self.active_experts)
-        delta = strategy.apply(x, self.lora_A, self.lora_B, weights, self.scaling)
-        return base_out + delta.to(base_out.dtype)
+        return strategy.apply(x, self.lora_A, self.lora_B, weights, self.scaling, base_out)
 
     def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
         """``[d_out, d_in]`` update for input-independent gate weights ``[N]`` (nn.Linear layout)."""

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .base import Router, Routing, RoutingInputs
+from .base import Router, Routing, RoutingInputs, one_hot_shares
 
 # Score given to padding rows: finite, so that an all-padding batch gives no NaN.
 PADDING_SCORE = -1e9
@@ -107,7 +107,7 @@ class BalancedRouter(Router):
         else:
             index = torch.topk(probs, self.top_k, dim=-1).indices
         weights = torch.zeros_like(probs).scatter(-1, index, probs.gather(-1, index))
-        load = torch.zeros_like(probs).scatter(-1, index, 1.0 / self.top_k)
+        load = one_hot_shares(logits, index, self.top_k)
         return Routing(weights=weights, probs=probs, logits=logits, load=load)
 
     def extra_repr(self) -> str:

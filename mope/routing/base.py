@@ -13,6 +13,28 @@ from torch import nn
 from .levels import ROUTING_LEVELS
 
 
+class Deferrable:
+    """A Routing field a gate may give as a function of no arguments, called once, on first read.
+
+    What only losses and statistics read (the full softmax, the dispatch shares) then costs
+    nothing in a forward that reads it not, e.g. each step of KV-cached decoding.
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_deferred_" + name
+
+    def __get__(self, routing: Any, owner: type | None = None) -> torch.Tensor:
+        if routing is None:  # the dataclass asks for a default: there is none
+            raise AttributeError(self.slot)
+        value = routing.__dict__[self.slot]
+        if callable(value):
+            value = routing.__dict__[self.slot] = value()
+        return value
+
+    def __set__(self, routing: Any, value: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+        routing.__dict__[self.slot] = value
+
+
 @dataclass
 class Routing:
     """What a gate decided for a batch of tokens (all tensors fp32, leading dims = token dims).
@@ -21,7 +43,9 @@ class Routing:
     is all the dispatch needs. ``probs`` and ``logits``: the router's full softmax and raw scores
     (for losses and statistics). ``load``: each token's share of dispatch per expert, summing
     to 1 over experts (one-hot / k for top-k, the probabilities for a dense gate); the
-    load-balancing loss reads it. ``dropped``: bool ``[..., N]``, True where the gate chose the
+    load-balancing loss reads it. ``probs`` and ``load`` may be given as functions that compute
+    them (:class:`Deferrable`); reading the field calls the function once.
+    ``dropped``: bool ``[..., N]``, True where the gate chose the
     expert but capacity overflow removed the assignment (its weight is then 0), or None for gates
     without capacity; :func:`mope.routing.capacity.drop_rate_by_position` reads it.
     ``selectors``: ``[..., S, N]`` distributions whose entropy the entropy regulariser penalises
@@ -29,11 +53,19 @@ class Routing:
     """
 
     weights: torch.Tensor
-    probs: torch.Tensor
+    probs: torch.Tensor = Deferrable()
     logits: torch.Tensor
-    load: torch.Tensor
+    load: torch.Tensor = Deferrable()
     dropped: torch.Tensor | None = None
     selectors: torch.Tensor | None = None
+
+
+def one_hot_shares(like: torch.Tensor, index: torch.Tensor, k: int) -> Callable[[], torch.Tensor]:
+    """A function giving a tensor like ``like [..., N]``: 1/k at the k experts ``index [..., k]`` chose, 0 elsewhere.
+
+    A top-k gate's ``load``, deferred (:class:`Deferrable`): only losses and statistics read it.
+    """
+    return lambda: torch.zeros_like(like).scatter(-1, index, 1.0 / k)
 
 
 @dataclass

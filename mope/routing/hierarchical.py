@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import ROUTER_INITS, Router, Routing, RoutingInputs
+from .base import ROUTER_INITS, Router, Routing, RoutingInputs, one_hot_shares
 from .options import check_groups
 
 
@@ -46,7 +46,7 @@ class HierarchicalRouter(Router):
         values = values / values.sum(dim=-1, keepdim=True) * group_probs.gather(-1, best)
         index = index + best * size
         weights = torch.zeros_like(probs).scatter(-1, index, values)
-        load = torch.zeros_like(probs).scatter(-1, index, 1.0 / k)
+        load = one_hot_shares(probs, index, k)
         raw = group_logits.repeat_interleave(size, dim=-1) + expert_logits
         return Routing(weights=weights, probs=probs, logits=raw, load=load)
 

@@ -8,25 +8,30 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Router, Routing, RoutingInputs
+from .base import Router, Routing, RoutingInputs, one_hot_shares
 from .capacity import apply_capacity
 from .expert_choice import CAUSAL_TASK_TYPES
 
-# (logits [..., N], k) -> (probs [..., N], chosen weights [..., k], chosen experts [..., k])
-TopKOrder = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# (logits [..., N], k) -> (probs [..., N] or a function computing them, chosen weights [..., k], chosen experts [..., k])
+TopKOrder = Callable[[torch.Tensor, int], tuple[torch.Tensor | Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]]
 
 
-def softmax_then_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def full_softmax(logits: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: torch.softmax(logits, dim=-1)
+
+
+def softmax_then_topk(logits: torch.Tensor, k: int) -> tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]:
     """GShard / Mixtral: softmax over all N, keep the k largest, renormalise them to sum 1.
 
     Computed as a softmax over the k largest logits (the same value and gradient, see
-    ``topk_then_softmax``): fewer kernels than a divide by the sum and its backward.
+    ``topk_then_softmax``): fewer kernels than a divide by the sum and its backward. The full
+    softmax, which only losses and statistics read, is deferred (:class:`~mope.routing.base.Deferrable`).
     """
     top_logits, index = torch.topk(logits, k, dim=-1)
-    return torch.softmax(logits, dim=-1), torch.softmax(top_logits, dim=-1), index
+    return full_softmax(logits), torch.softmax(top_logits, dim=-1), index
 
 
-def topk_then_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_then_softmax(logits: torch.Tensor, k: int) -> tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]:
     """Shazeer et al. 2017: KeepTopK on the logits, then softmax over the k kept ones.
 
     Equal in value and gradient to ``softmax_then_topk`` (both are exp(l_i) / sum over the
@@ -83,12 +88,14 @@ class TopKRouter(Router):
 
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         probs, values, index = TOP_K_ORDERS[self.order](logits, self.top_k)
-        # load: the gate's choice before capacity (GShard/fairseq count it so for the balancing loss)
-        load = torch.zeros_like(probs).scatter(-1, index, 1.0 / self.top_k)
+        # load: the gate's choice before capacity (GShard/fairseq count it so for the balancing loss);
+        # deferred like the full softmax: only losses and statistics read it
+        load = one_hot_shares(logits, index, self.top_k)
         dropped = None
         if self.capacity_factor is not None and not self.capacity_applies():
-            dropped = torch.zeros_like(probs, dtype=torch.bool)  # capacity configured, nothing dropped
+            dropped = torch.zeros_like(logits, dtype=torch.bool)  # capacity configured, nothing dropped
         elif self.capacity_factor is not None:
+            probs = probs() if callable(probs) else probs
             kept, dropped_slots = apply_capacity(
                 index,
                 values,
@@ -100,8 +107,8 @@ class TopKRouter(Router):
                 self.training,
             )
             values = values * kept
-            dropped = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, index, dropped_slots)
-        weights = torch.zeros_like(probs).scatter(-1, index, values)
+            dropped = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, index, dropped_slots)
+        weights = torch.zeros_like(logits).scatter(-1, index, values)
         return Routing(weights=weights, probs=probs, logits=logits, load=load, dropped=dropped)
 
     def capacity_applies(self) -> bool:
