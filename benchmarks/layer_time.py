@@ -9,7 +9,10 @@ fp32. Each candidate wraps the same frozen layer; a step is the forward pass and
 the output's sum (gradients for the input and the adapter's parameters). Candidates: the frozen
 layer (input gradient only), PEFT LoRA r=8 and r=16, MoPE top-2 of 8 with r=8 (the real
 ``MoPELayer`` with its router and both aux losses; dispatch ``auto`` and forced ``sorted``), and
-step_time.py's naive per-expert loop (top-2 of 8, r=8). Interleaved repetitions after warm-up;
+three per-expert loops (top-2 of 8, r=8): step_time.py's naive loop (the frozen layer once, each
+expert's LoRA on its tokens) and two where each expert is the frozen layer plus its LoRA, on its
+tokens (MoE-PEFT's MixLoRA: the frozen weight runs k times per token) or on every token (N times).
+Interleaved repetitions after warm-up;
 ratios are medians of per-repetition ratios [25-75 %]. Writes ``DIR/layer_time.json`` and ``.md``.
 """
 
@@ -61,6 +64,41 @@ def naive(layer: OneLayer) -> nn.Module:
     return layer
 
 
+class ExpertsWithFrozenWeight(NaiveLoopMoELoRA):
+    """The loop where each expert is the frozen layer plus its own LoRA, as in MoE-PEFT's MixLoRA.
+
+    Per expert, its tokens (``torch.where``) go through ``W x + s B_e A_e x`` and ``index_add_``
+    puts the weighted result back, so the frozen weight runs once per (token, expert) pair: k times
+    per token. ``every_token=True``: each expert runs on all tokens and the top-k weights (zero for
+    the others) mix the N outputs: the frozen weight runs N times per token.
+    """
+
+    def __init__(self, base: nn.Linear, every_token: bool = False) -> None:
+        super().__init__(base)
+        self.every_token = every_token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(self.router(flat.float()), dim=-1)
+        values, experts = torch.topk(probs, self.top_k, dim=-1)
+        weights = torch.zeros_like(probs).scatter(-1, experts, values / values.sum(dim=-1, keepdim=True))
+        out = flat.new_zeros(flat.shape[0], self.base.out_features)
+        for e, (lora_a, lora_b) in enumerate(zip(self.lora_A, self.lora_B, strict=True)):
+            token = torch.arange(flat.shape[0]) if self.every_token else torch.where(experts == e)[0]
+            rows = flat[token]
+            expert_out = self.base(rows) + lora_b(lora_a(rows)) * self.scaling
+            out = out.index_add(0, token, expert_out * weights[token, e, None])
+        return out.view(*x.shape[:-1], -1)
+
+
+def experts_with_frozen_weight(every_token: bool) -> Callable[[OneLayer], nn.Module]:
+    def attach(layer: OneLayer) -> nn.Module:
+        layer.proj = ExpertsWithFrozenWeight(layer.proj, every_token)
+        return layer
+
+    return attach
+
+
 CANDIDATES = {
     "frozen_layer": ("frozen layer (input grad only)", frozen),
     "peft_lora_r8": ("PEFT LoRA r=8", peft_lora(8)),
@@ -68,6 +106,14 @@ CANDIDATES = {
     "mope_top2_of_8": ("MoPE top-2 of 8, r=8 (dispatch auto)", mope_top2("auto")),
     "mope_top2_of_8_sorted": ("MoPE top-2 of 8, r=8 [dispatch=sorted]", mope_top2("sorted")),
     "naive_loop_top2_of_8": ("naive per-expert loop, top-2 of 8, r=8", naive),
+    "loop_frozen_in_experts": (
+        "per-expert loop, each expert = frozen layer + its LoRA on its tokens (MoE-PEFT's MixLoRA)",
+        experts_with_frozen_weight(every_token=False),
+    ),
+    "loop_frozen_in_experts_all_tokens": (
+        "per-expert loop, each expert = frozen layer + its LoRA on every token, top-2 weights mix",
+        experts_with_frozen_weight(every_token=True),
+    ),
 }
 
 
@@ -86,7 +132,7 @@ def run(tokens: int, d_in: int, d_out: int, warmup: int, reps: int) -> list[Row]
         steps[name] = step
     times = interleaved_times(steps, warmup, reps, "cpu")
     shape = f"nn.Linear({d_in} -> {d_out}), {tokens} tokens, fp32, forward + backward"
-    refs = ("peft_lora_r16", "frozen_layer", "naive_loop_top2_of_8")
+    refs = ("peft_lora_r16", "frozen_layer", *(name for name in CANDIDATES if "loop" in name))
     return [
         Row(
             "one layer",
