@@ -407,3 +407,15 @@ def test_lm_head_target_round_trips(tmp_path):
     config = MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"], init_weights=False)
     model = get_peft_model(make_model("llama"), config)
     assert_round_trip(model, "llama", tmp_path / "bundle")
+
+
+@pytest.mark.parametrize("router", ["top_k", "dense"])
+def test_training_forward_traces_as_one_graph(router):
+    """torch.compile (docs/speed.md's advice on a GPU) captures the whole training forward, router losses
+    included, without a graph break: routing, dispatch and the deferred Routing fields all trace."""
+    torch.manual_seed(0)
+    config = MoPEConfig(task_type="CAUSAL_LM", target_modules="all-linear", num_experts=4, r=2, router=router)
+    model = get_peft_model(make_model("llama"), config).train()
+    explained = torch._dynamo.explain(lambda batch: model(**batch).loss)(make_batch("llama"))
+    assert explained.graph_break_count == 0, [str(reason.reason) for reason in explained.break_reasons]
+    assert explained.graph_count == 1
