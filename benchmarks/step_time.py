@@ -7,6 +7,7 @@ Run from the repository root (no network needed; models are tiny random Llamas b
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --out DIR       # default: benchmarks/results
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --profile       # torch.profiler top ops instead
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --sections gpu  # only some tables
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --sections ops  # ops per step (no timing)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --dispatch masked,sorted  # + a row per strategy
 
 It writes ``DIR/step_time.json`` and ``DIR/step_time.md`` and prints the markdown tables
@@ -31,6 +32,8 @@ What is measured (see ../shared/MEASURING.md):
   step (the step's own share). On CUDA: ``torch.cuda.max_memory_allocated`` with one candidate on
   the device at a time.
 - GPU rows (bf16 base model) run only when ``torch.cuda.is_available()``; otherwise one row says so.
+- Ops (``--sections ops``, not timed): the aten ops one step dispatches on CPU, views left out; at
+  small widths a GPU step costs about one kernel launch per op, so this counts what launches cost.
 - Candidates: PEFT LoRA (alpha = 2r); MoPE top-2 of N with r=8, with its default aux-loss weights or
   with both set to 0; PEFT X-LoRA over 4 LoRA r=8 adapters saved by PEFT first, experts trainable
   (a construction error becomes the row's note); the naive loop (no aux losses). All use
@@ -38,9 +41,9 @@ What is measured (see ../shared/MEASURING.md):
 - ``--quick`` uses tiny shapes, 3 repetitions and 1 CPU thread (2 threads on 2 cores shared with
   other jobs can make small steps 5x slower): a smoke test, not a measurement.
 
-The naive per-expert loop below is kept here on purpose: it is the common public pattern
+The naive per-expert loop below is kept here on purpose: it is a common public pattern
 (``torch.where`` per expert, that expert's LoRA on its tokens, ``index_add`` back) that MoPE's
-dispatch is meant to beat.
+dispatch is meant to beat; layer_time.py times two costlier ones (the frozen layer inside each expert).
 """
 
 from __future__ import annotations
@@ -497,6 +500,49 @@ def minilm_rows(settings: Settings) -> list[Row]:
     )
 
 
+# Ops that only re-describe a tensor's memory (no kernel on a GPU); the op count leaves them out.
+VIEW_OPS = frozenset(
+    {"view", "_unsafe_view", "_reshape_alias", "reshape", "t", "transpose", "permute", "unsqueeze", "squeeze"}
+    | {"expand", "as_strided", "slice", "select", "split", "split_with_sizes", "unbind", "detach", "alias"}
+)
+
+
+def compute_ops(step: Callable[[], None]) -> int:
+    """The aten ops one call of ``step`` dispatches, views left out: about the kernels a GPU would launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket.__name__ not in VIEW_OPS
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        step()
+    return counter.count
+
+
+def op_rows(settings: Settings) -> list[Row]:
+    """Compute ops per training step (no timing): launch overhead on a GPU at small widths tracks this count."""
+    shape = settings.step_shapes[0]
+    names = (REFERENCE_BASE, REFERENCE_LORA, REFERENCE_MOPE, "mope_top2_of_8_no_aux")
+    with tempfile.TemporaryDirectory() as workdir:
+        steps, errors = build_steps(
+            tuple(CANDIDATES_BY_NAME[n] for n in names), shape, "cpu", torch.float32, Path(workdir)
+        )
+    counts = {name: compute_ops(step) for name, step in steps.items()}
+    section = "aten compute ops per training step (views excluded)"
+    rows = []
+    for name in names:
+        row = Row(section, name, CANDIDATES_BY_NAME[name].label, shape.describe(), "ops", note=errors.get(name, ""))
+        if name in counts:
+            row.value = counts[name]
+            row.ratios = {ref: Ratio.single(counts[name] / counts[ref]) for ref in (REFERENCE_LORA,) if ref in counts}
+        rows.append(row)
+    return rows
+
+
 def scaling_rows(settings: Settings) -> list[Row]:
     section = f"scaling with N at top-2, CPU fp32, hidden {settings.scaling_shape.hidden}"
     candidates = with_dispatch_rows(SCALING_CANDIDATES, settings.dispatches)
@@ -817,6 +863,7 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "memory": memory_rows,
     "gpu": gpu_rows,
     "gpu_compiled": gpu_compiled_rows,
+    "ops": op_rows,
 }
 
 

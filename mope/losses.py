@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .routing import Routing
+from .routing.base import stack_field
 
 
 def token_weights(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -56,16 +57,11 @@ def load_balancing_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Te
     return num_experts * torch.dot(share, prob)
 
 
-def stacked(routings: list[Routing], field: str) -> torch.Tensor:
-    """``[L, T, N]``: one Routing field of L layers with the same token shape, tokens flattened."""
-    return torch.stack([getattr(r, field).reshape(-1, getattr(r, field).shape[-1]) for r in routings])
-
-
 def load_balancing_losses(routings: list[Routing], mask: torch.Tensor | None) -> torch.Tensor:
     """:func:`load_balancing_loss` of each of L layers routing the same tokens, ``[L]``, in a few kernels."""
-    probs = stacked(routings, "probs")
+    probs = stack_field(routings, "probs")
     weights = token_weights(mask, probs.dtype)
-    load = stacked(routings, "load").detach()
+    load = stack_field(routings, "load").detach()
     share, prob = (x.mean(dim=1) if weights is None else weights @ x for x in (load, probs))  # [L, N]
     return probs.shape[-1] * (share * prob).sum(dim=-1)
 
@@ -79,7 +75,7 @@ def router_z_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Tensor:
 
 def router_z_losses(routings: list[Routing], mask: torch.Tensor | None) -> torch.Tensor:
     """:func:`router_z_loss` of each of L layers routing the same tokens, ``[L]``."""
-    z = torch.logsumexp(stacked(routings, "logits"), dim=-1).square()  # [L, T]
+    z = torch.logsumexp(stack_field(routings, "logits"), dim=-1).square()  # [L, T]
     weights = token_weights(mask, z.dtype)
     return z.mean(dim=1) if weights is None else z @ weights
 
@@ -181,7 +177,7 @@ class AuxLoss:
         else:
             batches: dict[tuple, list[Any]] = defaultdict(list)
             for r in records:
-                batches[(r.routing.probs.shape, r.routing.probs.device, id(r.mask))].append(r)
+                batches[(r.routing.weights.shape, r.routing.weights.device, id(r.mask))].append(r)
             values = [self.batched([r.routing for r in b], b[0].mask) for b in batches.values()]
         device = values[0].device
         return torch.cat([v.to(device) for v in values])

@@ -101,6 +101,15 @@ def check_memory_rows(results: dict) -> None:
         assert row["extra"]["step_rise_mb"] >= 0
 
 
+def check_ops_rows(results: dict) -> None:
+    rows = rows_of(results, "aten compute ops per training step")
+    assert set(rows) == {"frozen_base", "peft_lora_r16", "mope_top2_of_8", "mope_top2_of_8_no_aux"}
+    for row in rows.values():
+        assert_positive(row)
+    counts = {name: row["value"] for name, row in rows.items()}
+    assert counts["frozen_base"] < counts["peft_lora_r16"] < counts["mope_top2_of_8_no_aux"] < counts["mope_top2_of_8"]
+
+
 def check_gpu_rows(results: dict) -> None:
     gpu = [row for row in results["rows"] if "CUDA" in row["section"]]
     assert gpu
@@ -119,6 +128,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     check_minilm_rows(results)
     check_scaling_rows(results)
     check_memory_rows(results)
+    check_ops_rows(results)
     check_gpu_rows(results)
 
 
@@ -140,6 +150,9 @@ def test_quick_inference_benchmark_writes_every_row(tmp_path):
         assert set(row["ratios"]) == {"frozen_base", "peft_lora_r16"}
 
 
+LOOPS = {"naive_loop_top2_of_8", "loop_frozen_in_experts", "loop_frozen_in_experts_all_tokens"}
+
+
 def test_quick_layer_benchmark_writes_every_row(tmp_path):
     results = run_quick_benchmark(tmp_path, REPO_ROOT / "benchmarks" / "layer_time.py")
     rows = rows_of(results, "one layer")
@@ -149,11 +162,11 @@ def test_quick_layer_benchmark_writes_every_row(tmp_path):
         "peft_lora_r16",
         "mope_top2_of_8",
         "mope_top2_of_8_sorted",
-        "naive_loop_top2_of_8",
+        *LOOPS,
     }
     for row in rows.values():
         assert_positive(row)
-        assert set(row["ratios"]) == {"peft_lora_r16", "frozen_layer", "naive_loop_top2_of_8"}
+        assert set(row["ratios"]) == {"peft_lora_r16", "frozen_layer", *LOOPS}
 
 
 def benchmark_module(name: str):

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mope
 from mope.routing import ROUTERS, NoncausalRoutingError, RoutingInputs
+from mope.routing.base import stack_field
 
 ROWS = {
     "top_k_topk_then_softmax": {"top_k_order": "topk_then_softmax"},
@@ -246,3 +247,18 @@ def test_probs_and_load_cost_nothing_until_read(router_name):
     assert ops.counts["scatter"] == 1
     torch.testing.assert_close(probs, logits.softmax(-1))
     torch.testing.assert_close(load, (routing.weights > 0).float() / 2)
+
+
+def test_router_losses_compute_deferred_fields_once_for_all_layers():
+    """stack_field runs a deferred softmax / load once on all layers' inputs; the same values as layer by layer."""
+    router = make_router(n=6, k=2).train()
+    routings = [router.gate(torch.randn(3, 5, 6), RoutingInputs()) for _ in range(4)]
+    with AtenCounter() as ops:
+        probs, load = stack_field(routings, "probs"), stack_field(routings, "load")
+    assert ops.counts["softmax"] == 1 and ops.counts["scatter"] == 1
+    assert probs.shape == load.shape == (4, 15, 6)
+    torch.testing.assert_close(probs, torch.stack([r.logits.softmax(-1).reshape(15, 6) for r in routings]))
+    torch.testing.assert_close(load, torch.stack([((r.weights > 0).float() / 2).reshape(15, 6) for r in routings]))
+    read = routings[1].probs  # one layer's field already read: the layers are stacked one by one, same values
+    torch.testing.assert_close(stack_field(routings, "probs")[1], read.reshape(15, 6))
+    torch.testing.assert_close(stack_field(routings, "probs"), probs)

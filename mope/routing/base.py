@@ -13,11 +13,27 @@ from torch import nn
 from .levels import ROUTING_LEVELS
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A Routing field not computed yet: ``fn(*tensors, *settings)``, run on first read.
+
+    ``fn`` works on any leading dims, so :func:`stack_field` can run it once on the inputs of
+    several layers stacked together, instead of once per layer.
+    """
+
+    fn: Callable[..., torch.Tensor]
+    tensors: tuple[torch.Tensor, ...]
+    settings: tuple = ()
+
+    def __call__(self) -> torch.Tensor:
+        return self.fn(*self.tensors, *self.settings)
+
+
 class Deferrable:
-    """A Routing field a gate may give as a function of no arguments, called once, on first read.
+    """A Routing field a gate may give as a :class:`Deferred`, computed once, on first read.
 
     What only losses and statistics read (the full softmax, the dispatch shares) then costs
-    nothing in a forward that reads it not, e.g. each step of KV-cached decoding.
+    nothing in a forward that does not read it, e.g. each step of KV-cached decoding.
     """
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -27,12 +43,17 @@ class Deferrable:
         if routing is None:  # the dataclass asks for a default: there is none
             raise AttributeError(self.slot)
         value = routing.__dict__[self.slot]
-        if callable(value):
+        if isinstance(value, Deferred):
             value = routing.__dict__[self.slot] = value()
         return value
 
-    def __set__(self, routing: Any, value: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+    def __set__(self, routing: Any, value: torch.Tensor | Deferred) -> None:
         routing.__dict__[self.slot] = value
+
+    def pending(self, routing: Any) -> Deferred | None:
+        """The field's Deferred if it has not been computed yet, else None."""
+        value = routing.__dict__[self.slot]
+        return value if isinstance(value, Deferred) else None
 
 
 @dataclass
@@ -43,8 +64,8 @@ class Routing:
     is all the dispatch needs. ``probs`` and ``logits``: the router's full softmax and raw scores
     (for losses and statistics). ``load``: each token's share of dispatch per expert, summing
     to 1 over experts (one-hot / k for top-k, the probabilities for a dense gate); the
-    load-balancing loss reads it. ``probs`` and ``load`` may be given as functions that compute
-    them (:class:`Deferrable`); reading the field calls the function once.
+    load-balancing loss reads it. ``probs`` and ``load`` may be given as a :class:`Deferred`,
+    computed on first read.
     ``dropped``: bool ``[..., N]``, True where the gate chose the
     expert but capacity overflow removed the assignment (its weight is then 0), or None for gates
     without capacity; :func:`mope.routing.capacity.drop_rate_by_position` reads it.
@@ -60,12 +81,41 @@ class Routing:
     selectors: torch.Tensor | None = None
 
 
-def one_hot_shares(like: torch.Tensor, index: torch.Tensor, k: int) -> Callable[[], torch.Tensor]:
-    """A function giving a tensor like ``like [..., N]``: 1/k at the k experts ``index [..., k]`` chose, 0 elsewhere.
+def stack_field(routings: list[Routing], name: str) -> torch.Tensor:
+    """``[L, T, N]``: field ``name`` of L routings with the same token shape, tokens flattened.
 
-    A top-k gate's ``load``, deferred (:class:`Deferrable`): only losses and statistics read it.
+    Where every layer still defers the field to the same function and settings, it runs once on
+    the layers' inputs stacked: one kernel for all layers (the router losses of a whole model).
     """
-    return lambda: torch.zeros_like(like).scatter(-1, index, 1.0 / k)
+    field = vars(Routing).get(name)
+    pending = [field.pending(r) for r in routings] if isinstance(field, Deferrable) else [None]
+    first = pending[0]
+    if first is not None and all(p is not None and (p.fn, p.settings) == (first.fn, first.settings) for p in pending):
+        per_input = zip(*(p.tensors for p in pending), strict=True)  # each input's tensors across layers
+        stacked = [torch.stack([t.reshape(-1, t.shape[-1]) for t in tensors]) for tensors in per_input]
+        return first.fn(*stacked, *first.settings)
+    return torch.stack([getattr(r, name).reshape(-1, getattr(r, name).shape[-1]) for r in routings])
+
+
+def softmax_last(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1)
+
+
+def one_hot_shares_of(like: torch.Tensor, index: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.zeros_like(like).scatter(-1, index, 1.0 / k)
+
+
+def full_softmax(logits: torch.Tensor) -> Deferred:
+    """The softmax over all experts, deferred: only losses and statistics read it."""
+    return Deferred(softmax_last, (logits,))
+
+
+def one_hot_shares(like: torch.Tensor, index: torch.Tensor, k: int) -> Deferred:
+    """Like ``like [..., N]``: 1/k at the k experts ``index [..., k]`` chose, 0 elsewhere; deferred.
+
+    A top-k gate's ``load``: only losses and statistics read it.
+    """
+    return Deferred(one_hot_shares_of, (like, index), (k,))
 
 
 @dataclass

@@ -8,19 +8,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Router, Routing, RoutingInputs, one_hot_shares
+from .base import Deferred, Router, Routing, RoutingInputs, full_softmax, one_hot_shares
 from .capacity import apply_capacity
 from .expert_choice import CAUSAL_TASK_TYPES
 
-# (logits [..., N], k) -> (probs [..., N] or a function computing them, chosen weights [..., k], chosen experts [..., k])
-TopKOrder = Callable[[torch.Tensor, int], tuple[torch.Tensor | Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]]
+# (logits [..., N], k) -> (probs [..., N] or a Deferred, chosen weights [..., k], chosen experts [..., k])
+TopKOrder = Callable[[torch.Tensor, int], tuple[torch.Tensor | Deferred, torch.Tensor, torch.Tensor]]
 
 
-def full_softmax(logits: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: torch.softmax(logits, dim=-1)
-
-
-def softmax_then_topk(logits: torch.Tensor, k: int) -> tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]:
+def softmax_then_topk(logits: torch.Tensor, k: int) -> tuple[Deferred, torch.Tensor, torch.Tensor]:
     """GShard / Mixtral: softmax over all N, keep the k largest, renormalise them to sum 1.
 
     Computed as a softmax over the k largest logits (the same value and gradient, see
@@ -31,7 +27,7 @@ def softmax_then_topk(logits: torch.Tensor, k: int) -> tuple[Callable[[], torch.
     return full_softmax(logits), torch.softmax(top_logits, dim=-1), index
 
 
-def topk_then_softmax(logits: torch.Tensor, k: int) -> tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]:
+def topk_then_softmax(logits: torch.Tensor, k: int) -> tuple[Deferred, torch.Tensor, torch.Tensor]:
     """Shazeer et al. 2017: KeepTopK on the logits, then softmax over the k kept ones.
 
     Equal in value and gradient to ``softmax_then_topk`` (both are exp(l_i) / sum over the
@@ -95,7 +91,7 @@ class TopKRouter(Router):
         if self.capacity_factor is not None and not self.capacity_applies():
             dropped = torch.zeros_like(logits, dtype=torch.bool)  # capacity configured, nothing dropped
         elif self.capacity_factor is not None:
-            probs = probs() if callable(probs) else probs
+            probs = probs() if isinstance(probs, Deferred) else probs
             kept, dropped_slots = apply_capacity(
                 index,
                 values,
