@@ -24,10 +24,11 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
+import sys
 import tempfile
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from demo_accuracy import mean_cv
 
@@ -228,6 +229,15 @@ def run_in_process(job: tuple[str, list[str], int]) -> dict:
     return summary
 
 
+def try_run(job: tuple[int, str, list[str], int]) -> tuple[int, dict | None, str | None]:
+    """``run_in_process`` for the pool: ``(job index, summary, None)``, or ``(index, None, the error)``."""
+    index, *rest = job
+    try:
+        return index, run_in_process(tuple(rest)), None
+    except Exception as error:
+        return index, None, repr(error)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=[LORA, "top2"], choices=sorted(VARIANTS), metavar="NAME")
@@ -278,15 +288,18 @@ def main() -> None:
             record(row, launch(recipe, overrides), out)
         return
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=quiet_third_party) as pool:
-        futures = {pool.submit(run_in_process, (recipe, o, threads)): (row, out) for row, recipe, o, out in jobs}
-        for future in as_completed(futures):
-            row, out = futures[future]
+    # `kill PID` (SIGTERM) then leaves the pool's block, whose exit terminates the workers too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    with multiprocessing.get_context("spawn").Pool(args.workers, initializer=quiet_third_party) as pool:
+        work = [(i, recipe, o, threads) for i, (_, recipe, o, _) in enumerate(jobs)]
+        for i, summary, error in pool.imap_unordered(try_run, work):
+            row, out = jobs[i][0], jobs[i][3]
             try:
-                record(row, future.result(), out)
-            except Exception as error:  # one failed run is reported; the rest of the study goes on
-                print(f"FAILED {row}: {error!r}", flush=True)
+                if error:
+                    raise RuntimeError(error)
+                record(row, summary, out)
+            except Exception as failure:  # one failed run is reported; the rest of the study goes on
+                print(f"FAILED {row}: {failure!r}", flush=True)
 
 
 def plan(args: argparse.Namespace, settings: list[str], done: set[tuple]) -> list[tuple[dict, str, list[str], str]]:
