@@ -80,6 +80,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_LORA = "peft_lora_r16"
 REFERENCE_BASE = "frozen_base"
 REFERENCE_MOPE = "mope_top2_of_8"
+REFERENCE_XLORA = "peft_xlora_4x_r8"  # the target compares at equal expert count: MoPE top-2 of 4
 SCALING_EXPERTS = (4, 8, 16, 64)
 
 
@@ -297,8 +298,9 @@ STEP_CANDIDATES = (
     Candidate("peft_lora_r8", "PEFT LoRA r=8", attach_peft_lora(8)),
     Candidate(REFERENCE_LORA, "PEFT LoRA r=16", attach_peft_lora(16)),
     Candidate(REFERENCE_MOPE, "MoPE top-2 of 8, r=8, aux losses on", attach_mope(8)),
+    Candidate("mope_top2_of_4", "MoPE top-2 of 4, r=8, aux losses on (X-LoRA's expert count)", attach_mope(4)),
     Candidate("mope_top2_of_8_no_aux", "MoPE top-2 of 8, r=8, aux losses off", attach_mope(8, aux_losses=False)),
-    Candidate("peft_xlora_4x_r8", "PEFT X-LoRA, 4 LoRA r=8 experts", attach_xlora),
+    Candidate(REFERENCE_XLORA, "PEFT X-LoRA, 4 LoRA r=8 experts", attach_xlora),
     Candidate("naive_loop_top2_of_8", "naive per-expert loop, top-2 of 8, r=8", attach_naive_loop),
 )
 SCALING_CANDIDATES = tuple(
@@ -462,7 +464,7 @@ def timing_rows(
 
 
 def step_rows(settings: Settings) -> list[Row]:
-    references = (REFERENCE_LORA, REFERENCE_BASE, REFERENCE_MOPE)
+    references = (REFERENCE_LORA, REFERENCE_BASE, REFERENCE_MOPE, REFERENCE_XLORA)
     rows = []
     for shape in settings.step_shapes:
         section = f"step time, CPU fp32, hidden {shape.hidden}"

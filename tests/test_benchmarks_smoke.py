@@ -21,6 +21,7 @@ STEP_ROWS = {
     "peft_lora_r16",
     "mope_top2_of_8",
     "mope_top2_of_8_no_aux",
+    "mope_top2_of_4",
     "peft_xlora_4x_r8",
     "naive_loop_top2_of_8",
 }
@@ -72,8 +73,9 @@ def check_step_rows(results: dict) -> None:
     assert set(rows) == STEP_ROWS
     for row in rows.values():
         assert_positive(row)
+        xlora = {"peft_xlora_4x_r8"} if rows["peft_xlora_4x_r8"]["value"] is not None else set()
         if row["value"] is not None:
-            assert set(row["ratios"]) == {"peft_lora_r16", "frozen_base", "mope_top2_of_8"}
+            assert set(row["ratios"]) == {"peft_lora_r16", "frozen_base", "mope_top2_of_8", *xlora}
     assert rows["peft_lora_r16"]["ratios"]["peft_lora_r16"]["median"] == 1.0
 
 
