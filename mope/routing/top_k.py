@@ -21,7 +21,7 @@ def softmax_then_topk(logits: torch.Tensor, k: int) -> tuple[Deferred, torch.Ten
 
     Computed as a softmax over the k largest logits (the same value and gradient, see
     ``topk_then_softmax``): fewer kernels than a divide by the sum and its backward. The full
-    softmax, which only losses and statistics read, is deferred (:class:`~mope.routing.base.Deferrable`).
+    softmax, which only losses and statistics read, is deferred (:class:`~mope.routing.base.Deferred`).
     """
     top_logits, index = torch.topk(logits, k, dim=-1)
     return full_softmax(logits), torch.softmax(top_logits, dim=-1), index
