@@ -293,13 +293,14 @@ def main() -> None:
     with multiprocessing.get_context("spawn").Pool(args.workers, initializer=quiet_third_party) as pool:
         work = [(i, recipe, o, threads) for i, (_, recipe, o, _) in enumerate(jobs)]
         for i, summary, error in pool.imap_unordered(try_run, work):
-            row, out = jobs[i][0], jobs[i][3]
-            try:
-                if error:
-                    raise RuntimeError(error)
-                record(row, summary, out)
-            except Exception as failure:  # one failed run is reported; the rest of the study goes on
-                print(f"FAILED {row}: {failure!r}", flush=True)
+            row, _, _, out = jobs[i]
+            if error is None:
+                try:
+                    record(row, summary, out)
+                    continue
+                except Exception as failure:
+                    error = repr(failure)
+            print(f"FAILED {row}: {error}", flush=True)  # one failed run is reported; the rest of the study goes on
 
 
 def plan(args: argparse.Namespace, settings: list[str], done: set[tuple]) -> list[tuple[dict, str, list[str], str]]:
