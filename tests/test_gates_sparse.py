@@ -6,6 +6,7 @@ Reference implementations for capacity dropping, switch and expert choice live i
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -17,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mope
 from mope.routing import ROUTERS, NoncausalRoutingError, RoutingInputs
-from mope.routing.base import stack_field
+from mope.routing.base import Deferrable, Routing, stack_field
 
 ROWS = {
     "top_k_topk_then_softmax": {"top_k_order": "topk_then_softmax"},
@@ -247,6 +248,15 @@ def test_probs_and_load_cost_nothing_until_read(router_name):
     assert ops.counts["scatter"] == 1
     torch.testing.assert_close(probs, logits.softmax(-1))
     torch.testing.assert_close(load, (routing.weights > 0).float() / 2)
+
+
+def test_deferred_fields_read_on_the_class_and_have_no_default():
+    """``Routing.probs`` read on the class gives its descriptor (torch.compile's guards read it so; an
+    AttributeError there broke compiling a training step on torch 2.11), and the fields stay required."""
+    assert isinstance(Routing.probs, Deferrable) and isinstance(Routing.load, Deferrable)
+    assert [f.name for f in dataclasses.fields(Routing)][:4] == ["weights", "probs", "logits", "load"]
+    with pytest.raises(TypeError, match="load"):
+        Routing(weights=torch.ones(1, 2), probs=torch.ones(1, 2), logits=torch.ones(1, 2))
 
 
 def test_router_losses_compute_deferred_fields_once_for_all_layers():

@@ -36,12 +36,12 @@ class Deferrable:
     nothing in a forward that does not read it, e.g. each step of KV-cached decoding.
     """
 
-    def __set_name__(self, owner: type, name: str) -> None:
+    def __init__(self, name: str) -> None:
         self.slot = "_deferred_" + name
 
-    def __get__(self, routing: Any, owner: type | None = None) -> torch.Tensor:
-        if routing is None:  # the dataclass asks for a default: there is none
-            raise AttributeError(self.slot)
+    def __get__(self, routing: Any, owner: type | None = None) -> Any:
+        if routing is None:  # read on the class (torch.compile's guards do): the descriptor itself
+            return self
         value = routing.__dict__[self.slot]
         if isinstance(value, Deferred):
             value = routing.__dict__[self.slot] = value()
@@ -74,11 +74,17 @@ class Routing:
     """
 
     weights: torch.Tensor
-    probs: torch.Tensor = Deferrable()
+    probs: torch.Tensor
     logits: torch.Tensor
-    load: torch.Tensor = Deferrable()
+    load: torch.Tensor
     dropped: torch.Tensor | None = None
     selectors: torch.Tensor | None = None
+
+
+# Set after @dataclass has written __init__ (which assigns them through the descriptors): a class
+# attribute present while the decorator runs would be taken for the field's default.
+Routing.probs = Deferrable("probs")
+Routing.load = Deferrable("load")
 
 
 def stack_field(routings: list[Routing], name: str) -> torch.Tensor:
