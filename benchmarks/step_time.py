@@ -714,26 +714,53 @@ def gpu_rows(settings: Settings) -> list[Row]:
     return rows + gpu_memory_rows(shape)
 
 
-def compiled(candidate: Candidate) -> Candidate:
-    """The candidate under ``torch.compile`` (default mode): fuses the routing path's small kernels."""
+COMPILE_MODES = {"default": "torch.compile", "reduce-overhead": "torch.compile, CUDA graphs (reduce-overhead)"}
+
+
+def compiled(candidate: Candidate, mode: str = "default") -> Candidate:
+    """The candidate under ``torch.compile``: ``default`` fuses the routing path's small kernels;
+    ``reduce-overhead`` also replays each step's kernels as CUDA graphs (no per-kernel launch cost).
+    """
 
     def attach(model: nn.Module, shape: Shape, workdir: Path) -> nn.Module:
-        return torch.compile(candidate.attach(model, shape, workdir))
+        return torch.compile(candidate.attach(model, shape, workdir), mode=None if mode == "default" else mode)
 
-    return Candidate(f"{candidate.name}_compiled", f"{candidate.label}, torch.compile", attach)
+    suffix = "_compiled" if mode == "default" else "_cudagraphs"
+    return Candidate(f"{candidate.name}{suffix}", f"{candidate.label}, {COMPILE_MODES[mode]}", attach)
+
+
+def autocast_bf16(candidate: Candidate) -> Candidate:
+    """accelerate's ``mixed_precision='bf16'``: fp32 weights, the forward under ``torch.autocast(bf16)``.
+
+    Adapter matmuls then run in bf16 (on tensor cores), as the base's do, whatever the adapters' dtype.
+    """
+
+    def attach(model: nn.Module, shape: Shape, workdir: Path) -> nn.Module:
+        model = candidate.attach(model.float(), shape, workdir)
+        device_type = next(model.parameters()).device.type
+        model.forward = torch.autocast(device_type, dtype=torch.bfloat16)(model.forward)
+        return model
+
+    return Candidate(f"{candidate.name}_autocast", f"{candidate.label}, fp32 weights + bf16 autocast", attach)
 
 
 def gpu_compiled_rows(settings: Settings) -> list[Row]:
-    """LoRA r=16 and MoPE top-2 of 8, eager and under ``torch.compile``, on the GPU shape (CUDA only)."""
+    """LoRA r=16 and MoPE top-2 of 8 on the GPU shape (CUDA only): eager, under ``torch.compile`` with and
+    without CUDA graphs, and as mixed-precision training (fp32 weights, bf16 autocast)."""
     if not torch.cuda.is_available():
         return [Row("GPU, torch.compile", "gpu_compiled", "all rows", "-", "ms", note="skipped: no CUDA")]
     shape = settings.gpu_shape
     eager = tuple(CANDIDATES_BY_NAME[name] for name in (REFERENCE_LORA, REFERENCE_MOPE))
-    candidates = eager + tuple(compiled(c) for c in eager)
-    references = (REFERENCE_LORA, f"{REFERENCE_LORA}_compiled")
-    section = f"step time, CUDA bf16, hidden {shape.hidden}, eager and torch.compile"
+    candidates = (
+        eager
+        + tuple(compiled(c, mode) for mode in COMPILE_MODES for c in eager)
+        + tuple(autocast_bf16(c) for c in eager)
+    )
+    references = (REFERENCE_LORA, f"{REFERENCE_LORA}_compiled", f"{REFERENCE_LORA}_cudagraphs")
+    section = f"step time, CUDA bf16, hidden {shape.hidden}, eager, torch.compile, CUDA graphs, autocast"
     gpu_settings = replace(settings, reps=settings.gpu_reps)
-    return timing_rows(section, candidates, references, shape, gpu_settings, "cuda", torch.bfloat16, "bf16 base")
+    note = "bf16 base, except the autocast rows (fp32)"
+    return timing_rows(section, candidates, references, shape, gpu_settings, "cuda", torch.bfloat16, note)
 
 
 # profile -------------------------------------------------------------------------------------------
