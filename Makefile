@@ -2,7 +2,8 @@
 #   make demo   runs the main job (python -m mope.demo: MoPE vs equal-size LoRA on the real MiniLM)
 #   make test   runs ruff, the docs build (warnings are errors) and the test suite
 #   make docs   builds the docs site into site/ (preview: .venv/bin/mkdocs serve)
-#   make bench  runs the speed benchmarks (run alone: training step, memory, inference; ~15 min)
+#   make bench  runs the speed benchmarks (run alone: training step, memory, inference, layer loops,
+#               soft merging; ~16 min)
 # torch is installed first, pinned, so that no CUDA build is pulled in on a CPU machine.
 
 PYTHON ?= python3
@@ -40,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/inference_time.py
 	$(BIN)/python benchmarks/layer_time.py
+	$(BIN)/python benchmarks/soft_merge.py
 
 test: lint docs
 	$(BIN)/python -m pytest -n 2 -q
