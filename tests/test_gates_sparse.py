@@ -100,6 +100,18 @@ def test_topk_orders():
     assert (chosen.sum(-1) == 3).all() and torch.equal(raw.weights > 0, chosen)
     torch.testing.assert_close(raw.weights, logits.softmax(-1) * chosen)
     torch.testing.assert_close(renorm.weights.sum(-1), torch.ones(5, 7))
+    # without autograd mope takes another formulation (fewer forward ops): the same weights
+    torch.testing.assert_close(renorm.weights, ours.detach())
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_topk_keeps_exactly_k_experts_when_logits_tie(grad):
+    """A zero-initialised router scores every expert 0: still exactly k chosen, each weighted 1/k."""
+    logits = torch.zeros(4, 6, requires_grad=grad)
+    weights = make_router(n=6, k=2).gate(logits, RoutingInputs()).weights
+    assert ((weights > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4))
+    assert set(weights.unique().tolist()) == {0.0, 0.5}
 
 
 def test_noisy_top_k_noise_is_softplus_scaled_and_training_only():
