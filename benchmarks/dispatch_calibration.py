@@ -8,7 +8,7 @@ For each shape (tokens T, width d = d_in = d_out, N experts, top-k, r = 8) it ti
 (forward, then backward of the output's sum, grads w.r.t. x, A, B and the router logits) of each
 strategy (each adds its delta into a given base output), interleaved, and reports the median of
 per-repetition ratios strategy / masked
-(< 1: the strategy is faster). On CPU the strategies are masked and sorted (fp32); on CUDA masked,
+(< 1: the strategy is faster). On CPU the strategies are masked, sorted and sparse (fp32); on CUDA masked,
 sorted and grouped (bf16, where ``grouped`` can run). Writes ``DIR/dispatch_calibration.json``
 and ``.md`` (``dispatch_calibration_cuda.*`` on CUDA).
 """

@@ -954,7 +954,7 @@ def main() -> None:
     parser.add_argument(
         "--dispatch",
         default="",
-        help="comma-separated MoPEConfig.dispatch values (masked,sorted,grouped,auto): an extra row per MoPE "
+        help="comma-separated MoPEConfig.dispatch values (masked,sorted,sparse,grouped,auto): an extra row per MoPE "
         "candidate and value, beside the default rows (which use 'auto')",
     )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)

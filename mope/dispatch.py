@@ -2,9 +2,9 @@
 
 Every strategy computes the same thing, the base layer's output plus
 ``delta[t] = s * sum_e g[t, e] * B_e^T A_e x[t]`` over the experts with ``g[t, e] != 0``, with the
-same gradients; they differ only in cost. Each adds its last product into the base output in one
-op (``addmm``, ``index_add``) rather than forming ``delta`` and adding it: one pass over a
-``[tokens, d_out]`` tensor fewer, forward and backward.
+same gradients; they differ only in cost. masked, sorted and grouped add their last product into
+the base output in one op (``addmm``, ``index_add``) rather than forming ``delta`` and adding it:
+one pass over a ``[tokens, d_out]`` tensor fewer, forward and backward.
 
 - ``masked``: with ``g`` zero for experts a token does not use,
   ``delta = s * B_cat (g (x) 1_r  *  A_cat x)`` where ``A_cat`` stacks all experts' A (inner dim
@@ -15,6 +15,11 @@ op (``addmm``, ``index_add``) rather than forming ``delta`` and adding it: one p
   for the per-expert counts), per-expert GEMMs on contiguous segments, scaled by the gate weight
   and added back with ``index_add``. Work tracks k*r, not N*r, plus a gather and a scatter of the
   selected rows and a Python loop over experts (not tokens).
+- ``sparse`` (CPU, fp32/fp64): only the chosen experts' ranks, with no copy of the selected rows:
+  ``h = A_cat x`` sampled at each token's chosen rank columns (``torch.sparse.sampled_addmm``),
+  scaled by the gate, then summed over those rows of ``B_cat`` (``embedding_bag``); the backward
+  uses the same products and ``H^T`` times dense. Work tracks k*r; the kernels run at a few times
+  fewer flop/s than a dense GEMM, so it pays from N/k = 8 on. Falls back to ``sorted`` elsewhere.
 - ``grouped``: ``sorted`` with the per-expert loop replaced by ``torch._grouped_mm`` (one kernel
   for all experts). Used only where it runs: CUDA, bf16, sizes multiple of 8, compute
   capability >= 9.0; anywhere else it falls back to ``sorted``. Only on request: on an H200 it
@@ -25,6 +30,7 @@ op (``addmm``, ``index_add``) rather than forming ``delta`` and adding it: one p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,6 +138,109 @@ def lora_grouped(
     return add_back(base_out, out, pairs)
 
 
+@dataclass
+class RankPattern:
+    """Where ``H [T, N*r]`` is nonzero: row t holds the r rank columns of each expert token t uses.
+
+    Stored as CSR (``crow``, ``col``; tokens in order, experts ascending within a token) and, for
+    the products with ``H^T``, as the CSR of ``H^T`` (``crow_t``, ``col_t``) plus ``perm``, the
+    position in ``H``'s values of each of ``H^T``'s.
+    """
+
+    crow: torch.Tensor
+    col: torch.Tensor
+    crow_t: torch.Tensor
+    col_t: torch.Tensor
+    perm: torch.Tensor
+    shape: tuple[int, int]
+
+    def matrix(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+
+    def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
+        size = (self.shape[1], self.shape[0])
+        return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.perm], size, check_invariants=False)
+
+    def sampled(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(a @ b^T)`` at the pattern's entries, as ``H``'s values (``a [T, d]``, ``b [N*r, d]``)."""
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are tested
+            warnings.simplefilter("ignore")
+            zeros = self.matrix(a.new_zeros(self.col.shape))
+            return torch.sparse.sampled_addmm(zeros, a, b.t(), beta=0.0).values()
+
+    def gather_rows(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``H @ rows`` for ``H`` with ``values``: per token, the gate-weighted sum of its experts' rank rows."""
+        return F.embedding_bag(self.col, rows, self.crow[:-1], mode="sum", per_sample_weights=values)
+
+
+def rank_pattern(used: torch.Tensor, r: int) -> tuple[RankPattern, torch.Tensor, torch.Tensor]:
+    """The pattern of gate weights' nonzeros ``used [T, N]`` at rank granularity, and its (token, expert) pairs."""
+    tokens, n = used.shape
+    token, expert = used.nonzero().unbind(1)
+    crow = F.pad((used.sum(1) * r).cumsum(0), (1, 0))
+    col = (expert[:, None] * r + torch.arange(r, device=used.device)).flatten()
+    perm = torch.argsort(col, stable=True)  # column-major order; tokens stay ascending within a column
+    crow_t = F.pad(torch.bincount(col, minlength=n * r).cumsum(0), (1, 0))
+    col_t = token.repeat_interleave(r)[perm]
+    return RankPattern(crow, col, crow_t, col_t, perm, (tokens, n * r)), token, expert
+
+
+class SparseLoRA(torch.autograd.Function):
+    """``base_out + s * B_cat^T (g * A_cat x)`` evaluated only at the pattern: fused gathers, no k*T row copies.
+
+    Forward: ``h = A_cat x`` sampled at the pattern (SDDMM), scaled by each pair's gate, then
+    summed over each token's rank rows of ``B_cat`` (``embedding_bag``). Backward: the same three
+    kinds of product (sampled, row sums, ``H^T`` times dense).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # under autocast too: the CPU-only kernels
+    def forward(ctx, x, a_cat, b_cat, gate, base_out, pattern: RankPattern, r: int):
+        gate_rank = gate.repeat_interleave(r)
+        h = pattern.sampled(x, a_cat)
+        hg = h * gate_rank
+        ctx.save_for_backward(x, a_cat, b_cat, h, hg, gate_rank)
+        ctx.pattern, ctx.r = pattern, r
+        return base_out + pattern.gather_rows(hg, b_cat)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out):
+        x, a_cat, b_cat, h, hg, gate_rank = ctx.saved_tensors
+        pattern, needs = ctx.pattern, ctx.needs_input_grad
+        grad_hg = pattern.sampled(grad_out, b_cat)
+        grad_h = grad_hg * gate_rank
+        grad_x = pattern.gather_rows(grad_h, a_cat) if needs[0] else None
+        grad_a = pattern.matrix_t(grad_h) @ x if needs[1] else None
+        grad_b = pattern.matrix_t(hg) @ grad_out if needs[2] else None
+        grad_gate = (grad_hg * h).view(-1, ctx.r).sum(-1) if needs[3] else None
+        return grad_x, grad_a, grad_b, grad_gate, grad_out, None, None
+
+
+def lora_sparse(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    scaling: float,
+    base_out: torch.Tensor,
+) -> torch.Tensor:
+    """Only the chosen experts' ranks, as sparse-dense products: a CPU strategy for many experts per token's k."""
+    n, r, d_in = lora_A.shape
+    flat_weights = weights.reshape(-1, n)
+    pattern, token, expert = rank_pattern(flat_weights != 0, r)
+    gate = flat_weights[token, expert].to(x.dtype) * scaling
+    flat_base = base_out.reshape(-1, base_out.shape[-1])
+    a_cat, b_cat = lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1)
+    out = SparseLoRA.apply(x.reshape(-1, d_in), a_cat, b_cat, gate, flat_base, pattern, r)
+    return out.to(base_out.dtype).view(base_out.shape)
+
+
+def sparse_supported(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
+    """CPU, fp32 or fp64 (the sparse kernels used here have no half-precision CPU versions)."""
+    return x.device.type == "cpu" and x.dtype == lora_A.dtype and x.dtype in (torch.float32, torch.float64)
+
+
 def always(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
     return True
 
@@ -163,40 +272,41 @@ LORA_DISPATCH: dict[str, LoRADispatch] = {
     "masked": LoRADispatch("masked", lora_masked),
     "sorted": LoRADispatch("sorted", lora_sorted),
     "grouped": LoRADispatch("grouped", lora_grouped, grouped_mm_supported, fallback="sorted"),
+    "sparse": LoRADispatch("sparse", lora_sparse, sparse_supported, fallback="sorted"),
 }
 DISPATCH_CHOICES: tuple[str, ...] = ("auto", *LORA_DISPATCH)
 
-# auto_dispatch's thresholds (see its docstring for the measurements behind them)
-SPARSE_MIN_EXPERTS_PER_ACTIVE = 16  # N / k at or above which sorting pays
-SPARSE_MIN_TOKENS = 512  # fewer tokens: per-expert overheads dominate, stay masked
+# auto_dispatch's thresholds on CPU (see its docstring for the measurements behind them)
+SPARSE_MIN_EXPERTS_PER_ACTIVE = 8  # N / k at or above which computing only the chosen experts pays
+SPARSE_MIN_TOKENS = 512  # fewer tokens: the sparse products' fixed costs dominate, stay masked
 
 
 def auto_dispatch(tokens: int, num_experts: int, active: int, device_type: str = "cpu") -> str:
     """The strategy ``auto`` picks for ``tokens`` tokens, N experts and ``active`` (k) experts per token.
 
-    Masked computes N*r ranks per token; sorted k*r, plus a gather and a scatter of the k*T selected
-    rows and ~6 small GEMMs per expert (fwd + bwd). Rule on CPU: ``sorted`` when ``N / k >= 16``
-    and ``tokens >= 512``, else ``masked``; dense gates (``active == N``) always stay masked.
-    N / k = 8 is a coin toss on CPU (0.76-1.16 below), so it stays masked. On CUDA always
-    ``masked``: at every shape measured (up to 8192 tokens, width 4096, N = 64 at k = 2;
-    ``benchmarks/results/dispatch_calibration_cuda.md``, H200, bf16) masked was the fastest,
-    grouped took 1.4-2.1x and sorted 2-9x its time: the masked GEMMs' extra N*r columns cost less
-    than the sort, gather and scatter kernels.
+    Masked computes N*r ranks per token; sparse and sorted k*r, sparse through sparse-dense products
+    (no copies of the k*T selected rows), sorted through a gather, per-expert GEMMs and a scatter.
+    Rule on CPU: ``sparse`` when ``N / k >= 8`` and ``tokens >= 512``, else ``masked``; dense gates
+    (``active == N``) always stay masked. Where ``sparse`` cannot run (half precision) it falls
+    back to ``sorted``. On CUDA always ``masked``: at every shape measured (up to 8192 tokens,
+    width 4096, N = 64 at k = 2; ``benchmarks/results/dispatch_calibration_cuda.md``, H200, bf16)
+    masked was the fastest, grouped took 1.4-2.1x and sorted 2-9x its time: the masked GEMMs'
+    extra N*r columns cost less than the sort, gather and scatter kernels.
 
     Calibration (``benchmarks/dispatch_calibration.py``, ``benchmarks/results/dispatch_calibration.md``:
     one layer d_in = d_out = d, r = 8, fwd + bwd, fp32, 1 thread, 2-core AMD EPYC, torch 2.13,
-    median of 15 interleaved pairs; two runs at load 2.1-2.7 from others' jobs), sorted / masked:
+    median of 15 interleaved repetitions), sparse / masked (sorted / masked):
 
-        T=1024  d=256:  N/k=2: 1.41-2.57  N/k=8: 0.95-1.16  N/k=32: 0.49-0.51
-        T=1024  d=1024: N/k=2: 1.95-2.31  N/k=8: 0.76-1.16  N/k=32: 0.43
-        T=128   d=256:  1.47-2.11 at every N/k (overheads dominate)
-        T=128   d=1024: N/k<=4: 1.65-2.01  N/k=8: 1.07-1.17  N/k=32: 0.78-0.81
+        T=1024  d=256:  N/k=2: 2.19 (1.72)  N/k=4: 1.50 (1.67)  N/k=8: 0.89-0.90 (0.85-1.05)  N/k=32: 0.27 (0.38)
+        T=1024  d=1024: N/k=2: 1.94 (1.79)  N/k=4: 1.43 (1.88)  N/k=8: 0.77-0.78 (0.71-1.24)  N/k=32: 0.25 (0.38)
+        T=128   d=256:  N/k<=8: 1.33-2.09 (overheads dominate)  N/k=32: 0.64 (1.34)
+        T=128   d=1024: N/k<=4: 1.39-2.04  N/k=8: 0.89-1.03  N/k=32: 0.42 (0.67)
     """
     if device_type == "cuda" or active >= num_experts or tokens < SPARSE_MIN_TOKENS:
         return "masked"
     if num_experts < SPARSE_MIN_EXPERTS_PER_ACTIVE * active:
         return "masked"
-    return "sorted"
+    return "sparse"
 
 
 def resolve_dispatch(name: str, x: torch.Tensor, lora_A: torch.Tensor, active: int) -> LoRADispatch:
