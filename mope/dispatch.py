@@ -217,6 +217,7 @@ class SparseLoRA(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad_gate, grad_out, None, None
 
 
+@torch.compiler.disable  # dynamo cannot trace sparse CSR tensors: torch.compile runs this part eagerly
 def lora_sparse(
     x: torch.Tensor,
     lora_A: torch.Tensor,

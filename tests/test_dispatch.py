@@ -276,3 +276,18 @@ def test_default_dispatch_training_step_makes_no_host_sync_in_mope(dtype):
     ours = [f"{w.filename}:{w.lineno}" for w in caught if w.filename.startswith(mope_dir)]
     assert not ours, ours
     assert stats.report()  # statistics accumulated on device, read here on request
+
+
+def test_sparse_strategy_under_torch_compile():
+    """dynamo cannot trace sparse CSR tensors: the sparse strategy runs eagerly inside a compiled layer."""
+    layer = layer_for(16, 2, 0, "sparse")
+    x = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    compiled = torch.compile(layer, backend="eager")
+    bank = layer.mope_experts["default"]
+    params = [x, bank.lora_A, bank.lora_B, layer.mope_router["default"].weight]
+    out = compiled(x)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    got = [out, *torch.autograd.grad(out, params, upstream)]
+    bank.dispatch = "masked"
+    for g, w in zip(got, output_and_grads(layer, x), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
