@@ -302,6 +302,9 @@ def auto_dispatch(tokens: int, num_experts: int, active: int, device_type: str =
         T=1024  d=1024: N/k=2: 1.94 (1.79)  N/k=4: 1.43 (1.88)  N/k=8: 0.77-0.78 (0.71-1.24)  N/k=32: 0.25 (0.38)
         T=128   d=256:  N/k<=8: 1.33-2.09 (overheads dominate)  N/k=32: 0.64 (1.34)
         T=128   d=1024: N/k<=4: 1.39-2.04  N/k=8: 0.89-1.03  N/k=32: 0.42 (0.67)
+
+    With 2 threads (one run, T=1024, top-2, d=256 and 1024; masked's GEMMs gain most from the
+    second thread): N/k=8 0.96-1.05 (sorted 1.47-1.98), N/k=32 0.30-0.37 (sorted 0.58-0.96).
     """
     if device_type == "cuda" or active >= num_experts or tokens < SPARSE_MIN_TOKENS:
         return "masked"
