@@ -33,6 +33,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -142,24 +143,30 @@ def lora_grouped(
 class RankPattern:
     """Where ``H [T, N*r]`` is nonzero: row t holds the r rank columns of each expert token t uses.
 
-    Stored as CSR (``crow``, ``col``; tokens in order, experts ascending within a token) and, for
-    the products with ``H^T``, as the CSR of ``H^T`` (``crow_t``, ``col_t``) plus ``perm``, the
-    position in ``H``'s values of each of ``H^T``'s.
+    Stored as CSR (``crow``, ``col``; tokens in order, experts ascending within a token). The CSR
+    of ``H^T``, which only the backward needs, is built on first use (:attr:`transposed`).
     """
 
     crow: torch.Tensor
     col: torch.Tensor
-    crow_t: torch.Tensor
-    col_t: torch.Tensor
-    perm: torch.Tensor
+    token: torch.Tensor  # [P] the token of each (token, expert) pair, in H's order
+    r: int
     shape: tuple[int, int]
 
     def matrix(self, values: torch.Tensor) -> torch.Tensor:
         return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
 
+    @cached_property
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``H^T``'s ``crow`` and ``col``, and ``perm``: the position in ``H``'s values of each of ``H^T``'s."""
+        perm = torch.argsort(self.col, stable=True)  # column-major order; tokens stay ascending within a column
+        crow_t = F.pad(torch.bincount(self.col, minlength=self.shape[1]).cumsum(0), (1, 0))
+        return crow_t, self.token.repeat_interleave(self.r)[perm], perm
+
     def matrix_t(self, values: torch.Tensor) -> torch.Tensor:
+        crow_t, col_t, perm = self.transposed
         size = (self.shape[1], self.shape[0])
-        return torch.sparse_csr_tensor(self.crow_t, self.col_t, values[self.perm], size, check_invariants=False)
+        return torch.sparse_csr_tensor(crow_t, col_t, values[perm], size, check_invariants=False)
 
     def sampled(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``(a @ b^T)`` at the pattern's entries, as ``H``'s values (``a [T, d]``, ``b [N*r, d]``)."""
@@ -173,16 +180,13 @@ class RankPattern:
         return F.embedding_bag(self.col, rows, self.crow[:-1], mode="sum", per_sample_weights=values)
 
 
-def rank_pattern(used: torch.Tensor, r: int) -> tuple[RankPattern, torch.Tensor, torch.Tensor]:
-    """The pattern of gate weights' nonzeros ``used [T, N]`` at rank granularity, and its (token, expert) pairs."""
+def rank_pattern(used: torch.Tensor, r: int) -> tuple[RankPattern, torch.Tensor]:
+    """The pattern of gate weights' nonzeros ``used [T, N]`` at rank granularity, and each pair's expert."""
     tokens, n = used.shape
     token, expert = used.nonzero().unbind(1)
     crow = F.pad((used.sum(1) * r).cumsum(0), (1, 0))
     col = (expert[:, None] * r + torch.arange(r, device=used.device)).flatten()
-    perm = torch.argsort(col, stable=True)  # column-major order; tokens stay ascending within a column
-    crow_t = F.pad(torch.bincount(col, minlength=n * r).cumsum(0), (1, 0))
-    col_t = token.repeat_interleave(r)[perm]
-    return RankPattern(crow, col, crow_t, col_t, perm, (tokens, n * r)), token, expert
+    return RankPattern(crow, col, token, r, (tokens, n * r)), expert
 
 
 class SparseLoRA(torch.autograd.Function):
@@ -195,12 +199,12 @@ class SparseLoRA(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # under autocast too: the CPU-only kernels
-    def forward(ctx, x, a_cat, b_cat, gate, base_out, pattern: RankPattern, r: int):
-        gate_rank = gate.repeat_interleave(r)
+    def forward(ctx, x, a_cat, b_cat, gate, base_out, pattern: RankPattern):
+        gate_rank = gate.repeat_interleave(pattern.r)
         h = pattern.sampled(x, a_cat)
         hg = h * gate_rank
         ctx.save_for_backward(x, a_cat, b_cat, h, hg, gate_rank)
-        ctx.pattern, ctx.r = pattern, r
+        ctx.pattern = pattern
         return base_out + pattern.gather_rows(hg, b_cat)
 
     @staticmethod
@@ -213,8 +217,8 @@ class SparseLoRA(torch.autograd.Function):
         grad_x = pattern.gather_rows(grad_h, a_cat) if needs[0] else None
         grad_a = pattern.matrix_t(grad_h) @ x if needs[1] else None
         grad_b = pattern.matrix_t(hg) @ grad_out if needs[2] else None
-        grad_gate = (grad_hg * h).view(-1, ctx.r).sum(-1) if needs[3] else None
-        return grad_x, grad_a, grad_b, grad_gate, grad_out, None, None
+        grad_gate = (grad_hg * h).view(-1, pattern.r).sum(-1) if needs[3] else None
+        return grad_x, grad_a, grad_b, grad_gate, grad_out, None
 
 
 @torch.compiler.disable  # dynamo cannot trace sparse CSR tensors: torch.compile runs this part eagerly
@@ -229,11 +233,11 @@ def lora_sparse(
     """Only the chosen experts' ranks, as sparse-dense products: a CPU strategy for many experts per token's k."""
     n, r, d_in = lora_A.shape
     flat_weights = weights.reshape(-1, n)
-    pattern, token, expert = rank_pattern(flat_weights != 0, r)
-    gate = flat_weights[token, expert].to(x.dtype) * scaling
+    pattern, expert = rank_pattern(flat_weights != 0, r)
+    gate = flat_weights[pattern.token, expert].to(x.dtype) * scaling
     flat_base = base_out.reshape(-1, base_out.shape[-1])
     a_cat, b_cat = lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1)
-    out = SparseLoRA.apply(x.reshape(-1, d_in), a_cat, b_cat, gate, flat_base, pattern, r)
+    out = SparseLoRA.apply(x.reshape(-1, d_in), a_cat, b_cat, gate, flat_base, pattern)
     return out.to(base_out.dtype).view(base_out.shape)
 
 
