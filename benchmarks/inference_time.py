@@ -5,7 +5,8 @@ Run from the repository root, alone on the machine (no network; tiny random Llam
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference_time.py            # full run, a few minutes
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference_time.py --quick    # smoke run, seconds
 
-Writes ``DIR/inference_time.json`` and ``DIR/inference_time.md`` (default DIR: benchmarks/results).
+Writes ``DIR/inference_time_cpu.json`` and ``.md`` (default DIR: benchmarks/results); with ``--device cuda``,
+``inference_time_h100.*`` (the GPU's model, see step_time.machine_tag).
 Same method as step_time.py (its helpers are reused): all candidates of a table in one process,
 interleaved repetitions after warm-up, ratios as the median of per-repetition ratios [25-75 %].
 
@@ -39,6 +40,7 @@ from step_time import (
     interleaved_times,
     load_average,
     machine,
+    machine_tag,
     paired_ratio,
     section_table,
 )
@@ -227,7 +229,7 @@ def run(settings: Settings, mode: str, out: Path) -> str:
         parts += ["", f"## {section}", "", f"Shape: {members[0].shape}", "", section_table(members)]
     text = "\n".join(parts) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    stem = "inference_time" + ("_cuda" if settings.device == "cuda" else "")
+    stem = f"inference_time_{machine_tag(settings.device)}"
     (out / f"{stem}.md").write_text(text)
     payload = {"mode": mode, "machine": info, "rows": [asdict(row) for row in rows]}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")

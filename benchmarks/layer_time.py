@@ -13,7 +13,8 @@ three per-expert loops (top-2 of 8, r=8): step_time.py's naive loop (the frozen 
 expert's LoRA on its tokens) and two where each expert is the frozen layer plus its LoRA, on its
 tokens (MoE-PEFT's MixLoRA: the frozen weight runs k times per token) or on every token (N times).
 Interleaved repetitions after warm-up;
-ratios are medians of per-repetition ratios [25-75 %]. Writes ``DIR/layer_time.json`` and ``.md``.
+ratios are medians of per-repetition ratios [25-75 %]. Writes ``DIR/layer_time_cpu.json`` and ``.md``
+(default DIR: benchmarks/results).
 """
 
 from __future__ import annotations
@@ -173,9 +174,9 @@ def main() -> None:
         ]
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "layer_time.md").write_text(text + "\n")
+    (args.out / "layer_time_cpu.md").write_text(text + "\n")
     payload = {"machine": info, "rows": [asdict(row) for row in rows]}
-    (args.out / "layer_time.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (args.out / "layer_time_cpu.json").write_text(json.dumps(payload, indent=1) + "\n")
     print(text)
 
 

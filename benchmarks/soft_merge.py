@@ -6,7 +6,7 @@ Run from the repository root (no network needed):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/soft_merge.py --quick    # smoke run: small shapes, 3 repetitions
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/soft_merge.py --out DIR  # default: benchmarks/results
 
-It writes ``DIR/soft_merge.json`` and ``DIR/soft_merge.md`` and prints the markdown table.
+It writes ``DIR/soft_merge_cpu.json`` and ``DIR/soft_merge_cpu.md`` and prints the markdown table.
 
 What is measured: one ``MoPELayer`` around an ``nn.Linear(d, d)`` with N experts, the gate
 deciding once per sequence (``routing_level='sequence'``) in every candidate, so all candidates
@@ -166,8 +166,8 @@ def main() -> None:
     rows = measure(args)
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(meta, rows)
-    (args.out / "soft_merge.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (args.out / "soft_merge.md").write_text(text)
+    (args.out / "soft_merge_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (args.out / "soft_merge_cpu.md").write_text(text)
     print(text)
 
 

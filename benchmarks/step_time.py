@@ -10,8 +10,14 @@ Run from the repository root (no network needed; models are tiny random Llamas b
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --sections ops  # ops per step (no timing)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --dispatch masked,sorted  # + a row per strategy
 
-It writes ``DIR/step_time.json`` and ``DIR/step_time.md`` and prints the markdown tables
-(``--profile``: ``DIR/step_time_profile.md``, the top ops by self CPU time of the MoPE and LoRA steps).
+It writes ``DIR/NAME.json`` and ``DIR/NAME.md`` and prints the markdown tables. NAME (``--name``) says what
+was measured and where: ``step_time_cpu`` (the step tables, or all sections, on CPU), ``step_time_minilm_cpu``,
+``step_time_scaling_cpu``, ``step_time_ops_cpu`` or ``step_time_memory_cpu`` when one such section runs alone,
+``step_time_h100`` / ``step_time_h200`` for the GPU tables (``--sections gpu``; the card's model, ``cuda`` if it
+has none) and ``step_time_compiled_h100`` for ``--sections gpu_compiled``. ``--profile`` writes
+``DIR/step_time_profile_cpu.md`` (or ``_h100``...), the top ops by self CPU time of the MoPE and LoRA steps.
+The committed files in benchmarks/results are the current run per section and machine; when a new run
+replaces one, move the old run's headline figures into the file's History section by hand.
 
 What is measured (see ../shared/MEASURING.md):
 
@@ -53,6 +59,7 @@ import gc
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -825,6 +832,31 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def machine_tag(device: str = "cpu") -> str:
+    """Where results were measured, for their file names: ``cpu``, or the GPU's model (``h100``, ``h200``, ``a100``).
+
+    ``cuda`` for a GPU whose name has no such model number, or when no GPU is there.
+    """
+    if device != "cuda":
+        return "cpu"
+    if not torch.cuda.is_available():
+        return "cuda"
+    model = re.search(r"\b([A-Z]{1,2}\d{1,4})\b", torch.cuda.get_device_name())
+    return model.group(1).lower() if model else "cuda"
+
+
+# A section run alone that has its own results file: step_time_<its word>_<machine>.
+SECTION_FILES = {"minilm": "minilm", "scaling": "scaling", "memory": "memory", "ops": "ops", "gpu_compiled": "compiled"}
+
+
+def results_name(sections: list[str]) -> str:
+    """Default stem of the results files: what was measured and where (step_time_cpu, step_time_scaling_cpu, ...)."""
+    gpu = [section.startswith("gpu") for section in sections]
+    on_gpu = all(gpu) or (any(gpu) and torch.cuda.is_available())  # GPU tables without a GPU: not the CPU file
+    what = SECTION_FILES.get(sections[0]) if len(sections) == 1 else None
+    return "_".join(["step_time", *([what] if what else []), machine_tag("cuda" if on_gpu else "cpu")])
+
+
 def machine() -> dict[str, str | int | float]:
     info: dict[str, str | int | float] = {
         "cpu": cpu_model(),
@@ -896,16 +928,16 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
 }
 
 
-def write_results(rows: list[Row], info: dict, mode: str, settings: Settings, out: Path) -> str:
+def write_results(rows: list[Row], info: dict, mode: str, settings: Settings, out: Path, name: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, info, mode, settings.notes)
-    (out / "step_time.md").write_text(table)
+    (out / f"{name}.md").write_text(table)
     payload = {"mode": mode, "machine": info, "rows": [asdict(row) for row in rows]}
-    (out / "step_time.json").write_text(json.dumps(payload, indent=1) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     return table
 
 
-def run_benchmark(settings: Settings, mode: str, sections: list[str], out: Path) -> None:
+def run_benchmark(settings: Settings, mode: str, sections: list[str], out: Path, name: str) -> None:
     """Run the sections in turn, rewriting the results after each, so an interrupted run leaves what it had."""
     started, info = time.perf_counter(), machine()
     info["load average (1, 5, 15 min) before"] = str(load_average())
@@ -920,7 +952,7 @@ def run_benchmark(settings: Settings, mode: str, sections: list[str], out: Path)
             rows.append(Row(section, section, f"section '{section}'", "-", "-", note=error_note(error)))
         info["load average (1, 5, 15 min) after"] = str(load_average())
         info["wall time s"] = round(time.perf_counter() - started, 1)
-        table = write_results(rows, info, mode, settings, out)
+        table = write_results(rows, info, mode, settings, out, name)
     print(table)
 
 
@@ -931,7 +963,7 @@ def run_profile(settings: Settings, out: Path, device: str) -> None:
     names = (REFERENCE_MOPE, REFERENCE_LORA)
     text = header + "".join(profile_table(CANDIDATES_BY_NAME[n], shape, device) for n in names)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"step_time_profile{'_cuda' if device == 'cuda' else ''}.md").write_text(text)
+    (out / f"step_time_profile_{machine_tag(device)}.md").write_text(text)
     print(text)
 
 
@@ -939,6 +971,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repetitions (smoke test)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--name",
+        help="stem of the .md/.json written in --out (default: what and where, e.g. step_time_cpu, "
+        "step_time_scaling_cpu, step_time_h100, step_time_compiled_h100; see the module docstring)",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="instead of the tables, profile the MoPE and LoRA r=16 steps"
     )
@@ -979,7 +1016,7 @@ def main() -> None:
     if args.profile:
         run_profile(settings, args.out, args.profile_device)
         return
-    run_benchmark(settings, mode, sections, args.out)
+    run_benchmark(settings, mode, sections, args.out, args.name or results_name(sections))
 
 
 if __name__ == "__main__":

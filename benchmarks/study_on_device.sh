@@ -6,7 +6,8 @@
 #
 # The model package's 88 MB do not fit the upload, so `prepare` writes a copy whose weights are
 # rounded to fp16 (loaded back as fp32; largest relative change ~5e-4). The device's Python builds
-# the stdlib tasks from its own standard library. Both are noted in the results (see study_h100.md).
+# the stdlib tasks from its own standard library. Both are noted in the results (see defaults_study_h100.md).
+# defaults_study.py names its files by the GPU's model (defaults_study_h100.*) unless ARGS give --name.
 # Both paths must be ignored by git (.git/info/exclude: /.study/ and /.whl/).
 set -eu
 case ${1:?usage: study_on_device.sh prepare | run OUT [ARGS...]} in

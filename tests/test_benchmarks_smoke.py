@@ -43,8 +43,9 @@ def run_quick_benchmark(out: Path, script: Path = SCRIPT) -> dict:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| candidate |" in done.stdout
-    assert "| candidate |" in (out / f"{script.stem}.md").read_text()
-    return json.loads((out / f"{script.stem}.json").read_text())
+    (table,) = out.glob(f"{script.stem}_*.md")  # named by what and where: step_time_cpu.md, inference_time_h100.md
+    assert "| candidate |" in table.read_text()
+    return json.loads(table.with_suffix(".json").read_text())
 
 
 def rows_of(results: dict, section_start: str) -> dict[str, dict]:
