@@ -13,7 +13,8 @@ exported with :func:`mope.export_lora`, loaded back with plain ``PeftModel.from_
 scored on the held-out split: accuracy, and agreement with the mixture's own predictions.
 Variants: ``concat`` (the exact usage-weighted average of the experts' updates, rank 16),
 ``svd`` truncations of it, and ``concat`` with uniform usage (what usage statistics buy).
-Writes ``DIR/collapse_accuracy.json`` and ``.md`` and prints the table.
+Writes ``DIR/collapse_accuracy_cpu.json`` and ``.md`` (``_h100`` etc. where a GPU trains; default DIR:
+benchmarks/results) and prints the table.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import tempfile
 
 import torch
 from peft import PeftModel
+from step_time import machine_tag
 from torch.utils.data import DataLoader
 
 import mope
@@ -134,10 +136,11 @@ def main() -> None:
     machine = f"{platform.machine()} {platform.processor() or 'cpu'}, {os.cpu_count()} cores, {platform.system()}"
     result.update(bundle=args.bundle, quick=args.quick, machine=machine, torch=torch.__version__)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "collapse_accuracy.json"), "w") as handle:
+    stem = f"collapse_accuracy_{machine_tag()}"
+    with open(os.path.join(args.out, f"{stem}.json"), "w") as handle:
         json.dump(result, handle, indent=2)
     table = markdown(result)
-    with open(os.path.join(args.out, "collapse_accuracy.md"), "w") as handle:
+    with open(os.path.join(args.out, f"{stem}.md"), "w") as handle:
         handle.write(table)
     print(table)
 

@@ -5,15 +5,15 @@ Run from the repository root, alone on the machine (offline, CPU; ~2.5 minutes p
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --variants "lora r=20" top2 --lrs 0.002 0.005 --seeds 0
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/defaults_study.py --list          # the variants and their overrides
     ... defaults_study.py --task families modules ...   # also the second task (finer labels)
-    ... --workers 15 --name study_h100 --model DIR ...   # 15 runs at once, in-process (see study_on_device.sh)
+    ... --workers 15 --model DIR ...   # 15 runs at once, in-process (see study_on_device.sh)
 
 Every variant is a set of recipe overrides on the demo's MoPE recipe as it was when the study began
 (``STUDY_BASE``: top-2 of 8, r=2, alpha 4), or on the LoRA recipe at the rank that matches the
 mixture's trainable parameters (routers and head counted). Each run goes through
 ``accelerate launch -m mope.train`` like the demo. Results are appended one line per run to
-``benchmarks/results/defaults_study.jsonl`` (so a long study can be stopped and continued: a
-(task, variant, lr, seed) already there is skipped), and
-``benchmarks/results/defaults_study.md`` is rewritten from all lines: per variant and learning
+``benchmarks/results/defaults_study_cpu.jsonl`` (``defaults_study_h100.jsonl`` where a GPU trains; ``--name``
+sets the stem; so a long study can be stopped and continued: a (task, variant, lr, seed) already there is
+skipped), and ``benchmarks/results/defaults_study_cpu.md`` is rewritten from all lines: per variant and learning
 rate, mean accuracy over seeds, seeds run, trainable parameters, mean training time and load CV.
 """
 
@@ -31,6 +31,7 @@ import tempfile
 from collections import defaultdict
 
 from demo_accuracy import mean_cv
+from step_time import machine_tag
 
 from mope.demo import LAUNCH, RECIPES, launch
 from mope.training import quiet_third_party
@@ -61,7 +62,7 @@ TOP1_SHARED = [
     "adapter.config.lora_alpha=8",
 ]
 
-# The demo recipe since session 3: dense gate, alpha 64, routers at a tenth of the experts' learning rate.
+# The demo recipe since a36c15e: dense gate, alpha 64, routers at a tenth of the experts' learning rate.
 DENSE = ["adapter.config.router=dense", "adapter.config.lora_alpha=64", "training.router_lr_scale=0.1"]
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -132,7 +133,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         )
         for alpha in (8, 16)
     },
-    # Round 2 (session 4): what the dense demo recipe's gain comes from, and whether it holds on a second task.
+    # Round 2 (run on a lent H100, figures committed in ef4460b): what the dense demo recipe's gain comes from,
+    # and whether it holds on a second task.
     "lora r=20 alpha80": ("lora", ["adapter.config.r=20", "adapter.config.lora_alpha=80"]),
     "lora r=20 alpha160": ("lora", ["adapter.config.r=20", "adapter.config.lora_alpha=160"]),
     "dense 4x r4 alpha64 router lr /10": ("mope", [*DENSE, "adapter.config.num_experts=4", "adapter.config.r=4"]),
@@ -247,7 +249,9 @@ def main() -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run (recorded)")
     parser.add_argument("--model", help="model.name_or_path for every run (recorded), e.g. a local copy of MiniLM")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--name", default="defaults_study", help="stem of the .jsonl log and .md table in --out")
+    parser.add_argument(
+        "--name", help="stem of the .jsonl log and .md table in --out (default: defaults_study_cpu, _h100 on an H100)"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: the demo's, all cores)")
     parser.add_argument(
         "--workers",
@@ -268,6 +272,7 @@ def main() -> None:
         LAUNCH[LAUNCH.index("--num_cpu_threads_per_process") + 1] = str(args.threads)
     settings = [*args.set, *([f"model.name_or_path={args.model}"] if args.model else [])]
     os.makedirs(args.out, exist_ok=True)
+    args.name = args.name or f"defaults_study_{machine_tag()}"
     log = os.path.join(args.out, f"{args.name}.jsonl")
     jobs = plan(args, settings, done={key(r) for r in read_runs(log)})
 

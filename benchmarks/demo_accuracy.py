@@ -125,7 +125,7 @@ def main() -> None:
         "lora_rank": rank,
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = f"demo_accuracy_{machine_tag('cuda' if torch.cuda.is_available() else 'cpu')}"
+    stem = f"demo_accuracy_{machine_tag()}"
     with open(os.path.join(args.out, f"{stem}.json"), "w") as handle:
         json.dump({"machine": machine, "rows": rows}, handle, indent=1)
     lines = [

@@ -832,11 +832,14 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_tag(device: str = "cpu") -> str:
+def machine_tag(device: str | None = None) -> str:
     """Where results were measured, for their file names: ``cpu``, or the GPU's model (``h100``, ``h200``, ``a100``).
 
-    ``cuda`` for a GPU whose name has no such model number, or when no GPU is there.
+    ``device=None``: the GPU if there is one, else ``cpu``. ``cuda`` for a GPU whose name has no such model
+    number, or when ``device="cuda"`` and no GPU is there.
     """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cuda":
         return "cpu"
     if not torch.cuda.is_available():
