@@ -32,9 +32,10 @@ from step_time import machine_tag
 from torch.utils.data import DataLoader
 
 import mope
-from mope.demo import RECIPES, launch_command
+from mope.demo import RECIPES
 from mope.training import quiet_third_party
 from mope.training.data import Collator, load_examples
+from mope.training.launch import launch_command
 from mope.training.models import build_model, load_tokenizer
 from mope.training.recipe import load_recipe
 

@@ -33,8 +33,9 @@ from collections import defaultdict
 from demo_accuracy import mean_cv
 from step_time import machine_tag
 
-from mope.demo import LAUNCH, RECIPES, launch
+from mope.demo import RECIPES, launch
 from mope.training import quiet_third_party
+from mope.training.launch import LAUNCH
 
 LORA = "lora r=20"
 # The variants are changes to the demo's MoPE recipe as it was when the study began (top-2 of 8,

@@ -6,14 +6,14 @@ Importing ``mope`` registers ``peft_type="MOPE"`` with PEFT, so ``get_peft_model
 
 from __future__ import annotations
 
-from .bundle import save_pretrained
+from .bundles import save_pretrained
 from .config import MoPEConfig
 from .dispatch import set_dispatch
 from .forward_inputs import install as install_forward_inputs
 from .layer import MoPELayer
 from .registration import register
 from .routing import ROUTERS, Router, Routing
-from .schedule import step_schedule
+from .routing.schedule import step_schedule
 from .tuner import MoPEModel
 
 register()
@@ -22,8 +22,8 @@ install_forward_inputs()  # let model(..., task_ids=...) reach MoPE through PEFT
 from .analysis import routing_stats  # noqa: E402
 from .api import get_mope_model, load_mope  # noqa: E402
 from .export import collapse_to_lora, export_lora  # noqa: E402
-from .fixed_task import fix_task  # noqa: E402
 from .reuse import from_lora_adapters  # noqa: E402
+from .routing.fixed_task import fix_task  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -238,7 +238,7 @@ class MoPEConfig(PeftConfig):
     )
     router_schedule_steps: int = field(
         default=0,
-        metadata={"help": "Dense-to-sparse schedule length in steps (mope.schedule); 0 = no schedule."},
+        metadata={"help": "Dense-to-sparse schedule length in steps (mope.routing.schedule); 0 = no schedule."},
     )
     router_schedule_start_top_k: int | None = field(
         default=None,
@@ -284,7 +284,7 @@ class MoPEConfig(PeftConfig):
     upgraded_from: str | None = field(
         default=None,
         metadata={
-            "help": "Set on load when adapter_config.json was upgraded (mope.upgrade): the mope version that "
+            "help": "Set on load when adapter_config.json was upgraded (mope.bundles.upgrade): the mope version that "
             "wrote it ('unversioned' if none). None: loaded as written. Runtime-only, not saved."
         },
     )
@@ -428,12 +428,12 @@ class MoPEConfig(PeftConfig):
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
-        """The config stored in ``path_json_file``, upgraded to this mope version (``mope.upgrade``).
+        """The config stored in ``path_json_file``, upgraded to this mope version (``mope.bundles.upgrade``).
 
         ``from_pretrained`` reads the file through here, so an old bundle is upgraded explicitly
         (logged, ``upgraded_from`` set) and a newer, malformed or unknown-key one is a clear ValueError.
         """
-        from .upgrade import read_config_file
+        from .bundles.upgrade import read_config_file
 
         return read_config_file(path_json_file, cls)
 
@@ -447,7 +447,7 @@ class MoPEConfig(PeftConfig):
         tensor file is opened (header only) and checked; the model-dependent checks run after
         injection, and a failure there restores the model (see ``MoPEModel.inject_adapter``).
         """
-        from .bundle import read_bundle_header
+        from .bundles import read_bundle_header
 
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         # normpath: joining "" leaves a trailing separator, and error messages must name the real file path.

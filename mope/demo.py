@@ -16,26 +16,20 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .training import quiet_third_party
 from .training.data import load_examples
+from .training.launch import launch_command
 from .training.models import build_model, wrap
 from .training.recipe import load_recipe
 
+# The demo's recipes live in the source tree's recipes/ folder, found from this file (not the working directory).
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "offline"
 RECIPES = {
-    "mope": "recipes/offline/minilm_stdlib_mope.yaml",
-    "lora": "recipes/offline/minilm_stdlib_lora.yaml",
+    "mope": os.fspath(RECIPE_DIR / "minilm_stdlib_mope.yaml"),
+    "lora": os.fspath(RECIPE_DIR / "minilm_stdlib_lora.yaml"),
 }
-# accelerate launch gives a single process one CPU thread unless told otherwise.
-LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-LAUNCH += [
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-    "--num_cpu_threads_per_process",
-    str(os.cpu_count() or 1),
-]
 
 
 def trainable(recipe_path: str, overrides: list[str], num_labels: int) -> int:
@@ -66,11 +60,6 @@ def describe_mixture(recipe_path: str) -> str:
     return f"MoPE {gate} of {experts}, r={rank}"
 
 
-def launch_command(recipe: str, overrides: list[str]) -> list[str]:
-    """``python -m accelerate.commands.launch ... -m mope.train --recipe RECIPE overrides...`` (also ``mope train``)."""
-    return [sys.executable, *LAUNCH, "-m", "mope.train", "--recipe", recipe, *overrides]
-
-
 def launch(recipe: str, overrides: list[str]) -> dict:
     command = launch_command(recipe, overrides)
     print("$", " ".join(command[1:]), flush=True)
@@ -87,6 +76,11 @@ def main() -> int:
     args = parser.parse_args()
     quiet_third_party()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not RECIPE_DIR.is_dir():
+        print(
+            f"error: the demo's recipes are not at {RECIPE_DIR}: run the demo from a source checkout", file=sys.stderr
+        )
+        return 2
 
     num_labels = len(load_examples(load_recipe(RECIPES["mope"]).data, "sequence_classification").labels)
     rank, lora_size, mope_size = matching_lora_rank(num_labels)

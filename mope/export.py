@@ -43,7 +43,7 @@ from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from safetensors.torch import save_file
 
-from .bundle import save_pretrained as save_atomically
+from .bundles import save_pretrained as save_atomically
 from .experts import EXPERT_BANKS
 from .experts.lora import LoRAExpertBank, SharedALoRAExpertBank
 from .layer import MoPELayer
@@ -261,7 +261,7 @@ def collapse_to_lora(
 
 @dataclass
 class LoraBundle:
-    """What :func:`mope.bundle.save_pretrained` writes atomically: a PEFT LoRA config and its tensors."""
+    """What :func:`mope.bundles.save_pretrained` writes atomically: a PEFT LoRA config and its tensors."""
 
     config: LoraConfig
     state: dict[str, torch.Tensor]

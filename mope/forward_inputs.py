@@ -1,7 +1,7 @@
 """How mope's own forward inputs (``task_ids``, ``group_ids``) reach the routers, and ``generate``.
 
 The tuner's pre-hook on the wrapped model captures the inputs listed in
-:data:`mope.context.CAPTURED_INPUTS` and removes the ones the base model does not know. Two
+:data:`mope.routing.context.CAPTURED_INPUTS` and removes the ones the base model does not know. Two
 paths need help:
 
 - PEFT's task classes (``PeftModelForCausalLM``, ``...ForSequenceClassification``, ...) declare
@@ -27,7 +27,7 @@ import torch
 from peft import PeftModel
 from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
 
-from .context import CAPTURED_INPUTS, RoutingContext
+from .routing.context import CAPTURED_INPUTS, RoutingContext
 
 WRAPPED_MARK = "__mope_passes_task_ids__"
 

@@ -10,10 +10,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .context import LossRecord, RoutingContext
 from .experts import EXPERT_BANKS
 from .losses import AUX_LOSSES
 from .routing import ROUTERS, RoutingInputs
+from .routing.context import LossRecord, RoutingContext
 from .routing.levels import ROUTING_LEVELS
 
 # Module types that can carry experts, and whether their weight is stored transposed

@@ -167,7 +167,7 @@ class AuxLoss:
     batched: Callable[[list[Routing], torch.Tensor | None], torch.Tensor] | None = None
 
     def values(self, records: list[Any]) -> torch.Tensor:
-        """The loss of each recorded layer (``mope.context.LossRecord``), ``[len(records)]`` in some order.
+        """The loss of each recorded layer (``mope.routing.context.LossRecord``), ``[len(records)]`` in some order.
 
         Layers are batched where ``batched`` exists and they share token shape, device and mask
         (all layers of a decoder do; an encoder-decoder makes two batches).

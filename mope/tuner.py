@@ -2,7 +2,7 @@
 
 Injection wraps each targeted module in a :class:`~mope.layer.MoPELayer`. Two hooks on the
 wrapped model connect the layers to the batch: a pre-hook captures the routing inputs
-(attention masks) into the shared :class:`~mope.context.RoutingContext`, a post-hook sums
+(attention masks) into the shared :class:`~mope.routing.context.RoutingContext`, a post-hook sums
 the layers' recorded router losses onto the output as ``aux_loss`` (and into ``loss``).
 """
 
@@ -20,15 +20,15 @@ from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_N
 from torch import nn
 from transformers import PreTrainedModel
 
-from .bundle import describe_mismatch
+from .bundles import describe_mismatch
 from .config import pattern_matches
-from .context import CAPTURED_INPUTS, RoutingContext
 from .ffn_layer import layer_class_for
 from .forward_inputs import generate_with_routing
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES
 from .routing import ROUTERS
-from .schedule import advance_schedules, apply_schedules, attach_schedule, detach_schedule
+from .routing.context import CAPTURED_INPUTS, RoutingContext
+from .routing.schedule import advance_schedules, apply_schedules, attach_schedule, detach_schedule
 
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
 # projections of cross-attention, which see the encoder's tokens.

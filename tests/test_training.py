@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -117,8 +115,25 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_weights(tmp_path):
     assert summary["steps"] == 6
 
 
-def train_command(out: Path, *extra: str) -> list[str]:
-    command = [*LAUNCH, "--num_processes", "1", "--cpu", "-m", "mope.train", "--recipe", str(OFFLINE_TINY)]
+# Trains like `-m mope.train`, but SIGKILLs itself right after the step-8 checkpoint is written:
+# a kill at a known point of the run, with nothing for tests in the training loop itself.
+KILLED_AFTER_STEP_8 = """
+import os, signal, sys
+from mope.training import loop
+save = loop.Run.save_checkpoint
+def save_then_die(self):
+    save(self)
+    if self.state.step == 8:
+        os.kill(os.getpid(), signal.SIGKILL)
+loop.Run.save_checkpoint = save_then_die
+from mope.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def train_command(out: Path, *extra: str, script: Path | None = None) -> list[str]:
+    entry = [str(script)] if script is not None else ["-m", "mope.train"]
+    command = [*LAUNCH, "--num_processes", "1", "--cpu", *entry, "--recipe", str(OFFLINE_TINY)]
     return [*command, f"training.output_dir={out}", "training.max_steps=16", "training.save_every=4", *extra]
 
 
@@ -127,22 +142,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     subprocess.run(train_command(tmp_path / "full", *common), check=True, env=env(), cwd=ROOT, timeout=600)
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(
-        train_command(out, *common),
-        env=env(MOPE_DEBUG_STEP_DELAY="0.5"),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "step-8").exists():
-        assert process.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    script = tmp_path / "killed_after_step_8.py"
+    script.write_text(KILLED_AFTER_STEP_8)
+    killed = subprocess.run(train_command(out, *common, script=script), env=env(), cwd=ROOT, timeout=600)
+    assert killed.returncode != 0
+    assert (out / "checkpoints" / "step-8").exists() and not (out / "checkpoints" / "step-12").exists()
     assert not (out / "summary.json").exists()
 
     resumed = train_command(out, *common, "--resume_from_checkpoint", "latest")

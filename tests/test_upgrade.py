@@ -12,7 +12,7 @@ from conftest import make_batch, make_model
 from peft import PeftModel, get_peft_model
 
 import mope
-from mope import upgrade
+from mope.bundles import upgrade
 from mope.config import MOPE_VERSION
 from mope.layer import MoPELayer
 
@@ -70,10 +70,10 @@ def test_old_bundle_loads_with_defaults_and_says_so(bundle, loader, old_version,
             config["mope_version"] = old_version
 
     edit_config(folder, make_old)
-    with caplog.at_level(logging.WARNING, logger="mope.upgrade"):
+    with caplog.at_level(logging.WARNING, logger="mope.bundles.upgrade"):
         loaded = LOADERS[loader](make_model("llama"), folder)
     label = old_version or "unversioned"
-    messages = [r.getMessage() for r in caplog.records if r.name == "mope.upgrade"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "mope.bundles.upgrade"]
     assert any("top_k_order" in m and "'softmax_then_topk'" in m and label in m for m in messages), messages
     assert any(f"mope_version {label} -> {MOPE_VERSION}" in m for m in messages), messages
     config = loaded.peft_config["default"]
@@ -86,9 +86,9 @@ def test_old_bundle_loads_with_defaults_and_says_so(bundle, loader, old_version,
     saved = json.loads((again / "adapter_config.json").read_text())
     assert saved["mope_version"] == MOPE_VERSION and "upgraded_from" not in saved
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mope.upgrade"):
+    with caplog.at_level(logging.WARNING, logger="mope.bundles.upgrade"):
         assert mope.MoPEConfig.from_pretrained(str(again)).upgraded_from is None
-    assert not [r for r in caplog.records if r.name == "mope.upgrade"]
+    assert not [r for r in caplog.records if r.name == "mope.bundles.upgrade"]
 
 
 def test_upgrade_steps_run_for_older_configs_only(bundle, monkeypatch, caplog):
@@ -100,7 +100,7 @@ def test_upgrade_steps_run_for_older_configs_only(bundle, monkeypatch, caplog):
         config["mope_version"] = "0.0.4"
 
     path = edit_config(folder, old_name)
-    with caplog.at_level(logging.WARNING, logger="mope.upgrade"):
+    with caplog.at_level(logging.WARNING, logger="mope.bundles.upgrade"):
         loaded = mope.load_mope(make_model("llama"), folder)
     assert loaded.peft_config["default"].r == 4
     assert any("'expert_rank' to 'r' (value 4)" in r.getMessage() for r in caplog.records)

@@ -191,7 +191,7 @@ class Router(nn.Module):
         self.num_groups, self.group_delta = config.num_groups, config.localized_balance_delta
         # What the router looks at (token state, pooled sequence, task id): mope.routing.levels.
         self.level = ROUTING_LEVELS[config.routing_level]
-        # Dense-to-sparse schedule (mope.schedule): start values at progress 0, configured ones at 1.
+        # Dense-to-sparse schedule (mope.routing.schedule): start values at progress 0, configured ones at 1.
         self.final_top_k, self.start_top_k = top_k, config.router_schedule_start_top_k
         self.final_temperature = self.temperature = config.router_temperature
         self.start_temperature = config.router_schedule_start_temperature

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..schedule import SCHEDULE_COUNTERS
 from .arrow import check_arrow_options
 from .levels import ROUTING_LEVELS
+from .schedule import SCHEDULE_COUNTERS
 from .soft_tokens import check_soft_gate_options
 
 

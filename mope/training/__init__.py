@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import warnings
 
+from ..extras import require_extra
+
+require_extra("train", "accelerate", "yaml", "pydantic", "datasets", "tqdm")
+
 
 def quiet_third_party() -> None:
     """Silence load reports and a PEFT/transformers deprecation that users cannot act on."""

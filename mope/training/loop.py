@@ -17,13 +17,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..analysis import expert_load
-from ..bundle import save_pretrained
+from ..bundles import save_pretrained
 from .data import Collator, load_examples
 from .models import build_model, load_tokenizer, wrap
 from .recipe import Recipe
 
 # Seconds to sleep after each optimizer step; only the resume test sets it.
-STEP_DELAY = float(os.environ.get("MOPE_DEBUG_STEP_DELAY", "0"))
 
 
 @dataclass
@@ -202,8 +201,6 @@ class Run:
                 self.model.train()
             if t.save_every and self.state.step % t.save_every == 0:
                 self.save_checkpoint()
-            if STEP_DELAY:  # testing aid: slow a run down so a test can kill it mid-way
-                time.sleep(STEP_DELAY)
         bar.close()
         return time.perf_counter() - started
 

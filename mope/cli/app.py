@@ -73,7 +73,7 @@ def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
 @app.command()
 def inspect(bundle: Bundle) -> None:
     """Summarise a bundle from its config and safetensors header (no model needed)."""
-    from .bundle_info import describe_bundle
+    from ..bundles.info import describe_bundle
 
     with user_errors():
         info = describe_bundle(bundle)
@@ -99,8 +99,8 @@ def stats(
     train_mode: Annotated[bool, typer.Option("--train-mode", help="route as in training (capacity drops)")] = False,
 ) -> None:
     """Run data through base + bundle: per-layer load CV, entropy, drop rate, token-id predictability; plots."""
-    from .analysis import routing_report
-    from .bundle_loading import load_model
+    from ..analysis import routing_report
+    from .loading import load_model
 
     with user_errors():
         texts, tok = read_data(data, text_column, max_examples, tokenizer or base)
@@ -113,7 +113,7 @@ def stats(
 
 def read_data(data: str, text_column: str, max_examples: int | None, tokenizer: str):
     """The texts of ``data`` and the tokenizer; ValueError when there is nothing to run."""
-    from .bundle_loading import load_tokenizer, read_texts
+    from .loading import load_tokenizer, read_texts
 
     texts = read_texts(data, text_column, max_examples)
     if not texts:
@@ -122,7 +122,7 @@ def read_data(data: str, text_column: str, max_examples: int | None, tokenizer: 
 
 
 def batches_for(model, tokenizer, texts: list[str], batch_size: int, max_length: int):
-    from .bundle_loading import text_batches
+    from .loading import text_batches
 
     return text_batches(tokenizer, texts, batch_size, max_length, next(model.parameters()).device)
 
@@ -140,8 +140,8 @@ def stability(
     tokenizer: Tokenizer = None,
 ) -> None:
     """Routing stability between two bundles (OpenMoE's early routing learning): per router, top-1 / top-k agreement."""
-    from .analysis import routing_agreement
-    from .bundle_loading import load_model
+    from ..analysis import routing_agreement
+    from .loading import load_model
 
     with user_errors():
         texts, tok = read_data(data, text_column, max_examples, tokenizer or base)
@@ -165,7 +165,7 @@ def print_report(report: dict[str, dict]) -> None:
 
 def write_report(report: dict[str, dict], out: Path, model, tokenizer, text: str) -> None:
     """report.json and the three plots (PNG) into ``out``."""
-    from .analysis.plots import load_heatmap, routing_by_position, text_token_map
+    from ..analysis.plots import load_heatmap, routing_by_position, text_token_map
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
@@ -189,8 +189,8 @@ UsageData = Annotated[
 
 def collapse_inputs(bundle: Path, base: str, data: str | None, text_column: str, max_examples: int | None):
     """The model on CPU and, with ``data``, each router's measured load (``usage`` for mope.export)."""
-    from .analysis import routing_stats
-    from .bundle_loading import load_model
+    from ..analysis import routing_stats
+    from .loading import load_model
 
     model = load_model(bundle, base, "cpu")
     if data is None:
@@ -215,9 +215,9 @@ def lora_command(summary: bool):
         text_column: TextColumn = "text",
         max_examples: MaxExamples = None,
     ) -> None:
-        from .bundle import save_pretrained
-        from .bundle_info import describe_bundle
-        from .export import LoraBundle, collapse_to_lora, export_lora
+        from ..bundles import save_pretrained
+        from ..bundles.info import describe_bundle
+        from ..export import LoraBundle, collapse_to_lora, export_lora
 
         with user_errors():
             experts = describe_bundle(bundle).parameters["experts"]
@@ -252,8 +252,8 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
 ) -> None:
     """Train a recipe: ``accelerate launch -m mope.train --recipe RECIPE overrides...``."""
-    from .demo import launch_command
-    from .training.recipe import load_recipe
+    from ..training.launch import launch_command
+    from ..training.recipe import load_recipe
 
     with user_errors():
         load_recipe(recipe, list(overrides or []))  # a bad recipe fails here, in one line, before launching
@@ -266,7 +266,7 @@ def quiet() -> None:
     """Before every command: no load reports or progress bars between the report lines, no screen for plots."""
     import transformers
 
-    from .training import quiet_third_party
+    from ..training import quiet_third_party
 
     os.environ.setdefault("MPLBACKEND", "Agg")
     quiet_third_party()

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .routing import RoutingInputs
-from .routing.levels import DecisionCache
+from .base import RoutingInputs
+from .levels import DecisionCache
 
 
 @dataclass(frozen=True)

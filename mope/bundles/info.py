@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from .bundle import read_bundle_header
+from .files import read_bundle_header
 
 # Parameter groups by the attribute a tensor name passes through (MoPELayer.adapter_layer_names).
 PARAMETER_GROUPS = {".mope_experts.": "experts", ".mope_router.": "routers"}

@@ -15,7 +15,7 @@ also ``PeftModel.from_pretrained``, ``model.load_adapter`` and ``mope.load_mope`
 5. mope's own fields missing from the file get their defaults (a field added since the bundle
    was written).
 
-Each change is logged (``logging.warning`` on the ``mope.upgrade`` logger, naming the file, the
+Each change is logged (``logging.warning`` on the ``mope.bundles.upgrade`` logger, naming the file, the
 key and the value), the upgraded config carries ``mope_version`` = this version, and
 ``MoPEConfig.upgraded_from`` records the version the file was written by ('unversioned' if it had
 none); it is None when nothing changed. nanochat's ``_patch_missing_config_keys`` is the model.
@@ -108,7 +108,7 @@ def check_known_keys(config: dict[str, Any], config_cls: type, path: str, label:
 
 
 def current_version() -> str:
-    from .config import MOPE_VERSION  # mope.config imports this module lazily: no import cycle
+    from ..config import MOPE_VERSION  # mope.config imports this module lazily: no import cycle
 
     return MOPE_VERSION
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layer import MoPELayer
+from ..layer import MoPELayer
 
 
 class FixedTask:

@@ -16,13 +16,13 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel
 
-from .api import load_mope
-from .bundle import read_bundle_header
-from .bundle_info import read_config
-from .training.data import read_rows
-from .training.models import AUTO_CLASSES, TASK_TYPES, resolve_location
-from .training.models import load_tokenizer as recipe_tokenizer
-from .training.recipe import DataSection, ModelSection
+from ..api import load_mope
+from ..bundles import read_bundle_header
+from ..bundles.info import read_config
+from ..training.data import read_rows
+from ..training.models import AUTO_CLASSES, TASK_TYPES, resolve_location
+from ..training.models import load_tokenizer as recipe_tokenizer
+from ..training.recipe import DataSection, ModelSection
 
 # PEFT task type -> transformers Auto class (others, e.g. feature extraction, get AutoModel).
 AUTO_BY_TASK_TYPE = {TASK_TYPES[task]: auto for task, auto in AUTO_CLASSES.items()}

@@ -1,0 +1,10 @@
+"""MoPE bundles on disk: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+``files``: read a bundle's tensor header, check it against a model, save atomically.
+``upgrade``: read a config written by another mope version (explicit, logged upgrades).
+``info``: describe a bundle without loading a model (``mope inspect``).
+"""
+
+from .files import describe_mismatch, read_bundle_header, save_pretrained
+
+__all__ = ["describe_mismatch", "read_bundle_header", "save_pretrained"]
