@@ -298,7 +298,7 @@ def auto_dispatch(tokens: int, num_experts: int, active: int, device_type: str =
     masked was the fastest, grouped took 1.4-2.1x and sorted 2-9x its time: the masked GEMMs'
     extra N*r columns cost less than the sort, gather and scatter kernels.
 
-    Calibration (``benchmarks/dispatch_calibration.py``, ``benchmarks/results/dispatch_calibration.md``:
+    Calibration (``benchmarks/dispatch_calibration.py``, ``benchmarks/results/dispatch_calibration_cpu.md``:
     one layer d_in = d_out = d, r = 8, fwd + bwd, fp32, 1 thread, 2-core AMD EPYC, torch 2.13,
     median of 15 interleaved repetitions), sparse / masked (sorted / masked):
 

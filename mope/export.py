@@ -45,32 +45,10 @@ from safetensors.torch import save_file
 
 from .bundles import save_pretrained as save_atomically
 from .experts import EXPERT_BANKS
-from .experts.lora import LoRAExpertBank, SharedALoRAExpertBank
 from .layer import MoPELayer
 
 PEFT_PREFIX = "base_model.model."  # a module's name in the PeftModel = this + its name in the base model
 UsageEntry = torch.Tensor | Sequence[float] | Mapping[str, Any]
-
-# --- expert type -> low-rank factors (A [R, d_in], B [d_out, R]) with B @ A = s * sum_e u_e B_e^T A_e ------
-
-
-def lora_factors(bank: LoRAExpertBank, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stacked experts: A_cat [N·r, d_in], each expert's B scaled by ``s u_e``: rank N·r."""
-    n, r, d_in = bank.lora_A.shape
-    scaled_b = bank.lora_B.double() * (u * bank.scaling)[:, None, None]
-    return bank.lora_A.double().reshape(n * r, d_in), scaled_b.reshape(n * r, -1).T
-
-
-def shared_a_factors(bank: SharedALoRAExpertBank, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One shared A: the update is ``(s sum_e u_e B_e)^T A``, rank r whatever N."""
-    b = torch.einsum("n,nro->or", u * bank.scaling, bank.lora_B.double())
-    return bank.lora_A.double(), b
-
-
-LORA_FACTORS: dict[type, Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
-    LoRAExpertBank: lora_factors,
-    SharedALoRAExpertBank: shared_a_factors,
-}
 
 # --- methods: (A, B, rank) -> (A', B') -------------------------------------------------------------
 
@@ -163,10 +141,12 @@ def check_options(model: PeftModel, method: str, rank: int | None, adapter_name:
         raise ValueError(f"collapse_to_lora: method={method!r}; choose one of {sorted(COLLAPSE_METHODS)}.")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"collapse_to_lora: rank must be a positive int or None, got {rank!r}.")
-    if EXPERT_BANKS[config.expert_type] not in LORA_FACTORS:
-        supported = sorted(name for name, cls in EXPERT_BANKS.items() if cls in LORA_FACTORS)
+    bank_class = EXPERT_BANKS[config.expert_type]
+    if not bank_class.exports_lora:
+        supported = sorted(name for name, cls in EXPERT_BANKS.items() if cls.exports_lora)
         raise ValueError(
-            f"collapse_to_lora: expert_type={config.expert_type!r} has no LoRA form; only {supported} collapse."
+            f"collapse_to_lora: expert_type={config.expert_type!r} gives {bank_class.no_lora_form}; "
+            f"only {supported} collapse."
         )
     return config
 
@@ -175,11 +155,11 @@ def collapse_modules(
     model: PeftModel, method: str, rank: int | None, usage: Mapping[str, UsageEntry] | None, adapter_name: str
 ) -> list[CollapsedModule]:
     layers = [m for m in model.modules() if isinstance(m, MoPELayer) and adapter_name in m.mope_experts]
-    blocks = [m.module_name for m in layers if type(m.mope_experts[adapter_name]) not in LORA_FACTORS]
-    if blocks:  # whole-FFN experts (mope.ffn_layer) mix nonlinear blocks: no LoRA reproduces them
+    refused = [m for m in layers if not m.mope_experts[adapter_name].exports_lora]
+    if refused:  # e.g. whole-FFN experts on an MLP block, whatever expert_type says
+        layer = refused[0]
         raise ValueError(
-            f"collapse_to_lora: module '{blocks[0]}' has whole-FFN experts (an MLP block was targeted); they mix "
-            "nonlinear blocks, so no single LoRA reproduces them. Target the MLP's projections to collapse."
+            f"collapse_to_lora: module '{layer.module_name}' has {layer.mope_experts[adapter_name].no_lora_form}."
         )
     if usage is not None:  # routing_stats keys are PeftModel names; module names lack the prefix
         usage = {key.removeprefix(PEFT_PREFIX): value for key, value in usage.items()}
@@ -193,7 +173,7 @@ def collapse_modules(
     with torch.no_grad():
         for layer in layers:
             bank = layer.mope_experts[adapter_name]
-            a, b = LORA_FACTORS[type(bank)](bank, gate_for(layer, adapter_name, usage))
+            a, b = bank.lora_factors(gate_for(layer, adapter_name, usage))
             a, b = COLLAPSE_METHODS[method](a, b, rank)
             collapsed.append(
                 CollapsedModule(layer.module_name, a.to(bank.dtype), b.to(bank.dtype), layer.weight_transposed)

@@ -32,8 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dispatch import sort_pairs
-from .experts.lora import LoRAExpertBank
+from .experts.ffn import FFNExpertBank
 from .layer import MoPELayer
 from .routing import ROUTERS
 
@@ -58,55 +57,6 @@ FFN_BLOCKS: tuple[GatedMLP, ...] = (GatedMLP(),)
 
 def ffn_block_layout(module: nn.Module) -> GatedMLP | None:
     return next((layout for layout in FFN_BLOCKS if layout.matches(module)), None)
-
-
-class FFNExpertBank(nn.Module):
-    """N whole-FFN experts: a LoRA stack per projection (``gate``, ``up``: d -> F; ``down``: F -> d)."""
-
-    def __init__(self, hidden: int, inner: int, config, num_experts: int) -> None:
-        super().__init__()
-        self.num_experts = num_experts
-        self.gate = LoRAExpertBank(hidden, inner, config, num_experts)
-        self.up = LoRAExpertBank(hidden, inner, config, num_experts)
-        self.down = LoRAExpertBank(inner, hidden, config, num_experts)
-
-    def merge_blocker(self) -> str | None:
-        return "whole-FFN experts mix nonlinear blocks; no update of the base weights reproduces them"
-
-    @staticmethod
-    def lora(bank: LoRAExpertBank, e: int, x: torch.Tensor) -> torch.Tensor:
-        return (bank.dropout(x) @ bank.lora_A[e].t()) @ bank.lora_B[e] * bank.scaling
-
-    def mix(
-        self,
-        x: torch.Tensor,
-        gate_out: torch.Tensor,
-        up_out: torch.Tensor,
-        hidden: torch.Tensor,
-        weights: torch.Tensor,
-        act: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """For flat tokens: ``sum_e g_e h_e + (1 - sum_e g_e) h`` and ``sum_e g_e s dW2_e h_e``.
-
-        ``x [T, d]``; ``gate_out``, ``up_out``, ``hidden [T, F]`` are the base MLP's ``W1 x``, ``W3 x``
-        and ``act(W1 x) * W3 x``; ``weights [T, N]`` the gate weights (zero where unused).
-        """
-        pairs = sort_pairs(weights, 1.0, hidden.dtype)
-        index = pairs.token
-        rows, gates, ups = (t.index_select(0, index).split(pairs.sizes) for t in (x, gate_out, up_out))
-        states, deltas = [], []
-        for e, (xs, gs, us) in enumerate(zip(rows, gates, ups, strict=True)):
-            if not pairs.sizes[e]:
-                continue
-            h = act(gs + self.lora(self.gate, e, xs)) * (us + self.lora(self.up, e, xs))
-            states.append(h)
-            deltas.append(self.lora(self.down, e, h))
-        if not states:  # no token uses any expert (e.g. all dropped): the frozen MLP alone
-            return hidden, hidden.new_zeros(hidden.shape[0], self.down.lora_B.shape[-1])
-        remainder = (1.0 - weights.sum(-1, keepdim=True)).to(hidden.dtype)
-        mixed = (hidden * remainder).index_add(0, index, torch.cat(states) * pairs.gate)
-        delta = torch.cat(deltas) * pairs.gate
-        return mixed, delta.new_zeros(hidden.shape[0], delta.shape[-1]).index_add(0, index, delta)
 
 
 class MoPEFFNLayer(MoPELayer):

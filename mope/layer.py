@@ -204,11 +204,11 @@ class MoPELayer(nn.Module, BaseTunerLayer):
                 extra = loss.extra(inputs, self.router_for(adapter_name)) if loss.extra is not None else {}
                 ctx.record(LossRecord(adapter_name, loss.name, routing, inputs.token_mask, extra))
 
-    # merging ---------------------------------------------------------------------------------
+    # folding into the base weight (PEFT calls it merging: merge, unmerge, merge_and_unload) ------
 
-    def merge_blocker(self, adapter_name: str) -> str | None:
+    def fold_blocker(self, adapter_name: str) -> str | None:
         """Why ``adapter_name`` cannot be merged into the base weight here, or None if it can."""
-        bank_blocker = self.mope_experts[adapter_name].merge_blocker()
+        bank_blocker = self.mope_experts[adapter_name].fold_blocker()
         if bank_blocker is not None:
             return f"module '{self.module_name}': adapter '{adapter_name}': {bank_blocker}"
         router = self.router_for(adapter_name)
@@ -225,20 +225,20 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         self, adapter_name: str, sign: int, gate: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if gate is None:
-            blocker = self.merge_blocker(adapter_name)
+            blocker = self.fold_blocker(adapter_name)
             if blocker is not None:
                 raise ValueError(f"Cannot merge: {blocker}.")
             gate = self.gate_weights(adapter_name, self.router_for(adapter_name).fixed_weights())
         base = self.get_base_layer()
         weight = base.weight.data.T if self.weight_transposed else base.weight.data
         bias = base.bias.data if getattr(base, "bias", None) is not None else None
-        return self.mope_experts[adapter_name].merge_into(weight, bias, gate, sign)
+        return self.mope_experts[adapter_name].fold_into(weight, bias, gate, sign)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         names = [name for name in adapter_names if name in self.mope_experts]
         for name in names:  # check all before changing anything
-            blocker = self.merge_blocker(name)
+            blocker = self.fold_blocker(name)
             if blocker is not None:
                 raise ValueError(f"Cannot merge: {blocker}.")
         for name in names:

@@ -339,7 +339,7 @@ class MoPEModel(BaseTuner):
             blocker
             for layer in self._mope_layers()
             for name in names
-            if name in layer.mope_experts and (blocker := layer.merge_blocker(name)) is not None
+            if name in layer.mope_experts and (blocker := layer.fold_blocker(name)) is not None
         ]
         if blockers:
             more = f" (and {len(blockers) - 1} more modules)" if len(blockers) > 1 else ""

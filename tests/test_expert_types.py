@@ -168,7 +168,7 @@ def test_mixed_placement_single_expert_on_attention():
     model = get_peft_model(make_model("llama"), config)
     attn = model.base_model.model.model.layers[0].self_attn.q_proj
     assert attn.mope_settings["default"].num_experts == 1
-    assert attn.merge_blocker("default") is None  # a plain LoRA: mergeable
+    assert attn.fold_blocker("default") is None  # a plain LoRA: mergeable
     assert model.base_model.model.model.layers[0].mlp.up_proj.mope_settings["default"].num_experts == 4
 
 

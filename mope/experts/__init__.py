@@ -1,9 +1,16 @@
-"""Expert types. Add one: an ``ExpertBank`` subclass in its own file plus one line in ``EXPERT_BANKS``."""
+"""Expert types. Add one: an ``ExpertBank`` subclass in its own file plus one line in ``EXPERT_BANKS``.
+
+The bank class carries everything about its type (see :mod:`mope.experts.base`): its forward,
+soft merging, Soft MoE slots, its LoRA form for export, folding into the base weight.
+Whole-FFN experts (:class:`FFNExpertBank`) are chosen by the targeted module (a gated MLP block),
+not by ``expert_type``.
+"""
 
 from __future__ import annotations
 
 from .adapter import ACTIVATIONS, AdapterExpertBank
 from .base import ExpertBank
+from .ffn import FFNExpertBank
 from .ia3 import IA3ExpertBank
 from .lora import LoRAExpertBank, SharedALoRAExpertBank
 
@@ -19,6 +26,7 @@ __all__ = [
     "EXPERT_BANKS",
     "AdapterExpertBank",
     "ExpertBank",
+    "FFNExpertBank",
     "IA3ExpertBank",
     "LoRAExpertBank",
     "SharedALoRAExpertBank",

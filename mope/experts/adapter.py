@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .base import ExpertBank
+from .base import ExpertBank, merge_stacked
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -20,7 +20,12 @@ class AdapterExpertBank(ExpertBank):
     The activation is elementwise per expert block, so zero gate weights remove unselected
     experts exactly (and give them zero gradient): no loop over experts.
     ``up [N, r, d_out]`` starts at zero, so the wrapped model starts at the base model.
+    Soft merging merges down, down bias, up and up bias once per sequence (SMEAR).
     """
+
+    soft_merge = "sequence"
+    soft_tokens = True
+    no_lora_form = "bottleneck adapters, which are nonlinear: no LoRA reproduces them"
 
     def __init__(self, in_features: int, out_features: int, config, num_experts: int, module_name: str = "") -> None:
         super().__init__(in_features, out_features, config, num_experts)
@@ -54,5 +59,18 @@ class AdapterExpertBank(ExpertBank):
         delta = h @ self.up.reshape(n * r, -1) + gate @ self.up_bias
         return base_out + delta.to(base_out.dtype)
 
-    def merge_blocker(self) -> str | None:
+    def soft_merged_delta(self, x, base_out, g, lora_mode):
+        """``s (U_b^T act(D_b z + b_b) + c_b)`` with every parameter merged per sequence."""
+        z = self.dropout((base_out if self.series else x).to(self.down.dtype))
+        down, down_bias, up, up_bias = (merge_stacked(p, g) for p in (self.down, self.down_bias, self.up, self.up_bias))
+        h = self.activation(z @ down.transpose(1, 2) + down_bias.unsqueeze(1))
+        return (h @ up + up_bias.unsqueeze(1)) * self.scaling
+
+    def slot_deltas(self, xs, zs):
+        """``s (u_e(act(D_e z̃ + b_e)) + c_e)``; ``z̃`` is the slot's input (parallel) or its base output (series)."""
+        z = zs if self.series else xs
+        h = self.activation(torch.einsum("bnpz,nrz->bnpr", z, self.down) + self.down_bias[:, None, :])
+        return (torch.einsum("bnpr,nro->bnpo", h, self.up) + self.up_bias[:, None, :]) * self.scaling
+
+    def fold_blocker(self) -> str | None:
         return "bottleneck adapters are nonlinear, so they cannot be folded into a weight"

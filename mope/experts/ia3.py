@@ -14,8 +14,12 @@ class IA3ExpertBank(ExpertBank):
     Output scaling (``y * l``) by default; input scaling (``W (x * l)``) for modules listed in
     ``feedforward_modules`` (feed-forward down projections, as PEFT's IA3). With gates that sum
     to 1 (top-k renormalised, softmax) this is exactly MoV's ``sum_e g_e l_e``; dividing by the sum
-    keeps shared experts (weight 1) from inflating the scale. Vectors start at one.
+    keeps shared experts (weight 1) from inflating the scale. Vectors start at one. The mixed
+    vector ``g L`` already is the soft merge of the experts, per token.
     """
+
+    soft_merge = "token"
+    no_lora_form = "(IA)3 vectors, which scale activations: there is no low-rank update to export"
 
     def __init__(self, in_features: int, out_features: int, config, num_experts: int, module_name: str = "") -> None:
         super().__init__(in_features, out_features, config, num_experts)
@@ -37,7 +41,7 @@ class IA3ExpertBank(ExpertBank):
             return base_out
         return base_out * self.mixed_scale(weights).to(base_out.dtype)
 
-    def merge_into(self, weight, bias, weights, sign=1):
+    def fold_into(self, weight, bias, weights, sign=1):
         scale = self.mixed_scale(weights).to(weight.dtype)
         if sign < 0:
             scale = 1.0 / scale

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..dispatch import resolve_dispatch
-from .base import ExpertBank
+from .base import ExpertBank, merge_stacked
 
 
 def make_dropout(rate: float) -> nn.Module:
@@ -22,7 +22,17 @@ class LoRAExpertBank(ExpertBank):
     ``lora_A [N, r, d_in]``: expert e's A equals PEFT's ``lora_A.weight``.
     ``lora_B [N, r, d_out]``: expert e's B is PEFT's ``lora_B.weight`` transposed; this layout makes
     ``B_cat`` a free view for the second GEMM.
+
+    Soft merging (per sequence): ``lora_mode="factors"`` (SMEAR's parameter merge) gives
+    ``A_b = sum_e g_be A_e``, ``B_b = sum_e g_be B_e``, ``delta = s B_b^T A_b x``: not the mixture of
+    outputs (the product of sums has cross terms). ``"delta"`` merges ``dW_b = s sum_e g_be B_e^T A_e``
+    ``[batch, d_out, d_in]``: exactly the mixture of the experts' linear maps, at the memory of one
+    full weight per sequence.
     """
+
+    soft_merge = "sequence"
+    soft_tokens = True
+    exports_lora = True
 
     def __init__(self, in_features: int, out_features: int, config, num_experts: int, module_name: str = "") -> None:
         super().__init__(in_features, out_features, config, num_experts)
@@ -51,12 +61,32 @@ class LoRAExpertBank(ExpertBank):
         strategy = resolve_dispatch(self.dispatch, x, self.lora_A, self.active_experts)
         return strategy.apply(x, self.lora_A, self.lora_B, weights, self.scaling, base_out)
 
+    def soft_merged_delta(self, x, base_out, g, lora_mode):
+        x = self.dropout(x.to(self.lora_A.dtype))
+        if lora_mode == "delta":  # one GEMM over the stacked ranks: (g (x) 1_r * B_cat)^T A_cat
+            n, r, d_in = self.lora_A.shape
+            scaled_b = self.lora_B * (g.to(self.lora_B.dtype) * self.scaling)[:, :, None, None]  # [batch, N, r, d_out]
+            delta = scaled_b.flatten(1, 2).transpose(1, 2) @ self.lora_A.reshape(n * r, d_in)
+            return x @ delta.transpose(1, 2)
+        a, b = merge_stacked(self.lora_A, g), merge_stacked(self.lora_B, g)  # [batch, r, d_in], [batch, r, d_out]
+        return (x @ a.transpose(1, 2)) @ b * self.scaling
+
+    def slot_deltas(self, xs, zs):
+        h = torch.einsum("bnpi,nri->bnpr", xs, self.lora_A)
+        return torch.einsum("bnpr,nro->bnpo", h, self.lora_B) * self.scaling
+
+    def lora_factors(self, u):
+        """Stacked experts: A_cat [N·r, d_in], each expert's B scaled by ``s u_e``: rank N·r."""
+        n, r, d_in = self.lora_A.shape
+        scaled_b = self.lora_B.double() * (u * self.scaling)[:, None, None]
+        return self.lora_A.double().reshape(n * r, d_in), scaled_b.reshape(n * r, -1).T
+
     def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
         """``[d_out, d_in]`` update for input-independent gate weights ``[N]`` (nn.Linear layout)."""
         scaled_b = self.lora_B * (weights.to(self.lora_B.dtype) * self.scaling)[:, None, None]
         return torch.einsum("nro,nri->oi", scaled_b, self.lora_A)
 
-    def merge_into(self, weight, bias, weights, sign=1):
+    def fold_into(self, weight, bias, weights, sign=1):
         return weight + sign * self.delta_weight(weights).to(weight.dtype), bias
 
     def extra_repr(self) -> str:
@@ -71,8 +101,13 @@ class SharedALoRAExpertBank(ExpertBank):
     """HydraLoRA-style experts: one shared ``A [r, d_in]``, N heads ``B [N, r, d_out]``.
 
     ``delta = s * sum_e g_e B_e^T (A x) = s * B_cat ((g (x) 1_r) * (1_N (x) A x))``: one small GEMM
-    for A, one for B_cat; A's cost does not grow with N.
+    for A, one for B_cat; A's cost does not grow with N. Merging the B heads is exact in both
+    soft-merge modes (``sum_e g_e B_e^T A = B_b^T A``), and the collapse to one LoRA has rank r.
     """
+
+    soft_merge = "sequence"
+    soft_tokens = True
+    exports_lora = True
 
     def __init__(self, in_features: int, out_features: int, config, num_experts: int, module_name: str = "") -> None:
         super().__init__(in_features, out_features, config, num_experts)
@@ -94,6 +129,21 @@ class SharedALoRAExpertBank(ExpertBank):
         delta = mixed @ self.lora_B.reshape(-1, self.out_features)
         return base_out + delta.to(base_out.dtype)
 
-    def merge_into(self, weight, bias, weights, sign=1):
+    def soft_merged_delta(self, x, base_out, g, lora_mode):
+        x = self.dropout(x.to(self.lora_A.dtype))
+        b = merge_stacked(self.lora_B, g)
+        if lora_mode == "delta":
+            return x @ (b.transpose(1, 2) @ self.lora_A * self.scaling).transpose(1, 2)
+        return (x @ self.lora_A.T) @ b * self.scaling
+
+    def slot_deltas(self, xs, zs):
+        return torch.einsum("bnpr,nro->bnpo", xs @ self.lora_A.T, self.lora_B) * self.scaling
+
+    def lora_factors(self, u):
+        """One shared A: the update is ``(s sum_e u_e B_e)^T A``, rank r whatever N."""
+        b = torch.einsum("n,nro->or", u * self.scaling, self.lora_B.double())
+        return self.lora_A.double(), b
+
+    def fold_into(self, weight, bias, weights, sign=1):
         b = torch.einsum("n,nro->ro", weights.to(self.lora_B.dtype) * self.scaling, self.lora_B)
         return weight + sign * (b.T @ self.lora_A).to(weight.dtype), bias

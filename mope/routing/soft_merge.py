@@ -1,7 +1,8 @@
 """Soft merging gate (SMEAR, Muqeeth et al. 2023; MoV, Zadouri et al. 2023).
 
 The gate is a plain softmax over all experts, but instead of mixing the experts' *outputs* its
-probabilities merge the experts' *parameters* into one expert per sequence (:mod:`mope.merging`),
+probabilities merge the experts' *parameters* into one expert per sequence (each expert bank's
+``soft_merged_delta``),
 which then runs on the sequence's tokens: one expert's compute per token instead of N.
 
 LoRA and bottleneck adapters merge once per sequence, so they need ``routing_level='sequence'``
@@ -16,11 +17,10 @@ from typing import Any
 
 import torch
 
+from ..experts import EXPERT_BANKS
 from .base import Router, Routing, RoutingInputs
 
 SOFT_MERGE_LORA_MODES = ("factors", "delta")
-# Expert types whose merge is per sequence (the rest, (IA)3, merge per token).
-PER_SEQUENCE_TYPES = frozenset({"lora", "lora_shared_a", "adapter"})
 
 
 class SoftMergeRouter(Router):
@@ -39,7 +39,7 @@ class SoftMergeRouter(Router):
         return Routing(weights=probs, probs=probs, logits=logits, load=probs)
 
     def apply_experts(self, bank, x, base_out, routing, weights):
-        return bank.forward_merged(x, base_out, weights, lora_mode=self.lora_mode)
+        return bank.forward_soft_merged(x, base_out, weights, lora_mode=self.lora_mode)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", soft_merge_lora={self.lora_mode}"
@@ -47,8 +47,6 @@ class SoftMergeRouter(Router):
 
 def check_soft_merge_options(config: Any) -> None:
     """Validate ``soft_merge_lora`` and, for router='soft_merge', the level, expert type and shared experts."""
-    from ..merging import mergeable_expert_types
-
     c = config
     if c.soft_merge_lora not in SOFT_MERGE_LORA_MODES:
         raise ValueError(
@@ -56,16 +54,18 @@ def check_soft_merge_options(config: Any) -> None:
         )
     if c.router != "soft_merge":
         return
-    if c.expert_type not in mergeable_expert_types():
+    merges = EXPERT_BANKS[c.expert_type].soft_merge
+    if merges is None:
+        supported = sorted(name for name, bank in EXPERT_BANKS.items() if bank.soft_merge is not None)
         raise ValueError(
-            f"MoPEConfig.expert_type={c.expert_type!r} cannot be soft-merged; router='soft_merge' supports "
-            f"{mergeable_expert_types()}"
+            f"MoPEConfig.expert_type={c.expert_type!r} cannot be soft-merged; router='soft_merge' supports {supported}"
         )
-    if c.expert_type in PER_SEQUENCE_TYPES and c.routing_level == "token":
+    if merges == "sequence" and c.routing_level == "token":
         raise ValueError(
             f"MoPEConfig.routing_level='token' with router='soft_merge' and expert_type={c.expert_type!r}: the "
             "experts' parameters are merged once per sequence, so set routing_level='sequence' (the gate reads the "
-            "masked mean-pool of the layer input) or 'task'. Per-token merging is offered for expert_type='ia3'."
+            "masked mean-pool of the layer input) or 'task'. Expert types that merge per token: "
+            f"{sorted(name for name, bank in EXPERT_BANKS.items() if bank.soft_merge == 'token')}."
         )
     if c.num_shared_experts:
         raise ValueError(

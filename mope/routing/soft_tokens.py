@@ -15,16 +15,13 @@ only. A causal task type is refused by the config, a decoder module at injection
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..experts.adapter import AdapterExpertBank
-from ..experts.base import ExpertBank
-from ..experts.lora import LoRAExpertBank, SharedALoRAExpertBank
+from ..experts import EXPERT_BANKS
 from .base import ROUTER_INITS, Router, Routing, RoutingInputs
 from .expert_choice import CAUSAL_TASK_TYPES
 from .soft_merge import check_soft_merge_options
@@ -40,30 +37,6 @@ class SoftTokenRouting(Routing):
 
     dispatch: torch.Tensor | None = None
     combine: torch.Tensor | None = None
-
-
-def lora_slot_deltas(bank: LoRAExpertBank, xs: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
-    """``s B_e^T A_e x̃`` for slot inputs ``xs [batch, N, p, d_in]``: ``[batch, N, p, d_out]``."""
-    h = torch.einsum("bnpi,nri->bnpr", xs, bank.lora_A)
-    return torch.einsum("bnpr,nro->bnpo", h, bank.lora_B) * bank.scaling
-
-
-def shared_a_slot_deltas(bank: SharedALoRAExpertBank, xs: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
-    return torch.einsum("bnpr,nro->bnpo", xs @ bank.lora_A.T, bank.lora_B) * bank.scaling
-
-
-def adapter_slot_deltas(bank: AdapterExpertBank, xs: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
-    """``s (u_e(act(D_e z̃ + b_e)) + c_e)``; ``z̃`` is the slot's input (parallel) or its base output (series)."""
-    z = zs if bank.series else xs
-    h = bank.activation(torch.einsum("bnpz,nrz->bnpr", z, bank.down) + bank.down_bias[:, None, :])
-    return (torch.einsum("bnpr,nro->bnpo", h, bank.up) + bank.up_bias[:, None, :]) * bank.scaling
-
-
-SLOT_DELTAS: dict[type[ExpertBank], Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    LoRAExpertBank: lora_slot_deltas,
-    SharedALoRAExpertBank: shared_a_slot_deltas,
-    AdapterExpertBank: adapter_slot_deltas,
-}
 
 
 class SoftTokensRouter(Router):
@@ -97,8 +70,7 @@ class SoftTokensRouter(Router):
         )
 
     def apply_experts(self, bank, x, base_out, routing, weights):
-        slot_deltas = SLOT_DELTAS.get(type(bank))
-        if slot_deltas is None:
+        if not bank.soft_tokens:
             raise ValueError(f"router='soft_tokens' cannot run {type(bank).__name__} experts")
         dtype = next(bank.parameters()).dtype
         batch = x.shape[0]
@@ -107,7 +79,7 @@ class SoftTokensRouter(Router):
         slots = (self.num_experts, self.slots_per_expert)
         xs = dispatch.transpose(1, 2) @ bank.dropout(x.to(dtype)).reshape(batch, -1, x.shape[-1])
         zs = dispatch.transpose(1, 2) @ base_out.to(dtype).reshape(batch, -1, base_out.shape[-1])
-        outs = slot_deltas(bank, xs.unflatten(1, slots), zs.unflatten(1, slots)).flatten(1, 2)  # [batch, S, d_out]
+        outs = bank.slot_deltas(xs.unflatten(1, slots), zs.unflatten(1, slots)).flatten(1, 2)  # [batch, S, d_out]
         return base_out + (combine @ outs).reshape(base_out.shape).to(base_out.dtype)
 
     @classmethod
@@ -147,10 +119,11 @@ def check_soft_gate_options(config: Any) -> None:
         )
     if c.routing_level != "token":
         raise ValueError("MoPEConfig.routing_level must be 'token' with router='soft_tokens': slots mix the tokens")
-    if c.expert_type not in ("lora", "lora_shared_a", "adapter"):
+    if not EXPERT_BANKS[c.expert_type].soft_tokens:
+        supported = sorted(name for name, bank in EXPERT_BANKS.items() if bank.soft_tokens)
         raise ValueError(
             f"MoPEConfig.expert_type={c.expert_type!r} with router='soft_tokens': slots need additive experts "
-            "('lora', 'lora_shared_a', 'adapter')"
+            f"({', '.join(map(repr, supported))})"
         )
     if c.num_shared_experts:
         raise ValueError("MoPEConfig.num_shared_experts must be 0 with router='soft_tokens'")
