@@ -9,24 +9,19 @@ from typing import Any
 
 from peft import PeftConfig
 
+from .bundles.files import BundleHeader
+from .checks import check_bool, check_choice, check_int, check_number, check_version
 from .dispatch import DISPATCH_CHOICES
 from .experts import ACTIVATIONS, EXPERT_BANKS
 from .registration import add_peft_type_member
 from .routing import ROUTER_INITS, ROUTERS
 from .routing.capacity import CAPACITY_POLICIES
 from .routing.levels import ROUTING_LEVELS
-from .routing.options import check_routing_options
+from .routing.options import check_shared_options
 from .routing.top_k import TOP_K_ORDERS
 
 MOPE_VERSION = "0.1.0"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+ADAPTER_PLACEMENTS = ("parallel", "series")
 
 
 def pattern_matches(pattern: str, module_name: str) -> bool:
@@ -165,8 +160,9 @@ class MoPEConfig(PeftConfig):
     z_loss_coef: float = field(
         default=0.001, metadata={"help": "Weight of the ST-MoE router z-loss (mean over adapted modules)."}
     )
-    # Gates top_p, hierarchical, dselect_k, cosine, hash; routing level; more losses; schedule
-    # (validated by mope.routing.options.check_routing_options; docs/gates/).
+    # Routing level, more losses, schedule (checked in mope.routing.options); the options of the gates
+    # top_p, hierarchical, dselect_k, cosine, hash, soft_merge, soft_tokens (checked by each gate's
+    # Router.check_options; docs/gates/).
     router_temperature: float = field(
         default=1.0, metadata={"help": "Router softmax temperature T > 0: every gate sees logits / T."}
     )
@@ -174,8 +170,8 @@ class MoPEConfig(PeftConfig):
         default="token",
         metadata={
             "help": f"What the gate looks at, one of {sorted(ROUTING_LEVELS)}: each token; the masked mean of the "
-            "layer input over the sequence (one decision per sequence); or task_ids given as "
-            "model(..., task_ids=LongTensor[batch]) (a learned per-task gate, MOELoRA)."
+            "layer input over the sequence (one decision per sequence); or task ids given as "
+            "model(..., mope_task_ids=LongTensor[batch]) (a learned per-task gate, MOELoRA)."
         },
     )
     num_tasks: int | None = field(
@@ -289,12 +285,22 @@ class MoPEConfig(PeftConfig):
         },
     )
 
+    bundle: BundleHeader | None = field(
+        default=None,
+        metadata={
+            "help": "Set by from_pretrained: the bundle folder this config was read from and its tensor header, "
+            "checked against the model after injection. Runtime-only, not saved."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = add_peft_type_member()
         self._check()
-        self._check_sparse_gate_options()
-        check_routing_options(self)
+        check_shared_options(self, ROUTERS)
+        for gate in ROUTERS.values():  # every gate, whichever is chosen: a bad saved value is refused now
+            gate.check_options(self)
+        ROUTERS[self.router].check_chosen(self)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -303,7 +309,7 @@ class MoPEConfig(PeftConfig):
             self.feedforward_modules = set(self.feedforward_modules)
 
     # Runtime-only settings: kept out of the saved adapter_config.json (as LoraConfig.runtime_config).
-    RUNTIME_FIELDS = ("dispatch", "upgraded_from")
+    RUNTIME_FIELDS = ("dispatch", "upgraded_from", "bundle")
 
     def to_dict(self) -> dict[str, Any]:
         """The saved configuration: every field but the runtime-only ones."""
@@ -313,90 +319,47 @@ class MoPEConfig(PeftConfig):
         return saved
 
     def _check(self) -> None:
+        """The experts, their targets and the runtime settings; the routing options are checked after."""
         for name in ("num_experts", "top_k", "r"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"MoPEConfig.{name} must be an integer >= 1, got {value!r}")
-        if not _is_int(self.num_shared_experts) or not 0 <= self.num_shared_experts < self.num_experts:
-            raise ValueError(
-                f"MoPEConfig.num_shared_experts must be an integer in [0, num_experts={self.num_experts}), "
-                f"got {self.num_shared_experts!r}: at least one expert must be routed"
-            )
+            check_int("MoPEConfig", name, getattr(self, name), low=1)
+        check_int(
+            "MoPEConfig",
+            "num_shared_experts",
+            self.num_shared_experts,
+            low=0,
+            high=self.num_experts - 1,
+            why="(at least one expert must be routed)",
+        )
         self.check_top_k(self.num_experts, self.top_k, "MoPEConfig.top_k")
         for name in ("num_experts_pattern", "top_k_pattern"):
             table = getattr(self, name)
             if not isinstance(table, dict):
                 raise ValueError(f"MoPEConfig.{name} must be a dict of module-name regex -> int, got {table!r}")
             for pattern, value in table.items():
-                if not _is_int(value) or value < 1:
-                    raise ValueError(f"MoPEConfig.{name}[{pattern!r}] must be an integer >= 1, got {value!r}")
+                check_int("MoPEConfig", f"{name}[{pattern!r}]", value, low=1)
                 try:
                     re.compile(pattern)
                 except re.error as error:
                     raise ValueError(f"MoPEConfig.{name} key {pattern!r} is not a valid regex: {error}") from error
-        if self.adapter_placement not in ("parallel", "series"):
-            raise ValueError(
-                f"MoPEConfig.adapter_placement={self.adapter_placement!r} is unknown; choose 'parallel' or 'series'"
-            )
-        if self.adapter_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"MoPEConfig.adapter_activation={self.adapter_activation!r} is unknown; choose one of {sorted(ACTIVATIONS)}"
-            )
-        if not _is_number(self.adapter_scaling) or self.adapter_scaling <= 0:
-            raise ValueError(f"MoPEConfig.adapter_scaling must be a number > 0, got {self.adapter_scaling!r}")
+        check_choice("MoPEConfig", "adapter_placement", self.adapter_placement, ADAPTER_PLACEMENTS)
+        check_choice("MoPEConfig", "adapter_activation", self.adapter_activation, ACTIVATIONS)
+        check_number("MoPEConfig", "adapter_scaling", self.adapter_scaling, low=0, low_open=True)
         if self.feedforward_modules and self.expert_type != "ia3":
             raise ValueError("MoPEConfig.feedforward_modules only applies to expert_type='ia3'")
-        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ValueError(f"MoPEConfig.lora_alpha must be a number > 0, got {self.lora_alpha!r}")
-        for name in ("lora_dropout", "router_jitter"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0 <= value < 1:
-                raise ValueError(f"MoPEConfig.{name} must be a number in [0, 1), got {value!r}")
-        for name in ("aux_loss_coef", "z_loss_coef", "router_init_std"):
-            value = getattr(self, name)
-            if not _is_number(value) or value < 0:
-                raise ValueError(f"MoPEConfig.{name} must be a number >= 0, got {value!r}")
-        for name, table in (("router", ROUTERS), ("router_init", ROUTER_INITS), ("expert_type", EXPERT_BANKS)):
-            value = getattr(self, name)
-            if value not in table:
-                raise ValueError(f"MoPEConfig.{name}={value!r} is unknown; choose one of {sorted(table)}")
-        if self.dispatch not in DISPATCH_CHOICES:
-            raise ValueError(
-                f"MoPEConfig.dispatch={self.dispatch!r} is unknown; choose one of {list(DISPATCH_CHOICES)}"
-            )
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(f"MoPEConfig.init_weights must be True or False, got {self.init_weights!r}")
-        if not isinstance(self.freeze_experts, bool):
-            raise ValueError(f"MoPEConfig.freeze_experts must be True or False, got {self.freeze_experts!r}")
+        check_number("MoPEConfig", "lora_alpha", self.lora_alpha, low=0, low_open=True)
+        check_number("MoPEConfig", "lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
+        check_choice("MoPEConfig", "router", self.router, ROUTERS)
+        check_choice("MoPEConfig", "expert_type", self.expert_type, EXPERT_BANKS)
+        check_choice("MoPEConfig", "dispatch", self.dispatch, DISPATCH_CHOICES)
+        check_bool("MoPEConfig", "init_weights", self.init_weights)
+        check_bool("MoPEConfig", "freeze_experts", self.freeze_experts)
+        check_version("MoPEConfig", "mope_version", self.mope_version)
         if self.target_parameters:
             raise ValueError("MoPEConfig.target_parameters is not supported: mope adapts modules, not parameters")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("MoPEConfig.layers_pattern needs MoPEConfig.layers_to_transform to be set")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("MoPEConfig.layers_to_transform cannot be combined with a regex target_modules")
-
-    def _check_sparse_gate_options(self) -> None:
-        """Options of top_k, switch, expert_choice and balanced (mope.routing.top_k/capacity/...)."""
-        for name, table in (("top_k_order", TOP_K_ORDERS), ("capacity_policy", CAPACITY_POLICIES)):
-            value = getattr(self, name)
-            if value not in table:
-                raise ValueError(f"MoPEConfig.{name}={value!r} is unknown; choose one of {sorted(table)}")
-        for name in ("router_noise", "allow_noncausal_routing"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"MoPEConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        factor = self.capacity_factor
-        if factor is not None:
-            if not _is_number(factor) or not 0 < factor < float("inf"):
-                raise ValueError(f"MoPEConfig.capacity_factor must be None or a finite number > 0, got {factor!r}")
-            if not ROUTERS[self.router].accepts_capacity:
-                raise ValueError(
-                    f"MoPEConfig.capacity_factor is set but router={self.router!r} has no expert capacity; "
-                    f"gates with capacity: {sorted(name for name, cls in ROUTERS.items() if cls.accepts_capacity)}"
-                )
-        if not _is_int(self.sinkhorn_iterations) or self.sinkhorn_iterations < 1:
-            raise ValueError(
-                f"MoPEConfig.sinkhorn_iterations must be an integer >= 1, got {self.sinkhorn_iterations!r}"
-            )
 
     def check_top_k(self, num_experts: int, top_k: int, where: str) -> None:
         routed = num_experts - self.num_shared_experts
@@ -447,12 +410,9 @@ class MoPEConfig(PeftConfig):
         tensor file is opened (header only) and checked; the model-dependent checks run after
         injection, and a failure there restores the model (see ``MoPEModel.inject_adapter``).
         """
-        from .bundles import read_bundle_header
-
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         # normpath: joining "" leaves a trailing separator, and error messages must name the real file path.
         folder = os.path.normpath(os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or ""))
         if os.path.isdir(folder):
-            config.bundle_tensor_shapes = read_bundle_header(folder)
-            config.bundle_path = folder
+            config.bundle = BundleHeader.read(folder)
         return config

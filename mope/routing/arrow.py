@@ -26,28 +26,24 @@ class ArrowRouter(TopKRouter):
     experts; ``mope.from_lora_adapters`` does that for you.
     """
 
-    def __init__(self, in_features: int, num_experts: int, top_k: int, config: Any) -> None:
-        super().__init__(in_features, num_experts, top_k, config)
-        del self.weight
-        self.register_buffer("weight", torch.zeros(num_experts, in_features))
+    weight_trains = False  # a zero buffer until init_arrow fills it with the experts' prototypes
+
+    @classmethod
+    def check_chosen(cls, config: Any) -> None:
+        """Arrow needs LoRA experts (prototypes come from B^T A) and has nothing to learn."""
+        super().check_chosen(config)
+        if config.expert_type != "lora":
+            raise ValueError(
+                f"MoPEConfig.expert_type={config.expert_type!r} does not work with router='arrow': Arrow's "
+                "prototypes are singular vectors of LoRA updates B^T A; use expert_type='lora'"
+            )
+        if config.routing_level == "task":
+            raise ValueError("MoPEConfig.routing_level='task' does not work with router='arrow': Arrow routes by input")
+        if config.router_noise:
+            raise ValueError("MoPEConfig.router_noise is not supported with router='arrow': it has nothing to train")
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return super().score(x).abs()
-
-
-def check_arrow_options(config: Any) -> None:
-    """Arrow needs LoRA experts (prototypes come from B^T A) and has nothing to learn."""
-    if config.router != "arrow":
-        return
-    if config.expert_type != "lora":
-        raise ValueError(
-            f"MoPEConfig.expert_type={config.expert_type!r} does not work with router='arrow': Arrow's prototypes "
-            "are singular vectors of LoRA updates B^T A; use expert_type='lora'"
-        )
-    if config.routing_level == "task":
-        raise ValueError("MoPEConfig.routing_level='task' does not work with router='arrow': Arrow routes by input")
-    if config.router_noise:
-        raise ValueError("MoPEConfig.router_noise is not supported with router='arrow': it has nothing to train")
 
 
 def top_right_singular_vectors(lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:

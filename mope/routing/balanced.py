@@ -15,9 +15,11 @@ the router learns from the task loss while the assignment itself carries no grad
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from ..checks import check_int
 from .base import Router, Routing, RoutingInputs, one_hot_shares
 
 # Score given to padding rows: finite, so that an all-padding batch gives no NaN.
@@ -93,6 +95,10 @@ class BalancedRouter(Router):
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__(in_features, num_experts, top_k, config)
         self.iterations: int = config.sinkhorn_iterations
+
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        check_int("MoPEConfig", "sinkhorn_iterations", config.sinkhorn_iterations, low=1)
 
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         probs = torch.softmax(logits, dim=-1)

@@ -132,7 +132,7 @@ class RoutingInputs:
     (``[batch, seq]``), or None when unknown. Gates that look across tokens (capacity,
     expert choice, sequence pooling) must ignore padding through it.
     ``token_ids``: ``[batch, seq]`` token ids aligned with the layer's tokens (hash routing), or None.
-    ``task_ids`` / ``group_ids``: ``[batch]`` per-example labels given as ``model(..., task_ids=...)``
+    ``task_ids`` / ``group_ids``: ``[batch]`` per-example labels given as ``model(..., mope_task_ids=...)``
     (task-level routing) and ``group_ids=...`` (LoRAMoE's localized balancing), or None.
     ``cache_step``: True when the layer sees only the newest tokens of a longer, KV-cached sequence.
     ``decisions``: the model's :class:`~mope.routing.levels.DecisionCache` (sequence-level routing
@@ -179,14 +179,24 @@ class Router(nn.Module):
     schedules_top_k: bool = True
     # Whether a token's weights have at most top_k nonzeros (sorted dispatch pays); False: dense-ish (masked).
     sparse_weights: bool = True
+    # Whether the scoring weight trains: a Parameter initialised by init_weight (True), or a buffer that starts
+    # at zero and that the gate's own procedure fills (False: Arrow's prototypes, mope.routing.arrow.init_arrow).
+    weight_trains: bool = True
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__()
+        self.in_features = in_features
         self.num_experts = num_experts
         self.top_k = top_k
         self.jitter = config.router_jitter
-        self.weight = nn.Parameter(torch.empty(num_experts, in_features))
-        ROUTER_INITS[config.router_init](self.weight.data, config.router_init_std)
+        # The scoring weight [rows, in_features], saved in bundles as "<module>.mope_router.weight": its
+        # shape comes from the gate (weight_rows), so no gate replaces or deletes it afterwards.
+        rows = self.weight_rows(num_experts, top_k, config)
+        if rows is not None and self.weight_trains:
+            self.weight = nn.Parameter(torch.empty(rows, in_features))
+            self.init_weight(self.weight.data, config)
+        elif rows is not None:
+            self.register_buffer("weight", torch.zeros(rows, in_features))
         # Expert groups (hierarchical gate, LoRAMoE's localized balancing): experts split evenly, in order.
         self.num_groups, self.group_delta = config.num_groups, config.localized_balance_delta
         # What the router looks at (token state, pooled sequence, task id): mope.routing.levels.
@@ -199,6 +209,37 @@ class Router(nn.Module):
         # routing_level='task': the task that mope.fix_task pinned (used when a forward gives no task_ids,
         # and what makes the weights input-independent, hence mergeable); a runtime setting, not saved.
         self.fixed_task: int | None = None
+
+    @classmethod
+    def weight_rows(cls, num_experts: int, top_k: int, config: Any) -> int | None:
+        """Rows of the scoring weight that :meth:`score` multiplies the input by; None: the gate has none.
+
+        One logit per routed expert by default. A gate that scores differently gives its own count
+        (hierarchical: groups + experts; DSelect-k: selector bits + mixture logits; cosine: the
+        routing space; Soft MoE: slots), or None when it reads no hidden state (hash).
+        """
+        return num_experts
+
+    def init_weight(self, weight: torch.Tensor, config: Any) -> None:
+        """Initialise a trained scoring weight in place: ``MoPEConfig.router_init`` (DSelect-k adds its own)."""
+        ROUTER_INITS[config.router_init](weight, config.router_init_std)
+
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        """Raise ValueError naming the field if a ``MoPEConfig`` field this gate owns has a bad value.
+
+        Called for every registered gate whichever ``router`` is chosen, so a bad value is refused
+        even while another gate is in use (the field is saved and may be read later). Validate with
+        :mod:`mope.checks`. Options several gates share live in :mod:`mope.routing.options`.
+        """
+
+    @classmethod
+    def check_chosen(cls, config: Any) -> None:
+        """Raise ValueError if this gate cannot run with the rest of ``config`` (called when ``router`` names it).
+
+        Cross-field constraints: e.g. hash routing needs ``routing_level='token'``, Soft MoE an
+        encoder task type. What depends on the model is :meth:`check_module`'s, at injection.
+        """
 
     def forward(self, x: torch.Tensor, inputs: RoutingInputs | None = None) -> Routing:
         inputs = inputs or RoutingInputs()
@@ -248,8 +289,9 @@ class Router(nn.Module):
 
     def fixed_weights(self) -> torch.Tensor | None:
         """Gate weights if they do not depend on the input (then the mixture can be merged), else None."""
+        weight = getattr(self, "weight", None)  # gates that score without a weight have none
         if self.num_experts == 1:
-            return torch.ones(1, device=self.weight.device)
+            return torch.ones(1, device=None if weight is None else weight.device)
         if self.fixed_task is not None:  # task-level routing pinned to one task: the gate of its one-hot column
             was_training = self.training
             self.eval()  # no noise or jitter: the weights an inference forward with that task uses
@@ -262,4 +304,4 @@ class Router(nn.Module):
         return None
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, in_features={self.weight.shape[1]}"
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, in_features={self.in_features}"

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ..checks import check_choice, check_number
 
 
 def expert_capacity(factor: float, num_tokens: torch.Tensor, k: int, num_experts: int) -> torch.Tensor:
@@ -77,6 +80,18 @@ CAPACITY_POLICIES: dict[str, CapacityPolicy] = {
     "bpr": CapacityPolicy(priority_order, all_assignments),
     "random_second": CapacityPolicy(position_order, random_second),
 }
+
+
+def check_capacity_options(config: Any, routers: dict[str, Any]) -> None:
+    """``capacity_policy`` and ``capacity_factor``, shared by the gates with ``accepts_capacity`` (top_k, switch,
+    expert_choice and their subclasses); a factor is refused for a gate that would ignore it."""
+    check_choice("MoPEConfig", "capacity_policy", config.capacity_policy, CAPACITY_POLICIES)
+    factor = check_number("MoPEConfig", "capacity_factor", config.capacity_factor, low=0, low_open=True, optional=True)
+    if factor is not None and not routers[config.router].accepts_capacity:
+        raise ValueError(
+            f"MoPEConfig.capacity_factor is set but router={config.router!r} has no expert capacity; "
+            f"gates with capacity: {sorted(name for name, cls in routers.items() if cls.accepts_capacity)}"
+        )
 
 
 def fit_to_capacity(

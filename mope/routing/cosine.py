@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import ROUTER_INITS, Router
+from ..checks import check_int, check_number
+from .base import Router
 from .top_k import TopKRouter
 
 # Upper bound of the learned logit scale 1/tau (tau >= 0.01), as in CLIP and Tutel's cosine gate.
@@ -28,11 +30,31 @@ class CosineRouter(TopKRouter):
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__(in_features, num_experts, top_k, config)
-        self.weight = nn.Parameter(torch.empty(config.cosine_dim, in_features))
-        ROUTER_INITS[config.router_init](self.weight.data, config.router_init_std)
         self.expert_embeddings = nn.Parameter(torch.empty(num_experts, config.cosine_dim))
         nn.init.orthogonal_(self.expert_embeddings, gain=0.32)  # X-MoE's init
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.cosine_init_temperature)))
+
+    @classmethod
+    def weight_rows(cls, num_experts: int, top_k: int, config: Any) -> int:
+        return config.cosine_dim  # W_p: the projection into the routing space
+
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        super().check_options(config)
+        check_int("MoPEConfig", "cosine_dim", config.cosine_dim, low=1)
+        check_number(
+            "MoPEConfig",
+            "cosine_init_temperature",
+            config.cosine_init_temperature,
+            low=0.01,
+            why="(the learned temperature is clamped there)",
+        )
+
+    @classmethod
+    def check_chosen(cls, config: Any) -> None:
+        super().check_chosen(config)
+        if config.router_noise:
+            raise ValueError("MoPEConfig.router_noise is not supported with router='cosine' (its scores are cosines)")
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         projected = Router.score(self, x)  # W_p x, with the base class's training-only jitter

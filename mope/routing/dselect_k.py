@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from .base import ROUTER_INITS, Router, Routing, RoutingInputs
+from ..checks import check_number
+from .base import Router, Routing, RoutingInputs
 
 
 def smooth_step(t: torch.Tensor, gamma: float) -> torch.Tensor:
     """0 below -gamma/2, 1 above gamma/2, the cubic ``-2 t^3 / gamma^3 + 3 t / (2 gamma) + 1/2`` between."""
     cubic = -2.0 / gamma**3 * t**3 + 3.0 / (2.0 * gamma) * t + 0.5
     return torch.where(t <= -gamma / 2, torch.zeros_like(t), torch.where(t >= gamma / 2, torch.ones_like(t), cubic))
+
+
+def bits_for(num_experts: int) -> int:
+    """Bits m of a binary expert index: ceil(log2 N) (0 for a single expert)."""
+    return math.ceil(math.log2(num_experts)) if num_experts > 1 else 0
 
 
 class DSelectKRouter(Router):
@@ -44,13 +51,22 @@ class DSelectKRouter(Router):
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__(in_features, num_experts, top_k, config)
         self.num_selectors = top_k
-        self.num_bits = math.ceil(math.log2(num_experts)) if num_experts > 1 else 0
+        self.num_bits = bits_for(num_experts)
         self.gamma = config.dselect_gamma
-        z_rows = top_k * self.num_bits
-        self.weight = nn.Parameter(torch.empty(z_rows + top_k, in_features))
-        ROUTER_INITS[config.router_init](self.weight.data, config.router_init_std)
+
+    @classmethod
+    def weight_rows(cls, num_experts: int, top_k: int, config: Any) -> int:
+        return top_k * bits_for(num_experts) + top_k  # z: k selectors x m bits, then the k mixture logits alpha
+
+    def init_weight(self, weight: torch.Tensor, config: Any) -> None:
+        super().init_weight(weight, config)
         if config.router_init != "zeros":  # the paper's init: z near 0, every selector starts near uniform
-            nn.init.uniform_(self.weight.data[:z_rows], -self.gamma / 100, self.gamma / 100)
+            z_rows = weight.shape[0] - self.top_k
+            nn.init.uniform_(weight[:z_rows], -config.dselect_gamma / 100, config.dselect_gamma / 100)
+
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        check_number("MoPEConfig", "dselect_gamma", config.dselect_gamma, low=0, low_open=True)
 
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         k, m, n = self.num_selectors, self.num_bits, self.num_experts

@@ -11,8 +11,11 @@ KV-cache step (the layer sees only the newest tokens of a longer sequence: gener
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..checks import check_bool
 from .base import Router, Routing, RoutingInputs
 from .capacity import expert_capacity
 
@@ -41,6 +44,10 @@ class ExpertChoiceRouter(Router):
         self.causal = config.task_type in CAUSAL_TASK_TYPES
         self.allow_noncausal = config.allow_noncausal_routing
         self.task_type = config.task_type
+
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        check_bool("MoPEConfig", "allow_noncausal_routing", config.allow_noncausal_routing)
 
     def check_causal_use(self, inputs: RoutingInputs) -> None:
         """Refuse eval-mode use in a causal model, and any KV-cache step, unless explicitly allowed."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.nn import functional as F
 
+from ..checks import check_int
 from .base import Router, Routing, RoutingInputs
 
 # A Mersenne prime for the universal hash ((a * id + b) mod P) mod N; ids * a stay below 2^63.
@@ -27,11 +30,24 @@ class HashRouter(Router):
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__(in_features, num_experts, top_k, config)
-        del self.weight  # nothing learned
         generator = torch.Generator().manual_seed(config.hash_seed)
         self.multiplier = int(torch.randint(1, HASH_PRIME, (1,), generator=generator))
         self.offset = int(torch.randint(0, HASH_PRIME, (1,), generator=generator))
-        self.in_features = in_features
+
+    @classmethod
+    def weight_rows(cls, num_experts: int, top_k: int, config: Any) -> None:
+        return None  # nothing learned: the router has no weight
+
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        check_int("MoPEConfig", "hash_seed", config.hash_seed, low=0)
+
+    @classmethod
+    def check_chosen(cls, config: Any) -> None:
+        if config.routing_level != "token":
+            raise ValueError(
+                "MoPEConfig.routing_level must be 'token' with router='hash': hash routing reads token ids"
+            )
 
     def expert_of(self, token_ids: torch.Tensor) -> torch.Tensor:
         return ((token_ids.long() * self.multiplier + self.offset) % HASH_PRIME) % self.num_experts
@@ -45,9 +61,6 @@ class HashRouter(Router):
             )
         one_hot = F.one_hot(self.expert_of(inputs.token_ids.to(x.device)), self.num_experts).to(x.dtype)
         return Routing(weights=one_hot, probs=one_hot, logits=torch.zeros_like(one_hot), load=one_hot)
-
-    def fixed_weights(self) -> torch.Tensor | None:
-        return torch.ones(1) if self.num_experts == 1 else None
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in_features={self.in_features}, a={self.multiplier}, b={self.offset}"

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import Any
 
-from .base import ROUTER_INITS, Router, Routing, RoutingInputs, one_hot_shares
-from .options import check_groups
+import torch
+
+from .base import Router, Routing, RoutingInputs, one_hot_shares
+
+
+def check_groups(routed: int, num_groups: int, top_k: int, where: str) -> None:
+    """Groups of equal size, and top_k experts must fit in one group."""
+    if routed % num_groups != 0:
+        raise ValueError(f"{where}={num_groups} must divide the routed experts ({routed}) into equal groups")
+    if top_k > routed // num_groups:
+        raise ValueError(
+            f"{where}={num_groups} leaves {routed // num_groups} experts per group, fewer than top_k={top_k}: "
+            "router='hierarchical' picks top_k experts inside one group"
+        )
 
 
 class HierarchicalRouter(Router):
@@ -28,10 +39,18 @@ class HierarchicalRouter(Router):
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__(in_features, num_experts, top_k, config)
-        check_groups(num_experts, config.num_groups, top_k, "MoPEConfig.num_groups")
+        check_groups(num_experts, config.num_groups, top_k, "MoPEConfig.num_groups")  # per module (patterns)
         self.group_size = num_experts // config.num_groups
-        self.weight = nn.Parameter(torch.empty(config.num_groups + num_experts, in_features))
-        ROUTER_INITS[config.router_init](self.weight.data, config.router_init_std)
+
+    @classmethod
+    def weight_rows(cls, num_experts: int, top_k: int, config: Any) -> int:
+        return config.num_groups + num_experts  # group logits, then expert logits
+
+    @classmethod
+    def check_chosen(cls, config: Any) -> None:
+        """``num_groups`` (a shared option, checked in mope.routing.options) must split the routed experts evenly."""
+        routed = config.num_experts - config.num_shared_experts
+        check_groups(routed, config.num_groups, config.top_k, "MoPEConfig.num_groups")
 
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         groups, size = self.num_groups, self.group_size

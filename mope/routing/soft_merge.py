@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..checks import check_choice
 from ..experts import EXPERT_BANKS
 from .base import Router, Routing, RoutingInputs
 
@@ -34,6 +35,33 @@ class SoftMergeRouter(Router):
         super().__init__(in_features, num_experts, top_k, config)
         self.lora_mode = config.soft_merge_lora
 
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        check_choice("MoPEConfig", "soft_merge_lora", config.soft_merge_lora, SOFT_MERGE_LORA_MODES)
+
+    @classmethod
+    def check_chosen(cls, config: Any) -> None:
+        """The expert type must merge; per-sequence merges need a sequence or task level; no shared experts."""
+        c = config
+        merges = EXPERT_BANKS[c.expert_type].soft_merge
+        if merges is None:
+            supported = sorted(name for name, bank in EXPERT_BANKS.items() if bank.soft_merge is not None)
+            raise ValueError(
+                f"MoPEConfig.expert_type={c.expert_type!r} cannot be soft-merged; router='soft_merge' supports {supported}"
+            )
+        if merges == "sequence" and c.routing_level == "token":
+            raise ValueError(
+                f"MoPEConfig.routing_level='token' with router='soft_merge' and expert_type={c.expert_type!r}: the "
+                "experts' parameters are merged once per sequence, so set routing_level='sequence' (the gate reads the "
+                "masked mean-pool of the layer input) or 'task'. Expert types that merge per token: "
+                f"{sorted(name for name, bank in EXPERT_BANKS.items() if bank.soft_merge == 'token')}."
+            )
+        if c.num_shared_experts:
+            raise ValueError(
+                "MoPEConfig.num_shared_experts must be 0 with router='soft_merge': the merge weights are the gate's "
+                "probabilities, which sum to 1 over the routed experts"
+            )
+
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         probs = torch.softmax(logits, dim=-1)
         return Routing(weights=probs, probs=probs, logits=logits, load=probs)
@@ -43,32 +71,3 @@ class SoftMergeRouter(Router):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", soft_merge_lora={self.lora_mode}"
-
-
-def check_soft_merge_options(config: Any) -> None:
-    """Validate ``soft_merge_lora`` and, for router='soft_merge', the level, expert type and shared experts."""
-    c = config
-    if c.soft_merge_lora not in SOFT_MERGE_LORA_MODES:
-        raise ValueError(
-            f"MoPEConfig.soft_merge_lora={c.soft_merge_lora!r} is unknown; choose one of {list(SOFT_MERGE_LORA_MODES)}"
-        )
-    if c.router != "soft_merge":
-        return
-    merges = EXPERT_BANKS[c.expert_type].soft_merge
-    if merges is None:
-        supported = sorted(name for name, bank in EXPERT_BANKS.items() if bank.soft_merge is not None)
-        raise ValueError(
-            f"MoPEConfig.expert_type={c.expert_type!r} cannot be soft-merged; router='soft_merge' supports {supported}"
-        )
-    if merges == "sequence" and c.routing_level == "token":
-        raise ValueError(
-            f"MoPEConfig.routing_level='token' with router='soft_merge' and expert_type={c.expert_type!r}: the "
-            "experts' parameters are merged once per sequence, so set routing_level='sequence' (the gate reads the "
-            "masked mean-pool of the layer input) or 'task'. Expert types that merge per token: "
-            f"{sorted(name for name, bank in EXPERT_BANKS.items() if bank.soft_merge == 'token')}."
-        )
-    if c.num_shared_experts:
-        raise ValueError(
-            "MoPEConfig.num_shared_experts must be 0 with router='soft_merge': the merge weights are the gate's "
-            "probabilities, which sum to 1 over the routed experts"
-        )

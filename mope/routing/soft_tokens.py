@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import check_int
 from ..experts import EXPERT_BANKS
-from .base import ROUTER_INITS, Router, Routing, RoutingInputs
+from .base import Router, Routing, RoutingInputs
 from .expert_choice import CAUSAL_TASK_TYPES
-from .soft_merge import check_soft_merge_options
 
 
 @dataclass
@@ -49,9 +49,40 @@ class SoftTokensRouter(Router):
     def __init__(self, in_features: int, num_experts: int, top_k: int, config: Any) -> None:
         super().__init__(in_features, num_experts, top_k, config)
         self.slots_per_expert = config.slots_per_expert
-        if self.slots_per_expert != 1:  # Φ: one row per slot, slot s belongs to expert s // p
-            self.weight = nn.Parameter(torch.empty(num_experts * self.slots_per_expert, in_features))
-            ROUTER_INITS[config.router_init](self.weight.data, config.router_init_std)
+
+    @classmethod
+    def weight_rows(cls, num_experts: int, top_k: int, config: Any) -> int:
+        return num_experts * config.slots_per_expert  # Φ: one row per slot, slot s belongs to expert s // p
+
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        check_int("MoPEConfig", "slots_per_expert", config.slots_per_expert, low=1)
+
+    @classmethod
+    def check_chosen(cls, config: Any) -> None:
+        """Encoder task types, token level, additive experts, no shared experts, one router per module."""
+        c = config
+        task_type = str(getattr(c.task_type, "value", c.task_type)) if c.task_type is not None else None
+        if task_type in CAUSAL_TASK_TYPES:
+            raise ValueError(
+                f"MoPEConfig.router='soft_tokens' (Soft MoE) is for encoder (non-causal) models: each slot mixes every "
+                f"token of the sequence, later ones included, so task_type={task_type!r} cannot use it. Choose "
+                "router='soft_merge' or 'dense' for causal models."
+            )
+        if c.routing_level != "token":
+            raise ValueError("MoPEConfig.routing_level must be 'token' with router='soft_tokens': slots mix the tokens")
+        if not EXPERT_BANKS[c.expert_type].soft_tokens:
+            supported = sorted(name for name, bank in EXPERT_BANKS.items() if bank.soft_tokens)
+            raise ValueError(
+                f"MoPEConfig.expert_type={c.expert_type!r} with router='soft_tokens': slots need additive experts "
+                f"({', '.join(map(repr, supported))})"
+            )
+        if c.num_shared_experts:
+            raise ValueError("MoPEConfig.num_shared_experts must be 0 with router='soft_tokens'")
+        if c.router_blocks:
+            raise ValueError(
+                "MoPEConfig.router_blocks is not supported with router='soft_tokens' (slots are per module)"
+            )
 
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         token_shape, slots = logits.shape[:-1], logits.shape[-1]
@@ -99,33 +130,3 @@ class SoftTokensRouter(Router):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", slots_per_expert={self.slots_per_expert}"
-
-
-def check_soft_gate_options(config: Any) -> None:
-    """Validate the options of soft_merge and soft_tokens (called by ``check_routing_options``)."""
-    c = config
-    check_soft_merge_options(c)
-    p = c.slots_per_expert
-    if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-        raise ValueError(f"MoPEConfig.slots_per_expert must be an integer >= 1, got {p!r}")
-    if c.router != "soft_tokens":
-        return
-    task_type = str(getattr(c.task_type, "value", c.task_type)) if c.task_type is not None else None
-    if task_type in CAUSAL_TASK_TYPES:
-        raise ValueError(
-            f"MoPEConfig.router='soft_tokens' (Soft MoE) is for encoder (non-causal) models: each slot mixes every "
-            f"token of the sequence, later ones included, so task_type={task_type!r} cannot use it. Choose "
-            "router='soft_merge' or 'dense' for causal models."
-        )
-    if c.routing_level != "token":
-        raise ValueError("MoPEConfig.routing_level must be 'token' with router='soft_tokens': slots mix the tokens")
-    if not EXPERT_BANKS[c.expert_type].soft_tokens:
-        supported = sorted(name for name, bank in EXPERT_BANKS.items() if bank.soft_tokens)
-        raise ValueError(
-            f"MoPEConfig.expert_type={c.expert_type!r} with router='soft_tokens': slots need additive experts "
-            f"({', '.join(map(repr, supported))})"
-        )
-    if c.num_shared_experts:
-        raise ValueError("MoPEConfig.num_shared_experts must be 0 with router='soft_tokens'")
-    if c.router_blocks:
-        raise ValueError("MoPEConfig.router_blocks is not supported with router='soft_tokens' (slots are per module)")

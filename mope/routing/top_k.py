@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..checks import check_bool, check_choice
 from .base import Deferred, Router, Routing, RoutingInputs, full_softmax, one_hot_shares
 from .capacity import apply_capacity
 from .expert_choice import CAUSAL_TASK_TYPES
@@ -83,6 +85,12 @@ class TopKRouter(Router):
         self.causal = config.task_type in CAUSAL_TASK_TYPES
         # Shazeer 2017 start W_noise at zero: noise std softplus(0) = ln 2 while the router learns.
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, in_features)) if config.router_noise else None
+
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        """``top_k_order`` and ``router_noise`` (capacity is shared: :func:`~mope.routing.capacity.check_capacity_options`)."""
+        check_choice("MoPEConfig", "top_k_order", config.top_k_order, TOP_K_ORDERS)
+        check_bool("MoPEConfig", "router_noise", config.router_noise)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Noisy top-k: ``W x + N(0, 1) * softplus(W_noise x)`` in training; plain ``W x`` otherwise."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..checks import check_number
 from .base import Router, Routing, RoutingInputs
 
 
@@ -20,6 +23,10 @@ class TopPRouter(Router):
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__(in_features, num_experts, top_k, config)
         self.top_p = config.top_p
+
+    @classmethod
+    def check_options(cls, config: Any) -> None:
+        check_number("MoPEConfig", "top_p", config.top_p, low=0, high=1, low_open=True)
 
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         probs = torch.softmax(logits, dim=-1)
