@@ -72,7 +72,7 @@ def main() -> None:
     model = mixture(routing_level="task", num_tasks=3)
     task = torch.tensor([2, 2])
     with torch.no_grad():
-        want = model.generate(input_ids=prompts, attention_mask=mask, task_ids=task, **greedy)
+        want = model.generate(input_ids=prompts, attention_mask=mask, mope_task_ids=task, **greedy)
         mope.fix_task(model, 2)
         merged = model.merge_and_unload()
         got = merged.generate(input_ids=prompts, attention_mask=mask, **greedy)

@@ -1,29 +1,29 @@
 """mope: mixtures of parameter-efficient experts as a PEFT method.
 
 Importing ``mope`` registers ``peft_type="MOPE"`` with PEFT, so ``get_peft_model``,
-``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle MoPE bundles.
+``PeftModel.from_pretrained`` and ``PeftConfig.from_pretrained`` handle MoPE bundles. It
+changes nothing else of PEFT or transformers. The core needs torch, peft, transformers and
+safetensors; the training loop, the ``mope`` command and the plots are extras
+(``mope[train]``, ``mope[cli]``, ``mope[plots]``).
 """
 
 from __future__ import annotations
 
+from .analysis import routing_stats
+from .api import get_mope_model, load_mope
 from .bundles import save_pretrained
 from .config import MoPEConfig
 from .dispatch import set_dispatch
-from .forward_inputs import install as install_forward_inputs
+from .export import collapse_to_lora, export_lora
 from .layer import MoPELayer
 from .registration import register
+from .reuse import from_lora_adapters
 from .routing import ROUTERS, Router, Routing
-from .routing.schedule import step_schedule
+from .routing.fixed_task import fix_task
+from .routing.schedule import ScheduleCallback, step_schedule
 from .tuner import MoPEModel
 
-register()
-install_forward_inputs()  # let model(..., task_ids=...) reach MoPE through PEFT's task classes
-
-from .analysis import routing_stats  # noqa: E402
-from .api import get_mope_model, load_mope  # noqa: E402
-from .export import collapse_to_lora, export_lora  # noqa: E402
-from .reuse import from_lora_adapters  # noqa: E402
-from .routing.fixed_task import fix_task  # noqa: E402
+register()  # the one thing importing mope does besides defining names; no PEFT class is patched
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "MoPEModel",
     "Router",
     "Routing",
+    "ScheduleCallback",
     "__version__",
     "collapse_to_lora",
     "export_lora",

@@ -1,9 +1,12 @@
 """``MoPEModel``: PEFT's ``BaseTuner`` for mixtures of parameter-efficient experts.
 
 Injection wraps each targeted module in a :class:`~mope.layer.MoPELayer`. Two hooks on the
-wrapped model connect the layers to the batch: a pre-hook captures the routing inputs
-(attention masks) into the shared :class:`~mope.routing.context.RoutingContext`, a post-hook sums
-the layers' recorded router losses onto the output as ``aux_loss`` (and into ``loss``).
+wrapped model connect the layers to the batch: a pre-hook starts a
+:class:`~mope.routing.context.ForwardCall` with the routing inputs (attention masks, token, task
+and group ids), a post-hook ends it and sums the layers' recorded router losses onto the output as
+``aux_loss`` (and into ``loss``). Nothing of PEFT is patched: mope's own inputs
+(``mope_task_ids``, ``group_ids``) are names PEFT passes on untouched, and the pre-hook takes them
+out of the call before the base model sees them.
 """
 
 from __future__ import annotations
@@ -23,12 +26,11 @@ from transformers import PreTrainedModel
 from .bundles import describe_mismatch
 from .config import pattern_matches
 from .ffn_layer import layer_class_for
-from .forward_inputs import generate_with_routing
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES
 from .routing import ROUTERS
-from .routing.context import CAPTURED_INPUTS, RoutingContext
-from .routing.schedule import advance_schedules, apply_schedules, attach_schedule, detach_schedule
+from .routing.context import CAPTURED_INPUTS, RoutingContext, generate_with_routing
+from .routing.schedule import advance_schedules, attach_schedule, bind_schedule, detach_schedule
 
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
 # projections of cross-attention, which see the encoder's tokens.
@@ -130,7 +132,7 @@ class MoPEModel(BaseTuner):
                     f"'{model_type}'; set target_modules (e.g. 'all-linear')."
                 )
             peft_config.target_modules = set(defaults)
-        loaded_from = getattr(peft_config, "bundle_path", None)
+        loaded_from = peft_config.bundle.folder if peft_config.bundle is not None else None
         if loaded_from and peft_config.base_model_type and model_type and peft_config.base_model_type != model_type:
             raise ValueError(
                 f"MoPE bundle '{loaded_from}' was made for a '{peft_config.base_model_type}' model "
@@ -162,6 +164,7 @@ class MoPEModel(BaseTuner):
             )
             self._check_patterns_used(adapter_name)
             self._link_blocks(adapter_name)
+            bind_schedule(self, adapter_name)
             self._check_bundle_fits(adapter_name)
         except Exception:
             snapshot.restore(adapter_name)
@@ -223,9 +226,9 @@ class MoPEModel(BaseTuner):
     def _check_bundle_fits(self, adapter_name: str) -> None:
         """Compare a loaded config's bundle header with the tensors the injected model expects."""
         config = self.peft_config[adapter_name]
-        found = getattr(config, "bundle_tensor_shapes", None)
-        if found is None:
+        if config.bundle is None:
             return
+        found = config.bundle.tensor_shapes
         expected, optional = (
             {
                 f"base_model.{key}": tuple(value.shape)
@@ -237,7 +240,7 @@ class MoPEModel(BaseTuner):
         )
         # PEFT also saves the base weights of a targeted (or resized) embedding / lm_head: allowed, not required
         found = {key: shape for key, shape in found.items() if key in expected or optional.get(key) != shape}
-        problem = describe_mismatch(f"{config.bundle_path}/adapter_model.safetensors", expected, found)
+        problem = describe_mismatch(config.bundle.tensor_file, expected, found)
         if problem is not None:
             raise ValueError(problem)
 
@@ -278,8 +281,7 @@ class MoPEModel(BaseTuner):
     # routing context and aux losses -------------------------------------------------------------
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Record CAPTURED_INPUTS for the routers; remove mope's own (``consumed``) ones from the call."""
-        apply_schedules(self)
+        """Start a call with CAPTURED_INPUTS for the routers; remove mope's own (``consumed``) ones from the call."""
         inputs = dict(self.routing_context.given)
         consumed = {spec.name for spec in CAPTURED_INPUTS if spec.consumed and spec.name in kwargs}
         for spec in CAPTURED_INPUTS:
@@ -292,20 +294,18 @@ class MoPEModel(BaseTuner):
                     index = self.forward_parameter_names.index(name)
                     value = args[index] if index < len(args) else None
             if isinstance(value, torch.Tensor):
-                inputs[name] = value
+                inputs[spec.routing_key] = value
         self.routing_context.begin(inputs, collecting=module.training)
         if consumed:
             return args, {key: value for key, value in kwargs.items() if key not in consumed}
         return None
 
     def _attach_aux_loss(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        ctx = self.routing_context
-        ctx.collecting = False
+        records = self.routing_context.finish()
         if module.training:
             advance_schedules(self, "forward")
-        if not ctx.records:
+        if not records:
             return None
-        records, ctx.records = ctx.records, []
         return attach_aux_loss(output, self.combine_losses(records))
 
     def combine_losses(self, records) -> torch.Tensor:
@@ -325,8 +325,8 @@ class MoPEModel(BaseTuner):
         detach_schedule(self, adapter_name)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's ``generate``; ``task_ids``/``group_ids`` reach every step, sequence decisions stay the prompt's."""
-        return generate_with_routing(self, *args, **kwargs)
+        """The base model's ``generate``; ``mope_task_ids``/``group_ids`` reach every step, sequence decisions stay the prompt's."""
+        return generate_with_routing(self.model, self.routing_context, *args, **kwargs)
 
     # merging and unloading ----------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ def test_concat_export_reproduces_fixed_routing_and_merges(case, tmp_path):
     model = mope_model(name, **kwargs)
     if name == "bert":  # the trained head must travel with the LoRA
         model.base_model.model.classifier.modules_to_save["default"].weight.data += 0.5
-    extra = {} if task is None else {"task_ids": torch.full((3,), task)}
+    extra = {} if task is None else {"mope_task_ids": torch.full((3,), task)}
     want = logits(model, name, **extra)
     with mope.fix_task(model, task) if task is not None else torch.no_grad():
         mope.export_lora(model, tmp_path, method="concat")
@@ -68,7 +68,7 @@ def test_concat_export_reproduces_fixed_routing_and_merges(case, tmp_path):
 def test_router_that_always_picks_one_expert_collapses_to_that_expert(tmp_path):
     model = mope_model("llama", routing_level="task", num_tasks=1, num_experts=4, top_k=1)
     with mope.routing_stats(model) as stats:
-        want = logits(model, "llama", task_ids=torch.zeros(3, dtype=torch.long))
+        want = logits(model, "llama", mope_task_ids=torch.zeros(3, dtype=torch.long))
     report = stats.report()
     assert all(sorted(entry["load"])[-1] == 1.0 for entry in report.values())
     config, _ = mope.collapse_to_lora(model, method="concat", usage=report)
@@ -132,15 +132,15 @@ def test_export_loads_in_a_process_that_never_imports_mope(tmp_path):
 def test_merge_with_a_fixed_task_is_exact_and_unmerge_restores():
     model = mope_model("llama", **TASK, num_experts=4)
     base_weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
-    want = logits(model, "llama", task_ids=torch.full((3,), 2))
-    other = logits(model, "llama", task_ids=torch.full((3,), 0))
+    want = logits(model, "llama", mope_task_ids=torch.full((3,), 2))
+    other = logits(model, "llama", mope_task_ids=torch.full((3,), 0))
     with mope.fix_task(model, 2):
         model.merge_adapter()
     torch.testing.assert_close(logits(model, "llama"), want, rtol=0, atol=1e-5)
     model.unmerge_adapter()  # after the task was released: the merge remembered its gate
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(layer.base_layer.weight, base_weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits(model, "llama", task_ids=torch.full((3,), 0)), other, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(model, "llama", mope_task_ids=torch.full((3,), 0)), other, rtol=0, atol=1e-5)
     mope.fix_task(model, 2)  # not as a context: stays fixed
     merged = model.merge_and_unload()
     torch.testing.assert_close(logits(merged, "llama"), want, rtol=0, atol=1e-5)
@@ -212,7 +212,7 @@ def test_block_routing_usage_is_read_from_the_blocks_router(tmp_path):
         router_blocks=["self_attn"],
     )
     with mope.routing_stats(model) as stats:
-        want = logits(model, "llama", task_ids=torch.zeros(3, dtype=torch.long))
+        want = logits(model, "llama", mope_task_ids=torch.zeros(3, dtype=torch.long))
     report = stats.report()
     assert len(report) == 2  # one router per layer's attention block
     mope.export_lora(model, tmp_path, method="concat", usage=report)

@@ -317,7 +317,7 @@ def test_bf16_llama_on_cuda_trains_and_generates(router, level):
     extra = {"num_tasks": 3} if level == "task" else {}
     model = get_peft_model(make_model("llama"), config_for("llama", router, routing_level=level, **extra)).cuda()
     batch = {k: v.cuda() for k, v in make_batch("llama", pad=2).items()}
-    ids = {"task_ids": torch.tensor([0, 2], device="cuda")} if level == "task" else {}
+    ids = {"mope_task_ids": torch.tensor([0, 2], device="cuda")} if level == "task" else {}
     model.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(**batch, **ids)

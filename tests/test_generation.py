@@ -104,7 +104,7 @@ def test_adapter_changes_the_generation():
 
 def test_task_level_generation_with_kv_cache():
     model = generation_model(routing_level="task", num_tasks=3)
-    batch = {**prompts(padded=True), "task_ids": torch.tensor([2, 0])}
+    batch = {**prompts(padded=True), "mope_task_ids": torch.tensor([2, 0])}
     assert_cache_agrees(model, batch)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from conftest import make_batch, make_model
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -202,3 +203,17 @@ def test_deleted_adapter_takes_its_schedule_step_along(tmp_path):
     model.save_pretrained(tmp_path)
     keys = [k for k in load_file(tmp_path / "adapter_model.safetensors") if "mope_schedule" in k]
     assert keys == ["base_model.mope_schedule.step"]
+
+
+def test_schedule_callback_steps_a_manual_schedule_per_trainer_step(tmp_path):
+    model = scheduled_model(counter="manual")
+    batch = make_batch("llama")
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(2)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows * 4, callbacks=[mope.ScheduleCallback()])
+    trainer.train()
+    assert model.base_model.mope_schedule["default"].step.item() == 3  # optimizer steps, not the 6 micro-batches
+    assert {g.top_k for g in routers(model)} == {2}  # round(4 - 3 * 0.75)

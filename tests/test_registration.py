@@ -46,7 +46,7 @@ def test_config_round_trips_through_adapter_config_json(tmp_path):
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "MOPE"
-    assert "bundle_path" not in saved and "bundle_tensor_shapes" not in saved
+    assert "bundle" not in saved
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, mope.MoPEConfig)
     assert loaded.to_dict() == config.to_dict()

@@ -84,7 +84,7 @@ def test_each_expert_reproduces_its_peft_adapter(llama_adapters):
     assert mope_layers(model)[0].mope_experts["default"].lora_A.shape[:2] == (3, 4)  # padded to the largest rank
     for expert, path in enumerate(llama_adapters):
         with torch.no_grad():
-            got = model(**batch, task_ids=torch.full((2,), expert)).logits
+            got = model(**batch, mope_task_ids=torch.full((2,), expert)).logits
         torch.testing.assert_close(got, peft_logits("llama", path, batch), rtol=0, atol=1e-5)
 
 
@@ -113,7 +113,7 @@ def test_gpt2_conv1d_adapter_is_reproduced(tmp_path):
     batch = make_batch("gpt2", pad=2)
     for expert, path in enumerate(paths):
         with torch.no_grad():
-            got = model(**batch, task_ids=torch.full((2,), expert)).logits
+            got = model(**batch, mope_task_ids=torch.full((2,), expert)).logits
         torch.testing.assert_close(got, peft_logits("gpt2", path, batch), rtol=0, atol=1e-5)
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+import transformers
 from conftest import make_batch, make_model
-from peft import get_peft_model
-from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+from peft import PeftModel, get_peft_model
 
 import mope
-from mope.forward_inputs import WRAPPED_MARK
 from mope.layer import MoPELayer
 from mope.routing import ROUTERS, RoutingInputs
 
@@ -148,23 +150,23 @@ def test_task_ids_reach_the_routers_through_peft_forward(name):
     seen: list[dict] = []
     model.base_model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(dict(kw)), with_kwargs=True)
     batch = make_batch(name, batch=3)
-    out = model(**batch, task_ids=torch.tensor([0, 2, 2]), group_ids=torch.tensor([0, 1, 1]))
+    out = model(**batch, mope_task_ids=torch.tensor([0, 2, 2]), group_ids=torch.tensor([0, 1, 1]))
     out.loss.backward()
-    assert "task_ids" not in seen[-1] and "group_ids" not in seen[-1]  # consumed by mope's pre-hook
+    assert "mope_task_ids" not in seen[-1] and "group_ids" not in seen[-1]  # consumed by mope's pre-hook
     layer = next(m for m in model.modules() if isinstance(m, MoPELayer))
     router = layer.mope_router["default"]
     assert router.weight.shape == (4, 3)  # a per-task logit table
     assert router.weight.grad[:, 1].abs().sum() == 0 and router.weight.grad[:, 2].abs().sum() > 0
     model.eval()
     with torch.no_grad():
-        a = model(**batch, task_ids=torch.tensor([0, 0, 0])).logits
-        b = model(**batch, task_ids=torch.tensor([1, 1, 1])).logits
+        a = model(**batch, mope_task_ids=torch.tensor([0, 0, 0])).logits
+        b = model(**batch, mope_task_ids=torch.tensor([1, 1, 1])).logits
         with pytest.raises(ValueError, match="task_ids"):
             model(**batch)
         with pytest.raises(ValueError, match="num_tasks"):
-            model(**batch, task_ids=torch.tensor([0, 3, 0]))
+            model(**batch, mope_task_ids=torch.tensor([0, 3, 0]))
         with pytest.raises(ValueError, match="task_ids"):
-            model(**batch, task_ids=torch.tensor([[0, 1, 2]]))
+            model(**batch, mope_task_ids=torch.tensor([[0, 1, 2]]))
     assert not torch.allclose(a, b)
 
 
@@ -175,7 +177,7 @@ def test_task_level_weights_are_the_gate_of_the_task_column():
     layer.mope_router["default"].register_forward_hook(lambda m, a, out: captured.append(out))
     batch = make_batch("llama", batch=2)
     with torch.no_grad():
-        model(**batch, task_ids=torch.tensor([2, 0]))
+        model(**batch, mope_task_ids=torch.tensor([2, 0]))
     table = layer.mope_router["default"].weight
     for b, task in enumerate([2, 0]):
         want = torch.softmax(table[:, task], dim=0)
@@ -189,19 +191,65 @@ def test_task_level_generate_keeps_task_ids_for_every_step():
     out = {}
     for use_cache in (True, False):
         out[use_cache] = model.generate(
-            **prompt, task_ids=torch.tensor([1, 2]), max_new_tokens=4, do_sample=False, use_cache=use_cache
+            **prompt, mope_task_ids=torch.tensor([1, 2]), max_new_tokens=4, do_sample=False, use_cache=use_cache
         )
     assert torch.equal(out[True], out[False])
     with pytest.raises(ValueError, match="task_ids"):
         model.generate(**prompt, max_new_tokens=2, do_sample=False)
 
 
-def test_every_peft_task_class_passes_task_ids():
-    """PEFT drops task_ids for all methods but Poly; if a PEFT upgrade renames things, this fails."""
-    classes = set(MODEL_TYPE_TO_PEFT_MODEL_MAPPING.values())
-    wrapped = {cls.__name__ for cls in classes if getattr(cls.__dict__.get("forward"), WRAPPED_MARK, False)}
-    assert {"PeftModelForCausalLM", "PeftModelForSequenceClassification", "PeftModelForSeq2SeqLM"} <= wrapped
-    assert {"PeftModelForTokenClassification", "PeftModelForQuestionAnswering"} <= wrapped
+def test_import_mope_patches_no_peft_class():
+    """mope registers its PEFT type and changes nothing else of PEFT (checked in a fresh process)."""
+    code = (
+        "import peft, peft.auto as a\n"
+        "classes = {peft.PeftModel, *a.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.values()}\n"
+        "before = {(c, k): v for c in classes for k, v in vars(c).items()}\n"
+        "import mope\n"
+        "after = {(c, k): v for c in classes for k, v in vars(c).items()}\n"
+        "changed = sorted(f'{c.__name__}.{k}' for c, k in before.keys() | after.keys() "
+        "if before.get((c, k)) is not after.get((c, k)))\n"
+        "assert not changed, changed\n"
+        "assert len(classes) >= 6\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+TASK_CLASS_MODELS = {
+    "TOKEN_CLS": transformers.BertForTokenClassification,
+    "QUESTION_ANS": transformers.BertForQuestionAnswering,
+}
+
+
+@pytest.mark.parametrize("task_type", sorted(TASK_CLASS_MODELS))
+def test_mope_task_ids_pass_through_every_peft_task_class(task_type):
+    """PEFT's task classes claim ``task_ids`` and drop it; ``mope_task_ids`` reaches the routers through each."""
+    torch.manual_seed(0)
+    bert_config = make_model("bert").config
+    bert_config.num_labels = 2  # question answering: start and end logits
+    base = TASK_CLASS_MODELS[task_type](bert_config).eval()
+    config = mope.MoPEConfig(
+        task_type=task_type, target_modules=["query", "value"], num_experts=4, top_k=1,
+        routing_level="task", num_tasks=3, init_weights=False,
+    )  # fmt: skip
+    model = get_peft_model(base, config)
+    sharpen_routers(model, std=3.0)
+    batch = {k: v for k, v in make_batch("bert", batch=3).items() if k != "labels"}
+    with torch.no_grad():
+        a = model(**batch, mope_task_ids=torch.tensor([0, 0, 0]))
+        b = model(**batch, mope_task_ids=torch.tensor([1, 1, 1]))
+        assert not torch.allclose(a[0], b[0])
+        with pytest.raises(ValueError, match="mope_task_ids"):  # PEFT dropped task_ids: the error names the way
+            model(**batch, task_ids=torch.tensor([0, 0, 0]))
+
+
+def test_task_ids_still_reach_the_routers_where_peft_passes_them_on():
+    model = task_model("llama")
+    plain = PeftModel(make_model("llama"), model.peft_config["default"])  # no task type: every kwarg passes on
+    plain.load_state_dict(model.state_dict())
+    batch = make_batch("llama", batch=2)
+    with torch.no_grad():
+        want = model(**batch, mope_task_ids=torch.tensor([2, 1])).logits
+        torch.testing.assert_close(plain(**batch, task_ids=torch.tensor([2, 1])).logits, want)
 
 
 def test_a_second_adapter_shares_the_routing_context():

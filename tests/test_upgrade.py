@@ -84,7 +84,7 @@ def test_old_bundle_loads_with_defaults_and_says_so(bundle, loader, old_version,
     again = tmp_path_factory.mktemp("again")
     loaded.save_pretrained(again)
     saved = json.loads((again / "adapter_config.json").read_text())
-    assert saved["mope_version"] == MOPE_VERSION and "upgraded_from" not in saved
+    assert saved["mope_version"] == MOPE_VERSION and "upgraded_from" not in saved and "bundle" not in saved
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mope.bundles.upgrade"):
         assert mope.MoPEConfig.from_pretrained(str(again)).upgraded_from is None

@@ -11,9 +11,26 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
+
+
+@dataclass(frozen=True)
+class BundleHeader:
+    """Where a config was loaded from, and the names and shapes of the bundle's tensors (no data)."""
+
+    folder: str
+    tensor_shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def read(cls, folder: str) -> BundleHeader:
+        return cls(folder, read_bundle_header(folder))
+
+    @property
+    def tensor_file(self) -> str:
+        return os.path.join(self.folder, SAFETENSORS_WEIGHTS_NAME)
 
 
 def read_bundle_header(folder: str) -> dict[str, tuple[int, ...]]:

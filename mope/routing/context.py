@@ -1,13 +1,27 @@
-"""Per-forward routing context shared by all MoPE layers of one model.
+"""Routing state of one model: a :class:`ForwardCall` per forward, and the two things that span calls.
 
-The tuner captures selected forward inputs (attention masks, token ids, task and group ids: the
-table ``CAPTURED_INPUTS``) in a forward pre-hook on the wrapped model,
-so every call path (``PeftModel.forward``, ``generate``, a direct call of the base model) sees
-the current batch. Layers read the token mask from here and record what their aux losses need
-here; the tuner's forward hook computes the losses and adds them to the model output.
+The tuner's forward pre-hook on the wrapped model starts a new :class:`ForwardCall` with the
+inputs the routers may read (the table ``CAPTURED_INPUTS``: attention masks, token ids, task and
+group ids), so every call path (``PeftModel.forward``, ``generate``, a direct call of the base
+model) sees its own batch. Layers read the call's token mask and record what their aux losses
+need; the tuner's forward hook ends the call and turns its records into the losses. An ended call
+stays readable (recording nothing) until the next one starts, so that a gradient-checkpointing
+recomputation in the backward pass routes the same batch.
 
-The inputs stay in place after the forward so that gradient-checkpointing recomputation in
-the backward pass sees the same batch; records are only taken during the forward itself.
+Two things outlive a call, each an explicit object owned by :class:`RoutingContext`:
+
+- ``given``: inputs handed to every call inside a block (``generate`` gives its ``mope_task_ids``
+  to each decoding step, which PEFT and transformers call without them);
+- ``decisions``: the :class:`~mope.routing.levels.DecisionCache` of sequence-level decisions
+  (later KV-cached tokens reuse the prompt's; ``generate`` pins them to the prompt).
+
+How task ids reach the routers: pass ``mope_task_ids=LongTensor[batch]`` to the model (or to
+``generate``). PEFT's task classes (``PeftModelForCausalLM``, ...) claim the name ``task_ids`` for
+their own methods and drop it for any other, so mope never relies on it there; where ``task_ids``
+does reach the wrapped model (a ``PeftModel`` without ``task_type``, ``generate``, a direct call of
+the base model) it is read too. ``group_ids`` (LoRAMoE's localized balancing) is a name PEFT does
+not claim. Hugging Face's ``Trainer`` keeps only dataset columns the base model's ``forward``
+names: train with ``remove_unused_columns=False`` to keep these columns.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from .levels import DecisionCache
 
 @dataclass(frozen=True)
 class CapturedInput:
-    """A forward argument the tuner's pre-hook records for the routers.
+    """A forward argument the tuner's pre-hook records for the routers, under the name ``key``.
 
     ``consumed``: the argument is mope's own (the base model does not know it), so the pre-hook
     removes it from the call; otherwise it is passed on unchanged.
@@ -33,14 +47,21 @@ class CapturedInput:
 
     name: str
     consumed: bool = False
+    key: str = ""
+
+    @property
+    def routing_key(self) -> str:
+        return self.key or self.name
 
 
+# Later entries win for the same key: mope_task_ids over task_ids.
 CAPTURED_INPUTS: tuple[CapturedInput, ...] = (
     CapturedInput("attention_mask"),
     CapturedInput("decoder_attention_mask"),
     CapturedInput("input_ids"),
     CapturedInput("decoder_input_ids"),
     CapturedInput("task_ids", consumed=True),
+    CapturedInput("mope_task_ids", consumed=True, key="task_ids"),
     CapturedInput("group_ids", consumed=True),
 )
 # The token ids that go with the tokens an attention mask covers (hash routing reads them).
@@ -63,22 +84,44 @@ class LossRecord:
 
 
 @dataclass
-class RoutingContext:
+class ForwardCall:
+    """One forward of the wrapped model: its routing inputs, and what its layers record for the losses."""
+
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    records: list[LossRecord] = field(default_factory=list)
     collecting: bool = False
-    # (adapter name, block name) -> Routing of the block's leader layer in the current forward
+    records: list[LossRecord] = field(default_factory=list)
+    # (adapter name, block name) -> Routing of the block's leader layer in this forward
     block_routings: dict[tuple[str, str], Any] = field(default_factory=dict)
-    # inputs given around a call rather than to the base model (PEFT's forward drops task_ids; generate)
+
+
+@dataclass
+class RoutingContext:
+    """The routing state shared by all MoPE layers of one model (see the module docstring)."""
+
+    call: ForwardCall = field(default_factory=ForwardCall)
     given: dict[str, torch.Tensor] = field(default_factory=dict)
-    # sequence-level decisions kept across forwards (KV-cache steps, generate)
     decisions: DecisionCache = field(default_factory=DecisionCache)
 
-    def begin(self, inputs: dict[str, torch.Tensor], collecting: bool) -> None:
-        self.inputs = inputs
-        self.records = []
-        self.collecting = collecting
-        self.block_routings = {}
+    def begin(self, inputs: dict[str, torch.Tensor], collecting: bool) -> ForwardCall:
+        """Start a new call with these routing inputs; ``collecting``: record aux-loss inputs (training)."""
+        self.call = ForwardCall(inputs, collecting)
+        return self.call
+
+    def finish(self) -> list[LossRecord]:
+        """End the current call's recording and hand over its records."""
+        call = self.call
+        call.collecting = False
+        records, call.records = call.records, []
+        return records
+
+    @property
+    def block_routings(self) -> dict[tuple[str, str], Any]:
+        return self.call.block_routings
+
+    def record(self, record: LossRecord) -> None:
+        """Keep ``record`` if the call is collecting; outside one (e.g. a checkpointing recomputation) drop it."""
+        if self.call.collecting:
+            self.call.records.append(record)
 
     def token_mask(self, key: str, token_shape: torch.Size) -> torch.Tensor | None:
         """The ``[batch, seq]`` mask (1 = real token) for a layer input of leading shape ``token_shape``.
@@ -87,7 +130,7 @@ class RoutingContext:
         past and new ones; the new tokens are its last columns. Inputs whose shape fits no
         mask (flattened tokens, 4-D masks) get None: every token counts.
         """
-        mask = self.inputs.get(key)
+        mask = self.call.inputs.get(key)
         if mask is None or mask.dim() != 2 or len(token_shape) != 2 or mask.shape[0] != token_shape[0]:
             return None
         seq = token_shape[1]
@@ -97,27 +140,28 @@ class RoutingContext:
 
     def aligned(self, key: str, token_shape: torch.Size) -> torch.Tensor | None:
         """Input ``key`` (``[batch, seq]``) cut to the layer's tokens: its last columns, as for the mask."""
-        value = self.inputs.get(key)
+        value = self.call.inputs.get(key)
         if value is None or value.dim() != 2 or len(token_shape) != 2 or value.shape[0] != token_shape[0]:
             return None
         return value[:, -token_shape[1] :] if value.shape[1] >= token_shape[1] else None
 
     def routing_inputs(self, mask_key: str, token_shape: torch.Size) -> RoutingInputs:
         """Everything a router of a layer whose tokens the mask ``mask_key`` covers may look at."""
-        mask = self.inputs.get(mask_key)
+        inputs = self.call.inputs
+        mask = inputs.get(mask_key)
         cache_step = mask is not None and mask.dim() == 2 and len(token_shape) == 2 and mask.shape[1] > token_shape[1]
         return RoutingInputs(
             token_mask=self.token_mask(mask_key, token_shape),
             token_ids=self.aligned(TOKEN_IDS_FOR_MASK.get(mask_key, "input_ids"), token_shape),
-            task_ids=self.inputs.get("task_ids"),
-            group_ids=self.inputs.get("group_ids"),
+            task_ids=inputs.get("task_ids"),
+            group_ids=inputs.get("group_ids"),
             cache_step=bool(cache_step),
             decisions=self.decisions,
         )
 
     @contextmanager
     def giving(self, **inputs: torch.Tensor) -> Iterator[None]:
-        """Make ``inputs`` part of every forward captured inside the block (they override nothing passed directly)."""
+        """Make ``inputs`` part of every call captured inside the block (they override nothing passed directly)."""
         previous = self.given
         self.given = {**previous, **{k: v for k, v in inputs.items() if v is not None}}
         try:
@@ -125,7 +169,39 @@ class RoutingContext:
         finally:
             self.given = previous
 
-    def record(self, record: LossRecord) -> None:
-        """Keep ``record`` if a forward is collecting; outside one (e.g. a checkpointing recomputation) drop it."""
-        if self.collecting:
-            self.records.append(record)
+
+def generate_inputs(args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """The captured inputs found in a ``generate`` call (its first positional argument is the ids)."""
+    found = {
+        spec.name: kwargs[spec.name] for spec in CAPTURED_INPUTS if isinstance(kwargs.get(spec.name), torch.Tensor)
+    }
+    first = args[0] if args else kwargs.get("inputs")
+    if isinstance(first, torch.Tensor) and not first.is_floating_point():
+        found.setdefault("input_ids", first)
+    return found
+
+
+def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwargs: Any) -> Any:
+    """``model.generate`` with mope's inputs given to every step and sequence decisions pinned to the prompt.
+
+    ``generate`` calls the model many times and may call the encoder of an encoder-decoder model
+    directly, so mope's own inputs are taken out of its kwargs and given to every call.
+    """
+    given = {
+        spec.routing_key: kwargs.pop(spec.name) for spec in CAPTURED_INPUTS if spec.consumed and spec.name in kwargs
+    }
+    found = generate_inputs(args, kwargs)
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "input_ids" in found:
+        # decoding steps get encoder_outputs, not input_ids, yet the decoder's cross-attention k/v layers
+        # route encoder tokens: hash routing reads their ids from here
+        given["input_ids"] = found["input_ids"]
+    with context.giving(**given):
+        # steps that do not pass through the model's forward (an encoder-decoder's encoder) see these
+        context.begin({**found, **context.given}, collecting=False)
+        context.decisions.clear()
+        context.decisions.pinned = True
+        try:
+            return model.generate(*args, **kwargs)
+        finally:
+            context.decisions.pinned = False
+            context.decisions.clear()

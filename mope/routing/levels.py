@@ -3,7 +3,7 @@
 - ``token``: each token's hidden state; one decision per token (the default).
 - ``sequence``: the masked mean of the layer input over each sequence (padding excluded); one
   decision per sequence, broadcast to all its tokens (sentence-level gating).
-- ``task``: a one-hot task id given as ``model(..., task_ids=LongTensor[batch])``; the router's
+- ``task``: a one-hot task id given as ``model(..., mope_task_ids=LongTensor[batch])``; the router's
   weight is then a learned ``[N, num_tasks]`` table of per-task logits (MOELoRA), and any gate
   (top-k, top-p, DSelect-k, ...) turns the task's logits into weights.
 
@@ -65,10 +65,13 @@ def spread(routing: Any, token_shape: torch.Size) -> Any:
     )
 
 
-def per_example(ids: torch.Tensor | None, batch: int, name: str, hint: str) -> torch.Tensor:
-    """Check per-example labels (``task_ids`` / ``group_ids``): a 1-D integer tensor fitting ``batch``."""
+def per_example(ids: torch.Tensor | None, batch: int, name: str, hint: str, argument: str = "") -> torch.Tensor:
+    """Check per-example labels (``task_ids`` / ``group_ids``): a 1-D integer tensor fitting ``batch``.
+
+    ``argument``: the model call's keyword that carries them, if not ``name``.
+    """
     if ids is None:
-        raise ValueError(f"{hint} needs per-example {name}: call model(..., {name}=LongTensor[batch]).")
+        raise ValueError(f"{hint} needs per-example {name}: call model(..., {argument or name}=LongTensor[batch]).")
     if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D integer tensor [batch], got {tuple(ids.shape)} {ids.dtype}.")
     if ids.shape[0] == 0 or batch % ids.shape[0] != 0:
@@ -142,7 +145,7 @@ class TaskLevel:
         ids = inputs.task_ids
         if ids is None and router.fixed_task is not None:  # mope.fix_task: one task for every example
             ids = torch.tensor([router.fixed_task], device=x.device)
-        ids = per_example(ids, token_shape[0], "task_ids", "routing_level='task'")
+        ids = per_example(ids, token_shape[0], "task_ids", "routing_level='task'", argument="mope_task_ids")
         if ids.device.type == "cpu" and (bool((ids < 0).any()) or bool((ids >= num_tasks).any())):
             raise ValueError(f"task_ids must lie in [0, num_tasks={num_tasks}), got {ids.tolist()}.")
         ids = ids.to(x.device)

@@ -8,14 +8,15 @@ and/or ``router_schedule_start_temperature`` and moves linearly to the configure
 The step is model-level state: a ``long`` buffer in ``MoPEModel.mope_schedule[adapter]``, saved in
 the bundle as ``base_model.mope_schedule.step`` and restored by ``PeftModel.from_pretrained``.
 A host-side copy of it means no device sync per forward: it is advanced with the buffer and
-re-read from it only when a state dict is loaded. Routers receive the new progress (plain Python
-attributes) at the next forward's pre-hook, and only when it changed.
+re-read from it only when a state dict is loaded. The schedule moves its routers (plain Python
+attributes) in the same place, :meth:`RouterSchedule.advance` or a load, and nowhere else.
 
 What counts as a step (``router_schedule_counter``):
 
 - ``"forward"`` (default): each training-mode forward of the whole model. Gradient
   accumulation therefore counts micro-batches: use S = optimizer steps * accumulation steps.
-- ``"manual"``: only :func:`step_schedule`, called after each ``optimizer.step()``.
+- ``"manual"``: only :func:`step_schedule`, called after each ``optimizer.step()``: mope's training
+  loop calls it, and :class:`ScheduleCallback` does it for ``transformers.Trainer`` (and TRL).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
+from transformers import TrainerCallback
 
 SCHEDULE_COUNTERS = ("forward", "manual")
 
@@ -37,18 +39,27 @@ class RouterSchedule(nn.Module):
         self.steps = steps
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.count = 0
-        self.applied = 0.0  # the progress the routers were last given (they start at 0)
+        # The adapter's routers (bind_schedule), in a plain list: they must not become submodules here.
+        self.routers: list[nn.Module] = []
 
     def advance(self) -> None:
         self.step.add_(1)
         self.count += 1
+        self.move_routers()
 
     def progress(self) -> float:
         return min(1.0, self.count / self.steps)
 
+    def move_routers(self) -> None:
+        """Give every router of the adapter the current progress."""
+        progress = self.progress()
+        for router in self.routers:
+            router.set_schedule_progress(progress)
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.count = int(self.step.item())  # once per load, not per forward
+        self.move_routers()
 
     def extra_repr(self) -> str:
         return f"steps={self.steps}, step={self.count}"
@@ -61,6 +72,20 @@ def attach_schedule(tuner: nn.Module, config: Any, adapter_name: str) -> None:
     if "mope_schedule" not in tuner._modules:
         tuner.mope_schedule = nn.ModuleDict()
     tuner.mope_schedule[adapter_name] = RouterSchedule(config.router_schedule_steps)
+
+
+def bind_schedule(tuner: Any, adapter_name: str) -> None:
+    """After injection: the schedule of ``adapter_name`` moves the routers its layers hold."""
+    schedules = schedules_of(tuner)
+    if adapter_name not in schedules:
+        return
+    schedule = schedules[adapter_name]
+    schedule.routers = [
+        routers[adapter_name]
+        for module in tuner.model.modules()
+        if isinstance(routers := getattr(module, "mope_router", None), nn.ModuleDict) and adapter_name in routers
+    ]
+    schedule.move_routers()
 
 
 def detach_schedule(tuner: nn.Module, adapter_name: str) -> None:
@@ -82,19 +107,6 @@ def advance_schedules(tuner: Any, counter: str) -> None:
             schedules[name].advance()
 
 
-def apply_schedules(tuner: Any) -> None:
-    """Give each scheduled adapter's routers its current progress, if it changed (cheap; no device sync)."""
-    for name, schedule in schedules_of(tuner).items():
-        progress = schedule.progress()
-        if progress == schedule.applied:
-            continue
-        for module in tuner.model.modules():
-            routers = getattr(module, "mope_router", None)
-            if isinstance(routers, nn.ModuleDict) and name in routers:
-                routers[name].set_schedule_progress(progress)
-        schedule.applied = progress
-
-
 def step_schedule(model: nn.Module) -> None:
     """Advance the router schedule by one step; call after each ``optimizer.step()``.
 
@@ -105,3 +117,15 @@ def step_schedule(model: nn.Module) -> None:
     if not hasattr(tuner, "routing_context"):
         raise ValueError(f"mope.step_schedule needs a MoPE model (a PeftModel with a MoPE adapter), got {type(model)}")
     advance_schedules(tuner, "manual")
+
+
+class ScheduleCallback(TrainerCallback):
+    """Steps the router schedule after each optimizer step of ``transformers.Trainer`` (and TRL's trainers).
+
+    ``Trainer(..., callbacks=[mope.ScheduleCallback()])``; needed for ``router_schedule_counter='manual'``,
+    harmless otherwise (``step_schedule`` leaves other adapters alone).
+    """
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        if model is not None:
+            step_schedule(model)

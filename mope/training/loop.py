@@ -18,6 +18,7 @@ from transformers import get_scheduler
 
 from ..analysis import expert_load
 from ..bundles import save_pretrained
+from ..routing.schedule import step_schedule
 from .data import Collator, load_examples
 from .models import build_model, load_tokenizer, wrap
 from .recipe import Recipe
@@ -182,6 +183,8 @@ class Run:
             if not self.accelerator.sync_gradients:
                 continue
             self.state.step += 1
+            if self.recipe.adapter.method == "mope":  # router_schedule_counter='manual' counts optimizer steps
+                step_schedule(self.accelerator.unwrap_model(self.model))
             aux = out.get("aux_loss")
             bar.update(1)
             if self.state.step % t.log_every == 0 or self.state.step == self.total_steps:
