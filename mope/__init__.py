@@ -22,10 +22,11 @@ from .routing import ROUTERS, Router, Routing
 from .routing.fixed_task import fix_task
 from .routing.schedule import ScheduleCallback, step_schedule
 from .tuner import MoPEModel
+from .version import MOPE_VERSION
 
-register()  # the one thing importing mope does besides defining names; no PEFT class is patched
+register(MoPEConfig, MoPEModel)  # the one thing importing mope does besides defining names; no PEFT class is patched
 
-__version__ = "0.1.0"
+__version__ = MOPE_VERSION
 
 __all__ = [
     "ROUTERS",

@@ -10,6 +10,7 @@ from typing import Any
 from peft import PeftConfig
 
 from .bundles.files import BundleHeader
+from .bundles.upgrade import read_config_file
 from .checks import check_bool, check_choice, check_int, check_number, check_version
 from .dispatch import DISPATCH_CHOICES
 from .experts import ACTIVATIONS, EXPERT_BANKS
@@ -19,8 +20,8 @@ from .routing.capacity import CAPACITY_POLICIES
 from .routing.levels import ROUTING_LEVELS
 from .routing.options import check_shared_options
 from .routing.top_k import TOP_K_ORDERS
+from .version import MOPE_VERSION
 
-MOPE_VERSION = "0.1.0"
 ADAPTER_PLACEMENTS = ("parallel", "series")
 
 
@@ -396,8 +397,6 @@ class MoPEConfig(PeftConfig):
         ``from_pretrained`` reads the file through here, so an old bundle is upgraded explicitly
         (logged, ``upgraded_from`` set) and a newer, malformed or unknown-key one is a clear ValueError.
         """
-        from .bundles.upgrade import read_config_file
-
         return read_config_file(path_json_file, cls)
 
     @classmethod

@@ -9,6 +9,8 @@ changes the enum's internals.
 
 from __future__ import annotations
 
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import register_peft_method
 from peft.utils.peft_types import PeftType
 
 PEFT_TYPE_NAME = "MOPE"
@@ -35,15 +37,12 @@ def add_peft_type_member(name: str = PEFT_TYPE_NAME) -> PeftType:
     return member
 
 
-def register() -> None:
-    """Make ``peft_type="MOPE"`` known to PEFT's config, tuner and prefix tables."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
+def register(config_cls: type, model_cls: type) -> None:
+    """Make ``peft_type="MOPE"`` known to PEFT's config, tuner and prefix tables (idempotent).
 
-    from .config import MoPEConfig
-    from .tuner import MoPEModel
-
+    ``mope/__init__.py`` calls it with ``MoPEConfig`` and ``MoPEModel``.
+    """
     peft_type = add_peft_type_member()
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is MoPEModel:
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type) is model_cls:
         return
-    register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=MoPEConfig, model_cls=MoPEModel, prefix=PREFIX)
+    register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=config_cls, model_cls=model_cls, prefix=PREFIX)

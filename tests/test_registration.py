@@ -27,7 +27,7 @@ def test_member_behaves_like_a_real_enum_member():
 def test_registration_is_idempotent():
     count = len(PeftType)
     assert add_peft_type_member() is PeftType.MOPE
-    register()
+    register(mope.MoPEConfig, mope.MoPEModel)
     assert len(PeftType) == count
 
 

@@ -13,8 +13,8 @@ from peft import PeftModel, get_peft_model
 
 import mope
 from mope.bundles import upgrade
-from mope.config import MOPE_VERSION
 from mope.layer import MoPELayer
+from mope.version import MOPE_VERSION
 
 
 @pytest.fixture

@@ -33,6 +33,8 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 from peft import PeftConfig
 
+from ..version import MOPE_VERSION
+
 logger = logging.getLogger(__name__)
 
 # What a bundle without mope_version counts as: older than every released version.
@@ -108,8 +110,6 @@ def check_known_keys(config: dict[str, Any], config_cls: type, path: str, label:
 
 
 def current_version() -> str:
-    from ..config import MOPE_VERSION  # mope.config imports this module lazily: no import cycle
-
     return MOPE_VERSION
 
 

@@ -69,11 +69,10 @@ def init_arrow(model: nn.Module, adapter_name: str = "default") -> int:
     Call it after changing the experts' weights (``mope.from_lora_adapters`` calls it once the
     adapters are copied in). Shared experts are not routed, so they get no prototype.
     """
-    from ..layer import MoPELayer  # the layer imports the routing package
-
     filled = 0
-    for layer in model.modules():
-        if not isinstance(layer, MoPELayer) or adapter_name not in layer.mope_router:
+    for layer in model.modules():  # MoPE layers: modules with a router table (the layer imports routing)
+        routers = getattr(layer, "mope_router", None)
+        if not isinstance(routers, nn.ModuleDict) or adapter_name not in routers:
             continue  # block-level routing: followers use their leader's router
         router = layer.mope_router[adapter_name]
         if not isinstance(router, ArrowRouter):
