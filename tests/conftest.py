@@ -1,17 +1,28 @@
-"""Shared fixtures: tiny random models built from configs (no downloads)."""
+"""Shared fixtures and helpers: tiny random models built from configs (no downloads), and what several test files use.
+
+Test files in every folder import these as ``from conftest import ...`` (pytest's default "prepend" import
+mode puts tests/ on sys.path when it loads this file); test file names are unique across folders for the
+same reason (see tests/README.md).
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import peft
 import pytest
 import torch
 import transformers
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
-import mope  # noqa: F401  (registers the MOPE PEFT type)
+import mope  # registers the MOPE PEFT type
 
 transformers.logging.set_verbosity_error()
 # One thread per test process: pytest-xdist runs one process per core, and tiny models gain
@@ -115,3 +126,185 @@ def assert_round_trip(model, model_name: str, folder) -> None:
 @pytest.fixture
 def model_factory():
     return make_model
+
+
+# --- "the model is unchanged": everything a refused call could have changed -------------------------
+
+
+def no_grad_logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        return model(**inputs).logits.clone()
+
+
+@dataclass
+class Snapshot:
+    """Everything a failed call could have changed on a model, captured by value."""
+
+    modules: list[tuple[str, type]]
+    state: dict[str, torch.Tensor]
+    requires_grad: dict[str, bool]
+    training: list[tuple[str, bool]]
+    hooks: list[tuple[str, int, int]]
+    config: dict[str, Any] | None
+    has_peft_config: bool
+    peft_config_keys: list[str] | None
+    logits: torch.Tensor
+
+    @classmethod
+    def of(cls, model: nn.Module, batch: dict) -> Snapshot:
+        config = getattr(model, "config", None)
+        peft_config = getattr(model, "peft_config", None)
+        return cls(
+            modules=[(name, type(module)) for name, module in model.named_modules()],
+            state={k: v.detach().clone() for k, v in model.state_dict().items()},
+            requires_grad={k: p.requires_grad for k, p in model.named_parameters()},
+            training=[(name, module.training) for name, module in model.named_modules()],
+            hooks=[(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()],
+            config=config.to_dict() if config is not None and hasattr(config, "to_dict") else None,
+            has_peft_config="peft_config" in vars(model),
+            peft_config_keys=sorted(peft_config) if isinstance(peft_config, dict) else None,
+            logits=no_grad_logits(model, batch),
+        )
+
+    def assert_same(self, model: nn.Module, batch: dict) -> None:
+        after = Snapshot.of(model, batch)
+        assert after.modules == self.modules, "module names or types changed"
+        assert after.state.keys() == self.state.keys(), "state_dict keys changed"
+        for key, value in self.state.items():
+            assert torch.equal(after.state[key], value), f"tensor {key} changed"
+        assert after.requires_grad == self.requires_grad, "requires_grad flags changed"
+        assert after.training == self.training, "train/eval modes changed"
+        assert after.hooks == self.hooks, "forward hooks were added or removed"
+        assert after.config == self.config, "model.config changed"
+        assert after.has_peft_config == self.has_peft_config, "peft_config attribute added or removed"
+        assert after.peft_config_keys == self.peft_config_keys, "adapters in peft_config changed"
+        torch.testing.assert_close(after.logits, self.logits, rtol=0, atol=0)
+
+
+def assert_plain(model: nn.Module) -> None:
+    """No trace of MoPE left on a base model."""
+    assert not any(isinstance(m, mope.MoPELayer) for m in model.modules())
+    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in model.modules())
+    assert "peft_config" not in vars(model)
+
+
+# --- gates on their own, outside a model ------------------------------------------------------------
+
+
+def make_router(router: str = "top_k", n: int = 4, k: int = 2, in_features: int = 8, **kwargs):
+    """A gate as the registry builds it, with the router's own initial weight."""
+    config = mope.MoPEConfig(num_experts=n, top_k=k, router=router, **kwargs)
+    return mope.ROUTERS[router](in_features, n, k, config)
+
+
+def router_of(router: str, num_experts: int = 6, top_k: int = 2, **options):
+    """A gate of 16 features whose scoring weight (if any) is drawn N(0, 1): sharp, varied choices."""
+    config = mope.MoPEConfig(**{"num_experts": num_experts, "top_k": top_k, "router": router, **options})
+    torch.manual_seed(0)
+    gate = mope.ROUTERS[router](16, num_experts, top_k, config)
+    if hasattr(gate, "weight"):
+        with torch.no_grad():
+            gate.weight.normal_(0, 1.0)
+    return gate
+
+
+def skewed_logits(batch: int, seq: int, n: int, seed: int) -> torch.Tensor:
+    """Random logits leaning towards expert 0, so that capacity overflows."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, seq, n, generator=g)
+    logits[..., 0] += 1.0
+    return logits
+
+
+def padded_mask(batch: int, seq: int) -> torch.Tensor:
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[-1, -2:] = 0  # right padding
+    return mask
+
+
+# --- generation ----------------------------------------------------------------------------------------
+
+
+def prompts(padded: bool) -> dict[str, torch.Tensor]:
+    """Two prompts; ``padded``: the second is shorter and left-padded, as a tokenizer with padding_side='left' does."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 128, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :3] = 0
+        mask[1, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def greedy(model, batch: dict, use_cache: bool) -> torch.Tensor:
+    return model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+
+def assert_cache_agrees(model, batch: dict) -> None:
+    cached, uncached = greedy(model, batch, True), greedy(model, batch, False)
+    start = 1 if model.config.is_encoder_decoder else batch["input_ids"].shape[1]  # decoder start token or prompt
+    assert cached.shape == (2, start + 6)
+    assert torch.equal(cached, uncached), f"cached {cached.tolist()}\nuncached {uncached.tolist()}"
+
+
+# --- LoRA adapters that PEFT trained and saved (mope.from_lora_adapters, the Arrow gate) -------------
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def train_lora(model_name: str, folder: Path, seed: int, **lora_kwargs) -> Path:
+    """A few AdamW steps of a PEFT LoRA on random tokens (seeded, so adapters differ), saved by PEFT."""
+    model = get_peft_model(make_model(model_name), LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(3):
+        batch = make_batch(model_name, batch=2, seq=8, seed=100 * seed + step)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_adapters(tmp_path_factory) -> list[Path]:
+    """Three Llama LoRAs: r=2; r=4 with rank and alpha patterns; r=4 with rsLoRA scaling."""
+    root = tmp_path_factory.mktemp("loras")
+    return [
+        train_lora("llama", root / "r2", seed=1, r=2, lora_alpha=4, target_modules=LLAMA_TARGETS),
+        train_lora(
+            "llama",
+            root / "r4",
+            seed=2,
+            r=4,
+            lora_alpha=8,
+            target_modules=LLAMA_TARGETS,
+            rank_pattern={"down_proj": 3},
+            alpha_pattern={"v_proj": 2},
+        ),
+        train_lora("llama", root / "rs", seed=3, r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, use_rslora=True),
+    ]
+
+
+# --- routing analyses (mope.analysis) -----------------------------------------------------------------
+
+
+def routed_llama(targets=("q_proj", "up_proj"), seed: int = 0, **kwargs):
+    """Tiny Llama with MoPE on ``targets`` (r=2), its adapter initialised under ``seed``, in eval mode."""
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=list(targets), r=2, **kwargs)
+    torch.manual_seed(seed)
+    return get_peft_model(make_model("llama"), config).eval()
+
+
+def repeated_token_batches(count: int = 3, seq: int = 16) -> list[dict]:
+    """Few distinct ids (1..6) in random contexts, so every id recurs in many contexts."""
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(1, 7, (4, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, :5] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches

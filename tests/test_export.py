@@ -1,4 +1,4 @@
-"""Collapse to one LoRA and export as a plain PEFT LoRA bundle (mope.export); merging with a fixed task."""
+"""Collapse to one LoRA and export as a plain PEFT LoRA bundle (mope.export)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def load_lora(name: str, folder) -> peft.PeftModel:
 
 
 TASK = {"routing_level": "task", "num_tasks": 3, "top_k": 2}
+
+
 # (model, MoPE config kwargs, task to fix or None): routing that does not depend on the input.
 EXACT_CASES = {
     "llama-one-expert": ("llama", {}, None),
@@ -101,6 +103,7 @@ def test_svd_is_the_best_low_rank_approximation_of_the_usage_weighted_update():
         torch.testing.assert_close(delta(low, module), best, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_export_loads_in_a_process_that_never_imports_mope(tmp_path):
     model = mope_model("llama", routing_level="task", num_tasks=2, num_experts=3, top_k=2)
     batch = make_batch("llama", batch=3, pad=2)
@@ -127,32 +130,6 @@ def test_export_loads_in_a_process_that_never_imports_mope(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
-
-
-def test_merge_with_a_fixed_task_is_exact_and_unmerge_restores():
-    model = mope_model("llama", **TASK, num_experts=4)
-    base_weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
-    want = logits(model, "llama", mope_task_ids=torch.full((3,), 2))
-    other = logits(model, "llama", mope_task_ids=torch.full((3,), 0))
-    with mope.fix_task(model, 2):
-        model.merge_adapter()
-    torch.testing.assert_close(logits(model, "llama"), want, rtol=0, atol=1e-5)
-    model.unmerge_adapter()  # after the task was released: the merge remembered its gate
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    torch.testing.assert_close(layer.base_layer.weight, base_weight, rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits(model, "llama", mope_task_ids=torch.full((3,), 0)), other, rtol=0, atol=1e-5)
-    mope.fix_task(model, 2)  # not as a context: stays fixed
-    merged = model.merge_and_unload()
-    torch.testing.assert_close(logits(merged, "llama"), want, rtol=0, atol=1e-5)
-
-
-def test_task_level_merge_without_a_fixed_task_is_refused_and_changes_nothing():
-    model = mope_model("llama", **TASK, num_experts=4)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"mope\.fix_task"):
-        model.merge_and_unload()
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, mope.MoPELayer)
 
 
 BAD_OPTIONS = {
@@ -182,15 +159,6 @@ def test_non_lora_experts_are_refused_by_name():
     model = mope_model("llama", num_experts=2, target_modules=["q_proj"], expert_type="adapter")
     with pytest.raises(ValueError, match="expert_type='adapter'"):
         mope.collapse_to_lora(model)
-
-
-def test_fix_task_checks_its_input():
-    with pytest.raises(ValueError, match="routing_level='task'"):
-        mope.fix_task(mope_model("llama"), 0)
-    model = mope_model("llama", **TASK, num_experts=4)
-    for bad in (3, -1, 1.0, True):
-        with pytest.raises(ValueError, match="task_id"):
-            mope.fix_task(model, bad)
 
 
 def test_export_is_saved_in_the_experts_dtype(tmp_path):

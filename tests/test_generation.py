@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODELS, make_model
+from conftest import MODELS, assert_cache_agrees, greedy, make_model, prompts
 from peft import get_peft_model
 
 import mope
-from mope.routing import ROUTERS, NoncausalRoutingError, RoutingInputs
+from mope.routing import NoncausalRoutingError
 
 # (config kwargs) of every gate and option that must decode the same with and without a KV cache
 ROWS: dict[str, dict] = {
@@ -62,28 +62,6 @@ def generation_model(model_name: str = "llama", **kwargs) -> torch.nn.Module:
             elif "mope_experts" in name:
                 param.mul_(4.0)  # experts strong enough that a different choice changes the next token
     return model.eval()
-
-
-def prompts(padded: bool) -> dict[str, torch.Tensor]:
-    """Two prompts; ``padded``: the second is shorter and left-padded, as a tokenizer with padding_side='left' does."""
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 128, (2, 7), generator=g)
-    mask = torch.ones_like(ids)
-    if padded:
-        ids[1, :3] = 0
-        mask[1, :3] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def greedy(model, batch: dict, use_cache: bool) -> torch.Tensor:
-    return model.generate(**batch, max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0)
-
-
-def assert_cache_agrees(model, batch: dict) -> None:
-    cached, uncached = greedy(model, batch, True), greedy(model, batch, False)
-    start = 1 if model.config.is_encoder_decoder else batch["input_ids"].shape[1]  # decoder start token or prompt
-    assert cached.shape == (2, start + 6)
-    assert torch.equal(cached, uncached), f"cached {cached.tolist()}\nuncached {uncached.tolist()}"
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
@@ -142,19 +120,3 @@ def test_expert_choice_generation_is_refused_clearly():
 def test_soft_tokens_is_refused_for_a_causal_model():
     with pytest.raises(ValueError, match="soft_tokens"):
         generation_model(router="soft_tokens")
-
-
-@pytest.mark.parametrize("router", ["top_k", "switch", "cosine"])
-def test_capacity_drops_in_causal_training_and_in_encoder_eval_only(router):
-    logits = torch.randn(2, 9, 4) * 3
-    inputs = RoutingInputs(token_mask=torch.ones(2, 9))
-    for task_type, training, drops in (
-        ("CAUSAL_LM", True, True),
-        ("CAUSAL_LM", False, False),
-        ("SEQ_CLS", False, True),
-    ):
-        config = mope.MoPEConfig(task_type=task_type, num_experts=4, top_k=2, router=router, capacity_factor=0.25)
-        gate = ROUTERS[router](8, 4, 2, config).train(training)
-        routing = gate.gate(logits, inputs)
-        assert bool(routing.dropped.any()) == drops, (task_type, training)
-        assert routing.dropped.shape == (2, 9, 4)  # statistics still see the gate's capacity, with 0 drops

@@ -153,7 +153,6 @@ def test_battery(row: tuple[str, dict[str, Any]]) -> None:
 
     torch.manual_seed(0)
     model = get_peft_model(base, MoPEConfig(**kwargs))
-    assert isinstance(model, PeftModel)
     layers = [m for m in model.modules() if isinstance(m, MoPELayer)]
     assert layers, "no module got experts"
 
@@ -381,6 +380,7 @@ LOAD_IN_NEW_PROCESS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_bundle_round_trips_through_a_new_process(tmp_path: Path) -> None:
     batch = make_batch("llama", pad=2)
     model = wrap("llama", init_weights=False)

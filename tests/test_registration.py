@@ -1,11 +1,17 @@
-"""The MOPE PEFT type: fails loudly if a PEFT upgrade changes how PeftType or registration works."""
+"""The MOPE PEFT type: fails loudly if a PEFT upgrade changes how PeftType or registration works.
+
+Registering is the one thing importing mope does: no PEFT class is patched (checked in a fresh process).
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import pickle
+import subprocess
+import sys
 
+import pytest
 from peft import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils.peft_types import PeftType
@@ -52,11 +58,18 @@ def test_config_round_trips_through_adapter_config_json(tmp_path):
     assert loaded.to_dict() == config.to_dict()
 
 
-def test_every_config_field_has_help():
-    from dataclasses import fields
-
-    own = {f.name for f in fields(mope.MoPEConfig)} - {f.name for f in fields(PeftConfig)}
-    assert own, "MoPEConfig defines no fields?"
-    for f in fields(mope.MoPEConfig):
-        if f.name in own:
-            assert f.metadata.get("help"), f"MoPEConfig.{f.name} has no help text"
+@pytest.mark.slow
+def test_import_mope_patches_no_peft_class():
+    """mope registers its PEFT type and changes nothing else of PEFT (checked in a fresh process)."""
+    code = (
+        "import peft, peft.auto as a\n"
+        "classes = {peft.PeftModel, *a.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.values()}\n"
+        "before = {(c, k): v for c in classes for k, v in vars(c).items()}\n"
+        "import mope\n"
+        "after = {(c, k): v for c in classes for k, v in vars(c).items()}\n"
+        "changed = sorted(f'{c.__name__}.{k}' for c, k in before.keys() | after.keys() "
+        "if before.get((c, k)) is not after.get((c, k)))\n"
+        "assert not changed, changed\n"
+        "assert len(classes) >= 6\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

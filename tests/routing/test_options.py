@@ -73,3 +73,22 @@ def test_shared_options_are_checked_for_every_gate():
             mope.MoPEConfig(router=gate, router_temperature=-1.0)
         with pytest.raises(ValueError, match=r"^MoPEConfig\.num_groups"):
             mope.MoPEConfig(router=gate, num_groups=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"soft_merge_lora": "outputs"}, "soft_merge_lora"),
+        ({"slots_per_expert": 0}, "slots_per_expert"),
+        ({"slots_per_expert": True}, "slots_per_expert"),
+        ({"router": "soft_merge"}, "routing_level"),  # LoRA merges per sequence
+        ({"router": "soft_merge", "routing_level": "sequence", "num_shared_experts": 1}, "num_shared_experts"),
+        ({"router": "soft_tokens", "routing_level": "sequence"}, "routing_level"),
+        ({"router": "soft_tokens", "expert_type": "ia3"}, "expert_type"),
+        ({"router": "soft_tokens", "num_shared_experts": 1}, "num_shared_experts"),
+        ({"router": "soft_tokens", "router_blocks": ["mlp"]}, "router_blocks"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"MoPEConfig.{field}"):
+        mope.MoPEConfig(num_experts=4, **kwargs)

@@ -1,8 +1,6 @@
-"""One numeric check for every config field: ``mope.checks``, and MoPEConfig's numbers refuse NaN and ±inf.
+"""MoPEConfig's own checks: a wrong field raises ValueError naming it, in code and through adapter_config.json.
 
-Every numeric field is refused non-finite, whether the value is given in code or arrives through a
-hand-edited ``adapter_config.json`` (Python's ``json`` writes and reads ``NaN`` / ``Infinity``), and
-the error names the field.
+Gate options (checked by each gate) are in routing/test_options.py, the numeric helpers in test_checks.py.
 """
 
 from __future__ import annotations
@@ -10,72 +8,68 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 
 import pytest
+from conftest import Snapshot, assert_plain, make_batch, make_model
+from peft import PeftConfig, get_peft_model
 
 import mope
-from mope.checks import check_bool, check_choice, check_int, check_number, check_version
+from mope import MoPEConfig
 
-# --- mope.checks --------------------------------------------------------------------------------
-
-
-def test_check_int_takes_integers_in_range_only():
-    assert check_int("C", "n", 3, low=1, high=3) == 3
-    assert check_int("C", "n", None, low=1, optional=True) is None
-    assert check_int("C", "n", 10**400, low=0) == 10**400
-    for bad in (0, 4, True, 2.0, "2", None, math.nan):
-        with pytest.raises(ValueError, match=r"^C\.n must be an integer in \[1, 3\], got "):
-            check_int("C", "n", bad, low=1, high=3)
-    with pytest.raises(ValueError, match=r"^C\.n must be None or an integer >= 1 with x, got 0$"):
-        check_int("C", "n", 0, low=1, optional=True, why="with x")
-
-
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, True, "1", None])
-def test_check_number_refuses_non_finite_bools_and_strings(bad):
-    with pytest.raises(ValueError, match=r"^C\.x must be a finite number, got "):
-        check_number("C", "x", bad)
-
-
-def test_check_number_bounds_open_and_closed():
-    assert check_number("C", "x", 0, low=0) == 0
-    assert check_number("C", "x", 1.0, low=0, high=1, low_open=True) == 1.0
-    assert check_number("C", "x", 10**400, low=0) == 10**400  # a huge int is finite (isfinite would overflow)
-    assert check_number("C", "x", None, optional=True) is None
-    cases = [
-        ({"low": 0, "low_open": True}, 0, r"a finite number > 0"),
-        ({"low": 0}, -0.5, r"a finite number >= 0"),
-        ({"high": 1, "high_open": True}, 1, r"a finite number < 1"),
-        ({"low": 0, "high": 1, "high_open": True}, 1.0, r"a finite number in \[0, 1\)"),
-        ({"low": 0, "high": 1, "low_open": True}, 0.0, r"a finite number in \(0, 1\]"),
-        ({"low": 0.01, "why": "(clamped)"}, 0.001, r"a finite number >= 0\.01 \(clamped\)"),
-        ({"low": 0, "optional": True}, math.inf, r"None or a finite number >= 0"),
-    ]
-    for kwargs, value, wanted in cases:
-        with pytest.raises(ValueError, match=rf"^C\.x must be {wanted}, got {re.escape(repr(value))}$"):
-            check_number("C", "x", value, **kwargs)
+BAD_FIELDS = [
+    ("num_experts", {"num_experts": 0}, "MoPEConfig.num_experts"),
+    ("top_k > num_experts", {"num_experts": 4, "top_k": 5}, "MoPEConfig.top_k"),
+    ("top_k", {"top_k": 0}, "MoPEConfig.top_k"),
+    ("r", {"r": 0}, "MoPEConfig.r"),
+    ("r non-int", {"r": 1.5}, "MoPEConfig.r"),
+    ("lora_alpha", {"lora_alpha": 0}, "MoPEConfig.lora_alpha"),
+    ("lora_dropout", {"lora_dropout": 1.0}, "MoPEConfig.lora_dropout"),
+    ("router", {"router": "nope"}, "MoPEConfig.router="),
+    ("router_init", {"router_init": "nope"}, "MoPEConfig.router_init"),
+    ("expert_type", {"expert_type": "nope"}, "MoPEConfig.expert_type"),
+    ("aux_loss_coef", {"aux_loss_coef": -1}, "MoPEConfig.aux_loss_coef"),
+    ("z_loss_coef", {"z_loss_coef": -1}, "MoPEConfig.z_loss_coef"),
+    ("router_jitter", {"router_jitter": 1.5}, "MoPEConfig.router_jitter"),
+    ("init_weights", {"init_weights": "yes"}, "MoPEConfig.init_weights"),
+    ("target_parameters", {"target_parameters": ["x"]}, "MoPEConfig.target_parameters"),
+    ("layers_pattern", {"layers_pattern": "layers"}, "MoPEConfig.layers_pattern"),
+]
 
 
-def test_check_bool_choice_and_version():
-    assert check_bool("C", "b", False) is False
-    for bad in (0, 1, "yes", None):
-        with pytest.raises(ValueError, match=r"^C\.b must be True or False, got "):
-            check_bool("C", "b", bad)
-    assert check_choice("C", "c", "a", {"b": 1, "a": 2}) == "a"
-    with pytest.raises(ValueError, match=re.escape("C.c='z' is unknown; choose one of ['a', 'b']")):
-        check_choice("C", "c", "z", {"b": 1, "a": 2})  # a table's keys are listed sorted
-    with pytest.raises(ValueError, match=re.escape("C.c=['a'] is unknown; choose one of ['b', 'a']")):
-        check_choice("C", "c", ["a"], ("b", "a"))  # a sequence in its order; unhashable values are refused too
-    assert check_version("C", "v", "0.1.0") == "0.1.0"
-    for bad in ("banana", "", 1, None):
-        with pytest.raises(ValueError, match=r"^C\.v must be a version string such as '0\.1\.0'"):
-            check_version("C", "v", bad)
+@pytest.mark.parametrize(("field", "kwargs", "substring"), BAD_FIELDS, ids=[row[0] for row in BAD_FIELDS])
+def test_invalid_config_field(field: str, kwargs: dict, substring: str) -> None:
+    model = make_model("llama")
+    batch = make_batch("llama")
+    before = Snapshot.of(model, batch)
+    with pytest.raises(ValueError) as info:
+        get_peft_model(model, MoPEConfig(task_type="CAUSAL_LM", target_modules="all-linear", **kwargs))
+    assert substring in str(info.value), f"{field}: {info.value}"
+    before.assert_same(model, batch)
+    assert_plain(model)
 
 
-# --- every numeric MoPEConfig field -------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_shared_experts": 4}, "num_shared_experts"),
+        ({"num_shared_experts": 3, "top_k": 2}, "top_k"),
+        ({"expert_type": "adapter", "adapter_placement": "middle"}, "adapter_placement"),
+        ({"expert_type": "adapter", "adapter_activation": "swish2"}, "adapter_activation"),
+        ({"expert_type": "adapter", "adapter_scaling": 0}, "adapter_scaling"),
+        ({"feedforward_modules": ["down_proj"]}, "feedforward_modules"),
+        ({"num_experts_pattern": {"mlp.*": 0}}, "num_experts_pattern"),
+        ({"top_k_pattern": {"(": 1}}, "top_k_pattern"),
+    ],
+)
+def test_invalid_config_combinations(kwargs, field):
+    with pytest.raises(ValueError, match=f"MoPEConfig.{field}"):
+        mope.MoPEConfig(**{"num_experts": 4, "top_k": 1, **kwargs})
+
 
 # Fields whose default is a number (bools are not); their bad values need no other field set.
 NUMERIC_FIELDS = [f.name for f in dataclasses.fields(mope.MoPEConfig) if type(f.default) in (int, float)]
+
+
 # Numeric fields whose default is None, with what makes them apply.
 OPTIONAL_NUMERIC_FIELDS = {
     "capacity_factor": {},
@@ -83,7 +77,11 @@ OPTIONAL_NUMERIC_FIELDS = {
     "router_schedule_start_top_k": {"router_schedule_steps": 10},
     "router_schedule_start_temperature": {"router_schedule_steps": 10},
 }
+
+
 ROWS = [(name, {}) for name in NUMERIC_FIELDS] + list(OPTIONAL_NUMERIC_FIELDS.items())
+
+
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -138,3 +136,13 @@ def test_non_finite_mope_version_in_adapter_config_json_is_named(tmp_path, value
     write_config(tmp_path, mope_version=value)  # the upgrade step reads the version before the config is built
     with pytest.raises(ValueError, match=rf"mope_version={value!r} is not a version number"):
         mope.MoPEConfig.from_pretrained(str(tmp_path))
+
+
+def test_every_config_field_has_help():
+    from dataclasses import fields
+
+    own = {f.name for f in fields(mope.MoPEConfig)} - {f.name for f in fields(PeftConfig)}
+    assert own, "MoPEConfig defines no fields?"
+    for f in fields(mope.MoPEConfig):
+        if f.name in own:
+            assert f.metadata.get("help"), f"MoPEConfig.{f.name} has no help text"

@@ -1,4 +1,6 @@
-"""Expert capacity, switch and expert choice against plain-Python reference loops."""
+"""Expert capacity (mope.routing.capacity) against plain-Python reference loops: top_k's policies, switch (top-1 with
+capacity), the limit never exceeded, padding taking no place, drop rates by position, when capacity applies.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +8,10 @@ import math
 
 import pytest
 import torch
+from conftest import make_router, padded_mask, skewed_logits
 
 import mope
 from mope.routing import ROUTERS, Routing, RoutingInputs, drop_rate_by_position
-
-
-def make_router(router: str, n: int, k: int, **kwargs):
-    config = mope.MoPEConfig(num_experts=n, top_k=k, router=router, **kwargs)
-    return ROUTERS[router](8, n, k, config)
-
-
-def skewed_logits(batch: int, seq: int, n: int, seed: int) -> torch.Tensor:
-    """Random logits leaning towards expert 0, so that capacity overflows."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(batch, seq, n, generator=g)
-    logits[..., 0] += 1.0
-    return logits
-
-
-def padded_mask(batch: int, seq: int) -> torch.Tensor:
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[0, :3] = 0  # left padding
-    mask[-1, -2:] = 0  # right padding
-    return mask
 
 
 def reference_token_choice(logits, mask, k, factor, policy, renormalise=True, uniforms=None):
@@ -147,33 +130,6 @@ def test_padding_takes_no_capacity(router_name, policy):
         assert (among.weights[:, :6] == 0).all()  # expert choice never picks padding
 
 
-def reference_expert_choice(logits, mask, factor):
-    flat = logits.reshape(-1, logits.shape[-1]).tolist()
-    real = mask.reshape(-1).tolist()
-    n = len(flat[0])
-    probs = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in flat]
-    tokens = [t for t in range(len(flat)) if real[t]]
-    c = min(math.ceil(factor * len(tokens) / n), len(tokens))
-    out = [[0.0] * n for _ in flat]
-    for e in range(n):
-        for t in sorted(tokens, key=lambda t: (-probs[t][e], t))[:c]:
-            out[t][e] = probs[t][e]
-    return torch.tensor(out), c
-
-
-@pytest.mark.parametrize("factor", [None, 0.5, 1.0, 3.0, 10.0])
-def test_expert_choice_matches_reference(factor):
-    logits, mask = skewed_logits(3, 7, 4, seed=7), padded_mask(3, 7)
-    router = make_router("expert_choice", 4, 2, capacity_factor=factor)
-    router.train()
-    routing = router.gate(logits, RoutingInputs(token_mask=mask))
-    want, c = reference_expert_choice(logits, mask, factor or 2.0)  # None -> top_k
-    torch.testing.assert_close(routing.weights.reshape(-1, 4), want, rtol=1e-5, atol=1e-7)
-    assert ((routing.weights > 0).sum(dim=(0, 1)) == c).all()  # every expert takes exactly c tokens
-    loads = routing.load.sum(-1)[(routing.weights > 0).any(-1)]
-    torch.testing.assert_close(loads, torch.ones_like(loads))
-
-
 def test_drop_rate_by_position():
     weights = torch.zeros(2, 3, 4)
     dropped = torch.zeros(2, 3, 4, dtype=torch.bool)
@@ -195,3 +151,19 @@ def test_sequence_policy_drops_towards_the_end():
     router = make_router("switch", 4, 1, capacity_factor=1.0)
     rate = drop_rate_by_position(router.gate(logits, RoutingInputs()))
     assert rate[:4].mean() < rate[-4:].mean()
+
+
+@pytest.mark.parametrize("router", ["top_k", "switch", "cosine"])
+def test_capacity_drops_in_causal_training_and_in_encoder_eval_only(router):
+    logits = torch.randn(2, 9, 4) * 3
+    inputs = RoutingInputs(token_mask=torch.ones(2, 9))
+    for task_type, training, drops in (
+        ("CAUSAL_LM", True, True),
+        ("CAUSAL_LM", False, False),
+        ("SEQ_CLS", False, True),
+    ):
+        config = mope.MoPEConfig(task_type=task_type, num_experts=4, top_k=2, router=router, capacity_factor=0.25)
+        gate = ROUTERS[router](8, 4, 2, config).train(training)
+        routing = gate.gate(logits, inputs)
+        assert bool(routing.dropped.any()) == drops, (task_type, training)
+        assert routing.dropped.shape == (2, 9, 4)  # statistics still see the gate's capacity, with 0 drops

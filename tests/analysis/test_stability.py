@@ -1,0 +1,35 @@
+"""mope.analysis.routing_agreement (OpenMoE): how often two checkpoints route the same tokens to the same experts."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import repeated_token_batches, routed_llama
+
+import mope
+from mope.analysis import routing_agreement
+
+
+def test_identical_checkpoints_agree_fully_and_a_new_router_does_not():
+    model = routed_llama(num_experts=4, top_k=2, router_init_std=1.0)
+    batches = repeated_token_batches()
+    same = routing_agreement(model, copy.deepcopy(model), batches)
+    assert len(same) == 4
+    for layer in same.values():
+        assert layer["top1_agreement"] == layer["topk_agreement"] == 1.0
+        assert layer["tokens"] == 3 * (4 * 16 - 5)
+    other = copy.deepcopy(model)
+    torch.manual_seed(7)
+    for module in other.modules():
+        if isinstance(module, mope.MoPELayer):
+            torch.nn.init.normal_(module.mope_router["default"].weight, std=1.0)
+    changed = routing_agreement(model, other, batches)
+    for layer in changed.values():  # 4 experts: an unrelated router agrees about as often as chance
+        assert layer["top1_agreement"] < 0.5 and layer["topk_agreement"] < 0.5
+
+
+def test_agreement_refuses_models_adapted_in_different_modules():
+    with pytest.raises(ValueError, match="different modules"):
+        routing_agreement(routed_llama(["q_proj"]), routed_llama(["up_proj"]), repeated_token_batches(1))

@@ -1,0 +1,62 @@
+"""mope.fix_task: a task-level mixture with its task fixed merges exactly into the base weights, and unmerges."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from conftest import make_batch, make_model
+
+import mope
+
+TASK_TYPES = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
+
+
+def mope_model(name: str, **kwargs):
+    defaults = {"target_modules": "all-linear", "num_experts": 1, "top_k": 1, "r": 2, "lora_alpha": 4}
+    config = mope.MoPEConfig(task_type=TASK_TYPES[name], init_weights=False, **{**defaults, **kwargs})
+    torch.manual_seed(3)
+    return peft.get_peft_model(make_model(name), config).eval()
+
+
+def logits(model, name: str, **extra) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**make_batch(name, batch=3, pad=2), **extra).logits
+
+
+TASK = {"routing_level": "task", "num_tasks": 3, "top_k": 2}
+
+
+def test_merge_with_a_fixed_task_is_exact_and_unmerge_restores():
+    model = mope_model("llama", **TASK, num_experts=4)
+    base_weight = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    want = logits(model, "llama", mope_task_ids=torch.full((3,), 2))
+    other = logits(model, "llama", mope_task_ids=torch.full((3,), 0))
+    with mope.fix_task(model, 2):
+        model.merge_adapter()
+    torch.testing.assert_close(logits(model, "llama"), want, rtol=0, atol=1e-5)
+    model.unmerge_adapter()  # after the task was released: the merge remembered its gate
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.base_layer.weight, base_weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(model, "llama", mope_task_ids=torch.full((3,), 0)), other, rtol=0, atol=1e-5)
+    mope.fix_task(model, 2)  # not as a context: stays fixed
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(logits(merged, "llama"), want, rtol=0, atol=1e-5)
+
+
+def test_task_level_merge_without_a_fixed_task_is_refused_and_changes_nothing():
+    model = mope_model("llama", **TASK, num_experts=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"mope\.fix_task"):
+        model.merge_and_unload()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, mope.MoPELayer)
+
+
+def test_fix_task_checks_its_input():
+    with pytest.raises(ValueError, match="routing_level='task'"):
+        mope.fix_task(mope_model("llama"), 0)
+    model = mope_model("llama", **TASK, num_experts=4)
+    for bad in (3, -1, 1.0, True):
+        with pytest.raises(ValueError, match="task_id"):
+            mope.fix_task(model, bad)

@@ -1,0 +1,215 @@
+"""MoPEModel (mope.tuner): which modules get experts, refusals that leave the model exactly as it was, the aux loss
+its forward hook adds, one routing context per model, and merging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import Snapshot, assert_plain, make_batch, make_model, no_grad_logits
+from peft import get_peft_model
+
+import mope
+from mope import MoPEConfig, MoPELayer
+from mope.losses import load_balancing_loss, router_z_loss
+
+BAD_TARGETS = [
+    ("matches-nothing", ["nonexistent_proj"], ["nonexistent_proj", "not found"]),
+    ("unsupported-type", ["embed_tokens"], ["model.embed_tokens", "Embedding", "Linear"]),
+    # model.norm comes after every q_proj: this fails once four layers were already wrapped
+    ("unsupported-after-wrapping", ["q_proj", "norm"], ["model.norm", "LlamaRMSNorm"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "substrings"), [row[1:] for row in BAD_TARGETS], ids=[row[0] for row in BAD_TARGETS]
+)
+def test_bad_targets_leave_model_unchanged(target_modules: list[str], substrings: list[str]) -> None:
+    model = make_model("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)  # restoring must not just unfreeze everything
+    batch = make_batch("llama")
+    before = Snapshot.of(model, batch)
+    config = MoPEConfig(task_type="CAUSAL_LM", target_modules=target_modules, num_experts=2, top_k=1, r=2)
+    with pytest.raises(ValueError) as info:
+        get_peft_model(model, config)
+    for substring in substrings:
+        assert substring in str(info.value), f"{substring!r} not in: {info.value}"
+    before.assert_same(model, batch)
+    assert_plain(model)
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "substrings"), [row[1:] for row in BAD_TARGETS], ids=[row[0] for row in BAD_TARGETS]
+)
+def test_bad_targets_for_second_adapter(target_modules: list[str], substrings: list[str]) -> None:
+    peft_model = get_peft_model(make_model("llama"), bundle_config())
+    batch = make_batch("llama")
+    before = Snapshot.of(peft_model, batch)
+    config = MoPEConfig(task_type="CAUSAL_LM", target_modules=target_modules, num_experts=2, top_k=1, r=2)
+    with pytest.raises(ValueError) as info:
+        peft_model.add_adapter("second", config)
+    for substring in substrings:
+        assert substring in str(info.value), f"{substring!r} not in: {info.value}"
+    before.assert_same(peft_model, batch)
+    assert all("second" not in layer.mope_experts for layer in peft_model.modules() if isinstance(layer, MoPELayer))
+
+
+def bundle_config(**overrides: Any) -> MoPEConfig:
+    kwargs: dict[str, Any] = {
+        "task_type": "CAUSAL_LM",
+        "target_modules": "all-linear",
+        "num_experts": 4,
+        "top_k": 2,
+        "r": 4,
+        "init_weights": False,
+    }
+    return MoPEConfig(**{**kwargs, **overrides})
+
+
+def test_per_module_patterns_set_expert_counts():
+    config = mope.MoPEConfig(
+        target_modules="all-linear",
+        num_experts=2,
+        top_k=1,
+        r=2,
+        num_experts_pattern={r"layers\.1\..*": 6},
+        top_k_pattern={r"layers\.1\..*": 3},
+    )
+    model = get_peft_model(make_model("llama"), config)
+    for name, m in model.named_modules():
+        if isinstance(m, MoPELayer):
+            want = (6, 3) if ".layers.1." in name else (2, 1)
+            s = m.mope_settings["default"]
+            assert (s.num_experts, s.top_k) == want, name
+            assert m.mope_experts["default"].lora_A.shape[0] == want[0]
+
+
+def test_mixed_placement_single_expert_on_attention():
+    config = mope.MoPEConfig(
+        target_modules="all-linear",
+        num_experts=4,
+        top_k=2,
+        r=2,
+        num_experts_pattern={"self_attn\\..*": 1},
+        top_k_pattern={"self_attn\\..*": 1},
+    )
+    model = get_peft_model(make_model("llama"), config)
+    attn = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert attn.mope_settings["default"].num_experts == 1
+    assert attn.fold_blocker("default") is None  # a plain LoRA: mergeable
+    assert model.base_model.model.model.layers[0].mlp.up_proj.mope_settings["default"].num_experts == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_experts_pattern": {"no_such_module": 2}}, "num_experts_pattern"),
+        ({"top_k_pattern": {"mlp\\..*": 5}}, "top_k"),
+        ({"expert_type": "ia3", "feedforward_modules": ["no_such_proj"]}, "feedforward_modules"),
+        ({"router_blocks": ["no_such_block"]}, "router_blocks"),
+    ],
+)
+def test_invalid_placement_is_refused_and_model_untouched(kwargs, field):
+    base = make_model("llama")
+    before = {n: type(m) for n, m in base.named_modules()}
+    config = mope.MoPEConfig(target_modules="all-linear", num_experts=4, top_k=1, r=2, **kwargs)
+    with pytest.raises(ValueError, match=field):
+        get_peft_model(base, config)
+    assert {n: type(m) for n, m in base.named_modules()} == before
+
+
+def test_aux_loss_unchanged_by_padding_tokens():
+    """Right-padding a causal batch leaves real tokens' states alone, so aux_loss must not move."""
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules="all-linear", num_experts=4, top_k=2, r=4)
+    model = get_peft_model(make_model("llama"), config)
+    model.train()
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(3))
+    short = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    padded_ids = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([torch.ones_like(ids), torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    padded = model(input_ids=padded_ids, attention_mask=padded_mask)
+    unmasked = model(input_ids=padded_ids, attention_mask=torch.ones_like(padded_ids))
+    torch.testing.assert_close(padded.aux_loss, short.aux_loss, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(unmasked.aux_loss, short.aux_loss, rtol=1e-5, atol=1e-7)
+
+
+def test_aux_loss_is_mean_over_layers_weighted_by_coefficients():
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM",
+        target_modules="all-linear",
+        num_experts=4,
+        top_k=2,
+        r=4,
+        aux_loss_coef=0.5,
+        z_loss_coef=0.25,
+    )
+    model = get_peft_model(make_model("llama"), config)
+    model.train()
+    seen = []
+    ctx = model.base_model.routing_context
+    original = ctx.record
+
+    def spy(record):
+        seen.append(record)
+        original(record)
+
+    ctx.record = spy
+    out = model(**make_batch("llama", pad=2))
+    layers = sum(isinstance(m, MoPELayer) for m in model.modules())
+    # the reference: each layer's loss on its own (the tuner batches them over layers)
+    lb = torch.stack([load_balancing_loss(r.routing, r.mask) for r in seen if r.loss_name == "load_balancing"])
+    z = torch.stack([router_z_loss(r.routing, r.mask) for r in seen if r.loss_name == "z_loss"])
+    assert len(lb) == len(z) == layers
+    torch.testing.assert_close(out.aux_loss, 0.5 * lb.mean() + 0.25 * z.mean())
+    # the gradient reaches each layer's logits alike (the batched losses take the softmax of all layers at once)
+    tensors = [r.routing.logits for r in seen if r.loss_name == "load_balancing"]
+    grads = torch.autograd.grad(out.aux_loss, tensors, retain_graph=True)
+    expected = torch.autograd.grad(0.5 * lb.mean() + 0.25 * z.mean(), tensors)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_no_aux_loss_in_eval_mode():
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules="all-linear", num_experts=4, top_k=2, r=4)
+    model = get_peft_model(make_model("llama"), config)
+    model.eval()
+    out = model(**make_batch("llama"))
+    assert out.get("aux_loss") is None
+
+
+def test_a_second_adapter_shares_the_routing_context():
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=2)
+    model = get_peft_model(make_model("llama"), config)
+    model.add_adapter("other", mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["v_proj"], num_experts=2))
+    contexts = {id(m.routing_context) for m in model.modules() if isinstance(m, MoPELayer)}
+    assert contexts == {id(model.base_model.routing_context)}
+    assert len(model.base_model.hook_handles) == 2
+
+
+def test_merge_of_input_routed_experts_refused() -> None:
+    peft_model = get_peft_model(make_model("llama"), bundle_config())
+    batch = make_batch("llama")
+    before = Snapshot.of(peft_model, batch)
+    with pytest.raises(ValueError) as info:
+        peft_model.merge_and_unload()
+    message = str(info.value)
+    assert "routes by input" in message and "nothing was changed" in message
+    assert "q_proj" in message or "_proj" in message
+    before.assert_same(peft_model, batch)
+    with pytest.raises(ValueError, match="routes by input"):
+        peft_model.merge_adapter()
+    before.assert_same(peft_model, batch)
+
+
+def test_merge_of_single_expert_is_exact() -> None:
+    peft_model = get_peft_model(make_model("llama"), bundle_config(num_experts=1, top_k=1))
+    batch = make_batch("llama")
+    expected = no_grad_logits(peft_model, batch)
+    base_logits = no_grad_logits(make_model("llama"), batch)
+    assert not torch.allclose(expected, base_logits, atol=1e-4), "init_weights=False should change the model"
+    merged = peft_model.merge_and_unload()
+    assert_plain(merged)
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in merged.modules())
+    torch.testing.assert_close(no_grad_logits(merged, batch), expected, rtol=0, atol=1e-5)

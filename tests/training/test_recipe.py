@@ -1,0 +1,62 @@
+"""Training recipes (mope.training.recipe): every YAML under recipes/ validates and says how to launch it; unknown
+keys, wrong types and conflicting learning rates are named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import tiny_llama
+from peft import get_peft_model
+
+from mope import MoPEConfig
+from mope.training.loop import parameter_groups
+from mope.training.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+
+
+OFFLINE_TINY = ROOT / "recipes" / "offline" / "tiny_llama_lm.yaml"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_validates_and_opens_with_launch_comment(path):
+    recipe = load_recipe(path)
+    assert recipe.training.output_dir
+    if recipe.adapter.method == "mope":  # the adapter block must be a valid MoPEConfig too
+        MoPEConfig(**recipe.adapter.config)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{path} must open with a comment"
+    assert "accelerate launch" in path.read_text().split("\n\n")[0] or "Launch" in path.read_text()
+
+
+def test_unknown_key_and_wrong_type_are_named(tmp_path):
+    with pytest.raises(RecipeError, match=r"training\.learnin_rate"):
+        load_recipe(OFFLINE_TINY, ["training.learnin_rate=0.1"])
+    with pytest.raises(RecipeError, match=r"training\.batch_size"):
+        load_recipe(OFFLINE_TINY, ["training.batch_size=many"])
+    with pytest.raises(RecipeError, match="max_steps"):
+        load_recipe(OFFLINE_TINY, ["training.epochs=2"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml"):
+        load_recipe(bad)
+
+
+def test_router_learning_rate_absolute_or_relative_and_not_both():
+    lr = ["training.learning_rate=0.004"]
+    assert load_recipe(OFFLINE_TINY, lr).training.router_lr == pytest.approx(0.004)  # default: same rate
+    assert load_recipe(OFFLINE_TINY, [*lr, "training.router_lr_scale=0.25"]).training.router_lr == pytest.approx(0.001)
+    assert load_recipe(OFFLINE_TINY, [*lr, "training.router_learning_rate=0.0003"]).training.router_lr == 0.0003
+    with pytest.raises(RecipeError, match=r"router_learning_rate.*router_lr_scale"):
+        load_recipe(OFFLINE_TINY, ["training.router_learning_rate=0.001", "training.router_lr_scale=0.1"])
+    with pytest.raises(RecipeError, match=r"training\.router_lr_scale"):
+        load_recipe(OFFLINE_TINY, ["training.router_lr_scale=0"])
+    model = get_peft_model(tiny_llama(), MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=4))
+    groups = parameter_groups(model, load_recipe(OFFLINE_TINY, [*lr, "training.router_lr_scale=0.5"]))
+    assert [g["lr"] for g in groups] == [0.004, 0.002]
+    assert all("mope_router" in n for n, p in model.named_parameters() if any(p is q for q in groups[1]["params"]))
