@@ -4,6 +4,8 @@ entropy and LoRAMoE's localized balancing; padding counts nowhere.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import make_batch, make_model
@@ -11,6 +13,7 @@ from peft import get_peft_model
 from torch import nn
 
 import mope
+from mope.layer import MoPELayer
 from mope.losses import entropy_loss, importance_loss, load_balancing_loss, localized_balance_loss, router_z_loss
 from mope.routing import Routing
 
@@ -146,3 +149,16 @@ def test_group_ids_reach_the_localized_loss_in_the_model():
         model(**batch)
     model.eval()
     assert model(**batch).get("aux_loss") is None  # no loss, so no labels needed
+
+
+def test_entropy_coefficient_may_be_negative_and_is_counted():
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules="all-linear", num_experts=4, top_k=2, r=4, router="dense",
+        init_weights=False, router_temperature=0.5, entropy_loss_coef=-0.5, aux_loss_coef=0.0, z_loss_coef=0.0,
+    )  # fmt: skip
+    model = get_peft_model(make_model("llama"), config)
+    model.train()
+    out = model(**make_batch("llama"))
+    layers = sum(isinstance(m, MoPELayer) for m in model.modules())
+    assert layers and out.aux_loss < 0  # - 0.5 * entropy (entropy > 0)
+    assert out.aux_loss > -0.5 * math.log(4) - 1e-6

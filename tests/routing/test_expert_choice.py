@@ -8,9 +8,11 @@ import math
 
 import pytest
 import torch
-from conftest import make_router, padded_mask, skewed_logits
+from conftest import make_batch, make_model, make_router, padded_mask, skewed_logits
+from peft import get_peft_model
 
-from mope.routing import RoutingInputs
+import mope
+from mope.routing import NoncausalRoutingError, RoutingInputs
 
 
 def reference_expert_choice(logits, mask, factor):
@@ -38,3 +40,41 @@ def test_expert_choice_matches_reference(factor):
     assert ((routing.weights > 0).sum(dim=(0, 1)) == c).all()  # every expert takes exactly c tokens
     loads = routing.load.sum(-1)[(routing.weights > 0).any(-1)]
     torch.testing.assert_close(loads, torch.ones_like(loads))
+
+
+def sparse_config(model: str, **kwargs) -> mope.MoPEConfig:
+    task = "SEQ_CLS" if model == "bert" else "CAUSAL_LM"
+    base = {"target_modules": "all-linear", "num_experts": 4, "top_k": 2, "r": 4}
+    return mope.MoPEConfig(task_type=task, **{**base, **kwargs})
+
+
+def test_expert_choice_refuses_inference_in_causal_lm():
+    batch = make_batch("llama")
+    model = get_peft_model(make_model("llama"), sparse_config("llama", router="expert_choice"))
+    model.train()
+    model(**batch).loss.backward()  # training is allowed (the caveat is documented)
+    model.eval()
+    with pytest.raises(NoncausalRoutingError, match="allow_noncausal_routing"):
+        model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
+    with pytest.raises(NoncausalRoutingError, match=r"MoPEConfig\.allow_noncausal_routing=True"), torch.no_grad():
+        model(**batch)
+    allowed = get_peft_model(
+        make_model("llama"), sparse_config("llama", router="expert_choice", allow_noncausal_routing=True)
+    )
+    allowed.eval()
+    out = allowed.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
+    assert out.shape == (2, 10)
+    encoder = get_peft_model(make_model("bert"), sparse_config("bert", router="expert_choice"))
+    encoder.eval()
+    with torch.no_grad():
+        encoder(**make_batch("bert"))  # an encoder is not causal: no refusal
+
+
+def test_expert_choice_refuses_a_kv_cache_step_in_any_model():
+    router = make_router("expert_choice")  # no task_type: not known to be causal
+    router.train()
+    logits = torch.randn(2, 1, 4)
+    with pytest.raises(NoncausalRoutingError, match="allow_noncausal_routing"):
+        router.gate(logits, RoutingInputs(cache_step=True))
+    allowed = make_router("expert_choice", allow_noncausal_routing=True)
+    assert allowed.gate(logits, RoutingInputs(cache_step=True)).weights.shape == (2, 1, 4)

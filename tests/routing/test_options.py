@@ -92,3 +92,58 @@ def test_shared_options_are_checked_for_every_gate():
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"MoPEConfig.{field}"):
         mope.MoPEConfig(num_experts=4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"capacity_factor": 0}, "capacity_factor"),
+        ({"capacity_factor": -1.0}, "capacity_factor"),
+        ({"capacity_factor": float("inf")}, "capacity_factor"),
+        ({"capacity_factor": "1"}, "capacity_factor"),
+        ({"capacity_factor": 1.0, "router": "dense"}, "capacity_factor"),
+        ({"capacity_policy": "fifo"}, "capacity_policy"),
+        ({"top_k_order": "topk"}, "top_k_order"),
+        ({"router_noise": 1}, "router_noise"),
+        ({"allow_noncausal_routing": "yes"}, "allow_noncausal_routing"),
+        ({"sinkhorn_iterations": 0}, "sinkhorn_iterations"),
+    ],
+)
+def test_invalid_sparse_gate_options(kwargs, field):
+    with pytest.raises(ValueError, match=f"MoPEConfig.{field}"):
+        mope.MoPEConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"router_temperature": 0}, "router_temperature"),
+        ({"router_temperature": float("inf")}, "router_temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"num_groups": 0}, "num_groups"),
+        ({"dselect_gamma": -1.0}, "dselect_gamma"),
+        ({"cosine_dim": 0}, "cosine_dim"),
+        ({"cosine_init_temperature": 0.001}, "cosine_init_temperature"),
+        ({"hash_seed": -1}, "hash_seed"),
+        ({"router": "hash", "routing_level": "sequence"}, "routing_level"),
+        ({"router": "cosine", "router_noise": True}, "router_noise"),
+        ({"routing_level": "paragraph"}, "routing_level"),
+        ({"routing_level": "task"}, "num_tasks"),
+        ({"num_tasks": 3}, "num_tasks"),
+        ({"importance_loss_coef": -1.0}, "importance_loss_coef"),
+        ({"entropy_loss_coef": math.nan}, "entropy_loss_coef"),
+        ({"localized_balance_coef": -0.1}, "localized_balance_coef"),
+        ({"localized_balance_delta": 1.0}, "localized_balance_delta"),
+        ({"router_schedule_steps": -1}, "router_schedule_steps"),
+        ({"router_schedule_steps": 10}, "router_schedule_steps"),
+        ({"router_schedule_start_top_k": 3}, "router_schedule_start"),
+        ({"router_schedule_steps": 10, "router_schedule_start_top_k": 9}, "router_schedule_start_top_k"),
+        ({"router_schedule_steps": 10, "router_schedule_start_temperature": 0.0}, "router_schedule_start_temperature"),
+        ({"router_schedule_steps": 10, "router_schedule_start_top_k": 4, "router": "hash"}, "start_top_k"),
+        ({"router_schedule_counter": "epoch"}, "router_schedule_counter"),
+    ],
+)
+def test_invalid_options_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        mope.MoPEConfig(num_experts=4, top_k=2, **kwargs)
