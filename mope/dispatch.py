@@ -11,9 +11,10 @@ one pass over a ``[tokens, d_out]`` tensor fewer, forward and backward.
   N*r). Two plain GEMMs (the second an ``addmm`` into the base output, ``s`` its ``alpha``), no
   sort, no host sync; unselected experts get zero gradient. It computes
   all N experts for every token, so it wins while N*r is small against the layer width.
-- ``sorted``: the (token, expert) pairs with nonzero weight, sorted by expert once (one host sync
-  for the per-expert counts), per-expert GEMMs on contiguous segments, scaled by the gate weight
-  and added back with ``index_add``. Work tracks k*r, not N*r, plus a gather and a scatter of the
+- ``sorted``: the (token, expert) pairs, sorted by expert once (one host sync for the per-expert
+  counts, which its loop needs), per-expert GEMMs on contiguous segments, scaled by the gate
+  weight and added back with ``index_add``. The pairs are the gate's ``chosen`` experts where it
+  lists them (:attr:`mope.routing.Routing.chosen`), else the nonzero weights. Work tracks k*r, not N*r, plus a gather and a scatter of the
   selected rows and a Python loop over experts (not tokens).
 - ``sparse`` (CPU, fp32/fp64): only the chosen experts' ranks, with no copy of the selected rows:
   ``h = A_cat x`` sampled at each token's chosen rank columns (``torch.sparse.sampled_addmm``),
@@ -39,9 +40,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-# (x [..., d_in], lora_A [N, r, d_in], lora_B [N, r, d_out], weights [..., N], scaling, base_out [..., d_out])
-#   -> base_out + delta [..., d_out], in base_out's dtype
-LoRADispatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor]
+# (x [..., d_in], lora_A [N, r, d_in], lora_B [N, r, d_out], weights [..., N], scaling, base_out [..., d_out],
+#  chosen [..., k] or None: the experts a token's weights may be nonzero at) -> base_out + delta [..., d_out],
+#  in base_out's dtype
+LoRADispatchFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor | None], torch.Tensor
+]
 
 
 def lora_masked(
@@ -51,8 +55,12 @@ def lora_masked(
     weights: torch.Tensor,
     scaling: float,
     base_out: torch.Tensor,
+    chosen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [..., d_in]``, ``lora_A [N, r, d_in]``, ``lora_B [N, r, d_out]``, ``weights [..., N]``, ``base_out [..., d_out]``."""
+    """``x [..., d_in]``, ``lora_A [N, r, d_in]``, ``lora_B [N, r, d_out]``, ``weights [..., N]``, ``base_out [..., d_out]``.
+
+    Every expert for every token (``chosen`` is not needed: unused experts have weight 0).
+    """
     n, r, d_in = lora_A.shape
     h = F.linear(x, lora_A.reshape(n * r, d_in))
     fused = base_out.dtype == h.dtype  # else (half base, fp32 experts): scale the narrow h, add in base's dtype
@@ -67,24 +75,45 @@ def lora_masked(
 
 @dataclass
 class SortedPairs:
-    """The nonzero (token, expert) pairs of flat gate weights ``[T, N]``, grouped by expert."""
+    """The (token, expert) pairs of flat gate weights ``[T, N]``, grouped by expert."""
 
     token: torch.Tensor  # [P] token index of each pair, expert-major order
     gate: torch.Tensor  # [P, 1] the pair's gate weight times the LoRA scaling, in the experts' dtype
-    sizes: list[int]  # pairs per expert (host ints: the one sync)
+    counts: torch.Tensor  # [N] pairs per expert, on the weights' device
+    host_sizes: list[int] | None = None  # counts on the host, once read
+
+    @property
+    def sizes(self) -> list[int]:
+        """Pairs per expert as host ints (a sync on a GPU, once): what a Python loop over experts needs."""
+        if self.host_sizes is None:
+            self.host_sizes = self.counts.tolist()
+        return self.host_sizes
 
 
-def sort_pairs(weights: torch.Tensor, scaling: float, dtype: torch.dtype) -> SortedPairs:
-    """Pairs in expert-major order: ``nonzero`` of the transposed mask already sorts them by expert.
+def sort_pairs(
+    weights: torch.Tensor, scaling: float, dtype: torch.dtype, chosen: torch.Tensor | None = None
+) -> SortedPairs:
+    """Pairs in expert-major order (tokens ascending within an expert).
 
-    The per-expert counts come to the host once (``tolist``); ``nonzero_static`` with their sum
-    then needs no second sync on CUDA.
+    With ``chosen [T, k]`` (the gate's chosen experts) the pairs are known without a look at the
+    weights: a stable sort of the T*k expert ids, and nothing comes to the host. Without it the
+    nonzero weights are found: ``nonzero`` of the transposed mask sorts them by expert, after the
+    per-expert counts come to the host once (``nonzero_static`` then needs no second sync on CUDA).
     """
-    used = (weights != 0).t()  # [N, T]
-    sizes = used.sum(dim=1).tolist()
-    expert, token = torch.nonzero_static(used, size=sum(sizes)).unbind(1)
-    gate = (weights[token, expert].to(dtype) * scaling).unsqueeze(-1)
-    return SortedPairs(token, gate, sizes)
+    if chosen is not None:
+        k = chosen.shape[-1]
+        flat = chosen.reshape(-1)  # token-major: pair p is token p // k
+        expert, order = torch.sort(flat, stable=True)
+        token = torch.div(order, k, rounding_mode="floor")
+        pairs = SortedPairs(token, weights.new_empty(0), torch.bincount(flat, minlength=weights.shape[-1]))
+    else:
+        used = (weights != 0).t()  # [N, T]
+        counts = used.sum(dim=1)
+        sizes = counts.tolist()
+        expert, token = torch.nonzero_static(used, size=sum(sizes)).unbind(1)
+        pairs = SortedPairs(token, weights.new_empty(0), counts, sizes)
+    pairs.gate = (weights[token, expert].to(dtype) * scaling).unsqueeze(-1)
+    return pairs
 
 
 def add_back(base_out: torch.Tensor, out: torch.Tensor, pairs: SortedPairs) -> torch.Tensor:
@@ -94,11 +123,12 @@ def add_back(base_out: torch.Tensor, out: torch.Tensor, pairs: SortedPairs) -> t
 
 
 def gather_pairs(
-    x: torch.Tensor, lora_A: torch.Tensor, weights: torch.Tensor, scaling: float
+    x: torch.Tensor, lora_A: torch.Tensor, weights: torch.Tensor, scaling: float, chosen: torch.Tensor | None
 ) -> tuple[torch.Tensor, SortedPairs]:
     """The input rows of every (token, expert) pair, grouped by expert, and the pairs themselves."""
     n, _, d_in = lora_A.shape
-    pairs = sort_pairs(weights.reshape(-1, n), scaling, x.dtype)
+    flat_chosen = None if chosen is None else chosen.reshape(-1, chosen.shape[-1])
+    pairs = sort_pairs(weights.reshape(-1, n), scaling, x.dtype, flat_chosen)
     return x.reshape(-1, d_in).index_select(0, pairs.token), pairs
 
 
@@ -109,9 +139,10 @@ def lora_sorted(
     weights: torch.Tensor,
     scaling: float,
     base_out: torch.Tensor,
+    chosen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-expert GEMMs on the tokens each expert got; a loop over experts, never over tokens."""
-    rows, pairs = gather_pairs(x, lora_A, weights, scaling)
+    rows, pairs = gather_pairs(x, lora_A, weights, scaling, chosen)
     used = [e for e, size in enumerate(pairs.sizes) if size]
     sizes = [pairs.sizes[e] for e in used]
     # unbind, not lora_A[e]: one stacked gradient in backward instead of a zero-filled full one per expert
@@ -130,10 +161,14 @@ def lora_grouped(
     weights: torch.Tensor,
     scaling: float,
     base_out: torch.Tensor,
+    chosen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sorted`` with one ``torch._grouped_mm`` per side instead of a loop over experts."""
-    rows, pairs = gather_pairs(x, lora_A, weights, scaling)
-    offsets = torch.tensor(pairs.sizes).cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
+    """``sorted`` with one ``torch._grouped_mm`` per side instead of a loop over experts.
+
+    With the gate's ``chosen`` experts nothing comes to the host: the offsets stay on the device.
+    """
+    rows, pairs = gather_pairs(x, lora_A, weights, scaling, chosen)
+    offsets = pairs.counts.cumsum(0, dtype=torch.int32)
     hidden = torch._grouped_mm(rows, lora_A.transpose(-2, -1), offs=offsets) * pairs.gate
     out = torch._grouped_mm(hidden, lora_B, offs=offsets)
     return add_back(base_out, out, pairs)
@@ -180,12 +215,23 @@ class RankPattern:
         return F.embedding_bag(self.col, rows, self.crow[:-1], mode="sum", per_sample_weights=values)
 
 
-def rank_pattern(used: torch.Tensor, r: int) -> tuple[RankPattern, torch.Tensor]:
-    """The pattern of gate weights' nonzeros ``used [T, N]`` at rank granularity, and each pair's expert."""
-    tokens, n = used.shape
-    token, expert = used.nonzero().unbind(1)
-    crow = F.pad((used.sum(1) * r).cumsum(0), (1, 0))
-    col = (expert[:, None] * r + torch.arange(r, device=used.device)).flatten()
+def rank_pattern(weights: torch.Tensor, r: int, chosen: torch.Tensor | None) -> tuple[RankPattern, torch.Tensor]:
+    """The pattern of the experts in use at rank granularity, and each pair's expert.
+
+    ``weights [T, N]``; ``chosen [T, k]``, the gate's chosen experts, or None: the nonzero weights.
+    """
+    tokens, n = weights.shape
+    if chosen is not None:
+        k = chosen.shape[-1]
+        expert = chosen.sort(dim=-1).values.flatten()  # experts ascending within a token, as CSR wants
+        token = torch.arange(tokens, device=weights.device).repeat_interleave(k)
+        per_token = torch.full((tokens,), k, device=weights.device, dtype=torch.long)
+    else:
+        used = weights != 0
+        token, expert = used.nonzero().unbind(1)
+        per_token = used.sum(1)
+    crow = F.pad((per_token * r).cumsum(0), (1, 0))
+    col = (expert[:, None] * r + torch.arange(r, device=weights.device)).flatten()
     return RankPattern(crow, col, token, r, (tokens, n * r)), expert
 
 
@@ -229,11 +275,13 @@ def lora_sparse(
     weights: torch.Tensor,
     scaling: float,
     base_out: torch.Tensor,
+    chosen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Only the chosen experts' ranks, as sparse-dense products: a CPU strategy for many experts per token's k."""
     n, r, d_in = lora_A.shape
     flat_weights = weights.reshape(-1, n)
-    pattern, expert = rank_pattern(flat_weights != 0, r)
+    flat_chosen = None if chosen is None else chosen.reshape(-1, chosen.shape[-1])
+    pattern, expert = rank_pattern(flat_weights, r, flat_chosen)
     gate = flat_weights[pattern.token, expert].to(x.dtype) * scaling
     flat_base = base_out.reshape(-1, base_out.shape[-1])
     a_cat, b_cat = lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1)

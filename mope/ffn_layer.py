@@ -107,9 +107,11 @@ class MoPEFFNLayer(MoPELayer):
         for name in active:
             routing = self.route(name, x, inputs)
             weights = self.gate_weights(name, routing.weights).reshape(-1, self.mope_settings[name].num_experts)
+            chosen = self.chosen_experts(name, routing)
+            chosen = None if chosen is None else chosen.reshape(-1, chosen.shape[-1])
             bank = self.mope_experts[name]
             dtype = bank.gate.lora_A.dtype
-            adapter_mixed, adapter_delta = bank.mix(*(t.to(dtype) for t in flat), weights, act)
+            adapter_mixed, adapter_delta = bank.mix(*(t.to(dtype) for t in flat), weights, act, chosen)
             # several adapters: each adds its change to the frozen hidden state
             mixed = adapter_mixed if mixed is None else mixed + (adapter_mixed - flat[3].to(dtype))
             delta = delta + adapter_delta

@@ -118,6 +118,15 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             return routed
         return torch.cat([routed, routed.new_ones((*routed.shape[:-1], num_shared))], dim=-1)
 
+    def chosen_experts(self, adapter_name: str, routing) -> torch.Tensor | None:
+        """The routing's chosen experts ``[..., k]``, then every shared expert (they always act), or None."""
+        chosen, num_shared = routing.chosen, self.mope_settings[adapter_name].num_shared
+        if chosen is None or num_shared == 0:
+            return chosen
+        routed = self.mope_settings[adapter_name].num_experts - num_shared
+        shared = torch.arange(routed, routed + num_shared, device=chosen.device)
+        return torch.cat([chosen, shared.expand(*chosen.shape[:-1], num_shared)], dim=-1)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
@@ -141,7 +150,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             if router.applies_experts:  # soft_merge / soft_tokens apply the bank themselves
                 result = router.apply_experts(bank, adapter_x, result, routings[name], weights[name])
             else:
-                result = bank(adapter_x, result, weights[name])
+                result = bank(adapter_x, result, weights[name], self.chosen_experts(name, routings[name]))
         ctx = self.routing_context
         if ctx is not None and self.training:
             for name in active:

@@ -18,6 +18,7 @@ from mope.dispatch import (
     auto_dispatch,
     lora_masked,
     resolve_dispatch,
+    sort_pairs,
 )
 from mope.layer import MoPELayer
 
@@ -85,8 +86,12 @@ def test_strategy_equals_masked_with_dropped_tokens(strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_strategy_handles_tokens_without_experts_and_unused_experts(strategy):
-    """Padding-like rows with all-zero weights, and experts no token chose, give zero delta / grad."""
+@pytest.mark.parametrize("given_chosen", [False, True], ids=["nonzeros", "chosen"])
+def test_strategy_handles_tokens_without_experts_and_unused_experts(strategy, given_chosen):
+    """Padding-like rows with all-zero weights, and experts no token chose, give zero delta / grad.
+
+    With ``chosen`` (the gate's top-2 list) the all-zero rows still list two experts, at weight 0.
+    """
     torch.manual_seed(0)
     x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
     lora_a = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
@@ -95,11 +100,12 @@ def test_strategy_handles_tokens_without_experts_and_unused_experts(strategy):
     weights[0, :4, 1] = 0.7
     weights[0, :4, 3] = 0.3
     weights[1, 2:, 1] = 1.0
+    chosen = weights.topk(2, dim=-1).indices if given_chosen else None
     weights.requires_grad_()
     base_out = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
     results = []
     for fn in (resolve_dispatch(strategy, x, lora_a, 2).apply, lora_masked):
-        out = fn(x, lora_a, lora_b, weights, 2.0, base_out)
+        out = fn(x, lora_a, lora_b, weights, 2.0, base_out, chosen)
         results.append([out, *torch.autograd.grad(out.square().sum(), [x, lora_a, lora_b, base_out])])
     for g, w in zip(*results, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
@@ -118,12 +124,18 @@ def test_grouped_kernel_math_on_cpu_fp32():
     logits = torch.randn(64, 4, requires_grad=True)
     assert (topk_weights(logits, 2) != 0).sum(0).min() > 0
     base_out = torch.randn(64, 8)
+    chosen = logits.topk(2, dim=-1).indices
     results = []
-    for fn in (LORA_DISPATCH["grouped"].apply, lora_masked):
-        out = fn(x, lora_a, lora_b, topk_weights(logits, 2), 2.0, base_out)
+    for fn, given in (
+        (LORA_DISPATCH["grouped"].apply, None),
+        (LORA_DISPATCH["grouped"].apply, chosen),
+        (lora_masked, None),
+    ):
+        out = fn(x, lora_a, lora_b, topk_weights(logits, 2), 2.0, base_out, given)
         results.append([out, *torch.autograd.grad(out.square().sum(), [x, lora_a, lora_b, logits])])
-    for g, w in zip(*results, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
+    for got in results[:2]:
+        for g, w in zip(got, results[2], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-3)
 
 
 def test_auto_rule():
@@ -291,3 +303,23 @@ def test_sparse_strategy_under_torch_compile():
     bank.dispatch = "masked"
     for g, w in zip(got, output_and_grads(layer, x), strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_sort_pairs_from_chosen_equals_the_nonzero_pairs():
+    """The gate's chosen experts give the same pairs, in the same order, as finding the nonzero weights."""
+    torch.manual_seed(0)
+    logits = torch.randn(50, 6)
+    weights = topk_weights(logits, 2)
+    found = sort_pairs(weights, 0.5, torch.float64)
+    given = sort_pairs(weights, 0.5, torch.float64, logits.topk(2, dim=-1).indices)
+    assert torch.equal(given.token, found.token) and torch.equal(given.gate, found.gate)
+    assert torch.equal(given.counts, found.counts) and given.sizes == found.sizes
+
+
+def test_routing_lists_the_chosen_experts_of_fixed_k_gates():
+    for router, k in (("top_k", 2), ("switch", 1), ("top_p", 3), ("hierarchical", 2)):
+        layer = layer_for(8, k if router != "switch" else 2, 0, "masked", router=router)
+        routing = layer.mope_router["default"](torch.randn(5, 16, dtype=torch.float64))
+        used = routing.weights != 0
+        listed = torch.zeros_like(used).scatter(-1, routing.chosen, True)
+        assert routing.chosen.shape == (5, k) and (used <= listed).all(), router

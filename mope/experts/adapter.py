@@ -48,7 +48,9 @@ class AdapterExpertBank(ExpertBank):
             nn.init.uniform_(self.up, -1.0 / math.sqrt(r), 1.0 / math.sqrt(r))
             nn.init.uniform_(self.up_bias, -0.1, 0.1)
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor | None = None
+    ) -> torch.Tensor:
         z = (base_out if self.series else x).to(self.down.dtype)
         n, r, d_z = self.down.shape
         h = self.activation(

@@ -32,7 +32,10 @@ class ExpertBank(nn.Module):
 
     The layer calls, per forward, ``scale_input`` (only if ``scales_input``) before the base
     module and ``forward`` after it. ``weights [..., N]`` are the gate weights over all N experts
-    (shared experts included, with weight 1), zero for experts a token does not use.
+    (shared experts included, with weight 1), zero for experts a token does not use. ``chosen
+    [..., k]``, where the gate gives it (:attr:`mope.routing.Routing.chosen`, shared experts
+    appended), lists the experts a token's weights may be nonzero at; banks that compute only
+    the chosen experts read it, the others ignore it.
     """
 
     scales_input: bool = False
@@ -61,7 +64,9 @@ class ExpertBank(nn.Module):
         """Input to give the base module (experts that act before it, e.g. (IA)³ on FFN inputs)."""
         return x
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The module's output given its input ``x`` and the base module's output."""
         raise NotImplementedError
 

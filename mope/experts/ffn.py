@@ -47,13 +47,15 @@ class FFNExpertBank(ExpertBank):
         hidden: torch.Tensor,
         weights: torch.Tensor,
         act: Any,
+        chosen: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """For flat tokens: ``sum_e g_e h_e + (1 - sum_e g_e) h`` and ``sum_e g_e s dW2_e h_e``.
 
         ``x [T, d]``; ``gate_out``, ``up_out``, ``hidden [T, F]`` are the base MLP's ``W1 x``, ``W3 x``
-        and ``act(W1 x) * W3 x``; ``weights [T, N]`` the gate weights (zero where unused).
+        and ``act(W1 x) * W3 x``; ``weights [T, N]`` the gate weights (zero where unused);
+        ``chosen [T, k]`` the gate's chosen experts, or None (then the nonzero weights are found).
         """
-        pairs = sort_pairs(weights, 1.0, hidden.dtype)
+        pairs = sort_pairs(weights, 1.0, hidden.dtype, chosen)
         index = pairs.token
         rows, gates, ups = (t.index_select(0, index).split(pairs.sizes) for t in (x, gate_out, up_out))
         states, deltas = [], []

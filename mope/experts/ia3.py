@@ -36,7 +36,9 @@ class IA3ExpertBank(ExpertBank):
     def scale_input(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return x * self.mixed_scale(weights).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.scales_input:
             return base_out
         return base_out * self.mixed_scale(weights).to(base_out.dtype)

@@ -56,10 +56,12 @@ class LoRAExpertBank(ExpertBank):
             bound = 1.0 / math.sqrt(self.r)
             nn.init.uniform_(self.lora_B, -bound, bound)
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = self.dropout(x.to(self.lora_A.dtype))
         strategy = resolve_dispatch(self.dispatch, x, self.lora_A, self.active_experts)
-        return strategy.apply(x, self.lora_A, self.lora_B, weights, self.scaling, base_out)
+        return strategy.apply(x, self.lora_A, self.lora_B, weights, self.scaling, base_out, chosen)
 
     def soft_merged_delta(self, x, base_out, g, lora_mode):
         x = self.dropout(x.to(self.lora_A.dtype))
@@ -122,7 +124,9 @@ class SharedALoRAExpertBank(ExpertBank):
         else:
             nn.init.uniform_(self.lora_B, -1.0 / math.sqrt(self.r), 1.0 / math.sqrt(self.r))
 
-    def forward(self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, base_out: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = nn.functional.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
         gate = (weights * self.scaling).to(h.dtype)
         mixed = (gate.unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)

@@ -71,6 +71,10 @@ class Routing:
     without capacity; :func:`mope.routing.capacity.drop_rate_by_position` reads it.
     ``selectors``: ``[..., S, N]`` distributions whose entropy the entropy regulariser penalises
     (DSelect-k's S single-expert selectors), or None, meaning ``probs`` is the one selector.
+    ``chosen``: ``[..., k]`` long, the experts a token's weights may be nonzero at (k distinct
+    indices; a choice capacity dropped or a top-p cut may still be listed, at weight 0), given by
+    gates that pick a fixed number of experts, or None. The dispatch strategies that compute
+    only the chosen experts read it instead of finding the nonzeros (a host sync on a GPU).
     """
 
     weights: torch.Tensor
@@ -79,6 +83,7 @@ class Routing:
     load: torch.Tensor
     dropped: torch.Tensor | None = None
     selectors: torch.Tensor | None = None
+    chosen: torch.Tensor | None = None
 
 
 # Set after @dataclass has written __init__ (which assigns them through the descriptors): a class

@@ -59,8 +59,10 @@ class HashRouter(Router):
                 f"(layer input {tuple(x.shape)}): pass input_ids (not inputs_embeds), and decoder_input_ids "
                 "for an encoder-decoder decoder, or choose a learned gate."
             )
-        one_hot = F.one_hot(self.expert_of(inputs.token_ids.to(x.device)), self.num_experts).to(x.dtype)
-        return Routing(weights=one_hot, probs=one_hot, logits=torch.zeros_like(one_hot), load=one_hot)
+        expert = self.expert_of(inputs.token_ids.to(x.device))
+        one_hot = F.one_hot(expert, self.num_experts).to(x.dtype)
+        zeros = torch.zeros_like(one_hot)
+        return Routing(weights=one_hot, probs=one_hot, logits=zeros, load=one_hot, chosen=expert.unsqueeze(-1))
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in_features={self.in_features}, a={self.multiplier}, b={self.offset}"

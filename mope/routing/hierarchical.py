@@ -67,7 +67,7 @@ class HierarchicalRouter(Router):
         weights = torch.zeros_like(probs).scatter(-1, index, values)
         load = one_hot_shares(probs, index, k)
         raw = group_logits.repeat_interleave(size, dim=-1) + expert_logits
-        return Routing(weights=weights, probs=probs, logits=raw, load=load)
+        return Routing(weights=weights, probs=probs, logits=raw, load=load, chosen=index)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"

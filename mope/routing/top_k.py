@@ -123,7 +123,7 @@ class TopKRouter(Router):
             )
             weights = weights.scatter(-1, index, values * kept)
             dropped = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, index, dropped_slots)
-        return Routing(weights=weights, probs=probs, logits=logits, load=load, dropped=dropped)
+        return Routing(weights=weights, probs=probs, logits=logits, load=load, dropped=dropped, chosen=index)
 
     def capacity_applies(self) -> bool:
         """Whether capacity may drop assignments in this forward: always in training, in eval only if not causal.

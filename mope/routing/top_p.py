@@ -38,7 +38,9 @@ class TopPRouter(Router):
         kept = probs * keep
         weights = kept / kept.sum(dim=-1, keepdim=True)
         load = keep.to(probs.dtype) / keep.sum(dim=-1, keepdim=True)
-        return Routing(weights=weights, probs=probs, logits=logits, load=load)
+        # the kept experts are among the top_k ranked: the dispatch computes those
+        chosen = order[..., : min(self.top_k, probs.shape[-1])]
+        return Routing(weights=weights, probs=probs, logits=logits, load=load, chosen=chosen)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", top_p={self.top_p}"

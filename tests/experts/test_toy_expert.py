@@ -31,7 +31,7 @@ class BiasExpertBank(ExpertBank):
         if not config.init_weights:
             nn.init.normal_(self.biases, std=0.5)
 
-    def forward(self, x, base_out, weights):
+    def forward(self, x, base_out, weights, chosen=None):
         return base_out + (weights.to(self.biases.dtype) @ self.biases).to(base_out.dtype)
 
     def soft_merged_delta(self, x, base_out, g, lora_mode):
