@@ -84,7 +84,7 @@ def test_stats_prints_the_report_and_writes_json_and_plots(built, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report) == 4
     for layer in report.values():
-        assert layer["tokens"] > 0 and 0 <= layer["token_id_predictability"] <= 1
+        assert layer["tokens"] > 0 and layer["repeated_tokens"] > 0  # the token ids reached the analysis
     for name in ("load_heatmap.png", "routing_by_position.png", "token_map.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
