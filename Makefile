@@ -1,6 +1,9 @@
 # Two entry points, each sets itself up on a fresh machine:
 #   make demo   runs the main job (python -m mope.demo: MoPE vs equal-size LoRA on the real MiniLM)
-#   make test   runs ruff, the docs build (warnings are errors) and the test suite
+#   make test   runs ruff, the docs build (warnings are errors) and the whole test suite (what CI runs)
+#   make test-fast  the tests not marked slow (the slow ones start a subprocess: accelerate/DDP runs,
+#               examples and benchmarks as scripts), i.e. .venv/bin/python -m pytest -n 2 -q -m "not slow"
+#               (see tests/README.md)
 #   make docs   builds the docs site into site/ (preview: .venv/bin/mkdocs serve)
 #   make bench  runs the speed benchmarks (run alone: training step, memory, inference, layer loops,
 #               soft merging; ~16 min)
@@ -45,6 +48,10 @@ bench: $(STAMP)
 
 test: lint docs
 	$(BIN)/python -m pytest -n 2 -q
+
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache site
