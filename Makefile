@@ -4,6 +4,8 @@
 #   make test-fast  the tests not marked slow (the slow ones start a subprocess: accelerate/DDP runs,
 #               examples and benchmarks as scripts), i.e. .venv/bin/python -m pytest -n 2 -q -m "not slow"
 #               (see tests/README.md)
+#   make test-oldest  runs the core tests in a fresh .venv-oldest that has only the core dependencies
+#               (no extras), pinned to the lowest supported versions (.ci/oldest-constraints.txt)
 #   make docs   builds the docs site into site/ (preview: .venv/bin/mkdocs serve)
 #   make bench  runs the speed benchmarks (run alone: training step, memory, inference, layer loops,
 #               soft merging; ~16 min)
@@ -19,7 +21,17 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test lint docs bench setup clean
+# The lowest supported versions: a fresh venv with the core only (torch, peft, transformers,
+# safetensors and what they pull in; none of mope's extras), the test files that need no extra.
+OLDEST_VENV := .venv-oldest
+OLDEST_BIN := $(OLDEST_VENV)/bin
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+OLDEST_CONSTRAINTS := .ci/oldest-constraints.txt
+# tests that need an extra (train, cli, plots): left out of test-oldest
+EXTRAS_TESTS := --ignore=tests/cli --ignore=tests/training --ignore=tests/analysis/test_plots.py \
+	--ignore=tests/test_benchmarks.py --deselect "tests/test_examples.py::test_example_runs[plot_routing.py]"
+
+.PHONY: demo test test-oldest lint docs bench setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,5 +65,18 @@ test: lint docs
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
+$(OLDEST_STAMP): pyproject.toml $(OLDEST_CONSTRAINTS)
+	rm -rf $(OLDEST_VENV)
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_BIN)/python -m pip install --quiet --upgrade pip
+	$(OLDEST_BIN)/python -m pip install --quiet $(TORCH)
+	$(OLDEST_BIN)/python -m pip install --quiet -c $(OLDEST_CONSTRAINTS) -e . pytest pytest-xdist
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_BIN)/python -c "import importlib.metadata as m; print(*(f'{p}=={m.version(p)}' for p in ('torch', 'peft', 'transformers', 'safetensors')))"
+	$(OLDEST_BIN)/python -c "import importlib.util as u, sys; x = [n for n in ('matplotlib', 'datasets') if u.find_spec(n)]; sys.exit(f'extras installed in $(OLDEST_VENV): {x}' if x else 0)"
+	$(OLDEST_BIN)/python -m pytest -n 2 -q $(EXTRAS_TESTS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache site
+	rm -rf $(VENV) $(OLDEST_VENV) .pytest_cache .ruff_cache site
