@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .experts import EXPERT_BANKS
 from .losses import AUX_LOSSES
+from .peft_compat import PEFT_KEEPS_FROZEN
 from .routing import ROUTERS, RoutingInputs
 from .routing.context import LossRecord, RoutingContext
 from .routing.levels import ROUTING_LEVELS
@@ -47,6 +48,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
     """Wraps an ``nn.Linear`` or ``Conv1D``: per active adapter, route then apply the expert bank."""
 
     adapter_layer_names = ("mope_experts", "mope_router")
+    frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}  # PEFT 0.19's BaseTunerLayer lacks it
     other_param_names = ("mope_settings", "mope_block")
 
     def __init__(
@@ -110,6 +112,23 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("mope_experts",)}
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def keep_frozen(self) -> None:
+        """PEFT 0.19 only: freeze again what ``frozen_peft_weight_names`` names (PEFT >= 0.20 does it itself)."""
+        if PEFT_KEEPS_FROZEN:
+            return
+        for adapter_name, layer_names in self.frozen_peft_weight_names.items():
+            for layer_name in layer_names:
+                if adapter_name in getattr(self, layer_name):
+                    getattr(self, layer_name)[adapter_name].requires_grad_(False)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self.keep_frozen()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self.keep_frozen()
 
     def gate_weights(self, adapter_name: str, routed: torch.Tensor) -> torch.Tensor:
         """Weights over all experts: the router's over the routed ones, then 1 for each shared expert."""

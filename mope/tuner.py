@@ -28,6 +28,7 @@ from .config import pattern_matches
 from .ffn_layer import layer_class_for
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES
+from .peft_compat import without_other_adapters
 from .routing import ROUTERS
 from .routing.context import CAPTURED_INPUTS, RoutingContext, generate_with_routing
 from .routing.schedule import advance_schedules, attach_schedule, bind_schedule, detach_schedule
@@ -122,6 +123,12 @@ class MoPEModel(BaseTuner):
             model.register_forward_hook(self._attach_aux_loss),
         ]
 
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for layer in model.modules():
+            if isinstance(layer, MoPELayer):
+                layer.keep_frozen()  # PEFT 0.19 only
+
     def _prepare_adapter_config(self, peft_config, model_config: dict) -> Any:
         model_type = model_config.get("model_type")
         if peft_config.target_modules is None:
@@ -178,6 +185,11 @@ class MoPEModel(BaseTuner):
             for name, m in self.model.named_modules()
             if isinstance(m, MoPELayer) and adapter_name in m.mope_experts
         ]
+        if not adapted:  # PEFT < 0.21 checks this only for the first adapter
+            raise ValueError(
+                f"Target modules {config.target_modules} not found in the base model. "
+                "Please check the target modules and try again."
+            )
         for field_name in ("num_experts_pattern", "top_k_pattern"):
             for pattern in getattr(config, field_name):
                 if not any(pattern_matches(pattern, name) for name in adapted):
@@ -232,8 +244,10 @@ class MoPEModel(BaseTuner):
         expected, optional = (
             {
                 f"base_model.{key}": tuple(value.shape)
-                for key, value in get_peft_model_state_dict(
-                    self, adapter_name=adapter_name, save_embedding_layers=save
+                for key, value in without_other_adapters(  # PEFT 0.19 returns every adapter's tensors
+                    get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=save),
+                    adapter_name,
+                    self.peft_config,
                 ).items()
             }
             for save in (False, True)
@@ -323,6 +337,15 @@ class MoPEModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         detach_schedule(self, adapter_name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Call the model, not model.forward as PEFT < 0.21 does, so that the two hooks above run.
+        return self.model(*args, **kwargs)
+
+    def _prepare_encoder_decoder_kwargs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        # PEFT < 0.21's PeftModelForSeq2SeqLM reads this attribute when it is built and in generate, but
+        # transformers >= 5.18 no longer has it. generate() below does not use it.
+        return self.model._prepare_encoder_decoder_kwargs_for_generation(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``mope_task_ids``/``group_ids`` reach every step, sequence decisions stay the prompt's."""

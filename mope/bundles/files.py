@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 
+from ..peft_compat import PEFT_FILTERS_ADAPTERS, without_other_adapters
+
 
 @dataclass(frozen=True)
 class BundleHeader:
@@ -89,7 +91,14 @@ def save_pretrained(model, save_directory: str | os.PathLike, **kwargs) -> None:
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".mope-save-", dir=parent)
     try:
-        model.save_pretrained(staging, **kwargs)
+        adapters = list(getattr(model, "peft_config", {}))
+        if PEFT_FILTERS_ADAPTERS or len(adapters) < 2 or "state_dict" in kwargs:
+            model.save_pretrained(staging, **kwargs)
+        else:  # PEFT 0.19 would write every adapter's tensors into each adapter's file
+            state = model.state_dict()
+            for name in kwargs.pop("selected_adapters", None) or adapters:
+                only = without_other_adapters(state, name, adapters)
+                model.save_pretrained(staging, selected_adapters=[name], state_dict=only, **kwargs)
         for root, _dirs, files in os.walk(staging):
             destination = os.path.join(target, os.path.relpath(root, staging))
             os.makedirs(destination, exist_ok=True)

@@ -14,6 +14,17 @@ from ..dispatch import sort_pairs
 from .base import ExpertBank
 from .lora import LoRAExpertBank
 
+PROJECTIONS = ("gate", "up", "down")
+
+
+def drop_repeated_adapter_name(state_dict: dict, prefix: str, *args: Any) -> None:
+    """Saved keys keep the adapter name ("mope_experts.<name>.gate.lora_A"); PEFT < 0.21 inserts it again
+    when loading ("mope_experts.<name>.<name>.gate.lora_A"): drop the repeated one."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        head, _, rest = key[len(prefix) :].partition(".")
+        if head not in PROJECTIONS and rest.partition(".")[0] in PROJECTIONS:
+            state_dict[prefix + rest] = state_dict.pop(key)
+
 
 class FFNExpertBank(ExpertBank):
     """N whole-FFN experts: a LoRA stack per projection (``gate``, ``up``: d -> F; ``down``: F -> d).
@@ -31,6 +42,7 @@ class FFNExpertBank(ExpertBank):
         self.gate = LoRAExpertBank(hidden, inner, config, num_experts)
         self.up = LoRAExpertBank(hidden, inner, config, num_experts)
         self.down = LoRAExpertBank(inner, hidden, config, num_experts)
+        self._register_load_state_dict_pre_hook(drop_repeated_adapter_name)  # PEFT < 0.21
 
     def fold_blocker(self) -> str | None:
         return "whole-FFN experts mix nonlinear blocks; no update of the base weights reproduces them"

@@ -1,0 +1,27 @@
+"""What differs in the older PEFT releases mope supports (0.19, 0.20); each line says which release changed it.
+
+Nothing here patches PEFT: mope's own classes read these flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import save_and_load
+
+# PEFT >= 0.20 freezes BaseTunerLayer.frozen_peft_weight_names again after set_adapter and the
+# mark-trainable pass; on PEFT 0.19 MoPELayer.keep_frozen does it.
+PEFT_KEEPS_FROZEN = hasattr(BaseTunerLayer, "_freeze_non_trainable_peft_weights")
+# PEFT >= 0.20 leaves the other adapters' tensors out of get_peft_model_state_dict for every method;
+# PEFT 0.19 does it only for its own methods, so a MoPE adapter's file got every adapter's tensors.
+PEFT_FILTERS_ADAPTERS = hasattr(save_and_load, "_filter_state_dict_for_adapter_name")
+
+
+def without_other_adapters(
+    state: dict[str, torch.Tensor], adapter_name: str, adapter_names: Iterable[str]
+) -> dict[str, torch.Tensor]:
+    """``state`` less the tensors of the adapters other than ``adapter_name`` (PEFT 0.20's rule)."""
+    others = [name for name in adapter_names if name != adapter_name]
+    return {k: v for k, v in state.items() if not any(f".{n}." in k or k.endswith(f".{n}") for n in others)}
