@@ -94,6 +94,14 @@ def run_version(path: Path, rows: list[str], reps: int, quick: bool) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def summary(values: list[float]) -> str:
     quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return f"{statistics.median(values):.3f} [{quartiles[0]:.3f}-{quartiles[2]:.3f}]"
@@ -150,7 +158,7 @@ def main() -> None:
         )
     import torch
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
     lines = [
         f"# Training step, this mope ({head.stdout.strip()}) against {args.baseline}, CPU",
         "",
