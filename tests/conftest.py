@@ -308,3 +308,53 @@ def repeated_token_batches(count: int = 3, seq: int = 16) -> list[dict]:
         mask[0, :5] = 0
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
+
+
+# --- the soft gates' model battery (tests/routing/test_soft_merge.py, test_soft_tokens.py) ---------
+
+SOFT_TRAINED = {"lora": "lora_B", "lora_shared_a": "lora_B", "adapter": "up", "ia3": "ia3_l"}
+
+
+def soft_gate_config(model_name: str, router: str, num_experts: int = 4, **kwargs):
+    import mope
+
+    task = "SEQ_CLS" if model_name == "bert" else "CAUSAL_LM"
+    # BERT's pooler sees one vector per example: soft_tokens adapts the encoder's tokens only.
+    targets = r".*encoder.*(query|key|value|dense)$" if router == "soft_tokens" else "all-linear"
+    return mope.MoPEConfig(
+        task_type=task, target_modules=targets, num_experts=num_experts, r=4, router=router, init_weights=False,
+        **kwargs,
+    )  # fmt: skip
+
+
+def check_soft_gate_trains_and_round_trips(model_name: str, router: str, kwargs: dict, folder) -> None:
+    """A training step reaches the routers and the experts; the bundle reloads with identical logits."""
+    from peft import get_peft_model
+
+    model = get_peft_model(make_model(model_name), soft_gate_config(model_name, router, **kwargs))
+    model.train()
+    out = model(**make_batch(model_name, pad=2))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    named = dict(model.named_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items() if "mope_router" in n)
+    trained = SOFT_TRAINED[kwargs["expert_type"]]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items() if n.endswith(trained))
+    assert_round_trip(model, model_name, folder)
+
+
+def check_soft_gate_ignores_padding(model_name: str, router: str, kwargs: dict) -> None:
+    """Padding appended to every sequence changes nothing for the real tokens."""
+    from peft import get_peft_model
+
+    model = get_peft_model(make_model(model_name), soft_gate_config(model_name, router, **kwargs)).eval()
+    batch = make_batch(model_name)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    padded_ids = torch.cat([ids, torch.randint(1, 128, (2, 3))], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 3, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=padded_ids, attention_mask=padded_mask).logits
+    if model_name == "llama":
+        got = got[:, : ids.shape[1]]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

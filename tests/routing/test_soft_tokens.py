@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_round_trip, make_batch, make_model
+from conftest import (
+    check_soft_gate_ignores_padding,
+    check_soft_gate_trains_and_round_trips,
+    make_model,
+)
 from peft import get_peft_model
 from torch import nn
 
@@ -102,46 +106,14 @@ BATTERY = [
 ]
 
 
-TRAINED = {"lora": "lora_B", "lora_shared_a": "lora_B", "adapter": "up", "ia3": "ia3_l"}
-
-
-def model_config(model_name: str, router: str, **kwargs) -> mope.MoPEConfig:
-    task = "SEQ_CLS" if model_name == "bert" else "CAUSAL_LM"
-    # BERT's pooler sees one vector per example: soft_tokens adapts the encoder's tokens only.
-    targets = r".*encoder.*(query|key|value|dense)$" if router == "soft_tokens" else "all-linear"
-    return mope.MoPEConfig(
-        task_type=task, target_modules=targets, num_experts=N, r=4, router=router, init_weights=False, **kwargs
-    )
-
-
 @pytest.mark.parametrize("model_name, router, kwargs", BATTERY)
 def test_forward_backward_and_round_trip(model_name, router, kwargs, tmp_path):
-    model = get_peft_model(make_model(model_name), model_config(model_name, router, **kwargs))
-    model.train()
-    out = model(**make_batch(model_name, pad=2))
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
-    named = dict(model.named_parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items() if "mope_router" in n)
-    trained = TRAINED[kwargs["expert_type"]]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in named.items() if n.endswith(trained))
-
-    assert_round_trip(model, model_name, tmp_path)
+    check_soft_gate_trains_and_round_trips(model_name, router, kwargs, tmp_path)
 
 
 @pytest.mark.parametrize("model_name, router, kwargs", BATTERY)
 def test_padding_changes_nothing_for_real_tokens(model_name, router, kwargs):
-    model = get_peft_model(make_model(model_name), model_config(model_name, router, **kwargs)).eval()
-    batch = make_batch(model_name)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    padded_ids = torch.cat([ids, torch.randint(1, 128, (2, 3))], dim=1)
-    padded_mask = torch.cat([mask, torch.zeros(2, 3, dtype=mask.dtype)], dim=1)
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=mask).logits
-        got = model(input_ids=padded_ids, attention_mask=padded_mask).logits
-    if model_name == "llama":
-        got = got[:, : ids.shape[1]]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    check_soft_gate_ignores_padding(model_name, router, kwargs)
 
 
 @pytest.mark.parametrize("task_type", ["CAUSAL_LM", "SEQ_2_SEQ_LM"])
