@@ -1,0 +1,37 @@
+"""Bundles written by an older mope load unchanged: the same logits, exactly.
+
+``tests/bundles/old/d3192d0/`` holds one small bundle per expert type and gate family, saved by
+mope at d3192d0 (the last commit before the architecture rework) together with the logits that
+model gave; ``write_bundles.py`` beside them wrote them (its docstring says how to add a commit).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from peft import PeftModel
+from safetensors.torch import load_file
+
+OLD = Path(__file__).resolve().parent / "old"
+CASES = sorted(path for path in OLD.glob("*/*") if (path / "adapter_config.json").is_file())
+
+
+def test_there_are_old_bundles():
+    assert len(CASES) >= 10
+
+
+@pytest.mark.parametrize("folder", CASES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_old_bundle_loads_with_the_logits_it_was_saved_with(folder):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    kind = config["base_model_type"]
+    model = PeftModel.from_pretrained(make_model(kind), folder)
+    batch = make_batch(kind, pad=2)
+    batch.pop("labels")
+    extra = {"mope_task_ids": torch.tensor([1, 2])} if config["routing_level"] == "task" else {}
+    with torch.no_grad():
+        got = model(**batch, **extra).logits
+    torch.testing.assert_close(got, load_file(folder / "logits.safetensors")["logits"], rtol=0, atol=0)
