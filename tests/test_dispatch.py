@@ -317,9 +317,10 @@ def test_sort_pairs_from_chosen_equals_the_nonzero_pairs():
 
 
 def test_routing_lists_the_chosen_experts_of_fixed_k_gates():
-    for router, k in (("top_k", 2), ("switch", 1), ("top_p", 3), ("hierarchical", 2)):
+    for router, k in (("top_k", 2), ("switch", 1), ("top_p", 3), ("hierarchical", 2), ("balanced", 2)):
         layer = layer_for(8, k if router != "switch" else 2, 0, "masked", router=router)
         routing = layer.mope_router["default"](torch.randn(5, 16, dtype=torch.float64))
         used = routing.weights != 0
         listed = torch.zeros_like(used).scatter(-1, routing.chosen, True)
         assert routing.chosen.shape == (5, k) and (used <= listed).all(), router
+        assert (listed.sum(-1) == k).all(), router  # k distinct experts

@@ -114,7 +114,7 @@ class BalancedRouter(Router):
             index = torch.topk(probs, self.top_k, dim=-1).indices
         weights = torch.zeros_like(probs).scatter(-1, index, probs.gather(-1, index))
         load = one_hot_shares(logits, index, self.top_k)
-        return Routing(weights=weights, probs=probs, logits=logits, load=load)
+        return Routing(weights=weights, probs=probs, logits=logits, load=load, chosen=index)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", sinkhorn_iterations={self.iterations}"
