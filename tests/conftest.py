@@ -358,3 +358,11 @@ def check_soft_gate_ignores_padding(model_name: str, router: str, kwargs: dict) 
     if model_name == "llama":
         got = got[:, : ids.shape[1]]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def bundle_config(**overrides):
+    """A MoPE config with random (non-identity) experts on every linear of a tiny causal LM."""
+    import mope
+
+    kwargs = {"task_type": "CAUSAL_LM", "target_modules": "all-linear", "num_experts": 4, "top_k": 2, "r": 4}
+    return mope.MoPEConfig(**{**kwargs, "init_weights": False, **overrides})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import peft
 import torch
-import transformers
+from conftest import make_model
 
 import mope
 
@@ -24,27 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("yaml", "pydantic", "datasets", "tqdm", "typer", "rich", "matplotlib", "accelerate")
 
 
-def tiny_llama(seed: int) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
 def adapter_weights(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def test_wrap_train_save_and_reload(tmp_path):
     config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, r=4)
-    model = peft.get_peft_model(tiny_llama(seed=0), config)
+    model = peft.get_peft_model(make_model("llama"), config)
     before = adapter_weights(model)
     assert before and all("mope_" in name for name in before)
     assert any("mope_experts" in name for name in before) and any("mope_router" in name for name in before)
@@ -68,7 +54,7 @@ def test_wrap_train_save_and_reload(tmp_path):
     mope.save_pretrained(model, tmp_path / "bundle")
     assert json.loads((tmp_path / "bundle" / "adapter_config.json").read_text())["peft_type"] == "MOPE"
 
-    loaded = mope.load_mope(tiny_llama(seed=0), tmp_path / "bundle")
+    loaded = mope.load_mope(make_model("llama"), tmp_path / "bundle")
     loaded.eval()
     with torch.no_grad():
         got = loaded(input_ids=input_ids).logits

@@ -4,11 +4,9 @@ its forward hook adds, one routing context per model, and merging.
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
-from conftest import Snapshot, assert_plain, make_batch, make_model, no_grad_logits
+from conftest import Snapshot, assert_plain, bundle_config, make_batch, make_model, no_grad_logits
 from peft import get_peft_model
 
 import mope
@@ -54,18 +52,6 @@ def test_bad_targets_for_second_adapter(target_modules: list[str], substrings: l
         assert substring in str(info.value), f"{substring!r} not in: {info.value}"
     before.assert_same(peft_model, batch)
     assert all("second" not in layer.mope_experts for layer in peft_model.modules() if isinstance(layer, MoPELayer))
-
-
-def bundle_config(**overrides: Any) -> MoPEConfig:
-    kwargs: dict[str, Any] = {
-        "task_type": "CAUSAL_LM",
-        "target_modules": "all-linear",
-        "num_experts": 4,
-        "top_k": 2,
-        "r": 4,
-        "init_weights": False,
-    }
-    return MoPEConfig(**{**kwargs, **overrides})
 
 
 def test_per_module_patterns_set_expert_counts():

@@ -18,7 +18,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
-from conftest import Snapshot, assert_plain, make_batch, make_model, no_grad_logits
+from conftest import Snapshot, assert_plain, bundle_config, make_batch, make_model, no_grad_logits
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -29,18 +29,6 @@ WEIGHTS = "adapter_model.safetensors"
 
 
 CONFIG = "adapter_config.json"
-
-
-def bundle_config(**overrides: Any) -> MoPEConfig:
-    kwargs: dict[str, Any] = {
-        "task_type": "CAUSAL_LM",
-        "target_modules": "all-linear",
-        "num_experts": 4,
-        "top_k": 2,
-        "r": 4,
-        "init_weights": False,
-    }
-    return MoPEConfig(**{**kwargs, **overrides})
 
 
 def save_bundle(name: str, folder: Path) -> Path:
