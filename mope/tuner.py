@@ -37,6 +37,8 @@ from .routing.schedule import advance_schedules, attach_schedule, bind_schedule,
 # projections of cross-attention, which see the encoder's tokens.
 CROSS_ATTENTION_KV = re.compile(r"(EncDecAttention\.[kv]|encoder_attn\.[kv]_proj|crossattention\.self\.(key|value))$")
 AUX_LOSS_BY_NAME = {loss.name: loss for loss in AUX_LOSSES}
+# Task types whose PEFT class wraps the model for generation (it reads prepare_inputs_for_generation).
+GENERATING_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 
 
 def attach_aux_loss(output: Any, aux: torch.Tensor) -> Any:
@@ -131,6 +133,15 @@ class MoPEModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config, model_config: dict) -> Any:
         model_type = model_config.get("model_type")
+        loaded_from = peft_config.bundle.folder if peft_config.bundle is not None else None
+        task = getattr(peft_config.task_type, "value", peft_config.task_type)
+        if task in GENERATING_TASK_TYPES and not hasattr(self.model, "prepare_inputs_for_generation"):
+            made = f"MoPE bundle '{loaded_from}' was made" if loaded_from else "This MoPEConfig is"
+            raise ValueError(
+                f"{made} for task_type={task!r}, which PEFT wraps in a generating model class, but "
+                f"{type(self.model).__name__} cannot generate (it has no prepare_inputs_for_generation). Load it "
+                "onto a model of that task, or set MoPEConfig.task_type to this model's (e.g. 'SEQ_CLS')."
+            )
         if peft_config.target_modules is None:
             defaults = self.target_module_mapping.get(model_type)
             if defaults is None:
@@ -139,7 +150,6 @@ class MoPEModel(BaseTuner):
                     f"'{model_type}'; set target_modules (e.g. 'all-linear')."
                 )
             peft_config.target_modules = set(defaults)
-        loaded_from = peft_config.bundle.folder if peft_config.bundle is not None else None
         if loaded_from and peft_config.base_model_type and model_type and peft_config.base_model_type != model_type:
             raise ValueError(
                 f"MoPE bundle '{loaded_from}' was made for a '{peft_config.base_model_type}' model "

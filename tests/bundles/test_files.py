@@ -18,6 +18,7 @@ import peft
 import pytest
 import safetensors.torch
 import torch
+import transformers
 from conftest import Snapshot, assert_plain, bundle_config, make_batch, make_model, no_grad_logits
 from peft import PeftModel, get_peft_model
 from torch import nn
@@ -214,3 +215,21 @@ def test_failed_first_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(OSError, match="disk full"):
         mope.save_pretrained(get_peft_model(make_model("llama"), bundle_config()), tmp_path / "bundle")
     assert os.listdir(tmp_path) == [], "a half-written bundle or temporary folder was left behind"
+
+
+def test_a_causal_lm_bundle_on_a_classifier_is_refused_first_and_changes_nothing(tmp_path):
+    """The task type is checked before any module is wrapped; PEFT's task class would fail after it."""
+    mope.save_pretrained(get_peft_model(make_model("llama"), bundle_config()), tmp_path / "bundle")
+    config = make_model("llama").config
+    config.pad_token_id = 0
+    torch.manual_seed(0)
+    classifier = transformers.LlamaForSequenceClassification(config).eval()
+    batch = {k: v for k, v in make_batch("llama").items() if k != "labels"}
+    before = no_grad_logits(classifier, batch)
+    with pytest.raises(ValueError, match=r"task_type='CAUSAL_LM'.*LlamaForSequenceClassification cannot generate"):
+        mope.load_mope(classifier, tmp_path / "bundle")
+    with pytest.raises(ValueError, match=r"bundle .* was made for task_type='CAUSAL_LM'"):
+        PeftModel.from_pretrained(classifier, tmp_path / "bundle")
+    assert not any(isinstance(m, MoPELayer) for m in classifier.modules())
+    assert not classifier._forward_pre_hooks and not classifier._forward_hooks
+    torch.testing.assert_close(no_grad_logits(classifier, batch), before, rtol=0, atol=0)
