@@ -85,7 +85,14 @@ def save_pretrained(model, save_directory: str | os.PathLike, **kwargs) -> None:
     The bundle is written into a temporary folder beside the target; only when that has fully
     succeeded are its files moved into place (each move atomic, the config last, as it is what
     marks a folder as a bundle). If saving fails, the old bundle is untouched.
+    ``safe_serialization=False`` is refused before anything is written: it would pickle the
+    tensors into ``adapter_model.bin``, which mope never loads.
     """
+    if kwargs.get("safe_serialization", True) is not True:
+        raise ValueError(
+            f"mope.save_pretrained: safe_serialization={kwargs['safe_serialization']!r} would pickle the tensors "
+            "into adapter_model.bin, and mope loads safetensors bundles only; nothing was written."
+        )
     target = os.path.abspath(os.fspath(save_directory))
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)

@@ -233,3 +233,13 @@ def test_a_causal_lm_bundle_on_a_classifier_is_refused_first_and_changes_nothing
     assert not any(isinstance(m, MoPELayer) for m in classifier.modules())
     assert not classifier._forward_pre_hooks and not classifier._forward_hooks
     torch.testing.assert_close(no_grad_logits(classifier, batch), before, rtol=0, atol=0)
+
+
+def test_a_pickled_save_is_refused_before_anything_is_written(tmp_path):
+    model = get_peft_model(make_model("llama"), bundle_config())
+    mope.save_pretrained(model, tmp_path / "bundle")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()}
+    with pytest.raises(ValueError, match=r"safe_serialization=False would pickle .* nothing was written"):
+        mope.save_pretrained(model, tmp_path / "bundle", safe_serialization=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging folder left either
