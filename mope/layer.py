@@ -80,6 +80,13 @@ class MoPELayer(nn.Module, BaseTunerLayer):
     @staticmethod
     def base_features(base_layer: nn.Module, module_name: str) -> tuple[int, int]:
         """``(in_features, out_features)`` of a module experts can wrap; ValueError naming it otherwise."""
+        if isinstance(base_layer, BaseTunerLayer):  # another PEFT method's layer (a MoPE one is updated in place)
+            kind = f"{type(base_layer).__module__}.{type(base_layer).__qualname__}"
+            raise ValueError(
+                f"Module '{module_name}' already carries a PEFT adapter of another method ({kind}); MoPE experts "
+                "wrap plain nn.Linear / Conv1D layers. Merge or unload that adapter first "
+                "(model.merge_and_unload()), or leave this module out of target_modules."
+            )
         if not supported_base_layer(base_layer):
             raise ValueError(
                 f"Module '{module_name}' is a {type(base_layer).__name__}; MoPE experts attach to "

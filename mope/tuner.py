@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from .bundles import describe_mismatch
 from .config import pattern_matches
 from .ffn_layer import layer_class_for
-from .layer import BlockLink, MoPELayer
+from .layer import BlockLink, MoPELayer, supported_base_layer
 from .losses import AUX_LOSSES
 from .peft_compat import without_other_adapters
 from .routing import ROUTERS
@@ -62,6 +62,20 @@ def head_modules(model: nn.Module) -> list[nn.Module]:
         return []
     heads = [model.get_output_embeddings()] + [getattr(model, name, None) for name in SEQ_CLS_HEAD_NAMES]
     return [head for head in heads if head is not None]
+
+
+def check_all_linear_finds_layers(config, model: nn.Module) -> None:
+    """'all-linear' on a model with no linear layer but its heads: say so (PEFT says no targets were passed)."""
+    target = config.target_modules
+    if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return
+    heads = {id(head) for head in head_modules(model)}
+    adaptable = (m for m in model.modules() if supported_base_layer(m) or isinstance(m, MoPELayer))
+    if not any(id(m) not in heads for m in adaptable):
+        raise ValueError(
+            f"MoPEConfig.target_modules='all-linear' matches nothing: {type(model).__name__} has no nn.Linear or "
+            "Conv1D layer besides its output head. Name the modules to adapt in target_modules."
+        )
 
 
 def include_mope_layers_in_all_linear(config, model: nn.Module) -> None:
@@ -171,6 +185,7 @@ class MoPEModel(BaseTuner):
         snapshot = ModelSnapshot(model, self)
         try:
             attach_schedule(self, self.peft_config[adapter_name], adapter_name)  # before: the bundle check counts it
+            check_all_linear_finds_layers(self.peft_config[adapter_name], model)
             include_mope_layers_in_all_linear(self.peft_config[adapter_name], model)
             super().inject_adapter(
                 model,
