@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+import torch
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 
@@ -28,7 +29,10 @@ class BundleHeader:
 
     @classmethod
     def read(cls, folder: str) -> BundleHeader:
-        return cls(folder, read_bundle_header(folder))
+        """The header, after checking every tensor's dtype and values (:func:`check_bundle_values`)."""
+        header = cls(folder, read_bundle_header(folder))
+        check_bundle_values(header.tensor_file)
+        return header
 
     @property
     def tensor_file(self) -> str:
@@ -50,6 +54,36 @@ def read_bundle_header(folder: str) -> dict[str, tuple[int, ...]]:
         raise ValueError(
             f"Cannot read MoPE bundle file '{path}': it is truncated or not safetensors ({error})."
         ) from error
+
+
+# Tensors a bundle may hold as integers (a step count); every other tensor is a float parameter.
+INTEGER_TENSORS = ("mope_schedule.",)
+
+
+def check_bundle_values(path: str, limit: int = 5) -> None:
+    """Refuse a tensor file with integer parameters or NaN / inf values, naming the tensors.
+
+    Runs once per load, before any weight is copied: reading a bundle's few MB again costs little,
+    and a non-finite expert would otherwise turn every output it touches into NaN. (safetensors has
+    no checksum: a corrupted value that stays finite cannot be detected here.)
+    """
+    wrong_dtype, non_finite = [], []
+    with safe_open(path, framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118
+            tensor = handle.get_tensor(key)
+            if not tensor.is_floating_point():
+                if not any(part in key for part in INTEGER_TENSORS):
+                    wrong_dtype.append(f"{key} ({tensor.dtype})")
+            elif not torch.isfinite(tensor).all():
+                non_finite.append(key)
+    problems = []
+    if wrong_dtype:
+        problems.append("integer tensors where parameters must be floats: " + ", ".join(wrong_dtype[:limit]))
+    if non_finite:
+        more = f" and {len(non_finite) - limit} more" if len(non_finite) > limit else ""
+        problems.append("NaN or inf values in " + ", ".join(non_finite[:limit]) + more)
+    if problems:
+        raise ValueError(f"MoPE bundle file '{path}' cannot be loaded: " + "; ".join(problems) + ".")
 
 
 def describe_mismatch(

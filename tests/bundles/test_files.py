@@ -243,3 +243,28 @@ def test_a_pickled_save_is_refused_before_anything_is_written(tmp_path):
         mope.save_pretrained(model, tmp_path / "bundle", safe_serialization=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging folder left either
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda t: t.fill_(float("nan")), r"NaN or inf values in base_model\.model\..*lora_B"),
+        (lambda t: t.fill_(float("inf")), r"NaN or inf values in"),
+        (lambda t: t.to(torch.int64), r"integer tensors where parameters must be floats: .*lora_B \(torch.int64\)"),
+    ],
+    ids=["nan", "inf", "integer"],
+)
+def test_bundle_values_are_checked_before_any_weight_is_copied(tmp_path, damage, words):
+    mope.save_pretrained(get_peft_model(make_model("llama"), bundle_config()), tmp_path / "bundle")
+    path = tmp_path / "bundle" / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    key = next(k for k in sorted(tensors) if k.endswith("lora_B"))
+    tensors[key] = damage(tensors[key].clone())
+    safetensors.torch.save_file(tensors, path)
+    model = make_model("llama")
+    batch = make_batch("llama")
+    before = no_grad_logits(model, batch)
+    with pytest.raises(ValueError, match=words):
+        mope.load_mope(model, tmp_path / "bundle")
+    assert not any(isinstance(m, MoPELayer) for m in model.modules())
+    torch.testing.assert_close(no_grad_logits(model, batch), before, rtol=0, atol=0)
