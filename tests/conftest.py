@@ -366,3 +366,26 @@ def bundle_config(**overrides):
 
     kwargs = {"task_type": "CAUSAL_LM", "target_modules": "all-linear", "num_experts": 4, "top_k": 2, "r": 4}
     return mope.MoPEConfig(**{**kwargs, "init_weights": False, **overrides})
+
+
+# --- small exportable mixtures (tests/test_export.py, tests/routing/test_fixed_task.py) -------------
+
+TASK_TYPES = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
+
+
+def mope_model(name: str, **kwargs):
+    """A MoPE model of the family (one LoRA expert on every linear unless kwargs say otherwise), in eval."""
+    from peft import get_peft_model
+
+    import mope
+
+    defaults = {"target_modules": "all-linear", "num_experts": 1, "top_k": 1, "r": 2, "lora_alpha": 4}
+    config = mope.MoPEConfig(task_type=TASK_TYPES[name], init_weights=False, **{**defaults, **kwargs})
+    torch.manual_seed(3)
+    return get_peft_model(make_model(name), config).eval()
+
+
+def three_row_logits(model, name: str, **extra) -> torch.Tensor:
+    """Logits of a 3-example batch with a left-padded first row."""
+    with torch.no_grad():
+        return model(**make_batch(name, batch=3, pad=2), **extra).logits

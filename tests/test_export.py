@@ -10,24 +10,11 @@ import textwrap
 import peft
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, mope_model
+from conftest import three_row_logits as logits
 from safetensors.torch import load_file, save_file
 
 import mope
-
-TASK_TYPES = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
-
-
-def mope_model(name: str, **kwargs):
-    defaults = {"target_modules": "all-linear", "num_experts": 1, "top_k": 1, "r": 2, "lora_alpha": 4}
-    config = mope.MoPEConfig(task_type=TASK_TYPES[name], init_weights=False, **{**defaults, **kwargs})
-    torch.manual_seed(3)
-    return peft.get_peft_model(make_model(name), config).eval()
-
-
-def logits(model, name: str, **extra) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**make_batch(name, batch=3, pad=2), **extra).logits
 
 
 def load_lora(name: str, folder) -> peft.PeftModel:

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import peft
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import mope_model
+from conftest import three_row_logits as logits
 
 import mope
-
-TASK_TYPES = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
-
-
-def mope_model(name: str, **kwargs):
-    defaults = {"target_modules": "all-linear", "num_experts": 1, "top_k": 1, "r": 2, "lora_alpha": 4}
-    config = mope.MoPEConfig(task_type=TASK_TYPES[name], init_weights=False, **{**defaults, **kwargs})
-    torch.manual_seed(3)
-    return peft.get_peft_model(make_model(name), config).eval()
-
-
-def logits(model, name: str, **extra) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**make_batch(name, batch=3, pad=2), **extra).logits
-
 
 TASK = {"routing_level": "task", "num_tasks": 3, "top_k": 2}
 
