@@ -91,6 +91,11 @@ class TrainingSection(Section):
     save_every: int | None = Field(None, gt=0, description="Steps between accelerate checkpoints.")
     keep_checkpoints: int = Field(2, gt=0)
     resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or 'latest'.")
+    on_nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A NaN/inf task or aux loss: 'stop' raises at that optimizer step (nothing saved from it on); "
+        "'skip' drops the step's update and stops after 5 non-finite steps in a row (mope.training.loop).",
+    )
 
     @model_validator(mode="after")
     def length(self) -> TrainingSection:
