@@ -32,6 +32,16 @@ def token_mask(routing: Routing, inputs: RoutingInputs) -> torch.Tensor:
     return mask.to(routing.probs.device).float()
 
 
+def finite_tokens(routing: Routing) -> torch.Tensor:
+    """Bool ``[*token_dims]``: the tokens whose gate weights and probabilities are all finite.
+
+    A router with NaN weights (or fed NaN states) still yields plausible numbers downstream:
+    argmax and top-k of a NaN row pick fixed experts, so a hard gate's load, drop rate and
+    choices look healthy. Every analysis counts the other tokens and reports NaN when any are real.
+    """
+    return torch.isfinite(routing.probs).all(-1) & torch.isfinite(routing.weights).all(-1)
+
+
 class RouterHooks(Generic[C]):
     """Context manager: hooks every router of ``adapter_name``; ``collectors`` maps module name to collector.
 

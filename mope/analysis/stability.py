@@ -3,11 +3,14 @@
 Run the same batches through two models that differ only in their MoPE weights (e.g. a bundle
 after 10% and after 100% of training) and count, per router, the real tokens whose top-1 expert
 agrees, and those whose top-k set agrees. OpenMoE found the token-to-expert assignment fixed
-early in pre-training: agreement between an early and the final checkpoint stays high.
+early in pre-training: agreement between an early and the final checkpoint stays high. Tokens
+for which either router gave NaN/inf are counted in ``nonfinite_tokens``; if there are any, both
+agreements are NaN (two NaN routers "agree" on expert 0 for every token).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -20,7 +23,7 @@ from .choices import record_choices
 def routing_agreement(
     model_a: nn.Module, model_b: nn.Module, batches: Iterable[dict], adapter_name: str = "default"
 ) -> dict[str, dict[str, float | int]]:
-    """Per module: ``top1_agreement`` and ``topk_agreement`` (shares of real tokens) and ``tokens`` counted.
+    """Per module: ``top1_agreement`` and ``topk_agreement`` (shares of real tokens), ``tokens`` and ``nonfinite_tokens``.
 
     The models must have the same adapted modules (same base, same target modules). Counts
     accumulate on the device; they are read once at the end.
@@ -42,11 +45,19 @@ def routing_agreement(
                 real = first.mask & second.mask
                 same_top1 = (first.top1 == second.top1) & real
                 same_set = (first.topk == second.topk).all(-1) & real if first.k == second.k else torch.zeros_like(real)
-                counts = torch.stack([same_top1.sum(), same_set.sum(), real.sum()]).float()
+                nonfinite = real & ~(first.finite & second.finite)
+                counts = torch.stack([same_top1.sum(), same_set.sum(), real.sum(), nonfinite.sum()]).float()
                 sums[name] = sums[name] + counts if name in sums else counts
     return {name: agreement(counts.tolist()) for name, counts in sums.items()}
 
 
 def agreement(counts: list[float]) -> dict[str, float | int]:
-    top1, topk, tokens = counts
-    return {"top1_agreement": top1 / max(tokens, 1), "topk_agreement": topk / max(tokens, 1), "tokens": int(tokens)}
+    top1, topk, tokens, nonfinite = counts
+    if nonfinite:
+        top1 = topk = math.nan
+    return {
+        "top1_agreement": top1 / max(tokens, 1),
+        "topk_agreement": topk / max(tokens, 1),
+        "tokens": int(tokens),
+        "nonfinite_tokens": int(nonfinite),
+    }

@@ -7,19 +7,24 @@
 
 Per adapted module (the router's own module; block followers share their leader's): expert load
 (share of non-padding dispatch), mean gate entropy, drop rate, and drop rate by sequence
-position (OpenMoE's "drop towards the end"), expert load by position. Hooks (:mod:`.hooks`) add a few on-device reductions per router
-call; nothing is copied to the host until ``report()``.
+position (OpenMoE's "drop towards the end"), expert load by position. Hooks (:mod:`.hooks`) add a
+few on-device reductions per router call; nothing is copied to the host until ``report()``.
+
+A module whose router gave NaN/inf for any real token reports NaN for every share, rate and
+entropy, and counts those tokens in ``nonfinite_tokens``: the top-k of a NaN row picks fixed
+experts, so a NaN router's load would otherwise look plausible.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from ..routing import Routing, RoutingInputs
-from .hooks import RouterHooks, token_mask
+from .hooks import RouterHooks, finite_tokens, token_mask
 
 
 @dataclass
@@ -31,6 +36,7 @@ class LayerStats:
     drop_rate_by_position: list[float]  # the same per sequence position
     load_by_position: list[list[float]]  # [position][expert]: share of dispatch at each sequence position
     tokens: int
+    nonfinite_tokens: int  # real tokens whose router output held NaN/inf; if any, the statistics above are NaN
 
 
 class Accumulator:
@@ -38,7 +44,7 @@ class Accumulator:
 
     def __init__(self) -> None:
         self.load = self.entropy = self.tokens = self.dropped = self.requested = None
-        self.dropped_at = self.requested_at = self.load_at = None
+        self.dropped_at = self.requested_at = self.load_at = self.nonfinite = None
 
     @staticmethod
     def add(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -63,6 +69,7 @@ class Accumulator:
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
         self.entropy = self.add(self.entropy, (entropy * real).sum())
         self.tokens = self.add(self.tokens, real.sum())
+        self.nonfinite = self.add(self.nonfinite, (real * ~finite_tokens(routing)).sum())
         if routing.dropped is None:
             return
         dropped = routing.dropped.float().sum(-1) * real
@@ -74,6 +81,14 @@ class Accumulator:
             self.requested_at = self.add_padded(self.requested_at, requested.sum(0))
 
     def result(self) -> LayerStats:
+        stats = self.ratios()
+        nonfinite = int(self.nonfinite.item())
+        if nonfinite:
+            stats = {key: nan_like(value) for key, value in stats.items()}
+        return LayerStats(**stats, tokens=int(self.tokens.item()), nonfinite_tokens=nonfinite)
+
+    def ratios(self) -> dict:
+        """The shares, rates and entropy of :class:`LayerStats`, as computed from the sums."""
         load = self.load / self.load.sum().clamp_min(1e-12)
         cv = (load.std(unbiased=False) / load.mean()).item() if load.numel() > 1 else 0.0
         drop_rate = 0.0 if self.dropped is None else (self.dropped / self.requested.clamp_min(1)).item()
@@ -83,15 +98,19 @@ class Accumulator:
             if self.load_at is None
             else (self.load_at / self.load_at.sum(-1, keepdim=True).clamp_min(1e-12)).tolist()
         )
-        return LayerStats(
-            load=load.tolist(),
-            load_cv=cv,
-            entropy=(self.entropy / self.tokens.clamp_min(1)).item(),
-            drop_rate=drop_rate,
-            drop_rate_by_position=by_position,
-            load_by_position=load_at,
-            tokens=int(self.tokens.item()),
-        )
+        return {
+            "load": load.tolist(),
+            "load_cv": cv,
+            "entropy": (self.entropy / self.tokens.clamp_min(1)).item(),
+            "drop_rate": drop_rate,
+            "drop_rate_by_position": by_position,
+            "load_by_position": load_at,
+        }
+
+
+def nan_like(value: float | list) -> float | list:
+    """``value`` with every number replaced by NaN, keeping its (nested) list shape."""
+    return [nan_like(v) for v in value] if isinstance(value, list) else math.nan
 
 
 class RoutingStats(RouterHooks["Accumulator"]):

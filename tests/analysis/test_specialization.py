@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from conftest import repeated_token_batches, routed_llama
 
 from mope.analysis import token_specialization
@@ -32,3 +35,16 @@ def test_specialization_skips_layers_without_token_ids():
     batch = repeated_token_batches(1)[0]
     embeds = model.get_input_embeddings()(batch["input_ids"])
     assert token_specialization(model, [{"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}]) == {}
+
+
+def test_a_nan_router_reports_nan_predictability():
+    model = routed_llama(num_experts=4, top_k=1)
+    poisoned = "base_model.model.model.layers.1.mlp.up_proj"
+    with torch.no_grad():
+        dict(model.named_modules())[poisoned].mope_router["default"].weight.fill_(float("nan"))
+    report = token_specialization(model, repeated_token_batches())
+    nan = report.pop(poisoned)
+    # before: every token "chose" expert 0, a perfect predictability of 1.0
+    assert math.isnan(nan["token_id_predictability"]) and math.isnan(nan["majority_baseline"])
+    assert nan["nonfinite_tokens"] == 3 * (4 * 16 - 5)
+    assert all(layer["nonfinite_tokens"] == 0 and layer["token_id_predictability"] <= 1 for layer in report.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -33,3 +34,16 @@ def test_identical_checkpoints_agree_fully_and_a_new_router_does_not():
 def test_agreement_refuses_models_adapted_in_different_modules():
     with pytest.raises(ValueError, match="different modules"):
         routing_agreement(routed_llama(["q_proj"]), routed_llama(["up_proj"]), repeated_token_batches(1))
+
+
+def test_nan_routers_do_not_agree():
+    model = routed_llama(num_experts=4, top_k=2, router_init_std=1.0)
+    poisoned = "base_model.model.model.layers.1.mlp.up_proj"
+    with torch.no_grad():
+        dict(model.named_modules())[poisoned].mope_router["default"].weight.fill_(float("nan"))
+    report = routing_agreement(model, copy.deepcopy(model), repeated_token_batches())
+    nan = report.pop(poisoned)
+    # before: both picked the same experts for every token, an agreement of 1.0
+    assert math.isnan(nan["top1_agreement"]) and math.isnan(nan["topk_agreement"])
+    assert nan["nonfinite_tokens"] == nan["tokens"] == 3 * (4 * 16 - 5)
+    assert all(layer["nonfinite_tokens"] == 0 and layer["top1_agreement"] == 1.0 for layer in report.values())

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, repeated_token_batches, routed_llama
 from peft import get_peft_model
 
 import mope
@@ -74,3 +74,28 @@ def test_batches_of_different_lengths_accumulate_by_position():
     for layer in stats.report().values():
         assert len(layer["drop_rate_by_position"]) == 10
         assert layer["tokens"] == 2 * 6 + 2 * 10
+
+
+POISONED = "base_model.model.model.layers.1.mlp.up_proj"  # no adapted module downstream of it
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"top_k": 2}, {"router": "dense"}, {"top_k": 2, "capacity_factor": 0.5}],
+    ids=["top_k", "dense", "capacity"],
+)
+def test_a_nan_router_reports_nan_not_a_plausible_load(kwargs):
+    model = routed_llama(num_experts=4, **kwargs).train("capacity_factor" in kwargs)  # drops need training mode
+    with torch.no_grad():
+        dict(model.named_modules())[POISONED].mope_router["default"].weight.fill_(float("nan"))
+    with mope.routing_stats(model) as stats:
+        model(**repeated_token_batches(1)[0])
+    report = stats.report()
+    nan = report.pop(POISONED)
+    # before: top-k of a NaN row picked the same experts for every token, a load of [0, 0, 0.5, 0.5]
+    assert nan["nonfinite_tokens"] == nan["tokens"] == 4 * 16 - 5
+    assert all(math.isnan(x) for x in [*nan["load"], nan["load_cv"], nan["entropy"], nan["drop_rate"]])
+    assert all(math.isnan(x) for row in nan["load_by_position"] for x in row)
+    assert all(math.isnan(x) for x in nan["drop_rate_by_position"])
+    for layer in report.values():
+        assert layer["nonfinite_tokens"] == 0 and sum(layer["load"]) == pytest.approx(1.0)
