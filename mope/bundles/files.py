@@ -9,15 +9,11 @@ file and the tensors, and the model is restored (see ``MoPEModel.inject_adapter`
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
-from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
-
-from ..peft_compat import PEFT_FILTERS_ADAPTERS, without_other_adapters
 
 
 @dataclass(frozen=True)
@@ -111,39 +107,3 @@ def describe_mismatch(
         return None
     hint = " The bundle was probably made for another base model or config." if unexpected or wrong else ""
     return f"MoPE bundle file '{path}' does not fit this model: " + "; ".join(problems) + "." + hint
-
-
-def save_pretrained(model, save_directory: str | os.PathLike, **kwargs) -> None:
-    """``model.save_pretrained`` that never leaves a half-written bundle.
-
-    The bundle is written into a temporary folder beside the target; only when that has fully
-    succeeded are its files moved into place (each move atomic, the config last, as it is what
-    marks a folder as a bundle). If saving fails, the old bundle is untouched.
-    ``safe_serialization=False`` is refused before anything is written: it would pickle the
-    tensors into ``adapter_model.bin``, which mope never loads.
-    """
-    if kwargs.get("safe_serialization", True) is not True:
-        raise ValueError(
-            f"mope.save_pretrained: safe_serialization={kwargs['safe_serialization']!r} would pickle the tensors "
-            "into adapter_model.bin, and mope loads safetensors bundles only; nothing was written."
-        )
-    target = os.path.abspath(os.fspath(save_directory))
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".mope-save-", dir=parent)
-    try:
-        adapters = list(getattr(model, "peft_config", {}))
-        if PEFT_FILTERS_ADAPTERS or len(adapters) < 2 or "state_dict" in kwargs:
-            model.save_pretrained(staging, **kwargs)
-        else:  # PEFT 0.19 would write every adapter's tensors into each adapter's file
-            state = model.state_dict()
-            for name in kwargs.pop("selected_adapters", None) or adapters:
-                only = without_other_adapters(state, name, adapters)
-                model.save_pretrained(staging, selected_adapters=[name], state_dict=only, **kwargs)
-        for root, _dirs, files in os.walk(staging):
-            destination = os.path.join(target, os.path.relpath(root, staging))
-            os.makedirs(destination, exist_ok=True)
-            for name in sorted(files, key=lambda n: n == CONFIG_NAME):
-                os.replace(os.path.join(root, name), os.path.join(destination, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
