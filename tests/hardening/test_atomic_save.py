@@ -122,6 +122,19 @@ def test_a_save_over_a_folder_replaces_only_the_bundle_files(tmp_path: Path) -> 
     torch.testing.assert_close(bundle_logits(target), no_grad_logits(model.eval(), BATCH), rtol=0, atol=0)
 
 
+def test_a_save_through_a_link_to_a_folder_keeps_the_link(tmp_path: Path) -> None:
+    """The swap happens at the folder the link points to: exchanging the link itself would replace it."""
+    mope.save_pretrained(old_model(), tmp_path / "real")
+    add_others(tmp_path / "real")
+    os.symlink("real", tmp_path / "latest")
+    model = new_model()
+    mope.save_pretrained(model, tmp_path / "latest")
+    assert os.readlink(tmp_path / "latest") == "real"
+    assert_others_intact(tmp_path / "real")
+    assert sorted(os.listdir(tmp_path)) == ["latest", "real"]
+    torch.testing.assert_close(bundle_logits(tmp_path / "real"), no_grad_logits(model.eval(), BATCH), rtol=0, atol=0)
+
+
 def test_a_save_of_two_adapters_replaces_both_and_keeps_the_subfolder_s_other_files(tmp_path: Path) -> None:
     target = tmp_path / "bundle"
     (target / "second").mkdir(parents=True)
