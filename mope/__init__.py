@@ -15,6 +15,7 @@ from .bundles import save_pretrained
 from .config import MoPEConfig
 from .dispatch import set_dispatch
 from .export import collapse_to_lora, export_lora
+from .integrations import RoutingLogCallback, log_routing
 from .layer import MoPELayer
 from .registration import register
 from .reuse import from_lora_adapters
@@ -35,6 +36,7 @@ __all__ = [
     "MoPEModel",
     "Router",
     "Routing",
+    "RoutingLogCallback",
     "ScheduleCallback",
     "__version__",
     "collapse_to_lora",
@@ -43,6 +45,7 @@ __all__ = [
     "from_lora_adapters",
     "get_mope_model",
     "load_mope",
+    "log_routing",
     "routing_stats",
     "save_pretrained",
     "set_dispatch",

@@ -1,0 +1,88 @@
+"""mope.log_routing: MoPE's aux loss and expert balance in transformers.Trainer's logs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments
+
+import mope
+from mope.integrations.trainer import TrainingLoad
+from mope.routing import RoutingInputs
+
+
+def rows(count: int = 8, seq: int = 12) -> list[dict]:
+    ids = torch.randint(3, 128, (count, seq), generator=torch.Generator().manual_seed(3))
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
+
+
+def trainer(folder, steps: int = 2) -> Trainer:
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2, r=2)
+    model = get_peft_model(make_model("llama"), config)
+    args = TrainingArguments(
+        output_dir=str(folder),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+    )
+    return Trainer(model=model, args=args, train_dataset=rows())
+
+
+def test_logged_values_are_the_training_forwards_aux_loss_and_load(tmp_path):
+    run = trainer(tmp_path, steps=1)
+    callback = mope.log_routing(run)
+    assert run.callback_handler.callbacks[0] is callback  # first: reporters and the progress bar see the values
+    seen = []
+    handle = run.model.register_forward_hook(lambda m, a, out: seen.append(out["aux_loss"].detach()))
+    with mope.routing_stats(run.model) as stats:
+        run.train()
+        report = stats.report()
+    handle.remove()
+    log = next(entry for entry in run.state.log_history if "loss" in entry)
+    assert log["aux_loss"] == pytest.approx(torch.stack(seen).mean().item(), rel=1e-6)
+    shares = [torch.tensor(layer["load"]) for layer in report.values()]
+    assert log["expert_load_cv"] == pytest.approx(sum(layer["load_cv"] for layer in report.values()) / len(report))
+    assert log["expert_load_max"] == pytest.approx(max((s.max() * 4).item() for s in shares), rel=1e-5)
+    assert 1 <= log["expert_load_max"] <= 4
+
+
+def test_each_log_covers_only_the_steps_since_the_last(tmp_path):
+    run = trainer(tmp_path, steps=3)
+    mope.log_routing(run)
+    seen = []
+    handle = run.model.register_forward_hook(lambda m, a, out: seen.append(out["aux_loss"].item()))
+    run.train()
+    handle.remove()
+    logs = [entry for entry in run.state.log_history if "loss" in entry]
+    assert [entry["aux_loss"] for entry in logs] == pytest.approx(seen, rel=1e-6)
+
+
+def test_hooks_are_removed_after_training_and_eval_forwards_are_not_counted(tmp_path):
+    run = trainer(tmp_path, steps=1)
+    callback = mope.log_routing(run)
+    run.train()
+    routers = [m for n, m in run.model.named_modules() if n.endswith("mope_router.default")]
+    assert routers and all(not r._forward_hooks for r in routers)
+    assert callback.routers is None and callback.aux_handle is None
+    load = TrainingLoad(routers[0].eval())
+    with torch.no_grad():
+        load.update(routers[0](torch.randn(1, 3, 64)), RoutingInputs())  # an eval forward: not counted
+        assert load.load is None
+        routers[0].train()
+        load.update(routers[0](torch.randn(1, 3, 64)), RoutingInputs())
+    assert load.load is not None and load.load.sum() == pytest.approx(3.0)
+
+
+def test_an_adapter_without_routers_is_named(tmp_path):
+    run = trainer(tmp_path, steps=1)
+    mope.log_routing(run, adapter_name="other")
+    with pytest.raises(ValueError, match="no MoPE router for adapter 'other'"):
+        run.train()

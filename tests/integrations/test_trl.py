@@ -1,0 +1,111 @@
+"""TRL's SFTTrainer with a MoPE mixture: the router loss reaches the optimised loss, the logs show it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+pytest.importorskip("trl")
+from conftest import make_model, no_grad_logits
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from trl import SFTConfig, SFTTrainer
+
+import mope
+from mope.integrations.trl import MoPESFTTrainer
+
+
+def tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    words = {f"t{i}": i for i in range(vocab_size)}
+    inner = Tokenizer(models.WordLevel(words, unk_token="t0"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="t0", eos_token="t1")
+    fast.chat_template = "{% for m in messages %}t2 {{ m['content'] }} {% endfor %}"
+    return fast
+
+
+def dataset(kind: str, count: int = 16) -> Dataset:
+    """Conversations ('messages') or prompt/completion pairs (TRL's completion-only loss)."""
+    rows = []
+    for n in range(count):
+        question = [{"role": "user", "content": f"t{3 + n % 5} t{9 + n % 4}"}]
+        answer = [{"role": "assistant", "content": f"t{20 + n % 6} t{30 + n % 3}"}]
+        rows.append(
+            {"messages": question + answer} if kind == "messages" else {"prompt": question, "completion": answer}
+        )
+    return Dataset.from_list(rows)
+
+
+def trainer(folder, kind: str = "messages", cls=MoPESFTTrainer, **args) -> SFTTrainer:
+    model = make_model("llama")
+    settings = dict(output_dir=str(folder), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2)
+    settings.update(report_to=[], use_cpu=True, bf16=False, save_strategy="no", logging_steps=1)
+    settings.update(args)
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2, r=2)
+    return cls(
+        model=model,
+        args=SFTConfig(**settings),
+        train_dataset=dataset(kind),
+        processing_class=tokenizer(model.config.vocab_size),
+        peft_config=config,
+    )
+
+
+def first_batch(sft: SFTTrainer) -> dict:
+    return next(iter(sft.get_train_dataloader()))
+
+
+@pytest.mark.parametrize("kind", ["messages", "prompt_completion"])
+def test_the_optimised_loss_holds_the_aux_loss_that_plain_sft_drops(kind, tmp_path):
+    sft = trainer(tmp_path, kind)
+    sft.model.train()
+    batch = first_batch(sft)
+    plain = SFTTrainer.compute_loss(sft, sft.model, dict(batch)).detach()
+    ours = sft.compute_loss(sft.model, dict(batch)).detach()
+    aux = sft.model(**{k: v for k, v in batch.items() if k != "labels"}).aux_loss.detach()
+    assert aux > 0
+    # plain SFTTrainer computes its loss from the fused head's log-probs: MoPE's aux loss is not in it
+    assert torch.allclose(ours - plain, aux, rtol=0, atol=2e-6)  # float32 losses near 10
+
+
+def test_aux_loss_is_divided_over_accumulation_steps_as_trl_does_for_moe_models(tmp_path):
+    sft = trainer(tmp_path, gradient_accumulation_steps=2)
+    sft.model.train()
+    sft.current_gradient_accumulation_steps = 2
+    batch = first_batch(sft)
+    plain = SFTTrainer.compute_loss(sft, sft.model, dict(batch), num_items_in_batch=torch.tensor(20)).detach()
+    ours = sft.compute_loss(sft.model, dict(batch), num_items_in_batch=torch.tensor(20)).detach()
+    aux = sft.model(**{k: v for k, v in batch.items() if k != "labels"}).aux_loss.detach()
+    assert torch.allclose(ours - plain, aux / 2, rtol=0, atol=2e-6)  # float32 losses near 10
+
+
+def test_router_gets_the_aux_gradient(tmp_path):
+    sft = trainer(tmp_path)
+    sft.model.train()
+    batch = first_batch(sft)
+    router = next(p for n, p in sft.model.named_parameters() if "mope_router" in n)
+    grads = []
+    for compute in (SFTTrainer.compute_loss, MoPESFTTrainer.compute_loss):
+        sft.model.zero_grad()
+        compute(sft, sft.model, dict(batch)).backward()
+        grads.append(router.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_logs_hold_aux_loss_and_balance_and_the_bundle_reloads(tmp_path):
+    sft = trainer(tmp_path, save_strategy="steps", save_steps=2)
+    sft.train()
+    logs = [entry for entry in sft.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [1, 2]
+    for entry in logs:
+        assert entry["aux_loss"] > 0
+        assert entry["expert_load_cv"] >= 0 and 1 <= entry["expert_load_max"] <= 4
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    sft.save_model(str(tmp_path / "final"))
+    batch = {"input_ids": torch.tensor([[2, 5, 9, 21]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    for folder in (checkpoint, tmp_path / "final"):
+        again = PeftModel.from_pretrained(make_model("llama"), str(folder))
+        torch.testing.assert_close(no_grad_logits(again, batch), no_grad_logits(sft.model, batch), rtol=0, atol=0)
