@@ -170,15 +170,18 @@ class AuxLoss:
         """The loss of each recorded layer (``mope.routing.context.LossRecord``), ``[len(records)]`` in some order.
 
         Layers are batched where ``batched`` exists and they share token shape, device and mask
-        (all layers of a decoder do; an encoder-decoder makes two batches).
+        (all layers of a decoder do; an encoder-decoder makes two batches). Computed outside
+        autocast: the routers score in fp32, and the masked means here are matrix products, which
+        autocast would run in bf16/fp16 (the aux loss then lost its precision under mixed precision).
         """
-        if self.batched is None:
-            values = [self.fn(r.routing, r.mask, **r.extra).reshape(1) for r in records]
-        else:
-            batches: dict[tuple, list[Any]] = defaultdict(list)
-            for r in records:
-                batches[(r.routing.weights.shape, r.routing.weights.device, id(r.mask))].append(r)
-            values = [self.batched([r.routing for r in b], b[0].mask) for b in batches.values()]
+        with torch.autocast(records[0].routing.weights.device.type, enabled=False):
+            if self.batched is None:
+                values = [self.fn(r.routing, r.mask, **r.extra).reshape(1) for r in records]
+            else:
+                batches: dict[tuple, list[Any]] = defaultdict(list)
+                for r in records:
+                    batches[(r.routing.weights.shape, r.routing.weights.device, id(r.mask))].append(r)
+                values = [self.batched([r.routing for r in b], b[0].mask) for b in batches.values()]
         device = values[0].device
         return torch.cat([v.to(device) for v in values])
 
