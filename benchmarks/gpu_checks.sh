@@ -29,7 +29,7 @@ for step in $steps; do
     case $step in
     tests)
         timeout 150 "$py" -m pytest -q -p no:cacheprovider -rs -k "cuda or host_sync" \
-            tests/test_dispatch.py tests/routing/test_gate_battery.py >>"$log" 2>&1
+            tests/test_dispatch.py tests/routing/test_gate_battery.py tests/test_precision.py >>"$log" 2>&1
         echo "tests exit $?"
         grep -E "passed|failed" "$log" | tail -2
         ;;

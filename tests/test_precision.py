@@ -17,9 +17,13 @@ import mope
 from mope.routing import Router
 
 PRECISIONS = [torch.bfloat16, torch.float16]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+]
 
 
-def mixture(router: str, expert_type: str = "lora"):
+def mixture(router: str, expert_type: str = "lora", device: str = "cpu"):
     config = mope.MoPEConfig(
         task_type="CAUSAL_LM",
         target_modules=["q_proj", "up_proj"],
@@ -33,7 +37,7 @@ def mixture(router: str, expert_type: str = "lora"):
     for name, parameter in model.named_parameters():
         if parameter.requires_grad and "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.05)  # experts that change the output
-    return model.train()
+    return model.to(device).train()
 
 
 def router_dtypes(model) -> tuple[list[torch.dtype], list]:
@@ -46,15 +50,16 @@ def router_dtypes(model) -> tuple[list[torch.dtype], list]:
     return seen, handles
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", PRECISIONS, ids=str)
 @pytest.mark.parametrize("router", ["top_k", "dense"])
-def test_a_training_step_under_autocast_keeps_the_router_in_fp32(router, dtype):
-    batch = make_batch("llama", pad=2)
-    reference = mixture(router)
+def test_a_training_step_under_autocast_keeps_the_router_in_fp32(router, dtype, device):
+    batch = {k: v.to(device) for k, v in make_batch("llama", pad=2).items()}
+    reference = mixture(router, device=device)
     reference_loss = reference(**batch).loss
-    model = mixture(router)
+    model = mixture(router, device=device)
     seen, handles = router_dtypes(model)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         output = model(**batch)
     for handle in handles:
         handle.remove()
@@ -68,14 +73,16 @@ def test_a_training_step_under_autocast_keeps_the_router_in_fp32(router, dtype):
     assert any(p.grad.abs().sum() > 0 for n, p in trainable if "mope_router" in n)
 
 
-def test_fp16_with_a_grad_scaler_updates_every_trainable_weight():
-    model = mixture("top_k")
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_with_a_grad_scaler_updates_every_trainable_weight(device):
+    model = mixture("top_k", device=device)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
     for step in range(3):
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = model(**make_batch("llama", seed=step)).loss
+        batch = {k: v.to(device) for k, v in make_batch("llama", seed=step).items()}
+        with torch.autocast(device, dtype=torch.float16):
+            loss = model(**batch).loss
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -84,5 +91,6 @@ def test_fp16_with_a_grad_scaler_updates_every_trainable_weight():
     after = dict(model.named_parameters())
     for name, before in trainable.items():
         assert torch.isfinite(after[name]).all(), name
+        before = before.to(device)
         if "lora_A" in name or "lora_B" in name or "mope_router" in name:
             assert not torch.equal(after[name].detach(), before), f"{name} did not move"
