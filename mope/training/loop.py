@@ -7,10 +7,12 @@ import math
 import os
 import shutil
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -21,9 +23,24 @@ from ..bundles import save_pretrained
 from ..routing.schedule import step_schedule
 from .data import Collator, load_examples
 from .models import build_model, load_tokenizer, wrap
-from .recipe import Recipe
+from .recipe import Recipe, TrainingSection
 
-# Seconds to sleep after each optimizer step; only the resume test sets it.
+logger = get_logger(__name__)
+
+# on_nonfinite_loss="skip" stops after this many non-finite optimizer steps in a row: one bad batch
+# is skipped, a run whose every step is NaN has diverged (its weights are usually NaN already).
+MAX_CONSECUTIVE_SKIPS = 5
+# The aux-dominance warning compares the mean task and aux losses over this many optimizer steps.
+DOMINANCE_WINDOW = 10
+FIXES = (
+    "lower training.learning_rate (and the router's: router_lr_scale / router_learning_rate), set "
+    "training.max_grad_norm (e.g. 1.0), train in float32 (model.dtype=float32, training.mixed_precision=no) "
+    "rather than bf16/fp16"
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or adapter weight: the run stops before saving anything from that step on."""
 
 
 @dataclass
@@ -65,6 +82,102 @@ def latest_checkpoint(folder: str) -> str | None:
         return None
     steps = sorted((int(n.split("-")[1]), n) for n in os.listdir(folder) if n.startswith("step-"))
     return os.path.join(folder, steps[-1][1]) if steps else None
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the trainable parameters holding a NaN or inf (checked before every save)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+
+
+class LossGuard:
+    """Watches every optimizer step's task and aux losses, summed over micro-batches and processes.
+
+    A NaN/inf loss on any process stops the run (``on_nonfinite_loss="stop"``) or skips that
+    step's update on every process ("skip"), so all ranks leave or continue together. An aux loss
+    (load balancing + z-loss, already in ``loss``) larger than the task loss over
+    ``DOMINANCE_WINDOW`` steps after the warm-up is warned about once: the adapters are then
+    trained mostly to please the routers. No absolute threshold on the loss: its scale depends on
+    the task, so a large finite loss is only judged against the task loss.
+    """
+
+    def __init__(self, accelerator: Accelerator, training: TrainingSection, coefficients: str) -> None:
+        self.accelerator = accelerator
+        self.checkpoints = os.path.join(training.output_dir, "checkpoints")
+        self.policy = training.on_nonfinite_loss
+        self.warmup = training.warmup_steps
+        self.coefficients = coefficients
+        self.sums: torch.Tensor | None = None
+        self.window: deque[tuple[float, float]] = deque(maxlen=DOMINANCE_WINDOW)
+        self.skipped = self.consecutive = 0
+        self.warned = False
+
+    def observe(self, out) -> None:
+        """Add one micro-batch's losses, on the device (read once per optimizer step)."""
+        loss = out.loss.detach().float()
+        aux = out.get("aux_loss")
+        aux = torch.zeros_like(loss) if aux is None else aux.detach().float().to(loss.device)
+        aux_bad = ~torch.isfinite(aux)
+        task_bad = ~torch.isfinite(loss) & ~aux_bad  # a non-finite aux loss makes ``loss`` non-finite too
+        values = torch.stack([loss, aux, task_bad.float(), aux_bad.float(), torch.ones_like(loss)])
+        self.sums = values if self.sums is None else self.sums + values
+
+    def step_is_finite(self, step: int, learning_rates: list[float]) -> bool:
+        """At an optimizer step: True to apply it, False to skip it; raises :class:`TrainingDiverged` to stop."""
+        loss, aux, task_bad, aux_bad, count = self.sums.unbind()
+        flags = torch.stack([task_bad > 0, aux_bad > 0, task_bad + aux_bad > 0]).float()  # per process, not batch
+        sums = torch.cat([torch.stack([loss, aux, count]), flags])
+        loss, aux, count, task_bad, aux_bad, processes = self.accelerator.reduce(sums, reduction="sum").tolist()
+        self.sums = None
+        if task_bad or aux_bad:
+            self.skipped, self.consecutive = self.skipped + 1, self.consecutive + 1
+            which = "aux loss (router losses)" if aux_bad else "task loss"
+            where = f"on {int(processes)} of {self.accelerator.num_processes} processes"
+            rates = f"{learning_rates[0]:g}" + "".join(f", routers {lr:g}" for lr in learning_rates[1:])
+            problem = f"the {which} was NaN or inf at optimizer step {step} ({where}, learning rate {rates})"
+            fixes = FIXES + (f", or lower {self.coefficients}" if aux_bad else "")
+            checkpoint = latest_checkpoint(self.checkpoints)
+            if self.policy == "stop":
+                raise TrainingDiverged(
+                    f"Training diverged: {problem}. Nothing was saved from this step on (last checkpoint: "
+                    f"{checkpoint or 'none'}). To fix: {fixes}; or set training.on_nonfinite_loss=skip to skip "
+                    "such steps."
+                )
+            if self.consecutive >= MAX_CONSECUTIVE_SKIPS:
+                raise TrainingDiverged(
+                    f"Training diverged: {MAX_CONSECUTIVE_SKIPS} optimizer steps in a row had a NaN/inf loss, the "
+                    f"last: {problem}. Nothing was saved from this step on (last checkpoint: {checkpoint or 'none'})."
+                    f" To fix: {fixes}."
+                )
+            logger.warning(f"skipped optimizer step {step}: {problem} (training.on_nonfinite_loss=skip)")
+            return False
+        self.consecutive = 0
+        self.watch_dominance(step, loss / count, aux / count)
+        return True
+
+    def watch_dominance(self, step: int, loss: float, aux: float) -> None:
+        """Warn once when aux > task, i.e. aux > loss / 2: ``loss - aux`` would lose the task loss to rounding
+        exactly when aux is huge, so the message gives the two exact numbers."""
+        self.window.append((loss, aux))
+        if self.warned or not self.coefficients or len(self.window) < DOMINANCE_WINDOW or step <= self.warmup:
+            return
+        mean_loss = sum(loss for loss, _ in self.window) / DOMINANCE_WINDOW
+        mean_aux = sum(aux for _, aux in self.window) / DOMINANCE_WINDOW
+        if mean_aux > mean_loss / 2:
+            self.warned = True
+            logger.warning(
+                f"The aux loss dominates the task loss: over optimizer steps {step - DOMINANCE_WINDOW + 1}-{step} it "
+                f"averaged {mean_aux:.4g} of a total loss of {mean_loss:.4g}, so the adapters train mostly to "
+                f"balance the routers (a diverging router's z-loss grows like this). Lower {self.coefficients}, or "
+                "training.learning_rate."
+            )
+
+
+def aux_coefficients(model, recipe: Recipe) -> str:
+    """The MoPE loss coefficients, named as recipe keys with their values (empty for a LoRA run)."""
+    if recipe.adapter.method != "mope":
+        return ""
+    config = model.peft_config["default"]
+    return f"adapter.config.aux_loss_coef (now {config.aux_loss_coef:g}) or adapter.config.z_loss_coef (now {config.z_loss_coef:g})"
 
 
 class Run:
@@ -123,6 +236,7 @@ class Run:
         prepared = self.accelerator.prepare(self.model, optimizer, train_loader, eval_loader, scheduler)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = prepared
         self.accelerator.register_for_checkpointing(self.state)
+        self.guard = LossGuard(self.accelerator, t, aux_coefficients(self.accelerator.unwrap_model(self.model), r))
         if self.main:
             os.makedirs(self.out, exist_ok=True)
 
@@ -142,7 +256,20 @@ class Run:
             with open(self.log_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+    def check_weights(self) -> None:
+        """Refuse to save NaN/inf adapter weights (on every process together: the flag is reduced)."""
+        bad = nonfinite_parameters(self.accelerator.unwrap_model(self.model))
+        count = torch.tensor([float(len(bad))], device=self.accelerator.device)
+        if self.accelerator.reduce(count, reduction="sum").item():
+            names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise TrainingDiverged(
+                f"Training diverged: after optimizer step {self.state.step} adapter weights hold NaN or inf "
+                f"({names or 'on another process'}); nothing was saved (last checkpoint: "
+                f"{latest_checkpoint(self.checkpoints) or 'none'}). To fix: {FIXES}."
+            )
+
     def save_checkpoint(self) -> None:
+        self.check_weights()
         path = os.path.join(self.checkpoints, f"step-{self.state.step}")
         self.accelerator.save_state(path)
         if self.main:
@@ -173,21 +300,21 @@ class Run:
                 break
             with self.accelerator.accumulate(self.model):
                 out = self.model(**batch)
+                self.guard.observe(out)
                 self.accelerator.backward(out.loss)
-                if self.accelerator.sync_gradients and t.max_grad_norm:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad()
+                if self.accelerator.sync_gradients:
+                    applied = self.optimizer_step()
             tokens += int(batch["attention_mask"].sum()) * self.accelerator.num_processes
             if not self.accelerator.sync_gradients:
                 continue
             self.state.step += 1
-            if self.recipe.adapter.method == "mope":  # router_schedule_counter='manual' counts optimizer steps
+            if not applied:  # a skipped step's NaN loss is not logged (json would write a bare NaN)
+                self.log({"step": self.state.step, "skipped": True, "lr": self.scheduler.get_last_lr()[0]})
+            elif self.recipe.adapter.method == "mope":  # router_schedule_counter='manual' counts optimizer steps
                 step_schedule(self.accelerator.unwrap_model(self.model))
             aux = out.get("aux_loss")
             bar.update(1)
-            if self.state.step % t.log_every == 0 or self.state.step == self.total_steps:
+            if applied and (self.state.step % t.log_every == 0 or self.state.step == self.total_steps):
                 rate = tokens / max(time.perf_counter() - window, 1e-9)
                 record = {
                     "step": self.state.step,
@@ -206,6 +333,22 @@ class Run:
                 self.save_checkpoint()
         bar.close()
         return time.perf_counter() - started
+
+    def optimizer_step(self) -> bool:
+        """Clip, step and zero the gradients, unless a loss was non-finite; False when the step was skipped.
+
+        A skipped step advances ``state.step`` (its data was used) but neither the optimizer, the
+        learning-rate schedule nor the router schedule, as Trainer and Megatron do.
+        """
+        max_grad_norm = self.recipe.training.max_grad_norm
+        applied = self.guard.step_is_finite(self.state.step + 1, self.scheduler.get_last_lr())
+        if applied:
+            if max_grad_norm:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad()
+        return applied
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -228,6 +371,7 @@ class Run:
         return {"eval_loss": loss_sum / max(count, 1)}
 
     def finish(self, train_seconds: float) -> dict:
+        self.check_weights()
         metrics = self.evaluate()
         checksums = self.accelerator.gather(adapter_checksum(self.model).to(self.accelerator.device)[None]).tolist()
         self.accelerator.wait_for_everyone()
@@ -238,6 +382,7 @@ class Run:
             **metrics,
             "train_seconds": round(train_seconds, 2),
             "steps": self.state.step,
+            "skipped_steps": self.guard.skipped,
             "trainable_parameters": trainable,
             "all_parameters": total,
             "rank_checksums": checksums,

@@ -47,7 +47,7 @@ def test_offline_recipes_run_a_few_steps(path, tmp_path):
     overrides = [f"training.output_dir={tmp_path}", "training.max_steps=2", "training.epochs=null"]
     overrides += ["data.max_examples=16", "training.eval_every=null", "training.save_every=null"]
     summary = run(load_recipe(path, overrides))
-    assert summary["steps"] == 2
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
     assert (tmp_path / "bundle" / "adapter_model.safetensors").exists()
     assert (tmp_path / "bundle" / "adapter_config.json").exists()
     assert (tmp_path / "metrics.jsonl").read_text().strip()
