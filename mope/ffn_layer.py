@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base_layers import check_base_layer
 from .experts.ffn import FFNExpertBank
 from .layer import MoPELayer
 from .routing import ROUTERS
@@ -46,9 +47,13 @@ class GatedMLP:
     down: str = "down_proj"
     act: str = "act_fn"
 
+    def projections(self) -> tuple[str, str, str]:
+        return self.gate, self.up, self.down
+
     def matches(self, module: nn.Module) -> bool:
-        linears = (getattr(module, name, None) for name in (self.gate, self.up, self.down))
-        return all(isinstance(m, nn.Linear) for m in linears) and callable(getattr(module, self.act, None))
+        """The block's layout by name; whether its projections can be wrapped is :func:`check_base_layer`'s call."""
+        parts = (getattr(module, name, None) for name in self.projections())
+        return all(isinstance(m, nn.Module) for m in parts) and callable(getattr(module, self.act, None))
 
 
 # Block layouts that can carry whole-FFN experts; add one line for another family's MLP.
@@ -59,6 +64,13 @@ def ffn_block_layout(module: nn.Module) -> GatedMLP | None:
     return next((layout for layout in FFN_BLOCKS if layout.matches(module)), None)
 
 
+def projection_features(block: nn.Module, layout: GatedMLP, module_name: str) -> dict[str, tuple[int, int]]:
+    """Each projection's (in, out) features; the projections run as they are (dense or quantized), so each
+    must be a base layer type mope knows (:func:`mope.base_layers.check_base_layer` names it otherwise)."""
+    parts = {name: getattr(block, name) for name in layout.projections()}
+    return {name: check_base_layer(m, f"{module_name}.{name}").features(m) for name, m in parts.items()}
+
+
 class MoPEFFNLayer(MoPELayer):
     """Wraps a gated MLP block; per active adapter, route once, then mix whole-FFN experts."""
 
@@ -67,7 +79,8 @@ class MoPEFFNLayer(MoPELayer):
         layout = ffn_block_layout(base_layer)
         if layout is None:
             raise ValueError(f"Module '{module_name}' is not a gated MLP block (gate_proj, up_proj, down_proj, act_fn)")
-        return getattr(base_layer, layout.gate).in_features, getattr(base_layer, layout.down).out_features
+        features = projection_features(base_layer, layout, module_name)
+        return features[layout.gate][0], features[layout.down][1]
 
     def make_bank(self, config, num_experts: int) -> nn.Module:
         if config.expert_type != "lora":
@@ -81,7 +94,7 @@ class MoPEFFNLayer(MoPELayer):
                 f"on MLP block '{self.module_name}'; target its projections instead."
             )
         layout = ffn_block_layout(self.base_layer)
-        inner = getattr(self.base_layer, layout.gate).out_features
+        inner = projection_features(self.base_layer, layout, self.module_name)[layout.gate][1]
         return FFNExpertBank(self.in_features, inner, config, num_experts)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:

@@ -6,24 +6,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from .base_layers import BaseLayerType, base_layer_type, check_base_layer
+from .base_layers import supported_base_layer as supported_base_layer  # tuner.py and reuse.py import it from here
 from .experts import EXPERT_BANKS
 from .losses import AUX_LOSSES
 from .peft_compat import PEFT_KEEPS_FROZEN
 from .routing import ROUTERS, RoutingInputs
 from .routing.context import LossRecord, RoutingContext
 from .routing.levels import ROUTING_LEVELS
-
-# Module types that can carry experts, and whether their weight is stored transposed
-# ([in, out], GPT-2's Conv1D) relative to nn.Linear ([out, in]).
-SUPPORTED_BASE_LAYERS: dict[type[nn.Module], bool] = {nn.Linear: False, Conv1D: True}
-
-
-def supported_base_layer(module: nn.Module) -> bool:
-    return isinstance(module, tuple(SUPPORTED_BASE_LAYERS))
 
 
 @dataclass(frozen=True)
@@ -45,7 +38,8 @@ class BlockLink:
 
 
 class MoPELayer(nn.Module, BaseTunerLayer):
-    """Wraps an ``nn.Linear`` or ``Conv1D``: per active adapter, route then apply the expert bank."""
+    """Wraps a base layer of :mod:`mope.base_layers` (``nn.Linear``, ``Conv1D``, bitsandbytes 4-bit / 8-bit):
+    per active adapter, route then apply the expert bank."""
 
     adapter_layer_names = ("mope_experts", "mope_router")
     frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}  # PEFT 0.19's BaseTunerLayer lacks it
@@ -67,12 +61,12 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         self.mope_router = nn.ModuleDict()
         self.mope_settings: dict[str, AdapterSettings] = {}
         self.mope_block: dict[str, BlockLink] = {}  # plain dict: the leader must not become a submodule
-        self.weight_transposed = any(t for cls, t in SUPPORTED_BASE_LAYERS.items() if isinstance(base_layer, cls))
         self.routing_context = context
         self.mask_key = mask_key
         self.module_name = module_name
         self.merged_adapters: list[str] = []
         self.merged_gates: dict[str, torch.Tensor] = {}  # the gate each merge used, so unmerge undoes exactly that
+        self.unfolded_base: tuple[Any, torch.Tensor | None] | None = None  # a quantized base before its first fold
         self._disable_adapters = False
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
@@ -84,16 +78,20 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             kind = f"{type(base_layer).__module__}.{type(base_layer).__qualname__}"
             raise ValueError(
                 f"Module '{module_name}' already carries a PEFT adapter of another method ({kind}); MoPE experts "
-                "wrap plain nn.Linear / Conv1D layers. Merge or unload that adapter first "
+                "wrap plain (or bitsandbytes-quantized) linear layers. Merge or unload that adapter first "
                 "(model.merge_and_unload()), or leave this module out of target_modules."
             )
-        if not supported_base_layer(base_layer):
-            raise ValueError(
-                f"Module '{module_name}' is a {type(base_layer).__name__}; MoPE experts attach to "
-                f"{', '.join(t.__name__ for t in SUPPORTED_BASE_LAYERS)} (or, as whole-FFN experts, to a gated "
-                "MLP block: mope.ffn_layer) only. Adjust target_modules."
-            )
-        return _get_in_out_features(base_layer)
+        return check_base_layer(base_layer, module_name).features(base_layer)
+
+    @property
+    def base_type(self) -> BaseLayerType:
+        """How to read and write the base layer's weight (:mod:`mope.base_layers`)."""
+        return check_base_layer(self.get_base_layer(), self.module_name)
+
+    @property
+    def weight_transposed(self) -> bool:
+        found = base_layer_type(self.get_base_layer())
+        return found is not None and found.transposed
 
     def make_bank(self, config, num_experts: int) -> nn.Module:
         return EXPERT_BANKS[config.expert_type](
@@ -265,7 +263,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
                 raise ValueError(f"Cannot merge: {blocker}.")
             gate = self.gate_weights(adapter_name, self.router_for(adapter_name).fixed_weights())
         base = self.get_base_layer()
-        weight = base.weight.data.T if self.weight_transposed else base.weight.data
+        weight = self.base_type.read_weight(base)
         bias = base.bias.data if getattr(base, "bias", None) is not None else None
         return self.mope_experts[adapter_name].fold_into(weight, bias, gate, sign)
 
@@ -281,19 +279,36 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             weight, bias = self._merged_weight(name, sign=1, gate=gate)
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"Merging adapter '{name}' into '{self.module_name}' gives non-finite weights.")
+            self._keep_unfolded_base()
             self._write_base(weight, bias)
             self.merged_adapters.append(name)
             self.merged_gates[name] = gate
 
     def unmerge(self) -> None:
+        if self.unfolded_base is not None:  # a quantized base: put the kept original back, exactly
+            base, (kept, bias) = self.get_base_layer(), self.unfolded_base
+            self.base_type.restore(base, kept)
+            if bias is not None:
+                base.bias.data.copy_(bias)
+            self.unfolded_base = None
+            self.merged_adapters.clear()
+            self.merged_gates.clear()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.mope_experts:
                 self._write_base(*self._merged_weight(name, sign=-1, gate=self.merged_gates.pop(name, None)))
 
+    def _keep_unfolded_base(self) -> None:
+        """Before the first fold into a base that re-quantizes on writing: keep what unmerge restores."""
+        base_type, base = self.base_type, self.get_base_layer()
+        if base_type.keep is None or self.unfolded_base is not None:
+            return
+        bias = getattr(base, "bias", None)
+        self.unfolded_base = (base_type.keep(base), None if bias is None else bias.detach().clone())
+
     def _write_base(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         base = self.get_base_layer()
-        base.weight.data.copy_(weight.T if self.weight_transposed else weight)
+        self.base_type.write_weight(base, weight)
         if bias is not None:
             base.bias.data.copy_(bias)
 
