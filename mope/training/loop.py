@@ -30,7 +30,7 @@ logger = get_logger(__name__)
 # on_nonfinite_loss="skip" stops after this many non-finite optimizer steps in a row: one bad batch
 # is skipped, a run whose every step is NaN has diverged (its weights are usually NaN already).
 MAX_CONSECUTIVE_SKIPS = 5
-# The aux-dominance warning compares the mean task and aux losses over this many optimizer steps.
+# The aux-dominance warning compares the mean aux and total losses over this many optimizer steps.
 DOMINANCE_WINDOW = 10
 FIXES = (
     "lower training.learning_rate (and the router's: router_lr_scale / router_learning_rate), set "
