@@ -11,8 +11,9 @@ returns the value it accepted.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Collection, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin
 
 from packaging.version import InvalidVersion, Version
 
@@ -125,4 +126,62 @@ def check_version(owner: str, name: str, value: Any) -> str:
         Version(value)
     except InvalidVersion:
         fail(owner, name, "a version string such as '0.1.0' (PEP 440)", value)
+    return value
+
+
+# What a ``list[...]`` field accepts: PEFT turns target lists into sets, and a copied config passes them back in.
+SEQUENCE_TYPES = (list, tuple, set, frozenset)
+TYPE_NAMES = {str: ("a string", "strings"), int: ("an integer", "integers"), float: ("a finite number", "numbers")}
+
+
+def matches_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the type hint: ``None``, ``str``, ``int`` (not a bool), ``float`` (finite, an int
+    too), ``bool``, a class, ``list[X]`` (any list, tuple or set of X), ``dict[K, V]`` or a union of these."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is None or hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(matches_type(value, arg) for arg in args)
+    if origin is list or hint is list:
+        return isinstance(value, SEQUENCE_TYPES) and all(matches_type(item, args[0]) for item in value if args)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            matches_type(key, args[0]) and matches_type(item, args[1]) for key, item in value.items()
+        )
+    if hint is int:
+        return is_int(value)
+    if hint is float:
+        return is_number(value)
+    return isinstance(value, hint)
+
+
+def describe_type(hint: Any, plural: bool = False) -> str:
+    """``list[str] | str | None`` -> ``'a list of strings, a string or None'``; for messages."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is None or hint is type(None):
+        return "None"
+    if origin in (Union, types.UnionType):
+        parts = [describe_type(arg) for arg in args]
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+    if origin is list:
+        return f"a list of {describe_type(args[0], plural=True)}"
+    if origin is dict:
+        return f"a dict of {describe_type(args[0], plural=True)} to {describe_type(args[1], plural=True)}"
+    if hint in TYPE_NAMES:
+        return TYPE_NAMES[hint][plural]
+    if hint is bool:
+        return "True or False values" if plural else "True or False"
+    name = getattr(hint, "__name__", str(hint))
+    return f"{name} values" if plural else f"a {name}"
+
+
+def check_type(owner: str, name: str, value: Any, hint: Any) -> Any:
+    """A value of the type ``hint`` names (see :func:`matches_type`): the one check of string and container fields.
+
+    A wrong type would otherwise reach PEFT or torch and fail there with a message that names no field
+    (``target_modules=5``: "'int' object is not iterable"), or pass silently (a string where PEFT expects a list
+    of names is matched one character at a time).
+    """
+    if not matches_type(value, hint):
+        fail(owner, name, describe_type(hint), value)
     return value

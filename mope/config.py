@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from peft import PeftConfig
+from peft.utils.constants import CONFIG_NAME
 
 from .bundles.files import BundleHeader
-from .bundles.upgrade import read_config_file
-from .checks import check_bool, check_choice, check_int, check_number, check_version
+from .bundles.upgrade import read_config_file, read_json_object
+from .checks import check_bool, check_choice, check_int, check_number, check_type, check_version
 from .dispatch import DISPATCH_CHOICES
 from .experts import ACTIVATIONS, EXPERT_BANKS
+from .registration import PEFT_TYPE_NAME as PEFT_TYPE
 from .registration import add_peft_type_member
 from .routing import ROUTER_INITS, ROUTERS
 from .routing.capacity import CAPACITY_POLICIES
@@ -23,6 +28,22 @@ from .routing.top_k import TOP_K_ORDERS
 from .version import MOPE_VERSION
 
 ADAPTER_PLACEMENTS = ("parallel", "series")
+
+
+# Numbers and flags have checks of their own that say more (check_int, check_number, check_bool: with the
+# range), and so have plain strings, which are all choices or versions (check_choice lists the choices).
+NUMBERS_AND_FLAGS = {int, float, bool, type(None)}
+
+
+@functools.cache
+def typed_fields(config_cls: type) -> tuple[tuple[str, Any], ...]:
+    """The fields of a container or optional-string type, with their type hints (PEFT's fields included)."""
+    hints = typing.get_type_hints(config_cls)
+    return tuple(
+        (f.name, hints[f.name])
+        for f in dataclasses.fields(config_cls)
+        if hints[f.name] is not str and not set(typing.get_args(hints[f.name]) or (hints[f.name],)) <= NUMBERS_AND_FLAGS
+    )
 
 
 def pattern_matches(pattern: str, module_name: str) -> bool:
@@ -295,6 +316,8 @@ class MoPEConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        for name, hint in typed_fields(type(self)):  # first: PEFT's own check would fail on a wrong type
+            check_type("MoPEConfig", name, getattr(self, name), hint)
         super().__post_init__()
         self.peft_type = add_peft_type_member()
         self._check()
@@ -302,11 +325,11 @@ class MoPEConfig(PeftConfig):
         for gate in ROUTERS.values():  # every gate, whichever is chosen: a bad saved value is refused now
             gate.check_options(self)
         ROUTERS[self.router].check_chosen(self)
-        if isinstance(self.target_modules, list):
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
+        if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.feedforward_modules, list):
+        if isinstance(self.feedforward_modules, (list, tuple)):
             self.feedforward_modules = set(self.feedforward_modules)
 
     # Runtime-only settings: kept out of the saved adapter_config.json (as LoraConfig.runtime_config).
@@ -333,10 +356,7 @@ class MoPEConfig(PeftConfig):
         )
         self.check_top_k(self.num_experts, self.top_k, "MoPEConfig.top_k")
         for name in ("num_experts_pattern", "top_k_pattern"):
-            table = getattr(self, name)
-            if not isinstance(table, dict):
-                raise ValueError(f"MoPEConfig.{name} must be a dict of module-name regex -> int, got {table!r}")
-            for pattern, value in table.items():
+            for pattern, value in getattr(self, name).items():
                 check_int("MoPEConfig", f"{name}[{pattern!r}]", value, low=1)
                 try:
                     re.compile(pattern)
@@ -396,7 +416,10 @@ class MoPEConfig(PeftConfig):
 
         ``from_pretrained`` reads the file through here, so an old bundle is upgraded explicitly
         (logged, ``upgraded_from`` set) and a newer, malformed or unknown-key one is a clear ValueError.
+        A file whose ``peft_type`` is not ``"MOPE"`` is refused first: PEFT would build another method's
+        config from it (a LoraConfig, keeping the keys it knows) or fail on a missing key.
         """
+        check_peft_type(read_json_object(path_json_file), path_json_file)
         return read_config_file(path_json_file, cls)
 
     @classmethod
@@ -408,10 +431,35 @@ class MoPEConfig(PeftConfig):
         PEFT loads the config before it touches the model, so this is where a local bundle's
         tensor file is opened (header only) and checked; the model-dependent checks run after
         injection, and a failure there restores the model (see ``MoPEModel.inject_adapter``).
+        A field's error names the file it came from.
         """
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         # normpath: joining "" leaves a trailing separator, and error messages must name the real file path.
         folder = os.path.normpath(os.path.join(os.fspath(pretrained_model_name_or_path), subfolder or ""))
+        source = (
+            os.path.join(folder, CONFIG_NAME) if os.path.isdir(folder) else os.fspath(pretrained_model_name_or_path)
+        )
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ValueError as error:
+            if source in str(error):
+                raise
+            raise ValueError(f"{error} (read from '{source}')") from error
         if os.path.isdir(folder):
             config.bundle = BundleHeader.read(folder)
         return config
+
+
+def check_peft_type(loaded: dict[str, Any], path: str) -> None:
+    """A MoPE bundle's config says ``"peft_type": "MOPE"``; name the file and what it says instead."""
+    peft_type = loaded.get("peft_type")
+    if peft_type == PEFT_TYPE:
+        return
+    if peft_type is None:
+        problem = "has no 'peft_type' key (PEFT cannot load a bundle without it)"
+        fix = f'add "peft_type": "{PEFT_TYPE}", or save the adapter again with mope.save_pretrained'
+    else:
+        problem = f"has peft_type={peft_type!r}: it is not a MoPE bundle"
+        fix = "load it with peft.PeftModel.from_pretrained" + (
+            " (LoRA bundles can also join a mixture: mope.from_lora_adapters)" if peft_type == "LORA" else ""
+        )
+    raise ValueError(f"'{path}' {problem}; a MoPE bundle's config says peft_type='{PEFT_TYPE}'. Fix: {fix}.")
