@@ -41,12 +41,22 @@ AUX_LOSS_BY_NAME = {loss.name: loss for loss in AUX_LOSSES}
 GENERATING_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 
 
-def attach_aux_loss(output: Any, aux: torch.Tensor) -> Any:
+def attach_aux_loss(output: Any, aux: torch.Tensor, model: nn.Module) -> Any:
     """Put ``aux`` on a model output as ``aux_loss`` and add it to ``loss`` when there is one.
 
-    A model that has an ``aux_loss`` of its own (e.g. Mixtral) gets the sum. Tuple outputs
-    (``return_dict=False``) are returned unchanged: use dict outputs to train with MoPE losses.
+    A model that has an ``aux_loss`` of its own (e.g. Mixtral) gets the sum. A tuple output
+    (``return_dict=False``) has no place for ``aux_loss``: when it starts with a loss (transformers puts
+    the loss first when labels are given) ``aux`` is added to that loss; a transformers model's tuple
+    without a loss is refused, as the aux loss would be silently lost.
     """
+    if isinstance(output, tuple) and output and is_loss(output[0]):
+        return (output[0] + aux.to(output[0].device), *output[1:])
+    if isinstance(output, tuple) and isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"{type(model).__name__} returned a tuple without a loss (return_dict=False and no labels) in training, "
+            "so MoPE's router losses (aux_loss: load balancing, z-loss) would be lost. Call it with return_dict=True "
+            "and add output.aux_loss to your loss, or pass labels: the loss it returns then includes them."
+        )
     if not isinstance(output, dict):  # ModelOutput is an OrderedDict
         return output
     previous = output.get("aux_loss")
@@ -54,6 +64,11 @@ def attach_aux_loss(output: Any, aux: torch.Tensor) -> Any:
     if output.get("loss") is not None:
         output["loss"] = output["loss"] + aux.to(output["loss"].device)
     return output
+
+
+def is_loss(value: Any) -> bool:
+    """A 0-dim tensor: what a loss is, and what no other model output (logits, hidden states, caches) is."""
+    return isinstance(value, torch.Tensor) and value.dim() == 0
 
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
@@ -345,7 +360,7 @@ class MoPEModel(BaseTuner):
             advance_schedules(self, "forward")
         if not records:
             return None
-        return attach_aux_loss(output, self.combine_losses(records))
+        return attach_aux_loss(output, self.combine_losses(records), module)
 
     def combine_losses(self, records) -> torch.Tensor:
         """``sum over (adapter, loss) of coef * mean over modules``; see :mod:`mope.losses`."""

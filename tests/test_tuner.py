@@ -167,6 +167,30 @@ def test_no_aux_loss_in_eval_mode():
     assert out.get("aux_loss") is None
 
 
+def test_return_dict_false_with_labels_adds_the_aux_loss_to_the_loss():
+    # Before: the tuple's loss left the router losses out (4.894 instead of 4.906 here).
+    model = get_peft_model(make_model("llama"), bundle_config()).train()
+    batch = make_batch("llama")
+    as_dict = model(**batch)
+    as_tuple = model(**batch, return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_dict.aux_loss > 0
+    torch.testing.assert_close(as_tuple[0], as_dict.loss, rtol=0, atol=0)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits, rtol=0, atol=0)
+
+
+def test_return_dict_false_without_labels_in_training_is_refused():
+    # Before: the tuple came back and the router losses were silently lost.
+    model = get_peft_model(make_model("llama"), bundle_config()).train()
+    inputs = {k: v for k, v in make_batch("llama").items() if k != "labels"}
+    with pytest.raises(ValueError) as info:
+        model(**inputs, return_dict=False)
+    message = str(info.value)
+    assert message.startswith("LlamaForCausalLM returned a tuple without a loss (return_dict=False and no labels)")
+    assert "Call it with return_dict=True and add output.aux_loss to your loss, or pass labels" in message
+    model.eval()  # no router loss outside training: the tuple is returned as it is
+    torch.testing.assert_close(model(**inputs, return_dict=False)[0], model(**inputs).logits, rtol=0, atol=0)
+
+
 def test_a_second_adapter_shares_the_routing_context():
     config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=2)
     model = get_peft_model(make_model("llama"), config)
