@@ -9,6 +9,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from .config import MoPEConfig
+from .tuner import ModelSnapshot
 
 
 def get_mope_model(model: nn.Module, config: MoPEConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
@@ -23,6 +24,16 @@ def load_mope(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> PeftM
 
     Having this function means ``mope`` is imported, so the ``MOPE`` PEFT type is registered:
     a process that never imported mope gets ``KeyError('MOPE')`` from PEFT instead.
+
+    All or nothing: if anything fails once ``model`` is touched (PEFT's task class, reading or
+    loading the weights), ``model`` is restored (modules, requires_grad, train/eval flags, hooks)
+    before the error propagates. ``PeftModel.from_pretrained`` itself restores the model only
+    for failures inside mope's injection: PEFT's own steps after it run beyond mope's reach.
     """
     config = MoPEConfig.from_pretrained(os.fspath(path))
-    return PeftModel.from_pretrained(model, os.fspath(path), config=config, **kwargs)
+    snapshot = ModelSnapshot(model)
+    try:
+        return PeftModel.from_pretrained(model, os.fspath(path), config=config, **kwargs)
+    except BaseException:  # KeyboardInterrupt mid-load too: the model must not stay half-wrapped
+        snapshot.restore()
+        raise

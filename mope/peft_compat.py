@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import save_and_load
 
 # PEFT >= 0.20 freezes BaseTunerLayer.frozen_peft_weight_names again after set_adapter and the
@@ -17,6 +17,9 @@ PEFT_KEEPS_FROZEN = hasattr(BaseTunerLayer, "_freeze_non_trainable_peft_weights"
 # PEFT >= 0.20 leaves the other adapters' tensors out of get_peft_model_state_dict for every method;
 # PEFT 0.19 does it only for its own methods, so a MoPE adapter's file got every adapter's tensors.
 PEFT_FILTERS_ADAPTERS = hasattr(save_and_load, "_filter_state_dict_for_adapter_name")
+# PEFT >= 0.21 passes every adapter's loaded tensors through the tuner (BaseTuner._remap_adapter_state_dict_for_load),
+# where MoPEModel refuses tensors that do not fit; PEFT 0.19 and 0.20 load them without asking the tuner.
+PEFT_CHECKS_LOADED_TENSORS = hasattr(BaseTuner, "_remap_adapter_state_dict_for_load")
 
 
 def without_other_adapters(
@@ -24,4 +27,9 @@ def without_other_adapters(
 ) -> dict[str, torch.Tensor]:
     """``state`` less the tensors of the adapters other than ``adapter_name`` (PEFT 0.20's rule)."""
     others = [name for name in adapter_names if name != adapter_name]
-    return {k: v for k, v in state.items() if not any(f".{n}." in k or k.endswith(f".{n}") for n in others)}
+    return {k: v for k, v in state.items() if not any(key_names_adapter(k, n) for n in others)}
+
+
+def key_names_adapter(key: str, adapter_name: str) -> bool:
+    """Whether a state-dict key belongs to ``adapter_name``: the name is one of its dotted parts after the first."""
+    return f".{adapter_name}." in key or key.endswith(f".{adapter_name}")

@@ -28,7 +28,7 @@ from .config import pattern_matches
 from .ffn_layer import layer_class_for
 from .layer import BlockLink, MoPELayer, supported_base_layer
 from .losses import AUX_LOSSES
-from .peft_compat import without_other_adapters
+from .peft_compat import key_names_adapter, without_other_adapters
 from .routing import ROUTERS
 from .routing.context import CAPTURED_INPUTS, RoutingContext, generate_with_routing
 from .routing.schedule import advance_schedules, attach_schedule, bind_schedule, detach_schedule
@@ -111,25 +111,85 @@ def include_mope_layers_in_all_linear(config, model: nn.Module) -> None:
         config.target_modules = set(config.target_modules) | wrapped
 
 
+# The forward hooks of a module: the tuner's own two, and e.g. gradient checkpointing's input-embedding hook.
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def describe_unfit_weights(own: dict[str, tuple], given: dict[str, tuple]) -> str | None:
+    """What keeps tensors ``given`` for an adapter from replacing its ``own`` exactly (names -> shapes), or None."""
+    unexpected = [key for key in given if key not in own]
+    wrong = [key for key in given if key in own and given[key] != own[key]]
+    missing = [key for key in own if key not in given]
+    problems = []
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} of the {len(given)} tensors given have no place in it (e.g. '{unexpected[0]}')"
+        )
+    if wrong:
+        key = wrong[0]
+        problems.append(f"{len(wrong)} have other shapes (e.g. '{key}' is {list(given[key])}, not {list(own[key])})")
+    if missing:
+        problems.append(f"{len(missing)} of its {len(own)} tensors are not given (e.g. '{missing[0]}')")
+    return "; ".join(problems) or None
+
+
 class ModelSnapshot:
-    """What injecting an adapter can change, so that a failed injection leaves the model as it was."""
+    """What wrapping a model in PEFT can change on it, so that a failed wrap or load leaves it as it was.
+
+    The module tree (targeted modules are replaced by MoPE layers, ``modules_to_save`` by PEFT's wrappers),
+    requires_grad and train/eval flags, forward hooks, the ``peft_config`` attribute BaseTuner sets on the
+    model and ``config.pretraining_tp`` (PeftModel sets it to 1). Only references and flags are kept.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        modules = list(model.modules())
+        self.model = model
+        self.children = [(module, dict(module._modules)) for module in modules]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.training = [(module, module.training) for module in modules]
+        self.hooks = [(module, name, dict(getattr(module, name))) for module in modules for name in HOOK_DICTS]
+        self.peft_config = vars(model).get("peft_config")
+        self.pretraining_tp = getattr(getattr(model, "config", None), "pretraining_tp", None)
+
+    def restore(self) -> None:
+        for module, children in self.children:
+            module._modules.clear()
+            module._modules.update(children)
+        for parameter, requires_grad in self.requires_grad:
+            parameter.requires_grad = requires_grad
+        for module, training in self.training:
+            module.training = training
+        for module, name, hooks in self.hooks:
+            getattr(module, name).clear()
+            getattr(module, name).update(hooks)
+        if self.peft_config is not None:
+            self.model.peft_config = self.peft_config
+        elif "peft_config" in vars(self.model):
+            del self.model.peft_config
+        if self.pretraining_tp is not None:
+            self.model.config.pretraining_tp = self.pretraining_tp
+
+
+class InjectionSnapshot(ModelSnapshot):
+    """A :class:`ModelSnapshot` plus what injecting one adapter changes in the tuner and in layers it had wrapped."""
 
     def __init__(self, model: nn.Module, tuner: BaseTuner) -> None:
-        self.children = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
-        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        super().__init__(model)
         self.tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         self.tuner = tuner
         self.targeted_module_names = list(tuner.targeted_module_names)
 
-    def restore(self, adapter_name: str) -> None:
-        for parent, name, child in self.children:
-            if parent._modules.get(name) is not child:
-                parent._modules[name] = child
-        for layer in self.tuner_layers:
+    def restore_adapter(self, adapter_name: str) -> None:
+        for layer in self.tuner_layers:  # before the module tree: delete_adapter also clears the layer's settings
             if adapter_name in getattr(layer, "mope_experts", {}):
                 layer.delete_adapter(adapter_name)
-        for parameter, requires_grad in self.requires_grad:
-            parameter.requires_grad = requires_grad
+        self.restore()
         self.tuner.targeted_module_names[:] = self.targeted_module_names
         detach_schedule(self.tuner, adapter_name)
 
@@ -197,7 +257,7 @@ class MoPEModel(BaseTuner):
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """PEFT's injection, made all-or-nothing: on any error the model is restored, then it re-raises."""
-        snapshot = ModelSnapshot(model, self)
+        snapshot = InjectionSnapshot(model, self)
         try:
             attach_schedule(self, self.peft_config[adapter_name], adapter_name)  # before: the bundle check counts it
             check_all_linear_finds_layers(self.peft_config[adapter_name], model)
@@ -214,7 +274,7 @@ class MoPEModel(BaseTuner):
             bind_schedule(self, adapter_name)
             self._check_bundle_fits(adapter_name)
         except Exception:
-            snapshot.restore(adapter_name)
+            snapshot.restore_adapter(adapter_name)
             raise
 
     def _check_patterns_used(self, adapter_name: str) -> None:
@@ -297,6 +357,35 @@ class MoPEModel(BaseTuner):
         problem = describe_mismatch(config.bundle.tensor_file, expected, found)
         if problem is not None:
             raise ValueError(problem)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Refuse a bundle's tensors that do not fit the adapter, before any is loaded (PEFT >= 0.21 calls this).
+
+        ``load_adapter(path, adapter_name=<a loaded adapter's name>)`` loads into that adapter without
+        reading the bundle's config, and PEFT loads the tensors that fit and drops the others without
+        a word. A new adapter's bundle was already checked against the model (``_check_bundle_fits``),
+        except one from the Hub or given with an explicit ``config=``: this check covers those too.
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        own = {
+            key: tuple(value.shape)
+            for key, value in model.state_dict().items()
+            if cls.prefix in key and key_names_adapter(key, adapter_name)
+        }
+        problem = describe_unfit_weights(own, {k: tuple(v.shape) for k, v in remapped.items() if cls.prefix in k})
+        if problem is not None:
+            raise ValueError(
+                f"Cannot load these weights into MoPE adapter '{adapter_name}'; nothing was loaded: {problem}. "
+                f"If '{adapter_name}' was already loaded (load_adapter into an existing name keeps that adapter's "
+                f"config and only replaces tensors), load the bundle under a new adapter_name, or "
+                f"delete_adapter('{adapter_name}') first; otherwise the bundle was made for another model or config."
+            )
+        return remapped
 
     def _create_and_replace(
         self,
