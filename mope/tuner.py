@@ -11,9 +11,11 @@ out of the call before the base model sees them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -194,6 +196,48 @@ class InjectionSnapshot(ModelSnapshot):
         detach_schedule(self.tuner, adapter_name)
 
 
+class AdapterConfigs(dict):
+    """The tuner's ``peft_config`` table (adapter name -> config): a missing name's KeyError says what exists.
+
+    PeftModel.forward looks its active adapter up here; after ``delete_adapter`` removed the only
+    adapter, a plain dict said nothing but ``KeyError: 'default'``.
+    """
+
+    def __missing__(self, name: str) -> Any:
+        if self:
+            listed = ", ".join(repr(existing) for existing in self)
+            fix = f"select one of them with set_adapter (adapters: {listed})"
+        else:
+            fix = (
+                "no adapter is left (delete_adapter removed the last one): add one with add_adapter or "
+                "load_adapter, or run the base model alone (get_base_model())"
+            )
+        raise KeyError(f"MoPE adapter {name!r} does not exist; {fix}")
+
+
+@contextlib.contextmanager
+def naming_meta_weights(model: nn.Module) -> Iterator[None]:
+    """Re-raise an error of a model whose weights are on the meta device as one that says so.
+
+    torch's own error names no weight (on CPU: "unknown device type for autocast"). Checked only
+    after an error, so a forward pays nothing; a model dispatched by accelerate (``hf_device_map``)
+    keeps offloaded weights on the meta device on purpose and is left alone.
+    """
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        if getattr(model, "hf_device_map", None) is not None:
+            raise
+        meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+        if meta is None:
+            raise
+        raise ValueError(
+            f"{type(model).__name__} has weights on the meta device (e.g. '{meta}'): they have shapes but no values, "
+            "as in a model built under torch.device('meta') or accelerate.init_empty_weights(), so it cannot run. "
+            "Load its weights first (from_pretrained, or model.to_empty(device=...) then load_state_dict)."
+        ) from error
+
+
 class MoPEModel(BaseTuner):
     """Creates a mixture of parameter-efficient experts on a pretrained model (use via ``get_peft_model``)."""
 
@@ -204,6 +248,7 @@ class MoPEModel(BaseTuner):
     # injection ---------------------------------------------------------------------------------
 
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
+        self.peft_config = AdapterConfigs(self.peft_config)  # BaseTuner then gives the model this same table
         self.routing_context = RoutingContext()
         self.hook_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forward_parameter_names: list[str] | None = None
@@ -469,7 +514,8 @@ class MoPEModel(BaseTuner):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # Call the model, not model.forward as PEFT < 0.21 does, so that the two hooks above run.
-        return self.model(*args, **kwargs)
+        with naming_meta_weights(self.model):
+            return self.model(*args, **kwargs)
 
     def _prepare_encoder_decoder_kwargs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         # PEFT < 0.21's PeftModelForSeq2SeqLM reads this attribute when it is built and in generate, but
@@ -478,7 +524,8 @@ class MoPEModel(BaseTuner):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``mope_task_ids``/``group_ids`` reach every step, sequence decisions stay the prompt's."""
-        return generate_with_routing(self.model, self.routing_context, *args, **kwargs)
+        with naming_meta_weights(self.model):
+            return generate_with_routing(self.model, self.routing_context, *args, **kwargs)
 
     # merging and unloading ----------------------------------------------------------------------
 

@@ -1,0 +1,62 @@
+"""Misleading messages named (issue 16): a base model on the meta device, and a forward after the only adapter
+was deleted, each say what is wrong and what to do (before: "unknown device type for autocast", KeyError: 'default').
+"""
+
+from __future__ import annotations
+
+import accelerate
+import pytest
+import torch
+from conftest import bundle_config, make_batch, make_model, tiny_llama
+from peft import get_peft_model
+
+META_BUILDERS = {
+    "torch.device('meta')": lambda: torch.device("meta"),
+    "accelerate.init_empty_weights": accelerate.init_empty_weights,
+}
+
+
+@pytest.mark.parametrize("empty", META_BUILDERS.values(), ids=list(META_BUILDERS))
+def test_a_base_model_on_the_meta_device_is_named_when_called(empty):
+    with empty():
+        base = tiny_llama()
+    model = get_peft_model(base, bundle_config())  # wrapping is allowed: weights may be loaded after (to_empty)
+    ids = torch.ones(1, 4, dtype=torch.long)
+    for call in (lambda: model(input_ids=ids), lambda: model.generate(input_ids=ids, max_new_tokens=1)):
+        with pytest.raises(ValueError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith("LlamaForCausalLM has weights on the meta device (e.g. 'model.embed_tokens.weight')")
+        assert "torch.device('meta') or accelerate.init_empty_weights()" in message
+        assert "Load its weights first" in message
+        assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error stays attached
+
+
+def test_an_error_of_a_model_with_real_weights_is_not_renamed():
+    model = get_peft_model(make_model("llama"), bundle_config())
+    with pytest.raises(IndexError, match="index out of range"):
+        model(input_ids=torch.full((1, 4), 999))  # an id beyond the vocabulary: torch's error, unchanged
+
+
+def test_a_forward_after_deleting_the_only_adapter_says_so():
+    model = get_peft_model(make_model("llama"), bundle_config())
+    model.delete_adapter("default")
+    with pytest.raises(KeyError) as info:
+        model(**make_batch("llama"))
+    message = info.value.args[0]
+    assert message.startswith("MoPE adapter 'default' does not exist; no adapter is left")
+    assert "(delete_adapter removed the last one): add one with add_adapter or load_adapter" in message
+    assert "run the base model alone (get_base_model())" in message
+    # and the model can take a new adapter and run again
+    model.add_adapter("second", bundle_config())
+    model.set_adapter("second")
+    assert model(**make_batch("llama")).logits.shape == (2, 8, 128)
+
+
+def test_a_missing_adapter_name_lists_the_adapters_that_exist():
+    model = get_peft_model(make_model("llama"), bundle_config())
+    model.add_adapter("other", bundle_config())
+    wanted = "MoPE adapter 'typo' does not exist; select one of them with set_adapter (adapters: 'default', 'other')"
+    with pytest.raises(KeyError) as info:
+        model.peft_config["typo"]
+    assert info.value.args[0] == wanted
