@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .routing import Routing
 from .routing.base import stack_field
@@ -193,3 +194,24 @@ AUX_LOSSES: tuple[AuxLoss, ...] = (
     AuxLoss("entropy", "entropy_loss_coef", entropy_loss),
     AuxLoss("localized_balance", "localized_balance_coef", localized_balance_loss, localized_balance_inputs),
 )
+
+
+def check_losses_reach_routers(model: nn.Module) -> None:
+    """Refuse a training forward whose router losses cannot train any router.
+
+    Reentrant gradient checkpointing (``use_reentrant=True``, which PEFT's
+    ``prepare_model_for_kbit_training`` selects by default) runs each checkpointed layer's first
+    forward without autograd and recomputes it in the backward; the routings mope keeps for its
+    losses come from that first forward, so ``aux_loss`` is added to ``loss`` but none of its
+    gradient reaches a router. Called only when ``aux`` has no gradient while autograd is on, so
+    the normal path costs one flag read.
+    """
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad and "mope_router" in name]
+    if trainable:
+        raise ValueError(
+            "MoPE's router losses cannot train the routers in this forward: the routers ran without autograd "
+            f"(e.g. '{trainable[0]}'), which is what reentrant gradient checkpointing does "
+            "(gradient_checkpointing_kwargs={'use_reentrant': True}, or PEFT's prepare_model_for_kbit_training "
+            "without gradient_checkpointing_kwargs). Use gradient_checkpointing_kwargs={'use_reentrant': False}, "
+            "or set the loss coefficients (aux_loss_coef, z_loss_coef, ...) to 0 to train without router losses."
+        )

@@ -29,7 +29,7 @@ from .bundles import describe_mismatch
 from .config import pattern_matches
 from .ffn_layer import layer_class_for
 from .layer import BlockLink, MoPELayer, supported_base_layer
-from .losses import AUX_LOSSES
+from .losses import AUX_LOSSES, check_losses_reach_routers
 from .peft_compat import key_names_adapter, without_other_adapters
 from .routing import ROUTERS
 from .routing.context import CAPTURED_INPUTS, RoutingContext, generate_with_routing
@@ -494,7 +494,10 @@ class MoPEModel(BaseTuner):
             advance_schedules(self, "forward")
         if not records:
             return None
-        return attach_aux_loss(output, self.combine_losses(records), module)
+        aux = self.combine_losses(records)
+        if module.training and torch.is_grad_enabled() and not aux.requires_grad:
+            check_losses_reach_routers(module)
+        return attach_aux_loss(output, aux, module)
 
     def combine_losses(self, records) -> torch.Tensor:
         """``sum over (adapter, loss) of coef * mean over modules``; see :mod:`mope.losses`."""

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, mope_model
 from peft import get_peft_model
 from torch import nn
 
@@ -162,3 +162,40 @@ def test_entropy_coefficient_may_be_negative_and_is_counted():
     layers = sum(isinstance(m, MoPELayer) for m in model.modules())
     assert layers and out.aux_loss < 0  # - 0.5 * entropy (entropy > 0)
     assert out.aux_loss > -0.5 * math.log(4) - 1e-6
+
+
+def checkpointed_mixture(use_reentrant: bool):
+    model = mope_model("llama", target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.base_model.model.enable_input_require_grads()
+    return model.train()
+
+
+def router_grads(model, batch) -> list[torch.Tensor]:
+    model.zero_grad()
+    model(**batch).aux_loss.backward()
+    return [p.grad.clone() for n, p in model.named_parameters() if "mope_router" in n]
+
+
+def test_reentrant_checkpointing_is_refused_when_router_losses_would_not_reach_the_routers():
+    """Before: aux_loss was added to the loss, but its gradient reached no router (the routings came from the
+    checkpoint's no-grad first forward). Non-reentrant checkpointing gives the routers the same gradient."""
+    batch = make_batch("llama")
+    with pytest.raises(ValueError, match=r"use_reentrant.*False"):
+        checkpointed_mixture(use_reentrant=True)(**batch)
+    plain = mope_model("llama", target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2)
+    for got, want in zip(
+        router_grads(checkpointed_mixture(False), batch), router_grads(plain.train(), batch), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
+def test_reentrant_checkpointing_is_fine_without_router_losses_or_without_autograd():
+    batch = make_batch("llama")
+    model = checkpointed_mixture(use_reentrant=True)
+    with torch.no_grad():
+        assert model(**batch).aux_loss is not None  # no autograd: nothing to train, nothing refused
+    for name, parameter in model.named_parameters():
+        if "mope_router" in name:
+            parameter.requires_grad_(False)  # frozen routers: their losses train nothing anyway
+    model(**batch).loss.backward()
