@@ -1,0 +1,530 @@
+"""Where a mixture pays: the pre-registered multi-domain study (issue 18; docs/when_to_use_a_mixture.md).
+
+Run from the repository root (offline; hours of CPU in all, see the docs page; alone on the machine):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/multidomain_study.py --list        # methods, ranks, grid, seeds
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/multidomain_study.py               # the whole study
+    ... multidomain_study.py --methods "lora equal params" --lrs 0.002 --seeds 0   # a part of it
+    ... --workers 15 --model DIR --data FILE   # 15 runs at once (see study_on_device.sh multidomain)
+
+The task is the union of three domains in one label space (``mope.training.multidomain``: stdlib
+docstrings -> package family, fortunes -> fortune file, man pages -> section); the model sees the
+text only. Every method trains the real MiniLM with the demo recipes' protocol (their ``training``
+section: 3 epochs, batch 32, AdamW, linear schedule, 10 warm-up steps, max length 64, router
+learning rate scale as each method states), at each learning rate of ``GRID`` and each seed of
+``SEEDS``. The ranks are computed from the model: the LoRA with the dense demo mixture's trainable
+parameters (routers and head counted) has rank R; the top-2 mixture "at equal active compute" has
+experts of rank R/2 (k*r = R), and its LoRA twins have ranks k*r and N*r.
+
+All runs use the training loop below, not ``mope.train``: per-domain accuracy, task-id routing
+(``mope_task_ids``) and the composition methods need each example's domain, which the recipe loop's
+batches do not carry, and one loop for every method keeps the comparison equal. It uses the
+recipe loop's parts (``build_model``, ``wrap``, ``Collator``, ``parameter_groups``).
+
+Composition (one job per learning rate and seed): a linear probe trains the classification head on
+the union (the encoder frozen; its row is "head only"); with that head frozen, one PEFT LoRA per
+domain (rank ``round(R / 3)``, so the three hold about R ranks) trains on its domain; then the
+three are combined by ``mope.from_lora_adapters`` with Arrow (no training), with a learned top-2
+router trained one epoch on the union (experts and head frozen), by PEFT's ``create_arrow_model``
+(top-2), by PEFT's ``add_weighted_adapter`` (weights 1/3, ``cat``: the exact mean of the three
+updates), and by the oracle that picks each example's own domain LoRA.
+
+Results are appended one line per run to ``benchmarks/results/multidomain_study_cpu.jsonl``
+(``_h100`` where a GPU trains; ``--name`` sets the stem); a (settings, method, learning rate, seed)
+already there is skipped, so the study can be stopped and continued. ``multidomain_study_cpu.md`` is
+rewritten from all lines: per method its best learning rate (by mean macro accuracy over seeds; the
+held-out split is the only one, as in the defaults study), accuracy per domain and the macro average
+over domains (the headline), trainable parameters, adapter FLOPs per token and training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import math
+import multiprocessing
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from defaults_study import read_runs
+from step_time import machine_tag
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import get_scheduler
+
+from mope.demo import RECIPES, trainable
+from mope.training import multidomain, quiet_third_party
+from mope.training.data import Collator
+from mope.training.loop import parameter_groups
+from mope.training.models import build_model, load_tokenizer, wrap
+from mope.training.recipe import ModelSection, Recipe, load_recipe
+
+SEEDS = (0, 1, 2)
+GRID = (0.001, 0.002, 0.003, 0.005)  # every method's learning-rate grid (the defaults study's range)
+TASK = "sequence_classification"
+# The top-2 knobs the defaults study found best: alpha 16 for r=2 (scale 8), routers at a tenth of the rate.
+TOP2 = ["adapter.config.router=top_k", "adapter.config.top_k=2", "training.router_lr_scale=0.1"]
+COMPOSITION = (
+    "head only (linear probe)",
+    "compose: mope Arrow (no training)",
+    "compose: mope router trained (experts frozen)",
+    "compose: PEFT Arrow",
+    "compose: PEFT add_weighted_adapter (mean)",
+    "compose: oracle (own domain's LoRA)",
+)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The ranks every method's size follows from, computed from the model (``ranks``)."""
+
+    equal: int  # the LoRA rank whose trainable parameters match the dense demo mixture's
+    top2: int  # expert rank of top-2 of 8 at the equal LoRA's active compute: 2 * top2 = equal
+    domain: int  # rank of each per-domain LoRA of the composition methods: three hold ~equal ranks
+
+
+def trained_methods(r: Ranks) -> dict[str, tuple[str, list[str]]]:
+    """Methods that train one adapter on the union: name -> (demo recipe, overrides)."""
+    top2 = [*TOP2, "adapter.config.r=2", "adapter.config.lora_alpha=16"]
+    return {
+        "lora equal params": ("lora", lora(r.equal)),
+        "lora equal active compute (r = k*r of top-2 r=2)": ("lora", lora(2 * 2)),
+        "lora params of top-2 equal compute (r = N*r)": ("lora", lora(8 * r.top2)),
+        "mope dense 8 (demo defaults)": ("mope", []),
+        "mope top-2 of 8 equal params": ("mope", top2),
+        "mope top-2 of 8 equal active compute": (
+            "mope",
+            [*TOP2, f"adapter.config.r={r.top2}", f"adapter.config.lora_alpha={8 * r.top2}"],
+        ),
+        "mope top-2 of 8 sequence-level": ("mope", [*top2, "adapter.config.routing_level=sequence"]),
+        "mope top-2 of 7 + 1 shared": ("mope", [*top2, "adapter.config.num_shared_experts=1"]),
+        "mope top-2 of 8 task-level (domain id)": (
+            "mope",
+            [*top2, "adapter.config.routing_level=task", f"adapter.config.num_tasks={len(multidomain.DOMAINS)}"],
+        ),
+    }
+
+
+def lora(rank: int) -> list[str]:
+    return [f"adapter.config.r={rank}", f"adapter.config.lora_alpha={2 * rank}"]
+
+
+def method_names() -> list[str]:
+    return [*trained_methods(Ranks(1, 1, 1)), *COMPOSITION]
+
+
+@functools.cache
+def ranks(settings: tuple[str, ...], num_labels: int) -> Ranks:
+    """:class:`Ranks` from the trainable parameters of the models the recipes build (as the demo matches them)."""
+    target = trainable(RECIPES["mope"], list(settings), num_labels)
+    one, two = (trainable(RECIPES["lora"], [*settings, *lora(r)], num_labels) for r in (1, 2))
+    per_rank = two - one
+    equal = max(2, round((target - (one - per_rank)) / per_rank))
+    return Ranks(equal=equal, top2=max(1, equal // 2), domain=max(1, round(equal / 3)))
+
+
+# --- one run ------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def read_data(path: str) -> dict:
+    return multidomain.read(path)
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def batches(rows: list[dict], collate: Callable, size: int, seed: int | None = None) -> DataLoader:
+    """Batches of ``rows``; shuffled by its own seeded generator when ``seed`` is given."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return DataLoader(rows, batch_size=size, shuffle=seed is not None, collate_fn=collate, generator=generator)
+
+
+def on_device(batch: dict) -> dict:
+    return {k: v.to(device()) for k, v in batch.items()}
+
+
+@functools.cache
+def tokenizer(location: str):
+    """The tokenizer, loaded once per process (every model of a job uses the same)."""
+    return load_tokenizer(ModelSection(name_or_path=location))
+
+
+def collator(recipe: Recipe, labels: list[str], task_ids: bool) -> Callable[[list[dict]], dict]:
+    """The recipe loop's collator, plus ``mope_task_ids`` (the domain id) for task-level routing."""
+    collate = Collator(tokenizer(recipe.model.tokenizer or recipe.model.name_or_path), recipe.data, TASK, labels)
+
+    def call(rows: list[dict]) -> dict:
+        batch = collate(rows)
+        if task_ids:
+            batch["mope_task_ids"] = torch.tensor([multidomain.DOMAINS.index(r["domain"]) for r in rows])
+        return batch
+
+    return call
+
+
+def train(model, recipe: Recipe, rows: list[dict], collate: Callable, epochs: float | None = None) -> float:
+    """The recipe's schedule on ``rows`` (``epochs`` overrides its length); returns the seconds it took."""
+    t = recipe.training
+    loader = batches(rows, collate, t.batch_size, t.seed)
+    total = t.max_steps if t.max_steps and not epochs else math.ceil((epochs or t.epochs) * len(loader))
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe))
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    started, step = time.perf_counter(), 0
+    while step < total:
+        for batch in loader:
+            loss = model(**on_device(batch)).loss
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"the loss was {loss.item()} at step {step}: the run diverged")
+            loss.backward()
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            if step == total:
+                break
+    return time.perf_counter() - started
+
+
+@torch.no_grad()
+def accuracy(model, rows: list[dict], collate: Callable, size: int) -> dict[str, float]:
+    """Accuracy per domain of ``rows``."""
+    model.eval()
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        batch = on_device(collate(chunk))
+        predicted = model(**batch).logits.argmax(-1).tolist()
+        for row, guess, label in zip(chunk, predicted, batch["labels"].tolist(), strict=True):
+            hits[row["domain"]].append(guess == label)
+    return {domain: sum(h) / len(h) for domain, h in hits.items()}
+
+
+@torch.no_grad()
+def flops_per_token(model, rows: list[dict], collate: Callable) -> float:
+    """Forward FLOPs per token, counted by torch on each of ``rows`` alone (no padding).
+
+    MoPE banks are switched to the ``sorted`` dispatch first, which computes only the experts a
+    token uses: the count is then the active compute (k*r), not the masked form's N*r.
+    """
+    from mope import set_dispatch
+
+    set_dispatch(model, "sorted")
+    model.eval()
+    flops = tokens = 0
+    for row in rows:
+        batch = on_device(collate([row]))
+        with FlopCounterMode(display=False) as counter:
+            model(**batch)
+        flops += counter.get_total_flops()
+        tokens += int(batch["attention_mask"].sum())
+    return flops / tokens
+
+
+@torch.no_grad()
+def domain_load(model, rows: list[dict], collate: Callable, size: int) -> dict[str, list[float]]:
+    """Per domain: each expert's share of dispatch, averaged over the adapted modules (for the domain x expert plot)."""
+    from mope.analysis import expert_load
+
+    model.eval()
+    load = {}
+    for domain in multidomain.DOMAINS:
+        mine = [r for r in rows if r["domain"] == domain]
+        report = expert_load(model, [on_device(b) for b in batches(mine, collate, size)])
+        shares = [entry["share"] for entry in report.values()]
+        load[domain] = [statistics.mean(column) for column in zip(*shares, strict=True)] if shares else []
+    return load
+
+
+def adapter_parameters(model) -> int:
+    """Parameters trained for this model: adapters (frozen ones too), routers and the classification head."""
+    return sum(p.numel() for n, p in model.named_parameters() if any(s in n for s in ("lora_", "mope_", "classifier")))
+
+
+class Job:
+    """What every run of one (learning rate, seed) shares: data, recipe, base model FLOPs."""
+
+    def __init__(self, data_path: str, settings: tuple[str, ...], lr: float, seed: int) -> None:
+        data = read_data(data_path)
+        self.train_rows, self.eval_rows = data["train"], data["eval"]
+        self.labels = sorted({r["label"] for r in self.train_rows + self.eval_rows})
+        self.settings, self.lr, self.seed = settings, lr, seed
+        self.ranks = ranks(settings, len(self.labels))
+        self.frozen_flops: float | None = None
+        self.probe_rows = [self.eval_rows[i] for i in range(0, len(self.eval_rows), max(1, len(self.eval_rows) // 12))]
+
+    def recipe(self, name: str, overrides: list[str] = ()) -> Recipe:
+        common = [f"training.seed={self.seed}", f"training.learning_rate={self.lr}"]
+        return load_recipe(RECIPES[name], [*overrides, *common, *self.settings])
+
+    def base(self, recipe: Recipe):
+        torch.manual_seed(self.seed)  # the head's initialisation
+        return build_model(recipe.model, len(self.labels), self.seed).to(device())
+
+    def measure(self, model, recipe: Recipe, collate: Callable, seconds: float, trained: int, mope: bool) -> dict:
+        size = recipe.training.eval_batch_size
+        by_domain = accuracy(model, self.eval_rows, collate, size)
+        row = {
+            "accuracy": by_domain,
+            "macro_accuracy": statistics.mean(by_domain.values()),
+            "trainable_parameters": trained,
+            "train_seconds": round(seconds, 2),
+            "domain_load": domain_load(model, self.eval_rows, collate, size) if mope else None,
+        }
+        row["adapter_flops_per_token"] = flops_per_token(model, self.probe_rows, collate) - self.base_flops(recipe)
+        return row
+
+    def base_flops(self, recipe: Recipe) -> float:
+        """The frozen model's forward FLOPs per token (counted once per job)."""
+        if self.frozen_flops is None:
+            self.frozen_flops = flops_per_token(
+                self.base(recipe), self.probe_rows, collator(recipe, self.labels, False)
+            )
+        return self.frozen_flops
+
+    def trained(self, method: str) -> dict:
+        name, overrides = trained_methods(self.ranks)[method]
+        recipe = self.recipe(name, overrides)
+        collate = collator(recipe, self.labels, "routing_level=task" in " ".join(overrides))
+        model = wrap(self.base(recipe), recipe.adapter, TASK)
+        seconds = train(model, recipe, self.train_rows, collate)
+        trained = model.get_nb_trainable_parameters()[0]
+        return self.measure(model, recipe, collate, seconds, trained, name == "mope")
+
+    def composition(self) -> dict[str, dict]:
+        """Every COMPOSITION row of this learning rate and seed, from one probe and three per-domain LoRAs."""
+        from peft import ArrowConfig, LoraConfig, PeftModel, create_arrow_model, get_peft_model
+
+        from mope import MoPEConfig, from_lora_adapters
+
+        recipe = self.recipe("lora")
+        collate = collator(recipe, self.labels, False)
+        base = self.base(recipe)
+        for name, p in base.named_parameters():
+            p.requires_grad = name.startswith("classifier")
+        probe_seconds = train(base, recipe, self.train_rows, collate)
+        rows = {COMPOSITION[0]: self.measure(base, recipe, collate, probe_seconds, adapter_parameters(base), False)}
+        base.requires_grad_(False)
+        folder = tempfile.mkdtemp(prefix="mope-compose-")
+        # the encoder's linear layers (not the head): what all-linear adapts for a classification task
+        targets = r".*\.(query|key|value|dense)$"
+        paths, seconds = [], probe_seconds
+        for domain in multidomain.DOMAINS:
+            config = LoraConfig(r=self.ranks.domain, lora_alpha=2 * self.ranks.domain, target_modules=targets)
+            model = get_peft_model(copy.deepcopy(base), config)
+            seconds += train(model, recipe, [r for r in self.train_rows if r["domain"] == domain], collate)
+            paths.append(os.path.join(folder, domain))
+            model.save_pretrained(paths[-1])
+        # the head and the three LoRAs (each as large as the last one trained)
+        loras = adapter_parameters(base) + len(paths) * sum(
+            p.numel() for n, p in model.named_parameters() if "lora_" in n
+        )
+
+        arrow = from_lora_adapters(copy.deepcopy(base), paths)
+        rows[COMPOSITION[1]] = self.measure(arrow, recipe, collate, seconds, loras, True)
+
+        routed = from_lora_adapters(copy.deepcopy(base), paths, MoPEConfig(router="top_k", top_k=2))
+        router_recipe = self.recipe("mope", ["training.router_lr_scale=1"])
+        router_seconds = train(routed, router_recipe, self.train_rows, collate, epochs=1)
+        total = adapter_parameters(routed)
+        rows[COMPOSITION[2]] = self.measure(routed, recipe, collate, seconds + router_seconds, total, True)
+
+        peft_arrow = create_arrow_model(copy.deepcopy(base), paths, ArrowConfig(top_k=2, rng_seed=self.seed))
+        rows[COMPOSITION[3]] = self.measure(peft_arrow, recipe, collate, seconds, loras, False)
+
+        several = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name=multidomain.DOMAINS[0])
+        for domain, path in zip(multidomain.DOMAINS[1:], paths[1:], strict=True):
+            several.load_adapter(path, adapter_name=domain)
+        several.add_weighted_adapter(list(multidomain.DOMAINS), [1 / len(paths)] * len(paths), "mean", "cat")
+        several.set_adapter("mean")
+        rows[COMPOSITION[4]] = self.measure(several, recipe, collate, seconds, loras, False)
+        rows[COMPOSITION[5]] = self.oracle(several, recipe, collate, seconds, loras)
+        return rows
+
+    def oracle(self, model, recipe: Recipe, collate: Callable, seconds: float, trained: int) -> dict:
+        """Each domain's rows through that domain's own LoRA (the domain picked by hand)."""
+        size = recipe.training.eval_batch_size
+        by_domain, flops = {}, []
+        for domain in multidomain.DOMAINS:
+            model.set_adapter(domain)
+            mine = [r for r in self.eval_rows if r["domain"] == domain]
+            by_domain |= accuracy(model, mine, collate, size)
+            flops.append(flops_per_token(model, self.probe_rows, collate) - self.base_flops(recipe))
+        return {
+            "accuracy": by_domain,
+            "macro_accuracy": statistics.mean(by_domain.values()),
+            "trainable_parameters": trained,
+            "train_seconds": round(seconds, 2),
+            "domain_load": None,
+            "adapter_flops_per_token": statistics.mean(flops),
+        }
+
+
+def run_job(job: tuple[int, tuple]) -> tuple[int, dict[str, dict] | None, str | None]:
+    """One job in a worker process: ``(index, {method: result}, None)`` or ``(index, None, the error)``."""
+    index, (data_path, settings, method, lr, seed, threads) = job
+    torch.set_num_threads(threads)
+    try:
+        work = Job(data_path, settings, lr, seed)
+        results = work.composition() if method in COMPOSITION else {method: work.trained(method)}
+        return index, {m: {**r, "ranks": work.ranks.__dict__} for m, r in results.items()}, None
+    except Exception as error:
+        return index, None, repr(error)
+
+
+# --- the log and the table ---------------------------------------------------------------------------
+
+
+def key(row: dict) -> tuple:
+    """What identifies a run: global settings, method, learning rate, seed."""
+    return (tuple(row.get("settings", [])), row["method"], row["learning_rate"], row["seed"])
+
+
+def best_rows(runs: list[dict]) -> list[tuple[str, float, list[dict]]]:
+    """Per (settings, method): the learning rate with the highest mean macro accuracy, and its runs."""
+    groups: dict[tuple[str, str, float], list[dict]] = defaultdict(list)
+    for run in runs:
+        groups[(" ".join(run.get("settings", [])), run["method"], run["learning_rate"])].append(run)
+    best: dict[tuple[str, str], tuple[float, list[dict]]] = {}
+    for (settings, method, lr), group in groups.items():
+        score = statistics.mean(r["macro_accuracy"] for r in group)
+        if (settings, method) not in best or score > statistics.mean(
+            r["macro_accuracy"] for r in best[(settings, method)][1]
+        ):
+            best[(settings, method)] = (lr, group)
+    order = {name: i for i, name in enumerate(method_names())}
+    return [
+        (method, lr, group)
+        for (_, method), (lr, group) in sorted(best.items(), key=lambda i: (i[0][0], order[i[0][1]]))
+    ]
+
+
+def write_table(runs: list[dict], path: str) -> str:
+    machines = sorted({f"{r['machine']} ({r['workers']} runs at once)" for r in runs if r.get("machine")})
+    versions = sorted({json.dumps(r["data_versions"], sort_keys=True) for r in runs if r.get("data_versions")})
+    domains = multidomain.DOMAINS
+    lines = [
+        "# Multi-domain study (MiniLM; stdlib docstrings + fortunes + man pages, one label space)",
+        "",
+        f"Written by benchmarks/multidomain_study.py from {os.path.basename(path)[:-3]}.jsonl (one line per run). "
+        "Per method its best learning rate of the grid by mean macro accuracy (mean over the domains' accuracies) "
+        "over seeds; accuracy per domain is the mean over those seeds. `adapter FLOPs/token`: forward FLOPs per "
+        "token beyond the frozen model's, counted by torch with only the used experts computed.",
+        "",
+        *([f"Machines: {'; '.join(machines)}."] if machines else []),
+        *([f"Data: {'; '.join(versions)}."] if versions else []),
+    ]
+    header = [
+        f"| method | best lr | seeds | macro (mean) | min | max | {' | '.join(domains)} | trainable | "
+        "adapter FLOPs/token | train s (mean) |",
+        "|---|---|---|---|---|---|" + "---|" * len(domains) + "---|---|---|",
+    ]
+    settings = None
+    for method, lr, group in best_rows(runs):
+        if group[0].get("settings", []) != settings:
+            settings = group[0].get("settings", [])
+            lines += ["", f"Settings for every run below: `{' '.join(settings) or 'none'}`.", "", *header]
+        macro = [r["macro_accuracy"] for r in group]
+        per_domain = " | ".join(f"{statistics.mean(r['accuracy'][d] for r in group):.4f}" for d in domains)
+        lines.append(
+            f"| {method} | {lr:g} | {len(group)} | {statistics.mean(macro):.4f} | {min(macro):.4f} | "
+            f"{max(macro):.4f} | {per_domain} | {group[0]['trainable_parameters']:,} | "
+            f"{group[0]['adapter_flops_per_token']:,.0f} | {statistics.mean(r['train_seconds'] for r in group):.1f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as handle:
+        handle.write(text)
+    return text
+
+
+def plan(methods: list[str], lrs: list[float], seeds: list[int], settings: tuple[str, ...], done: set[tuple]) -> list:
+    """``(method, lr, seed)`` per job not done; one job makes every COMPOSITION row. Seeds outermost."""
+    jobs = []
+    for seed in seeds:
+        for lr in lrs:
+            for method in [m for m in methods if m not in COMPOSITION]:
+                if (settings, method, lr, seed) not in done:
+                    jobs.append((method, lr, seed))
+            wanted = [m for m in methods if m in COMPOSITION]
+            if wanted and any((settings, m, lr, seed) not in done for m in wanted):
+                jobs.append((COMPOSITION[0], lr, seed))
+    return jobs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=method_names(), choices=method_names(), metavar="NAME")
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(GRID), choices=GRID, metavar="LR")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), choices=SEEDS, metavar="SEED")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every run (recorded)")
+    parser.add_argument("--model", help="model.name_or_path for every run (recorded), e.g. a local copy of MiniLM")
+    parser.add_argument(
+        "--data", help="the union as python -m mope.training.multidomain --out wrote it (default: build)"
+    )
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", help="stem of the .jsonl and .md in --out (default multidomain_study_cpu, _h100 ...)")
+    parser.add_argument("--threads", type=int, help="CPU threads per run (default: all cores / workers)")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
+    parser.add_argument("--list", action="store_true", help="print the methods, their overrides and the grid; exit")
+    args = parser.parse_args()
+    quiet_third_party()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = tuple([*args.set, *([f"model.name_or_path={args.model}"] if args.model else [])])
+    data_path = args.data or os.path.join(tempfile.mkdtemp(prefix="mope-multidomain-"), "data.json")
+    data = multidomain.read(data_path) if args.data else multidomain.write(data_path)
+    if args.list:
+        labels = {r["label"] for r in data["train"] + data["eval"]}
+        found = ranks(settings, len(labels))
+        for name, (recipe, overrides) in trained_methods(found).items():
+            print(f"{name!r}: {recipe} {' '.join(overrides)}")
+        print(f"composition, one job per lr and seed: {', '.join(map(repr, COMPOSITION))}")
+        print(f"{found} ({len(labels)} labels); learning rates {GRID}; seeds {SEEDS}; data {data['sizes']}")
+        return
+    os.makedirs(args.out, exist_ok=True)
+    versions = data["versions"]
+    args.name = args.name or f"multidomain_study_{machine_tag()}"
+    log = os.path.join(args.out, f"{args.name}.jsonl")
+    jobs = plan(args.methods, args.lrs, args.seeds, settings, {key(r) for r in read_runs(log)})
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+
+    def record(method: str, lr: float, seed: int, result: dict) -> None:
+        row = {"settings": list(settings), "method": method, "learning_rate": lr, "seed": seed, **result}
+        row |= {"machine": machine, "workers": args.workers, "data_versions": versions}
+        with open(log, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    # `kill PID` (SIGTERM) then leaves the pool's block, whose exit terminates the workers too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    work = [(data_path, settings, method, lr, seed, threads) for method, lr, seed in jobs]
+    with multiprocessing.get_context("spawn").Pool(args.workers, initializer=quiet_third_party) as pool:
+        for index, results, error in pool.imap_unordered(run_job, enumerate(work)):
+            method, lr, seed = jobs[index]
+            if error is not None:  # one failed run is reported; the rest of the study goes on
+                print(f"FAILED {method} lr {lr:g} seed {seed}: {error}", flush=True)
+                continue
+            for name, result in results.items():
+                if name in args.methods and (settings, name, lr, seed) not in {key(r) for r in read_runs(log)}:
+                    record(name, lr, seed, result)
+                    print(f"{name} lr {lr:g} seed {seed}: macro {result['macro_accuracy']:.4f}", flush=True)
+    print(write_table(read_runs(log), os.path.join(args.out, f"{args.name}.md")), flush=True)
+
+
+if __name__ == "__main__":
+    main()
