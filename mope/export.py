@@ -24,13 +24,16 @@ Usage rule, per module (shared experts always weigh 1, as in :meth:`MoPELayer.ga
 
 Methods (``COLLAPSE_METHODS``): ``"concat"`` keeps the stacked factors (exact, rank N·r per module;
 ``rank`` must stay None); ``"svd"`` truncates dW to ``rank`` by SVD: the best rank-``rank``
-approximation in Frobenius and spectral norm (Eckart-Young); ``rank=None`` keeps full rank.
+approximation in Frobenius and spectral norm (Eckart-Young); ``rank=None`` keeps full rank. A
+``rank`` above what dW can have (per module the sum of the experts' ranks, or min(in, out) where
+smaller) is capped there with a :class:`RankCappedWarning`: padding to it would only write zeros.
 Modules whose factors have fewer ranks are padded with zero rows, so one ``r`` fits all.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +81,19 @@ COLLAPSE_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor, int | None], t
     "concat": concat,
     "svd": svd,
 }
+
+
+class RankCappedWarning(UserWarning):
+    """``rank`` asked for more than the mixture's update can have; the LoRA gets the largest rank it can use."""
+
+
+def rank_cap_message(option: str, rank: int, cap: int) -> str:
+    """Why ``option`` (``rank``, or the CLI's ``--rank``) was capped at ``cap``: said by the warning and ``mope collapse``."""
+    return (
+        f"{option}={rank} is more than the mixture's combined update can have: at most {cap} "
+        "(per module the sum of the experts' ranks, or min(in_features, out_features) where smaller); "
+        f"the LoRA gets r={cap}, which is exact (higher ranks would only add zeros)."
+    )
 
 
 @dataclass
@@ -215,7 +231,9 @@ def collapse_to_lora(
     modules = collapse_modules(model, method, rank, usage, adapter_name)
     if not modules:
         raise ValueError(f"collapse_to_lora: adapter '{adapter_name}' adapts no module.")
-    r = rank if method == "svd" and rank is not None else max(m.lora_A.shape[0] for m in modules)
+    r = max(m.lora_A.shape[0] for m in modules)  # svd keeps min(rank, what each module's update can have)
+    if rank is not None and rank > r:
+        warnings.warn(RankCappedWarning(f"collapse_to_lora: {rank_cap_message('rank', rank, r)}"), stacklevel=2)
     state = {}
     for m in modules:
         pad = r - m.lora_A.shape[0]  # zero ranks add nothing: one r for all modules

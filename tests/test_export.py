@@ -90,6 +90,16 @@ def test_svd_is_the_best_low_rank_approximation_of_the_usage_weighted_update():
         torch.testing.assert_close(delta(low, module), best, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("num_experts", "r", "cap"), [(3, 2, 6), (8, 16, 64)])  # N·r, or min(in, out) = 64
+def test_svd_rank_above_what_the_update_can_have_is_capped_with_a_warning(num_experts, r, cap):
+    model = mope_model("llama", num_experts=num_experts, top_k=2, r=r, target_modules=["q_proj", "down_proj"])
+    full_config, full = mope.collapse_to_lora(model, method="svd")
+    with pytest.warns(mope.export.RankCappedWarning, match=rf"rank=100000 is more .* at most {cap} .* r={cap}"):
+        config, capped = mope.collapse_to_lora(model, method="svd", rank=100_000)  # was r=100000, zero-padded
+    assert config.r == full_config.r == cap
+    assert capped.keys() == full.keys() and all(torch.equal(capped[key], full[key]) for key in full)
+
+
 @pytest.mark.slow
 def test_export_loads_in_a_process_that_never_imports_mope(tmp_path):
     model = mope_model("llama", routing_level="task", num_tasks=2, num_experts=3, top_k=2)
