@@ -11,9 +11,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from packaging.version import Version
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .files import read_bundle_header
+from .upgrade import current_version, newer_than_this, written_by
 
 # Parameter groups by the attribute a tensor name passes through (MoPELayer.adapter_layer_names).
 PARAMETER_GROUPS = {".mope_experts.": "experts", ".mope_router.": "routers"}
@@ -44,10 +46,39 @@ class BundleInfo:
     def summary(self) -> dict[str, object]:
         return {key: self.config.get(key) for key in SUMMARY_FIELDS}
 
+    def written_by(self) -> tuple[str, str | None]:
+        """The mope version that wrote the bundle, against this one, and a warning when this mope cannot load it.
+
+        A newer bundle is described all the same (the header and config are plain files), but
+        loading it is refused (:func:`mope.bundles.upgrade.upgrade_config`), and fields this
+        version does not know are not in the summary: the warning says both.
+        """
+        current = Version(current_version())
+        try:
+            version, label = written_by(self.config, CONFIG_NAME)
+        except ValueError as error:
+            return (
+                f"{self.config.get('mope_version')!r} (not a version number)",
+                f"this bundle cannot be loaded: {error}",
+            )
+        if version > current:
+            note = "this bundle " + newer_than_this(label)
+            return (
+                f"mope {label}: NEWER than this mope {current}",
+                f"{note} The summary shows only the fields this version knows.",
+            )
+        if version < current:
+            return f"mope {label} (older: upgraded when loaded, each change logged)", None
+        return f"mope {label} (this version)", None
+
 
 def read_config(folder: str | os.PathLike) -> dict:
     """``adapter_config.json`` of a MoPE bundle; ValueError naming the folder when absent or not MoPE."""
     path = os.path.join(folder, CONFIG_NAME)
+    if os.path.isfile(folder):
+        raise ValueError(
+            f"'{folder}' is a file; a bundle is a folder holding {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}"
+        )
     if not os.path.isdir(folder):
         raise ValueError(f"bundle folder '{folder}' does not exist")
     if not os.path.isfile(path):

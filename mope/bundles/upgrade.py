@@ -113,15 +113,20 @@ def current_version() -> str:
     return MOPE_VERSION
 
 
+def newer_than_this(label: str) -> str:
+    """What a config written by a newer mope means: the loader's refusal and ``mope inspect``'s warning say the same."""
+    return (
+        f"was written by mope {label}, newer than this mope {current_version()}: upgrade mope (pip install -U mope) "
+        "to load it; this version refuses it because its keys may mean things this version cannot know."
+    )
+
+
 def upgrade_config(config: dict[str, Any], config_cls: type, path: str) -> tuple[dict[str, Any], str | None]:
     """``config`` brought to this mope version, and the version it was written by if anything changed (else None)."""
     current = current_version()
     version, label = written_by(config, path)
     if version > Version(current):
-        raise ValueError(
-            f"'{path}' was written by mope {label}, newer than this mope {current}: upgrade mope "
-            "(pip install -U mope) to load it."
-        )
+        raise ValueError(f"'{path}' {newer_than_this(label)}")
     config = dict(config)
     changes = []
     for step_version, step in sorted(UPGRADE_STEPS.items(), key=lambda item: Version(item[0])):

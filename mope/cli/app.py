@@ -7,8 +7,9 @@
     mope export-lora BUNDLE --base MODEL --out DIR        the same as a PEFT LoRA bundle, quietly
     mope train RECIPE [key.path=value ...]                accelerate launch -m mope.train
 
-A problem the user can fix (missing file, not a MoPE bundle, bad recipe) is one line on stderr
-and exit code 2, no traceback.
+A problem the user can fix (missing file, not a MoPE bundle, bad recipe, bad data file, a bad
+option value) is one line on stderr, ``error: ...``, and exit code 2, no traceback. Every path and
+model location a command names is checked before anything is loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,9 +27,33 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+
+USER_ERROR = 2
+# click's UsageError (a missing argument, a bad option value), from the click typer uses: newer typer
+# releases carry their own copy of click, and BadParameter is a UsageError in every click release.
+UsageError = typer.BadParameter.__bases__[0]
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a bad ``--rank``, a missing argument) as the one ``error:`` line every other user error gets.
+
+    typer draws them in a box over several lines; mope's own checks print one line. Errors in the
+    top-level options (before the command name) keep typer's format.
+    """
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UsageError as error:
+            command = error.ctx.command_path if error.ctx else ctx.command_path
+            typer.echo(f"error: {error.format_message()} (see '{command} --help')", err=True)
+            raise typer.Exit(USER_ERROR) from None
+
 
 app = typer.Typer(
     name="mope",
+    cls=OneLineErrors,
     help="Mixtures of parameter-efficient experts: inspect bundles, analyse routing, export, train.",
     add_completion=False,
     no_args_is_help=True,
@@ -35,7 +61,6 @@ app = typer.Typer(
 )
 # Full module names on one line when the output is a file or pipe (rich's default there is 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 160)
-USER_ERROR = 2
 
 Bundle = Annotated[Path, typer.Argument(help="MoPE bundle folder (adapter_config.json + adapter_model.safetensors)")]
 Base = Annotated[
@@ -61,6 +86,25 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(USER_ERROR) from None
 
 
+def check_inputs(
+    bundles: list[Path], base: str, data: str | None = None, tokenizer: str | None = None, out: Path | None = None
+) -> None:
+    """Every bundle, model location, data source and output folder a command names, before anything is loaded."""
+    from ..bundles.info import read_config
+    from ..training.data import source_kind
+    from ..training.models import check_location
+
+    for bundle in bundles:
+        read_config(bundle)
+    check_location(base, "--base")
+    if tokenizer is not None:
+        check_location(tokenizer, "--tokenizer")
+    if data is not None:
+        source_kind(data)
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"--out: '{out}' is a file; name a folder to write to")
+
+
 def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:
     result = Table(title=title)
     for column in columns:
@@ -77,12 +121,16 @@ def inspect(bundle: Bundle) -> None:
 
     with user_errors():
         info = describe_bundle(bundle)
-    rows = [[key, value] for key, value in info.summary().items() if value is not None]
+    written_by, warning = info.written_by()
+    rows = [["written by", written_by]]
+    rows += [[key, value] for key, value in info.summary().items() if value is not None]
     rows.append(["adapted modules", info.adapted_modules])
     rows += [[f"parameters: {group}", f"{count:,}"] for group, count in info.parameters.items()]
     rows.append(["parameters: total", f"{sum(info.parameters.values()):,}"])
     rows.append(["file size", f"{info.file_bytes / 1024:,.1f} KiB"])
     console.print(table(f"MoPE bundle {bundle}", ["field", "value"], rows))
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @app.command()
@@ -103,22 +151,22 @@ def stats(
     from .loading import load_model
 
     with user_errors():
-        texts, tok = read_data(data, text_column, max_examples, tokenizer or base)
+        check_inputs([bundle], base, data, tokenizer, out)
+        texts, tok = read_data(data, text_column, max_examples, tokenizer, base)
         model = load_model(bundle, base).train(train_mode)
         report = routing_report(model, batches_for(model, tok, texts, batch_size, max_length))
     print_report(report)
     if out is not None:
-        write_report(report, out, model, tok, texts[0])
+        with user_errors():
+            write_report(report, out, model, tok, texts[0])
 
 
-def read_data(data: str, text_column: str, max_examples: int | None, tokenizer: str):
-    """The texts of ``data`` and the tokenizer; ValueError when there is nothing to run."""
+def read_data(data: str, text_column: str, max_examples: int | None, tokenizer: str | None, base: str):
+    """The texts of ``data`` and the tokenizer (``--tokenizer``, else the one in ``--base``)."""
     from .loading import load_tokenizer, read_texts
 
     texts = read_texts(data, text_column, max_examples)
-    if not texts:
-        raise ValueError(f"data {data} has no rows")
-    return texts, load_tokenizer(tokenizer)
+    return texts, load_tokenizer(tokenizer, "--tokenizer") if tokenizer else load_tokenizer(base, "--base")
 
 
 def batches_for(model, tokenizer, texts: list[str], batch_size: int, max_length: int):
@@ -144,7 +192,8 @@ def stability(
     from .loading import load_model
 
     with user_errors():
-        texts, tok = read_data(data, text_column, max_examples, tokenizer or base)
+        check_inputs([early, late], base, data, tokenizer)
+        texts, tok = read_data(data, text_column, max_examples, tokenizer, base)
         first, second = load_model(early, base), load_model(late, base)
         report = routing_agreement(first, second, list(batches_for(first, tok, texts, batch_size, max_length)))
     rows = [[name.removeprefix("base_model.model."), r["tokens"], f"{r['top1_agreement']:.3f}", f"{r['topk_agreement']:.3f}"]
@@ -195,7 +244,7 @@ def collapse_inputs(bundle: Path, base: str, data: str | None, text_column: str,
     model = load_model(bundle, base, "cpu")
     if data is None:
         return model, None
-    texts, tok = read_data(data, text_column, max_examples, base)
+    texts, tok = read_data(data, text_column, max_examples, None, base)
     with routing_stats(model) as measured:
         for batch in batches_for(model, tok, texts, 16, 128):
             model(**batch)
@@ -203,7 +252,7 @@ def collapse_inputs(bundle: Path, base: str, data: str | None, text_column: str,
 
 
 def lora_command(summary: bool):
-    """``collapse`` (summary: collapse_to_lora, a table) and ``export-lora`` (export_lora, one line): same options."""
+    """``collapse`` (summary: a table) and ``export-lora`` (one line): the same collapse, options and atomic write."""
 
     def command(
         bundle: Bundle,
@@ -217,18 +266,22 @@ def lora_command(summary: bool):
     ) -> None:
         from ..bundles import save_pretrained
         from ..bundles.info import describe_bundle
-        from ..export import LoraBundle, collapse_to_lora, export_lora
+        from ..export import LoraBundle, RankCappedWarning, collapse_to_lora, rank_cap_message
 
-        with user_errors():
+        with user_errors(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RankCappedWarning)  # the note below says it with the option's name
+            check_inputs([bundle], base, data, out=out)
+            if out.resolve() == bundle.resolve():
+                raise ValueError(f"--out: '{out}' is the bundle itself; the LoRA would replace it: name another folder")
             experts = describe_bundle(bundle).parameters["experts"]
             model, usage = collapse_inputs(bundle, base, data, text_column, max_examples)
-            if not summary:
-                typer.echo(
-                    f"wrote PEFT LoRA bundle to {export_lora(model, out, method=method, rank=rank, usage=usage)}"
-                )
-                return
             config, state = collapse_to_lora(model, method=method, rank=rank, usage=usage)
             save_pretrained(LoraBundle(config, state), out)
+        if rank is not None and config.r < rank:
+            typer.echo(f"note: {rank_cap_message('--rank', rank, config.r)}", err=True)
+        if not summary:
+            typer.echo(f"wrote PEFT LoRA bundle to {out}")
+            return
         lora_params = sum(t.numel() for k, t in state.items() if ".lora_" in k)
         rows = [["method", method], ["usage", "measured on " + data if data else "router rule"], ["LoRA r", config.r],
                 ["target modules", len(config.target_modules)], ["LoRA parameters", f"{lora_params:,}"],
@@ -252,11 +305,10 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
 ) -> None:
     """Train a recipe: ``accelerate launch -m mope.train --recipe RECIPE overrides...``."""
-    from ..training.launch import launch_command
-    from ..training.recipe import load_recipe
+    from ..training.launch import checked_recipe, launch_command
 
-    with user_errors():
-        load_recipe(recipe, list(overrides or []))  # a bad recipe fails here, in one line, before launching
+    with user_errors():  # a bad recipe, model location or data file fails here, in one line, before launching
+        checked_recipe(recipe, list(overrides or []))
     command = launch_command(os.fspath(recipe), list(overrides or []))
     raise typer.Exit(subprocess.run(command).returncode)
 

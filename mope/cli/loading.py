@@ -20,7 +20,7 @@ from ..api import load_mope
 from ..bundles import read_bundle_header
 from ..bundles.info import read_config
 from ..training.data import read_rows
-from ..training.models import AUTO_CLASSES, TASK_TYPES, resolve_location
+from ..training.models import AUTO_CLASSES, TASK_TYPES, check_location
 from ..training.models import load_tokenizer as recipe_tokenizer
 from ..training.recipe import DataSection, ModelSection
 
@@ -43,7 +43,7 @@ def load_model(bundle: str | os.PathLike, base: str, device: str | None = None) 
     """``base`` (folder or ``package:<name>``) with the MoPE bundle loaded, in eval mode."""
     bundle = os.fspath(bundle)
     config = read_config(bundle)
-    location = resolve_location(base)
+    location = check_location(base, "--base")
     auto = AUTO_BY_TASK_TYPE.get(config.get("task_type"), AutoModel)
     try:
         base_model = auto.from_pretrained(location, **head_size(bundle, config))
@@ -54,8 +54,9 @@ def load_model(bundle: str | os.PathLike, base: str, device: str | None = None) 
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 
-def load_tokenizer(location: str):
+def load_tokenizer(location: str, option: str = "--tokenizer"):
     """The tokenizer in ``location`` (folder or ``package:<name>``), with a pad token, as recipes load it."""
+    check_location(location, option)
     try:
         return recipe_tokenizer(ModelSection(name_or_path=location))
     except (OSError, TypeError) as error:
@@ -64,11 +65,8 @@ def load_tokenizer(location: str):
 
 def read_texts(source: str, text_column: str = "text", max_examples: int | None = None) -> list[str]:
     """The ``text_column`` of every row of a .json/.jsonl/.csv/.parquet file (or a ``builtin:`` source)."""
-    train, held_out = read_rows(DataSection(source=source, text_column=text_column))
-    rows = train + held_out
-    if rows and text_column not in rows[0]:
-        raise ValueError(f"data file {source} has no column '{text_column}' (has {sorted(rows[0])})")
-    texts = [str(row[text_column]) for row in rows]
+    train, held_out = read_rows(DataSection(source=source, text_column=text_column), [text_column])
+    texts = [str(row[text_column]) for row in train + held_out]
     return texts[:max_examples] if max_examples else texts
 
 

@@ -1,0 +1,164 @@
+"""Hostile inputs to the ``mope`` command: each is one ``error:`` line on stderr and exit code 2, found before
+anything is loaded or written (issue 16, "The CLI and data files").
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import make_model, mope_model
+from peft import PeftConfig
+from test_app import assert_user_error, run
+
+from mope.version import MOPE_VERSION
+
+RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "offline" / "tiny_llama_lm.yaml")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    """A folder with ``base/`` (a tiny Llama), ``bundle/`` (3 LoRA experts of rank 2 on it) and ``data.jsonl``."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    make_model("llama").save_pretrained(root / "base")
+    mope_model("llama", num_experts=3, top_k=2, r=2, target_modules=["q_proj", "down_proj"]).save_pretrained(
+        root / "bundle"
+    )
+    (root / "data.jsonl").write_text('{"text": "a b c"}\n{"text": "d e f"}\n')
+    return root
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# file name -> (content, words the one-line error must hold)
+BAD_DATA = {
+    "empty.jsonl": ("", ["empty.jsonl", "empty", "no rows"]),
+    "empty.csv": ("", ["empty.csv", "empty"]),
+    "header.csv": ("text,label\n", ["header.csv", "header (text, label) but no rows"]),
+    "broken.jsonl": ('{"text": "a"}\n{"text": \n', ["broken.jsonl", "malformed JSON at line 2"]),
+    "broken.json": ('[{"text": "a"}, ', ["broken.json", "malformed JSON at line 1"]),
+    "body.jsonl": ('{"body": "a"}\n', ["body.jsonl", "no column 'text'", "body"]),
+    "notes.txt": ("a\n", ["notes.txt", "unsupported extension '.txt'"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_DATA))
+def test_bad_data_file_is_named_in_one_line_and_nothing_is_written(made, tmp_path, name):
+    content, words = BAD_DATA[name]
+    (tmp_path / name).write_text(content)
+    out = tmp_path / "report"
+    result = run("stats", made / "bundle", "--base", made / "base", "--data", tmp_path / name, "--out", out)
+    assert_user_error(result, *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        ("missing.jsonl", ["missing.jsonl", "does not exist"]),
+        ("missing.txt", ["missing.txt", "does not exist"]),  # was looked up on the hub
+        ("builtin:nope", ["builtin:nope", "builtin:synthetic"]),
+        (".", ["is a folder"]),
+    ],
+)
+def test_data_source_that_is_not_there_is_named(made, data, words):
+    assert_user_error(run("stats", made / "bundle", "--base", made / "base", "--data", data), *words)
+
+
+def test_every_path_option_says_when_it_does_not_exist(made, tmp_path):
+    bundle, base, data = made / "bundle", made / "base", made / "data.jsonl"
+    stats = ["stats", bundle, "--data", data]
+    assert_user_error(run(*stats, "--base", tmp_path / "missing"), "--base", "missing", "does not exist")
+    assert_user_error(run(*stats, "--base", data), "--base", "data.jsonl", "is a file")
+    assert_user_error(run(*stats, "--base", base, "--tokenizer", tmp_path / "tok"), "--tokenizer", "does not exist")
+    assert_user_error(run(*stats, "--base", base, "--out", data), "--out", "is a file")
+    assert_user_error(run("inspect", data), "data.jsonl", "is a file")
+    assert_user_error(run("stability", bundle, tmp_path / "late", "--base", base, "--data", data), "late")
+    assert_user_error(run("collapse", bundle, "--base", tmp_path / "nope", "--out", tmp_path / "x"), "--base")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["collapse", "{bundle}", "--base", "{base}", "--out", "{out}", "--rank", "0"], ["--rank"]),
+        (["collapse", "{bundle}", "--base", "{base}", "--out", "{out}", "--rank", "abc"], ["--rank"]),
+        (["stats", "{bundle}", "--base", "{base}", "--data", "{data}", "--max-examples", "0"], ["--max-examples"]),
+        (["stats", "{bundle}", "--base", "{base}", "--data", "{data}", "--batch-size", "-1"], ["--batch-size"]),
+        (["stats", "{bundle}", "--base", "{base}", "--data", "{data}", "--max-length", "0"], ["--max-length"]),
+        (["stats", "{bundle}"], ["--base"]),
+        (["nosuch"], ["nosuch"]),
+    ],
+)
+def test_bad_option_values_are_one_line_errors_too(made, tmp_path, args, words):
+    names = {"bundle": made / "bundle", "base": made / "base", "data": made / "data.jsonl", "out": tmp_path / "o"}
+    result = run(*(arg.format(**names) for arg in args))
+    assert_user_error(result, *words)
+    assert "--help" in result.stderr and "╭" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_collapse_caps_the_svd_rank_at_what_the_experts_hold_and_says_so(made, tmp_path):
+    result = run("collapse", made / "bundle", "--base", made / "base", "--out", tmp_path / "lora", "--rank", 100000)
+    assert result.exit_code == 0, result.output
+    # 3 experts of rank 2: the combined update has rank 6 at most
+    assert "--rank=100000" in result.stderr and "at most 6" in result.stderr
+    assert PeftConfig.from_pretrained(str(tmp_path / "lora")).r == 6
+    assert (tmp_path / "lora" / "adapter_model.safetensors").stat().st_size < 100_000  # was 400 MB of zeros
+
+
+def test_collapse_refuses_to_write_over_its_own_bundle(made):
+    bundle = made / "bundle"
+    before = files_of(bundle)
+    assert_user_error(run("collapse", bundle, "--base", made / "base", "--out", bundle), "--out", "bundle itself")
+    assert files_of(bundle) == before  # was replaced by the LoRA
+
+
+def test_inspect_says_when_a_newer_mope_wrote_the_bundle(made, tmp_path):
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    for name, data in files_of(made / "bundle").items():
+        (newer / name).write_bytes(data)
+    config = json.loads((newer / "adapter_config.json").read_text())
+    (newer / "adapter_config.json").write_text(json.dumps({**config, "mope_version": "9.0.0"}))
+    result = run("inspect", newer)
+    assert result.exit_code == 0, result.output
+    assert f"NEWER than this mope {MOPE_VERSION}" in result.stdout
+    assert result.stderr.startswith("warning: this bundle was written by mope 9.0.0, newer than this mope")
+    assert "pip install -U mope" in result.stderr and "refuses" in result.stderr
+    current = run("inspect", made / "bundle")
+    assert f"mope {MOPE_VERSION} (this version)" in current.stdout and not current.stderr
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list:
+    calls = []
+    monkeypatch.setattr(
+        subprocess, "run", lambda command: calls.append(command) or subprocess.CompletedProcess(command, 0)
+    )
+    return calls
+
+
+def test_train_checks_the_whole_recipe_before_launching(launches, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "dup.yaml").write_text(Path(RECIPE).read_text() + "\ndata:\n  source: builtin:synthetic\n")
+    out = f"training.output_dir={tmp_path / 'run'}"
+    cases = {
+        ("adapter.config.num_experts=-1",): ["adapter.config", "MoPEConfig.num_experts"],
+        ("adapter.config.num_expert=4",): ["adapter.config", "num_expert"],
+        (f"data.source={tmp_path / 'empty.jsonl'}",): ["empty.jsonl", "empty"],
+        (f"data.source={tmp_path / 'none.csv'}",): ["none.csv", "does not exist"],
+        (f"model.tokenizer={tmp_path / 'tok'}",): ["model.tokenizer", "does not exist"],
+        ("model.tiny_config.model_type=lama",): ["model.tiny_config.model_type", "lama"],
+        (f"training.resume_from_checkpoint={tmp_path / 'ckpt'}",): ["training.resume_from_checkpoint"],
+    }
+    for overrides, words in cases.items():
+        assert_user_error(run("train", RECIPE, *overrides, out), *words)
+    assert_user_error(run("train", tmp_path / "dup.yaml", out), "dup.yaml", "key 'data' is given twice")
+    assert launches == [] and not (tmp_path / "run").exists()
+    assert run("train", RECIPE, out).exit_code == 0 and len(launches) == 1
+    assert "--quiet" in launches[0]  # a failed run shows its own error line, not the launcher's traceback
