@@ -26,6 +26,12 @@ one pass over a ``[tokens, d_out]`` tensor fewer, forward and backward.
   capability >= 9.0; anywhere else it falls back to ``sorted``. Only on request: on an H200 it
   was slower than ``masked`` at every shape measured (see :func:`auto_dispatch`).
 
+- ``triton`` (:mod:`mope.kernels`, the ``triton`` extra): the masked form's arithmetic in Triton
+  kernels, two launches forward and four backward per layer (the gate multiply, the scaling and
+  the add into the base output inside the products). It runs where Triton does (CUDA; CPU only
+  under ``TRITON_INTERPRET=1``, a testing aid) and is refused with the reason anywhere else,
+  never silently replaced. ``auto`` does not pick it until GPU measurements say it pays.
+
 ``auto`` picks by shape (:func:`auto_dispatch`); calibration in its docstring.
 """
 
@@ -39,6 +45,8 @@ from functools import cached_property
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .kernels import triton_missing, triton_unavailable
 
 # (x [..., d_in], lora_A [N, r, d_in], lora_B [N, r, d_out], weights [..., N], scaling, base_out [..., d_out],
 #  chosen [..., k] or None: the experts a token's weights may be nonzero at) -> base_out + delta [..., d_out],
@@ -311,23 +319,53 @@ def grouped_mm_supported(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
+def lora_triton(*args, **kwargs) -> torch.Tensor:
+    """The masked form in Triton kernels: :func:`mope.kernels.lora.routed_lora`, imported on first use (Triton is optional)."""
+    from .kernels.lora import routed_lora
+
+    return routed_lora(*args, **kwargs)
+
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_refusal(x: torch.Tensor, lora_A: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run on these tensors (device, Triton, dtype), or None."""
+    reason = triton_unavailable(x.device)
+    if reason is None and not (x.dtype in TRITON_DTYPES and lora_A.dtype in TRITON_DTYPES):
+        reason = f"the kernels take float32, bfloat16 or float16 experts and inputs, not {lora_A.dtype}"
+    return reason
+
+
 @dataclass(frozen=True)
 class LoRADispatch:
-    """One way to apply gate weights to LoRA experts; ``fallback`` names the strategy used where it cannot run."""
+    """One way to apply gate weights to LoRA experts.
+
+    Where it cannot run, ``fallback`` names the strategy used instead; a strategy without one
+    says why in ``refusal`` and is refused (a kernel strategy asked for by name should not turn
+    silently into another).
+    """
 
     name: str
     apply: LoRADispatchFn
     supported: Callable[[torch.Tensor, torch.Tensor], bool] = always
     fallback: str | None = None
+    refusal: Callable[[torch.Tensor, torch.Tensor], str | None] | None = None
 
 
+# torch strategies: run on every device, falling back where a kernel they use has no version
 LORA_DISPATCH: dict[str, LoRADispatch] = {
     "masked": LoRADispatch("masked", lora_masked),
     "sorted": LoRADispatch("sorted", lora_sorted),
     "grouped": LoRADispatch("grouped", lora_grouped, grouped_mm_supported, fallback="sorted"),
     "sparse": LoRADispatch("sparse", lora_sparse, sparse_supported, fallback="sorted"),
 }
-DISPATCH_CHOICES: tuple[str, ...] = ("auto", *LORA_DISPATCH)
+# compiled-kernel strategies: run only where their compiler does, refused (with the reason) elsewhere
+KERNEL_DISPATCH: dict[str, LoRADispatch] = {
+    "triton": LoRADispatch("triton", lora_triton, lambda x, a: triton_refusal(x, a) is None, refusal=triton_refusal),
+}
+ALL_DISPATCH: dict[str, LoRADispatch] = {**LORA_DISPATCH, **KERNEL_DISPATCH}
+DISPATCH_CHOICES: tuple[str, ...] = ("auto", *ALL_DISPATCH)
 
 # auto_dispatch's thresholds on CPU (see its docstring for the measurements behind them)
 SPARSE_MIN_EXPERTS_PER_ACTIVE = 8  # N / k at or above which computing only the chosen experts pays
@@ -369,19 +407,28 @@ def resolve_dispatch(name: str, x: torch.Tensor, lora_A: torch.Tensor, active: i
     """The strategy that runs: ``auto`` resolved by shape, then fallbacks until one is supported here."""
     if name == "auto":
         name = auto_dispatch(x.numel() // x.shape[-1], lora_A.shape[0], active, x.device.type)
-    strategy = LORA_DISPATCH[name]
+    strategy = ALL_DISPATCH[name]
     while not strategy.supported(x, lora_A):
-        strategy = LORA_DISPATCH[strategy.fallback]
+        if strategy.fallback is None:
+            raise ValueError(
+                f"dispatch={name!r} cannot run on these {x.device.type} tensors: {strategy.refusal(x, lora_A)}. "
+                "Use dispatch='auto' (mope.set_dispatch(model, 'auto') or MoPEConfig.dispatch)."
+            )
+        strategy = ALL_DISPATCH[strategy.fallback]
     return strategy
 
 
 def set_dispatch(model: nn.Module, name: str) -> int:
     """Set the dispatch strategy of every LoRA expert bank in ``model`` (a runtime setting, not saved).
 
-    Returns how many banks were changed.
+    Returns how many banks were changed. A kernel strategy whose compiler is not installed is
+    refused here, changing nothing; one that cannot run on the device the tensors are on when a
+    forward runs is refused then (the model may still be moved to one where it can).
     """
     if name not in DISPATCH_CHOICES:
         raise ValueError(f"dispatch={name!r} is unknown; choose one of {list(DISPATCH_CHOICES)}")
+    if name in KERNEL_DISPATCH and triton_missing() is not None:
+        raise ValueError(f"dispatch={name!r}: {triton_missing()}")
     banks = [module for module in model.modules() if hasattr(module, "dispatch")]
     for bank in banks:
         bank.dispatch = name

@@ -1,0 +1,58 @@
+"""Triton kernels for the expert path (an optional dependency: ``pip install 'mope[triton]'``).
+
+Nothing here imports Triton until a kernel is first used: ``import mope`` stays free of it, and
+:func:`triton_unavailable` answers where the kernels can run without importing anything. The
+kernels themselves live in :mod:`mope.kernels.lora`.
+
+Triton decides once, when it compiles (decorates) a kernel, whether to run it on a GPU or in its
+CPU interpreter: the interpreter is chosen by ``TRITON_INTERPRET=1`` in the environment *before*
+:mod:`mope.kernels.lora` is imported. So a CPU tensor can use the kernels only in a process that
+set it that early; a CUDA tensor only when they were compiled for the GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+INSTALL_HINT = "pip install 'mope[triton]' (Triton ships with CUDA builds of torch)"
+
+
+def kernels_interpreted() -> bool:
+    """Whether the kernels run (or, once imported, will run) in Triton's CPU interpreter."""
+    module = sys.modules.get("mope.kernels.lora")
+    if module is not None:
+        return module.INTERPRETED
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_missing() -> str | None:
+    """Why the kernels cannot run on any device (Triton not installed), or None; imports nothing."""
+    if importlib.util.find_spec("triton") is None:
+        return f"Triton is not installed: {INSTALL_HINT}"
+    return None
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on tensors on ``device``, or None when they can."""
+    missing = triton_missing()
+    if missing is not None:
+        return missing
+    if device.type == "cuda":
+        if kernels_interpreted():
+            return (
+                "this process set TRITON_INTERPRET=1, so the kernels run in Triton's CPU interpreter, "
+                "not on CUDA tensors; unset it to use them on the GPU"
+            )
+        return None
+    if device.type == "cpu":
+        if kernels_interpreted():
+            return None
+        return (
+            "Triton kernels run on CUDA; on CPU only under Triton's interpreter (set TRITON_INTERPRET=1 "
+            "before triton is imported, a testing aid, far slower than the torch strategies)"
+        )
+    return f"the Triton kernels run on CUDA (or on CPU under TRITON_INTERPRET=1), not on {device.type!r} tensors"

@@ -1,0 +1,285 @@
+"""Routed LoRA experts in Triton: the masked form in two kernels forward and four backward.
+
+Computes what :func:`mope.dispatch.lora_masked` computes, ``out = base + s * B_cat (g (x) 1_r * A_cat x)``
+over flat tokens, with its gradients, but each product and the gate multiply, the scaling and the
+add into the base output that surround it are one kernel, so a layer's expert path launches 2
+kernels forward (``rank_down``: ``h = A_cat x``; ``rank_up``: ``base + s * B_cat (g * h)``) and 4
+backward (``rank_down`` again for ``s * B_cat^T grad`` and the gate's gradient, ``rank_up`` for
+the input's, ``rank_outer`` for A's and B's), where the torch form runs about twice as many
+(casts, the gate multiply and its backward, the scaling).
+
+Layout: the N*r rank columns are tiled by whole experts (``EB`` experts of ``RP`` = r rounded up
+to a power of two columns each), so a tile's gate weights are one load of ``[rows, EB]`` and the
+gate's gradient (a sum over each expert's r columns) is a reshape and a sum inside the tile.
+
+Precision: products accumulate in fp32; operands enter ``tl.dot`` in the experts' dtype (bf16 /
+fp16 tensor cores; fp32 as IEEE fp32 unless torch allows TF32), and ``h`` is kept in the experts'
+dtype for the backward, as the masked form keeps it. Triton's CPU interpreter (``TRITON_INTERPRET=1``)
+cannot do arithmetic on bf16 values (numpy has no bf16: the sums come out as garbage), so there every
+operand is widened to fp32 first and stores round by truncation: results match the GPU's to bf16's
+last bit, which the tests allow for.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+# every tl.dot operand dimension must be at least this on a GPU
+MIN_DOT = 16
+TILE_COLUMNS = 64  # rank columns (EB * RP) per tile, unless r alone is wider
+BLOCK = 64  # rows of tokens and output columns per tile, and the reduction step
+
+
+@triton.jit
+def rank_down(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    h_ptr,
+    gate_grad_ptr,
+    tokens,
+    width,
+    num_experts,
+    rank,
+    scale,
+    GATE_GRAD: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    EB: tl.constexpr,
+    RP: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """``out[T, N*r] = scale * x[T, D] @ w[N*r, D]^T`` on one tile of rows and experts.
+
+    With ``GATE_GRAD`` (the backward, ``x`` = the output gradient, ``w`` = B_cat) also the gate's
+    gradient ``gate_grad[t, e] = sum_i out[t, e*r + i] * h[t, e*r + i]``.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    experts = tl.program_id(1) * EB + tl.arange(0, EB)
+    ranks = tl.arange(0, RP)
+    cols = tl.reshape(experts[:, None] * rank + ranks[None, :], (EB * RP,))
+    cols_ok = tl.reshape((experts[:, None] < num_experts) & (ranks[None, :] < rank), (EB * RP,))
+    rows_ok = rows < tokens
+    acc = tl.zeros((BM, EB * RP), dtype=tl.float32)
+    for k0 in range(0, width, BK):
+        ks = k0 + tl.arange(0, BK)
+        ks_ok = ks < width
+        x = tl.load(x_ptr + rows[:, None] * width + ks[None, :], mask=rows_ok[:, None] & ks_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * width + ks[:, None], mask=cols_ok[None, :] & ks_ok[:, None], other=0.0)
+        acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    acc = acc * scale
+    inner = num_experts * rank
+    tile_ok = rows_ok[:, None] & cols_ok[None, :]
+    tl.store(out_ptr + rows[:, None] * inner + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    if GATE_GRAD:
+        h = tl.load(h_ptr + rows[:, None] * inner + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        per_expert = tl.sum(tl.reshape(acc * h, (BM, EB, RP)), axis=2)
+        tl.store(
+            gate_grad_ptr + rows[:, None] * num_experts + experts[None, :],
+            per_expert.to(gate_grad_ptr.dtype.element_ty),
+            mask=rows_ok[:, None] & (experts[None, :] < num_experts),
+        )
+
+
+@triton.jit
+def gated_tile(p_ptr, gate_ptr, rows, rows_ok, e0, num_experts, rank, EB: tl.constexpr, RP: tl.constexpr):
+    """``p[rows, cols] * gate[rows, expert(col)]`` in fp32 for experts ``[e0, e0 + EB)``, and the columns."""
+    experts = e0 + tl.arange(0, EB)
+    ranks = tl.arange(0, RP)
+    cols = tl.reshape(experts[:, None] * rank + ranks[None, :], (EB * RP,))
+    col_expert = tl.reshape(experts[:, None] + ranks[None, :] * 0, (EB * RP,))
+    cols_ok = tl.reshape((experts[:, None] < num_experts) & (ranks[None, :] < rank), (EB * RP,))
+    tile_ok = rows_ok[:, None] & cols_ok[None, :]
+    p = tl.load(p_ptr + rows[:, None] * (num_experts * rank) + cols[None, :], mask=tile_ok, other=0.0)
+    g = tl.load(gate_ptr + rows[:, None] * num_experts + col_expert[None, :], mask=tile_ok, other=0.0)
+    return p.to(tl.float32) * g.to(tl.float32), cols, cols_ok
+
+
+@triton.jit
+def rank_up(
+    p_ptr,
+    gate_ptr,
+    w_ptr,
+    base_ptr,
+    out_ptr,
+    tokens,
+    width,
+    num_experts,
+    rank,
+    scale,
+    HAS_BASE: tl.constexpr,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr,
+    EB: tl.constexpr,
+    RP: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """``out[T, D] = base + scale * (p * (gate (x) 1_r)) @ w[N*r, D]`` on one tile of rows and columns."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    outs = tl.program_id(1) * BN + tl.arange(0, BN)
+    rows_ok, outs_ok = rows < tokens, outs < width
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for e0 in range(0, num_experts, EB):
+        pg, cols, cols_ok = gated_tile(p_ptr, gate_ptr, rows, rows_ok, e0, num_experts, rank, EB, RP)
+        w = tl.load(w_ptr + cols[:, None] * width + outs[None, :], mask=cols_ok[:, None] & outs_ok[None, :], other=0.0)
+        acc = tl.dot(pg.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    acc = acc * scale
+    tile_ok = rows_ok[:, None] & outs_ok[None, :]
+    if HAS_BASE:
+        acc += tl.load(base_ptr + rows[:, None] * width + outs[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * width + outs[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def rank_outer(
+    p_ptr,
+    gate_ptr,
+    y_ptr,
+    out_ptr,
+    tokens,
+    width,
+    num_experts,
+    rank,
+    scale,
+    DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BT: tl.constexpr,
+    EB: tl.constexpr,
+    RP: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """``out[N*r, D] = scale * (p * (gate (x) 1_r))^T @ y[T, D]`` on one tile of experts and columns (sums over T)."""
+    e0 = tl.program_id(0) * EB
+    outs = tl.program_id(1) * BN + tl.arange(0, BN)
+    outs_ok = outs < width
+    acc = tl.zeros((EB * RP, BN), dtype=tl.float32)
+    cols = tl.zeros((EB * RP,), dtype=tl.int32)
+    cols_ok = cols < 0
+    for t0 in range(0, tokens, BT):
+        rows = t0 + tl.arange(0, BT)
+        rows_ok = rows < tokens
+        pg, cols, cols_ok = gated_tile(p_ptr, gate_ptr, rows, rows_ok, e0, num_experts, rank, EB, RP)
+        y = tl.load(y_ptr + rows[:, None] * width + outs[None, :], mask=rows_ok[:, None] & outs_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(pg).to(DOT), y.to(DOT), acc, input_precision=PRECISION)
+    acc = acc * scale
+    tile_ok = cols_ok[:, None] & outs_ok[None, :]
+    tl.store(out_ptr + cols[:, None] * width + outs[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+INTERPRETED: bool = isinstance(rank_down, InterpretedFunction)
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+class Tiles:
+    """Tile sizes and dot settings for one call: experts per tile so a tile is ~64 rank columns, >= 16 wide."""
+
+    def __init__(self, num_experts: int, rank: int, *dtypes: torch.dtype) -> None:
+        self.num_experts, self.rank = num_experts, rank
+        self.rp = triton.next_power_of_2(rank)
+        wanted = min(triton.next_power_of_2(num_experts), max(1, TILE_COLUMNS // self.rp))
+        self.eb = max(wanted, max(1, MIN_DOT // self.rp))
+        wide = INTERPRETED or torch.float32 in dtypes or len(set(dtypes)) > 1
+        self.dot = tl.float32 if wide else TL_DTYPES[dtypes[0]]
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        self.precision = "tf32" if tf32 and not INTERPRETED else "ieee"
+
+    @property
+    def expert_blocks(self) -> int:
+        return triton.cdiv(self.num_experts, self.eb)
+
+
+def down(x: torch.Tensor, w: torch.Tensor, scale: float, tiles: Tiles, out_dtype: torch.dtype, h=None, gate=None):
+    """``scale * x @ w^T`` ``[T, N*r]``; with ``h``, also the gate's gradient ``[T, N]`` in ``gate``'s dtype."""
+    tokens, width = x.shape
+    out = x.new_empty(tokens, tiles.num_experts * tiles.rank, dtype=out_dtype)
+    gate_grad = None if h is None else x.new_empty(tokens, tiles.num_experts, dtype=gate.dtype)
+    grid = (triton.cdiv(tokens, BLOCK), tiles.expert_blocks)
+    rank_down[grid](
+        x, w, out, h if h is not None else out, gate_grad if gate_grad is not None else out,
+        tokens, width, tiles.num_experts, tiles.rank, scale,
+        GATE_GRAD=h is not None, DOT=tiles.dot, PRECISION=tiles.precision,
+        BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK,
+    )  # fmt: skip
+    return out, gate_grad
+
+
+def up(p, gate, w, base, scale: float, tiles: Tiles, out_dtype: torch.dtype) -> torch.Tensor:
+    """``base + scale * (p * gate (x) 1_r) @ w`` ``[T, D]`` (no ``base``: just the product)."""
+    tokens, width = p.shape[0], w.shape[1]
+    out = p.new_empty(tokens, width, dtype=out_dtype)
+    grid = (triton.cdiv(tokens, BLOCK), triton.cdiv(width, BLOCK))
+    rank_up[grid](
+        p, gate, w, base if base is not None else out, out,
+        tokens, width, tiles.num_experts, tiles.rank, scale,
+        HAS_BASE=base is not None, DOT=tiles.dot, PRECISION=tiles.precision,
+        BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BN=BLOCK,
+    )  # fmt: skip
+    return out
+
+
+def outer(p, gate, y, scale: float, tiles: Tiles, out_dtype: torch.dtype) -> torch.Tensor:
+    """``scale * (p * gate (x) 1_r)^T @ y`` ``[N*r, D]``: a factor's gradient."""
+    tokens, width = y.shape
+    out = y.new_empty(tiles.num_experts * tiles.rank, width, dtype=out_dtype)
+    grid = (tiles.expert_blocks, triton.cdiv(width, BLOCK))
+    rank_outer[grid](
+        p, gate, y, out, tokens, width, tiles.num_experts, tiles.rank, scale,
+        DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, EB=tiles.eb, RP=tiles.rp, BN=BLOCK,
+    )  # fmt: skip
+    return out
+
+
+class RoutedLoRA(torch.autograd.Function):
+    """``base + s * B_cat (gate (x) 1_r * A_cat x)`` on flat, contiguous ``[T, ...]`` tensors."""
+
+    @staticmethod
+    def forward(ctx, x, a_cat, b_cat, gate, base, scaling: float, tiles: Tiles):
+        h, _ = down(x, a_cat, 1.0, tiles, x.dtype)
+        ctx.save_for_backward(x, a_cat, b_cat, gate, h)
+        ctx.scaling, ctx.tiles = scaling, tiles
+        return up(h, gate, b_cat, base, scaling, tiles, base.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, a_cat, b_cat, gate, h = ctx.saved_tensors
+        needs, tiles, s = ctx.needs_input_grad, ctx.tiles, ctx.scaling
+        grad_out = grad_out.contiguous()
+        grad_x = grad_a = grad_b = grad_gate = None
+        if needs[0] or needs[1] or needs[3]:
+            # s * grad B_cat^T: the gradient of the gated h before the gate (and the gate's, beside it)
+            grad_hg, grad_gate = down(grad_out, b_cat, s, tiles, x.dtype, h if needs[3] else None, gate)
+            if needs[0]:
+                grad_x = up(grad_hg, gate, a_cat, None, 1.0, tiles, x.dtype)
+            if needs[1]:
+                grad_a = outer(grad_hg, gate, x, 1.0, tiles, a_cat.dtype)
+        if needs[2]:
+            grad_b = outer(h, gate, grad_out, s, tiles, b_cat.dtype)
+        return grad_x, grad_a, grad_b, grad_gate, grad_out if needs[4] else None, None, None
+
+
+def routed_lora(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    scaling: float,
+    base_out: torch.Tensor,
+    chosen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`mope.dispatch.lora_masked`'s result through the kernels: any token shape, out of place.
+
+    ``chosen`` is not needed (unused experts have weight 0), as for the masked form.
+    """
+    n, r, d_in = lora_A.shape
+    if x.numel() == 0:  # no tokens: nothing to launch (a grid of zero programs is an error)
+        return base_out + 0 * (lora_A.sum() + lora_B.sum() + weights.sum())
+    tiles = Tiles(n, r, x.dtype, base_out.dtype)
+    flat = (x.reshape(-1, d_in).contiguous(), lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1))
+    gate, base = weights.reshape(-1, n).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
+    out = RoutedLoRA.apply(*flat, gate, base, scaling, tiles)
+    return out.view(base_out.shape)

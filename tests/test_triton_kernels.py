@@ -1,0 +1,257 @@
+"""dispatch='triton' (mope.kernels.lora) equals the masked strategy, on CUDA or under Triton's CPU interpreter.
+
+Triton reads ``TRITON_INTERPRET`` when a kernel is decorated (when ``mope.kernels.lora`` is
+imported) *and* at every launch, so the interpreter cannot be switched on for part of a test
+process without switching it on for every Triton kernel the process meets. On a machine without
+CUDA the battery therefore runs in one subprocess with ``TRITON_INTERPRET=1``
+(``test_battery_under_the_interpreter``, slow); in this process its tests are skipped, saying so.
+On CUDA (without the variable) they run here. The refusals run where the kernels cannot.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_batch, make_model
+from peft import get_peft_model
+from torch import nn
+
+import mope
+from mope.dispatch import auto_dispatch, lora_masked, resolve_dispatch
+from mope.kernels import kernels_interpreted, triton_unavailable
+from mope.layer import MoPELayer
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not kernels_interpreted() else "cpu")
+KERNELS_RUN = HAS_TRITON and triton_unavailable(DEVICE) is None
+battery = pytest.mark.skipif(
+    not KERNELS_RUN,
+    reason="triton is not installed"
+    if not HAS_TRITON
+    else "no CUDA here: these run in the TRITON_INTERPRET=1 subprocess of test_battery_under_the_interpreter",
+)
+refusal = pytest.mark.skipif(KERNELS_RUN, reason="the kernels run here: nothing is refused")
+
+
+def reference_error(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """Relative errors against the float64 result: the kernels', and the masked strategy's own."""
+    scale = exact.double().norm().clamp_min(1e-30)
+    return ((got.double() - exact.double()).norm() / scale).item(), ((want.double() - exact).norm() / scale).item()
+
+
+def flat_inputs(dtype: torch.dtype, base_dtype: torch.dtype, token_dims=(24,), n=5, r=3, d_in=32, d_out=40):
+    """x, lora_A, lora_B, weights, base_out (leaves): top-2 weights, a token without expert, a shared expert."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*token_dims, d_in, generator=g)
+    lora_a = torch.randn(n, r, d_in, generator=g) / d_in**0.5
+    lora_b = torch.randn(n, r, d_out, generator=g) / r**0.5
+    values, index = torch.randn(*token_dims, n - 1, generator=g).softmax(-1).topk(2, dim=-1)
+    routed = torch.zeros(*token_dims, n - 1).scatter(-1, index, values)
+    routed.view(-1, n - 1)[3] = 0  # a token no routed expert takes (capacity dropped it, or padding)
+    weights = torch.cat([routed, torch.ones(*token_dims, 1)], -1)  # the last expert is shared: weight 1
+    weights.view(-1, n)[5] = 0  # a token with no expert at all
+    base = torch.randn(*token_dims, d_out, generator=g)
+    tensors = [x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), weights, base.to(base_dtype)]
+    return [t.to(DEVICE).requires_grad_() for t in tensors]
+
+
+def outputs_and_grads(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    out = fn(*inputs[:3], inputs[3], 2.0, inputs[4])
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
+    return [out, *torch.autograd.grad(out, inputs, upstream)]
+
+
+@battery
+@pytest.mark.parametrize("token_dims", [(24,), (3, 7)])
+@pytest.mark.parametrize("n, r", [(5, 3), (9, 4), (3, 16)])
+def test_fp32_outputs_and_every_gradient_equal_masked(token_dims, n, r):
+    inputs = flat_inputs(torch.float32, torch.float32, token_dims, n, r)
+    got = outputs_and_grads(resolve_dispatch("triton", inputs[0], inputs[1], 3).apply, inputs)
+    want = outputs_and_grads(lora_masked, inputs)
+    for name, g, w in zip(["out", "x", "lora_A", "lora_B", "weights", "base_out"], got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+    out, weights, base = got[0].reshape(-1, got[0].shape[-1]), inputs[3], inputs[4]
+    assert torch.equal(out[5], base.reshape(-1, base.shape[-1])[5])  # no expert: the base output, exactly
+    assert got[4].reshape(-1, n)[5].abs().sum() > 0  # its weights still get a gradient (as masked's do)
+    assert torch.equal(weights.reshape(-1, n)[5], torch.zeros(n, device=DEVICE))
+
+
+@battery
+@pytest.mark.parametrize(
+    "dtype, base_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+    ids=["bf16", "fp32-experts-bf16-base"],
+)
+def test_bf16_is_as_close_to_float64_as_masked(dtype, base_dtype):
+    """bf16 rounds differently along each path: each is compared with float64; the kernels may not be much worse.
+
+    (Under the interpreter, stores to bf16 truncate instead of rounding to nearest: within the bound.)
+    """
+    inputs = flat_inputs(dtype, base_dtype)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    got = outputs_and_grads(resolve_dispatch("triton", inputs[0], inputs[1], 3).apply, inputs)
+    want = outputs_and_grads(lora_masked, inputs)
+    reference = outputs_and_grads(lora_masked, exact)
+    for name, g, w, e in zip(
+        ["out", "x", "lora_A", "lora_B", "weights", "base_out"], got, want, reference, strict=True
+    ):
+        assert g.dtype == w.dtype, name
+        error, masked_error = reference_error(g, w, e)
+        assert error < max(3 * masked_error, 1e-2), (name, error, masked_error)
+
+
+def mope_layer(router: str, shared: int = 0, **options) -> MoPELayer:
+    config = mope.MoPEConfig(
+        num_experts=6, top_k=2, num_shared_experts=shared, r=4, init_weights=False, router=router, **options
+    )
+    torch.manual_seed(0)
+    layer = MoPELayer(nn.Linear(16, 12), "default", config).to(DEVICE)
+    with torch.no_grad():  # a router scale that makes the choice non-trivial
+        layer.mope_router["default"].weight.normal_(0, 1.0)
+    return layer
+
+
+@battery
+@pytest.mark.parametrize(
+    "router, shared, options",
+    [
+        ("top_k", 0, {}),
+        ("top_k", 1, {}),
+        ("top_k", 0, {"capacity_factor": 0.3}),  # dropped tokens: some use one expert, some none
+        ("switch", 0, {"capacity_factor": 0.5}),
+        ("dense", 2, {}),
+    ],
+    ids=["top_k", "top_k-shared", "top_k-capacity", "switch-capacity", "dense-shared"],
+)
+def test_layer_training_forward_equals_masked(router, shared, options):
+    layer = mope_layer(router, shared, **options).train()
+    x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
+    bank, gate = layer.mope_experts["default"], layer.mope_router["default"]
+    if options:  # capacity must really drop something for the case to mean anything
+        assert gate(x, mope.routing.RoutingInputs()).dropped.any()
+    params = [x, bank.lora_A, bank.lora_B, gate.weight]
+    results = {}
+    for name in ("masked", "triton"):
+        bank.dispatch = name
+        torch.manual_seed(3)  # random_second / noise draw the same
+        out = layer(x)
+        results[name] = [out, *torch.autograd.grad(out, params, torch.ones_like(out))]
+    for got, want in zip(results["triton"], results["masked"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@battery
+def test_llama_training_steps_equal_masked():
+    """Two SGD steps of a tiny Llama (all linear layers, top-2 of 8, aux loss on): logits, loss and gradients."""
+    config = dict(task_type="CAUSAL_LM", target_modules="all-linear", num_experts=8, top_k=2, r=4, init_weights=False)
+    models = {name: get_peft_model(make_model("llama"), mope.MoPEConfig(**config, dispatch=name)).to(DEVICE)
+              for name in ("masked", "triton")}  # fmt: skip
+    batch = {k: v.to(DEVICE) for k, v in make_batch("llama", batch=2, seq=8, pad=3).items()}
+    optimizers = {n: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for n, m in models.items()}
+    for _ in range(2):
+        results = {}
+        for name, model in models.items():
+            model.train()
+            optimizers[name].zero_grad()
+            out = model(**batch)
+            out.loss.backward()
+            results[name] = (out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+            optimizers[name].step()
+        (got, got_grads), (want, want_grads) = results["triton"], results["masked"]
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.loss, want.loss, atol=1e-6, rtol=1e-6)
+        assert got_grads.keys() == want_grads.keys()
+        for n, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[n], grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@battery
+def test_no_tokens_give_the_base_output_and_zero_gradients():
+    x, lora_a, lora_b, weights, base = flat_inputs(torch.float32, torch.float32)
+    out = resolve_dispatch("triton", x, lora_a, 3).apply(x[:0], lora_a, lora_b, weights[:0], 2.0, base[:0])
+    assert out.shape == (0, 40)
+    grads = torch.autograd.grad(out.sum(), [lora_a, lora_b], allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+
+
+@battery
+def test_float64_is_refused_naming_the_dtype():
+    x, lora_a = torch.zeros(4, 8, dtype=torch.float64, device=DEVICE), torch.zeros(2, 3, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dispatch='triton' cannot run.*float32, bfloat16 or float16.*float64"):
+        resolve_dispatch("triton", x, lora_a.to(DEVICE), 2)
+
+
+@battery
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host syncs are detectable on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_forward_and_backward_make_no_host_sync(dtype):
+    """The strategy alone (the routing's syncs are test_dispatch's): any sync raises."""
+    inputs = flat_inputs(dtype, dtype)
+    apply = resolve_dispatch("triton", inputs[0], inputs[1], 3).apply
+    outputs_and_grads(apply, inputs)  # warm-up: compiling the kernels may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outputs_and_grads(apply, inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(KERNELS_RUN, reason="the battery runs in this process")
+def test_battery_under_the_interpreter():
+    """The battery above, in one fresh process with TRITON_INTERPRET=1 and CUDA hidden (a few seconds of kernels)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parent)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "passed" in summary and "failed" not in summary, summary
+
+
+# refused where the kernels cannot run ------------------------------------------------------------
+
+
+@refusal
+def test_cpu_without_the_interpreter_is_refused_naming_why_and_the_model_is_unchanged():
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=4, r=2, dispatch="triton")
+    model = get_peft_model(make_model("llama"), config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = make_batch("llama")
+    reason = "Triton is not installed" if not HAS_TRITON else r"Triton kernels run on CUDA.*TRITON_INTERPRET=1"
+    with pytest.raises(
+        ValueError, match=rf"dispatch='triton' cannot run on these cpu tensors: {reason}.*dispatch='auto'"
+    ):
+        model(**batch)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    mope.set_dispatch(model, "auto")
+    model(**batch)  # the fix the message names works
+
+
+@refusal
+def test_auto_never_picks_triton_off_cuda():
+    x, lora_a = torch.zeros(4096, 64), torch.zeros(64, 8, 64)
+    for active in (1, 2, 64):
+        assert resolve_dispatch("auto", x, lora_a, active).name in ("masked", "sparse", "sorted")
+    for device in ("cpu", "cuda", "mps"):  # until measured on a GPU, auto keeps its torch picks everywhere
+        assert auto_dispatch(4096, 64, 2, device) != "triton"
+
+
+def test_without_triton_set_dispatch_is_refused_with_the_install_line(monkeypatch):
+    model = get_peft_model(make_model("llama"), mope.MoPEConfig(target_modules=["q_proj"], num_experts=4, r=2))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"dispatch='triton': Triton is not installed: pip install 'mope\[triton\]'"):
+        mope.set_dispatch(model, "triton")
+    assert {b.dispatch for b in model.modules() if hasattr(b, "active_experts")} == {"auto"}
+    assert triton_unavailable(torch.device("cuda")).startswith("Triton is not installed")
