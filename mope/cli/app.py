@@ -92,11 +92,11 @@ def check_inputs(
     """Every bundle, model location, data source and output folder a command names, before anything is loaded."""
     from ..bundles.info import read_config
     from ..training.data import source_kind
-    from ..training.models import check_location
+    from ..training.models import MODEL_CONFIG, check_location
 
     for bundle in bundles:
         read_config(bundle)
-    check_location(base, "--base")
+    check_location(base, "--base", MODEL_CONFIG)
     if tokenizer is not None:
         check_location(tokenizer, "--tokenizer")
     if data is not None:

@@ -20,7 +20,7 @@ from ..api import load_mope
 from ..bundles import read_bundle_header
 from ..bundles.info import read_config
 from ..training.data import read_rows
-from ..training.models import AUTO_CLASSES, TASK_TYPES, check_location
+from ..training.models import AUTO_CLASSES, MODEL_CONFIG, TASK_TYPES, check_location
 from ..training.models import load_tokenizer as recipe_tokenizer
 from ..training.recipe import DataSection, ModelSection
 
@@ -43,7 +43,7 @@ def load_model(bundle: str | os.PathLike, base: str, device: str | None = None) 
     """``base`` (folder or ``package:<name>``) with the MoPE bundle loaded, in eval mode."""
     bundle = os.fspath(bundle)
     config = read_config(bundle)
-    location = check_location(base, "--base")
+    location = check_location(base, "--base", MODEL_CONFIG)
     auto = AUTO_BY_TASK_TYPE.get(config.get("task_type"), AutoModel)
     try:
         base_model = auto.from_pretrained(location, **head_size(bundle, config))
@@ -59,7 +59,7 @@ def load_tokenizer(location: str, option: str = "--tokenizer"):
     check_location(location, option)
     try:
         return recipe_tokenizer(ModelSection(name_or_path=location))
-    except (OSError, TypeError) as error:
+    except (OSError, TypeError, ValueError) as error:  # ValueError: "Couldn't instantiate the backend tokenizer"
         raise ValueError(f"no tokenizer in '{location}' ({str(error).splitlines()[0]}); pass --tokenizer") from error
 
 

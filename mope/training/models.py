@@ -23,6 +23,7 @@ from .recipe import AdapterSection, ModelSection, RecipeError, is_hub_id
 AUTO_CLASSES = {"sequence_classification": AutoModelForSequenceClassification, "causal_lm": AutoModelForCausalLM}
 TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 ADAPTER_CONFIGS = {"mope": MoPEConfig, "lora": LoraConfig}
+MODEL_CONFIG = "config.json"  # what every transformers model folder holds
 
 
 def resolve_location(name: str, what: str = "model") -> str:
@@ -44,16 +45,18 @@ def resolve_location(name: str, what: str = "model") -> str:
     return folder
 
 
-def check_location(name: str, what: str) -> str:
+def check_location(name: str, what: str, required: str | None = None) -> str:
     """``name`` resolved (:func:`resolve_location`) and checked as far as it can be without loading it.
 
-    A local folder must exist; a name that cannot be a hub id (an absolute or ``./`` path, more than
-    one ``/``) is a local folder that does not exist, where ``from_pretrained`` would say "Repo id
-    must use alphanumeric chars". A hub id is left to ``from_pretrained``. ``what`` names the field
-    or option in messages (``model.name_or_path``, ``--base``).
+    A local folder must exist (and hold ``required``, e.g. a model's ``config.json``); a name that
+    cannot be a hub id (an absolute or ``./`` path, more than one ``/``) is a local folder that does
+    not exist, where ``from_pretrained`` would say "Repo id must use alphanumeric chars". A hub id is
+    left to ``from_pretrained``. ``what`` names the field or option in messages (``--base``).
     """
     location = resolve_location(name, what)
     if os.path.isdir(location):
+        if required is not None and not os.path.isfile(os.path.join(location, required)):
+            raise RecipeError(f"{what}: folder '{name}' has no {required}, so it holds no transformers model")
         return location
     if os.path.exists(location):
         raise RecipeError(f"{what}: '{name}' is a file; pass the model's folder (with config.json)")
@@ -76,7 +79,7 @@ def check_model(section: ModelSection) -> None:
         except (TypeError, ValueError, StrictDataclassError) as error:
             raise RecipeError(f"model.tiny_config: {' '.join(str(error).split())}") from error
     else:
-        check_location(section.name_or_path, "model.name_or_path")
+        check_location(section.name_or_path, "model.name_or_path", MODEL_CONFIG)
     if section.tokenizer is not None:
         check_location(section.tokenizer, "model.tokenizer")
 

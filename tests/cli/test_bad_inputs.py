@@ -74,6 +74,10 @@ def test_every_path_option_says_when_it_does_not_exist(made, tmp_path):
     stats = ["stats", bundle, "--data", data]
     assert_user_error(run(*stats, "--base", tmp_path / "missing"), "--base", "missing", "does not exist")
     assert_user_error(run(*stats, "--base", data), "--base", "data.jsonl", "is a file")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run(*stats, "--base", tmp_path / "empty"), "--base", "has no config.json")
+    assert_user_error(run(*stats, "--base", base, "--tokenizer", tmp_path / "empty"), "no tokenizer in", "--tokenizer")
+    assert_user_error(run(*stats, "--base", base), "no tokenizer in", "pass --tokenizer")  # base has none
     assert_user_error(run(*stats, "--base", base, "--tokenizer", tmp_path / "tok"), "--tokenizer", "does not exist")
     assert_user_error(run(*stats, "--base", base, "--out", data), "--out", "is a file")
     assert_user_error(run("inspect", data), "data.jsonl", "is a file")

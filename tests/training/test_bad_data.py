@@ -183,6 +183,8 @@ def test_checked_recipe_names_the_field_before_any_launch(tmp_path):
         with pytest.raises(RecipeError) as error:
             checked_recipe(TINY, [override])
         assert words in str(error.value), override
+    with pytest.raises(RecipeError, match=r"model\.name_or_path: folder .* has no config\.json"):
+        checked_recipe(ROOT / "recipes" / "offline" / "minilm_stdlib_mope.yaml", [f"model.name_or_path={tmp_path}"])
     minilm = load_recipe(ROOT / "recipes" / "offline" / "minilm_stdlib_mope.yaml", ["model.name_or_path=/no/model"])
     with pytest.raises(RecipeError, match=r"model\.name_or_path: folder '/no/model' does not exist"):
         checked_recipe(ROOT / "recipes" / "offline" / "minilm_stdlib_mope.yaml", ["model.name_or_path=/no/model"])
