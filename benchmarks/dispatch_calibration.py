@@ -9,7 +9,7 @@ For each shape (tokens T, width d = d_in = d_out, N experts, top-k, r = 8) it ti
 strategy (each adds its delta into a given base output), interleaved, and reports the median of
 per-repetition ratios strategy / masked
 (< 1: the strategy is faster). On CPU the strategies are masked, sorted and sparse (fp32); on CUDA masked,
-sorted and grouped (bf16, where ``grouped`` can run). Writes ``DIR/dispatch_calibration_cpu.json``
+sorted, grouped (bf16, where ``grouped`` can run) and triton (where Triton is installed). Writes ``DIR/dispatch_calibration_cpu.json``
 and ``.md`` (``dispatch_calibration_cuda.*`` on CUDA; default DIR: benchmarks/results).
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from mope.dispatch import LORA_DISPATCH, auto_dispatch
+from mope.dispatch import ALL_DISPATCH, auto_dispatch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FULL_GRID = [
@@ -81,7 +81,7 @@ def make_step(tokens: int, d: int, n: int, k: int, name: str, device: str, r: in
     x, lora_a, lora_b = leaf(tokens, d), leaf(n, r, d, scale=d**-0.5), leaf(n, r, d, scale=r**-0.5)
     logits = torch.randn(tokens, n, generator=generator).to(device).requires_grad_()
     base_out = torch.randn(tokens, d, generator=generator).to(device, dtype)  # what the frozen layer gave
-    apply = CANDIDATES[name] if name in CANDIDATES else LORA_DISPATCH[name].apply
+    apply = CANDIDATES[name] if name in CANDIDATES else ALL_DISPATCH[name].apply
 
     def step() -> None:
         probs = logits.softmax(-1)
@@ -96,7 +96,7 @@ def strategies(device: str, d: int) -> list[str]:
     """masked first (the reference), then what can run here at this width."""
     probe_x = torch.zeros(1, d, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     probe_a = torch.zeros(2, 8, d, device=device, dtype=probe_x.dtype)
-    return [name for name, s in LORA_DISPATCH.items() if s.supported(probe_x, probe_a)] + list(CANDIDATES)
+    return [name for name, s in ALL_DISPATCH.items() if s.supported(probe_x, probe_a)] + list(CANDIDATES)
 
 
 def ratios(tokens: int, d: int, n: int, k: int, reps: int, device: str) -> dict[str, float]:

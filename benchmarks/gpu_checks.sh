@@ -4,15 +4,20 @@
 #   bash benchmarks/gpu_checks.sh OUT_DIR [STEP ...]     # steps, run in the order given (default: all, as listed)
 #   BASELINE=DIR bash benchmarks/gpu_checks.sh OUT_DIR step baseline   # also the step table of an older mope
 #
-# tests:       the CUDA-only tests (strategies equal in bf16, no host syncs, bf16 training and cached generation)
+# tests:       the CUDA-only tests (strategies equal in bf16, no host syncs, bf16 training and cached generation;
+#              the Triton kernels against masked: tests/test_triton_kernels.py)
 # step:        step_time.py's GPU tables (step time and N-scaling in bf16, MoPE rows also with dispatch forced to
-#              DISPATCH, default masked,grouped, DISPATCH= for none; peak memory) -> step_time_h100.md/.json
+#              DISPATCH, default masked,grouped,triton, DISPATCH= for none; peak memory) -> step_time_h100.md/.json
 #              (every file is named by the GPU's model: h100, h200, ...; see step_time.machine_tag)
-# profile:     torch.profiler table of the MoPE and LoRA steps on CUDA, kernels launched per step
-#              -> step_time_profile_h100.md
-# calibration: dispatch_calibration.py on CUDA (masked / sorted / grouped per shape) -> dispatch_calibration_cuda.md
-# inference:   inference_time.py on CUDA (forward latency, KV-cached generation) -> inference_time_h100.md/.json
-# compiled:    LoRA r=16 and MoPE top-2 of 8: eager, torch.compile, CUDA graphs, bf16 autocast -> step_time_compiled_h100.md
+# profile:     torch.profiler table of the MoPE and LoRA steps on CUDA, kernels launched per step (the MoPE step
+#              also with dispatch forced to each of KERNEL_DISPATCH, default triton) -> step_time_profile_h100.md
+# calibration: dispatch_calibration.py on CUDA (masked / sorted / grouped / triton per shape) -> dispatch_calibration_cuda.md
+# inference:   inference_time.py on CUDA (forward latency, KV-cached generation; token-level MoPE rows also with
+#              dispatch forced to each of KERNEL_DISPATCH) -> inference_time_h100.md/.json
+# compiled:    LoRA r=16 and MoPE top-2 of 8 (and MoPE with each of KERNEL_DISPATCH): eager, torch.compile,
+#              CUDA graphs, bf16 autocast -> step_time_compiled_h100.md
+# KERNEL_DISPATCH (default triton; KERNEL_DISPATCH= for none): the kernel strategies that profile, inference and
+#              compiled add; auto keeps its torch picks on CUDA until these figures say a kernel strategy pays.
 # baseline:    step's GPU tables with the mope package in BASELINE=DIR (e.g. `git archive REV mope | tar -x -C DIR`):
 #              the same machine's before figures -> step_time_h100_baseline.md
 # Each step has its own time limit, so one that hangs leaves the others' results in OUT_DIR.
@@ -23,7 +28,8 @@ steps=${*:-tests step profile calibration inference compiled}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 log="$out/gpu_checks.log" # every step's output
-dispatch=${DISPATCH-masked,grouped}
+dispatch=${DISPATCH-masked,grouped,triton}
+kernels=${KERNEL_DISPATCH-triton}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 for step in $steps; do
     case $step in
@@ -31,6 +37,8 @@ for step in $steps; do
         timeout 150 "$py" -m pytest -q -p no:cacheprovider -rs -k "cuda or host_sync" \
             tests/test_dispatch.py tests/routing/test_gate_battery.py tests/test_precision.py >>"$log" 2>&1
         echo "tests exit $?"
+        timeout 180 "$py" -m pytest -q -p no:cacheprovider -rs tests/test_triton_kernels.py >>"$log" 2>&1
+        echo "triton tests exit $?"
         grep -E "passed|failed" "$log" | tail -2
         ;;
     step)
@@ -44,7 +52,7 @@ for step in $steps; do
         for md in "$out"/baseline/step_time_*.md; do [ -e "$md" ] && mv "$md" "$out/$(basename "$md" .md)_baseline.md"; done
         ;;
     profile)
-        timeout 60 "$py" benchmarks/step_time.py --profile --profile-device cuda --out "$out" >>"$log" 2>&1
+        timeout 90 "$py" benchmarks/step_time.py --profile --profile-device cuda --dispatch "$kernels" --out "$out" >>"$log" 2>&1
         echo "profile exit $?"
         ;;
     calibration)
@@ -53,11 +61,11 @@ for step in $steps; do
         rm -f "$out/dispatch_calibration_cuda.json" # the .md holds every number; the device returns 8 files at most
         ;;
     inference)
-        timeout 90 "$py" benchmarks/inference_time.py --device cuda --out "$out" >>"$log" 2>&1
+        timeout 120 "$py" benchmarks/inference_time.py --device cuda --dispatch "$kernels" --out "$out" >>"$log" 2>&1
         echo "inference exit $?"
         ;;
     compiled)
-        timeout 240 "$py" benchmarks/step_time.py --sections gpu_compiled --out "$out" >>"$log" 2>&1
+        timeout 360 "$py" benchmarks/step_time.py --sections gpu_compiled --dispatch "$kernels" --out "$out" >>"$log" 2>&1
         echo "compiled exit $?"
         rm -f "$out"/step_time_compiled_*.json # only the .md is kept (it holds every number), as for calibration
         ;;

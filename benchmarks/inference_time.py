@@ -47,6 +47,7 @@ from step_time import (
 from torch import nn
 
 import mope
+from mope.dispatch import DISPATCH_CHOICES
 
 Attach = Callable[[nn.Module], nn.Module]
 
@@ -65,8 +66,8 @@ def top2_of_8(**settings) -> mope.MoPEConfig:
     return mope.MoPEConfig(target_modules="all-linear", **common, **settings)
 
 
-def mope_mixture(routing_level: str = "token") -> Attach:
-    return lambda model: get_peft_model(model, top2_of_8(routing_level=routing_level))
+def mope_mixture(routing_level: str = "token", dispatch: str = "auto") -> Attach:
+    return lambda model: get_peft_model(model, top2_of_8(routing_level=routing_level, dispatch=dispatch))
 
 
 def mope_task_merged(model: nn.Module) -> nn.Module:
@@ -110,6 +111,7 @@ class Settings:
     warmup: int
     reps: int
     device: str = "cpu"  # "cuda": bf16 base models on the GPU
+    dispatches: tuple[str, ...] = ()  # --dispatch: extra token-level MoPE rows with MoPEConfig.dispatch forced
 
     @property
     def dtype(self) -> torch.dtype:
@@ -122,6 +124,17 @@ class Settings:
 
 FULL = Settings(Shape(256, 4, 8, 128), Shape(256, 4, 4, 32), new_tokens=32, warmup=2, reps=15)
 QUICK = Settings(Shape(64, 2, 2, 16), Shape(64, 2, 2, 8), new_tokens=4, warmup=1, reps=3)
+
+
+def with_dispatch(candidates: tuple[Candidate, ...], dispatches: tuple[str, ...]) -> tuple[Candidate, ...]:
+    """``candidates`` plus a token-level MoPE top-2 of 8 row per forced dispatch strategy (e.g. ``triton``)."""
+    forced = (
+        Candidate(
+            f"mope_top2_of_8_{name}", f"MoPE top-2 of 8, r=8, token-level, dispatch={name}", mope_mixture(dispatch=name)
+        )
+        for name in dispatches
+    )
+    return (*candidates, *forced)
 
 
 def build(candidate: Candidate, shape: Shape, settings: Settings) -> nn.Module:
@@ -198,7 +211,7 @@ def run(settings: Settings, mode: str, out: Path) -> str:
     new_tokens = settings.generate_shape.batch * settings.new_tokens
     rows = table_rows(
         f"forward latency, {settings.where}, eval, no_grad",
-        FORWARD,
+        with_dispatch(FORWARD, settings.dispatches),
         settings.forward_shape,
         lambda model: forward_step(model, forward_batch),
         settings,
@@ -207,7 +220,7 @@ def run(settings: Settings, mode: str, out: Path) -> str:
     )
     rows += table_rows(
         f"greedy generation with KV cache, {settings.new_tokens} new tokens per prompt, {settings.where}",
-        GENERATE,
+        with_dispatch(GENERATE, settings.dispatches),
         settings.generate_shape,
         lambda model: generate_step(model, generate_batch, settings.new_tokens),
         settings,
@@ -242,12 +255,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; --quick: 1)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: bf16 models on the GPU")
+    parser.add_argument(
+        "--dispatch",
+        default="",
+        help=f"comma-separated MoPEConfig.dispatch values ({','.join(DISPATCH_CHOICES)}): an extra token-level MoPE "
+        "row per value in both tables, beside the default rows (which use 'auto')",
+    )
     args = parser.parse_args()
+    dispatches = tuple(name for name in args.dispatch.split(",") if name)
+    unknown = set(dispatches) - set(DISPATCH_CHOICES)
+    if unknown:
+        parser.error(f"unknown --dispatch {sorted(unknown)}; choose from {list(DISPATCH_CHOICES)}")
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
     settings, mode = (QUICK, "quick") if args.quick else (FULL, "full")
-    print(run(replace(settings, device=args.device), mode, args.out))
+    print(run(replace(settings, device=args.device, dispatches=dispatches), mode, args.out))
 
 
 if __name__ == "__main__":

@@ -757,7 +757,10 @@ def gpu_compiled_rows(settings: Settings) -> list[Row]:
     if not torch.cuda.is_available():
         return [Row("GPU, torch.compile", "gpu_compiled", "all rows", "-", "ms", note="skipped: no CUDA")]
     shape = settings.gpu_shape
-    eager = tuple(CANDIDATES_BY_NAME[name] for name in (REFERENCE_LORA, REFERENCE_MOPE))
+    # with --dispatch, the MoPE candidate once more per forced strategy (e.g. triton), in every mode
+    eager = with_dispatch_rows(
+        tuple(CANDIDATES_BY_NAME[name] for name in (REFERENCE_LORA, REFERENCE_MOPE)), settings.dispatches
+    )
     candidates = (
         eager
         + tuple(compiled(c, mode) for mode in COMPILE_MODES for c in eager)
@@ -963,8 +966,10 @@ def run_profile(settings: Settings, out: Path, device: str) -> None:
     shape = settings.gpu_shape if device == "cuda" else settings.step_shapes[0]
     where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU thread(s)"
     header = f"# torch.profiler, {where}, load average before {load_average()}\n\n"
-    names = (REFERENCE_MOPE, REFERENCE_LORA)
-    text = header + "".join(profile_table(CANDIDATES_BY_NAME[n], shape, device) for n in names)
+    # with --dispatch, the MoPE step once more per forced strategy (e.g. triton: its kernels per step)
+    candidates = with_dispatch_rows((CANDIDATES_BY_NAME[REFERENCE_MOPE],), settings.dispatches)
+    candidates += (CANDIDATES_BY_NAME[REFERENCE_LORA],)
+    text = header + "".join(profile_table(candidate, shape, device) for candidate in candidates)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"step_time_profile_{machine_tag(device)}.md").write_text(text)
     print(text)
@@ -994,8 +999,9 @@ def main() -> None:
     parser.add_argument(
         "--dispatch",
         default="",
-        help="comma-separated MoPEConfig.dispatch values (masked,sorted,sparse,grouped,auto): an extra row per MoPE "
-        "candidate and value, beside the default rows (which use 'auto')",
+        help=f"comma-separated MoPEConfig.dispatch values ({','.join(DISPATCH_CHOICES)}): an extra row per MoPE "
+        "candidate and value, beside the default rows (which use 'auto'); with --profile and --sections "
+        "gpu_compiled, the MoPE step once more per value",
     )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
