@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -21,6 +22,8 @@ from mope.dispatch import (
     sort_pairs,
 )
 from mope.layer import MoPELayer
+
+TRITON = importlib.util.find_spec("triton") is not None
 
 STRATEGIES = [name for name in LORA_DISPATCH if name != "masked"]
 
@@ -263,7 +266,11 @@ def test_auto_on_cuda_is_masked_and_grouped_runs_on_request():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are detectable on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_default_dispatch_training_step_makes_no_host_sync_in_mope(dtype):
+@pytest.mark.parametrize(
+    "dispatch",
+    ["auto", pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="triton is not installed"))],
+)
+def test_default_dispatch_training_step_makes_no_host_sync_in_mope(dtype, dispatch):
     """A whole Llama step (routing, aux losses, stats, masked dispatch, backward): no sync from mope's code.
 
     Syncs the base model makes itself (transformers' mask handling) are not ours; CUDA's sync-debug
@@ -272,7 +279,7 @@ def test_default_dispatch_training_step_makes_no_host_sync_in_mope(dtype):
     import warnings
     from pathlib import Path
 
-    model = llama_with("auto").to("cuda", dtype)
+    model = llama_with(dispatch).to("cuda", dtype)
     batch = {k: v.cuda() for k, v in make_batch("llama", batch=3, seq=10, pad=4).items()}
     model.train()
     model(**batch).loss.backward()  # warm-up: lazy initialisation may sync once
