@@ -25,6 +25,7 @@ from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_N
 from torch import nn
 from transformers import PreTrainedModel
 
+from .base_layers import quantizer_of
 from .bundles import describe_mismatch
 from .config import pattern_matches
 from .ffn_layer import layer_class_for
@@ -87,6 +88,17 @@ def check_all_linear_finds_layers(config, model: nn.Module) -> None:
     if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
         return
     heads = {id(head) for head in head_modules(model)}
+    skipped = [
+        (name, quantizer)
+        for name, m in model.named_modules()
+        if not isinstance(m, nn.Linear) and id(m) not in heads and (quantizer := quantizer_of(m)) is not None
+    ]
+    if skipped:  # PEFT's expansion picks nn.Linear / Conv1D only: these would be left out without a word
+        raise ValueError(
+            f"MoPEConfig.target_modules='all-linear' would leave out {len(skipped)} {skipped[0][1]} quantized layers "
+            f"(e.g. '{skipped[0][0]}'), which mope cannot wrap. Quantize the base with bitsandbytes "
+            "(transformers.BitsAndBytesConfig) instead, or name the modules to adapt in target_modules."
+        )
     adaptable = (m for m in model.modules() if supported_base_layer(m) or isinstance(m, MoPELayer))
     if not any(id(m) not in heads for m in adaptable):
         raise ValueError(

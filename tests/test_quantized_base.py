@@ -309,3 +309,15 @@ def test_a_gated_mlp_with_an_unsupported_projection_names_the_projection():
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.down_proj' is a GPTQ \(auto-gptq\) quantized layer"):
         get_peft_model(model, mope_config(target_modules=["mlp"]))
     before.assert_same(model, batch)
+
+
+def test_all_linear_names_the_quantized_layers_it_would_leave_out():
+    """PEFT's 'all-linear' picks nn.Linear / Conv1D only: GPTQ-style layers were skipped without a word."""
+    model = make_model("llama")
+    for layer in model.model.layers:
+        layer.self_attn.v_proj = QuantLinear(layer.self_attn.v_proj)
+    batch = make_batch("llama", pad=2)
+    before = Snapshot.of(model, batch)
+    with pytest.raises(ValueError, match=r"'all-linear' would leave out 2 GPTQ \(auto-gptq\) quantized layers"):
+        get_peft_model(model, mope_config(target_modules="all-linear"))
+    before.assert_same(model, batch)
