@@ -140,6 +140,12 @@ def test_inspect_says_when_a_newer_mope_wrote_the_bundle(made, tmp_path):
     assert "pip install -U mope" in result.stderr and "refuses" in result.stderr
     current = run("inspect", made / "bundle")
     assert f"mope {MOPE_VERSION} (this version)" in current.stdout and not current.stderr
+    (newer / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "mope_version"}))
+    older = run("inspect", newer)
+    assert "mope unversioned (older: upgraded when loaded" in older.stdout and not older.stderr
+    (newer / "adapter_config.json").write_text(json.dumps({**config, "mope_version": "abc"}))
+    broken = run("inspect", newer)
+    assert "'abc' (not a version number)" in broken.stdout and "cannot be loaded" in broken.stderr
 
 
 @pytest.fixture
