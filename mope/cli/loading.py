@@ -20,9 +20,8 @@ from ..api import load_mope
 from ..bundles import read_bundle_header
 from ..bundles.info import read_config
 from ..training.data import read_rows
-from ..training.models import AUTO_CLASSES, MODEL_CONFIG, TASK_TYPES, check_location
-from ..training.models import load_tokenizer as recipe_tokenizer
-from ..training.recipe import DataSection, ModelSection
+from ..training.models import AUTO_CLASSES, MODEL_CONFIG, TASK_TYPES, check_location, tokenizer_at
+from ..training.recipe import DataSection, RecipeError
 
 # PEFT task type -> transformers Auto class (others, e.g. feature extraction, get AutoModel).
 AUTO_BY_TASK_TYPE = {TASK_TYPES[task]: auto for task, auto in AUTO_CLASSES.items()}
@@ -58,9 +57,9 @@ def load_tokenizer(location: str, option: str = "--tokenizer"):
     """The tokenizer in ``location`` (folder or ``package:<name>``), with a pad token, as recipes load it."""
     check_location(location, option)
     try:
-        return recipe_tokenizer(ModelSection(name_or_path=location))
-    except (OSError, TypeError, ValueError) as error:  # ValueError: "Couldn't instantiate the backend tokenizer"
-        raise ValueError(f"no tokenizer in '{location}' ({str(error).splitlines()[0]}); pass --tokenizer") from error
+        return tokenizer_at(location, option)
+    except RecipeError as error:
+        raise RecipeError(f"{error}; pass --tokenizer" if option == "--base" else str(error)) from error
 
 
 def read_texts(source: str, text_column: str = "text", max_examples: int | None = None) -> list[str]:

@@ -84,11 +84,25 @@ def check_model(section: ModelSection) -> None:
         check_location(section.tokenizer, "model.tokenizer")
 
 
-def load_tokenizer(section: ModelSection):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_location(section.tokenizer or section.name_or_path))
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def tokenizer_at(location: str, what: str):
+    """The tokenizer in ``location`` (folder, hub id or ``package:<name>``) with a pad token; ``what`` names it in errors."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_location(location, what))
+    except (OSError, TypeError, ValueError) as error:  # ValueError: "Couldn't instantiate the backend tokenizer"
+        raise RecipeError(f"{what}: no tokenizer in '{location}' ({first_line(error)})") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def load_tokenizer(section: ModelSection):
+    if section.tokenizer is not None:
+        return tokenizer_at(section.tokenizer, "model.tokenizer")
+    return tokenizer_at(section.name_or_path, "model.name_or_path")
 
 
 def build_model(section: ModelSection, num_labels: int | None, seed: int):
@@ -99,7 +113,10 @@ def build_model(section: ModelSection, num_labels: int | None, seed: int):
         config = AutoConfig.for_model(**section.tiny_config, **extra)
         torch.manual_seed(seed)
         return auto.from_config(config).to(dtype)
-    return auto.from_pretrained(resolve_location(section.name_or_path), dtype=dtype, **extra)
+    try:
+        return auto.from_pretrained(resolve_location(section.name_or_path), dtype=dtype, **extra)
+    except OSError as error:  # not on the hub, no network, a folder without weights
+        raise RecipeError(f"model.name_or_path: cannot load '{section.name_or_path}' ({first_line(error)})") from error
 
 
 def adapter_config(section: AdapterSection, task: str) -> PeftConfig:

@@ -13,6 +13,7 @@ import pytest
 
 from mope.training.data import load_examples, read_rows
 from mope.training.launch import checked_recipe
+from mope.training.models import build_model, load_tokenizer
 from mope.training.recipe import DataSection, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,3 +204,13 @@ def test_every_shipped_recipe_passes_checked_recipe(path, tmp_path):
         checked_recipe(path, [f"data.source={data}"])
     else:
         checked_recipe(path)
+
+
+def test_a_model_or_tokenizer_that_does_not_load_is_a_recipe_error_naming_the_field(tmp_path):
+    """What the run itself meets (a hub id that is not there, a folder without a tokenizer): mope.train prints
+    a RecipeError in one line, where an OSError was a traceback."""
+    recipe = load_recipe(TINY, ["model.tiny_config=null", "model.name_or_path=no-such-org/no-such-model"])
+    with pytest.raises(RecipeError, match=r"model\.name_or_path: cannot load 'no-such-org/no-such-model'"):
+        build_model(recipe.model, None, 0)
+    with pytest.raises(RecipeError, match=r"model\.tokenizer: no tokenizer in '.*'"):
+        load_tokenizer(load_recipe(TINY, [f"model.tokenizer={tmp_path}"]).model)
