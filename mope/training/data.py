@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import stdlib_docstrings
+from . import multidomain, stdlib_docstrings
 from .recipe import DataSection, RecipeError, is_hub_id
 
 Rows = list[dict[str, Any]]
@@ -153,6 +153,14 @@ FILE_READERS: dict[str, Callable[[str], Rows]] = {
     ".parquet": read_parquet,
 }
 
+def multidomain_rows(section: DataSection) -> tuple[Rows, Rows]:
+    """The multi-domain union; its missing Debian packages are a RecipeError naming them and the command."""
+    try:
+        return multidomain.build(eval_fraction=section.eval_fraction)
+    except multidomain.MissingPackages as error:
+        raise RecipeError(f"data.source 'builtin:multidomain': {error}") from error
+
+
 # builtin:<name> -> its (train, held_out) rows for a data section
 BUILTIN_SOURCES: dict[str, Callable[[DataSection], tuple[Rows, Rows]]] = {
     "builtin:stdlib_docstrings": lambda section: stdlib_docstrings.build(eval_fraction=section.eval_fraction),
@@ -160,6 +168,8 @@ BUILTIN_SOURCES: dict[str, Callable[[DataSection], tuple[Rows, Rows]]] = {
         eval_fraction=section.eval_fraction, families=stdlib_docstrings.MODULES
     ),
     "builtin:synthetic": lambda section: split_by_hash(synthetic(), section.eval_fraction, section.text_column),
+    # the multi-domain study's union (stdlib docstrings, fortunes, man pages); needs Debian packages
+    "builtin:multidomain": lambda section: multidomain_rows(section),
 }
 
 

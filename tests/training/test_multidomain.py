@@ -129,3 +129,13 @@ def test_a_data_file_without_rows_is_refused_naming_it(tmp_path):
     path.write_text(json.dumps({"versions": {}}))
     with pytest.raises(ValueError, match=r"data.json lacks \['eval', 'train'\]: write it with python -m"):
         multidomain.read(str(path))
+
+
+def test_the_union_is_a_builtin_data_source(monkeypatch):
+    from mope.training.data import read_rows
+    from mope.training.recipe import DataSection, RecipeError
+
+    monkeypatch.setattr(multidomain, "missing_packages", lambda: ["fortunes"])
+    monkeypatch.setattr(multidomain.os, "geteuid", lambda: 1000)
+    with pytest.raises(RecipeError, match=r"builtin:multidomain.*fortunes"):
+        read_rows(DataSection(source="builtin:multidomain"))
