@@ -172,6 +172,63 @@ def test_llama_training_steps_equal_masked():
             torch.testing.assert_close(got_grads[n], grad, atol=1e-5, rtol=1e-4, msg=n)
 
 
+def loss_and_grads(step, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = step(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# on CUDA inductor compiles the graph; under the interpreter aot_eager traces forward and backward (the
+# custom ops' shapes and registered gradients) and runs them eagerly, as inductor would need a C++ build
+COMPILER = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+
+
+@battery
+def test_layer_training_step_compiles_as_one_graph_and_equals_eager():
+    """fullgraph=True: a graph break is an error. Output and every gradient equal the eager kernels'."""
+    layer = mope_layer("top_k").train()
+    bank, gate = layer.mope_experts["default"], layer.mope_router["default"]
+    bank.dispatch = "triton"
+    x = torch.randn(2, 7, 16, device=DEVICE, requires_grad=True)
+    params = [x, bank.lora_A, bank.lora_B, gate.weight]
+
+    def outputs_and_grads(forward):
+        out = forward(x)
+        return [out, *torch.autograd.grad(out, params, torch.ones_like(out))]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=COMPILER, fullgraph=True)  # the backward is traced with the forward
+    for got, want in zip(outputs_and_grads(compiled), outputs_and_grads(layer), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@battery
+def test_llama_training_step_compiles_as_one_graph():
+    """The whole step's forward (routing, kernels, aux losses) in one Dynamo graph; loss and gradients as eager.
+
+    (Dynamo only, backend='eager': the ops' shapes and gradients are the layer test's; tracing the
+    whole model through aot_eager costs seconds more under the interpreter.)
+    """
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"], num_experts=4, r=2, init_weights=False,
+        dispatch="triton",
+    )  # fmt: skip
+    model = get_peft_model(make_model("llama"), config).to(DEVICE).train()
+    batch = {k: v.to(DEVICE) for k, v in make_batch("llama", batch=2, seq=8, pad=3).items()}
+
+    def step(batch):
+        return model(**batch).loss
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager" if DEVICE.type == "cpu" else COMPILER, fullgraph=True)
+    got_loss, got = loss_and_grads(compiled, model, batch)
+    want_loss, want = loss_and_grads(step, model, batch)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @battery
 def test_no_tokens_give_the_base_output_and_zero_gradients():
     x, lora_a, lora_b, weights, base = flat_inputs(torch.float32, torch.float32)

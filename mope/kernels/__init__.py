@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 
 import torch
 
@@ -22,11 +21,17 @@ INSTALL_HINT = "pip install 'mope[triton]' (Triton ships with CUDA builds of tor
 
 
 def kernels_interpreted() -> bool:
-    """Whether the kernels run (or, once imported, will run) in Triton's CPU interpreter."""
-    module = sys.modules.get("mope.kernels.lora")
-    if module is not None:
-        return module.INTERPRETED
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels run in Triton's CPU interpreter.
+
+    Triton decides when :mod:`mope.kernels.lora` is imported, so that is imported here (it is about
+    to be used). Reading ``sys.modules`` instead would change its answer in the middle of a
+    ``torch.compile`` trace that imports the kernels, which Dynamo refuses.
+    """
+    if triton_missing() is not None:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    from . import lora
+
+    return lora.INTERPRETED
 
 
 def triton_missing() -> str | None:

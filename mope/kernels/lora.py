@@ -6,7 +6,8 @@ add into the base output that surround it are one kernel, so a layer's expert pa
 kernels forward (``rank_down``: ``h = A_cat x``; ``rank_up``: ``base + s * B_cat (g * h)``) and 4
 backward (``rank_down`` again for ``s * B_cat^T grad`` and the gate's gradient, ``rank_up`` for
 the input's, ``rank_outer`` for A's and B's), where the torch form runs about twice as many
-(casts, the gate multiply and its backward, the scaling).
+(casts, the gate multiply and its backward, the scaling). Under ``torch.compile`` the same kernels
+run as two custom ops, ``mope::routed_lora`` and its backward, so a training step stays one graph.
 
 Layout: the N*r rank columns are tiled by whole experts (``EB`` experts of ``RP`` = r rounded up
 to a power of two columns each), so a tile's gate weights are one load of ``[rows, EB]`` and the
@@ -247,19 +248,87 @@ class RoutedLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, a_cat, b_cat, gate, h = ctx.saved_tensors
-        needs, tiles, s = ctx.needs_input_grad, ctx.tiles, ctx.scaling
-        grad_out = grad_out.contiguous()
-        grad_x = grad_a = grad_b = grad_gate = None
-        if needs[0] or needs[1] or needs[3]:
-            # s * grad B_cat^T: the gradient of the gated h before the gate (and the gate's, beside it)
-            grad_hg, grad_gate = down(grad_out, b_cat, s, tiles, x.dtype, h if needs[3] else None, gate)
-            if needs[0]:
-                grad_x = up(grad_hg, gate, a_cat, None, 1.0, tiles, x.dtype)
-            if needs[1]:
-                grad_a = outer(grad_hg, gate, x, 1.0, tiles, a_cat.dtype)
-        if needs[2]:
-            grad_b = outer(h, gate, grad_out, s, tiles, b_cat.dtype)
-        return grad_x, grad_a, grad_b, grad_gate, grad_out if needs[4] else None, None, None
+        needs = ctx.needs_input_grad
+        grads = gradients(grad_out.contiguous(), x, a_cat, b_cat, gate, h, ctx.scaling, ctx.tiles, needs[:4])
+        return *grads, grad_out if needs[4] else None, None, None
+
+
+def gradients(grad_out, x, a_cat, b_cat, gate, h, s: float, tiles: Tiles, needs) -> list[torch.Tensor | None]:
+    """The gradients of ``x``, ``A_cat``, ``B_cat`` and the gate (None where ``needs`` says no): 4 kernels at most."""
+    grad_x = grad_a = grad_b = grad_gate = None
+    if needs[0] or needs[1] or needs[3]:
+        # s * grad B_cat^T: the gradient of the gated h before the gate (and the gate's, beside it)
+        grad_hg, grad_gate = down(grad_out, b_cat, s, tiles, x.dtype, h if needs[3] else None, gate)
+        if needs[0]:
+            grad_x = up(grad_hg, gate, a_cat, None, 1.0, tiles, x.dtype)
+        if needs[1]:
+            grad_a = outer(grad_hg, gate, x, 1.0, tiles, a_cat.dtype)
+    if needs[2]:
+        grad_b = outer(h, gate, grad_out, s, tiles, b_cat.dtype)
+    return [grad_x, grad_a, grad_b, grad_gate]
+
+
+# torch.compile: the same kernels as custom ops ------------------------------------------------------------
+#
+# A compiled graph calls these opaque ops (Dynamo sees only their declared shapes) in place of RoutedLoRA.
+# Under TRITON_INTERPRET=1 Dynamo cannot trace RoutedLoRA (its launch of an interpreted kernel ends in a
+# function Dynamo skips, torch.package's _patched_getfile), and torch.library.triton_op, which would let
+# inductor see the kernels, cannot be traced there either: wrap_triton returns the bare interpreted kernel
+# and triton_op's shape function is the op's body, so tracing launches the kernel on FakeTensors ("Cannot
+# access data pointer of Tensor"). Custom ops are traced the same way on CPU and on CUDA, so the CPU tests
+# check the GPU's path. Eager mode keeps RoutedLoRA: a custom op's dispatch costs several times an
+# autograd.Function's on the host (80 against 17 us here), the cost these kernels exist to remove.
+
+
+@torch.library.custom_op("mope::routed_lora", mutates_args=())
+def routed_lora_op(
+    x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, gate: torch.Tensor, base: torch.Tensor,
+    scaling: float, num_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """RoutedLoRA's forward: the output, and ``h = A_cat x`` for the backward."""
+    tiles = Tiles(num_experts, a_cat.shape[0] // num_experts, x.dtype, base.dtype)
+    h, _ = down(x, a_cat, 1.0, tiles, x.dtype)
+    return up(h, gate, b_cat, base, scaling, tiles, base.dtype), h
+
+
+@routed_lora_op.register_fake
+def routed_lora_shapes(x, a_cat, b_cat, gate, base, scaling, num_experts):
+    return base.new_empty(base.shape), x.new_empty(x.shape[0], a_cat.shape[0])
+
+
+@torch.library.custom_op("mope::routed_lora_backward", mutates_args=())
+def routed_lora_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, gate: torch.Tensor,
+    h: torch.Tensor, scaling: float, num_experts: int, needs: list[bool],
+) -> list[torch.Tensor]:  # fmt: skip
+    """:func:`gradients` as an op: an empty tensor where a gradient is not needed (an op returns no None)."""
+    tiles = Tiles(num_experts, a_cat.shape[0] // num_experts, x.dtype, grad_out.dtype)
+    grads = gradients(grad_out, x, a_cat, b_cat, gate, h, scaling, tiles, needs)
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@routed_lora_backward_op.register_fake
+def routed_lora_backward_shapes(grad_out, x, a_cat, b_cat, gate, h, scaling, num_experts, needs):
+    grads = [x.new_empty(x.shape), a_cat.new_empty(a_cat.shape), b_cat.new_empty(b_cat.shape)]
+    return [g if need else x.new_empty(0) for g, need in zip([*grads, gate.new_empty(gate.shape)], needs, strict=True)]
+
+
+def save_for_op_backward(ctx, inputs, output) -> None:
+    x, a_cat, b_cat, gate, _, scaling, num_experts = inputs
+    ctx.save_for_backward(x, a_cat, b_cat, gate, output[1])
+    ctx.scaling, ctx.num_experts = scaling, num_experts
+
+
+def routed_lora_op_backward(ctx, grad_out, grad_h):
+    x, a_cat, b_cat, gate, h = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    grads = routed_lora_backward_op(
+        grad_out.contiguous(), x, a_cat, b_cat, gate, h, ctx.scaling, ctx.num_experts, needs
+    )
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), grad_out, None, None
+
+
+routed_lora_op.register_autograd(routed_lora_op_backward, setup_context=save_for_op_backward)
 
 
 def routed_lora(
@@ -278,8 +347,10 @@ def routed_lora(
     n, r, d_in = lora_A.shape
     if x.numel() == 0:  # no tokens: nothing to launch (a grid of zero programs is an error)
         return base_out + 0 * (lora_A.sum() + lora_B.sum() + weights.sum())
-    tiles = Tiles(n, r, x.dtype, base_out.dtype)
     flat = (x.reshape(-1, d_in).contiguous(), lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1))
     gate, base = weights.reshape(-1, n).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
-    out = RoutedLoRA.apply(*flat, gate, base, scaling, tiles)
+    if torch.compiler.is_compiling():
+        out, _ = routed_lora_op(*flat, gate, base, scaling, n)
+    else:
+        out = RoutedLoRA.apply(*flat, gate, base, scaling, Tiles(n, r, x.dtype, base_out.dtype))
     return out.view(base_out.shape)
