@@ -4,12 +4,10 @@ its forward hook adds, one routing context per model, and merging.
 
 from __future__ import annotations
 
-import peft
 import pytest
 import torch
 from conftest import Snapshot, assert_plain, bundle_config, make_batch, make_model, no_grad_logits
 from peft import get_peft_model
-from torch import nn
 
 import mope
 from mope import MoPEConfig, MoPELayer
@@ -225,32 +223,3 @@ def test_merge_of_single_expert_is_exact() -> None:
     assert_plain(merged)
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in merged.modules())
     torch.testing.assert_close(no_grad_logits(merged, batch), expected, rtol=0, atol=1e-5)
-
-
-class NoLinear(nn.Module):
-    """Embeddings and a convolution: nothing 'all-linear' could mean."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(10, 4)
-        self.conv = nn.Conv1d(4, 4, 1)
-
-    def forward(self, x):
-        return self.conv(self.emb(x).transpose(1, 2))
-
-
-def test_all_linear_on_a_model_without_linear_layers_says_so():
-    model = NoLinear()
-    with pytest.raises(ValueError, match=r"target_modules='all-linear' matches nothing: NoLinear has no nn.Linear"):
-        get_peft_model(model, MoPEConfig(target_modules="all-linear"))
-    assert not any(isinstance(m, MoPELayer) for m in model.modules())
-
-
-def test_a_module_with_another_peft_adapter_is_named_as_such():
-    model = get_peft_model(make_model("llama"), peft.LoraConfig(target_modules=["q_proj"], r=2))
-    base = model.get_base_model()
-    with pytest.raises(
-        ValueError, match=r"q_proj' already carries a PEFT adapter of another method \(peft\.tuners\.lora"
-    ):
-        get_peft_model(base, MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
-    assert not any(isinstance(m, MoPELayer) for m in base.modules())

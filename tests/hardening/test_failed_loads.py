@@ -12,11 +12,13 @@ import json
 import peft
 import pytest
 import torch
+import transformers
 from conftest import Snapshot, assert_plain, bundle_config, make_batch, make_model, no_grad_logits
 from peft import PeftModel, get_peft_model
 from safetensors import SafetensorError
 
 import mope
+from mope.layer import MoPELayer
 from mope.peft_compat import PEFT_CHECKS_LOADED_TENSORS
 
 needs_load_check = pytest.mark.skipif(
@@ -178,3 +180,21 @@ def test_a_config_file_cut_after_a_valid_prefix_is_named(bundle):
             mope.MoPEConfig.from_pretrained(bundle)
     path.write_text(json.dumps(json.loads(text)))
     assert mope.MoPEConfig.from_pretrained(bundle).target_modules == {"q_proj", "v_proj"}
+
+
+def test_a_causal_lm_bundle_on_a_classifier_is_refused_first_and_changes_nothing(tmp_path):
+    """The task type is checked before any module is wrapped; PEFT's task class would fail after it."""
+    mope.save_pretrained(get_peft_model(make_model("llama"), bundle_config()), tmp_path / "bundle")
+    config = make_model("llama").config
+    config.pad_token_id = 0
+    torch.manual_seed(0)
+    classifier = transformers.LlamaForSequenceClassification(config).eval()
+    batch = {k: v for k, v in make_batch("llama").items() if k != "labels"}
+    before = no_grad_logits(classifier, batch)
+    with pytest.raises(ValueError, match=r"task_type='CAUSAL_LM'.*LlamaForSequenceClassification cannot generate"):
+        mope.load_mope(classifier, tmp_path / "bundle")
+    with pytest.raises(ValueError, match=r"bundle .* was made for task_type='CAUSAL_LM'"):
+        PeftModel.from_pretrained(classifier, tmp_path / "bundle")
+    assert not any(isinstance(m, MoPELayer) for m in classifier.modules())
+    assert not classifier._forward_pre_hooks and not classifier._forward_hooks
+    torch.testing.assert_close(no_grad_logits(classifier, batch), before, rtol=0, atol=0)

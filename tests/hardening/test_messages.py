@@ -1,14 +1,21 @@
-"""Misleading messages named (issue 16): a base model on the meta device, and a forward after the only adapter
-was deleted, each say what is wrong and what to do (before: "unknown device type for autocast", KeyError: 'default').
+"""Misleading messages named (issue 16): a base model on the meta device, a forward after the only adapter was
+deleted, 'all-linear' on a model without linear layers, and a module that already carries another PEFT method's
+adapter each say what is wrong and what to do (before: "unknown device type for autocast", KeyError: 'default',
+PEFT's "no target modules were passed", "is a Linear; MoPE experts attach to Linear").
 """
 
 from __future__ import annotations
 
 import accelerate
+import peft
 import pytest
 import torch
 from conftest import bundle_config, make_batch, make_model, tiny_llama
 from peft import get_peft_model
+from torch import nn
+
+from mope import MoPEConfig
+from mope.layer import MoPELayer
 
 META_BUILDERS = {
     "torch.device('meta')": lambda: torch.device("meta"),
@@ -60,3 +67,32 @@ def test_a_missing_adapter_name_lists_the_adapters_that_exist():
     with pytest.raises(KeyError) as info:
         model.peft_config["typo"]
     assert info.value.args[0] == wanted
+
+
+class NoLinear(nn.Module):
+    """Embeddings and a convolution: nothing 'all-linear' could mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.conv = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x):
+        return self.conv(self.emb(x).transpose(1, 2))
+
+
+def test_all_linear_on_a_model_without_linear_layers_says_so():
+    model = NoLinear()
+    with pytest.raises(ValueError, match=r"target_modules='all-linear' matches nothing: NoLinear has no nn.Linear"):
+        get_peft_model(model, MoPEConfig(target_modules="all-linear"))
+    assert not any(isinstance(m, MoPELayer) for m in model.modules())
+
+
+def test_a_module_with_another_peft_adapter_is_named_as_such():
+    model = get_peft_model(make_model("llama"), peft.LoraConfig(target_modules=["q_proj"], r=2))
+    base = model.get_base_model()
+    with pytest.raises(
+        ValueError, match=r"q_proj' already carries a PEFT adapter of another method \(peft\.tuners\.lora"
+    ):
+        get_peft_model(base, MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    assert not any(isinstance(m, MoPELayer) for m in base.modules())
