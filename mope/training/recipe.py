@@ -102,6 +102,12 @@ class TrainingSection(Section):
     save_every: int | None = Field(None, gt=0, description="Steps between accelerate checkpoints.")
     keep_checkpoints: int = Field(2, gt=0)
     resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or 'latest'.")
+    compile: bool = Field(
+        False, description="Compile the model with torch.compile (inductor) through accelerate's dynamo plugin."
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode with training.compile=true ('reduce-overhead': CUDA graphs)."
+    )
     on_nonfinite_loss: Literal["stop", "skip"] = Field(
         "stop",
         description="A NaN/inf task or aux loss: 'stop' raises at that optimizer step (nothing saved from it on); "
@@ -114,6 +120,8 @@ class TrainingSection(Section):
             raise ValueError("training: set exactly one of 'max_steps' and 'epochs'")
         if self.router_learning_rate is not None and "router_lr_scale" in self.model_fields_set:
             raise ValueError("training: set at most one of 'router_learning_rate' and 'router_lr_scale'")
+        if "compile_mode" in self.model_fields_set and not self.compile:
+            raise ValueError("training: 'compile_mode' needs 'compile: true' (the model is not compiled otherwise)")
         return self
 
     @property
