@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DynamoBackend, TorchDynamoPlugin, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -23,7 +23,8 @@ from ..bundles import save_pretrained
 from ..routing.schedule import step_schedule
 from .data import Collator, load_examples
 from .models import build_model, load_tokenizer, wrap
-from .recipe import Recipe, TrainingSection
+from .recipe import Recipe, RecipeError, TrainingSection
+from .sharding import check_sharding, gather_routers_with_their_layers, whole_adapter
 
 logger = get_logger(__name__)
 
@@ -70,10 +71,15 @@ def parameter_groups(model, recipe: Recipe) -> list[dict]:
 
 
 def adapter_checksum(model) -> torch.Tensor:
-    """A float64 fingerprint of the trainable weights, to compare ranks after DDP training."""
+    """A float64 fingerprint of the trainable weights of an unsharded model."""
+    return checksum(p for p in model.parameters() if p.requires_grad)
+
+
+def checksum(tensors) -> torch.Tensor:
+    """A float64 fingerprint of float tensors, to compare ranks after distributed training."""
     total = torch.zeros((), dtype=torch.float64)
-    for i, p in enumerate(p for p in model.parameters() if p.requires_grad):
-        total += (i + 1) * p.detach().double().cpu().sum()
+    for i, t in enumerate(t for t in tensors if t.is_floating_point()):
+        total += (i + 1) * t.detach().double().cpu().sum()
     return total
 
 
@@ -84,9 +90,9 @@ def latest_checkpoint(folder: str) -> str | None:
     return os.path.join(folder, steps[-1][1]) if steps else None
 
 
-def nonfinite_parameters(model) -> list[str]:
-    """Names of the trainable parameters holding a NaN or inf (checked before every save)."""
-    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the float tensors holding a NaN or inf (the adapter's, checked before every save)."""
+    return [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 class LossGuard:
@@ -180,6 +186,28 @@ def aux_coefficients(model, recipe: Recipe) -> str:
     return f"adapter.config.aux_loss_coef (now {config.aux_loss_coef:g}) or adapter.config.z_loss_coef (now {config.z_loss_coef:g})"
 
 
+def dynamo_plugin(training: TrainingSection) -> TorchDynamoPlugin:
+    """``training.compile``: accelerate compiles the model in ``prepare`` (inductor, ``compile_mode``), or not at all.
+
+    Given explicitly, so ``accelerate launch --dynamo_backend`` (and ``mope train``'s ``no``) does
+    not decide it behind the recipe's back.
+    """
+    if not training.compile:
+        return TorchDynamoPlugin(backend=DynamoBackend.NO)
+    return TorchDynamoPlugin(backend=DynamoBackend.INDUCTOR, mode=training.compile_mode)
+
+
+def check_compile(accelerator: Accelerator, training: TrainingSection) -> None:
+    """accelerate keeps the first Accelerator's dynamo plugin for the whole process: refuse a run it would ignore."""
+    compiles = accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
+    if compiles != training.compile:
+        raise RecipeError(
+            f"training.compile={str(training.compile).lower()}: an earlier Accelerator in this process set up accelerate "
+            f"{'with' if compiles else 'without'} torch.compile, and accelerate keeps that for the whole process; "
+            "run this recipe in its own process (mope train, or accelerate launch -m mope.train)."
+        )
+
+
 class Run:
     """One training run; attributes hold what the phases share."""
 
@@ -190,7 +218,13 @@ class Run:
             mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # The schedule counts optimizer steps (total_steps); accelerate's default would step it once
+            # per process at each optimizer step, ending warm-up and decay N times early on N processes.
+            step_scheduler_with_optimizer=False,
+            dynamo_plugin=dynamo_plugin(t),
         )
+        check_compile(self.accelerator, t)
+        check_sharding(self.accelerator, t)
         set_seed(t.seed)
         self.out = t.output_dir
         self.checkpoints = os.path.join(self.out, "checkpoints")
@@ -210,7 +244,15 @@ class Run:
             base.config.pad_token_id = self.tokenizer.pad_token_id
         if t.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The adapter's initial weights depend on the seed alone, not on what building the base drew from the
+        # RNG (ZeRO-3 builds it under deepspeed.zero.Init, which draws differently).
+        torch.manual_seed(t.seed)
         self.model = wrap(base, r.adapter, r.model.task)
+        if (
+            self.accelerator.state.deepspeed_plugin is not None
+            and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        ):
+            gather_routers_with_their_layers(self.model)
         collator = Collator(self.tokenizer, r.data, r.model.task, self.examples.labels)
         # Own generators: starting a loader iterator then draws no number from the global RNG, so
         # a run resumed mid-epoch sees the same dropout masks as an uninterrupted one.
@@ -256,17 +298,22 @@ class Run:
             with open(self.log_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
-    def check_weights(self) -> None:
-        """Refuse to save NaN/inf adapter weights (on every process together: the flag is reduced)."""
-        bad = nonfinite_parameters(self.accelerator.unwrap_model(self.model))
-        count = torch.tensor([float(len(bad))], device=self.accelerator.device)
-        if self.accelerator.reduce(count, reduction="sum").item():
+    def check_weights(self) -> dict[str, torch.Tensor]:
+        """Refuse to save NaN/inf adapter weights; returns the adapter's tensors, whole.
+
+        Every process gathers them (FSDP2 shards, ZeRO-3 partitions) and checks the same values, so
+        all stop together.
+        """
+        whole = whole_adapter(self.accelerator.unwrap_model(self.model))
+        bad = nonfinite(whole)
+        if bad:
             names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise TrainingDiverged(
                 f"Training diverged: after optimizer step {self.state.step} adapter weights hold NaN or inf "
-                f"({names or 'on another process'}); nothing was saved (last checkpoint: "
-                f"{latest_checkpoint(self.checkpoints) or 'none'}). To fix: {FIXES}."
+                f"({names}); nothing was saved (last checkpoint: {latest_checkpoint(self.checkpoints) or 'none'}). "
+                f"To fix: {FIXES}."
             )
+        return whole
 
     def save_checkpoint(self) -> None:
         self.check_weights()
@@ -371,9 +418,9 @@ class Run:
         return {"eval_loss": loss_sum / max(count, 1)}
 
     def finish(self, train_seconds: float) -> dict:
-        self.check_weights()
+        whole = self.check_weights()
         metrics = self.evaluate()
-        checksums = self.accelerator.gather(adapter_checksum(self.model).to(self.accelerator.device)[None]).tolist()
+        checksums = self.accelerator.gather(checksum(whole.values()).to(self.accelerator.device)[None]).tolist()
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.model)
         load = expert_load(model, self.eval_loader) if self.recipe.adapter.method == "mope" else {}
@@ -387,9 +434,10 @@ class Run:
             "all_parameters": total,
             "rank_checksums": checksums,
             "method": self.recipe.adapter.method,
+            "distributed_type": self.accelerator.distributed_type.value,
         }
-        if self.main:
-            save_pretrained(model, os.path.join(self.out, "bundle"))
+        if self.main:  # the gathered tensors: under sharding the model itself holds slices
+            save_pretrained(model, os.path.join(self.out, "bundle"), state_dict=whole)
             with open(os.path.join(self.out, "routing_summary.json"), "w") as handle:
                 json.dump(load, handle, indent=1)
             if getattr(self, "predictions", None) is not None:
