@@ -7,6 +7,8 @@ Examples:
 
 Writes to ``training.output_dir``: ``bundle/`` (adapter_config.json + adapter_model.safetensors),
 ``metrics.jsonl``, ``summary.json``, ``routing_summary.json`` and ``checkpoints/``.
+
+Exit codes: 0 done, 2 a recipe error, 3 the training diverged (a NaN/inf loss or adapter weight).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import sys
 
 from .training import quiet_third_party
-from .training.loop import run
+from .training.loop import TrainingDiverged, run
 from .training.recipe import RecipeError, load_recipe
 
 
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:  # its own code: the recipe was valid, the run went to NaN/inf
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in summary.items() if k != "rank_checksums"}))
     return 0
