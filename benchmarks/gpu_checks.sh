@@ -18,6 +18,9 @@
 #              CUDA graphs, bf16 autocast -> step_time_compiled_h100.md
 # KERNEL_DISPATCH (default triton; KERNEL_DISPATCH= for none): the kernel strategies that profile, inference and
 #              compiled add; auto keeps its torch picks on CUDA until these figures say a kernel strategy pays.
+# sharded:     (only when named: needs deepspeed) mope.train on one GPU under FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (needs deepspeed==0.19.8) and with
+#              training.compile (reduce-overhead: CUDA graphs): each run's summary.json -> sharded/<kind>/
+#              (two-process runs need two GPUs: tests/training/test_sharded.py runs them on CPU processes)
 # baseline:    step's GPU tables with the mope package in BASELINE=DIR (e.g. `git archive REV mope | tar -x -C DIR`):
 #              the same machine's before figures -> step_time_h100_baseline.md
 # Each step has its own time limit, so one that hangs leaves the others' results in OUT_DIR.
@@ -69,7 +72,24 @@ for step in $steps; do
         echo "compiled exit $?"
         rm -f "$out"/step_time_compiled_*.json # only the .md is kept (it holds every number), as for calibration
         ;;
-    *) echo "unknown step '$step' (tests step profile calibration inference compiled baseline)" ;;
+    sharded)
+        tiny=(--recipe recipes/offline/tiny_llama_lm.yaml training.max_steps=4 training.save_every=null data.max_examples=64)
+        launch=("$py" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no)
+        for kind in fsdp2 zero2 zero3 compiled; do
+            case $kind in
+            fsdp2) flags=(--use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
+                --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer) extra=() ;;
+            zero2) flags=(--use_deepspeed --zero_stage 2) extra=() ;;
+            zero3) flags=(--use_deepspeed --zero_stage 3) extra=() ;;
+            compiled) flags=() extra=(training.compile=true training.compile_mode=reduce-overhead) ;;
+            esac
+            timeout 240 "${launch[@]}" "${flags[@]}" -m mope.train "${tiny[@]}" "${extra[@]}" \
+                training.output_dir="$out/sharded/$kind" >>"$log" 2>&1
+            echo "sharded $kind exit $?"
+            rm -rf "$out/sharded/$kind/bundle" "$out/sharded/$kind/checkpoints" # summary.json says it all
+        done
+        ;;
+    *) echo "unknown step '$step' (tests step profile calibration inference compiled sharded baseline)" ;;
     esac
 done
 rm -rf "$out/baseline"
