@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from .config import MoPEConfig
-from .tuner import ModelSnapshot
+from .injection import ModelSnapshot
 
 
 def get_mope_model(model: nn.Module, config: MoPEConfig, adapter_name: str = "default", **kwargs: Any) -> PeftModel:

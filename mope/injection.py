@@ -1,0 +1,198 @@
+"""Injecting an adapter safely: the checks made before any module is wrapped, and snapshots that undo a wrap.
+
+``MoPEModel.inject_adapter`` and ``mope.load_mope`` take a :class:`ModelSnapshot` first and restore it on
+any error, so a failed wrap or load leaves the model exactly as it was (modules, flags, hooks). The checks
+here name what PEFT would otherwise report misleadingly or not at all ('all-linear' matching nothing, or
+leaving quantized layers out; a forward on meta weights; a deleted last adapter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
+from torch import nn
+from transformers import PreTrainedModel
+
+from .base_layers import quantizer_of
+from .layer import MoPELayer, supported_base_layer
+from .routing.schedule import detach_schedule
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """The output heads PEFT's 'all-linear' leaves out: the output embedding, a classification head."""
+    if not isinstance(model, PreTrainedModel):
+        return []
+    heads = [model.get_output_embeddings()] + [getattr(model, name, None) for name in SEQ_CLS_HEAD_NAMES]
+    return [head for head in heads if head is not None]
+
+
+def check_all_linear_finds_layers(config, model: nn.Module) -> None:
+    """'all-linear' on a model with no linear layer but its heads: say so (PEFT says no targets were passed)."""
+    target = config.target_modules
+    if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return
+    heads = {id(head) for head in head_modules(model)}
+    skipped = [
+        (name, quantizer)
+        for name, m in model.named_modules()
+        if not isinstance(m, nn.Linear) and id(m) not in heads and (quantizer := quantizer_of(m)) is not None
+    ]
+    if skipped:  # PEFT's expansion picks nn.Linear / Conv1D only: these would be left out without a word
+        raise ValueError(
+            f"MoPEConfig.target_modules='all-linear' would leave out {len(skipped)} {skipped[0][1]} quantized layers "
+            f"(e.g. '{skipped[0][0]}'), which mope cannot wrap. Quantize the base with bitsandbytes "
+            "(transformers.BitsAndBytesConfig) instead, or name the modules to adapt in target_modules."
+        )
+    adaptable = (m for m in model.modules() if supported_base_layer(m) or isinstance(m, MoPELayer))
+    if not any(id(m) not in heads for m in adaptable):
+        raise ValueError(
+            f"MoPEConfig.target_modules='all-linear' matches nothing: {type(model).__name__} has no nn.Linear or "
+            "Conv1D layer besides its output head. Name the modules to adapt in target_modules."
+        )
+
+
+def include_mope_layers_in_all_linear(config, model: nn.Module) -> None:
+    """Expand ``target_modules='all-linear'`` so that layers already wrapped by MoPE count as linear.
+
+    PEFT's expansion recognises an already adapted layer by "Linear" in its class name (LoRA's
+    naming); ``MoPELayer`` wraps both ``nn.Linear`` and ``Conv1D`` under one name, so without
+    this a second 'all-linear' adapter on a MoPE model matches no module at all. The heads PEFT
+    leaves out stay out.
+    """
+    target = config.target_modules
+    if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+        return
+    heads = {id(head) for head in head_modules(model)}
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, MoPELayer) and id(m) not in heads}
+    if wrapped:
+        _maybe_include_all_linear_layers(config, model)
+        config.target_modules = set(config.target_modules) | wrapped
+
+
+# The forward hooks of a module: the tuner's own two, and e.g. gradient checkpointing's input-embedding hook.
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def describe_unfit_weights(own: dict[str, tuple], given: dict[str, tuple]) -> str | None:
+    """What keeps tensors ``given`` for an adapter from replacing its ``own`` exactly (names -> shapes), or None."""
+    unexpected = [key for key in given if key not in own]
+    wrong = [key for key in given if key in own and given[key] != own[key]]
+    missing = [key for key in own if key not in given]
+    problems = []
+    if unexpected:
+        problems.append(
+            f"{len(unexpected)} of the {len(given)} tensors given have no place in it (e.g. '{unexpected[0]}')"
+        )
+    if wrong:
+        key = wrong[0]
+        problems.append(f"{len(wrong)} have other shapes (e.g. '{key}' is {list(given[key])}, not {list(own[key])})")
+    if missing:
+        problems.append(f"{len(missing)} of its {len(own)} tensors are not given (e.g. '{missing[0]}')")
+    return "; ".join(problems) or None
+
+
+class ModelSnapshot:
+    """What wrapping a model in PEFT can change on it, so that a failed wrap or load leaves it as it was.
+
+    The module tree (targeted modules are replaced by MoPE layers, ``modules_to_save`` by PEFT's wrappers),
+    requires_grad and train/eval flags, forward hooks, the ``peft_config`` attribute BaseTuner sets on the
+    model and ``config.pretraining_tp`` (PeftModel sets it to 1). Only references and flags are kept.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        modules = list(model.modules())
+        self.model = model
+        self.children = [(module, dict(module._modules)) for module in modules]
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.training = [(module, module.training) for module in modules]
+        self.hooks = [(module, name, dict(getattr(module, name))) for module in modules for name in HOOK_DICTS]
+        self.peft_config = vars(model).get("peft_config")
+        self.pretraining_tp = getattr(getattr(model, "config", None), "pretraining_tp", None)
+
+    def restore(self) -> None:
+        for module, children in self.children:
+            module._modules.clear()
+            module._modules.update(children)
+        for parameter, requires_grad in self.requires_grad:
+            parameter.requires_grad = requires_grad
+        for module, training in self.training:
+            module.training = training
+        for module, name, hooks in self.hooks:
+            getattr(module, name).clear()
+            getattr(module, name).update(hooks)
+        if self.peft_config is not None:
+            self.model.peft_config = self.peft_config
+        elif "peft_config" in vars(self.model):
+            del self.model.peft_config
+        if self.pretraining_tp is not None:
+            self.model.config.pretraining_tp = self.pretraining_tp
+
+
+class InjectionSnapshot(ModelSnapshot):
+    """A :class:`ModelSnapshot` plus what injecting one adapter changes in the tuner and in layers it had wrapped."""
+
+    def __init__(self, model: nn.Module, tuner: BaseTuner) -> None:
+        super().__init__(model)
+        self.tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        self.tuner = tuner
+        self.targeted_module_names = list(tuner.targeted_module_names)
+
+    def restore_adapter(self, adapter_name: str) -> None:
+        for layer in self.tuner_layers:  # before the module tree: delete_adapter also clears the layer's settings
+            if adapter_name in getattr(layer, "mope_experts", {}):
+                layer.delete_adapter(adapter_name)
+        self.restore()
+        self.tuner.targeted_module_names[:] = self.targeted_module_names
+        detach_schedule(self.tuner, adapter_name)
+
+
+class AdapterConfigs(dict):
+    """The tuner's ``peft_config`` table (adapter name -> config): a missing name's KeyError says what exists.
+
+    PeftModel.forward looks its active adapter up here; after ``delete_adapter`` removed the only
+    adapter, a plain dict said nothing but ``KeyError: 'default'``.
+    """
+
+    def __missing__(self, name: str) -> Any:
+        if self:
+            listed = ", ".join(repr(existing) for existing in self)
+            fix = f"select one of them with set_adapter (adapters: {listed})"
+        else:
+            fix = (
+                "no adapter is left (delete_adapter removed the last one): add one with add_adapter or "
+                "load_adapter, or run the base model alone (get_base_model())"
+            )
+        raise KeyError(f"MoPE adapter {name!r} does not exist; {fix}")
+
+
+@contextlib.contextmanager
+def naming_meta_weights(model: nn.Module) -> Iterator[None]:
+    """Re-raise an error of a model whose weights are on the meta device as one that says so.
+
+    torch's own error names no weight (on CPU: "unknown device type for autocast"). Checked only
+    after an error, so a forward pays nothing; a model dispatched by accelerate (``hf_device_map``)
+    keeps offloaded weights on the meta device on purpose and is left alone.
+    """
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as error:
+        if getattr(model, "hf_device_map", None) is not None:
+            raise
+        meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+        if meta is None:
+            raise
+        raise ValueError(
+            f"{type(model).__name__} has weights on the meta device (e.g. '{meta}'): they have shapes but no values, "
+            "as in a model built under torch.device('meta') or accelerate.init_empty_weights(), so it cannot run. "
+            "Load its weights first (from_pretrained, or model.to_empty(device=...) then load_state_dict)."
+        ) from error
