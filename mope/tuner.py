@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_peft_model_state_dict
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .bundles import describe_mismatch
 from .config import pattern_matches
@@ -33,6 +34,7 @@ from .injection import (
     include_mope_layers_in_all_linear,
     naming_meta_weights,
 )
+from .integrations.deepspeed import gather_routers_with_their_layers
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES, check_losses_reach_routers
 from .peft_compat import key_names_adapter, without_other_adapters
@@ -98,6 +100,8 @@ class MoPEModel(BaseTuner):
             model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
             model.register_forward_hook(self._attach_aux_loss),
         ]
+        if is_deepspeed_zero3_enabled():  # Trainer / TRL / accelerate under ZeRO-3
+            gather_routers_with_their_layers(model)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)

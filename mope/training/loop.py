@@ -20,11 +20,12 @@ from transformers import get_scheduler
 
 from ..analysis import expert_load
 from ..bundles import save_pretrained
+from ..integrations.deepspeed import gather_routers_with_their_layers
 from ..routing.schedule import step_schedule
 from .data import Collator, load_examples
 from .models import build_model, load_tokenizer, wrap
 from .recipe import Recipe, RecipeError, TrainingSection
-from .sharding import check_sharding, gather_routers_with_their_layers, whole_adapter
+from .sharding import check_sharding, whole_adapter
 
 logger = get_logger(__name__)
 

@@ -96,21 +96,3 @@ def zero3_gathered(parameters: list[torch.Tensor]) -> contextlib.AbstractContext
     import deepspeed  # only a ZeRO-3 run has partitioned parameters, and it imported deepspeed already
 
     return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
-
-
-def gather_routers_with_their_layers(model) -> None:
-    """ZeRO-3: each MoPE layer gathers its routers' parameters with its own, for forward and backward.
-
-    ZeRO-3 gathers a module's partitioned parameters again before its backward by hooking the
-    tensors the module returns; a router returns a ``Routing`` (a dataclass), in which DeepSpeed
-    finds no tensor, so without this its weight is still released when its gradient arrives
-    (``RuntimeError: The size of tensor a (0) must match the size of tensor b (128)`` in
-    ``AccumulateGrad``). The layer returns a tensor, so its hooks fire; DeepSpeed's
-    ``register_external_parameter`` makes them gather the router weights too.
-    """
-    from deepspeed import zero  # deepspeed.zero is an attribute, not a module
-
-    for module in model.modules():
-        routers = getattr(module, "mope_router", None)
-        for parameter in routers.parameters() if isinstance(routers, torch.nn.Module) else ():
-            zero.register_external_parameter(module, parameter)
