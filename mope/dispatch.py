@@ -421,7 +421,8 @@ def resolve_dispatch(name: str, x: torch.Tensor, lora_A: torch.Tensor, active: i
 def set_dispatch(model: nn.Module, name: str) -> int:
     """Set the dispatch strategy of every LoRA expert bank in ``model`` (a runtime setting, not saved).
 
-    Returns how many banks were changed. A kernel strategy whose compiler is not installed is
+    Returns how many banks were changed. The top-k routers follow (with ``'triton'`` they score and
+    gate in the Triton router kernel). A kernel strategy whose compiler is not installed is
     refused here, changing nothing; one that cannot run on the device the tensors are on when a
     forward runs is refused then (the model may still be moved to one where it can).
     """
@@ -429,7 +430,7 @@ def set_dispatch(model: nn.Module, name: str) -> int:
         raise ValueError(f"dispatch={name!r} is unknown; choose one of {list(DISPATCH_CHOICES)}")
     if name in KERNEL_DISPATCH and triton_missing() is not None:
         raise ValueError(f"dispatch={name!r}: {triton_missing()}")
-    banks = [module for module in model.modules() if hasattr(module, "dispatch")]
-    for bank in banks:
-        bank.dispatch = name
-    return len(banks)
+    modules = [module for module in model.modules() if hasattr(module, "dispatch")]  # banks and top-k routers
+    for module in modules:
+        module.dispatch = name
+    return sum(hasattr(module, "active_experts") for module in modules)

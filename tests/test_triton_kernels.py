@@ -26,6 +26,8 @@ import mope
 from mope.dispatch import auto_dispatch, lora_masked, resolve_dispatch
 from mope.kernels import kernels_interpreted, triton_unavailable
 from mope.layer import MoPELayer
+from mope.losses import load_balancing_loss, router_z_loss
+from mope.routing import ROUTERS, RoutingInputs
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not kernels_interpreted() else "cpu")
@@ -139,7 +141,7 @@ def test_layer_training_forward_equals_masked(router, shared, options):
     params = [x, bank.lora_A, bank.lora_B, gate.weight]
     results = {}
     for name in ("masked", "triton"):
-        bank.dispatch = name
+        mope.set_dispatch(layer, name)  # the bank and a top-k router
         torch.manual_seed(3)  # random_second / noise draw the same
         out = layer(x)
         results[name] = [out, *torch.autograd.grad(out, params, torch.ones_like(out))]
@@ -189,7 +191,7 @@ def test_layer_training_step_compiles_as_one_graph_and_equals_eager():
     """fullgraph=True: a graph break is an error. Output and every gradient equal the eager kernels'."""
     layer = mope_layer("top_k").train()
     bank, gate = layer.mope_experts["default"], layer.mope_router["default"]
-    bank.dispatch = "triton"
+    mope.set_dispatch(layer, "triton")  # the router kernel's op too
     x = torch.randn(2, 7, 16, device=DEVICE, requires_grad=True)
     params = [x, bank.lora_A, bank.lora_B, gate.weight]
 
@@ -227,6 +229,111 @@ def test_llama_training_step_compiles_as_one_graph():
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     for name, grad in want.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def make_router(router: str = "top_k", n: int = 6, k: int = 2, d: int = 16, **options):
+    config = mope.MoPEConfig(num_experts=n, top_k=k, r=4, router=router, task_type="SEQ_CLS", **options)
+    torch.manual_seed(0)
+    gate = ROUTERS[router](d, n, k, config).to(DEVICE)
+    with torch.no_grad():  # a router scale that makes the choice non-trivial
+        gate.weight.normal_(0, 1.0)
+    return gate
+
+
+def routing_and_grads(gate, x: torch.Tensor, mask: torch.Tensor | None, dispatch: str):
+    """The Routing's fields, the losses' values, and the gradients of x and the router weight of a loss using all."""
+    gate.dispatch = dispatch
+    routing = gate(x, RoutingInputs(token_mask=mask))
+    upstream = torch.randn(routing.weights.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    losses = [load_balancing_loss(routing, mask), router_z_loss(routing, mask)]
+    total = (routing.weights * upstream).sum() + sum(losses) + routing.probs.square().sum()
+    fields = {f: getattr(routing, f) for f in ("weights", "logits", "probs", "load", "chosen", "dropped")}
+    return fields, losses, torch.autograd.grad(total, [x, gate.weight])
+
+
+def uses_router_kernel(routing) -> bool:
+    """Whether the routing's logits come from the kernel's autograd node (through the views of their token shape)."""
+    node = routing.logits.grad_fn
+    while node is not None and type(node).__name__.startswith(("View", "Unsafe")):
+        node = node.next_functions[0][0]
+    return node is not None and "RouteTopK" in type(node).__name__
+
+
+@battery
+@pytest.mark.parametrize(
+    "router, options, token_dims, train",
+    [
+        ("top_k", {}, (4, 9), True),
+        ("top_k", {}, (37,), False),  # more tokens than one program's rows; eval
+        ("top_k", {"router_temperature": 0.7, "num_experts": 20, "top_k": 3}, (4, 9), True),  # N > 16
+        ("top_k", {"top_k_order": "softmax_then_topk_unnormalised"}, (4, 9), True),
+        ("top_k", {"capacity_factor": 0.5}, (4, 9), True),  # drops, padding excluded from the competition
+        ("switch", {}, (4, 9), True),  # unnormalised top-1, capacity 1.25
+        ("top_k", {"top_k": 1}, (4, 9), True),  # renormalised top-1: weight 1, gradient only from the losses
+    ],
+    ids=["top2", "eval-37-tokens", "temperature-N20-top3", "unnormalised", "capacity", "switch", "top1"],
+)
+def test_router_kernel_equals_the_torch_router(router, options, token_dims, train):
+    """Weights, chosen, logits, probs, load, dropped, the load-balancing and z losses under a padding mask,
+    and the gradients of the router's input and weight."""
+    options = dict(options)
+    n, k = options.pop("num_experts", 6), options.pop("top_k", 2)
+    gate = make_router(router, n, k, **options).train(train)
+    x = torch.randn(*token_dims, 16, device=DEVICE, requires_grad=True)
+    mask = torch.ones(token_dims, device=DEVICE)
+    mask.view(-1)[-5:] = 0  # padding
+    got_fields, got_losses, got_grads = routing_and_grads(gate, x, mask, "triton")
+    want_fields, want_losses, want_grads = routing_and_grads(gate, x, mask, "masked")
+    gate.dispatch = "triton"
+    assert uses_router_kernel(gate(x, RoutingInputs(token_mask=mask)))
+    if options.get("capacity_factor") or router == "switch":
+        assert want_fields["dropped"].any()  # capacity really drops something
+    for name, want in want_fields.items():
+        got = got_fields[name]
+        if want is None or want.dtype in (torch.bool, torch.long):
+            assert got is None if want is None else torch.equal(got, want), name
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+    for got, want in zip([*got_losses, *got_grads], [*want_losses, *want_grads], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@battery
+def test_router_kernel_keeps_exactly_k_of_tied_experts_the_lowest_first():
+    """Experts 1, 2 and 4 score alike: exactly k are kept, with the weights torch gives (torch's own pick
+    among the tied is its implementation's; the kernel's is the lowest index)."""
+    gate = make_router("top_k", n=6, k=2)
+    with torch.no_grad():
+        gate.weight[2] = gate.weight[4] = gate.weight[1]
+    x = torch.randn(11, 16, device=DEVICE)
+    x = (x * torch.sign(x @ gate.weight[1].detach())[:, None]).requires_grad_()  # the tied experts lead mostly
+    got, _, _ = routing_and_grads(gate, x, None, "triton")
+    want, _, _ = routing_and_grads(gate, x, None, "masked")
+    assert ((got["weights"] != 0).sum(-1) == 2).all()
+    torch.testing.assert_close(got["weights"].sort(-1).values, want["weights"].sort(-1).values, rtol=1e-6, atol=1e-7)
+    group = [1, 2, 4]
+    torch_differs = 0
+    for got_picks, want_picks in zip(got["chosen"].tolist(), want["chosen"].tolist(), strict=True):
+        tied = [e for e in want_picks if e in group]
+        torch_differs += sorted(tied) != group[: len(tied)]
+        assert sorted(e for e in got_picks if e not in group) == sorted(e for e in want_picks if e not in group)
+        assert [e for e in got_picks if e in group] == group[: len(tied)], (got_picks, want_picks)
+    assert torch_differs  # the case happens: torch keeps tied experts other than the lowest
+
+
+@battery
+@pytest.mark.parametrize(
+    "router, options",
+    [("top_k", {"router_noise": True}), ("top_k", {"router_jitter": 0.1}), ("cosine", {}), ("top_p", {})],
+    ids=["noise", "jitter", "cosine-own-score", "top_p"],
+)
+def test_router_kernel_is_not_used_where_it_does_not_apply(router, options):
+    """Noise and jitter of training are drawn in torch; gates that score or gate otherwise keep their torch path."""
+    gate = make_router(router, **options).train()
+    gate.dispatch = "triton"
+    assert not uses_router_kernel(gate(torch.randn(5, 16, device=DEVICE, requires_grad=True)))
+    if options:  # in eval there is no noise: the kernel routes
+        assert uses_router_kernel(gate.eval()(torch.randn(5, 16, device=DEVICE, requires_grad=True)))
 
 
 @battery
@@ -312,3 +419,14 @@ def test_without_triton_set_dispatch_is_refused_with_the_install_line(monkeypatc
         mope.set_dispatch(model, "triton")
     assert {b.dispatch for b in model.modules() if hasattr(b, "active_experts")} == {"auto"}
     assert triton_unavailable(torch.device("cuda")).startswith("Triton is not installed")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_set_dispatch_and_the_config_reach_the_top_k_routers_and_the_count_is_the_banks():
+    config = mope.MoPEConfig(target_modules=["q_proj", "v_proj"], num_experts=4, r=2, dispatch="triton")
+    model = get_peft_model(make_model("llama"), config)
+    routers = [m for m in model.modules() if isinstance(m, mope.routing.TopKRouter)]
+    banks = [m for m in model.modules() if hasattr(m, "active_experts")]
+    assert len(routers) == len(banks) == 4 and {r.dispatch for r in routers} == {"triton"}
+    assert mope.set_dispatch(model, "masked") == len(banks)
+    assert {r.dispatch for r in routers} == {b.dispatch for b in banks} == {"masked"}

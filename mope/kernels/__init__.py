@@ -1,8 +1,9 @@
 """Triton kernels for the expert path (an optional dependency: ``pip install 'mope[triton]'``).
 
-Nothing here imports Triton until a kernel is first used: ``import mope`` stays free of it, and
-:func:`triton_unavailable` answers where the kernels can run without importing anything. The
-kernels themselves live in :mod:`mope.kernels.lora`.
+Nothing here imports Triton until a kernel strategy is first resolved: ``import mope`` stays free
+of it, :func:`triton_missing` imports nothing, and :func:`triton_unavailable` imports the kernels
+only when Triton is installed (they are about to run). The kernels live in :mod:`mope.kernels.lora`
+(the LoRA experts) and :mod:`mope.kernels.router` (the top-k router).
 
 Triton decides once, when it compiles (decorates) a kernel, whether to run it on a GPU or in its
 CPU interpreter: the interpreter is chosen by ``TRITON_INTERPRET=1`` in the environment *before*

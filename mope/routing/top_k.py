@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checks import check_bool, check_choice
+from ..kernels import triton_unavailable
 from .base import Deferred, Router, Routing, RoutingInputs, full_softmax, one_hot_shares
 from .capacity import apply_capacity
 from .expert_choice import CAUSAL_TASK_TYPES
@@ -65,6 +66,12 @@ TOP_K_ORDERS: dict[str, TopKOrder] = {
     "topk_then_softmax": topk_then_softmax,
     "softmax_then_topk_unnormalised": softmax_then_topk_unnormalised,
 }
+# The orders the Triton router kernel (mope.kernels.router) computes, and whether it renormalises the kept weights
+KERNEL_ORDERS: dict[str, bool] = {
+    "softmax_then_topk": True,
+    "topk_then_softmax": True,
+    "softmax_then_topk_unnormalised": False,
+}
 
 
 class TopKRouter(Router):
@@ -85,6 +92,8 @@ class TopKRouter(Router):
         self.causal = config.task_type in CAUSAL_TASK_TYPES
         # Shazeer 2017 start W_noise at zero: noise std softplus(0) = ln 2 while the router learns.
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, in_features)) if config.router_noise else None
+        # the layer's dispatch (mope.dispatch; mope.set_dispatch changes both): 'triton' scores and gates in a kernel
+        self.dispatch: str = getattr(config, "dispatch", "auto")
 
     @classmethod
     def check_options(cls, config: Any) -> None:
@@ -100,8 +109,41 @@ class TopKRouter(Router):
             logits = logits + torch.randn_like(logits) * std
         return logits
 
+    def decide(self, x: torch.Tensor, inputs: RoutingInputs) -> Routing:
+        """With ``dispatch='triton'``, score and gate in the Triton router kernel where it applies.
+
+        It computes plain linear scores (not a subclass's own ``score``, not the noise or jitter of
+        training, drawn in torch) on a device where the kernels run; anywhere else the torch path,
+        and a LoRA bank set to ``'triton'`` then refuses the device itself, naming why.
+        """
+        if not self.kernel_applies(x):
+            return super().decide(x, inputs)
+        from ..kernels.router import route_top_k  # imports Triton: only once the kernel is used
+
+        normalise = KERNEL_ORDERS[self.order]
+        logits, weights, index = route_top_k(x, self.weight, self.top_k, self.temperature, normalise)
+        return self.routing(logits, full_softmax(logits), weights, index, inputs)
+
+    def kernel_applies(self, x: torch.Tensor) -> bool:
+        if self.dispatch != "triton" or self.order not in KERNEL_ORDERS or type(self).score is not TopKRouter.score:
+            return False
+        if self.training and (self.noise_weight is not None or self.jitter > 0):
+            return False
+        return x.shape[:-1].numel() > 0 and triton_unavailable(x.device) is None
+
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         probs, weights, index = TOP_K_ORDERS[self.order](logits, self.top_k)
+        return self.routing(logits, probs, weights, index, inputs)
+
+    def routing(
+        self,
+        logits: torch.Tensor,
+        probs: torch.Tensor | Deferred,
+        weights: torch.Tensor,
+        index: torch.Tensor,
+        inputs: RoutingInputs,
+    ) -> Routing:
+        """The Routing of the chosen experts ``index`` and their ``weights``: the deferred load, then capacity."""
         # load: the gate's choice before capacity (GShard/fairseq count it so for the balancing loss);
         # deferred like the full softmax: only losses and statistics read it
         load = one_hot_shares(logits, index, self.top_k)

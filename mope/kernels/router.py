@@ -1,0 +1,307 @@
+"""The top-k router in Triton: one kernel forward, two backward.
+
+Computes what :class:`mope.routing.TopKRouter` computes from its fp32 input ``x [T, D]`` and
+scoring weight ``W [N, D]``: ``logits = (x W^T) / temperature``, the k largest per token, and their
+weights, either the softmax over the k kept logits (``softmax_then_topk``, renormalised) or the full
+softmax's values there (``softmax_then_topk_unnormalised``, Switch); zeros elsewhere. Forward
+(``top_k_route``): the GEMM, the top-k, the fp32 softmax and the scatter into ``[T, N]`` in one
+kernel, where torch launches six or more (linear, topk, a full of -inf, scatter, add, softmax).
+Backward: ``top_k_route_backward`` turns the gradients of the weights and of the logits (the
+losses read the logits) into the score's gradient ``d`` and ``grad_x = d W`` in one kernel;
+``scores_outer`` gives ``grad_W = d^T x``.
+
+A token's N logits lie in one tile (N rounded up to a power of two, at least 16 for ``tl.dot``), so
+every reduction over experts stays inside a program. Ties: among equal logits the lowest expert
+index is kept first, so exactly k are kept; torch's ``topk`` also keeps exactly k but which of the
+tied experts it keeps is its implementation's (not the lowest index on CPU). The products run in
+IEEE fp32 (``input_precision="ieee"``, never TF32): routers score in fp32 because rounding flips
+choices.
+
+The full softmax and the load that the losses read stay deferred torch ops on the returned logits
+(:class:`~mope.routing.base.Deferred`), as in the torch router: nothing is computed for them unless
+read. Under ``torch.compile`` the kernels run as the custom ops ``mope::route_top_k`` and its
+backward (see :mod:`mope.kernels.lora` for why custom ops, not ``triton_op``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 32  # token rows per program, and the columns of D per step
+MIN_EXPERTS = 16  # the expert tile is at least this wide: every tl.dot operand dimension must be >= 16
+
+
+@triton.jit
+def token_tile(tokens, num_experts, BM: tl.constexpr, NP: tl.constexpr):
+    """This program's rows of tokens and every expert: indices, bounds, and the offsets of a ``[T, N]`` tile."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    experts = tl.arange(0, NP)
+    rows_ok, experts_ok = rows < tokens, experts < num_experts
+    tile = rows[:, None] * num_experts + experts[None, :]
+    return rows, experts, rows_ok, experts_ok, tile, rows_ok[:, None] & experts_ok[None, :]
+
+
+@triton.jit
+def top_k_route(
+    x_ptr,
+    w_ptr,
+    logits_ptr,
+    weights_ptr,
+    chosen_ptr,
+    tokens,
+    width,
+    num_experts,
+    temperature,
+    K: tl.constexpr,
+    NORMALISE: tl.constexpr,
+    BM: tl.constexpr,
+    NP: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Logits, the k chosen experts (largest first, lowest index first among ties) and their weights."""
+    rows, experts, rows_ok, experts_ok, tile, tile_ok = token_tile(tokens, num_experts, BM, NP)
+    acc = tl.zeros((BM, NP), dtype=tl.float32)
+    for k0 in range(0, width, BK):
+        ks = k0 + tl.arange(0, BK)
+        ks_ok = ks < width
+        x = tl.load(x_ptr + rows[:, None] * width + ks[None, :], mask=rows_ok[:, None] & ks_ok[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + experts[None, :] * width + ks[:, None], mask=experts_ok[None, :] & ks_ok[:, None], other=0.0
+        )
+        acc = tl.dot(x, w, acc, input_precision="ieee")
+    logits = acc / temperature
+    tl.store(logits_ptr + tile, logits, mask=tile_ok)
+    rest = tl.where(experts_ok[None, :], logits, -float("inf"))
+    top = tl.max(rest, axis=1)
+    kept = tile < 0  # all False
+    for i in tl.static_range(K):
+        best = tl.max(rest, axis=1)
+        index = tl.min(tl.where(rest == best[:, None], experts[None, :], NP), axis=1)
+        tl.store(chosen_ptr + rows * K + i, index.to(tl.int64), mask=rows_ok)
+        hit = experts[None, :] == index[:, None]
+        kept = kept | hit
+        rest = tl.where(hit, -float("inf"), rest)
+    e = tl.where(experts_ok[None, :], tl.exp(logits - top[:, None]), 0.0)
+    total = tl.sum(tl.where(kept, e, 0.0), axis=1) if NORMALISE else tl.sum(e, axis=1)
+    tl.store(weights_ptr + tile, tl.where(kept, e / total[:, None], 0.0), mask=tile_ok)
+
+
+@triton.jit
+def top_k_route_backward(
+    grad_logits_ptr,
+    grad_weights_ptr,
+    logits_ptr,
+    weights_ptr,
+    chosen_ptr,
+    w_ptr,
+    grad_scores_ptr,
+    grad_x_ptr,
+    tokens,
+    width,
+    num_experts,
+    temperature,
+    GRAD_X: tl.constexpr,
+    K: tl.constexpr,
+    NORMALISE: tl.constexpr,
+    BM: tl.constexpr,
+    NP: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """``d = (softmax backward of the weights' gradient + the logits' gradient) / temperature``; ``grad_x = d W``.
+
+    Renormalised: the weights ``v`` are the softmax over the kept logits, ``d_l = v (g - sum v g)``.
+    Unnormalised: ``v`` is the full softmax and only the kept weights' gradients ``g`` count.
+    """
+    rows, experts, rows_ok, experts_ok, tile, tile_ok = token_tile(tokens, num_experts, BM, NP)
+    g = tl.load(grad_weights_ptr + tile, mask=tile_ok, other=0.0)
+    if NORMALISE:
+        v = tl.load(weights_ptr + tile, mask=tile_ok, other=0.0)
+    else:
+        logits = tl.load(logits_ptr + tile, mask=tile_ok, other=0.0)
+        logits = tl.where(experts_ok[None, :], logits, -float("inf"))  # rows past the end stay finite
+        e = tl.where(experts_ok[None, :], tl.exp(logits - tl.max(logits, axis=1)[:, None]), 0.0)
+        v = e / tl.sum(e, axis=1)[:, None]
+        kept = tile < 0
+        for i in tl.static_range(K):
+            index = tl.load(chosen_ptr + rows * K + i, mask=rows_ok, other=-1)
+            kept = kept | (experts[None, :] == index[:, None])
+        g = tl.where(kept, g, 0.0)
+    d = v * (g - tl.sum(v * g, axis=1)[:, None])
+    d = (d + tl.load(grad_logits_ptr + tile, mask=tile_ok, other=0.0)) / temperature
+    tl.store(grad_scores_ptr + tile, d, mask=tile_ok)
+    if GRAD_X:
+        for n0 in range(0, width, BN):
+            cols = n0 + tl.arange(0, BN)
+            cols_ok = cols < width
+            w = tl.load(
+                w_ptr + experts[:, None] * width + cols[None, :], mask=experts_ok[:, None] & cols_ok[None, :], other=0.0
+            )
+            grad_x = tl.dot(d, w, input_precision="ieee")
+            tl.store(
+                grad_x_ptr + rows[:, None] * width + cols[None, :], grad_x, mask=rows_ok[:, None] & cols_ok[None, :]
+            )
+
+
+@triton.jit
+def scores_outer(
+    d_ptr,
+    x_ptr,
+    out_ptr,
+    tokens,
+    width,
+    num_experts,
+    NP: tl.constexpr,
+    BT: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """``out[N, D] = d[T, N]^T @ x[T, D]`` on one tile of D's columns (sums over T): the weight's gradient."""
+    experts = tl.arange(0, NP)
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    experts_ok, cols_ok = experts < num_experts, cols < width
+    acc = tl.zeros((NP, BN), dtype=tl.float32)
+    for t0 in range(0, tokens, BT):
+        rows = t0 + tl.arange(0, BT)
+        rows_ok = rows < tokens
+        d = tl.load(
+            d_ptr + rows[:, None] * num_experts + experts[None, :],
+            mask=rows_ok[:, None] & experts_ok[None, :],
+            other=0.0,
+        )
+        x = tl.load(x_ptr + rows[:, None] * width + cols[None, :], mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(d), x, acc, input_precision="ieee")
+    tl.store(out_ptr + experts[:, None] * width + cols[None, :], acc, mask=experts_ok[:, None] & cols_ok[None, :])
+
+
+def expert_tile(num_experts: int) -> int:
+    return max(MIN_EXPERTS, triton.next_power_of_2(num_experts))
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, normalise: bool):
+    """Flat fp32 ``x [T, D]``, ``weight [N, D]`` -> logits ``[T, N]``, weights ``[T, N]``, chosen ``[T, k]``."""
+    tokens, width = x.shape
+    num_experts = weight.shape[0]
+    logits = x.new_empty(tokens, num_experts)
+    weights = torch.empty_like(logits)
+    chosen = x.new_empty(tokens, k, dtype=torch.long)
+    top_k_route[(triton.cdiv(tokens, BLOCK),)](
+        x, weight, logits, weights, chosen, tokens, width, num_experts, temperature,
+        K=k, NORMALISE=normalise, BM=BLOCK, NP=expert_tile(num_experts), BK=BLOCK,
+    )  # fmt: skip
+    return logits, weights, chosen
+
+
+def route_gradients(
+    grad_logits, grad_weights, x, weight, logits, weights, chosen, temperature: float, normalise: bool, needs
+) -> list[torch.Tensor | None]:
+    """The gradients of ``x`` and ``weight`` (None where ``needs`` says no): 2 kernels at most."""
+    tokens, width = x.shape
+    num_experts, k = weight.shape[0], chosen.shape[1]
+    grad_scores = torch.empty_like(logits)
+    grad_x = torch.empty_like(x) if needs[0] else None
+    top_k_route_backward[(triton.cdiv(tokens, BLOCK),)](
+        grad_logits, grad_weights, logits, weights, chosen, weight, grad_scores,
+        grad_x if grad_x is not None else grad_scores, tokens, width, num_experts, temperature,
+        K=k, NORMALISE=normalise, GRAD_X=grad_x is not None, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
+    )  # fmt: skip
+    grad_weight = None
+    if needs[1]:
+        grad_weight = torch.empty_like(weight)
+        scores_outer[(triton.cdiv(width, BLOCK),)](
+            grad_scores, x, grad_weight, tokens, width, num_experts, NP=expert_tile(num_experts), BT=BLOCK, BN=BLOCK
+        )
+    return [grad_x, grad_weight]
+
+
+class RouteTopK(torch.autograd.Function):
+    """:func:`route` with its gradients (the chosen experts have none)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, k: int, temperature: float, normalise: bool):
+        logits, weights, chosen = route(x, weight, k, temperature, normalise)
+        ctx.save_for_backward(x, weight, logits, weights, chosen)
+        ctx.temperature, ctx.normalise = temperature, normalise
+        ctx.mark_non_differentiable(chosen)
+        return logits, weights, chosen
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_weights, grad_chosen):
+        x, weight, logits, weights, chosen = ctx.saved_tensors
+        grads = route_gradients(
+            grad_logits.contiguous(), grad_weights.contiguous(), x, weight, logits, weights, chosen,
+            ctx.temperature, ctx.normalise, ctx.needs_input_grad[:2],
+        )  # fmt: skip
+        return *grads, None, None, None
+
+
+# torch.compile: the same kernels as custom ops (why custom ops: mope.kernels.lora) ------------------------
+
+
+@torch.library.custom_op("mope::route_top_k", mutates_args=())
+def route_op(
+    x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, normalise: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return route(x, weight, k, temperature, normalise)
+
+
+@route_op.register_fake
+def route_shapes(x, weight, k, temperature, normalise):
+    logits = x.new_empty(x.shape[0], weight.shape[0])
+    return logits, torch.empty_like(logits), x.new_empty(x.shape[0], k, dtype=torch.long)
+
+
+@torch.library.custom_op("mope::route_top_k_backward", mutates_args=())
+def route_backward_op(
+    grad_logits: torch.Tensor, grad_weights: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+    logits: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, temperature: float, normalise: bool,
+    needs: list[bool],
+) -> list[torch.Tensor]:  # fmt: skip
+    """:func:`route_gradients` as an op: an empty tensor where a gradient is not needed."""
+    grads = route_gradients(
+        grad_logits, grad_weights, x, weight, logits, weights, chosen, temperature, normalise, needs
+    )
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@route_backward_op.register_fake
+def route_backward_shapes(grad_logits, grad_weights, x, weight, logits, weights, chosen, temperature, normalise, needs):
+    return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip((x, weight), needs, strict=True)]
+
+
+def save_for_op_backward(ctx, inputs, output) -> None:
+    x, weight, _, temperature, normalise = inputs
+    ctx.save_for_backward(x, weight, *output)
+    ctx.temperature, ctx.normalise = temperature, normalise
+
+
+def route_op_backward(ctx, grad_logits, grad_weights, grad_chosen):
+    x, weight, logits, weights, chosen = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:2])
+    grad_logits = torch.zeros_like(logits) if grad_logits is None else grad_logits.contiguous()
+    grad_weights = torch.zeros_like(weights) if grad_weights is None else grad_weights.contiguous()
+    grads = route_backward_op(
+        grad_logits, grad_weights, x, weight, logits, weights, chosen, ctx.temperature, ctx.normalise, needs
+    )
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None
+
+
+route_op.register_autograd(route_op_backward, setup_context=save_for_op_backward)
+
+
+def route_top_k(
+    x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, normalise: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits ``[..., N]``, gate weights ``[..., N]`` and the chosen experts ``[..., k]`` of fp32 ``x [..., D]``.
+
+    ``normalise``: the kept weights sum to 1 (softmax over the kept logits); else they are the full
+    softmax's values. Needs at least one token (an empty grid is an error).
+    """
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    weight = weight.float().contiguous()
+    if torch.compiler.is_compiling():
+        logits, weights, chosen = route_op(flat, weight, k, float(temperature), normalise)
+    else:
+        logits, weights, chosen = RouteTopK.apply(flat, weight, k, float(temperature), normalise)
+    token_shape = x.shape[:-1]
+    return logits.view(*token_shape, -1), weights.view(*token_shape, -1), chosen.view(*token_shape, k)
