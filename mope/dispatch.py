@@ -320,7 +320,7 @@ def grouped_mm_supported(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
 
 
 def lora_triton(*args, **kwargs) -> torch.Tensor:
-    """The masked form in Triton kernels: :func:`mope.kernels.lora.routed_lora`, imported on first use (Triton is optional)."""
+    """Triton kernels: :func:`mope.kernels.lora.routed_lora`, imported on first use (Triton is optional)."""
     from .kernels.lora import routed_lora
 
     return routed_lora(*args, **kwargs)

@@ -109,9 +109,9 @@ def test_bf16_is_as_close_to_float64_as_masked(dtype, base_dtype):
         assert error < max(3 * masked_error, 1e-2), (name, error, masked_error)
 
 
-def mope_layer(router: str, shared: int = 0, **options) -> MoPELayer:
+def mope_layer(router: str, shared: int = 0, num_experts: int = 6, **options) -> MoPELayer:
     config = mope.MoPEConfig(
-        num_experts=6, top_k=2, num_shared_experts=shared, r=4, init_weights=False, router=router, **options
+        num_experts=num_experts, top_k=2, num_shared_experts=shared, r=4, init_weights=False, router=router, **options
     )
     torch.manual_seed(0)
     layer = MoPELayer(nn.Linear(16, 12), "default", config).to(DEVICE)
@@ -129,14 +129,26 @@ def mope_layer(router: str, shared: int = 0, **options) -> MoPELayer:
         ("top_k", 0, {"capacity_factor": 0.3}),  # dropped tokens: some use one expert, some none
         ("switch", 0, {"capacity_factor": 0.5}),
         ("dense", 2, {}),
+        ("top_k", 0, {"num_experts": 16}),  # N/k = 8: the grouped kernels
+        ("top_k", 1, {"num_experts": 25, "capacity_factor": 0.3}),  # N/(k+1) = 8: grouped, shared, dropped
+        ("switch", 0, {"num_experts": 9, "capacity_factor": 0.5}),  # N/k = 9: grouped top-1
     ],
-    ids=["top_k", "top_k-shared", "top_k-capacity", "switch-capacity", "dense-shared"],
+    ids=[
+        "top_k",
+        "top_k-shared",
+        "top_k-capacity",
+        "switch-capacity",
+        "dense-shared",
+        "grouped",
+        "grouped-shared-capacity",
+        "grouped-switch",
+    ],
 )
 def test_layer_training_forward_equals_masked(router, shared, options):
     layer = mope_layer(router, shared, **options).train()
     x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
     bank, gate = layer.mope_experts["default"], layer.mope_router["default"]
-    if options:  # capacity must really drop something for the case to mean anything
+    if "capacity_factor" in options:  # capacity must really drop something for the case to mean anything
         assert gate(x, mope.routing.RoutingInputs()).dropped.any()
     params = [x, bank.lora_A, bank.lora_B, gate.weight]
     results = {}
@@ -145,8 +157,75 @@ def test_layer_training_forward_equals_masked(router, shared, options):
         torch.manual_seed(3)  # random_second / noise draw the same
         out = layer(x)
         results[name] = [out, *torch.autograd.grad(out, params, torch.ones_like(out))]
+    grouped = options.get("num_experts", 6) >= 8 * (1 if router == "switch" else 2 + shared)
+    assert kernel_node(out) == ("GroupedLoRABackward" if grouped else "RoutedLoRABackward")
     for got, want in zip(results["triton"], results["masked"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def kernel_node(out: torch.Tensor) -> str:
+    """The autograd node of the expert kernels that made ``out`` (through the views of its token shape)."""
+    node = out.grad_fn
+    while node is not None and type(node).__name__.startswith(("View", "Unsafe")):
+        node = node.next_functions[0][0]
+    return type(node).__name__
+
+
+def chosen_of(weights: torch.Tensor) -> torch.Tensor:
+    """flat_inputs' experts as a gate lists them: the routed top-2 (also where the weights are 0), then the shared."""
+    n = weights.shape[-1]
+    routed = weights[..., : n - 1].detach().topk(2, dim=-1).indices
+    return torch.cat([routed, torch.full_like(routed[..., :1], n - 1)], -1)
+
+
+def with_chosen(fn, inputs: list[torch.Tensor], chosen: torch.Tensor) -> list[torch.Tensor]:
+    out = fn(*inputs[:3], inputs[3], 2.0, inputs[4], chosen)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
+    return [out, *torch.autograd.grad(out, inputs, upstream)]
+
+
+def at_chosen(results: list[torch.Tensor], chosen: torch.Tensor) -> list[torch.Tensor]:
+    """masked's results with the weights' gradient kept at the chosen experts only (masked gives every one)."""
+    listed = torch.zeros_like(results[4], dtype=torch.bool).scatter(-1, chosen, True)
+    return [*results[:4], torch.where(listed, results[4], 0), results[5]]
+
+
+def grouped_lora(*args) -> torch.Tensor:
+    from mope.kernels.grouped import grouped_lora as kernels  # imports Triton: only where the battery runs
+
+    return kernels(*args)
+
+
+@battery
+@pytest.mark.parametrize("token_dims, n, r", [((24,), 5, 3), ((3, 7), 9, 4), ((70,), 17, 16)])
+def test_grouped_fp32_outputs_and_every_gradient_equal_masked(token_dims, n, r):
+    """Only the chosen experts: a token with no routed expert, one with none at all, a shared expert, 70 tokens
+    (more than one block of pairs), and experts no token chose."""
+    inputs = flat_inputs(torch.float32, torch.float32, token_dims, n, r)
+    chosen = chosen_of(inputs[3])
+    got = with_chosen(grouped_lora, inputs, chosen)
+    want = at_chosen(with_chosen(lora_masked, inputs, chosen), chosen)
+    for name, g, w in zip(["out", "x", "lora_A", "lora_B", "weights", "base_out"], got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=3e-5, msg=name)
+    flat_out, flat_base = got[0].reshape(-1, got[0].shape[-1]), inputs[4].reshape(-1, got[0].shape[-1])
+    assert torch.equal(flat_out[5], flat_base[5])  # no expert: the base output, exactly
+
+
+@battery
+def test_grouped_bf16_is_as_close_to_float64_as_masked():
+    inputs = flat_inputs(torch.bfloat16, torch.bfloat16, (3, 7), 9, 4)
+    chosen = chosen_of(inputs[3])
+    exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    got = with_chosen(grouped_lora, inputs, chosen)
+    want = at_chosen(with_chosen(lora_masked, inputs, chosen), chosen)
+    reference = at_chosen(with_chosen(lora_masked, exact_inputs, chosen), chosen)
+    for name, g, w, e in zip(
+        ["out", "x", "lora_A", "lora_B", "weights", "base_out"], got, want, reference, strict=True
+    ):
+        assert g.dtype == w.dtype, name
+        error, masked_error = reference_error(g, w, e)
+        assert error < max(3 * masked_error, 1e-2), (name, error, masked_error)
 
 
 @battery
@@ -352,18 +431,35 @@ def test_float64_is_refused_naming_the_dtype():
         resolve_dispatch("triton", x, lora_a.to(DEVICE), 2)
 
 
+def router_kernel_step(dtype: torch.dtype) -> list[torch.Tensor]:
+    gate = make_router("top_k")
+    gate.dispatch = "triton"
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
+    routing = gate(x)
+    return torch.autograd.grad((routing.weights * routing.logits).sum(), [x, gate.weight])
+
+
+def grouped_step(dtype: torch.dtype) -> list[torch.Tensor]:
+    inputs = flat_inputs(dtype, dtype, (24,), 17, 4)
+    return with_chosen(grouped_lora, inputs, chosen_of(inputs[3]))
+
+
+def masked_kernels_step(dtype: torch.dtype) -> list[torch.Tensor]:
+    inputs = flat_inputs(dtype, dtype)
+    return outputs_and_grads(resolve_dispatch("triton", inputs[0], inputs[1], 3).apply, inputs)
+
+
 @battery
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="host syncs are detectable on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_forward_and_backward_make_no_host_sync(dtype):
-    """The strategy alone (the routing's syncs are test_dispatch's): any sync raises."""
-    inputs = flat_inputs(dtype, dtype)
-    apply = resolve_dispatch("triton", inputs[0], inputs[1], 3).apply
-    outputs_and_grads(apply, inputs)  # warm-up: compiling the kernels may sync
+@pytest.mark.parametrize("step", [masked_kernels_step, grouped_step, router_kernel_step])
+def test_kernels_forward_and_backward_make_no_host_sync(step, dtype):
+    """The kernels alone (the routing's syncs are test_dispatch's): any sync raises."""
+    step(dtype)  # warm-up: compiling the kernels may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        outputs_and_grads(apply, inputs)
+        step(dtype)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 

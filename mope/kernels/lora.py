@@ -32,6 +32,8 @@ from triton.runtime.interpreter import InterpretedFunction
 MIN_DOT = 16
 TILE_COLUMNS = 64  # rank columns (EB * RP) per tile, unless r alone is wider
 BLOCK = 64  # rows of tokens and output columns per tile, and the reduction step
+# N / k from which only the chosen experts are computed (mope.kernels.grouped); untuned: the CPU's sparse threshold
+GROUPED_MIN_EXPERTS_PER_ACTIVE = 8
 
 
 @triton.jit
@@ -342,14 +344,21 @@ def routed_lora(
 ) -> torch.Tensor:
     """:func:`mope.dispatch.lora_masked`'s result through the kernels: any token shape, out of place.
 
-    ``chosen`` is not needed (unused experts have weight 0), as for the masked form.
+    Where the gate lists its ``chosen`` experts and N/k is large, in eager mode, only those are
+    computed (:mod:`mope.kernels.grouped`); else the masked form, which needs no ``chosen`` (unused
+    experts have weight 0) and is the one ``torch.compile`` runs.
     """
     n, r, d_in = lora_A.shape
     if x.numel() == 0:  # no tokens: nothing to launch (a grid of zero programs is an error)
         return base_out + 0 * (lora_A.sum() + lora_B.sum() + weights.sum())
+    compiling = torch.compiler.is_compiling()
+    if chosen is not None and n >= GROUPED_MIN_EXPERTS_PER_ACTIVE * chosen.shape[-1] and not compiling:
+        from .grouped import grouped_lora  # it imports this module
+
+        return grouped_lora(x, lora_A, lora_B, weights, scaling, base_out, chosen)
     flat = (x.reshape(-1, d_in).contiguous(), lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1))
     gate, base = weights.reshape(-1, n).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
-    if torch.compiler.is_compiling():
+    if compiling:
         out, _ = routed_lora_op(*flat, gate, base, scaling, n)
     else:
         out = RoutedLoRA.apply(*flat, gate, base, scaling, Tiles(n, r, x.dtype, base_out.dtype))

@@ -1,0 +1,237 @@
+"""Routed LoRA over the chosen experts only, grouped by expert (ScatterMoE-style), in Triton.
+
+The masked kernels (:mod:`mope.kernels.lora`) compute all N experts for every token; with N/k
+large most of that work is multiplied by a zero gate. Here the T*k (token, expert) pairs of the
+gate's ``chosen`` list are sorted by expert (a stable sort and a bincount on the device: no host
+sync), and each product is one kernel over the groups: a program takes a block of one expert's
+pairs, gathers their rows by token index inside the kernel (no copy of the selected rows) and
+multiplies by that expert's factor. Forward: ``grouped_down`` (``h = A_e x[token]``) and
+``grouped_up`` (``s * gate * h B_e``, written at the pair's token-major row), then the k rows of
+each token are summed into the base output (one torch op). Backward: ``grouped_down`` again (``s *
+grad[token] B_e^T`` with the gate's gradient beside it), ``grouped_up`` for the input's, and
+``grouped_outer`` for A's and B's (a loop over each expert's own pairs).
+
+Blocks: expert e's pairs fill ``ceil(count_e / BLOCK)`` blocks; the grid has ``ceil(T*k / BLOCK) + N``
+programs (a bound known on the host), the ones past the last block do nothing. The block of each
+program is found on the device (:func:`block_map`).
+
+Used by ``dispatch='triton'`` (:func:`mope.kernels.lora.routed_lora`) in eager mode where the
+gate lists its chosen experts and ``N / k >= GROUPED_MIN_EXPERTS_PER_ACTIVE`` (8, untuned: the
+CPU's sparse threshold, :func:`mope.dispatch.auto_dispatch`); the masked kernels elsewhere and under
+``torch.compile``.
+Unlike the masked form it gives the gate weights a gradient only at the chosen experts (the
+router's gradient is the same: its weights there are zero with zero derivative).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora import MIN_DOT, Tiles
+
+BLOCK = 64  # pairs per program, and the columns per step
+
+
+@triton.jit
+def pair_block(block_expert_ptr, block_start_ptr, offsets_ptr, BM: tl.constexpr):
+    """This program's expert and its block of (sorted) pairs; past the last block, no pair."""
+    expert = tl.load(block_expert_ptr + tl.program_id(0))
+    pairs = tl.load(block_start_ptr + tl.program_id(0)) + tl.arange(0, BM)
+    return expert, pairs, pairs < tl.load(offsets_ptr + expert + 1)
+
+
+@triton.jit
+def grouped_down(
+    src_ptr, token_ptr, w_ptr, out_ptr, h_ptr, gate_grad_ptr, block_expert_ptr, block_start_ptr, offsets_ptr,
+    width, rank, scale,
+    GATE_GRAD: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr,
+    BK: tl.constexpr,
+):  # fmt: skip
+    """``out[p] = scale * src[token[p]] @ w[e]^T`` (``w [N, r, width]``) for one block of expert e's pairs.
+
+    With ``GATE_GRAD`` also ``gate_grad[p] = sum_i out[p, i] * h[p, i]``.
+    """
+    expert, pairs, pairs_ok = pair_block(block_expert_ptr, block_start_ptr, offsets_ptr, BM)
+    tokens = tl.load(token_ptr + pairs, mask=pairs_ok, other=0)
+    ranks = tl.arange(0, RP)
+    ranks_ok = ranks < rank
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    for k0 in range(0, width, BK):
+        ks = k0 + tl.arange(0, BK)
+        ks_ok = ks < width
+        x = tl.load(src_ptr + tokens[:, None] * width + ks[None, :], mask=pairs_ok[:, None] & ks_ok[None, :], other=0.0)
+        w_rows = w_ptr + (expert * rank + ranks[None, :]) * width + ks[:, None]
+        w = tl.load(w_rows, mask=ranks_ok[None, :] & ks_ok[:, None], other=0.0)
+        acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
+    acc = acc * scale
+    tile = pairs[:, None] * rank + ranks[None, :]
+    tile_ok = pairs_ok[:, None] & ranks_ok[None, :]
+    tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    if GATE_GRAD:
+        h = tl.load(h_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
+        tl.store(gate_grad_ptr + pairs, tl.sum(acc * h, axis=1).to(gate_grad_ptr.dtype.element_ty), mask=pairs_ok)
+
+
+@triton.jit
+def gated_rows(p_ptr, gate_ptr, pairs, pairs_ok, rank, RP: tl.constexpr):
+    """``p[pairs, :r] * gate[pairs]`` in fp32, and the rank indices and bounds."""
+    ranks = tl.arange(0, RP)
+    ranks_ok = ranks < rank
+    p = tl.load(p_ptr + pairs[:, None] * rank + ranks[None, :], mask=pairs_ok[:, None] & ranks_ok[None, :], other=0.0)
+    gate = tl.load(gate_ptr + pairs, mask=pairs_ok, other=0.0).to(tl.float32)
+    return p.to(tl.float32) * gate[:, None], ranks, ranks_ok
+
+
+@triton.jit
+def grouped_up(
+    p_ptr, gate_ptr, w_ptr, dest_ptr, out_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, width, rank, scale,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """``out[dest[p]] = scale * gate[p] * p[p] @ w[e]`` (``w [N, r, width]``) for one block of pairs and columns."""
+    expert, pairs, pairs_ok = pair_block(block_expert_ptr, block_start_ptr, offsets_ptr, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols_ok = cols < width
+    pg, ranks, ranks_ok = gated_rows(p_ptr, gate_ptr, pairs, pairs_ok, rank, RP)
+    w_rows = w_ptr + (expert * rank + ranks[:, None]) * width + cols[None, :]
+    w = tl.load(w_rows, mask=ranks_ok[:, None] & cols_ok[None, :], other=0.0)
+    acc = tl.dot(pg.to(DOT), w.to(DOT), input_precision=PRECISION) * scale
+    dest = tl.load(dest_ptr + pairs, mask=pairs_ok, other=0)
+    tl.store(out_ptr + dest[:, None] * width + cols[None, :], acc, mask=pairs_ok[:, None] & cols_ok[None, :])
+
+
+@triton.jit
+def grouped_outer(
+    p_ptr, gate_ptr, src_ptr, token_ptr, offsets_ptr, out_ptr, width, rank, scale,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """``out[e] = scale * sum over e's pairs of (gate * p)^T src[token]`` ``[r, width]``: a factor's gradient."""
+    expert = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols_ok = cols < width
+    start, end = tl.load(offsets_ptr + expert), tl.load(offsets_ptr + expert + 1)
+    acc = tl.zeros((RP, BN), dtype=tl.float32)
+    ranks = tl.arange(0, RP)
+    ranks_ok = ranks < rank
+    for t0 in range(start, end, BT):
+        pairs = t0 + tl.arange(0, BT)
+        pairs_ok = pairs < end
+        pg, _, _ = gated_rows(p_ptr, gate_ptr, pairs, pairs_ok, rank, RP)
+        tokens = tl.load(token_ptr + pairs, mask=pairs_ok, other=0)
+        y = tl.load(
+            src_ptr + tokens[:, None] * width + cols[None, :], mask=pairs_ok[:, None] & cols_ok[None, :], other=0.0
+        )
+        acc = tl.dot(tl.trans(pg).to(DOT), y.to(DOT), acc, input_precision=PRECISION)
+    acc = acc * scale
+    rows = out_ptr + (expert * rank + ranks[:, None]) * width + cols[None, :]
+    tl.store(rows, acc.to(out_ptr.dtype.element_ty), mask=ranks_ok[:, None] & cols_ok[None, :])
+
+
+class Groups:
+    """The pairs of ``chosen [T, k]`` sorted by expert, and each program's block; all on the device."""
+
+    def __init__(self, chosen: torch.Tensor, num_experts: int) -> None:
+        tokens, k = chosen.shape
+        flat = chosen.reshape(-1)
+        self.expert, self.dest = torch.sort(flat, stable=True)  # dest: each sorted pair's token-major row
+        self.token = torch.div(self.dest, k, rounding_mode="floor")
+        counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))  # bincount syncs on CUDA
+        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        blocks = torch.div(counts + BLOCK - 1, BLOCK, rounding_mode="floor")
+        ends = blocks.cumsum(0)
+        self.num_blocks = triton.cdiv(tokens * k, BLOCK) + num_experts  # at least sum(blocks), known here
+        ids = torch.arange(self.num_blocks, device=chosen.device)
+        block_expert = torch.searchsorted(ends, ids, right=True)
+        past = block_expert >= num_experts
+        self.block_expert = block_expert.clamp(max=num_experts - 1)
+        first = ends[self.block_expert] - blocks[self.block_expert]
+        start = self.offsets[self.block_expert] + (ids - first) * BLOCK
+        self.block_start = torch.where(past, tokens * k, start)  # no pair: offsets[N - 1 + 1] = T*k
+        self.shape = (tokens, k, num_experts)
+
+    def maps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.block_expert, self.block_start, self.offsets
+
+
+def down(src, w, scale: float, groups: Groups, tiles: Tiles, rp: int, out_dtype, h=None):
+    """``scale * src[token] @ w[e]^T`` ``[P, r]`` in sorted pair order; with ``h``, also the gate's gradient ``[P]``."""
+    pairs, width = groups.token.shape[0], src.shape[1]
+    out = src.new_empty(pairs, tiles.rank, dtype=out_dtype)
+    gate_grad = None if h is None else src.new_empty(pairs, dtype=torch.float32)
+    grouped_down[(groups.num_blocks,)](
+        src, groups.token, w, out, h if h is not None else out, gate_grad if gate_grad is not None else out,
+        *groups.maps(), width, tiles.rank, scale,
+        GATE_GRAD=h is not None, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BK=BLOCK,
+    )  # fmt: skip
+    return out, gate_grad
+
+
+def up_summed(p, gate, w, scale: float, groups: Groups, tiles: Tiles, rp: int) -> torch.Tensor:
+    """``sum over a token's k pairs of scale * gate * p @ w[e]`` ``[T, width]`` in fp32."""
+    tokens, k, _ = groups.shape
+    width = w.shape[2]
+    out = p.new_empty(tokens * k, width, dtype=torch.float32)
+    grouped_up[(groups.num_blocks, triton.cdiv(width, BLOCK))](
+        p, gate, w, groups.dest, out, *groups.maps(), width, tiles.rank, scale,
+        DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BN=BLOCK,
+    )  # fmt: skip
+    return out.view(tokens, k, width).sum(1)
+
+
+def outer(p, gate, src, scale: float, groups: Groups, tiles: Tiles, rp: int, out_dtype) -> torch.Tensor:
+    """``scale * sum over e's pairs of (gate * p)^T src[token]`` ``[N, r, width]``."""
+    width = src.shape[1]
+    out = src.new_empty(tiles.num_experts, tiles.rank, width, dtype=out_dtype)
+    grouped_outer[(tiles.num_experts, triton.cdiv(width, BLOCK))](
+        p, gate, src, groups.token, groups.offsets, out, width, tiles.rank, scale,
+        DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, RP=rp, BN=BLOCK,
+    )  # fmt: skip
+    return out
+
+
+class GroupedLoRA(torch.autograd.Function):
+    """``base + s * sum over chosen e of gate[t, e] * B_e^T A_e x[t]`` on flat ``[T, ...]`` tensors."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weights, base, chosen, scaling: float):
+        num_experts, rank, _ = lora_a.shape
+        groups = Groups(chosen, num_experts)
+        tiles = Tiles(num_experts, rank, x.dtype, base.dtype)
+        rp = max(MIN_DOT, tiles.rp)
+        gate = weights.reshape(-1)[groups.token * num_experts + groups.expert].contiguous()
+        h, _ = down(x, lora_a, 1.0, groups, tiles, rp, x.dtype)
+        ctx.save_for_backward(x, lora_a, lora_b, gate, h)
+        ctx.groups, ctx.tiles, ctx.rp, ctx.scaling = groups, tiles, rp, scaling
+        return (base + up_summed(h, gate, lora_b, scaling, groups, tiles, rp)).to(base.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lora_a, lora_b, gate, h = ctx.saved_tensors
+        groups, tiles, rp, s, needs = ctx.groups, ctx.tiles, ctx.rp, ctx.scaling, ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        grad_x = grad_a = grad_b = grad_weights = None
+        if needs[0] or needs[1] or needs[3]:
+            grad_hg, grad_gate = down(grad_out, lora_b, s, groups, tiles, rp, x.dtype, h if needs[3] else None)
+            if needs[0]:
+                grad_x = up_summed(grad_hg, gate, lora_a, 1.0, groups, tiles, rp).to(x.dtype)
+            if needs[1]:
+                grad_a = outer(grad_hg, gate, x, 1.0, groups, tiles, rp, lora_a.dtype)
+            if needs[3]:
+                tokens, _, num_experts = groups.shape
+                grad_weights = gate.new_zeros(tokens * num_experts)
+                grad_weights[groups.token * num_experts + groups.expert] = grad_gate.to(gate.dtype)
+                grad_weights = grad_weights.view(tokens, num_experts)
+        if needs[2]:
+            grad_b = outer(h, gate, grad_out, s, groups, tiles, rp, lora_b.dtype)
+        return grad_x, grad_a, grad_b, grad_weights, grad_out if needs[4] else None, None, None
+
+
+def grouped_lora(x, lora_A, lora_B, weights, scaling: float, base_out, chosen) -> torch.Tensor:
+    """:func:`mope.dispatch.lora_masked`'s result over the ``chosen [..., k]`` experts only; any token shape."""
+    n, _, d_in = lora_A.shape
+    flat = x.reshape(-1, d_in).contiguous(), lora_A.contiguous(), lora_B.contiguous()
+    gate = weights.reshape(-1, n).contiguous()
+    base = base_out.reshape(-1, base_out.shape[-1]).contiguous()
+    out = GroupedLoRA.apply(*flat, gate, base, chosen.reshape(-1, chosen.shape[-1]), scaling)
+    return out.view(base_out.shape)
