@@ -1,4 +1,4 @@
-"""Plots of routing reports: load heatmap, routing by position, token-to-expert map.
+"""Plots of routing reports: load heatmap, routing by position, token-to-expert map, domain x expert load.
 
 Each function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state,
 no screen: the Agg canvas renders it), so it shows in a notebook and saves with ``fig.savefig``.
@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .choices import token_choices
+from .separation import Loads, checked_shares, module_separation
 
 PREFIX = "base_model.model."
 
@@ -41,6 +42,52 @@ def load_heatmap(report: Mapping[str, Mapping]) -> Figure:
     ax.set_xlabel("expert")
     ax.set_title("expert load: share of dispatch")
     fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
+def domain_expert_load(loads: Loads, module: str | None = None, title: str | None = None) -> Figure:
+    """Left: domains by experts, colour = share of dispatch; right: each module's domain separation.
+
+    ``loads``: ``{domain: {module: [share per expert]}}``. The heatmap shows ``module``'s loads or,
+    by default, the mean over modules (expert numbers of different modules are unrelated, so a
+    flat mean can hide separation: the bars on the right show it per module). The bars are
+    :func:`mope.analysis.separation.module_separation` (mean pairwise total-variation distance
+    between the domains' loads: 0 same proportions, 1 disjoint experts), the dashed line their mean.
+    """
+    shares = checked_shares(loads)
+    separation = module_separation(loads)
+    domains, modules = list(shares), list(separation)
+    if module is not None and module not in separation:
+        raise ValueError(f"module {module!r} has no loads: pass one of {modules}")
+    shown = [module] if module else modules
+    widths = {len(shares[domains[0]][m]) for m in shown}
+    if len(widths) > 1:
+        raise ValueError(f"the modules have different numbers of experts {sorted(widths)}: pass module= to show one")
+    grid = np.array([np.mean([shares[d][m] for m in shown], axis=0) for d in domains])
+    width = grid.shape[1]
+    fig = Figure(figsize=(7.0 + 0.5 * width, max(3.0, 1.0 + 0.16 * len(modules))), layout="constrained")
+    heat, bars = fig.subplots(1, 2, width_ratios=[max(2.0, 0.5 * width), 3.0])
+    image = heat.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    for (row, column), value in np.ndenumerate(grid):
+        colour = "black" if value > 0.6 * grid.max() else "white"
+        heat.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color=colour)
+    heat.set_xticks(range(width), [str(e) for e in range(width)])
+    heat.set_yticks(range(len(domains)), domains)
+    heat.set_xlabel("expert")
+    where = short_name(module) if module else f"mean over {len(modules)} modules"
+    heat.set_title(f"share of dispatch per domain\n({where})", fontsize=9)
+    fig.colorbar(image, ax=heat, shrink=0.8)
+    values = [separation[m] for m in modules]
+    mean = float(np.mean(values))
+    bars.barh(range(len(modules)), values, color="tab:blue")
+    bars.axvline(mean, color="black", linestyle="--", linewidth=1)
+    bars.set_yticks(range(len(modules)), [short_name(m) for m in modules], fontsize=6)
+    bars.invert_yaxis()
+    bars.set_xlim(0, 1)
+    bars.set_xlabel("mean pairwise TV distance of the loads")
+    bars.set_title(f"domain separation per module\n(mean {mean:.3f})", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
     return fig
 
 
