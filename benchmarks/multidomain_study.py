@@ -6,6 +6,7 @@ Run from the repository root (offline; hours of CPU in all, see the docs page; a
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/multidomain_study.py               # the whole study
     ... multidomain_study.py --methods "lora equal params" --lrs 0.002 --seeds 0   # a part of it
     ... --workers 15 --model DIR --data FILE   # 15 runs at once (see study_on_device.sh multidomain)
+    ... multidomain_study.py --plot --name multidomain_study_h100   # table + domain x expert plot from a log
 
 The task is the union of three domains in one label space (``mope.training.multidomain``: stdlib
 docstrings -> package family, fortunes -> fortune file, man pages -> section); the model sees the
@@ -34,7 +35,9 @@ Results are appended one line per run to ``benchmarks/results/multidomain_study_
 already there is skipped, so the study can be stopped and continued. ``multidomain_study_cpu.md`` is
 rewritten from all lines: per method its best learning rate (by mean macro accuracy over seeds; the
 held-out split is the only one, as in the defaults study), accuracy per domain and the macro average
-over domains (the headline), trainable parameters, adapter FLOPs per token and training time.
+over domains (the headline), the domains' separation in expert load (mixtures; ``mope.analysis.separation``),
+trainable parameters, adapter FLOPs per token and training time. ``--plot`` draws the best learned
+mixture's domain x expert load into ``multidomain_domain_expert_cpu.png`` (the log's machine).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import get_scheduler
 
+from mope.analysis import load_separation
 from mope.demo import RECIPES, trainable
 from mope.training import multidomain, quiet_third_party
 from mope.training.data import Collator
@@ -75,6 +79,8 @@ GRID = (0.001, 0.002, 0.003, 0.005)  # every method's learning-rate grid (the de
 TASK = "sequence_classification"
 # The top-2 knobs the defaults study found best: alpha 16 for r=2 (scale 8), routers at a tenth of the rate.
 TOP2 = ["adapter.config.router=top_k", "adapter.config.top_k=2", "training.router_lr_scale=0.1"]
+# routed by the domain id it is given: the upper bound of separation, not a router that learned it
+TASK_LEVEL = "mope top-2 of 8 task-level (domain id)"
 COMPOSITION = (
     "head only (linear probe)",
     "compose: mope Arrow (no training)",
@@ -109,7 +115,7 @@ def trained_methods(r: Ranks) -> dict[str, tuple[str, list[str]]]:
         ),
         "mope top-2 of 8 sequence-level": ("mope", [*top2, "adapter.config.routing_level=sequence"]),
         "mope top-2 of 7 + 1 shared": ("mope", [*top2, "adapter.config.num_shared_experts=1"]),
-        "mope top-2 of 8 task-level (domain id)": (
+        TASK_LEVEL: (
             "mope",
             [*top2, "adapter.config.routing_level=task", f"adapter.config.num_tasks={len(multidomain.DOMAINS)}"],
         ),
@@ -238,8 +244,12 @@ def flops_per_token(model, rows: list[dict], collate: Callable) -> float:
 
 
 @torch.no_grad()
-def domain_load(model, rows: list[dict], collate: Callable, size: int) -> dict[str, list[float]]:
-    """Per domain: each expert's share of dispatch, averaged over the adapted modules (for the domain x expert plot)."""
+def domain_load(model, rows: list[dict], collate: Callable, size: int) -> dict[str, dict[str, list[float]]]:
+    """Per domain and adapted module: each expert's share of dispatch (the domain x expert plot's data).
+
+    Kept per module: expert numbers of different modules are unrelated, so a mean over modules
+    could look flat where every module separates the domains (``mope.analysis.separation``).
+    """
     from mope.analysis import expert_load
 
     model.eval()
@@ -247,8 +257,7 @@ def domain_load(model, rows: list[dict], collate: Callable, size: int) -> dict[s
     for domain in multidomain.DOMAINS:
         mine = [r for r in rows if r["domain"] == domain]
         report = expert_load(model, [on_device(b) for b in batches(mine, collate, size)])
-        shares = [entry["share"] for entry in report.values()]
-        load[domain] = [statistics.mean(column) for column in zip(*shares, strict=True)] if shares else []
+        load[domain] = {module: entry["share"] for module, entry in report.items()}
     return load
 
 
@@ -425,15 +434,17 @@ def write_table(runs: list[dict], path: str) -> str:
         f"Written by benchmarks/multidomain_study.py from {os.path.basename(path)[:-3]}.jsonl (one line per run). "
         "Per method its best learning rate of the grid by mean macro accuracy (mean over the domains' accuracies) "
         "over seeds; accuracy per domain is the mean over those seeds. `adapter FLOPs/token`: forward FLOPs per "
-        "token beyond the frozen model's, counted by torch with only the used experts computed.",
+        "token beyond the frozen model's, counted by torch with only the used experts computed. `domain separation` "
+        "(mixtures): per module, the mean total-variation distance between the domains' expert loads on the "
+        "held-out data (0: routing ignores the domain, 1: disjoint experts), averaged over modules, then over seeds.",
         "",
         *([f"Machines: {'; '.join(machines)}."] if machines else []),
         *([f"Data: {'; '.join(versions)}."] if versions else []),
     ]
     header = [
-        f"| method | best lr | seeds | macro (mean) | min | max | {' | '.join(domains)} | trainable | "
-        "adapter FLOPs/token | train s (mean) |",
-        "|---|---|---|---|---|---|" + "---|" * len(domains) + "---|---|---|",
+        f"| method | best lr | seeds | macro (mean) | min | max | {' | '.join(domains)} | domain separation | "
+        "trainable | adapter FLOPs/token | train s (mean) |",
+        "|---|---|---|---|---|---|" + "---|" * len(domains) + "---|---|---|---|",
     ]
     settings = None
     for method, lr, group in best_rows(runs):
@@ -444,13 +455,62 @@ def write_table(runs: list[dict], path: str) -> str:
         per_domain = " | ".join(f"{statistics.mean(r['accuracy'][d] for r in group):.4f}" for d in domains)
         lines.append(
             f"| {method} | {lr:g} | {len(group)} | {statistics.mean(macro):.4f} | {min(macro):.4f} | "
-            f"{max(macro):.4f} | {per_domain} | {group[0]['trainable_parameters']:,} | "
+            f"{max(macro):.4f} | {per_domain} | {separation(group)} | {group[0]['trainable_parameters']:,} | "
             f"{group[0]['adapter_flops_per_token']:,.0f} | {statistics.mean(r['train_seconds'] for r in group):.1f} |"
         )
     text = "\n".join(lines) + "\n"
     with open(path, "w") as handle:
         handle.write(text)
     return text
+
+
+def separation(group: list[dict]) -> str:
+    """The mean over seeds of each run's :func:`mope.analysis.load_separation` ("-" without expert loads).
+
+    Each seed's separation is computed from its own loads: expert numbers mean nothing across seeds.
+    """
+    if not all(r.get("domain_load") for r in group):
+        return "-"
+    return f"{statistics.mean(load_separation(r['domain_load']) for r in group):.3f}"
+
+
+def plotted_run(runs: list[dict]) -> dict:
+    """The run the domain x expert plot shows: the lowest seed of the best mixture that learned its routing.
+
+    Best: the highest mean macro accuracy at its best learning rate, over the methods with expert
+    loads except the task-level one (given the domain id). One seed, not a mean: expert numbers
+    differ between seeds, so a mean of their loads would blur the separation it is meant to show.
+    """
+    mixtures = [
+        (method, group)
+        for method, _, group in best_rows(runs)
+        if method != TASK_LEVEL and all(r.get("domain_load") for r in group)
+    ]
+    if not mixtures:
+        raise ValueError("no mixture run with expert loads (domain_load) in the log: run a MoPE method first")
+    _, group = max(mixtures, key=lambda m: statistics.mean(r["macro_accuracy"] for r in m[1]))
+    return min(group, key=lambda r: r["seed"])
+
+
+def write_plot(runs: list[dict], path: str) -> dict:
+    """The domain x expert load plot of :func:`plotted_run` as a PNG at ``path``; returns that run."""
+    from mope.analysis.plots import domain_expert_load
+
+    run = plotted_run(runs)
+    seeds = sum(1 for r in runs if key(r)[:3] == key(run)[:3])
+    title = (
+        f"{run['method']}: lr {run['learning_rate']:g}, seed {run['seed']} of {seeds} "
+        f"(best mixture by macro accuracy; settings: {' '.join(run.get('settings', [])) or 'none'})"
+    )
+    domain_expert_load(run["domain_load"], title=title).savefig(path, dpi=120)
+    return run
+
+
+def plot_name(name: str) -> str:
+    """The plot's file name for the log ``name``: multidomain_study_h100 -> multidomain_domain_expert_h100.png."""
+    if name.startswith("multidomain_study"):
+        return name.replace("multidomain_study", "multidomain_domain_expert", 1) + ".png"
+    return f"{name}_domain_expert.png"
 
 
 def plan(methods: list[str], lrs: list[float], seeds: list[int], settings: tuple[str, ...], done: set[tuple]) -> list:
@@ -482,9 +542,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads per run (default: all cores / workers)")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process")
     parser.add_argument("--list", action="store_true", help="print the methods, their overrides and the grid; exit")
+    parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="from the log alone (nothing runs): rewrite the table and draw the best mixture's domain x expert "
+        "load plot (multidomain_domain_expert_<machine>.png in --out); exit",
+    )
     args = parser.parse_args()
     quiet_third_party()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.name = args.name or f"multidomain_study_{machine_tag()}"
+    log = os.path.join(args.out, f"{args.name}.jsonl")
+    if args.plot:
+        runs = read_runs(log)
+        if not runs:
+            parser.error(f"--plot: no runs in {log}; pass the --out and --name the study wrote")
+        try:
+            write_plot(runs, os.path.join(args.out, plot_name(args.name)))
+        except ValueError as error:
+            parser.error(f"--plot: {error} ({log})")
+        print(write_table(runs, os.path.join(args.out, f"{args.name}.md")), flush=True)
+        return
     settings = tuple([*args.set, *([f"model.name_or_path={args.model}"] if args.model else [])])
     data_path = args.data or os.path.join(tempfile.mkdtemp(prefix="mope-multidomain-"), "data.json")
     data = multidomain.read(data_path) if args.data else multidomain.write(data_path)
@@ -498,8 +576,6 @@ def main() -> None:
         return
     os.makedirs(args.out, exist_ok=True)
     versions = data["versions"]
-    args.name = args.name or f"multidomain_study_{machine_tag()}"
-    log = os.path.join(args.out, f"{args.name}.jsonl")
     jobs = plan(args.methods, args.lrs, args.seeds, settings, {key(r) for r in read_runs(log)})
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()

@@ -65,6 +65,88 @@ def test_the_table_shows_each_method_at_its_best_learning_rate(tmp_path):
     assert (tmp_path / "t.md").read_text() == text
 
 
+SAME = [0.25, 0.25, 0.25, 0.25]
+
+
+def mixture_row(method: str, lr: float, seed: int, macro: float, loads: list[list[float]] | None) -> dict:
+    """A logged run; ``loads``: one load per domain, the same in both modules (None: not a mixture)."""
+    modules = ("base_model.model.layer.0.query", "base_model.model.layer.0.value")
+    domain_load = (
+        None if loads is None else {d: dict.fromkeys(modules, load) for d, load in zip(DOMAINS, loads, strict=True)}
+    )
+    row = run_row(method, lr, seed, macro) | {"macro_accuracy": macro, "domain_load": domain_load}
+    return row | {"trainable_parameters": 10, "adapter_flops_per_token": 20.0, "train_seconds": 1.0}
+
+
+DOMAINS = ("stdlib", "fortunes", "man")
+DISJOINT = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]
+STUDY_LOG = [
+    mixture_row("lora equal params", 0.001, 0, 0.95, None),  # the best run: not a mixture
+    mixture_row("mope dense 8 (demo defaults)", 0.001, 0, 0.6, [SAME] * 3),
+    mixture_row("mope top-2 of 8 equal params", 0.002, 1, 0.7, [SAME] * 3),
+    mixture_row("mope top-2 of 8 equal params", 0.002, 0, 0.7, DISJOINT),  # the plotted run: lowest seed
+    mixture_row("mope top-2 of 8 equal params", 0.001, 0, 0.5, DISJOINT),  # not its best learning rate
+    mixture_row("mope top-2 of 8 task-level (domain id)", 0.001, 0, 0.9, DISJOINT),  # routing given, not learned
+]
+
+
+def run_main(study, monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["multidomain_study.py", *argv])
+    monkeypatch.setattr(study, "quiet_third_party", lambda: None)  # no global logging change in this process
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    study.main()
+
+
+def test_plot_draws_the_best_learned_mixture_and_the_table_shows_each_domain_separation(tmp_path, monkeypatch):
+    study = study_module()
+    log = tmp_path / "multidomain_study_h100.jsonl"  # a GPU's log, plotted here: the plot keeps its machine
+    log.write_text("".join(json.dumps(row) + "\n" for row in STUDY_LOG))
+    assert study.plotted_run(STUDY_LOG) is STUDY_LOG[3]
+    run_main(study, monkeypatch, "--plot", "--out", str(tmp_path), "--name", "multidomain_study_h100")
+    assert (tmp_path / "multidomain_domain_expert_h100.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "multidomain_domain_expert_h100.png",
+        "multidomain_study_h100.jsonl",
+        "multidomain_study_h100.md",
+    ]
+    table = (tmp_path / "multidomain_study_h100.md").read_text()
+    (header,) = [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines() if "| best lr" in line]
+    assert header[6:10] == ["stdlib", "fortunes", "man", "domain separation"]
+    separation = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        if cells and cells[0] in {row["method"] for row in STUDY_LOG}:
+            separation[cells[0]] = cells[9]
+    assert separation == {
+        "lora equal params": "-",
+        "mope dense 8 (demo defaults)": "0.000",
+        "mope top-2 of 8 equal params": "0.500",  # the mean over seeds of 1 and 0
+        "mope top-2 of 8 task-level (domain id)": "1.000",
+    }
+    assert log.read_text() == "".join(json.dumps(row) + "\n" for row in STUDY_LOG)
+
+
+@pytest.mark.parametrize(
+    ("rows", "words"),
+    [
+        ([], "--plot: no runs in"),
+        (STUDY_LOG[:1] + STUDY_LOG[-1:], "no mixture run with expert loads (domain_load)"),
+    ],
+)
+def test_plot_without_a_learned_mixture_in_the_log_is_refused_and_writes_nothing(
+    tmp_path, monkeypatch, capsys, rows, words
+):
+    study = study_module()
+    if rows:
+        (tmp_path / "multidomain_study_cpu.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit) as exit_code:
+        run_main(study, monkeypatch, "--plot", "--out", str(tmp_path), "--name", "multidomain_study_cpu")
+    assert exit_code.value.code == 2
+    assert words in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no plot, no table
+
+
 def test_the_learning_rates_and_seeds_are_fixed():
     """The pre-registration: --lrs and --seeds choose from the grid and seeds only."""
     study = study_module()
@@ -118,7 +200,10 @@ def test_the_study_runs_on_a_tiny_model_and_resumes(tmp_path):
     assert rows["head only (linear probe)"]["adapter_flops_per_token"] == 0  # the head is part of the frozen model
     assert rows["lora equal params"]["adapter_flops_per_token"] > 0
     load = rows["mope top-2 of 8 task-level (domain id)"]["domain_load"]  # the domain x expert plot's data
-    assert set(load) == {"stdlib", "fortunes", "man"} and all(len(shares) == 8 for shares in load.values())
+    assert set(load) == {"stdlib", "fortunes", "man"}
+    modules = set(load["stdlib"])  # per adapted module: a mean over modules would mix unrelated experts
+    assert len(modules) > 1 and all(set(per_module) == modules for per_module in load.values())
+    assert all(len(shares) == 8 for per_module in load.values() for shares in per_module.values())
     table = (tmp_path / "smoke.md").read_text()
     assert all(f"| {method} | 0.002 | 1 |" in table for method in methods)
 
