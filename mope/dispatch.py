@@ -321,11 +321,25 @@ def grouped_mm_supported(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
-def lora_triton(*args, **kwargs) -> torch.Tensor:
-    """Triton kernels: :func:`mope.kernels.lora.routed_lora`, imported on first use (Triton is optional)."""
-    from .kernels.lora import routed_lora
+def lora_triton(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    weights: torch.Tensor,
+    scaling: float,
+    base_out: torch.Tensor,
+    chosen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton kernels, imported on first use (Triton is optional): the chosen experts only
+    (:func:`mope.kernels.grouped.grouped_lora`) where that pays, else the masked form
+    (:func:`mope.kernels.lora.routed_lora`)."""
+    from .kernels import lora
 
-    return routed_lora(*args, **kwargs)
+    if lora.use_grouped(x, lora_A.shape[0], chosen):
+        from .kernels.grouped import grouped_lora
+
+        return grouped_lora(x, lora_A, lora_B, weights, scaling, base_out, chosen)
+    return lora.routed_lora(x, lora_A, lora_B, weights, scaling, base_out, chosen)
 
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

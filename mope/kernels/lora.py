@@ -333,6 +333,16 @@ def routed_lora_op_backward(ctx, grad_out, grad_h):
 routed_lora_op.register_autograd(routed_lora_op_backward, setup_context=save_for_op_backward)
 
 
+def use_grouped(x: torch.Tensor, num_experts: int, chosen: torch.Tensor | None) -> bool:
+    """Compute only the chosen experts: the gate lists them, N/k is large, tokens exist, eager mode."""
+    return (
+        chosen is not None
+        and x.numel() > 0
+        and num_experts >= GROUPED_MIN_EXPERTS_PER_ACTIVE * chosen.shape[-1]
+        and not torch.compiler.is_compiling()
+    )
+
+
 def routed_lora(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -344,18 +354,14 @@ def routed_lora(
 ) -> torch.Tensor:
     """:func:`mope.dispatch.lora_masked`'s result through the kernels: any token shape, out of place.
 
-    Where the gate lists its ``chosen`` experts and N/k is large, in eager mode, only those are
-    computed (:mod:`mope.kernels.grouped`); else the masked form, which needs no ``chosen`` (unused
-    experts have weight 0) and is the one ``torch.compile`` runs.
+    The masked form: it needs no ``chosen`` (unused experts have weight 0) and is the one
+    ``torch.compile`` runs. Where only the chosen experts pay (:func:`use_grouped`),
+    :func:`mope.dispatch.lora_triton` calls :mod:`mope.kernels.grouped` instead.
     """
     n, r, d_in = lora_A.shape
     if x.numel() == 0:  # no tokens: nothing to launch (a grid of zero programs is an error)
         return base_out + 0 * (lora_A.sum() + lora_B.sum() + weights.sum())
     compiling = torch.compiler.is_compiling()
-    if chosen is not None and n >= GROUPED_MIN_EXPERTS_PER_ACTIVE * chosen.shape[-1] and not compiling:
-        from .grouped import grouped_lora  # it imports this module
-
-        return grouped_lora(x, lora_A, lora_B, weights, scaling, base_out, chosen)
     flat = (x.reshape(-1, d_in).contiguous(), lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1))
     gate, base = weights.reshape(-1, n).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
     if compiling:
