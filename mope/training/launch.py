@@ -12,7 +12,7 @@ import os
 import sys
 
 from .data import load_examples, source_kind
-from .models import adapter_config, check_model
+from .models import adapter_config, check_model, check_quantization
 from .recipe import Recipe, RecipeError, TrainingSection, load_recipe
 
 # accelerate launch gives a single process one CPU thread unless told otherwise. --quiet: a
@@ -50,12 +50,14 @@ def checked_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe
     - the file and overrides against the schema (:func:`load_recipe`, duplicate keys included);
     - ``adapter.config`` built as the MoPEConfig / LoraConfig the run will build;
     - the model, tokenizer and data locations exist (a hub id is left to the run);
+    - ``model.quantization``: bitsandbytes is installed (>= 0.50);
     - a local data file is read in full: empty, malformed or missing a column fails here;
     - ``training.output_dir`` is not a file; ``resume_from_checkpoint`` exists.
     """
     recipe = load_recipe(path, overrides)
     adapter_config(recipe.adapter, recipe.model.task)
     check_model(recipe.model)
+    check_quantization(recipe.model)
     if source_kind(recipe.data.source) == "file":  # built-in tasks take seconds to build; the run does it
         load_examples(recipe.data, recipe.model.task)
     check_folders(recipe.training)

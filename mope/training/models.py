@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import importlib.util
 import os
+import tempfile
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from packaging.version import Version
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..config import MoPEConfig
-from .recipe import AdapterSection, ModelSection, RecipeError, is_hub_id
+from .recipe import AdapterSection, ModelSection, QuantizationSection, RecipeError, is_hub_id
 
 AUTO_CLASSES = {"sequence_classification": AutoModelForSequenceClassification, "causal_lm": AutoModelForCausalLM}
 TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 ADAPTER_CONFIGS = {"mope": MoPEConfig, "lora": LoraConfig}
 MODEL_CONFIG = "config.json"  # what every transformers model folder holds
+# The task heads PEFT trains whole (modules_to_save) for SEQ_CLS: a bitsandbytes-quantized head cannot be
+# copied and trained there (bitsandbytes' assertion in Linear4bit.forward), so the base keeps them unquantized.
+UNQUANTIZED_HEADS = {"sequence_classification": ["classifier", "score"], "causal_lm": None}
+# The first bitsandbytes whose 4-bit and 8-bit layers also run on CPU (pyproject's quant extra).
+MIN_BITSANDBYTES = "0.50"
 
 
 def resolve_location(name: str, what: str = "model") -> str:
@@ -84,6 +93,38 @@ def check_model(section: ModelSection) -> None:
         check_location(section.tokenizer, "model.tokenizer")
 
 
+def check_quantization(section: ModelSection) -> None:
+    """``model.quantization`` can be honoured here: bitsandbytes is installed, in a version with a CPU backend."""
+    if section.quantization is None:
+        return
+    try:
+        found = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        raise RecipeError(
+            "model.quantization needs bitsandbytes, which is not installed: pip install 'mope[quant]' "
+            "(or remove model.quantization to train on the unquantized base)"
+        ) from None
+    if Version(found) < Version(MIN_BITSANDBYTES):
+        raise RecipeError(
+            f"model.quantization needs bitsandbytes >= {MIN_BITSANDBYTES}, found {found}: pip install -U 'mope[quant]'"
+        )
+
+
+def bitsandbytes_config(quantization: QuantizationSection, task: str) -> BitsAndBytesConfig:
+    """The ``BitsAndBytesConfig`` that ``from_pretrained`` quantizes the base with (``None`` skips: transformers' own
+    choice, the LM head)."""
+    skip = UNQUANTIZED_HEADS[task]
+    if quantization.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        llm_int8_skip_modules=skip,
+        bnb_4bit_quant_type=quantization.quant_type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+    )
+
+
 def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -106,17 +147,39 @@ def load_tokenizer(section: ModelSection):
 
 
 def build_model(section: ModelSection, num_labels: int | None, seed: int):
+    """The frozen base: built from ``tiny_config`` (seeded) or loaded, quantized if ``model.quantization`` says so.
+
+    A quantized base goes through ``peft.prepare_model_for_kbit_training`` (base frozen, fp16/bf16 weights
+    that stay unquantized cast to fp32) without its gradient checkpointing: the loop turns on the
+    non-reentrant kind itself when ``training.gradient_checkpointing`` is set, as for every base. PEFT's
+    default there is the reentrant kind, whose gradients would not reach MoPE's routers from their losses.
+    """
+    check_quantization(section)
     auto = AUTO_CLASSES[section.task]
-    extra = {"num_labels": num_labels} if num_labels else {}
+    labels = {"num_labels": num_labels} if num_labels else {}
     dtype = getattr(torch, section.dtype)
+    quantization = {}
+    if section.quantization is not None:
+        quantization = {"quantization_config": bitsandbytes_config(section.quantization, section.task)}
     if section.tiny_config is not None:
-        config = AutoConfig.for_model(**section.tiny_config, **extra)
         torch.manual_seed(seed)
-        return auto.from_config(config).to(dtype)
-    try:
-        return auto.from_pretrained(resolve_location(section.name_or_path), dtype=dtype, **extra)
-    except OSError as error:  # not on the hub, no network, a folder without weights
-        raise RecipeError(f"model.name_or_path: cannot load '{section.name_or_path}' ({first_line(error)})") from error
+        model = auto.from_config(AutoConfig.for_model(**section.tiny_config, **labels)).to(dtype)
+        if quantization:  # bitsandbytes quantizes while transformers loads weights: save them and load them back
+            with tempfile.TemporaryDirectory() as folder:
+                model.save_pretrained(folder)
+                model = auto.from_pretrained(folder, dtype=dtype, **quantization)
+            # Empty, as from_config leaves it: the bundle's base_model_name_or_path must not name a deleted folder.
+            model.name_or_path = model.config.name_or_path = ""
+    else:
+        try:
+            model = auto.from_pretrained(resolve_location(section.name_or_path), dtype=dtype, **labels, **quantization)
+        except OSError as error:  # not on the hub, no network, a folder without weights
+            raise RecipeError(
+                f"model.name_or_path: cannot load '{section.name_or_path}' ({first_line(error)})"
+            ) from error
+    if not quantization:
+        return model
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def adapter_config(section: AdapterSection, task: str) -> PeftConfig:

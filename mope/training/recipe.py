@@ -23,6 +23,28 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class QuantizationSection(Section):
+    """``model.quantization``: load the frozen base in 4 or 8 bits with bitsandbytes (QLoRA; docs/quantized.md).
+
+    The 4-bit options default to QLoRA's choice (nf4, double quantization); their compute dtype to
+    float32, bitsandbytes' own default, which every device runs (bfloat16 is the GPU choice).
+    """
+
+    bits: Literal[4, 8] = Field(..., description="4 (bitsandbytes Linear4bit) or 8 (Linear8bitLt).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (bits: 4 only).")
+    double_quant: bool = Field(True, description="Quantize the 4-bit scales too (bits: 4 only).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the 4-bit layers compute in (bits: 4 only)."
+    )
+
+    @model_validator(mode="after")
+    def four_bit_options(self) -> QuantizationSection:
+        given = sorted(self.model_fields_set - {"bits"})
+        if self.bits == 8 and given:
+            raise ValueError(f"model.quantization: {', '.join(given)} applies to bits: 4 only; remove it for bits: 8")
+        return self
+
+
 class ModelSection(Section):
     name_or_path: str | None = Field(
         None, description="Hub id, local folder, or 'package:<python package>' for a model shipped on PyPI."
@@ -35,6 +57,9 @@ class ModelSection(Section):
     )
     task: Literal["sequence_classification", "causal_lm"] = "sequence_classification"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: QuantizationSection | None = Field(
+        None, description="Load the frozen base quantized (bitsandbytes: pip install 'mope[quant]'); none by default."
+    )
 
     @model_validator(mode="after")
     def one_source(self) -> ModelSection:
