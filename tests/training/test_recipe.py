@@ -7,11 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_llama
 from peft import get_peft_model
 
 from mope import MoPEConfig
 from mope.training.loop import parameter_groups
+from mope.training.models import adapter_config, bitsandbytes_config
 from mope.training.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,3 +62,16 @@ def test_router_learning_rate_absolute_or_relative_and_not_both():
     groups = parameter_groups(model, load_recipe(OFFLINE_TINY, [*lr, "training.router_lr_scale=0.5"]))
     assert [g["lr"] for g in groups] == [0.004, 0.002]
     assert all("mope_router" in n for n, p in model.named_parameters() if any(p is q for q in groups[1]["params"]))
+
+
+def test_the_qlora_recipe_loads_llama3_in_4_bits_as_the_script_it_replaces_did():
+    """recipes/hub/llama3_8b_qlora_mixlora.yaml replaced a Python script written while the schema had no
+    quantization: the same BitsAndBytesConfig, MixLoRA config and non-reentrant gradient checkpointing."""
+    recipe = load_recipe(ROOT / "recipes" / "hub" / "llama3_8b_qlora_mixlora.yaml")
+    bnb = bitsandbytes_config(recipe.model.quantization, recipe.model.task)
+    assert (bnb.load_in_4bit, bnb.bnb_4bit_quant_type, bnb.bnb_4bit_use_double_quant) == (True, "nf4", True)
+    assert bnb.bnb_4bit_compute_dtype == torch.bfloat16 and bnb.llm_int8_skip_modules is None  # lm_head: transformers'
+    config = adapter_config(recipe.adapter, recipe.model.task)
+    assert (config.num_experts, config.top_k, config.r, config.lora_alpha) == (8, 2, 8, 16)
+    assert set(config.target_modules) == {"gate_proj", "up_proj", "down_proj"} and config.router_blocks == ["mlp"]
+    assert recipe.training.gradient_checkpointing and recipe.training.mixed_precision == "bf16"
