@@ -153,6 +153,7 @@ FILE_READERS: dict[str, Callable[[str], Rows]] = {
     ".parquet": read_parquet,
 }
 
+
 def multidomain_rows(section: DataSection) -> tuple[Rows, Rows]:
     """The multi-domain union; its missing Debian packages are a RecipeError naming them and the command."""
     try:
