@@ -225,7 +225,7 @@ class Run:
             dynamo_plugin=dynamo_plugin(t),
         )
         check_compile(self.accelerator, t)
-        check_sharding(self.accelerator, t)
+        check_sharding(self.accelerator, t, recipe.model.quantization)
         set_seed(t.seed)
         self.out = t.output_dir
         self.checkpoints = os.path.join(self.out, "checkpoints")

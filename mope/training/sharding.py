@@ -26,7 +26,7 @@ from .recipe import RecipeError, TrainingSection
 logger = get_logger(__name__)
 
 
-def check_sharding(accelerator: Accelerator, training: TrainingSection) -> None:
+def check_sharding(accelerator: Accelerator, training: TrainingSection, quantization: object = None) -> None:
     """Refuse what the loop cannot do under sharding, and say when accelerate dropped the sharding asked for.
 
     FSDP1 (``--fsdp_version 1``, accelerate's default) wraps parameters in flat buffers that the
@@ -37,6 +37,14 @@ def check_sharding(accelerator: Accelerator, training: TrainingSection) -> None:
     steps the optimizer inside ``backward``, before the loop has seen the step's loss, so
     ``on_nonfinite_loss="skip"`` could not skip anything there.
     """
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and quantization is not None:
+        raise RecipeError(
+            f"model.quantization with {accelerator.distributed_type.value}: a quantized base under FSDP or DeepSpeed "
+            "is untested in mope's loop (FSDP would need the 4-bit weights stored in a float dtype, "
+            "bnb_4bit_quant_storage). Train a quantized base with DDP (one process per GPU), or drop "
+            "model.quantization to shard a bf16 base."
+        )
     if accelerator.distributed_type == DistributedType.DEEPSPEED and training.on_nonfinite_loss == "skip":
         raise RecipeError(
             "training.on_nonfinite_loss=skip cannot skip an update under DeepSpeed: its engine steps the optimizer "

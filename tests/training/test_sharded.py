@@ -157,3 +157,11 @@ def test_fsdp_on_cpu_processes_says_it_runs_ddp(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mope.training.sharding"):
         check_sharding(accelerator_with(DistributedType.MULTI_CPU, monkeypatch), training)
     assert "not sharded" not in caplog.text  # plain DDP says nothing
+
+
+@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
+def test_a_quantized_base_is_refused_under_sharding(monkeypatch, tmp_path, kind):
+    recipe = load_recipe(TINY, [f"training.output_dir={tmp_path}", "model.quantization={bits: 4}"])
+    with pytest.raises(RecipeError, match=r"model\.quantization with .*untested"):
+        check_sharding(accelerator_with(kind, monkeypatch), recipe.training, recipe.model.quantization)
+    check_sharding(accelerator_with(DistributedType.MULTI_CPU, monkeypatch), recipe.training, recipe.model.quantization)
