@@ -339,7 +339,7 @@ def lora_triton(
         from .kernels.grouped import grouped_lora
 
         return grouped_lora(x, lora_A, lora_B, weights, scaling, base_out, chosen)
-    return lora.routed_lora(x, lora_A, lora_B, weights, scaling, base_out, chosen)
+    return lora.routed_lora(x, lora_A, lora_B, weights, scaling, base_out)
 
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

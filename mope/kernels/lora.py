@@ -350,21 +350,19 @@ def routed_lora(
     weights: torch.Tensor,
     scaling: float,
     base_out: torch.Tensor,
-    chosen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`mope.dispatch.lora_masked`'s result through the kernels: any token shape, out of place.
 
-    The masked form: it needs no ``chosen`` (unused experts have weight 0) and is the one
+    The masked form: it needs no chosen experts (unused ones have weight 0) and is the one
     ``torch.compile`` runs. Where only the chosen experts pay (:func:`use_grouped`),
     :func:`mope.dispatch.lora_triton` calls :mod:`mope.kernels.grouped` instead.
     """
     n, r, d_in = lora_A.shape
     if x.numel() == 0:  # no tokens: nothing to launch (a grid of zero programs is an error)
         return base_out + 0 * (lora_A.sum() + lora_B.sum() + weights.sum())
-    compiling = torch.compiler.is_compiling()
     flat = (x.reshape(-1, d_in).contiguous(), lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1))
     gate, base = weights.reshape(-1, n).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
-    if compiling:
+    if torch.compiler.is_compiling():
         out, _ = routed_lora_op(*flat, gate, base, scaling, n)
     else:
         out = RoutedLoRA.apply(*flat, gate, base, scaling, Tiles(n, r, x.dtype, base_out.dtype))
