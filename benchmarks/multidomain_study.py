@@ -441,10 +441,21 @@ def write_table(runs: list[dict], path: str) -> str:
         *([f"Machines: {'; '.join(machines)}."] if machines else []),
         *([f"Data: {'; '.join(versions)}."] if versions else []),
     ]
+    full = len(GRID) * len(SEEDS)
+    logged: dict[tuple, int] = defaultdict(int)  # runs per (settings, method) over the whole grid
+    for run in runs:
+        logged[(tuple(run.get("settings", [])), run["method"])] += 1
+    if any(count < full for count in logged.values()):
+        lines += [
+            "",
+            f"**Incomplete: not the study's result.** The grid is {len(GRID)} learning rates x {len(SEEDS)} seeds = "
+            f"{full} runs per method; the last column says how many each method has. Until a method has all "
+            f"{full}, its best lr is the best among the rates it has run and its mean covers only the seeds run.",
+        ]
     header = [
         f"| method | best lr | seeds | macro (mean) | min | max | {' | '.join(domains)} | domain separation | "
-        "trainable | adapter FLOPs/token | train s (mean) |",
-        "|---|---|---|---|---|---|" + "---|" * len(domains) + "---|---|---|---|",
+        f"trainable | adapter FLOPs/token | train s (mean) | runs of {full} |",
+        "|---|---|---|---|---|---|" + "---|" * len(domains) + "---|---|---|---|---|",
     ]
     settings = None
     for method, lr, group in best_rows(runs):
@@ -456,7 +467,8 @@ def write_table(runs: list[dict], path: str) -> str:
         lines.append(
             f"| {method} | {lr:g} | {len(group)} | {statistics.mean(macro):.4f} | {min(macro):.4f} | "
             f"{max(macro):.4f} | {per_domain} | {separation(group)} | {group[0]['trainable_parameters']:,} | "
-            f"{group[0]['adapter_flops_per_token']:,.0f} | {statistics.mean(r['train_seconds'] for r in group):.1f} |"
+            f"{group[0]['adapter_flops_per_token']:,.0f} | {statistics.mean(r['train_seconds'] for r in group):.1f} | "
+            f"{logged[(tuple(settings), method)]} |"
         )
     text = "\n".join(lines) + "\n"
     with open(path, "w") as handle:

@@ -62,7 +62,11 @@ def test_the_table_shows_each_method_at_its_best_learning_rate(tmp_path):
     cells = [cell.strip() for cell in line.split("|")[1:-1]]
     assert cells[:4] == ["lora equal params", "0.002", "2", "0.6100"]  # mean 0.61 beats 0.60
     assert cells[6:9] == ["0.6100"] * 3  # stdlib, fortunes, man
+    assert cells[-1] == "4"  # runs logged of the grid's 12: the table says it is not the result yet
+    assert "**Incomplete: not the study's result.**" in text
     assert (tmp_path / "t.md").read_text() == text
+    full = [runs[0] | {"learning_rate": lr, "seed": seed} for lr in study.GRID for seed in study.SEEDS]
+    assert "Incomplete" not in study.write_table(full, str(tmp_path / "t.md"))
 
 
 SAME = [0.25, 0.25, 0.25, 0.25]
