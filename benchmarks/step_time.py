@@ -38,8 +38,11 @@ What is measured (see ../shared/MEASURING.md):
   step (the step's own share). On CUDA: ``torch.cuda.max_memory_allocated`` with one candidate on
   the device at a time.
 - GPU rows (bf16 base model) run only when ``torch.cuda.is_available()``; otherwise one row says so.
-- Ops (``--sections ops``, not timed): the aten ops one step dispatches on CPU, views left out; at
-  small widths a GPU step costs about one kernel launch per op, so this counts what launches cost.
+- Ops (``--sections ops``, not timed): the aten ops one step dispatches on CPU, views and bare
+  allocations left out, plus each Triton kernel launch as one; at small widths a GPU step costs about
+  one kernel launch per op, so this counts what launches cost. ``--dispatch triton`` adds the
+  kernels' row where they run: on CPU, under ``TRITON_INTERPRET=1`` (the launches are the ones the
+  same code makes on CUDA; the interpreter's own work inside a launch is not counted).
 - Candidates: PEFT LoRA (alpha = 2r); MoPE top-2 of N with r=8, with its default aux-loss weights or
   with both set to 0; PEFT X-LoRA over 4 LoRA r=8 adapters saved by PEFT first, experts trainable
   (a construction error becomes the row's note); the naive loop (no aux losses). All use
@@ -55,7 +58,9 @@ dispatch is meant to beat; layer_time.py times two costlier ones (the frozen lay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -514,37 +519,75 @@ VIEW_OPS = frozenset(
     {"view", "_unsafe_view", "_reshape_alias", "reshape", "t", "transpose", "permute", "unsqueeze", "squeeze"}
     | {"expand", "as_strided", "slice", "select", "split", "split_with_sizes", "unbind", "detach", "alias"}
 )
+# Ops that only take memory from the allocator (no kernel on a GPU either); also left out.
+ALLOCATION_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
 
 
 def compute_ops(step: Callable[[], None]) -> int:
-    """The aten ops one call of ``step`` dispatches, views left out: about the kernels a GPU would launch."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """The aten ops one call of ``step`` dispatches, views and allocations left out, plus its Triton launches.
+
+    About the kernels a GPU would launch. A Triton launch counts one and what it runs inside is not
+    counted: under ``TRITON_INTERPRET=1`` the interpreter's own tensor copies are hidden from the
+    count, so a CPU count of ``dispatch='triton'`` is the launch sequence the same code makes on CUDA.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
     class Count(TorchDispatchMode):
         count = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += func.overloadpacket.__name__ not in VIEW_OPS
+            name = func.overloadpacket.__name__
+            self.count += name not in VIEW_OPS and name not in ALLOCATION_OPS
             return func(*args, **(kwargs or {}))
 
-    with Count() as counter:
+    counter = Count()
+    with counted_triton_launches(counter, _disable_current_modes), counter:
         step()
     return counter.count
+
+
+@contextlib.contextmanager
+def counted_triton_launches(counter, disable_modes: Callable):
+    """While inside: every Triton kernel launch adds one to ``counter.count`` and runs with no dispatch mode."""
+    if importlib.util.find_spec("triton") is None:
+        yield
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+
+    def counted(original):
+        def run(self, *args, **kwargs):
+            counter.count += not kwargs.get("warmup", False)
+            with disable_modes():
+                return original(self, *args, **kwargs)
+
+        return run
+
+    for cls, original in originals.items():
+        cls.run = counted(original)
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.run = original
 
 
 def op_rows(settings: Settings) -> list[Row]:
     """Compute ops per training step (no timing): launch overhead on a GPU at small widths tracks this count."""
     shape = settings.step_shapes[0]
     names = (REFERENCE_BASE, REFERENCE_LORA, REFERENCE_MOPE, "mope_top2_of_8_no_aux")
+    # with --dispatch, the MoPE step once more per forced strategy (triton: run under TRITON_INTERPRET=1)
+    candidates = with_dispatch_rows(tuple(CANDIDATES_BY_NAME[n] for n in names), settings.dispatches)
     with tempfile.TemporaryDirectory() as workdir:
-        steps, errors = build_steps(
-            tuple(CANDIDATES_BY_NAME[n] for n in names), shape, "cpu", torch.float32, Path(workdir)
-        )
+        steps, errors = build_steps(candidates, shape, "cpu", torch.float32, Path(workdir))
     counts = {name: compute_ops(step) for name, step in steps.items()}
-    section = "aten compute ops per training step (views excluded)"
+    section = "aten compute ops and Triton launches per training step (views and allocations excluded)"
     rows = []
-    for name in names:
-        row = Row(section, name, CANDIDATES_BY_NAME[name].label, shape.describe(), "ops", note=errors.get(name, ""))
+    for candidate in candidates:
+        name = candidate.name
+        row = Row(section, name, candidate.label, shape.describe(), "ops", note=errors.get(name, ""))
         if name in counts:
             row.value = counts[name]
             row.ratios = {ref: Ratio.single(counts[name] / counts[ref]) for ref in (REFERENCE_LORA,) if ref in counts}

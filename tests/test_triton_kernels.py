@@ -21,6 +21,7 @@ import torch
 from conftest import make_batch, make_model
 from peft import get_peft_model
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import mope
 from mope.dispatch import auto_dispatch, lora_masked, resolve_dispatch
@@ -375,6 +376,70 @@ def test_router_kernel_equals_the_torch_router(router, options, token_dims, trai
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
     for got, want in zip([*got_losses, *got_grads], [*want_losses, *want_grads], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@battery
+@pytest.mark.parametrize("reads", ["weights", "logits"])
+def test_router_kernel_gradients_when_only_the_weights_or_only_the_logits_are_read(reads):
+    """Aux losses off (nothing reads the logits), or only the losses read the router: autograd gives the kernel
+    no gradient for the other output, which counts as zero (the kernel is told, nothing is filled)."""
+    gate = make_router("top_k", 6, 2).train()
+    x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
+    grads = {}
+    for dispatch in ("masked", "triton"):
+        gate.dispatch = dispatch
+        out = getattr(gate(x, RoutingInputs()), reads)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+        with ZeroFills() as fills:
+            grads[dispatch] = torch.autograd.grad((out * upstream).sum(), [x, gate.weight])
+        if dispatch == "triton":
+            assert fills.ops == []
+    for got, want in zip(grads["triton"], grads["masked"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class ZeroFills(TorchDispatchMode):
+    """Records the aten ops that fill a tensor with zeros (or a constant) while active."""
+
+    FILLS = frozenset({"zeros", "zeros_like", "new_zeros", "zero_", "fill_", "full", "full_like"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.FILLS:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@battery
+def test_a_routed_layer_training_step_launches_three_kernels_forward_six_backward_and_fills_nothing(monkeypatch):
+    """The kernel count the GPU step's launch overhead follows: router, A, B forward; their backward in six."""
+    from mope.kernels import router as router_kernels
+
+    layer = mope_layer("top_k").train()
+    mope.set_dispatch(layer, "triton")
+    x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
+    launches = []
+    kernel_type = type(router_kernels.top_k_route)
+    original = kernel_type.run
+
+    def run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        with _disable_current_modes():  # the interpreter's own tensor work is not the step's
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", run)
+    with ZeroFills() as fills:
+        out = layer(x)
+        forward = list(launches)
+        out.square().sum().backward()
+    assert sorted(forward) == ["rank_down", "rank_up", "top_k_route"]
+    assert sorted(launches[3:]) == sorted(
+        ["rank_down", "rank_up", "rank_outer", "rank_outer", "top_k_route_backward", "scores_outer"]
+    )
+    assert fills.ops == []
 
 
 @battery

@@ -105,6 +105,8 @@ def top_k_route_backward(
     GRAD_X: tl.constexpr,
     K: tl.constexpr,
     NORMALISE: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr,
+    HAS_GRAD_LOGITS: tl.constexpr,
     BM: tl.constexpr,
     NP: tl.constexpr,
     BN: tl.constexpr,
@@ -112,24 +114,30 @@ def top_k_route_backward(
     """``d = (softmax backward of the weights' gradient + the logits' gradient) / temperature``; ``grad_x = d W``.
 
     Renormalised: the weights ``v`` are the softmax over the kept logits, ``d_l = v (g - sum v g)``.
-    Unnormalised: ``v`` is the full softmax and only the kept weights' gradients ``g`` count.
+    Unnormalised: ``v`` is the full softmax and only the kept weights' gradients ``g`` count. A
+    gradient that autograd did not give (``HAS_GRAD_*`` false: no loss read the logits) counts as 0
+    without being read, so nobody fills a tensor of zeros for it.
     """
     rows, experts, rows_ok, experts_ok, tile, tile_ok = token_tile(tokens, num_experts, BM, NP)
-    g = tl.load(grad_weights_ptr + tile, mask=tile_ok, other=0.0)
-    if NORMALISE:
-        v = tl.load(weights_ptr + tile, mask=tile_ok, other=0.0)
-    else:
-        logits = tl.load(logits_ptr + tile, mask=tile_ok, other=0.0)
-        logits = tl.where(experts_ok[None, :], logits, -float("inf"))  # rows past the end stay finite
-        e = tl.where(experts_ok[None, :], tl.exp(logits - tl.max(logits, axis=1)[:, None]), 0.0)
-        v = e / tl.sum(e, axis=1)[:, None]
-        kept = tile < 0
-        for i in tl.static_range(K):
-            index = tl.load(chosen_ptr + rows * K + i, mask=rows_ok, other=-1)
-            kept = kept | (experts[None, :] == index[:, None])
-        g = tl.where(kept, g, 0.0)
-    d = v * (g - tl.sum(v * g, axis=1)[:, None])
-    d = (d + tl.load(grad_logits_ptr + tile, mask=tile_ok, other=0.0)) / temperature
+    d = tl.zeros((BM, NP), dtype=tl.float32)
+    if HAS_GRAD_WEIGHTS:
+        g = tl.load(grad_weights_ptr + tile, mask=tile_ok, other=0.0)
+        if NORMALISE:
+            v = tl.load(weights_ptr + tile, mask=tile_ok, other=0.0)
+        else:
+            logits = tl.load(logits_ptr + tile, mask=tile_ok, other=0.0)
+            logits = tl.where(experts_ok[None, :], logits, -float("inf"))  # rows past the end stay finite
+            e = tl.where(experts_ok[None, :], tl.exp(logits - tl.max(logits, axis=1)[:, None]), 0.0)
+            v = e / tl.sum(e, axis=1)[:, None]
+            kept = tile < 0
+            for i in tl.static_range(K):
+                index = tl.load(chosen_ptr + rows * K + i, mask=rows_ok, other=-1)
+                kept = kept | (experts[None, :] == index[:, None])
+            g = tl.where(kept, g, 0.0)
+        d = v * (g - tl.sum(v * g, axis=1)[:, None])
+    if HAS_GRAD_LOGITS:
+        d = d + tl.load(grad_logits_ptr + tile, mask=tile_ok, other=0.0)
+    d = d / temperature
     tl.store(grad_scores_ptr + tile, d, mask=tile_ok)
     if GRAD_X:
         for n0 in range(0, width, BN):
@@ -195,15 +203,21 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, nor
 def route_gradients(
     grad_logits, grad_weights, x, weight, logits, weights, chosen, temperature: float, normalise: bool, needs
 ) -> list[torch.Tensor | None]:
-    """The gradients of ``x`` and ``weight`` (None where ``needs`` says no): 2 kernels at most."""
+    """The gradients of ``x`` and ``weight`` (None where ``needs`` says no): 2 kernels at most.
+
+    ``grad_logits`` / ``grad_weights`` may be None (no loss read that output): they count as zeros.
+    """
     tokens, width = x.shape
     num_experts, k = weight.shape[0], chosen.shape[1]
     grad_scores = torch.empty_like(logits)
     grad_x = torch.empty_like(x) if needs[0] else None
     top_k_route_backward[(triton.cdiv(tokens, BLOCK),)](
-        grad_logits, grad_weights, logits, weights, chosen, weight, grad_scores,
+        logits if grad_logits is None else grad_logits.contiguous(),
+        logits if grad_weights is None else grad_weights.contiguous(),
+        logits, weights, chosen, weight, grad_scores,
         grad_x if grad_x is not None else grad_scores, tokens, width, num_experts, temperature,
-        K=k, NORMALISE=normalise, GRAD_X=grad_x is not None, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
+        K=k, NORMALISE=normalise, GRAD_X=grad_x is not None, HAS_GRAD_WEIGHTS=grad_weights is not None,
+        HAS_GRAD_LOGITS=grad_logits is not None, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
     )  # fmt: skip
     grad_weight = None
     if needs[1]:
@@ -223,13 +237,15 @@ class RouteTopK(torch.autograd.Function):
         ctx.save_for_backward(x, weight, logits, weights, chosen)
         ctx.temperature, ctx.normalise = temperature, normalise
         ctx.mark_non_differentiable(chosen)
+        # no zero gradient is built for ``chosen`` (or an unused output): one fill kernel less per layer
+        ctx.set_materialize_grads(False)
         return logits, weights, chosen
 
     @staticmethod
     def backward(ctx, grad_logits, grad_weights, grad_chosen):
         x, weight, logits, weights, chosen = ctx.saved_tensors
         grads = route_gradients(
-            grad_logits.contiguous(), grad_weights.contiguous(), x, weight, logits, weights, chosen,
+            grad_logits, grad_weights, x, weight, logits, weights, chosen,
             ctx.temperature, ctx.normalise, ctx.needs_input_grad[:2],
         )  # fmt: skip
         return *grads, None, None, None
@@ -253,7 +269,7 @@ def route_shapes(x, weight, k, temperature, normalise):
 
 @torch.library.custom_op("mope::route_top_k_backward", mutates_args=())
 def route_backward_op(
-    grad_logits: torch.Tensor, grad_weights: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+    grad_logits: torch.Tensor | None, grad_weights: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
     logits: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, temperature: float, normalise: bool,
     needs: list[bool],
 ) -> list[torch.Tensor]:  # fmt: skip
@@ -278,8 +294,6 @@ def save_for_op_backward(ctx, inputs, output) -> None:
 def route_op_backward(ctx, grad_logits, grad_weights, grad_chosen):
     x, weight, logits, weights, chosen = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:2])
-    grad_logits = torch.zeros_like(logits) if grad_logits is None else grad_logits.contiguous()
-    grad_weights = torch.zeros_like(weights) if grad_weights is None else grad_weights.contiguous()
     grads = route_backward_op(
         grad_logits, grad_weights, x, weight, logits, weights, chosen, ctx.temperature, ctx.normalise, needs
     )
