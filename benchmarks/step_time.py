@@ -580,19 +580,42 @@ def op_rows(settings: Settings) -> list[Row]:
     names = (REFERENCE_BASE, REFERENCE_LORA, REFERENCE_MOPE, "mope_top2_of_8_no_aux")
     # with --dispatch, the MoPE step once more per forced strategy (triton: run under TRITON_INTERPRET=1)
     candidates = with_dispatch_rows(tuple(CANDIDATES_BY_NAME[n] for n in names), settings.dispatches)
+    one_token = replace(shape, batch=1, seq=1)
     with tempfile.TemporaryDirectory() as workdir:
         steps, errors = build_steps(candidates, shape, "cpu", torch.float32, Path(workdir))
-    counts = {name: compute_ops(step) for name, step in steps.items()}
-    section = "aten compute ops and Triton launches per training step (views and allocations excluded)"
+        decodes, decode_errors = decode_forwards(candidates, one_token, Path(workdir))
+    decode = "decode forward (one token, no grad, no KV cache: the adapters' ops are a cached step's)"
+    tables = (("training step", shape, steps, errors), (decode, one_token, decodes, decode_errors))
     rows = []
-    for candidate in candidates:
-        name = candidate.name
-        row = Row(section, name, candidate.label, shape.describe(), "ops", note=errors.get(name, ""))
-        if name in counts:
-            row.value = counts[name]
-            row.ratios = {ref: Ratio.single(counts[name] / counts[ref]) for ref in (REFERENCE_LORA,) if ref in counts}
-        rows.append(row)
+    for what, where, calls, failed in tables:
+        counts = {name: compute_ops(call) for name, call in calls.items()}
+        section = f"aten compute ops and Triton launches per {what} (views and allocations excluded)"
+        for candidate in candidates:
+            name = candidate.name
+            row = Row(section, name, candidate.label, where.describe(), "ops", note=failed.get(name, ""))
+            if name in counts:
+                row.value = counts[name]
+                refs = (REFERENCE_LORA,) if REFERENCE_LORA in counts else ()
+                row.ratios = {ref: Ratio.single(counts[name] / counts[ref]) for ref in refs}
+            rows.append(row)
     return rows
+
+
+def decode_forwards(
+    candidates: tuple[Candidate, ...], shape: Shape, workdir: Path
+) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
+    """Per candidate, a no-grad eval forward of ``shape``'s batch (run once); an error note per one that fails."""
+    ids = make_batch(shape, "cpu")["input_ids"]
+    calls, errors = {}, {}
+    for candidate in candidates:
+        try:
+            model = candidate.attach(build_base(shape), shape, workdir).eval()
+            call = torch.no_grad()(lambda model=model: model(input_ids=ids))
+            call()
+            calls[candidate.name] = call
+        except Exception as error:
+            errors[candidate.name] = error_note(error)
+    return calls, errors
 
 
 def scaling_rows(settings: Settings) -> list[Row]:

@@ -110,12 +110,16 @@ def check_memory_rows(results: dict) -> None:
 
 
 def check_ops_rows(results: dict) -> None:
-    rows = rows_of(results, "aten compute ops per training step")
+    rows = rows_of(results, "aten compute ops and Triton launches per training step")
     assert set(rows) == {"frozen_base", "peft_lora_r16", "mope_top2_of_8", "mope_top2_of_8_no_aux"}
     for row in rows.values():
         assert_positive(row)
     counts = {name: row["value"] for name, row in rows.items()}
     assert counts["frozen_base"] < counts["peft_lora_r16"] < counts["mope_top2_of_8_no_aux"] < counts["mope_top2_of_8"]
+    decode = rows_of(results, "aten compute ops and Triton launches per decode forward")
+    assert set(decode) == set(rows)
+    counts = {name: row["value"] for name, row in decode.items()}
+    assert counts["frozen_base"] < counts["peft_lora_r16"] < counts["mope_top2_of_8"]
 
 
 def check_gpu_rows(results: dict) -> None:
