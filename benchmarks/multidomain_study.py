@@ -10,7 +10,9 @@ Run from the repository root (offline; hours of CPU in all, see the docs page; a
 
 The task is the union of three domains in one label space (``mope.training.multidomain``: stdlib
 docstrings -> package family, fortunes -> fortune file, man pages -> section); the model sees the
-text only. Every method trains the real MiniLM with the demo recipes' protocol (their ``training``
+text only. Every method starts from the head of a linear probe trained first at its learning rate
+and seed (protocol 2, LP-FT: from a random 47-way head the first runs sat at chance; the docs
+page's "Amendment"), then trains the real MiniLM with the demo recipes' protocol (their ``training``
 section: 3 epochs, batch 32, AdamW, linear schedule, 10 warm-up steps, max length 64, router
 learning rate scale as each method states), at each learning rate of ``GRID`` and each seed of
 ``SEEDS``. The ranks are computed from the model: the LoRA with the dense demo mixture's trainable
@@ -22,8 +24,8 @@ All runs use the training loop below, not ``mope.train``: per-domain accuracy, t
 batches do not carry, and one loop for every method keeps the comparison equal. It uses the
 recipe loop's parts (``build_model``, ``wrap``, ``Collator``, ``parameter_groups``).
 
-Composition (one job per learning rate and seed): a linear probe trains the classification head on
-the union (the encoder frozen; its row is "head only"); with that head frozen, one PEFT LoRA per
+Composition (one job per learning rate and seed): the linear probe (the head every method starts
+from, trained on the union with the encoder frozen; its row is "head only"); with that head frozen, one PEFT LoRA per
 domain (rank ``round(R / 3)``, so the three hold about R ranks) trains on its domain; then the
 three are combined by ``mope.from_lora_adapters`` with Arrow (no training), with a learned top-2
 router trained one epoch on the union (experts and head frozen), by PEFT's ``create_arrow_model``
@@ -32,7 +34,7 @@ updates), and by the oracle that picks each example's own domain LoRA.
 
 Results are appended one line per run to ``benchmarks/results/multidomain_study_cpu.jsonl``
 (``_h100`` where a GPU trains; ``--name`` sets the stem); a (settings, method, learning rate, seed)
-already there is skipped, so the study can be stopped and continued. ``multidomain_study_cpu.md`` is
+already there under this ``PROTOCOL`` is skipped, so the study can be stopped and continued. ``multidomain_study_cpu.md`` is
 rewritten from all lines: per method its best learning rate (by mean macro accuracy over seeds; the
 held-out split is the only one, as in the defaults study), accuracy per domain and the macro average
 over domains (the headline), the domains' separation in expert load (mixtures; ``mope.analysis.separation``),
@@ -45,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import json
 import math
 import multiprocessing
@@ -74,6 +77,9 @@ from mope.training.loop import parameter_groups
 from mope.training.models import build_model, load_tokenizer, wrap
 from mope.training.recipe import ModelSection, Recipe, load_recipe
 
+# 1: every method from a randomly initialised head (its first runs sat at chance: the docs page's
+# "Amendment"); 2: every method from the same linear-probe head of its learning rate and seed (LP-FT).
+PROTOCOL = 2
 SEEDS = (0, 1, 2)
 GRID = (0.001, 0.002, 0.003, 0.005)  # every method's learning-rate grid (the defaults study's range)
 TASK = "sequence_classification"
@@ -269,8 +275,11 @@ def adapter_parameters(model) -> int:
 class Job:
     """What every run of one (learning rate, seed) shares: data, recipe, base model FLOPs."""
 
-    def __init__(self, data_path: str, settings: tuple[str, ...], lr: float, seed: int) -> None:
+    def __init__(self, data_path: str, settings: tuple[str, ...], lr: float, seed: int, probes: str) -> None:
         data = read_data(data_path)
+        with open(data_path, "rb") as handle:
+            self.data_digest = hashlib.sha1(handle.read()).hexdigest()
+        self.probes = probes  # the folder of linear-probe heads, shared by every job and worker
         self.train_rows, self.eval_rows = data["train"], data["eval"]
         self.labels = sorted({r["label"] for r in self.train_rows + self.eval_rows})
         self.settings, self.lr, self.seed = settings, lr, seed
@@ -285,6 +294,40 @@ class Job:
     def base(self, recipe: Recipe):
         torch.manual_seed(self.seed)  # the head's initialisation
         return build_model(recipe.model, len(self.labels), self.seed).to(device())
+
+    def linear_probe(self) -> tuple[dict[str, torch.Tensor], float, dict]:
+        """The head trained on the union with the encoder frozen, at this learning rate and seed.
+
+        Returns its weights, its training seconds and its result row ("head only"). Every method
+        starts from this head (LP-FT, protocol 2). Trained once per (data, settings, learning rate,
+        seed) and kept in ``self.probes``; a job that finds it there loads it (workers racing to
+        train it write the same file, each atomically).
+        """
+        identity = json.dumps([self.data_digest, list(self.settings), self.lr, self.seed])
+        path = os.path.join(self.probes, hashlib.sha1(identity.encode()).hexdigest()[:20] + ".pt")
+        if os.path.exists(path):
+            saved = torch.load(path, weights_only=True)
+            return saved["head"], saved["seconds"], saved["row"]
+        recipe = self.recipe("lora")
+        collate = collator(recipe, self.labels, False)
+        base = self.base(recipe)
+        for name, p in base.named_parameters():
+            p.requires_grad = name.startswith("classifier")
+        seconds = train(base, recipe, self.train_rows, collate)
+        row = self.measure(base, recipe, collate, seconds, adapter_parameters(base), False)
+        head = {k: v.detach().cpu().clone() for k, v in base.classifier.state_dict().items()}
+        os.makedirs(self.probes, exist_ok=True)
+        partial = f"{path}.{os.getpid()}.partial"
+        torch.save({"head": head, "seconds": seconds, "row": row}, partial)
+        os.replace(partial, path)
+        return head, seconds, row
+
+    def start(self, recipe: Recipe):
+        """The base model carrying the linear probe's head, and the probe's training seconds."""
+        head, seconds, _ = self.linear_probe()
+        base = self.base(recipe)  # seeds the RNG as before: the adapters' initialisation is unchanged
+        base.classifier.load_state_dict(head)
+        return base, seconds
 
     def measure(self, model, recipe: Recipe, collate: Callable, seconds: float, trained: int, mope: bool) -> dict:
         size = recipe.training.eval_batch_size
@@ -311,8 +354,9 @@ class Job:
         name, overrides = trained_methods(self.ranks)[method]
         recipe = self.recipe(name, overrides)
         collate = collator(recipe, self.labels, "routing_level=task" in " ".join(overrides))
-        model = wrap(self.base(recipe), recipe.adapter, TASK)
-        seconds = train(model, recipe, self.train_rows, collate)
+        base, probe_seconds = self.start(recipe)
+        model = wrap(base, recipe.adapter, TASK)
+        seconds = probe_seconds + train(model, recipe, self.train_rows, collate)
         trained = model.get_nb_trainable_parameters()[0]
         return self.measure(model, recipe, collate, seconds, trained, name == "mope")
 
@@ -324,11 +368,8 @@ class Job:
 
         recipe = self.recipe("lora")
         collate = collator(recipe, self.labels, False)
-        base = self.base(recipe)
-        for name, p in base.named_parameters():
-            p.requires_grad = name.startswith("classifier")
-        probe_seconds = train(base, recipe, self.train_rows, collate)
-        rows = {COMPOSITION[0]: self.measure(base, recipe, collate, probe_seconds, adapter_parameters(base), False)}
+        base, probe_seconds = self.start(recipe)
+        rows = {COMPOSITION[0]: self.linear_probe()[2]}
         base.requires_grad_(False)
         folder = tempfile.mkdtemp(prefix="mope-compose-")
         # the encoder's linear layers (not the head): what all-linear adapts for a classification task
@@ -387,10 +428,10 @@ class Job:
 
 def run_job(job: tuple[int, tuple]) -> tuple[int, dict[str, dict] | None, str | None]:
     """One job in a worker process: ``(index, {method: result}, None)`` or ``(index, None, the error)``."""
-    index, (data_path, settings, method, lr, seed, threads) = job
+    index, (data_path, settings, method, lr, seed, threads, probes) = job
     torch.set_num_threads(threads)
     try:
-        work = Job(data_path, settings, lr, seed)
+        work = Job(data_path, settings, lr, seed, probes)
         results = work.composition() if method in COMPOSITION else {method: work.trained(method)}
         return index, {m: {**r, "ranks": work.ranks.__dict__} for m, r in results.items()}, None
     except Exception as error:
@@ -398,6 +439,11 @@ def run_job(job: tuple[int, tuple]) -> tuple[int, dict[str, dict] | None, str | 
 
 
 # --- the log and the table ---------------------------------------------------------------------------
+
+
+def current_runs(log: str) -> list[dict]:
+    """The runs of ``log`` made under this :data:`PROTOCOL` (a line without the field was protocol 1)."""
+    return [run for run in read_runs(log) if run.get("protocol", 1) == PROTOCOL]
 
 
 def key(row: dict) -> tuple:
@@ -566,7 +612,7 @@ def main() -> None:
     args.name = args.name or f"multidomain_study_{machine_tag()}"
     log = os.path.join(args.out, f"{args.name}.jsonl")
     if args.plot:
-        runs = read_runs(log)
+        runs = current_runs(log)
         if not runs:
             parser.error(f"--plot: no runs in {log}; pass the --out and --name the study wrote")
         try:
@@ -588,19 +634,21 @@ def main() -> None:
         return
     os.makedirs(args.out, exist_ok=True)
     versions = data["versions"]
-    jobs = plan(args.methods, args.lrs, args.seeds, settings, {key(r) for r in read_runs(log)})
+    jobs = plan(args.methods, args.lrs, args.seeds, settings, {key(r) for r in current_runs(log)})
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     machine = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
 
     def record(method: str, lr: float, seed: int, result: dict) -> None:
         row = {"settings": list(settings), "method": method, "learning_rate": lr, "seed": seed, **result}
+        row["protocol"] = PROTOCOL
         row |= {"machine": machine, "workers": args.workers, "data_versions": versions}
         with open(log, "a") as handle:
             handle.write(json.dumps(row) + "\n")
 
     # `kill PID` (SIGTERM) then leaves the pool's block, whose exit terminates the workers too
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    work = [(data_path, settings, method, lr, seed, threads) for method, lr, seed in jobs]
+    probes = os.path.join(args.out, f"{args.name}_probes")  # linear-probe heads (not results: git ignores them)
+    work = [(data_path, settings, method, lr, seed, threads, probes) for method, lr, seed in jobs]
     with multiprocessing.get_context("spawn").Pool(args.workers, initializer=quiet_third_party) as pool:
         for index, results, error in pool.imap_unordered(run_job, enumerate(work)):
             method, lr, seed = jobs[index]
@@ -608,10 +656,10 @@ def main() -> None:
                 print(f"FAILED {method} lr {lr:g} seed {seed}: {error}", flush=True)
                 continue
             for name, result in results.items():
-                if name in args.methods and (settings, name, lr, seed) not in {key(r) for r in read_runs(log)}:
+                if name in args.methods and (settings, name, lr, seed) not in {key(r) for r in current_runs(log)}:
                     record(name, lr, seed, result)
                     print(f"{name} lr {lr:g} seed {seed}: macro {result['macro_accuracy']:.4f}", flush=True)
-    print(write_table(read_runs(log), os.path.join(args.out, f"{args.name}.md")), flush=True)
+    print(write_table(current_runs(log), os.path.join(args.out, f"{args.name}.md")), flush=True)
 
 
 if __name__ == "__main__":

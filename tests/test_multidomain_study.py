@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -36,7 +37,8 @@ def study_module():
 
 def run_row(method: str, lr: float, seed: int, macro: float) -> dict:
     accuracy = {"stdlib": macro, "fortunes": macro, "man": macro}
-    return {"settings": [], "method": method, "learning_rate": lr, "seed": seed, "accuracy": accuracy}
+    row = {"settings": [], "method": method, "learning_rate": lr, "seed": seed, "accuracy": accuracy}
+    return row | {"protocol": study_module().PROTOCOL}
 
 
 def test_the_plan_skips_runs_already_logged_and_makes_composition_one_job():
@@ -151,6 +153,39 @@ def test_plot_without_a_learned_mixture_in_the_log_is_refused_and_writes_nothing
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no plot, no table
 
 
+def test_runs_of_the_first_protocol_are_neither_done_nor_in_the_table(tmp_path):
+    """Protocol 1 (random heads) was amended before any other result: its lines are kept but never reused."""
+    study = study_module()
+    old = run_row("lora equal params", 0.001, 0, 0.05) | {"macro_accuracy": 0.05}
+    del old["protocol"]  # protocol 1's lines have no such field
+    log = tmp_path / "multidomain_study_cpu.jsonl"
+    log.write_text(json.dumps(old) + "\n")
+    assert study.current_runs(str(log)) == []
+    jobs = study.plan(["lora equal params"], [0.001], [0], (), {study.key(r) for r in study.current_runs(str(log))})
+    assert jobs == [("lora equal params", 0.001, 0)]
+
+
+def test_every_method_starts_from_one_linear_probe_trained_once_per_learning_rate_and_seed(tmp_path, monkeypatch):
+    study = study_module()
+    tiny_data(tmp_path / "data.json")
+    settings = tuple(TINY)
+    job = study.Job(str(tmp_path / "data.json"), settings, 0.002, 0, str(tmp_path / "probes"))
+    head, seconds, row = job.linear_probe()
+    assert set(row["accuracy"]) == {"stdlib", "fortunes", "man"} and seconds >= 0
+    fresh = job.base(job.recipe("lora")).classifier.state_dict()
+    assert any(not torch.equal(head[k], fresh[k]) for k in head)  # the probe trained the head
+    monkeypatch.setattr(study, "train", lambda *a, **k: pytest.fail("the probe was trained twice"))
+    again = study.Job(str(tmp_path / "data.json"), settings, 0.002, 0, str(tmp_path / "probes"))
+    for method in ("lora equal params", "mope top-2 of 8 equal params"):
+        name, _ = study.trained_methods(again.ranks)[method]
+        base, probe_seconds = again.start(again.recipe(name))
+        assert probe_seconds == seconds
+        assert all(torch.equal(base.classifier.state_dict()[k], head[k]) for k in head)
+    other_seed = study.Job(str(tmp_path / "data.json"), settings, 0.002, 1, str(tmp_path / "probes"))
+    with pytest.raises(pytest.fail.Exception, match="trained twice"):
+        other_seed.linear_probe()  # another seed has its own probe
+
+
 def test_the_learning_rates_and_seeds_are_fixed():
     """The pre-registration: --lrs and --seeds choose from the grid and seeds only."""
     study = study_module()
@@ -201,6 +236,10 @@ def test_the_study_runs_on_a_tiny_model_and_resumes(tmp_path):
         assert set(row["accuracy"]) == {"stdlib", "fortunes", "man"}, method
         assert row["trainable_parameters"] > 0 and row["train_seconds"] >= 0, method
         assert row["data_versions"] == {"fortunes": "test"} and row["settings"] == TINY
+    assert all(row["protocol"] == study.PROTOCOL for row in rows.values())
+    assert len(list((tmp_path / "smoke_probes").glob("*.pt"))) == 1  # one linear probe per learning rate and seed
+    probe_seconds = rows["head only (linear probe)"]["train_seconds"]
+    assert all(row["train_seconds"] >= probe_seconds for row in rows.values())  # LP-FT: the probe's time counts
     assert rows["head only (linear probe)"]["adapter_flops_per_token"] == 0  # the head is part of the frozen model
     assert rows["lora equal params"]["adapter_flops_per_token"] > 0
     load = rows["mope top-2 of 8 task-level (domain id)"]["domain_load"]  # the domain x expert plot's data
