@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import functools
 import hashlib
 import json
@@ -300,14 +301,21 @@ class Job:
 
         Returns its weights, its training seconds and its result row ("head only"). Every method
         starts from this head (LP-FT, protocol 2). Trained once per (data, settings, learning rate,
-        seed) and kept in ``self.probes``; a job that finds it there loads it (workers racing to
-        train it write the same file, each atomically).
+        seed) and kept in ``self.probes``: the first job to need it trains it while holding a lock
+        on it, and the others wait for it and load it.
         """
         identity = json.dumps([self.data_digest, list(self.settings), self.lr, self.seed])
         path = os.path.join(self.probes, hashlib.sha1(identity.encode()).hexdigest()[:20] + ".pt")
-        if os.path.exists(path):
-            saved = torch.load(path, weights_only=True)
-            return saved["head"], saved["seconds"], saved["row"]
+        os.makedirs(self.probes, exist_ok=True)
+        with open(f"{path}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            if os.path.exists(path):
+                saved = torch.load(path, weights_only=True)
+                return saved["head"], saved["seconds"], saved["row"]
+            return self.train_linear_probe(path)
+
+    def train_linear_probe(self, path: str) -> tuple[dict[str, torch.Tensor], float, dict]:
+        """:meth:`linear_probe`'s training, saved atomically at ``path``."""
         recipe = self.recipe("lora")
         collate = collator(recipe, self.labels, False)
         base = self.base(recipe)
@@ -316,7 +324,6 @@ class Job:
         seconds = train(base, recipe, self.train_rows, collate)
         row = self.measure(base, recipe, collate, seconds, adapter_parameters(base), False)
         head = {k: v.detach().cpu().clone() for k, v in base.classifier.state_dict().items()}
-        os.makedirs(self.probes, exist_ok=True)
         partial = f"{path}.{os.getpid()}.partial"
         torch.save({"head": head, "seconds": seconds, "row": row}, partial)
         os.replace(partial, path)
