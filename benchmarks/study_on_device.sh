@@ -4,6 +4,7 @@
 #   bash benchmarks/study_on_device.sh prepare            # here: MiniLM rounded to fp16 -> .study/minilm, wheels -> .whl
 #   bash benchmarks/study_on_device.sh run OUT [ARGS...]  # there (carry .whl and .study): defaults_study.py --workers 15
 #   bash benchmarks/study_on_device.sh multidomain OUT [ARGS...]  # there: multidomain_study.py --workers 15
+#                                      (OUT: the device's $OUT; the committed logs are copied in first: resumable)
 #
 # `prepare` also writes the multi-domain union to .study/multidomain.json (as root it installs the Debian
 # packages fortunes, manpages and manpages-dev here first): the device has neither the packages nor a
@@ -44,6 +45,9 @@ run | multidomain)
     if [ "$study" = run ]; then
         python3 benchmarks/defaults_study.py --workers 15 --out "$out" --model .study/minilm "$@"
     else
+        # resumable: the committed logs (and probes) go into OUT first, so a run cut short continues there
+        mkdir -p "$out"
+        cp -rn benchmarks/results/multidomain_study_*.jsonl "$out"/ 2>/dev/null || true
         python3 benchmarks/multidomain_study.py --workers 15 --out "$out" --model .study/minilm \
             --data .study/multidomain.json "$@"
     fi
