@@ -613,17 +613,22 @@ def main() -> None:
         help="from the log alone (nothing runs): rewrite the table and draw the best mixture's domain x expert "
         "load plot (multidomain_domain_expert_<machine>.png in --out); exit",
     )
+    parser.add_argument(
+        "--table", action="store_true", help="from the log alone (nothing runs): rewrite the table only; exit"
+    )
     args = parser.parse_args()
     quiet_third_party()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.name = args.name or f"multidomain_study_{machine_tag()}"
     log = os.path.join(args.out, f"{args.name}.jsonl")
-    if args.plot:
+    if args.plot or args.table:
         runs = current_runs(log)
+        option = "--plot" if args.plot else "--table"
         if not runs:
-            parser.error(f"--plot: no runs in {log}; pass the --out and --name the study wrote")
+            parser.error(f"{option}: no runs in {log}; pass the --out and --name the study wrote")
         try:
-            write_plot(runs, os.path.join(args.out, plot_name(args.name)))
+            if args.plot:
+                write_plot(runs, os.path.join(args.out, plot_name(args.name)))
         except ValueError as error:
             parser.error(f"--plot: {error} ({log})")
         print(write_table(runs, os.path.join(args.out, f"{args.name}.md")), flush=True)

@@ -132,6 +132,14 @@ def test_plot_draws_the_best_learned_mixture_and_the_table_shows_each_domain_sep
     assert log.read_text() == "".join(json.dumps(row) + "\n" for row in STUDY_LOG)
 
 
+def test_table_rewrites_the_table_from_the_log_without_a_plot(tmp_path, monkeypatch):
+    study = study_module()
+    (tmp_path / "multidomain_study_cpu.jsonl").write_text("".join(json.dumps(row) + "\n" for row in STUDY_LOG[:1]))
+    run_main(study, monkeypatch, "--table", "--out", str(tmp_path), "--name", "multidomain_study_cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multidomain_study_cpu.jsonl", "multidomain_study_cpu.md"]
+    assert "| lora equal params | 0.001 | 1 |" in (tmp_path / "multidomain_study_cpu.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("rows", "words"),
     [
