@@ -30,7 +30,7 @@ OLDEST_CONSTRAINTS := .ci/oldest-constraints.txt
 # tests that need an extra (train, cli, plots, trl): left out of test-oldest
 EXTRAS_TESTS := --ignore=tests/cli --ignore=tests/training --ignore=tests/integrations \
 	--ignore=tests/analysis/test_plots.py --ignore=tests/test_benchmarks.py --ignore=tests/test_quantized_base.py \
-	--ignore=tests/test_multidomain_study.py \
+	--ignore=tests/test_multidomain_study.py --ignore=tests/test_demo.py \
 	--deselect "tests/test_examples.py::test_example_runs[plot_routing.py]" \
 	--deselect "tests/test_examples.py::test_example_runs[trl_sft.py]"
 
