@@ -24,22 +24,23 @@ All runs use the training loop below, not ``mope.train``: per-domain accuracy, t
 batches do not carry, and one loop for every method keeps the comparison equal. It uses the
 recipe loop's parts (``build_model``, ``wrap``, ``Collator``, ``parameter_groups``).
 
-Composition (one job per learning rate and seed): the linear probe (the head every method starts
-from, trained on the union with the encoder frozen; its row is "head only"); with that head frozen, one PEFT LoRA per
-domain (rank ``round(R / 3)``, so the three hold about R ranks) trains on its domain; then the
-three are combined by ``mope.from_lora_adapters`` with Arrow (no training), with a learned top-2
-router trained one epoch on the union (experts and head frozen), by PEFT's ``create_arrow_model``
-(top-2), by PEFT's ``add_weighted_adapter`` (weights 1/3, ``cat``: the exact mean of the three
-updates), and by the oracle that picks each example's own domain LoRA.
+Composition (one job per learning rate and seed) starts from the linear probe (the head every method
+starts from, trained on the union with the encoder frozen; its row is "head only"); with that head
+frozen, one PEFT LoRA per domain (rank ``round(R / 3)``, so the three hold about R ranks) trains on
+its domain; then the three are combined by ``mope.from_lora_adapters`` with Arrow (no training),
+with a learned top-2 router trained one epoch on the union (experts and head frozen), by PEFT's
+``create_arrow_model`` (top-2), by PEFT's ``add_weighted_adapter`` (weights 1/3, ``cat``: the exact
+mean of the three updates), and by the oracle that picks each example's own domain LoRA.
 
 Results are appended one line per run to ``benchmarks/results/multidomain_study_cpu.jsonl``
 (``_h100`` where a GPU trains; ``--name`` sets the stem); a (settings, method, learning rate, seed)
-already there under this ``PROTOCOL`` is skipped, so the study can be stopped and continued. ``multidomain_study_cpu.md`` is
-rewritten from all lines: per method its best learning rate (by mean macro accuracy over seeds; the
-held-out split is the only one, as in the defaults study), accuracy per domain and the macro average
-over domains (the headline), the domains' separation in expert load (mixtures; ``mope.analysis.separation``),
-trainable parameters, adapter FLOPs per token and training time. ``--plot`` draws the best learned
-mixture's domain x expert load into ``multidomain_domain_expert_cpu.png`` (the log's machine).
+already there under this ``PROTOCOL`` is skipped, so the study can be stopped and continued.
+``multidomain_study_cpu.md`` is rewritten from all lines of this protocol: per method its best
+learning rate (by mean macro accuracy over seeds; the held-out split is the only one, as in the
+defaults study), accuracy per domain and the macro average over domains (the headline), the domains'
+separation in expert load (mixtures; ``mope.analysis.separation``), trainable parameters, adapter
+FLOPs per token and training time. ``--plot`` draws the best learned mixture's domain x expert load
+into ``multidomain_domain_expert_cpu.png`` (the log's machine).
 """
 
 from __future__ import annotations
@@ -330,11 +331,11 @@ class Job:
         return head, seconds, row
 
     def start(self, recipe: Recipe):
-        """The base model carrying the linear probe's head, and the probe's training seconds."""
-        head, seconds, _ = self.linear_probe()
+        """The base model carrying the linear probe's head, the probe's training seconds and its row."""
+        head, seconds, row = self.linear_probe()
         base = self.base(recipe)  # seeds the RNG as before: the adapters' initialisation is unchanged
         base.classifier.load_state_dict(head)
-        return base, seconds
+        return base, seconds, row
 
     def measure(self, model, recipe: Recipe, collate: Callable, seconds: float, trained: int, mope: bool) -> dict:
         size = recipe.training.eval_batch_size
@@ -361,7 +362,7 @@ class Job:
         name, overrides = trained_methods(self.ranks)[method]
         recipe = self.recipe(name, overrides)
         collate = collator(recipe, self.labels, "routing_level=task" in " ".join(overrides))
-        base, probe_seconds = self.start(recipe)
+        base, probe_seconds, _ = self.start(recipe)
         model = wrap(base, recipe.adapter, TASK)
         seconds = probe_seconds + train(model, recipe, self.train_rows, collate)
         trained = model.get_nb_trainable_parameters()[0]
@@ -375,8 +376,8 @@ class Job:
 
         recipe = self.recipe("lora")
         collate = collator(recipe, self.labels, False)
-        base, probe_seconds = self.start(recipe)
-        rows = {COMPOSITION[0]: self.linear_probe()[2]}
+        base, probe_seconds, probe_row = self.start(recipe)
+        rows = {COMPOSITION[0]: probe_row}
         base.requires_grad_(False)
         folder = tempfile.mkdtemp(prefix="mope-compose-")
         # the encoder's linear layers (not the head): what all-linear adapts for a classification task

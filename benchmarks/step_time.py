@@ -365,18 +365,23 @@ def build_steps(
     dtype: torch.dtype,
     workdir: Path,
     base: Base | None = None,
+    decode: bool = False,
 ) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
     """One ready step function per candidate that builds and runs once; an error note per one that fails.
 
     ``base`` builds another model and batch than the tiny Llama of ``shape`` (the MiniLM section).
+    ``decode``: the step is a no-grad eval forward of the batch's tokens, not a training step.
     """
     build, batch = base if base is not None else (lambda: build_base(shape, device, dtype), make_batch(shape, device))
     steps, errors = {}, {}
     for candidate in candidates:
         try:
             model = candidate.attach(build(), shape, workdir)
-            model.train()
-            step = lambda model=model: training_step(model, batch)  # noqa: E731
+            model.train(not decode)
+            if decode:
+                step = torch.no_grad()(lambda model=model: model(input_ids=batch["input_ids"]))
+            else:
+                step = lambda model=model: training_step(model, batch)  # noqa: E731
             step()
             steps[candidate.name] = step
         except Exception as error:  # a candidate that cannot run becomes a row saying why
@@ -530,7 +535,7 @@ def compute_ops(step: Callable[[], None]) -> int:
     counted: under ``TRITON_INTERPRET=1`` the interpreter's own tensor copies are hidden from the
     count, so a CPU count of ``dispatch='triton'`` is the launch sequence the same code makes on CUDA.
     """
-    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
         count = 0
@@ -541,17 +546,18 @@ def compute_ops(step: Callable[[], None]) -> int:
             return func(*args, **(kwargs or {}))
 
     counter = Count()
-    with counted_triton_launches(counter, _disable_current_modes), counter:
+    with counted_triton_launches(counter), counter:
         step()
     return counter.count
 
 
 @contextlib.contextmanager
-def counted_triton_launches(counter, disable_modes: Callable):
+def counted_triton_launches(counter):
     """While inside: every Triton kernel launch adds one to ``counter.count`` and runs with no dispatch mode."""
     if importlib.util.find_spec("triton") is None:
         yield
         return
+    from torch.utils._python_dispatch import _disable_current_modes
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -560,7 +566,7 @@ def counted_triton_launches(counter, disable_modes: Callable):
     def counted(original):
         def run(self, *args, **kwargs):
             counter.count += not kwargs.get("warmup", False)
-            with disable_modes():
+            with _disable_current_modes():
                 return original(self, *args, **kwargs)
 
         return run
@@ -583,7 +589,7 @@ def op_rows(settings: Settings) -> list[Row]:
     one_token = replace(shape, batch=1, seq=1)
     with tempfile.TemporaryDirectory() as workdir:
         steps, errors = build_steps(candidates, shape, "cpu", torch.float32, Path(workdir))
-        decodes, decode_errors = decode_forwards(candidates, one_token, Path(workdir))
+        decodes, decode_errors = build_steps(candidates, one_token, "cpu", torch.float32, Path(workdir), decode=True)
     decode = "decode forward (one token, no grad, no KV cache: the adapters' ops are a cached step's)"
     tables = (("training step", shape, steps, errors), (decode, one_token, decodes, decode_errors))
     rows = []
@@ -595,27 +601,11 @@ def op_rows(settings: Settings) -> list[Row]:
             row = Row(section, name, candidate.label, where.describe(), "ops", note=failed.get(name, ""))
             if name in counts:
                 row.value = counts[name]
-                refs = (REFERENCE_LORA,) if REFERENCE_LORA in counts else ()
-                row.ratios = {ref: Ratio.single(counts[name] / counts[ref]) for ref in refs}
+                row.ratios = {
+                    ref: Ratio.single(counts[name] / counts[ref]) for ref in (REFERENCE_LORA,) if ref in counts
+                }
             rows.append(row)
     return rows
-
-
-def decode_forwards(
-    candidates: tuple[Candidate, ...], shape: Shape, workdir: Path
-) -> tuple[dict[str, Callable[[], None]], dict[str, str]]:
-    """Per candidate, a no-grad eval forward of ``shape``'s batch (run once); an error note per one that fails."""
-    ids = make_batch(shape, "cpu")["input_ids"]
-    calls, errors = {}, {}
-    for candidate in candidates:
-        try:
-            model = candidate.attach(build_base(shape), shape, workdir).eval()
-            call = torch.no_grad()(lambda model=model: model(input_ids=ids))
-            call()
-            calls[candidate.name] = call
-        except Exception as error:
-            errors[candidate.name] = error_note(error)
-    return calls, errors
 
 
 def scaling_rows(settings: Settings) -> list[Row]:

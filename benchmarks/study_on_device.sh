@@ -45,9 +45,9 @@ run | multidomain)
     if [ "$study" = run ]; then
         python3 benchmarks/defaults_study.py --workers 15 --out "$out" --model .study/minilm "$@"
     else
-        # resumable: the committed logs (and probes) go into OUT first, so a run cut short continues there
+        # resumable: the committed logs go into OUT first, so a run cut short continues there
         mkdir -p "$out"
-        cp -rn benchmarks/results/multidomain_study_*.jsonl "$out"/ 2>/dev/null || true
+        cp -n benchmarks/results/multidomain_study_*.jsonl "$out"/ 2>/dev/null || true
         python3 benchmarks/multidomain_study.py --workers 15 --out "$out" --model .study/minilm \
             --data .study/multidomain.json "$@"
     fi

@@ -186,8 +186,8 @@ def test_every_method_starts_from_one_linear_probe_trained_once_per_learning_rat
     again = study.Job(str(tmp_path / "data.json"), settings, 0.002, 0, str(tmp_path / "probes"))
     for method in ("lora equal params", "mope top-2 of 8 equal params"):
         name, _ = study.trained_methods(again.ranks)[method]
-        base, probe_seconds = again.start(again.recipe(name))
-        assert probe_seconds == seconds
+        base, probe_seconds, probe_row = again.start(again.recipe(name))
+        assert probe_seconds == seconds and probe_row == row
         assert all(torch.equal(base.classifier.state_dict()[k], head[k]) for k in head)
     other_seed = study.Job(str(tmp_path / "data.json"), settings, 0.002, 1, str(tmp_path / "probes"))
     with pytest.raises(pytest.fail.Exception, match="trained twice"):
