@@ -7,7 +7,7 @@ import math
 import os
 import shutil
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,6 +24,7 @@ from ..integrations.deepspeed import gather_routers_with_their_layers
 from ..routing.schedule import step_schedule
 from .data import Collator, load_examples
 from .models import build_model, load_tokenizer, wrap
+from .probe import ProbePhase, head_names, probe_then_run
 from .recipe import Recipe, RecipeError, TrainingSection
 from .sharding import check_sharding, whole_adapter
 
@@ -61,13 +62,18 @@ class TrainState:
 
 
 def parameter_groups(model, recipe: Recipe) -> list[dict]:
+    """Adapters, routers (their own learning rate) and, with a linear probe, the task head (``"head": True``)."""
     t = recipe.training
+    heads = head_names(model) if t.linear_probe_steps else set()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     router = [p for n, p in trainable if "mope_router" in n]
-    others = [p for n, p in trainable if "mope_router" not in n]
+    others = [p for n, p in trainable if "mope_router" not in n and n not in heads]
     groups = [{"params": others, "lr": t.learning_rate, "weight_decay": t.weight_decay}]
     if router:
         groups.append({"params": router, "lr": t.router_lr, "weight_decay": 0.0})
+    if heads:
+        head = [p for n, p in trainable if n in heads]
+        groups.append({"params": head, "lr": t.learning_rate, "weight_decay": t.weight_decay, "head": True})
     return groups
 
 
@@ -128,7 +134,7 @@ class LossGuard:
         values = torch.stack([loss, aux, task_bad.float(), aux_bad.float(), torch.ones_like(loss)])
         self.sums = values if self.sums is None else self.sums + values
 
-    def step_is_finite(self, step: int, learning_rates: list[float]) -> bool:
+    def step_is_finite(self, step: int, learning_rates: dict[str, float]) -> bool:
         """At an optimizer step: True to apply it, False to skip it; raises :class:`TrainingDiverged` to stop."""
         loss, aux, task_bad, aux_bad, count = self.sums.unbind()
         flags = torch.stack([task_bad > 0, aux_bad > 0, task_bad + aux_bad > 0]).float()  # per process, not batch
@@ -139,7 +145,7 @@ class LossGuard:
             self.skipped, self.consecutive = self.skipped + 1, self.consecutive + 1
             which = "aux loss (router losses)" if aux_bad else "task loss"
             where = f"on {int(processes)} of {self.accelerator.num_processes} processes"
-            rates = f"{learning_rates[0]:g}" + "".join(f", routers {lr:g}" for lr in learning_rates[1:])
+            rates = ", ".join(f"{name}{' ' if name else ''}{lr:g}" for name, lr in learning_rates.items())
             problem = f"the {which} was NaN or inf at optimizer step {step} ({where}, learning rate {rates})"
             fixes = FIXES + (f", or lower {self.coefficients}" if aux_bad else "")
             checkpoint = latest_checkpoint(self.checkpoints)
@@ -185,6 +191,20 @@ def aux_coefficients(model, recipe: Recipe) -> str:
         return ""
     config = model.peft_config["default"]
     return f"adapter.config.aux_loss_coef (now {config.aux_loss_coef:g}) or adapter.config.z_loss_coef (now {config.z_loss_coef:g})"
+
+
+def no_better_than_majority(metrics: dict, training: TrainingSection) -> str:
+    """The warning for a classifier whose eval accuracy does not beat always answering the most common label."""
+    advice = "a lower training.learning_rate"
+    if not training.linear_probe_steps:
+        advice = (
+            "training.linear_probe_steps (e.g. one epoch's steps: with many classes a random head can drag training "
+            f"to chance, docs/training.md 'Many classes'), or {advice}"
+        )
+    return (
+        f"eval accuracy {metrics['eval_accuracy']:.4f} is no better than always answering the most common label "
+        f"({metrics['majority_baseline']:.4f}): the run learned nothing that shows on the eval split. Try {advice}."
+    )
 
 
 def dynamo_plugin(training: TrainingSection) -> TorchDynamoPlugin:
@@ -271,11 +291,17 @@ class Run:
             generator=torch.Generator().manual_seed(t.seed),
         )
         updates_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
-        self.total_steps = t.max_steps or math.ceil(t.epochs * updates_per_epoch)
+        run_steps = t.max_steps or math.ceil(t.epochs * updates_per_epoch)
+        self.total_steps = t.linear_probe_steps + run_steps
         optimizer = torch.optim.AdamW(parameter_groups(self.model, r))
-        scheduler = get_scheduler(
-            t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=self.total_steps
-        )
+        if t.linear_probe_steps:
+            self.probe = ProbePhase(self.model, t, self.accelerator)
+            scheduler = probe_then_run(optimizer, t, run_steps, [g.get("head", False) for g in optimizer.param_groups])
+        else:
+            self.probe = None
+            scheduler = get_scheduler(
+                t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=run_steps
+            )
         prepared = self.accelerator.prepare(self.model, optimizer, train_loader, eval_loader, scheduler)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = prepared
         self.accelerator.register_for_checkpointing(self.state)
@@ -343,6 +369,8 @@ class Run:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.main, desc="train")
         started, tokens, window = time.perf_counter(), 0, time.perf_counter()
+        if self.probe:
+            self.probe.enter(self.state.step)
         for batch in self.batches():
             if self.state.step >= self.total_steps:
                 break
@@ -355,11 +383,14 @@ class Run:
             tokens += int(batch["attention_mask"].sum()) * self.accelerator.num_processes
             if not self.accelerator.sync_gradients:
                 continue
+            probing = self.probe is not None and self.probe.active(self.state.step)
             self.state.step += 1
             if not applied:  # a skipped step's NaN loss is not logged (json would write a bare NaN)
                 self.log({"step": self.state.step, "skipped": True, "lr": self.scheduler.get_last_lr()[0]})
-            elif self.recipe.adapter.method == "mope":  # router_schedule_counter='manual' counts optimizer steps
+            elif self.recipe.adapter.method == "mope" and not probing:  # counts the routers' optimizer steps
                 step_schedule(self.accelerator.unwrap_model(self.model))
+            if probing and not self.probe.active(self.state.step):
+                self.probe.enter(self.state.step)  # the probe is over: the adapters join
             aux = out.get("aux_loss")
             bar.update(1)
             if applied and (self.state.step % t.log_every == 0 or self.state.step == self.total_steps):
@@ -382,6 +413,12 @@ class Run:
         bar.close()
         return time.perf_counter() - started
 
+    def learning_rates(self) -> dict[str, float]:
+        """The current learning rate of each parameter group: the adapters' (unnamed), the routers', the head's."""
+        groups = self.optimizer.param_groups
+        names = ["" if i == 0 else "head" if g.get("head") else "routers" for i, g in enumerate(groups)]
+        return dict(zip(names, self.scheduler.get_last_lr(), strict=True))
+
     def optimizer_step(self) -> bool:
         """Clip, step and zero the gradients, unless a loss was non-finite; False when the step was skipped.
 
@@ -389,7 +426,9 @@ class Run:
         learning-rate schedule nor the router schedule, as Trainer and Megatron do.
         """
         max_grad_norm = self.recipe.training.max_grad_norm
-        applied = self.guard.step_is_finite(self.state.step + 1, self.scheduler.get_last_lr())
+        applied = self.guard.step_is_finite(self.state.step + 1, self.learning_rates())
+        if self.probe is not None and self.probe.active(self.state.step):
+            self.probe.drop_gradients()
         if applied:
             if max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), max_grad_norm)
@@ -402,7 +441,7 @@ class Run:
     def evaluate(self) -> dict:
         self.model.eval()
         correct, count, loss_sum = 0, 0, 0.0
-        predictions = []
+        predictions, targets = [], []
         for batch in self.eval_loader:
             out = self.model(**batch)
             if self.recipe.model.task == "sequence_classification":
@@ -410,17 +449,21 @@ class Run:
                 correct += int((pred == labels).sum())
                 count += labels.numel()
                 predictions += pred.tolist()
+                targets += labels.tolist()
             else:
                 loss_sum += float(self.accelerator.gather_for_metrics(out.loss.detach()[None]).mean())
                 count += 1
         if self.recipe.model.task == "sequence_classification":
             self.predictions = predictions
-            return {"eval_accuracy": correct / max(count, 1)}
+            majority = max(Counter(targets).values(), default=0) / max(count, 1)
+            return {"eval_accuracy": correct / max(count, 1), "majority_baseline": majority}
         return {"eval_loss": loss_sum / max(count, 1)}
 
     def finish(self, train_seconds: float) -> dict:
         whole = self.check_weights()
         metrics = self.evaluate()
+        if self.main and metrics.get("eval_accuracy", 1.0) <= metrics.get("majority_baseline", 0.0):
+            logger.warning(no_better_than_majority(metrics, self.recipe.training))
         checksums = self.accelerator.gather(checksum(whole.values()).to(self.accelerator.device)[None]).tolist()
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.model)
@@ -430,6 +473,7 @@ class Run:
             **metrics,
             "train_seconds": round(train_seconds, 2),
             "steps": self.state.step,
+            "linear_probe_steps": self.recipe.training.linear_probe_steps,
             "skipped_steps": self.guard.skipped,
             "trainable_parameters": trainable,
             "all_parameters": total,

@@ -116,6 +116,13 @@ class TrainingSection(Section):
         description="Router learning rate as a multiple of learning_rate, kept when learning_rate is overridden "
         "(the defaults study in docs/training.md found 0.1 to 0.3 better for dense gates).",
     )
+    linear_probe_steps: int = Field(
+        0,
+        ge=0,
+        description="LP-FT: optimizer steps that train the classification head alone (own schedule, adapters at "
+        "learning rate 0) before the run's epochs/max_steps; for many-class tasks, where a random head can drag "
+        "training to chance (mope.training.probe, docs/training.md).",
+    )
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int = Field(0, ge=0)
@@ -162,6 +169,15 @@ class Recipe(Section):
     data: DataSection
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+
+    @model_validator(mode="after")
+    def probe_needs_a_head(self) -> Recipe:
+        if self.training.linear_probe_steps and self.model.task != "sequence_classification":
+            raise ValueError(
+                f"training.linear_probe_steps trains a new classification head first; model.task {self.model.task} "
+                "has none to train (set it to 0)"
+            )
+        return self
 
 
 class RecipeError(ValueError):
