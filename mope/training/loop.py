@@ -295,7 +295,7 @@ class Run:
         self.total_steps = t.linear_probe_steps + run_steps
         optimizer = torch.optim.AdamW(parameter_groups(self.model, r))
         if t.linear_probe_steps:
-            self.probe = ProbePhase(self.model, t, self.accelerator)
+            self.probe = ProbePhase(optimizer, t, self.accelerator)
             scheduler = probe_then_run(optimizer, t, run_steps, [g.get("head", False) for g in optimizer.param_groups])
         else:
             self.probe = None

@@ -9,7 +9,8 @@ recipe's run (epochs or max_steps, warm-up and schedule) with everything trainab
 
 One optimizer and one scheduler serve both phases, so checkpoints, resume, DDP, FSDP2 and
 DeepSpeed need nothing new: the adapters' and routers' learning rate is 0 during the probe, and
-their gradients are dropped before each probe step, so Adam starts their moments when they join.
+their gradients are dropped before each probe step, so Adam starts their moments when they join
+(except under DeepSpeed, which keeps gradients in its own buffers: there the rate alone holds them).
 On one process the adapters are also frozen during the probe, so no gradient flows into the
 encoder; under DDP/FSDP/DeepSpeed every wrapped parameter must keep receiving gradients.
 """
@@ -72,10 +73,10 @@ def probe_then_run(
 class ProbePhase:
     """What the loop does differently during the probe: which gradients to drop, what to freeze."""
 
-    def __init__(self, model, training: TrainingSection, accelerator: Accelerator) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, training: TrainingSection, accelerator: Accelerator) -> None:
         self.steps = training.linear_probe_steps
-        heads = head_names(model)
-        self.others = [p for n, p in model.named_parameters() if p.requires_grad and n not in heads]
+        # every parameter group but the head's (``parameter_groups`` marks it)
+        self.others = [p for g in optimizer.param_groups if not g.get("head") for p in g["params"]]
         # Only a single process may stop gradients at the head: DDP's reducer, FSDP2 and DeepSpeed
         # expect a gradient for every parameter they were given.
         self.can_freeze = accelerator.distributed_type == DistributedType.NO
