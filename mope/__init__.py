@@ -15,7 +15,7 @@ from .bundles import save_pretrained
 from .config import MoPEConfig
 from .dispatch import set_dispatch
 from .export import collapse_to_lora, export_lora
-from .integrations import RoutingLogCallback, log_routing
+from .integrations import RoutingLogCallback, head_only, log_routing
 from .layer import MoPELayer
 from .registration import register
 from .reuse import from_lora_adapters
@@ -44,6 +44,7 @@ __all__ = [
     "fix_task",
     "from_lora_adapters",
     "get_mope_model",
+    "head_only",
     "load_mope",
     "log_routing",
     "routing_stats",

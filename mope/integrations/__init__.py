@@ -3,6 +3,6 @@
 ``mope.integrations.trl`` needs the ``trl`` extra and is imported only when asked for.
 """
 
-from .trainer import RoutingLogCallback, log_routing
+from .trainer import RoutingLogCallback, head_only, log_routing
 
-__all__ = ["RoutingLogCallback", "log_routing"]
+__all__ = ["RoutingLogCallback", "head_only", "log_routing"]

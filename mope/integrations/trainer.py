@@ -1,4 +1,4 @@
-"""MoPE's router losses and expert balance in ``transformers.Trainer`` (and TRL) logs.
+"""MoPE's router losses and expert balance in ``transformers.Trainer`` (and TRL) logs; LP-FT there.
 
     trainer = Trainer(model=peft_model, ...)          # or trl.SFTTrainer / mope.integrations.trl.MoPESFTTrainer
     mope.log_routing(trainer)                         # adds aux_loss, expert_load_cv, expert_load_max
@@ -16,10 +16,19 @@ reads them once, averages them (over processes too, under DDP) and adds to the l
 
 Evaluation forwards are not counted. ``log_routing`` puts the callback first, so that reporters
 (TensorBoard, W&B, the progress bar) see the values; the Trainer's ``log_history`` gets them too.
+
+``head_only(model)`` is the recipes' ``training.linear_probe_steps`` (LP-FT) for a Trainer: inside it
+only the classification head trains, so a first Trainer fits the head, then a second trains all::
+
+    with mope.head_only(peft_model):
+        Trainer(model=peft_model, args=TrainingArguments(max_steps=P, ...), ...).train()
+    Trainer(model=peft_model, args=..., ...).train()      # adapters, routers and the head
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -126,3 +135,39 @@ def log_routing(trainer: Any, adapter_name: str = "default") -> RoutingLogCallba
     callback = RoutingLogCallback(adapter_name)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
+
+
+HEAD = "modules_to_save"  # PEFT wraps the task head it trains whole (classifier, score) under this name
+
+
+def task_head_names(
+    model: nn.Module, asked_by: str = "head_only", field: str = "the config's modules_to_save"
+) -> set[str]:
+    """The trainable task-head parameters (PEFT's ``modules_to_save`` copies); a ValueError naming ``asked_by`` when none."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad and HEAD in n.split(".")}
+    if not names:
+        raise ValueError(
+            f"{asked_by}: the model has no trainable task head to probe (PEFT trains a head named "
+            f"'classifier' or 'score' whole; name this model's head in {field})"
+        )
+    return names
+
+
+@contextmanager
+def head_only(model: nn.Module) -> Iterator[set[str]]:
+    """Inside: only the task head is trainable; every other trainable parameter is frozen, and trainable again after.
+
+    LP-FT for ``transformers.Trainer`` or any loop that builds its optimizer from ``requires_grad``:
+    a Trainer created inside trains the head alone (its own optimizer and schedule), so a many-class
+    head learns before the adapters move (docs/training.md, "Many classes"). Yields the head's
+    parameter names. A model without a head PEFT trains is refused before anything is frozen.
+    """
+    head = task_head_names(model)
+    frozen = [p for n, p in model.named_parameters() if p.requires_grad and n not in head]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield head
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)

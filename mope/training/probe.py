@@ -25,20 +25,16 @@ from accelerate.utils import DistributedType
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 
+from ..integrations.trainer import task_head_names
 from .recipe import RecipeError, TrainingSection
-
-HEAD = "modules_to_save"  # PEFT wraps the task head it trains whole (classifier, score) under this name
 
 
 def head_names(model) -> set[str]:
     """The trainable task-head parameters (PEFT's ``modules_to_save`` copies); a RecipeError when there is none."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad and HEAD in n.split(".")}
-    if not names:
-        raise RecipeError(
-            "training.linear_probe_steps: the model has no trainable task head to probe (PEFT trains a head named "
-            "'classifier' or 'score' whole; name this model's head in adapter.config.modules_to_save)"
-        )
-    return names
+    try:
+        return task_head_names(model, "training.linear_probe_steps", "adapter.config.modules_to_save")
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
 
 
 def multiplier(name: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -86,3 +86,74 @@ def test_an_adapter_without_routers_is_named(tmp_path):
     mope.log_routing(run, adapter_name="other")
     with pytest.raises(ValueError, match="no MoPE router for adapter 'other'"):
         run.train()
+
+
+def classifier_trainer(model, folder, steps: int) -> Trainer:
+    ids = torch.randint(3, 128, (16, 12), generator=torch.Generator().manual_seed(4))
+    data = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": int(i[0]) % 3} for i in ids]
+    args = TrainingArguments(
+        output_dir=str(folder),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=5e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+    )
+    return Trainer(model=model, args=args, train_dataset=data)
+
+
+def snapshot(model, head: bool) -> dict[str, torch.Tensor]:
+    """The trainable parameters of the head (or of everything else), copied."""
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and ("modules_to_save" in n.split(".")) == head
+    }
+
+
+def moved(before: dict[str, torch.Tensor], model) -> set[str]:
+    now = dict(model.named_parameters())
+    return {n for n, value in before.items() if not torch.equal(value, now[n])}
+
+
+def test_head_only_trains_the_head_alone_then_a_second_trainer_trains_everything(tmp_path):
+    config = mope.MoPEConfig(task_type="SEQ_CLS", target_modules=["query", "value"], num_experts=4, top_k=2, r=2)
+    model = get_peft_model(make_model("bert"), config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    head, others = snapshot(model, True), snapshot(model, False)
+    assert head and others and any("router" in n for n in others)
+
+    with mope.head_only(model) as names:
+        assert names == set(head)
+        probe = classifier_trainer(model, tmp_path / "probe", steps=2)
+        probe.train()
+        optimised = {id(p) for g in probe.optimizer.param_groups for p in g["params"]}
+    assert optimised == {id(p) for n, p in model.named_parameters() if n in head}
+    assert moved(head, model) == set(head) and not moved(others, model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+    classifier_trainer(model, tmp_path / "run", steps=2).train()
+    assert moved(others, model) == set(others)
+
+
+def test_head_only_refuses_a_model_without_a_head_and_restores_after_an_error(tmp_path):
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=4, top_k=2, r=2)
+    model = get_peft_model(make_model("llama"), config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with (
+        pytest.raises(
+            ValueError, match=r"head_only: the model has no trainable task head .* the config's modules_to_save"
+        ),
+        mope.head_only(model),
+    ):
+        pass
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+    classifier = get_peft_model(make_model("bert"), mope.MoPEConfig(task_type="SEQ_CLS", target_modules=["query"]))
+    trainable = {n for n, p in classifier.named_parameters() if p.requires_grad}
+    with pytest.raises(RuntimeError, match="inside"), mope.head_only(classifier):
+        raise RuntimeError("inside")
+    assert {n for n, p in classifier.named_parameters() if p.requires_grad} == trainable
