@@ -11,8 +11,10 @@ out of the call before the base model sees them.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
+import typing
 from collections import defaultdict
 from typing import Any
 
@@ -22,6 +24,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_p
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils import ModelOutput
 
 from .bundles import describe_mismatch
 from .config import pattern_matches
@@ -68,11 +71,48 @@ def attach_aux_loss(output: Any, aux: torch.Tensor, model: nn.Module) -> Any:
         )
     if not isinstance(output, dict):  # ModelOutput is an OrderedDict
         return output
+    if isinstance(output, ModelOutput) and "aux_loss" not in output.__dataclass_fields__:
+        made = WITH_AUX_LOSS.get(type(output))
+        if made is None and not torch.compiler.is_compiling():  # dynamo cannot trace making a class
+            made = with_aux_loss_field(type(output))
+        if made is not None:  # else (compiled, type not declared by forward) the item alone, as a plain dict
+            output = made(**output)
     previous = output.get("aux_loss")
     output["aux_loss"] = aux if previous is None else previous + aux.to(previous.device)
     if output.get("loss") is not None:
         output["loss"] = output["loss"] + aux.to(output["loss"].device)
     return output
+
+
+# output type -> its subclass with an aux_loss field: made for the types a model's forward declares when
+# MoPE is injected (so a compiled first forward finds them), else on the first eager training forward
+WITH_AUX_LOSS: dict[type, type] = {}
+
+
+def declared_outputs(model: nn.Module) -> list[type]:
+    """The ``ModelOutput`` types without ``aux_loss`` in ``model.forward``'s return annotation (``tuple | ...Output``)."""
+    try:
+        returned = typing.get_type_hints(type(model).forward).get("return")
+    except (NameError, TypeError, AttributeError):  # an annotation that does not evaluate: nothing declared
+        return []
+    types = [t for t in typing.get_args(returned) or (returned,) if isinstance(t, type) and issubclass(t, ModelOutput)]
+    return [t for t in types if "aux_loss" not in t.__dataclass_fields__]
+
+
+def with_aux_loss_field(output_type: type) -> type:
+    """``output_type`` (a ``ModelOutput`` without ``aux_loss``) with that field: a subclass, so isinstance holds.
+
+    torch's pytree rebuilds a ``ModelOutput`` as ``type(**items)``, and DDP does so with every output when
+    it looks for unused parameters (as ``Trainer`` asks for a ``PeftModel``): an ``aux_loss`` item that is
+    not a field of the type failed there (``unexpected keyword argument 'aux_loss'``).
+    """
+    made = WITH_AUX_LOSS.get(output_type)
+    if made is None:
+        field = ("aux_loss", "torch.FloatTensor | None", dataclasses.field(default=None))
+        name = f"{output_type.__name__}WithAuxLoss"
+        made = dataclasses.make_dataclass(name, [field], bases=(output_type,), namespace={"__module__": __name__})
+        WITH_AUX_LOSS[output_type] = made
+    return made
 
 
 def is_loss(value: Any) -> bool:
@@ -100,6 +140,8 @@ class MoPEModel(BaseTuner):
             model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
             model.register_forward_hook(self._attach_aux_loss),
         ]
+        for output_type in declared_outputs(model):
+            with_aux_loss_field(output_type)
         if is_deepspeed_zero3_enabled():  # Trainer / TRL / accelerate under ZeRO-3
             gather_routers_with_their_layers(model)
 

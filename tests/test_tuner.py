@@ -4,13 +4,18 @@ its forward hook adds, one routing context per model, and merging.
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
+import transformers
 from conftest import Snapshot, assert_plain, bundle_config, make_batch, make_model, no_grad_logits
 from peft import get_peft_model
+from torch.utils import _pytree as pytree
+from transformers.utils import ModelOutput
 
 import mope
-from mope import MoPEConfig, MoPELayer
+from mope import MoPEConfig, MoPELayer, tuner
 from mope.losses import load_balancing_loss, router_z_loss
 
 BAD_TARGETS = [
@@ -187,6 +192,47 @@ def test_return_dict_false_without_labels_in_training_is_refused():
     assert "Call it with return_dict=True and add output.aux_loss to your loss, or pass labels" in message
     model.eval()  # no router loss outside training: the tuple is returned as it is
     torch.testing.assert_close(model(**inputs, return_dict=False)[0], model(**inputs).logits, rtol=0, atol=0)
+
+
+def tiny_mixtral():
+    config = transformers.MixtralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+    )
+    return transformers.MixtralForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    ("name", "made"),
+    [("llama", "when injected"), ("bert", "when injected"), ("bert", "on the first forward"), ("mixtral", "never")],
+)
+def test_a_training_output_is_rebuilt_from_its_items_as_ddp_does(name, made, monkeypatch):
+    # Before: DDP looking for unused parameters (Trainer's choice for a PeftModel) rebuilds the output as
+    # type(**items) and failed: "SequenceClassifierOutput.__init__() got an unexpected keyword argument 'aux_loss'".
+    base = tiny_mixtral() if name == "mixtral" else make_model(name)
+    declared = typing.get_args(typing.get_type_hints(type(base).forward)["return"]) or (
+        typing.get_type_hints(type(base).forward)["return"],
+    )
+    declared = next(t for t in declared if isinstance(t, type) and issubclass(t, ModelOutput))
+    task = "SEQ_CLS" if name == "bert" else "CAUSAL_LM"
+    config = MoPEConfig(task_type=task, target_modules=["query", "q_proj"], num_experts=4, top_k=2, r=2)
+    model = get_peft_model(base, config).train()
+    if made == "on the first forward":
+        monkeypatch.setattr(tuner, "WITH_AUX_LOSS", {})
+    out = model(**make_batch("bert" if name == "bert" else "llama"))
+    assert isinstance(out, declared) and out.aux_loss > 0
+    assert (type(out) is declared) == (made == "never")  # Mixtral's output has an aux_loss field of its own
+    leaves, spec = pytree.tree_flatten(out)
+    again = pytree.tree_unflatten(leaves, spec)
+    assert type(again) is type(out) and list(again.keys()) == list(out.keys())
+    assert again.aux_loss is out.aux_loss and again.loss is out.loss and again.logits is out.logits
 
 
 def test_a_second_adapter_shares_the_routing_context():

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import make_model
@@ -157,3 +162,54 @@ def test_head_only_refuses_a_model_without_a_head_and_restores_after_an_error(tm
     with pytest.raises(RuntimeError, match="inside"), mope.head_only(classifier):
         raise RuntimeError("inside")
     assert {n for n, p in classifier.named_parameters() if p.requires_grad} == trainable
+
+
+TWO_TRAINERS = """
+import json, os, sys
+import torch, transformers
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments
+import mope
+
+torch.manual_seed(0)
+bert = transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+config = mope.MoPEConfig(task_type="SEQ_CLS", target_modules=["query", "value"], num_experts=4, top_k=2, r=2)
+model = get_peft_model(transformers.BertForSequenceClassification(bert), config)
+ids = torch.randint(3, 128, (32, 12), generator=torch.Generator().manual_seed(4))
+data = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": int(i[0]) % 3} for i in ids]
+
+def trainer(steps):
+    args = TrainingArguments(output_dir=sys.argv[1], max_steps=steps, per_device_train_batch_size=4, learning_rate=5e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=False)
+    return Trainer(model=model, args=args, train_dataset=data)
+
+def sums():
+    head = sum(p.double().sum().item() for n, p in model.named_parameters() if "modules_to_save" in n and p.requires_grad)
+    rest = sum(p.double().sum().item() for n, p in model.named_parameters() if "modules_to_save" not in n and p.requires_grad)
+    return [head, rest]
+
+seen = [sums()]
+with mope.head_only(model):
+    trainer(2).train()
+seen.append(sums())
+trainer(2).train()
+seen.append(sums())
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as handle:
+    json.dump(seen, handle)
+"""
+
+
+@pytest.mark.slow
+def test_head_only_under_ddp_then_a_second_trainer_leaves_both_processes_equal(tmp_path):
+    script = tmp_path / "two_trainers.py"
+    script.write_text(TWO_TRAINERS)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(script), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    subprocess.run(command, check=True, env=env, timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    (head0, rest0), (head1, rest1), (head2, rest2) = ranks[0]
+    assert head1 != head0 and rest1 == rest0  # the probe moved the head alone
+    assert head2 != head1 and rest2 != rest1  # then everything trained
