@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
@@ -15,6 +21,8 @@ from trl import SFTConfig, SFTTrainer
 
 import mope
 from mope.integrations.trl import MoPESFTTrainer
+
+TESTS = str(Path(__file__).resolve().parents[1])
 
 
 def tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -109,3 +117,32 @@ def test_logs_hold_aux_loss_and_balance_and_the_bundle_reloads(tmp_path):
     for folder in (checkpoint, tmp_path / "final"):
         again = PeftModel.from_pretrained(make_model("llama"), str(folder))
         torch.testing.assert_close(no_grad_logits(again, batch), no_grad_logits(sft.model, batch), rtol=0, atol=0)
+
+
+SFT_UNDER_DDP = """
+import json, os, sys
+sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], "integrations")]
+from test_trl import trainer
+
+sft = trainer(sys.argv[1], per_device_train_batch_size=4)
+sft.train()
+weights = sum(p.double().sum().item() for p in sft.model.parameters() if p.requires_grad)
+logs = [entry for entry in sft.state.log_history if "loss" in entry]
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as handle:
+    json.dump({"weights": weights, "logs": logs}, handle)
+"""
+
+
+@pytest.mark.slow
+def test_sft_under_ddp_trains_and_logs_the_aux_loss_on_two_processes(tmp_path):
+    # TRL's loss path ran under DDP before the aux_loss output fix too (Trainer's did not): kept so both stay so.
+    script = tmp_path / "sft.py"
+    script.write_text(SFT_UNDER_DDP)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(script), str(tmp_path), TESTS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    subprocess.run(command, check=True, env=env, timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert [entry["step"] for entry in ranks[0]["logs"]] == [1, 2]
+    assert all(entry["aux_loss"] > 0 for entry in ranks[0]["logs"])
