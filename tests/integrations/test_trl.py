@@ -121,6 +121,7 @@ def test_logs_hold_aux_loss_and_balance_and_the_bundle_reloads(tmp_path):
 
 SFT_UNDER_DDP = """
 import json, os, sys
+import torch
 sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], "integrations")]
 from test_trl import trainer
 
@@ -130,6 +131,7 @@ weights = sum(p.double().sum().item() for p in sft.model.parameters() if p.requi
 logs = [entry for entry in sft.state.log_history if "loss" in entry]
 with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as handle:
     json.dump({"weights": weights, "logs": logs}, handle)
+torch.distributed.destroy_process_group()  # else a gloo thread can abort the exit ("terminate called")
 """
 
 
