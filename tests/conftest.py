@@ -7,7 +7,10 @@ same reason (see tests/README.md).
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,21 @@ def tiny_bert(num_labels: int = 3):
         num_labels=num_labels,
     )
     return transformers.BertForSequenceClassification(config)
+
+
+def tiny_mixtral():
+    config = transformers.MixtralConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+    )
+    return transformers.MixtralForCausalLM(config)
 
 
 def tiny_t5():
@@ -389,3 +407,15 @@ def three_row_logits(model, name: str, **extra) -> torch.Tensor:
     """Logits of a 3-example batch with a left-padded first row."""
     with torch.no_grad():
         return model(**make_batch(name, batch=3, pad=2), **extra).logits
+
+
+def ranks_of_two_cpu_processes(script: str, folder: Path, *args: str) -> list:
+    """Run ``script`` (text) under ``accelerate launch`` on two CPU processes (gloo) with ``folder`` and ``args``
+    as its arguments; it writes ``folder/rank{RANK}.json``. Returns the two ranks' JSON values."""
+    path = folder / "script.py"
+    path.write_text(script)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(path), str(folder), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    subprocess.run(command, check=True, env=env, timeout=300)
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]

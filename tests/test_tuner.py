@@ -8,8 +8,7 @@ import typing
 
 import pytest
 import torch
-import transformers
-from conftest import Snapshot, assert_plain, bundle_config, make_batch, make_model, no_grad_logits
+from conftest import Snapshot, assert_plain, bundle_config, make_batch, make_model, no_grad_logits, tiny_mixtral
 from peft import get_peft_model
 from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
@@ -192,21 +191,6 @@ def test_return_dict_false_without_labels_in_training_is_refused():
     assert "Call it with return_dict=True and add output.aux_loss to your loss, or pass labels" in message
     model.eval()  # no router loss outside training: the tuple is returned as it is
     torch.testing.assert_close(model(**inputs, return_dict=False)[0], model(**inputs).logits, rtol=0, atol=0)
-
-
-def tiny_mixtral():
-    config = transformers.MixtralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        output_router_logits=True,
-    )
-    return transformers.MixtralForCausalLM(config)
 
 
 @pytest.mark.parametrize(

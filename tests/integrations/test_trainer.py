@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, ranks_of_two_cpu_processes
 from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
@@ -203,13 +198,7 @@ torch.distributed.destroy_process_group()  # else a gloo thread can abort the ex
 
 @pytest.mark.slow
 def test_head_only_under_ddp_then_a_second_trainer_leaves_both_processes_equal(tmp_path):
-    script = tmp_path / "two_trainers.py"
-    script.write_text(TWO_TRAINERS)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
-    command += ["--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(script), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    subprocess.run(command, check=True, env=env, timeout=300)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = ranks_of_two_cpu_processes(TWO_TRAINERS, tmp_path)
     assert ranks[0] == ranks[1]
     (head0, rest0), (head1, rest1), (head2, rest2) = ranks[0]
     assert head1 != head0 and rest1 == rest0  # the probe moved the head alone

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +9,7 @@ import torch
 from peft import PeftModel
 
 pytest.importorskip("trl")
-from conftest import make_model, no_grad_logits
+from conftest import make_model, no_grad_logits, ranks_of_two_cpu_processes
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -138,13 +134,7 @@ torch.distributed.destroy_process_group()  # else a gloo thread can abort the ex
 @pytest.mark.slow
 def test_sft_under_ddp_trains_and_logs_the_aux_loss_on_two_processes(tmp_path):
     # TRL's loss path ran under DDP before the aux_loss output fix too (Trainer's did not): kept so both stay so.
-    script = tmp_path / "sft.py"
-    script.write_text(SFT_UNDER_DDP)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
-    command += ["--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(script), str(tmp_path), TESTS]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    subprocess.run(command, check=True, env=env, timeout=300)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = ranks_of_two_cpu_processes(SFT_UNDER_DDP, tmp_path, TESTS)
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert [entry["step"] for entry in ranks[0]["logs"]] == [1, 2]
     assert all(entry["aux_loss"] > 0 for entry in ranks[0]["logs"])
