@@ -30,7 +30,8 @@ frozen, one PEFT LoRA per domain (rank ``round(R / 3)``, so the three hold about
 its domain; then the three are combined by ``mope.from_lora_adapters`` with Arrow (no training),
 with a learned top-2 router trained one epoch on the union (experts and head frozen), by PEFT's
 ``create_arrow_model`` (top-2), by PEFT's ``add_weighted_adapter`` (weights 1/3, ``cat``: the exact
-mean of the three updates), and by the oracle that picks each example's own domain LoRA.
+mean of the three updates), and by the oracle that picks each example's own domain LoRA. The three
+LoRAs are kept beside the probe (``<name>_probes/<id>.loras/``; ``arrow_prototypes.py`` reads them).
 
 Results are appended one line per run to ``benchmarks/results/multidomain_study_cpu.jsonl``
 (``_h100`` where a GPU trains; ``--name`` sets the stem); a (settings, method, learning rate, seed)
@@ -308,8 +309,7 @@ class Job:
         seed) and kept in ``self.probes``: the first job to need it trains it while holding a lock
         on it, and the others wait for it and load it.
         """
-        identity = json.dumps([self.data_digest, list(self.settings), self.lr, self.seed])
-        path = os.path.join(self.probes, hashlib.sha1(identity.encode()).hexdigest()[:20] + ".pt")
+        path = self.kept("pt")
         os.makedirs(self.probes, exist_ok=True)
         with open(f"{path}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
@@ -317,6 +317,11 @@ class Job:
                 saved = torch.load(path, weights_only=True)
                 return saved["head"], saved["seconds"], saved["row"]
             return self.train_linear_probe(path)
+
+    def kept(self, suffix: str) -> str:
+        """A path in ``self.probes`` named by this job's (data, settings, learning rate, seed) and ``suffix``."""
+        identity = json.dumps([self.data_digest, list(self.settings), self.lr, self.seed])
+        return os.path.join(self.probes, f"{hashlib.sha1(identity.encode()).hexdigest()[:20]}.{suffix}")
 
     def train_linear_probe(self, path: str) -> tuple[dict[str, torch.Tensor], float, dict]:
         """:meth:`linear_probe`'s training, saved atomically at ``path``."""
@@ -382,7 +387,7 @@ class Job:
         base, probe_seconds, probe_row = self.start(recipe)
         rows = {COMPOSITION[0]: probe_row}
         base.requires_grad_(False)
-        folder = tempfile.mkdtemp(prefix="mope-compose-")
+        folder = self.kept("loras")  # kept beside the probe: benchmarks/arrow_prototypes.py reads them
         # the encoder's linear layers (not the head): what all-linear adapts for a classification task
         targets = r".*\.(query|key|value|dense)$"
         paths, seconds = [], probe_seconds

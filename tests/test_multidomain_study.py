@@ -297,3 +297,30 @@ def test_the_study_runs_on_a_tiny_model_and_resumes(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "smoke.jsonl").read_text().splitlines() == log  # every run was skipped
+
+
+def test_arrow_prototypes_are_each_lora_update_s_top_right_singular_vector(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        arrow = __import__("arrow_prototypes")
+    finally:
+        sys.path.pop(0)
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    updates = {}
+    for domain in ("stdlib", "fortunes", "man"):
+        a, b = torch.randn(2, 6), torch.randn(5, 2)
+        updates[domain] = b @ a
+        (tmp_path / domain).mkdir()
+        prefix = "base_model.model.layer.0.query"
+        weights = {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}
+        save_file(weights, str(tmp_path / domain / "adapter_model.safetensors"))
+    found = arrow.prototypes(str(tmp_path))
+    assert list(found) == ["layer.0.query"]
+    vectors, norms = found["layer.0.query"]
+    for row, update in enumerate(updates.values()):  # in DOMAINS order
+        top = torch.linalg.matrix_norm(update, ord=2)
+        assert torch.allclose(vectors[row].norm(), torch.tensor(1.0), atol=1e-5)
+        assert torch.allclose((update @ vectors[row]).norm(), top, atol=1e-4)  # reaches the largest singular value
+        assert norms[row] == pytest.approx(update.norm().item(), rel=1e-5)
