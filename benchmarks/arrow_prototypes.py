@@ -58,7 +58,8 @@ def main() -> None:
     found = prototypes(folder)
     recipe = job.recipe("lora")
     model, collate = job.base(recipe).eval(), collator(recipe, job.labels, False)
-    chosen, cosine, tokens = (collections.defaultdict(lambda: torch.zeros(3)) for _ in range(3))
+    chosen, cosine = (collections.defaultdict(lambda: torch.zeros(len(multidomain.DOMAINS))) for _ in range(2))
+    batches: dict[str, int] = collections.defaultdict(int)  # (module, batch) pairs seen per input domain
     input_sum: dict[str, torch.Tensor] = collections.defaultdict(lambda: 0)
     where = {}
 
@@ -68,7 +69,7 @@ def main() -> None:
             scores = (x @ found[name][0].T).abs()
             chosen[where["domain"]] += torch.zeros_like(scores).scatter_(1, scores.topk(2).indices, 1).mean(0) / 2
             cosine[where["domain"]] += (scores / x.norm(dim=-1, keepdim=True)).mean(0)
-            tokens[where["domain"]] += 1
+            batches[where["domain"]] += 1
             input_sum[name] = input_sum[name] + x.sum(0)
 
         return hook
@@ -86,7 +87,7 @@ def main() -> None:
     print(f"LoRAs {folder} (lr {args.lr:g}, seed {args.seed}); experts in order {multidomain.DOMAINS}")
     print("(per domain: means over modules and batches; an expert chosen for every token has share 0.5)")
     for domain in multidomain.DOMAINS:
-        share, cos = chosen[domain] / tokens[domain], cosine[domain] / tokens[domain]
+        share, cos = chosen[domain] / batches[domain], cosine[domain] / batches[domain]
         print(f"{domain:>8} inputs: top-2 share {fmt(share)}   mean |cos(v, x)| {fmt(cos)}")
     mean_input = torch.stack([(found[n][0] @ (s / s.norm())).abs() for n, s in input_sum.items()]).mean(0)
     print(f"|cos(v, mean input)| per LoRA: {fmt(mean_input)}")
