@@ -56,6 +56,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import signal
 import statistics
 import sys
@@ -565,43 +566,50 @@ def separation(group: list[dict]) -> str:
     return f"{statistics.mean(load_separation(r['domain_load']) for r in group):.3f}"
 
 
-def plotted_run(runs: list[dict]) -> dict:
+def plotted_run(runs: list[dict], method: str | None = None) -> dict:
     """The run the domain x expert plot shows: the lowest seed of the best mixture that learned its routing.
 
     Best: the highest mean macro accuracy at its best learning rate, over the methods with expert
     loads except the task-level one (given the domain id). One seed, not a mean: expert numbers
     differ between seeds, so a mean of their loads would blur the separation it is meant to show.
+    ``method``: that mixture's run instead (its lowest seed at its best learning rate).
     """
     mixtures = [
-        (method, group)
-        for method, _, group in best_rows(runs)
-        if method != TASK_LEVEL and all(r.get("domain_load") for r in group)
+        (name, group)
+        for name, _, group in best_rows(runs)
+        if (name == method if method else name != TASK_LEVEL) and all(r.get("domain_load") for r in group)
     ]
     if not mixtures:
-        raise ValueError("no mixture run with expert loads (domain_load) in the log: run a MoPE method first")
+        which = f"of {method!r} " if method else ""
+        raise ValueError(f"no mixture run {which}with expert loads (domain_load) in the log: run a MoPE method first")
     _, group = max(mixtures, key=lambda m: statistics.mean(r["macro_accuracy"] for r in m[1]))
     return min(group, key=lambda r: r["seed"])
 
 
-def write_plot(runs: list[dict], path: str) -> dict:
+def write_plot(runs: list[dict], path: str, method: str | None = None) -> dict:
     """The domain x expert load plot of :func:`plotted_run` as a PNG at ``path``; returns that run."""
     from mope.analysis.plots import domain_expert_load
 
-    run = plotted_run(runs)
+    run = plotted_run(runs, method)
     seeds = sum(1 for r in runs if key(r)[:3] == key(run)[:3])
+    chosen = "chosen by --plot-method" if method else "best mixture by macro accuracy"
     title = (
         f"{run['method']}: lr {run['learning_rate']:g}, seed {run['seed']} of {seeds} "
-        f"(best mixture by macro accuracy; settings: {' '.join(run.get('settings', [])) or 'none'})"
+        f"({chosen}; settings: {' '.join(run.get('settings', [])) or 'none'})"
     )
     domain_expert_load(run["domain_load"], title=title).savefig(path, dpi=120)
     return run
 
 
-def plot_name(name: str) -> str:
-    """The plot's file name for the log ``name``: multidomain_study_h100 -> multidomain_domain_expert_h100.png."""
-    if name.startswith("multidomain_study"):
-        return name.replace("multidomain_study", "multidomain_domain_expert", 1) + ".png"
-    return f"{name}_domain_expert.png"
+def plot_name(name: str, method: str | None = None) -> str:
+    """The plot's file name for the log ``name``: multidomain_study_h100 -> multidomain_domain_expert_h100.png.
+
+    A ``method`` chosen by ``--plot-method`` adds its name: ..._h100_mope-top-2-of-8-equal-params.png.
+    """
+    stem = name.replace("multidomain_study", "multidomain_domain_expert", 1)
+    stem = stem if name.startswith("multidomain_study") else f"{name}_domain_expert"
+    suffix = "_" + "-".join(re.findall(r"[a-z0-9]+", method.lower())) if method else ""
+    return f"{stem}{suffix}.png"
 
 
 def plan(methods: list[str], lrs: list[float], seeds: list[int], settings: tuple[str, ...], runs: list[dict]) -> list:
@@ -648,6 +656,12 @@ def main() -> None:
         "load plot (multidomain_domain_expert_<machine>.png in --out); exit",
     )
     parser.add_argument(
+        "--plot-method",
+        choices=[m for m in method_names() if m.startswith("mope ") or m.startswith("compose: mope")],
+        metavar="NAME",
+        help="with --plot: draw this mixture's plot instead of the best one's (its name is added to the file's)",
+    )
+    parser.add_argument(
         "--table", action="store_true", help="from the log alone (nothing runs): rewrite the table only; exit"
     )
     args = parser.parse_args()
@@ -655,6 +669,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.name = args.name or f"multidomain_study_{machine_tag()}"
     log = os.path.join(args.out, f"{args.name}.jsonl")
+    if args.plot_method and not args.plot:
+        parser.error("--plot-method: only with --plot")
     if args.plot or args.table:
         runs = current_runs(log)
         option = "--plot" if args.plot else "--table"
@@ -662,7 +678,7 @@ def main() -> None:
             parser.error(f"{option}: no runs in {log}; pass the --out and --name the study wrote")
         try:
             if args.plot:
-                write_plot(runs, os.path.join(args.out, plot_name(args.name)))
+                write_plot(runs, os.path.join(args.out, plot_name(args.name, args.plot_method)), args.plot_method)
         except ValueError as error:
             parser.error(f"--plot: {error} ({log})")
         print(write_table(runs, os.path.join(args.out, f"{args.name}.md")), flush=True)

@@ -168,6 +168,25 @@ def test_plot_draws_the_best_learned_mixture_and_the_table_shows_each_domain_sep
     assert log.read_text() == "".join(json.dumps(row) + "\n" for row in STUDY_LOG)
 
 
+def test_plot_method_draws_the_named_mixture_beside_the_best_ones_plot(tmp_path, monkeypatch, capsys):
+    study = study_module()
+    (tmp_path / "multidomain_study_cpu.jsonl").write_text("".join(json.dumps(row) + "\n" for row in STUDY_LOG))
+    dense = "mope dense 8 (demo defaults)"
+    assert study.plotted_run(STUDY_LOG, dense) is STUDY_LOG[1]  # not the best mixture: the one named
+    assert study.plotted_run(STUDY_LOG, study.TASK_LEVEL) is STUDY_LOG[-1]  # named, so not excluded
+    run_main(
+        study, monkeypatch, "--plot", "--plot-method", dense, "--out", str(tmp_path), "--name", "multidomain_study_cpu"
+    )
+    plot = tmp_path / "multidomain_domain_expert_cpu_mope-dense-8-demo-defaults.png"
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "multidomain_domain_expert_cpu.png").exists()
+    with pytest.raises(ValueError, match="of 'mope top-2 of 7 \\+ 1 shared' with expert loads"):
+        study.plotted_run(STUDY_LOG, "mope top-2 of 7 + 1 shared")  # not in the log
+    with pytest.raises(SystemExit):
+        run_main(study, monkeypatch, "--table", "--plot-method", dense, "--out", str(tmp_path))
+    assert "--plot-method: only with --plot" in capsys.readouterr().err
+
+
 def test_table_rewrites_the_table_from_the_log_without_a_plot(tmp_path, monkeypatch):
     study = study_module()
     (tmp_path / "multidomain_study_cpu.jsonl").write_text("".join(json.dumps(row) + "\n" for row in STUDY_LOG[:1]))
