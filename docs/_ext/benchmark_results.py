@@ -2,13 +2,17 @@
 
 The marker line ``<!-- benchmark results -->`` is replaced at build time by each results file,
 in name order, under a heading naming the file and the script that wrote it; the files' own
-headings move one level down. A new results file shows up without editing the docs.
+headings move one level down. A new results file shows up without editing the docs. The plots
+there (``benchmarks/results/*.png``) are served as ``results/<name>.png``, so a page shows one
+with ``![what](results/<name>.png)`` and no copy under docs/.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from mkdocs.structure.files import File
 
 MARKER = "<!-- benchmark results -->"
 PAGE = "benchmarks.md"
@@ -19,6 +23,14 @@ def _demoted(markdown: str) -> str:
     """Every heading one level down, except inside fenced code blocks."""
     parts = re.split(r"(^```.*?^```$)", markdown, flags=re.M | re.S)
     return "".join(p if p.startswith("```") else HEADING.sub(r"#\1 ", p) for p in parts)
+
+
+def on_files(files, config):
+    """Each committed plot under benchmarks/results/ as the site file results/<name>.png."""
+    root = Path(config.config_file_path).parent / "benchmarks" / "results"
+    for plot in sorted(root.glob("*.png")):
+        files.append(File.generated(config, f"results/{plot.name}", abs_src_path=str(plot)))
+    return files
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
