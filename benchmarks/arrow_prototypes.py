@@ -11,12 +11,18 @@ share of top-2 choices each LoRA gets, the mean |cos(v, x)|, and per LoRA the |c
 prototype and the mean input and the size of its update; means over the adapted modules. Inputs
 are the frozen encoder's (first-order: the LoRAs' own effect on later layers is left out), on the
 first ``--rows`` held-out examples of each domain, padding excluded.
+
+It also compares the prototypes with PEFT's (``create_arrow_model``): PEFT finds each one by 15
+steps of power iteration from a start vector seeded by ``ArrowConfig.rng_seed`` (the study passes
+the seed), mope by an exact SVD; where an update's two largest singular values are close, 15 steps
+do not converge, and the two Arrows route some tokens differently.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 
 import torch
@@ -37,6 +43,27 @@ def prototypes(folder: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
                 name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
                 found[name].append((torch.linalg.svd(update, full_matrices=False).Vh[0], update.norm().item()))
     return {n: (torch.stack([v for v, _ in p]), torch.tensor([f for _, f in p])) for n, p in found.items()}
+
+
+def peft_agreement(folder: str, rng_seed: int) -> list[tuple[float, float, str, str]]:
+    """Per (module, domain LoRA): |cos| between PEFT's power-iteration prototype and the exact one,
+    and the update's second singular value over its first; lowest |cos| first."""
+    from types import SimpleNamespace
+
+    from peft.tuners.lora.arrow import ArrowLoraLinearLayer
+
+    power = functools.partial(ArrowLoraLinearLayer.top_right_singular_vec_from_BA, SimpleNamespace(rng_seed=rng_seed))
+    rows = []
+    for domain in multidomain.DOMAINS:
+        weights = load_file(os.path.join(folder, domain, "adapter_model.safetensors"))
+        for key, a in weights.items():
+            if ".lora_A." in key:
+                b = weights[key.replace(".lora_A.", ".lora_B.")].float()
+                _, values, vh = torch.linalg.svd(b @ a.float(), full_matrices=False)
+                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                cos = abs(float(power(a.float(), b) @ vh[0]))
+                rows.append((cos, float(values[1] / values[0]), domain, name))
+    return sorted(rows)
 
 
 def main() -> None:
@@ -92,6 +119,13 @@ def main() -> None:
     mean_input = torch.stack([(found[n][0] @ (s / s.norm())).abs() for n, s in input_sum.items()]).mean(0)
     print(f"|cos(v, mean input)| per LoRA: {fmt(mean_input)}")
     print(f"||B A||_F per LoRA: {fmt(torch.stack([f for _, f in found.values()]).mean(0))}")
+    agreement = peft_agreement(folder, args.seed)
+    print(
+        f"PEFT's prototypes (15 power-iteration steps, rng_seed {args.seed}) against the exact ones: "
+        f"{sum(c < 0.99 for c, *_ in agreement)} of {len(agreement)} with |cos| < 0.99; lowest:"
+    )
+    for cos, ratio, domain, name in agreement[:3]:
+        print(f"  |cos| {cos:.3f}  sigma2/sigma1 {ratio:.3f}  {domain} LoRA, {name}")
 
 
 def fmt(values: torch.Tensor) -> str:

@@ -318,28 +318,51 @@ def test_the_study_runs_on_a_tiny_model_and_resumes(tmp_path):
     assert (tmp_path / "smoke.jsonl").read_text().splitlines() == log  # every run was skipped
 
 
-def test_arrow_prototypes_are_each_lora_update_s_top_right_singular_vector(tmp_path):
+def arrow_module():
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     try:
-        arrow = __import__("arrow_prototypes")
+        return __import__("arrow_prototypes")
     finally:
         sys.path.pop(0)
+
+
+def save_loras(folder, loras: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``{domain: (A, B)}`` as one adapted module's PEFT LoRA per domain under ``folder/<domain>/``."""
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    updates = {}
-    for domain in ("stdlib", "fortunes", "man"):
-        a, b = torch.randn(2, 6), torch.randn(5, 2)
-        updates[domain] = b @ a
-        (tmp_path / domain).mkdir()
+    for domain, (a, b) in loras.items():
+        (folder / domain).mkdir()
         prefix = "base_model.model.layer.0.query"
-        weights = {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}
-        save_file(weights, str(tmp_path / domain / "adapter_model.safetensors"))
-    found = arrow.prototypes(str(tmp_path))
+        save_file(
+            {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b},
+            str(folder / domain / "adapter_model.safetensors"),
+        )
+
+
+def test_arrow_prototypes_are_each_lora_update_s_top_right_singular_vector(tmp_path):
+    torch.manual_seed(0)
+    loras = {domain: (torch.randn(2, 6), torch.randn(5, 2)) for domain in ("stdlib", "fortunes", "man")}
+    save_loras(tmp_path, loras)
+    found = arrow_module().prototypes(str(tmp_path))
     assert list(found) == ["layer.0.query"]
     vectors, norms = found["layer.0.query"]
-    for row, update in enumerate(updates.values()):  # in DOMAINS order
+    for row, (a, b) in enumerate(loras.values()):  # in DOMAINS order
+        update = b @ a
         top = torch.linalg.matrix_norm(update, ord=2)
         assert torch.allclose(vectors[row].norm(), torch.tensor(1.0), atol=1e-5)
         assert torch.allclose((update @ vectors[row]).norm(), top, atol=1e-4)  # reaches the largest singular value
         assert norms[row] == pytest.approx(update.norm().item(), rel=1e-5)
+
+
+def test_peft_agreement_finds_peft_s_power_iteration_off_where_the_top_singular_values_are_close(tmp_path):
+    torch.manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(64, 64))
+    # rank 2, right singular vectors basis[0] and basis[1], sigma2/sigma1 as given per domain
+    ratios = {"stdlib": 0.0, "fortunes": 0.5, "man": 0.999}
+    save_loras(tmp_path, {d: (torch.diag(torch.tensor([1.0, r])) @ basis[:2], torch.eye(2)) for d, r in ratios.items()})
+    rows = {domain: (cos, ratio) for cos, ratio, domain, _ in arrow_module().peft_agreement(str(tmp_path), rng_seed=2)}
+    assert rows["stdlib"][0] == pytest.approx(1.0, abs=1e-5)  # rank 1: one step converges
+    assert rows["fortunes"][0] == pytest.approx(1.0, abs=1e-5)  # 0.5 ** 30: converged
+    assert rows["man"][0] < 0.99  # 0.999 ** 30: 15 steps leave it off the top singular vector
+    assert {d: round(r, 3) for d, (_, r) in rows.items()} == ratios
+    assert next(iter(rows)) == "man"  # lowest |cos| first
