@@ -32,16 +32,22 @@ from safetensors.torch import load_file
 from mope.training import multidomain, quiet_third_party
 
 
-def prototypes(folder: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module name -> (one prototype per domain LoRA, the updates' Frobenius norms), in DOMAINS order."""
-    found: dict[str, list[tuple[torch.Tensor, float]]] = collections.defaultdict(list)
+def lora_weights(folder: str):
+    """``(domain, module name, A, B)`` in float32 for each adapted module of each domain's LoRA, DOMAINS order."""
     for domain in multidomain.DOMAINS:
         weights = load_file(os.path.join(folder, domain, "adapter_model.safetensors"))
         for key, a in weights.items():
             if ".lora_A." in key:
-                update = weights[key.replace(".lora_A.", ".lora_B.")].float() @ a.float()
                 name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                found[name].append((torch.linalg.svd(update, full_matrices=False).Vh[0], update.norm().item()))
+                yield domain, name, a.float(), weights[key.replace(".lora_A.", ".lora_B.")].float()
+
+
+def prototypes(folder: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (one prototype per domain LoRA, the updates' Frobenius norms), in DOMAINS order."""
+    found: dict[str, list[tuple[torch.Tensor, float]]] = collections.defaultdict(list)
+    for _, name, a, b in lora_weights(folder):
+        update = b @ a
+        found[name].append((torch.linalg.svd(update, full_matrices=False).Vh[0], update.norm().item()))
     return {n: (torch.stack([v for v, _ in p]), torch.tensor([f for _, f in p])) for n, p in found.items()}
 
 
@@ -54,15 +60,9 @@ def peft_agreement(folder: str, rng_seed: int) -> list[tuple[float, float, str, 
 
     power = functools.partial(ArrowLoraLinearLayer.top_right_singular_vec_from_BA, SimpleNamespace(rng_seed=rng_seed))
     rows = []
-    for domain in multidomain.DOMAINS:
-        weights = load_file(os.path.join(folder, domain, "adapter_model.safetensors"))
-        for key, a in weights.items():
-            if ".lora_A." in key:
-                b = weights[key.replace(".lora_A.", ".lora_B.")].float()
-                _, values, vh = torch.linalg.svd(b @ a.float(), full_matrices=False)
-                name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                cos = abs(float(power(a.float(), b) @ vh[0]))
-                rows.append((cos, float(values[1] / values[0]), domain, name))
+    for domain, name, a, b in lora_weights(folder):
+        _, values, vh = torch.linalg.svd(b @ a, full_matrices=False)
+        rows.append((abs(float(power(a, b) @ vh[0])), float(values[1] / values[0]), domain, name))
     return sorted(rows)
 
 

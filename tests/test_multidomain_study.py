@@ -27,10 +27,11 @@ TINY = [
 ]
 
 
-def study_module():
+def benchmark_module(name: str = "multidomain_study"):
+    """A script of benchmarks/ imported as a module (its own imports find the others there)."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     try:
-        return __import__("multidomain_study")
+        return __import__(name)
     finally:
         sys.path.pop(0)
 
@@ -38,7 +39,7 @@ def study_module():
 def run_row(method: str, lr: float, seed: int, macro: float) -> dict:
     accuracy = {"stdlib": macro, "fortunes": macro, "man": macro}
     row = {"settings": [], "method": method, "learning_rate": lr, "seed": seed, "accuracy": accuracy}
-    return row | {"protocol": study_module().PROTOCOL}
+    return row | {"protocol": benchmark_module().PROTOCOL}
 
 
 def logged(method: str, lr: float, seed: int, macro: float = 0.5) -> dict:
@@ -46,7 +47,7 @@ def logged(method: str, lr: float, seed: int, macro: float = 0.5) -> dict:
 
 
 def test_the_plan_skips_runs_already_logged_and_makes_composition_one_job():
-    study = study_module()
+    study = benchmark_module()
     compose = list(study.COMPOSITION)
     runs = [logged(m, 0.001, 0) for m in ["lora equal params", *compose]]
     jobs = study.plan(["lora equal params", *compose], [0.001, 0.002], [0], (), runs)
@@ -57,7 +58,7 @@ def test_the_plan_skips_runs_already_logged_and_makes_composition_one_job():
 
 def test_seeds_after_the_first_run_only_at_the_rate_the_first_seed_found_best():
     """Amendment 2: seed 0 runs the grid; seeds 1 and 2 wait for it, then run at its best rate only."""
-    study = study_module()
+    study = benchmark_module()
     lora, dense = "lora equal params", "mope dense 8 (demo defaults)"
     oracle, arrow = study.COMPOSITION[-1], study.COMPOSITION[1]
     grid, seeds, methods = list(study.GRID), list(study.SEEDS), [lora, dense, oracle, arrow]
@@ -86,7 +87,7 @@ def test_seeds_after_the_first_run_only_at_the_rate_the_first_seed_found_best():
 
 
 def test_the_table_shows_each_method_at_the_rate_seed_0_found_best(tmp_path):
-    study = study_module()
+    study = benchmark_module()
     runs = []
     for lr, scores in ((0.001, (0.5, 0.9)), (0.002, (0.6, 0.62))):  # 0.001 has the higher mean: not the rule
         for seed, macro in enumerate(scores):
@@ -140,7 +141,7 @@ def run_main(study, monkeypatch, *argv: str) -> None:
 
 
 def test_plot_draws_the_best_learned_mixture_and_the_table_shows_each_domain_separation(tmp_path, monkeypatch):
-    study = study_module()
+    study = benchmark_module()
     log = tmp_path / "multidomain_study_h100.jsonl"  # a GPU's log, plotted here: the plot keeps its machine
     log.write_text("".join(json.dumps(row) + "\n" for row in STUDY_LOG))
     assert study.plotted_run(STUDY_LOG) is STUDY_LOG[3]
@@ -169,7 +170,7 @@ def test_plot_draws_the_best_learned_mixture_and_the_table_shows_each_domain_sep
 
 
 def test_plot_method_draws_the_named_mixture_beside_the_best_ones_plot(tmp_path, monkeypatch, capsys):
-    study = study_module()
+    study = benchmark_module()
     (tmp_path / "multidomain_study_cpu.jsonl").write_text("".join(json.dumps(row) + "\n" for row in STUDY_LOG))
     dense = "mope dense 8 (demo defaults)"
     assert study.plotted_run(STUDY_LOG, dense) is STUDY_LOG[1]  # not the best mixture: the one named
@@ -188,7 +189,7 @@ def test_plot_method_draws_the_named_mixture_beside_the_best_ones_plot(tmp_path,
 
 
 def test_table_rewrites_the_table_from_the_log_without_a_plot(tmp_path, monkeypatch):
-    study = study_module()
+    study = benchmark_module()
     (tmp_path / "multidomain_study_cpu.jsonl").write_text("".join(json.dumps(row) + "\n" for row in STUDY_LOG[:1]))
     run_main(study, monkeypatch, "--table", "--out", str(tmp_path), "--name", "multidomain_study_cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multidomain_study_cpu.jsonl", "multidomain_study_cpu.md"]
@@ -205,7 +206,7 @@ def test_table_rewrites_the_table_from_the_log_without_a_plot(tmp_path, monkeypa
 def test_plot_without_a_learned_mixture_in_the_log_is_refused_and_writes_nothing(
     tmp_path, monkeypatch, capsys, rows, words
 ):
-    study = study_module()
+    study = benchmark_module()
     if rows:
         (tmp_path / "multidomain_study_cpu.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -218,7 +219,7 @@ def test_plot_without_a_learned_mixture_in_the_log_is_refused_and_writes_nothing
 
 def test_runs_of_the_first_protocol_are_neither_done_nor_in_the_table(tmp_path):
     """Protocol 1 (random heads) was amended before any other result: its lines are kept but never reused."""
-    study = study_module()
+    study = benchmark_module()
     old = run_row("lora equal params", 0.001, 0, 0.05) | {"macro_accuracy": 0.05}
     del old["protocol"]  # protocol 1's lines have no such field
     log = tmp_path / "multidomain_study_cpu.jsonl"
@@ -229,7 +230,7 @@ def test_runs_of_the_first_protocol_are_neither_done_nor_in_the_table(tmp_path):
 
 
 def test_every_method_starts_from_one_linear_probe_trained_once_per_learning_rate_and_seed(tmp_path, monkeypatch):
-    study = study_module()
+    study = benchmark_module()
     tiny_data(tmp_path / "data.json")
     settings = tuple(TINY)
     job = study.Job(str(tmp_path / "data.json"), settings, 0.002, 0, str(tmp_path / "probes"))
@@ -251,7 +252,7 @@ def test_every_method_starts_from_one_linear_probe_trained_once_per_learning_rat
 
 def test_the_learning_rates_and_seeds_are_fixed():
     """The pre-registration: --lrs and --seeds choose from the grid and seeds only."""
-    study = study_module()
+    study = benchmark_module()
     assert study.GRID == (0.001, 0.002, 0.003, 0.005) and study.SEEDS == (0, 1, 2)
     done = subprocess.run(
         [sys.executable, "benchmarks/multidomain_study.py", "--lrs", "0.004", "--list"],
@@ -279,7 +280,7 @@ def tiny_data(path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_study_runs_on_a_tiny_model_and_resumes(tmp_path):
-    study = study_module()
+    study = benchmark_module()
     tiny_data(tmp_path / "data.json")
     methods = ["lora equal params", "mope top-2 of 8 task-level (domain id)", *study.COMPOSITION]
     command = [
@@ -318,14 +319,6 @@ def test_the_study_runs_on_a_tiny_model_and_resumes(tmp_path):
     assert (tmp_path / "smoke.jsonl").read_text().splitlines() == log  # every run was skipped
 
 
-def arrow_module():
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        return __import__("arrow_prototypes")
-    finally:
-        sys.path.pop(0)
-
-
 def save_loras(folder, loras: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """``{domain: (A, B)}`` as one adapted module's PEFT LoRA per domain under ``folder/<domain>/``."""
     from safetensors.torch import save_file
@@ -343,7 +336,7 @@ def test_arrow_prototypes_are_each_lora_update_s_top_right_singular_vector(tmp_p
     torch.manual_seed(0)
     loras = {domain: (torch.randn(2, 6), torch.randn(5, 2)) for domain in ("stdlib", "fortunes", "man")}
     save_loras(tmp_path, loras)
-    found = arrow_module().prototypes(str(tmp_path))
+    found = benchmark_module("arrow_prototypes").prototypes(str(tmp_path))
     assert list(found) == ["layer.0.query"]
     vectors, norms = found["layer.0.query"]
     for row, (a, b) in enumerate(loras.values()):  # in DOMAINS order
@@ -360,7 +353,10 @@ def test_peft_agreement_finds_peft_s_power_iteration_off_where_the_top_singular_
     # rank 2, right singular vectors basis[0] and basis[1], sigma2/sigma1 as given per domain
     ratios = {"stdlib": 0.0, "fortunes": 0.5, "man": 0.999}
     save_loras(tmp_path, {d: (torch.diag(torch.tensor([1.0, r])) @ basis[:2], torch.eye(2)) for d, r in ratios.items()})
-    rows = {domain: (cos, ratio) for cos, ratio, domain, _ in arrow_module().peft_agreement(str(tmp_path), rng_seed=2)}
+    rows = {
+        domain: (cos, ratio)
+        for cos, ratio, domain, _ in benchmark_module("arrow_prototypes").peft_agreement(str(tmp_path), rng_seed=2)
+    }
     assert rows["stdlib"][0] == pytest.approx(1.0, abs=1e-5)  # rank 1: one step converges
     assert rows["fortunes"][0] == pytest.approx(1.0, abs=1e-5)  # 0.5 ** 30: converged
     assert rows["man"][0] < 0.99  # 0.999 ** 30: 15 steps leave it off the top singular vector
