@@ -591,3 +591,16 @@ def test_set_dispatch_and_the_config_reach_the_top_k_routers_and_the_count_is_th
     assert len(routers) == len(banks) == 4 and {r.dispatch for r in routers} == {"triton"}
     assert mope.set_dispatch(model, "masked") == len(banks)
     assert {r.dispatch for r in routers} == {b.dispatch for b in banks} == {"masked"}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_host_grid_arithmetic_equals_tritons():
+    import triton
+
+    from mope.kernels import cdiv, next_power_of_2
+
+    for n in range(1, 600):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for block in (1, 16, 32, 64):
+            assert cdiv(n, block) == triton.cdiv(n, block)
+    assert cdiv(0, 64) == triton.cdiv(0, 64) == 0

@@ -21,6 +21,18 @@ import torch
 INSTALL_HINT = "pip install 'mope[triton]' (Triton ships with CUDA builds of torch)"
 
 
+# Grid and tile arithmetic on the host, in plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are
+# constexpr functions in Triton 3.x, about 2.6 us a call outside a kernel (several per launch, every step).
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ``a >= 0``, ``b > 0``."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` for ``n >= 1``."""
+    return 1 << (n - 1).bit_length()
+
+
 def kernels_interpreted() -> bool:
     """Whether the kernels run in Triton's CPU interpreter.
 

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv
 from .lora import MIN_DOT, Tiles
 
 BLOCK = 64  # pairs per program, and the columns per step
@@ -140,7 +141,7 @@ class Groups:
         self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         blocks = torch.div(counts + BLOCK - 1, BLOCK, rounding_mode="floor")
         ends = blocks.cumsum(0)
-        self.num_blocks = triton.cdiv(tokens * k, BLOCK) + num_experts  # at least sum(blocks), known here
+        self.num_blocks = cdiv(tokens * k, BLOCK) + num_experts  # at least sum(blocks), known here
         ids = torch.arange(self.num_blocks, device=chosen.device)
         block_expert = torch.searchsorted(ends, ids, right=True)
         past = block_expert >= num_experts
@@ -172,7 +173,7 @@ def up_summed(p, gate, w, scale: float, groups: Groups, tiles: Tiles, rp: int) -
     tokens, k, _ = groups.shape
     width = w.shape[2]
     out = p.new_empty(tokens * k, width, dtype=torch.float32)
-    grouped_up[(groups.num_blocks, triton.cdiv(width, BLOCK))](
+    grouped_up[(groups.num_blocks, cdiv(width, BLOCK))](
         p, gate, w, groups.dest, out, *groups.maps(), width, tiles.rank, scale,
         DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BN=BLOCK,
     )  # fmt: skip
@@ -183,7 +184,7 @@ def outer(p, gate, src, scale: float, groups: Groups, tiles: Tiles, rp: int, out
     """``scale * sum over e's pairs of (gate * p)^T src[token]`` ``[N, r, width]``."""
     width = src.shape[1]
     out = src.new_empty(tiles.num_experts, tiles.rank, width, dtype=out_dtype)
-    grouped_outer[(tiles.num_experts, triton.cdiv(width, BLOCK))](
+    grouped_outer[(tiles.num_experts, cdiv(width, BLOCK))](
         p, gate, src, groups.token, groups.offsets, out, width, tiles.rank, scale,
         DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, RP=rp, BN=BLOCK,
     )  # fmt: skip

@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from . import cdiv, next_power_of_2
+
 # every tl.dot operand dimension must be at least this on a GPU
 MIN_DOT = 16
 TILE_COLUMNS = 64  # rank columns (EB * RP) per tile, unless r alone is wider
@@ -183,8 +185,8 @@ class Tiles:
 
     def __init__(self, num_experts: int, rank: int, *dtypes: torch.dtype) -> None:
         self.num_experts, self.rank = num_experts, rank
-        self.rp = triton.next_power_of_2(rank)
-        wanted = min(triton.next_power_of_2(num_experts), max(1, TILE_COLUMNS // self.rp))
+        self.rp = next_power_of_2(rank)
+        wanted = min(next_power_of_2(num_experts), max(1, TILE_COLUMNS // self.rp))
         self.eb = max(wanted, max(1, MIN_DOT // self.rp))
         wide = INTERPRETED or torch.float32 in dtypes or len(set(dtypes)) > 1
         self.dot = tl.float32 if wide else TL_DTYPES[dtypes[0]]
@@ -193,7 +195,7 @@ class Tiles:
 
     @property
     def expert_blocks(self) -> int:
-        return triton.cdiv(self.num_experts, self.eb)
+        return cdiv(self.num_experts, self.eb)
 
 
 def down(x: torch.Tensor, w: torch.Tensor, scale: float, tiles: Tiles, out_dtype: torch.dtype, h=None, gate=None):
@@ -201,7 +203,7 @@ def down(x: torch.Tensor, w: torch.Tensor, scale: float, tiles: Tiles, out_dtype
     tokens, width = x.shape
     out = x.new_empty(tokens, tiles.num_experts * tiles.rank, dtype=out_dtype)
     gate_grad = None if h is None else x.new_empty(tokens, tiles.num_experts, dtype=gate.dtype)
-    grid = (triton.cdiv(tokens, BLOCK), tiles.expert_blocks)
+    grid = (cdiv(tokens, BLOCK), tiles.expert_blocks)
     rank_down[grid](
         x, w, out, h if h is not None else out, gate_grad if gate_grad is not None else out,
         tokens, width, tiles.num_experts, tiles.rank, scale,
@@ -215,7 +217,7 @@ def up(p, gate, w, base, scale: float, tiles: Tiles, out_dtype: torch.dtype) -> 
     """``base + scale * (p * gate (x) 1_r) @ w`` ``[T, D]`` (no ``base``: just the product)."""
     tokens, width = p.shape[0], w.shape[1]
     out = p.new_empty(tokens, width, dtype=out_dtype)
-    grid = (triton.cdiv(tokens, BLOCK), triton.cdiv(width, BLOCK))
+    grid = (cdiv(tokens, BLOCK), cdiv(width, BLOCK))
     rank_up[grid](
         p, gate, w, base if base is not None else out, out,
         tokens, width, tiles.num_experts, tiles.rank, scale,
@@ -229,7 +231,7 @@ def outer(p, gate, y, scale: float, tiles: Tiles, out_dtype: torch.dtype) -> tor
     """``scale * (p * gate (x) 1_r)^T @ y`` ``[N*r, D]``: a factor's gradient."""
     tokens, width = y.shape
     out = y.new_empty(tiles.num_experts * tiles.rank, width, dtype=out_dtype)
-    grid = (tiles.expert_blocks, triton.cdiv(width, BLOCK))
+    grid = (tiles.expert_blocks, cdiv(width, BLOCK))
     rank_outer[grid](
         p, gate, y, out, tokens, width, tiles.num_experts, tiles.rank, scale,
         DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, EB=tiles.eb, RP=tiles.rp, BN=BLOCK,

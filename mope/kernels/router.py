@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_power_of_2
+
 BLOCK = 32  # token rows per program, and the columns of D per step
 MIN_EXPERTS = 16  # the expert tile is at least this wide: every tl.dot operand dimension must be >= 16
 
@@ -183,7 +185,7 @@ def scores_outer(
 
 
 def expert_tile(num_experts: int) -> int:
-    return max(MIN_EXPERTS, triton.next_power_of_2(num_experts))
+    return max(MIN_EXPERTS, next_power_of_2(num_experts))
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, normalise: bool):
@@ -193,7 +195,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, nor
     logits = x.new_empty(tokens, num_experts)
     weights = torch.empty_like(logits)
     chosen = x.new_empty(tokens, k, dtype=torch.long)
-    top_k_route[(triton.cdiv(tokens, BLOCK),)](
+    top_k_route[(cdiv(tokens, BLOCK),)](
         x, weight, logits, weights, chosen, tokens, width, num_experts, temperature,
         K=k, NORMALISE=normalise, BM=BLOCK, NP=expert_tile(num_experts), BK=BLOCK,
     )  # fmt: skip
@@ -211,7 +213,7 @@ def route_gradients(
     num_experts, k = weight.shape[0], chosen.shape[1]
     grad_scores = torch.empty_like(logits)
     grad_x = torch.empty_like(x) if needs[0] else None
-    top_k_route_backward[(triton.cdiv(tokens, BLOCK),)](
+    top_k_route_backward[(cdiv(tokens, BLOCK),)](
         logits if grad_logits is None else grad_logits.contiguous(),
         logits if grad_weights is None else grad_weights.contiguous(),
         logits, weights, chosen, weight, grad_scores,
@@ -222,7 +224,7 @@ def route_gradients(
     grad_weight = None
     if needs[1]:
         grad_weight = torch.empty_like(weight)
-        scores_outer[(triton.cdiv(width, BLOCK),)](
+        scores_outer[(cdiv(width, BLOCK),)](
             grad_scores, x, grad_weight, tokens, width, num_experts, NP=expert_tile(num_experts), BT=BLOCK, BN=BLOCK
         )
     return [grad_x, grad_weight]
