@@ -8,13 +8,14 @@ Run from the repository root (no network needed; models are tiny random Llamas b
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --profile       # torch.profiler top ops instead
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --sections gpu  # only some tables
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --sections ops  # ops per step (no timing)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --sections host # host time per step, tiny widths
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_time.py --dispatch masked,sorted  # + a row per strategy
 
 It writes ``DIR/NAME.json`` and ``DIR/NAME.md`` and prints the markdown tables. NAME (``--name``) says what
 was measured and where: ``step_time_cpu`` (the step tables, or all sections, on CPU), ``step_time_minilm_cpu``,
-``step_time_scaling_cpu``, ``step_time_ops_cpu`` or ``step_time_memory_cpu`` when one such section runs alone,
-``step_time_h100`` / ``step_time_h200`` for the GPU tables (``--sections gpu``; the card's model, ``cuda`` if it
-has none) and ``step_time_compiled_h100`` for ``--sections gpu_compiled``. ``--profile`` writes
+``step_time_scaling_cpu``, ``step_time_ops_cpu``, ``step_time_host_cpu`` or ``step_time_memory_cpu`` when one such
+section runs alone, ``step_time_h100`` / ``step_time_h200`` for the GPU tables (``--sections gpu``; the card's model,
+``cuda`` if it has none) and ``step_time_compiled_h100`` for ``--sections gpu_compiled``. ``--profile`` writes
 ``DIR/step_time_profile_cpu.md`` (or ``_h100``...), the top ops by self CPU time of the MoPE and LoRA steps.
 The committed files in benchmarks/results are the current run per section and machine; when a new run
 replaces one, move the old run's headline figures into the file's History section by hand.
@@ -43,6 +44,12 @@ What is measured (see ../shared/MEASURING.md):
   one kernel launch per op, so this counts what launches cost. ``--dispatch triton`` adds the
   kernels' row where they run: on CPU, under ``TRITON_INTERPRET=1`` (the launches are the ones the
   same code makes on CUDA; the interpreter's own work inside a launch is not counted).
+- Host (``--sections host``): the step at hidden 32 on 1 thread, where the arithmetic is negligible, so
+  the time is the Python, autograd and aten dispatch work the host does for a step whatever the device:
+  an eager GPU step costs at least this. Triton launches run nothing there (only the integer tensors
+  they were given are zeroed, about 4 us a launch, so that chosen-expert indices stay valid), so
+  ``TRITON_INTERPRET=1 ... --sections host --dispatch triton`` times the host work around the kernels,
+  not Triton's launcher.
 - Candidates: PEFT LoRA (alpha = 2r); MoPE top-2 of N with r=8, with its default aux-loss weights or
   with both set to 0; PEFT X-LoRA over 4 LoRA r=8 adapters saved by PEFT first, experts trainable
   (a construction error becomes the row's note); the naive loop (no aux losses). All use
@@ -131,9 +138,11 @@ class Settings:
     scaling_shape: Shape
     memory_shape: Shape
     gpu_shape: Shape
+    host_shape: Shape
     warmup: int
     reps: int
     gpu_reps: int
+    host_reps: int
     memory_candidates: tuple[str, ...]
     notes: tuple[str, ...] = ()
     dispatches: tuple[str, ...] = ()  # --dispatch: extra MoPE rows with MoPEConfig.dispatch forced
@@ -145,9 +154,11 @@ FULL = Settings(
     scaling_shape=Shape(1024, 2, 8, 128),
     memory_shape=Shape(1024, 2, 8, 128),
     gpu_shape=Shape(1024, 4, 8, 512),
+    host_shape=Shape(32, 4, 1, 8),
     warmup=1,  # plus the one step each candidate runs when it is built
     reps=7,  # 9 took over 10 minutes on a shared 2-core machine
     gpu_reps=25,
+    host_reps=41,
     memory_candidates=(REFERENCE_BASE, REFERENCE_LORA, REFERENCE_MOPE),
     notes=("hidden 1024 uses 2 layers, not 4: with 4, one step takes several seconds on 2 CPU cores.",),
 )
@@ -156,9 +167,11 @@ QUICK = Settings(
     scaling_shape=Shape(64, 2, 2, 32),
     memory_shape=Shape(64, 2, 2, 32),
     gpu_shape=Shape(256, 2, 4, 128),
+    host_shape=Shape(32, 2, 1, 4),
     warmup=1,
     reps=3,
     gpu_reps=3,
+    host_reps=3,
     memory_candidates=(REFERENCE_LORA, REFERENCE_MOPE),
     minilm_batch=(2, 16),
     notes=("--quick: tiny shapes, 1 CPU thread, 3 repetitions; a smoke test, not a measurement.",),
@@ -552,32 +565,46 @@ def compute_ops(step: Callable[[], None]) -> int:
 
 
 @contextlib.contextmanager
-def counted_triton_launches(counter):
-    """While inside: every Triton kernel launch adds one to ``counter.count`` and runs with no dispatch mode."""
+def replaced_triton_launches(launch: Callable[..., object]):
+    """While inside: every Triton kernel launch calls ``launch(original_run, kernel, *args, **kwargs)`` instead."""
     if importlib.util.find_spec("triton") is None:
         yield
         return
-    from torch.utils._python_dispatch import _disable_current_modes
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
     originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
 
-    def counted(original):
-        def run(self, *args, **kwargs):
-            counter.count += not kwargs.get("warmup", False)
-            with _disable_current_modes():
-                return original(self, *args, **kwargs)
-
-        return run
+    def replaced(original):
+        return lambda self, *args, **kwargs: launch(original, self, *args, **kwargs)
 
     for cls, original in originals.items():
-        cls.run = counted(original)
+        cls.run = replaced(original)
     try:
         yield
     finally:
         for cls, original in originals.items():
             cls.run = original
+
+
+def counted_triton_launches(counter):
+    """While inside: every Triton kernel launch adds one to ``counter.count`` and runs with no dispatch mode."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def counted(original, kernel, *args, **kwargs):
+        counter.count += not kwargs.get("warmup", False)
+        with _disable_current_modes():
+            return original(kernel, *args, **kwargs)
+
+    return replaced_triton_launches(counted)
+
+
+def skipped_launch(original, kernel, *args, **kwargs) -> None:
+    """A Triton launch that runs nothing: it only zeroes the integer tensors it was given (outputs such as the
+    chosen experts must hold valid indices for the torch ops after it); float outputs keep whatever they held."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and not arg.is_floating_point():
+            arg.zero_()
 
 
 def op_rows(settings: Settings) -> list[Row]:
@@ -606,6 +633,29 @@ def op_rows(settings: Settings) -> list[Row]:
                 }
             rows.append(row)
     return rows
+
+
+def host_rows(settings: Settings) -> list[Row]:
+    """Host time of a training step at tiny widths on 1 thread: the CPU's side of an eager GPU step.
+
+    At hidden 32 the arithmetic is negligible, so the time is Python, autograd and aten dispatch, the
+    work the host does for each step whatever the GPU; an eager step costs at least this. Triton
+    launches run nothing (:func:`skipped_launch`), so the ``dispatch=triton`` rows (under
+    ``TRITON_INTERPRET=1``) time the host work around the kernels, not Triton's own launcher, which
+    adds its per-launch cost on a GPU (launches per step: the ops table).
+    """
+    shape = settings.host_shape
+    names = (REFERENCE_BASE, REFERENCE_LORA, REFERENCE_MOPE, "mope_top2_of_8_no_aux")
+    candidates = with_dispatch_rows(tuple(CANDIDATES_BY_NAME[n] for n in names), settings.dispatches)
+    section = "host time per training step (tiny widths, 1 CPU thread; Triton launches run nothing)"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with replaced_triton_launches(skipped_launch):
+            timed = replace(settings, reps=settings.host_reps)
+            return timing_rows(section, candidates, (REFERENCE_LORA, REFERENCE_BASE), shape, timed)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def scaling_rows(settings: Settings) -> list[Row]:
@@ -908,7 +958,14 @@ def machine_tag(device: str | None = None) -> str:
 
 
 # A section run alone that has its own results file: step_time_<its word>_<machine>.
-SECTION_FILES = {"minilm": "minilm", "scaling": "scaling", "memory": "memory", "ops": "ops", "gpu_compiled": "compiled"}
+SECTION_FILES = {
+    "minilm": "minilm",
+    "scaling": "scaling",
+    "memory": "memory",
+    "ops": "ops",
+    "host": "host",
+    "gpu_compiled": "compiled",
+}
 
 
 def results_name(sections: list[str]) -> str:
@@ -987,6 +1044,7 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
     "gpu": gpu_rows,
     "gpu_compiled": gpu_compiled_rows,
     "ops": op_rows,
+    "host": host_rows,
 }
 
 
@@ -1006,6 +1064,8 @@ def run_benchmark(settings: Settings, mode: str, sections: list[str], out: Path,
     info["repetitions"] = f"{settings.warmup} warm-up + {settings.reps} timed per candidate"
     if "gpu" in sections and torch.cuda.is_available():
         info["repetitions"] += f" ({settings.gpu_reps} on the GPU)"
+    if "host" in sections:
+        info["repetitions"] += f" ({settings.host_reps} for the host table, on 1 thread)"
     rows: list[Row] = []
     for section in sections:
         try:

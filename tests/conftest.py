@@ -33,6 +33,15 @@ transformers.logging.set_verbosity_error()
 torch.set_num_threads(1)
 
 
+def benchmark_module(name: str):
+    """A script of benchmarks/ imported as a module (its own imports find the others there)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
 def tiny_llama():
     config = transformers.LlamaConfig(
         vocab_size=128,

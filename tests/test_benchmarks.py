@@ -6,6 +6,7 @@ expected row is there with positive numbers (or, for third-party X-LoRA, a recor
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "step_time.py"
@@ -122,6 +124,14 @@ def check_ops_rows(results: dict) -> None:
     assert counts["frozen_base"] < counts["peft_lora_r16"] < counts["mope_top2_of_8"]
 
 
+def check_host_rows(results: dict) -> None:
+    rows = rows_of(results, "host time per training step")
+    assert set(rows) == {"frozen_base", "peft_lora_r16", "mope_top2_of_8", "mope_top2_of_8_no_aux"}
+    for row in rows.values():
+        assert_positive(row)
+        assert set(row["ratios"]) == {"peft_lora_r16", "frozen_base"}
+
+
 def check_gpu_rows(results: dict) -> None:
     gpu = [row for row in results["rows"] if "CUDA" in row["section"]]
     assert gpu
@@ -142,6 +152,7 @@ def test_quick_benchmark_writes_every_row(tmp_path):
     check_scaling_rows(results)
     check_memory_rows(results)
     check_ops_rows(results)
+    check_host_rows(results)
     check_gpu_rows(results)
 
 
@@ -182,14 +193,6 @@ def test_quick_layer_benchmark_writes_every_row(tmp_path):
     for row in rows.values():
         assert_positive(row)
         assert set(row["ratios"]) == {"peft_lora_r16", "frozen_layer", *LOOPS}
-
-
-def benchmark_module(name: str):
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
 
 
 def test_padded_candidate_matches_masked_dispatch():
@@ -239,3 +242,28 @@ def test_defaults_study_variants_are_valid_recipes(tmp_path):
     assert set(by_task) == {"modules", "modules training.epochs=8"}
     assert [by_task[t]["seeds"] for t in sorted(by_task)] == ["1", "1"]
     assert [by_task[t]["accuracy (mean)"] for t in sorted(by_task)] == ["0.5000", "0.7000"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_skipped_triton_launches_run_nothing_but_zero_integer_arguments_and_are_counted_then_restored():
+    """The host section's launches run no kernel (none could run here: no CUDA, no interpreter) and leave valid
+    indices; launches are counted through it; the real launcher is back afterwards."""
+    import torch
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    step_time = benchmark_module("step_time")
+    original = JITFunction.run
+
+    @triton.jit
+    def fill(out_ptr, index_ptr):
+        pass
+
+    values, indices = torch.ones(3), torch.full((3,), 7)
+    counter = type("Counter", (), {"count": 0})()
+    with step_time.replaced_triton_launches(step_time.skipped_launch), step_time.counted_triton_launches(counter):
+        fill[(1,)](values, indices)
+        fill[(2,)](values, indices)
+    assert counter.count == 2
+    assert indices.tolist() == [0, 0, 0] and values.tolist() == [1.0, 1.0, 1.0]
+    assert JITFunction.run is original

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import benchmark_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -27,19 +28,10 @@ TINY = [
 ]
 
 
-def benchmark_module(name: str = "multidomain_study"):
-    """A script of benchmarks/ imported as a module (its own imports find the others there)."""
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
-
-
 def run_row(method: str, lr: float, seed: int, macro: float) -> dict:
     accuracy = {"stdlib": macro, "fortunes": macro, "man": macro}
     row = {"settings": [], "method": method, "learning_rate": lr, "seed": seed, "accuracy": accuracy}
-    return row | {"protocol": benchmark_module().PROTOCOL}
+    return row | {"protocol": benchmark_module("multidomain_study").PROTOCOL}
 
 
 def logged(method: str, lr: float, seed: int, macro: float = 0.5) -> dict:
@@ -47,7 +39,7 @@ def logged(method: str, lr: float, seed: int, macro: float = 0.5) -> dict:
 
 
 def test_the_plan_skips_runs_already_logged_and_makes_composition_one_job():
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     compose = list(study.COMPOSITION)
     runs = [logged(m, 0.001, 0) for m in ["lora equal params", *compose]]
     jobs = study.plan(["lora equal params", *compose], [0.001, 0.002], [0], (), runs)
@@ -58,7 +50,7 @@ def test_the_plan_skips_runs_already_logged_and_makes_composition_one_job():
 
 def test_seeds_after_the_first_run_only_at_the_rate_the_first_seed_found_best():
     """Amendment 2: seed 0 runs the grid; seeds 1 and 2 wait for it, then run at its best rate only."""
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     lora, dense = "lora equal params", "mope dense 8 (demo defaults)"
     oracle, arrow = study.COMPOSITION[-1], study.COMPOSITION[1]
     grid, seeds, methods = list(study.GRID), list(study.SEEDS), [lora, dense, oracle, arrow]
@@ -87,7 +79,7 @@ def test_seeds_after_the_first_run_only_at_the_rate_the_first_seed_found_best():
 
 
 def test_the_table_shows_each_method_at_the_rate_seed_0_found_best(tmp_path):
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     runs = []
     for lr, scores in ((0.001, (0.5, 0.9)), (0.002, (0.6, 0.62))):  # 0.001 has the higher mean: not the rule
         for seed, macro in enumerate(scores):
@@ -141,7 +133,7 @@ def run_main(study, monkeypatch, *argv: str) -> None:
 
 
 def test_plot_draws_the_best_learned_mixture_and_the_table_shows_each_domain_separation(tmp_path, monkeypatch):
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     log = tmp_path / "multidomain_study_h100.jsonl"  # a GPU's log, plotted here: the plot keeps its machine
     log.write_text("".join(json.dumps(row) + "\n" for row in STUDY_LOG))
     assert study.plotted_run(STUDY_LOG) is STUDY_LOG[3]
@@ -170,7 +162,7 @@ def test_plot_draws_the_best_learned_mixture_and_the_table_shows_each_domain_sep
 
 
 def test_plot_method_draws_the_named_mixture_beside_the_best_ones_plot(tmp_path, monkeypatch, capsys):
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     (tmp_path / "multidomain_study_cpu.jsonl").write_text("".join(json.dumps(row) + "\n" for row in STUDY_LOG))
     dense = "mope dense 8 (demo defaults)"
     assert study.plotted_run(STUDY_LOG, dense) is STUDY_LOG[1]  # not the best mixture: the one named
@@ -189,7 +181,7 @@ def test_plot_method_draws_the_named_mixture_beside_the_best_ones_plot(tmp_path,
 
 
 def test_table_rewrites_the_table_from_the_log_without_a_plot(tmp_path, monkeypatch):
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     (tmp_path / "multidomain_study_cpu.jsonl").write_text("".join(json.dumps(row) + "\n" for row in STUDY_LOG[:1]))
     run_main(study, monkeypatch, "--table", "--out", str(tmp_path), "--name", "multidomain_study_cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multidomain_study_cpu.jsonl", "multidomain_study_cpu.md"]
@@ -206,7 +198,7 @@ def test_table_rewrites_the_table_from_the_log_without_a_plot(tmp_path, monkeypa
 def test_plot_without_a_learned_mixture_in_the_log_is_refused_and_writes_nothing(
     tmp_path, monkeypatch, capsys, rows, words
 ):
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     if rows:
         (tmp_path / "multidomain_study_cpu.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -219,7 +211,7 @@ def test_plot_without_a_learned_mixture_in_the_log_is_refused_and_writes_nothing
 
 def test_runs_of_the_first_protocol_are_neither_done_nor_in_the_table(tmp_path):
     """Protocol 1 (random heads) was amended before any other result: its lines are kept but never reused."""
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     old = run_row("lora equal params", 0.001, 0, 0.05) | {"macro_accuracy": 0.05}
     del old["protocol"]  # protocol 1's lines have no such field
     log = tmp_path / "multidomain_study_cpu.jsonl"
@@ -230,7 +222,7 @@ def test_runs_of_the_first_protocol_are_neither_done_nor_in_the_table(tmp_path):
 
 
 def test_every_method_starts_from_one_linear_probe_trained_once_per_learning_rate_and_seed(tmp_path, monkeypatch):
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     tiny_data(tmp_path / "data.json")
     settings = tuple(TINY)
     job = study.Job(str(tmp_path / "data.json"), settings, 0.002, 0, str(tmp_path / "probes"))
@@ -252,7 +244,7 @@ def test_every_method_starts_from_one_linear_probe_trained_once_per_learning_rat
 
 def test_the_learning_rates_and_seeds_are_fixed():
     """The pre-registration: --lrs and --seeds choose from the grid and seeds only."""
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     assert study.GRID == (0.001, 0.002, 0.003, 0.005) and study.SEEDS == (0, 1, 2)
     done = subprocess.run(
         [sys.executable, "benchmarks/multidomain_study.py", "--lrs", "0.004", "--list"],
@@ -280,7 +272,7 @@ def tiny_data(path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_study_runs_on_a_tiny_model_and_resumes(tmp_path):
-    study = benchmark_module()
+    study = benchmark_module("multidomain_study")
     tiny_data(tmp_path / "data.json")
     methods = ["lora equal params", "mope top-2 of 8 task-level (domain id)", *study.COMPOSITION]
     command = [
