@@ -192,47 +192,49 @@ def outer(p, gate, src, scale: float, groups: Groups, tiles: Tiles, rp: int, out
 
 
 class GroupedLoRA(torch.autograd.Function):
-    """``base + s * sum over chosen e of gate[t, e] * B_e^T A_e x[t]`` on flat ``[T, ...]`` tensors."""
+    """``base + s * sum over chosen e of gate[t, e] * B_e^T A_e x[t]`` for tensors of any token shape.
+
+    Flattened inside the Function, where autograd does not track the views (see ``RoutedLoRA``).
+    """
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weights, base, chosen, scaling: float):
-        num_experts, rank, _ = lora_a.shape
-        groups = Groups(chosen, num_experts)
+        num_experts, rank, d_in = lora_a.shape
+        groups = Groups(chosen.reshape(-1, chosen.shape[-1]), num_experts)
         tiles = Tiles(num_experts, rank, x.dtype, base.dtype)
         rp = max(MIN_DOT, tiles.rp)
+        flat_x, lora_a, lora_b = x.reshape(-1, d_in).contiguous(), lora_a.contiguous(), lora_b.contiguous()
         gate = weights.reshape(-1)[groups.token * num_experts + groups.expert].contiguous()
-        h, _ = down(x, lora_a, 1.0, groups, tiles, rp, x.dtype)
-        ctx.save_for_backward(x, lora_a, lora_b, gate, h)
-        ctx.groups, ctx.tiles, ctx.rp, ctx.scaling = groups, tiles, rp, scaling
-        return (base + up_summed(h, gate, lora_b, scaling, groups, tiles, rp)).to(base.dtype)
+        h, _ = down(flat_x, lora_a, 1.0, groups, tiles, rp, x.dtype)
+        ctx.save_for_backward(flat_x, lora_a, lora_b, gate, h)
+        ctx.groups, ctx.tiles, ctx.rp, ctx.scaling, ctx.shapes = groups, tiles, rp, scaling, (x.shape, weights.shape)
+        delta = up_summed(h, gate, lora_b, scaling, groups, tiles, rp)
+        return (base.reshape(-1, base.shape[-1]) + delta).to(base.dtype).view(base.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, lora_a, lora_b, gate, h = ctx.saved_tensors
         groups, tiles, rp, s, needs = ctx.groups, ctx.tiles, ctx.rp, ctx.scaling, ctx.needs_input_grad
-        grad_out = grad_out.contiguous()
+        x_shape, weights_shape = ctx.shapes
+        grad_base = grad_out
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
         grad_x = grad_a = grad_b = grad_weights = None
         if needs[0] or needs[1] or needs[3]:
             grad_hg, grad_gate = down(grad_out, lora_b, s, groups, tiles, rp, x.dtype, h if needs[3] else None)
             if needs[0]:
-                grad_x = up_summed(grad_hg, gate, lora_a, 1.0, groups, tiles, rp).to(x.dtype)
+                grad_x = up_summed(grad_hg, gate, lora_a, 1.0, groups, tiles, rp).to(x.dtype).view(x_shape)
             if needs[1]:
                 grad_a = outer(grad_hg, gate, x, 1.0, groups, tiles, rp, lora_a.dtype)
             if needs[3]:
                 tokens, _, num_experts = groups.shape
                 grad_weights = gate.new_zeros(tokens * num_experts)
                 grad_weights[groups.token * num_experts + groups.expert] = grad_gate.to(gate.dtype)
-                grad_weights = grad_weights.view(tokens, num_experts)
+                grad_weights = grad_weights.view(weights_shape)
         if needs[2]:
             grad_b = outer(h, gate, grad_out, s, groups, tiles, rp, lora_b.dtype)
-        return grad_x, grad_a, grad_b, grad_weights, grad_out if needs[4] else None, None, None
+        return grad_x, grad_a, grad_b, grad_weights, grad_base if needs[4] else None, None, None
 
 
 def grouped_lora(x, lora_A, lora_B, weights, scaling: float, base_out, chosen) -> torch.Tensor:
     """:func:`mope.dispatch.lora_masked`'s result over the ``chosen [..., k]`` experts only; any token shape."""
-    n, _, d_in = lora_A.shape
-    flat = x.reshape(-1, d_in).contiguous(), lora_A.contiguous(), lora_B.contiguous()
-    gate = weights.reshape(-1, n).contiguous()
-    base = base_out.reshape(-1, base_out.shape[-1]).contiguous()
-    out = GroupedLoRA.apply(*flat, gate, base, chosen.reshape(-1, chosen.shape[-1]), scaling)
-    return out.view(base_out.shape)
+    return GroupedLoRA.apply(x, lora_A, lora_B, weights, base_out, chosen, scaling)

@@ -231,26 +231,32 @@ def route_gradients(
 
 
 class RouteTopK(torch.autograd.Function):
-    """:func:`route` with its gradients (the chosen experts have none)."""
+    """:func:`route` with its gradients (the chosen experts have none), for ``x`` of any token shape.
+
+    Flattened inside the Function, where autograd does not track the views (see
+    :class:`mope.kernels.lora.RoutedLoRA`).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, k: int, temperature: float, normalise: bool):
-        logits, weights, chosen = route(x, weight, k, temperature, normalise)
-        ctx.save_for_backward(x, weight, logits, weights, chosen)
-        ctx.temperature, ctx.normalise = temperature, normalise
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        logits, weights, chosen = route(flat, weight, k, temperature, normalise)
+        ctx.save_for_backward(flat, weight, logits, weights, chosen)
+        ctx.temperature, ctx.normalise, ctx.x_shape = temperature, normalise, x.shape
         ctx.mark_non_differentiable(chosen)
         # no zero gradient is built for ``chosen`` (or an unused output): one fill kernel less per layer
         ctx.set_materialize_grads(False)
-        return logits, weights, chosen
+        token_shape = x.shape[:-1]
+        return logits.view(*token_shape, -1), weights.view(*token_shape, -1), chosen.view(*token_shape, k)
 
     @staticmethod
     def backward(ctx, grad_logits, grad_weights, grad_chosen):
         x, weight, logits, weights, chosen = ctx.saved_tensors
-        grads = route_gradients(
-            grad_logits, grad_weights, x, weight, logits, weights, chosen,
-            ctx.temperature, ctx.normalise, ctx.needs_input_grad[:2],
-        )  # fmt: skip
-        return *grads, None, None, None
+        flat = [None if g is None else g.reshape(-1, g.shape[-1]) for g in (grad_logits, grad_weights)]
+        grad_x, grad_weight = route_gradients(
+            *flat, x, weight, logits, weights, chosen, ctx.temperature, ctx.normalise, ctx.needs_input_grad[:2]
+        )
+        return None if grad_x is None else grad_x.view(ctx.x_shape), grad_weight, None, None, None
 
 
 # torch.compile: the same kernels as custom ops (why custom ops: mope.kernels.lora) ------------------------
@@ -313,11 +319,11 @@ def route_top_k(
     ``normalise``: the kept weights sum to 1 (softmax over the kept logits); else they are the full
     softmax's values. Needs at least one token (an empty grid is an error).
     """
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
     weight = weight.float().contiguous()
-    if torch.compiler.is_compiling():
-        logits, weights, chosen = route_op(flat, weight, k, float(temperature), normalise)
-    else:
-        logits, weights, chosen = RouteTopK.apply(flat, weight, k, float(temperature), normalise)
+    if not torch.compiler.is_compiling():
+        return RouteTopK.apply(x, weight, k, float(temperature), normalise)
+    logits, weights, chosen = route_op(
+        x.reshape(-1, x.shape[-1]).contiguous(), weight, k, float(temperature), normalise
+    )
     token_shape = x.shape[:-1]
     return logits.view(*token_shape, -1), weights.view(*token_shape, -1), chosen.view(*token_shape, k)
