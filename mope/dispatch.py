@@ -80,7 +80,7 @@ def lora_masked(
     if not fused:
         return base_out + (h @ lora_B_cat).to(base_out.dtype)
     flat = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), h.reshape(-1, n * r), lora_B_cat, alpha=scaling)
-    return flat.view(base_out.shape)
+    return flat.view(*base_out.shape)
 
 
 @dataclass
@@ -129,7 +129,7 @@ def sort_pairs(
 def add_back(base_out: torch.Tensor, out: torch.Tensor, pairs: SortedPairs) -> torch.Tensor:
     """``base_out`` plus each pair's output row added at its token (out of place: one op, no zeros, no add)."""
     flat = base_out.reshape(-1, base_out.shape[-1]).index_add(0, pairs.token, out.to(base_out.dtype))
-    return flat.view(base_out.shape)
+    return flat.view(*base_out.shape)
 
 
 def gather_pairs(
@@ -296,7 +296,7 @@ def lora_sparse(
     flat_base = base_out.reshape(-1, base_out.shape[-1])
     a_cat, b_cat = lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1)
     out = SparseLoRA.apply(x.reshape(-1, d_in), a_cat, b_cat, gate, flat_base, pattern)
-    return out.to(base_out.dtype).view(base_out.shape)
+    return out.to(base_out.dtype).view(*base_out.shape)
 
 
 def sparse_supported(x: torch.Tensor, lora_A: torch.Tensor) -> bool:

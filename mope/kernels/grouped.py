@@ -209,7 +209,7 @@ class GroupedLoRA(torch.autograd.Function):
         ctx.save_for_backward(flat_x, lora_a, lora_b, gate, h)
         ctx.groups, ctx.tiles, ctx.rp, ctx.scaling, ctx.shapes = groups, tiles, rp, scaling, (x.shape, weights.shape)
         delta = up_summed(h, gate, lora_b, scaling, groups, tiles, rp)
-        return (base.reshape(-1, base.shape[-1]) + delta).to(base.dtype).view(base.shape)
+        return (base.reshape(-1, base.shape[-1]) + delta).to(base.dtype).view(*base.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -222,14 +222,14 @@ class GroupedLoRA(torch.autograd.Function):
         if needs[0] or needs[1] or needs[3]:
             grad_hg, grad_gate = down(grad_out, lora_b, s, groups, tiles, rp, x.dtype, h if needs[3] else None)
             if needs[0]:
-                grad_x = up_summed(grad_hg, gate, lora_a, 1.0, groups, tiles, rp).to(x.dtype).view(x_shape)
+                grad_x = up_summed(grad_hg, gate, lora_a, 1.0, groups, tiles, rp).to(x.dtype).view(*x_shape)
             if needs[1]:
                 grad_a = outer(grad_hg, gate, x, 1.0, groups, tiles, rp, lora_a.dtype)
             if needs[3]:
                 tokens, _, num_experts = groups.shape
                 grad_weights = gate.new_zeros(tokens * num_experts)
                 grad_weights[groups.token * num_experts + groups.expert] = grad_gate.to(gate.dtype)
-                grad_weights = grad_weights.view(weights_shape)
+                grad_weights = grad_weights.view(*weights_shape)
         if needs[2]:
             grad_b = outer(h, gate, grad_out, s, groups, tiles, rp, lora_b.dtype)
         return grad_x, grad_a, grad_b, grad_weights, grad_base if needs[4] else None, None, None

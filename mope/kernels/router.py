@@ -256,7 +256,7 @@ class RouteTopK(torch.autograd.Function):
         grad_x, grad_weight = route_gradients(
             *flat, x, weight, logits, weights, chosen, ctx.temperature, ctx.normalise, ctx.needs_input_grad[:2]
         )
-        return None if grad_x is None else grad_x.view(ctx.x_shape), grad_weight, None, None, None
+        return None if grad_x is None else grad_x.view(*ctx.x_shape), grad_weight, None, None, None
 
 
 # torch.compile: the same kernels as custom ops (why custom ops: mope.kernels.lora) ------------------------
