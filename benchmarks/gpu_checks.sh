@@ -15,6 +15,9 @@
 # calibration: dispatch_calibration.py on CUDA (masked / sorted / grouped / triton per shape) -> dispatch_calibration_cuda.md
 # inference:   inference_time.py on CUDA (forward latency, KV-cached generation; token-level MoPE rows also with
 #              dispatch forced to each of KERNEL_DISPATCH) -> inference_time_h100.md/.json
+# host:        step_time.py's host table on this machine's CPU (TRITON_INTERPRET=1, CUDA hidden: Triton launches
+#              run nothing), the host work of an eager step that the GPU rows above are bound by when it
+#              exceeds the GPU's -> step_time_host_gpu_machine_cpu.md
 # compiled:    LoRA r=16 and MoPE top-2 of 8 (and MoPE with each of KERNEL_DISPATCH): eager, torch.compile,
 #              CUDA graphs, bf16 autocast -> step_time_compiled_h100.md
 # KERNEL_DISPATCH (default triton; KERNEL_DISPATCH= for none): the kernel strategies that profile, inference and
@@ -28,7 +31,7 @@
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR [STEP ...]}
 shift
-steps=${*:-tests step profile calibration inference compiled}
+steps=${*:-tests step profile calibration inference host compiled}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 log="$out/gpu_checks.log" # every step's output
@@ -69,6 +72,12 @@ for step in $steps; do
         timeout 120 "$py" benchmarks/inference_time.py --device cuda --dispatch "$kernels" --out "$out" >>"$log" 2>&1
         echo "inference exit $?"
         ;;
+    host)
+        TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= timeout 120 "$py" benchmarks/step_time.py --sections host \
+            --dispatch masked,triton --name step_time_host_gpu_machine_cpu --out "$out" >>"$log" 2>&1
+        echo "host exit $?"
+        rm -f "$out/step_time_host_gpu_machine_cpu.json" # the .md holds every number
+        ;;
     compiled)
         timeout 360 "$py" benchmarks/step_time.py --sections gpu_compiled --dispatch "$kernels" --out "$out" >>"$log" 2>&1
         echo "compiled exit $?"
@@ -91,7 +100,7 @@ for step in $steps; do
             rm -rf "$out/sharded/$kind/bundle" "$out/sharded/$kind/checkpoints" # summary.json says it all
         done
         ;;
-    *) echo "unknown step '$step' (tests step profile calibration inference compiled sharded baseline)" ;;
+    *) echo "unknown step '$step' (tests step profile calibration inference host compiled sharded baseline)" ;;
     esac
 done
 rm -rf "$out/baseline"
