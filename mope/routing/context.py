@@ -143,7 +143,10 @@ class RoutingContext:
         value = self.call.inputs.get(key)
         if value is None or value.dim() != 2 or len(token_shape) != 2 or value.shape[0] != token_shape[0]:
             return None
-        return value[:, -token_shape[1] :] if value.shape[1] >= token_shape[1] else None
+        seq = token_shape[1]
+        if value.shape[1] < seq:
+            return None
+        return value[:, -seq:] if value.shape[1] > seq else value  # no slice (a few us) when it already fits
 
     def routing_inputs(self, mask_key: str, token_shape: torch.Size) -> RoutingInputs:
         """Everything a router of a layer whose tokens the mask ``mask_key`` covers may look at."""
