@@ -12,11 +12,25 @@ from torch import nn
 from .base_layers import BaseLayerType, base_layer_type, check_base_layer
 from .base_layers import supported_base_layer as supported_base_layer  # tuner.py and reuse.py import it from here
 from .experts import EXPERT_BANKS
+from .experts.lora import LoRAExpertBank
 from .losses import AUX_LOSSES
 from .peft_compat import PEFT_KEEPS_FROZEN
 from .routing import ROUTERS, RoutingInputs
+from .routing.base import full_softmax
 from .routing.context import LossRecord, RoutingContext
 from .routing.levels import ROUTING_LEVELS
+from .routing.top_k import KERNEL_ORDERS, TopKRouter
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether forward hooks (the module's own or global ones) would see a call of ``module``."""
+    hooks = nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.mope_experts]
         inputs = self.routing_inputs(x)
         adapter_x = self.adapter_input(x, active)
+        if len(active) == 1 and self.fuses(active[0], adapter_x):
+            return self.fused_forward(active[0], x, adapter_x, inputs, *args, **kwargs)
         routings = {name: self.route(name, adapter_x, inputs) for name in active}
         weights = {name: self.gate_weights(name, routings[name].weights) for name in active}
         base_input = x
@@ -181,6 +197,51 @@ class MoPELayer(nn.Module, BaseTunerLayer):
                 if name in self.mope_router:  # block followers reuse the leader's routing: count it once
                     self._record_losses(ctx, name, routings[name], inputs)
         return result
+
+    def fuses(self, adapter_name: str, x: torch.Tensor) -> bool:
+        """Whether the adapter's router and experts run as one kernel call (:mod:`mope.kernels.layer`).
+
+        Only where that call computes what the two modules would: a top-k router the router kernel
+        serves (see :meth:`~mope.routing.TopKRouter.kernel_applies`) with no capacity, routing each
+        token, its own (no block routing), no hooks on it or the bank (analysis collectors read the
+        router's output); fp32 LoRA experts with ``dispatch='triton'``, no dropout, no shared
+        experts, and N/k small enough for the masked kernels; eager mode.
+        """
+        bank = self.mope_experts[adapter_name]
+        if getattr(bank, "dispatch", None) != "triton" or adapter_name in self.mope_block:
+            return False
+        if type(bank) is not LoRAExpertBank or not isinstance(bank.dropout, nn.Identity):
+            return False
+        router = self.mope_router[adapter_name]  # not a block follower: its own router
+        if not isinstance(router, TopKRouter) or type(router).decide is not TopKRouter.decide:
+            return False
+        if router.capacity_factor is not None or router.level.name != "token" or torch.compiler.is_compiling():
+            return False
+        if self.mope_settings[adapter_name].num_shared or hooked(router) or hooked(bank):
+            return False
+        if not (x.dtype == bank.lora_A.dtype == torch.float32) or not router.kernel_applies(x):
+            return False
+        from .kernels.lora import GROUPED_MIN_EXPERTS_PER_ACTIVE  # Triton is there: kernel_applies said so
+
+        return bank.lora_A.shape[0] < GROUPED_MIN_EXPERTS_PER_ACTIVE * router.top_k
+
+    def fused_forward(self, adapter_name: str, x: torch.Tensor, adapter_x: torch.Tensor, inputs, *args, **kwargs):
+        """The base layer, then the router and experts in one kernel call; the routing recorded as usual."""
+        from .kernels.layer import routed_layer
+
+        router, bank = self.mope_router[adapter_name], self.mope_experts[adapter_name]
+        result = self.base_layer(x, *args, **kwargs)
+        normalise = KERNEL_ORDERS[router.order]
+        out, logits, weights, chosen = routed_layer(
+            adapter_x, router.weight, bank.lora_A, bank.lora_B, result, router.top_k, router.temperature, normalise,
+            bank.scaling,
+        )  # fmt: skip
+        ctx = self.routing_context
+        if ctx is not None and self.training:
+            self._record_losses(
+                ctx, adapter_name, router.routing(logits, full_softmax(logits), weights, chosen, inputs), inputs
+            )
+        return out
 
     def adapter_input(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:
         """``x`` in fp32 once for the routers (which score in fp32) and fp32 experts, if it is not already.

@@ -110,10 +110,11 @@ def test_bf16_is_as_close_to_float64_as_masked(dtype, base_dtype):
         assert error < max(3 * masked_error, 1e-2), (name, error, masked_error)
 
 
-def mope_layer(router: str, shared: int = 0, num_experts: int = 6, **options) -> MoPELayer:
+def mope_layer(router: str, shared: int = 0, num_experts: int = 6, top_k: int = 2, **options) -> MoPELayer:
     config = mope.MoPEConfig(
-        num_experts=num_experts, top_k=2, num_shared_experts=shared, r=4, init_weights=False, router=router, **options
-    )
+        num_experts=num_experts, top_k=top_k, num_shared_experts=shared, r=4, init_weights=False, router=router,
+        **options,
+    )  # fmt: skip
     torch.manual_seed(0)
     layer = MoPELayer(nn.Linear(16, 12), "default", config).to(DEVICE)
     with torch.no_grad():  # a router scale that makes the choice non-trivial
@@ -125,7 +126,9 @@ def mope_layer(router: str, shared: int = 0, num_experts: int = 6, **options) ->
 @pytest.mark.parametrize(
     "router, shared, options",
     [
-        ("top_k", 0, {}),
+        ("top_k", 0, {}),  # router and experts in one Function (mope.kernels.layer)
+        ("top_k", 0, {"router_temperature": 0.7, "num_experts": 20, "top_k": 3}),  # fused, N > 16
+        ("top_k", 0, {"top_k_order": "softmax_then_topk_unnormalised"}),  # fused, the full softmax's values
         ("top_k", 1, {}),
         ("top_k", 0, {"capacity_factor": 0.3}),  # dropped tokens: some use one expert, some none
         ("switch", 0, {"capacity_factor": 0.5}),
@@ -136,6 +139,8 @@ def mope_layer(router: str, shared: int = 0, num_experts: int = 6, **options) ->
     ],
     ids=[
         "top_k",
+        "top_k-temperature-n20",
+        "top_k-unnormalised",
         "top_k-shared",
         "top_k-capacity",
         "switch-capacity",
@@ -158,26 +163,65 @@ def test_layer_training_forward_equals_masked(router, shared, options):
         torch.manual_seed(3)  # random_second / noise draw the same
         out = layer(x)
         results[name] = [out, *torch.autograd.grad(out, params, torch.ones_like(out))]
-    grouped = options.get("num_experts", 6) >= 8 * (1 if router == "switch" else 2 + shared)
-    assert kernel_node(out) == ("GroupedLoRABackward" if grouped else "RoutedLoRABackward")
+    grouped = options.get("num_experts", 6) >= 8 * (1 if router == "switch" else options.get("top_k", 2) + shared)
+    fused = router == "top_k" and not shared and "capacity_factor" not in options and not grouped  # Switch: capacity
+    expected = "GroupedLoRABackward" if grouped else "RoutedLayerBackward" if fused else "RoutedLoRABackward"
+    assert kernel_node(out) == expected
     for got, want in zip(results["triton"], results["masked"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @battery
-@pytest.mark.parametrize("num_experts", [6, 16], ids=["masked-kernels", "grouped-kernels"])
-def test_the_kernels_nodes_take_the_layer_input_parameters_and_router_with_no_view_between(num_experts):
+@pytest.mark.parametrize("case", ["fused", "masked-kernels", "grouped-kernels"])
+def test_the_kernels_nodes_take_the_layer_input_parameters_and_router_with_no_view_between(case):
     """The token-shape views are taken inside the kernels' Functions, where autograd does not track them: a
     tracked view costs the host a few microseconds forward and again backward, per layer and step."""
-    layer = mope_layer("top_k", num_experts=num_experts).train()
+    layer = mope_layer("top_k", num_experts=16 if case == "grouped-kernels" else 6).train()
     mope.set_dispatch(layer, "triton")
+    if case == "masked-kernels":  # a hook on the router: the router and the experts' Functions apart
+        layer.mope_router["default"].register_forward_hook(lambda *args: None)
     x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
     experts = layer(x).grad_fn
-    assert type(experts).__name__ == ("GroupedLoRABackward" if num_experts == 16 else "RoutedLoRABackward")
-    given = [type(node).__name__ for node, _ in experts.next_functions[:4]]  # x, lora_A, lora_B, the gate's weights
-    assert given == ["AccumulateGrad"] * 3 + ["RouteTopKBackward"]
+    given = [type(node).__name__ for node, _ in experts.next_functions[:4]]
+    if case == "fused":  # x, the router's weight, lora_A, lora_B
+        assert type(experts).__name__ == "RoutedLayerBackward" and given == ["AccumulateGrad"] * 4
+        return
+    assert type(experts).__name__ == ("GroupedLoRABackward" if case == "grouped-kernels" else "RoutedLoRABackward")
+    assert given == ["AccumulateGrad"] * 3 + ["RouteTopKBackward"]  # x, lora_A, lora_B, the gate's weights
     router = experts.next_functions[3][0]
     assert [type(node).__name__ for node, _ in router.next_functions[:2]] == ["AccumulateGrad"] * 2  # x, its weight
+
+
+@battery
+@pytest.mark.parametrize(
+    "case", ["plain", "eval", "hooked", "shared", "capacity", "dropout", "grouped", "masked", "bf16-experts", "noise"]
+)
+def test_the_router_and_experts_share_one_function_only_where_it_computes_what_the_two_modules_do(case):
+    """Elsewhere the layer routes and applies the experts apart, as before; either way masked's values."""
+    options = {
+        "shared": {"shared": 1},
+        "capacity": {"capacity_factor": 0.5},
+        "dropout": {"lora_dropout": 0.1},
+        "grouped": {"num_experts": 16},
+        "noise": {"router_noise": True},
+    }.get(case, {})
+    layer = mope_layer("top_k", **options).train(case != "eval")
+    if case == "hooked":  # e.g. an analysis collector reading the router's output
+        layer.mope_router["default"].register_forward_hook(lambda *args: None)
+    if case == "bf16-experts":
+        layer.mope_experts["default"].to(torch.bfloat16)
+    x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
+    mope.set_dispatch(layer, "masked")
+    torch.manual_seed(3)
+    want = layer(x)
+    mope.set_dispatch(layer, "masked" if case == "masked" else "triton")
+    fused = case in ("plain", "eval")
+    assert layer.fuses("default", x) is fused
+    torch.manual_seed(3)
+    got = layer(x)
+    assert (kernel_node(got) == "RoutedLayerBackward") is fused
+    if case not in ("dropout", "bf16-experts"):  # dropout draws its own masks; bf16 rounds otherwise
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def kernel_node(out: torch.Tensor) -> str:
@@ -613,7 +657,7 @@ def test_set_dispatch_and_the_config_reach_the_top_k_routers_and_the_count_is_th
 def test_host_grid_arithmetic_equals_tritons():
     import triton
 
-    from mope.kernels import cdiv, next_power_of_2
+    from mope.kernels.grid import cdiv, next_power_of_2
 
     for n in range(1, 600):
         assert next_power_of_2(n) == triton.next_power_of_2(n)

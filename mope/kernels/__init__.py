@@ -3,7 +3,8 @@
 Nothing here imports Triton until a kernel strategy is first resolved: ``import mope`` stays free
 of it, :func:`triton_missing` imports nothing, and :func:`triton_unavailable` imports the kernels
 only when Triton is installed (they are about to run). The kernels live in :mod:`mope.kernels.lora`
-(the LoRA experts) and :mod:`mope.kernels.router` (the top-k router).
+(the LoRA experts), :mod:`mope.kernels.grouped` (only the chosen experts) and :mod:`mope.kernels.router`
+(the top-k router); :mod:`mope.kernels.layer` calls the router's and the experts' in one autograd Function.
 
 Triton decides once, when it compiles (decorates) a kernel, whether to run it on a GPU or in its
 CPU interpreter: the interpreter is chosen by ``TRITON_INTERPRET=1`` in the environment *before*
@@ -19,18 +20,6 @@ import os
 import torch
 
 INSTALL_HINT = "pip install 'mope[triton]' (Triton ships with CUDA builds of torch)"
-
-
-# Grid and tile arithmetic on the host, in plain Python: ``triton.cdiv`` and ``triton.next_power_of_2`` are
-# constexpr functions in Triton 3.x, about 2.6 us a call outside a kernel (several per launch, every step).
-def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for ``a >= 0``, ``b > 0``."""
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """The smallest power of two ``>= n`` for ``n >= 1``."""
-    return 1 << (n - 1).bit_length()
 
 
 def kernels_interpreted() -> bool:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv
+from .grid import cdiv
 from .lora import MIN_DOT, Tiles
 
 BLOCK = 64  # pairs per program, and the columns per step

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from . import cdiv, next_power_of_2
+from .grid import cdiv, next_power_of_2
 
 # every tl.dot operand dimension must be at least this on a GPU
 MIN_DOT = 16

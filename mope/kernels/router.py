@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, next_power_of_2
+from .grid import cdiv, next_power_of_2
 
 BLOCK = 32  # token rows per program, and the columns of D per step
 MIN_EXPERTS = 16  # the expert tile is at least this wide: every tl.dot operand dimension must be >= 16
