@@ -31,9 +31,10 @@ one pass over a ``[tokens, d_out]`` tensor fewer, forward and backward.
   the add into the base output inside the products); where the gate lists its chosen experts and
   N/k >= 8, only those, grouped by expert (:mod:`mope.kernels.grouped`); the top-k routers score
   and gate in a kernel too (:mod:`mope.kernels.router`), in the same autograd Function as the
-  experts' kernels where the layer allows (:mod:`mope.kernels.layer`, :meth:`mope.layer.MoPELayer.fuses`). It runs where Triton does (CUDA; CPU only
-  under ``TRITON_INTERPRET=1``, a testing aid) and is refused with the reason anywhere else,
-  never silently replaced. ``auto`` does not pick it until GPU measurements say it pays.
+  experts' kernels where the layer allows (:mod:`mope.kernels.layer`,
+  :meth:`mope.layer.MoPELayer.fuses`). It runs where Triton does (CUDA; CPU only under
+  ``TRITON_INTERPRET=1``, a testing aid) and is refused with the reason anywhere else, never
+  silently replaced. ``auto`` does not pick it until GPU measurements say it pays.
 
 ``auto`` picks by shape (:func:`auto_dispatch`); calibration in its docstring.
 """

@@ -291,8 +291,12 @@ def test_grouped_bf16_is_as_close_to_float64_as_masked():
 
 @battery
 def test_llama_training_steps_equal_masked():
-    """Two SGD steps of a tiny Llama (all linear layers, top-2 of 8, aux loss on): logits, loss and gradients."""
-    config = dict(task_type="CAUSAL_LM", target_modules="all-linear", num_experts=8, top_k=2, r=4, init_weights=False)
+    """Two SGD steps of a tiny Llama (all linear layers, top-2 of 8, aux losses on, the importance loss reading the
+    gate weights: a gradient into the fused layer's weights output): logits, loss and gradients."""
+    config = dict(
+        task_type="CAUSAL_LM", target_modules="all-linear", num_experts=8, top_k=2, r=4, init_weights=False,
+        importance_loss_coef=0.1,
+    )  # fmt: skip
     models = {name: get_peft_model(make_model("llama"), mope.MoPEConfig(**config, dispatch=name)).to(DEVICE)
               for name in ("masked", "triton")}  # fmt: skip
     batch = {k: v.to(DEVICE) for k, v in make_batch("llama", batch=2, seq=8, pad=3).items()}

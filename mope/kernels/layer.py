@@ -58,7 +58,7 @@ class RoutedLayer(torch.autograd.Function):
                 flat_out, x, a_cat, b_cat, weights, h, scaling, tiles, [needs_x, needs_a, needs_b, routes]
             )
         if grad_weights is not None:  # a loss or statistic read the gate weights too
-            grad_weights = grad_weights.reshape(grad_gate.shape if grad_gate is not None else weights.shape)
+            grad_weights = grad_weights.reshape(weights.shape)
             grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
         if grad_logits is not None:
             grad_logits = grad_logits.reshape(logits.shape)
