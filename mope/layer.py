@@ -205,7 +205,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         serves (see :meth:`~mope.routing.TopKRouter.kernel_applies`) with no capacity, routing each
         token, its own (no block routing), no hooks on it or the bank (analysis collectors read the
         router's output); fp32 LoRA experts with ``dispatch='triton'``, no dropout, no shared
-        experts, and N/k small enough for the masked kernels; eager mode.
+        experts; eager mode.
         """
         bank = self.mope_experts[adapter_name]
         if getattr(bank, "dispatch", None) != "triton" or adapter_name in self.mope_block:
@@ -219,11 +219,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             return False
         if self.mope_settings[adapter_name].num_shared or hooked(router) or hooked(bank):
             return False
-        if not (x.dtype == bank.lora_A.dtype == torch.float32) or not router.kernel_applies(x):
-            return False
-        from .kernels.lora import GROUPED_MIN_EXPERTS_PER_ACTIVE  # Triton is there: kernel_applies said so
-
-        return bank.lora_A.shape[0] < GROUPED_MIN_EXPERTS_PER_ACTIVE * router.top_k
+        return x.dtype == bank.lora_A.dtype == torch.float32 and router.kernel_applies(x)
 
     def fused_forward(self, adapter_name: str, x: torch.Tensor, adapter_x: torch.Tensor, inputs, *args, **kwargs):
         """The base layer, then the router and experts in one kernel call; the routing recorded as usual."""

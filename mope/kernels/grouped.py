@@ -25,6 +25,8 @@ router's gradient is the same: its weights there are zero with zero derivative).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -191,6 +193,48 @@ def outer(p, gate, src, scale: float, groups: Groups, tiles: Tiles, rp: int, out
     return out
 
 
+@dataclass
+class GroupedState:
+    """What the grouped experts' backward needs besides tensors (saved apart, for autograd's checks)."""
+
+    groups: Groups
+    tiles: Tiles
+    rp: int
+
+
+def grouped_forward(x, lora_a, lora_b, weights, base, chosen, scaling: float):
+    """Flat ``x [T, d_in]``, ``weights [T, N]``, ``base [T, d_out]``, ``chosen [T, k]``: the output in base's dtype,
+    the state, and per sorted pair the gate weight ``[P]`` and ``h = A_e x[token]`` ``[P, r]`` for the backward."""
+    num_experts, rank, _ = lora_a.shape
+    groups = Groups(chosen, num_experts)
+    tiles = Tiles(num_experts, rank, x.dtype, base.dtype)
+    rp = max(MIN_DOT, tiles.rp)
+    gate = weights.reshape(-1)[groups.token * num_experts + groups.expert].contiguous()
+    h, _ = down(x, lora_a, 1.0, groups, tiles, rp, x.dtype)
+    out = (base + up_summed(h, gate, lora_b, scaling, groups, tiles, rp)).to(base.dtype)
+    return out, GroupedState(groups, tiles, rp), gate, h
+
+
+def grouped_gradients(grad_out, x, lora_a, lora_b, gate, h, state: GroupedState, s: float, needs):
+    """The gradients of flat ``x``, ``lora_A``, ``lora_B`` and the weights ``[T, N]`` (nonzero at the chosen only)."""
+    groups, tiles, rp = state.groups, state.tiles, state.rp
+    grad_x = grad_a = grad_b = grad_weights = None
+    if needs[0] or needs[1] or needs[3]:
+        grad_hg, grad_gate = down(grad_out, lora_b, s, groups, tiles, rp, x.dtype, h if needs[3] else None)
+        if needs[0]:
+            grad_x = up_summed(grad_hg, gate, lora_a, 1.0, groups, tiles, rp).to(x.dtype)
+        if needs[1]:
+            grad_a = outer(grad_hg, gate, x, 1.0, groups, tiles, rp, lora_a.dtype)
+        if needs[3]:
+            tokens, _, num_experts = groups.shape
+            grad_weights = gate.new_zeros(tokens * num_experts)
+            grad_weights[groups.token * num_experts + groups.expert] = grad_gate.to(gate.dtype)
+            grad_weights = grad_weights.view(tokens, num_experts)
+    if needs[2]:
+        grad_b = outer(h, gate, grad_out, s, groups, tiles, rp, lora_b.dtype)
+    return [grad_x, grad_a, grad_b, grad_weights]
+
+
 class GroupedLoRA(torch.autograd.Function):
     """``base + s * sum over chosen e of gate[t, e] * B_e^T A_e x[t]`` for tensors of any token shape.
 
@@ -199,40 +243,33 @@ class GroupedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weights, base, chosen, scaling: float):
-        num_experts, rank, d_in = lora_a.shape
-        groups = Groups(chosen.reshape(-1, chosen.shape[-1]), num_experts)
-        tiles = Tiles(num_experts, rank, x.dtype, base.dtype)
-        rp = max(MIN_DOT, tiles.rp)
+        d_in, n = lora_a.shape[2], lora_a.shape[0]
         flat_x, lora_a, lora_b = x.reshape(-1, d_in).contiguous(), lora_a.contiguous(), lora_b.contiguous()
-        gate = weights.reshape(-1)[groups.token * num_experts + groups.expert].contiguous()
-        h, _ = down(flat_x, lora_a, 1.0, groups, tiles, rp, x.dtype)
+        flat_base = base.reshape(-1, base.shape[-1])
+        out, state, gate, h = grouped_forward(
+            flat_x, lora_a, lora_b, weights.reshape(-1, n), flat_base, chosen.reshape(-1, chosen.shape[-1]), scaling
+        )
         ctx.save_for_backward(flat_x, lora_a, lora_b, gate, h)
-        ctx.groups, ctx.tiles, ctx.rp, ctx.scaling, ctx.shapes = groups, tiles, rp, scaling, (x.shape, weights.shape)
-        delta = up_summed(h, gate, lora_b, scaling, groups, tiles, rp)
-        return (base.reshape(-1, base.shape[-1]) + delta).to(base.dtype).view(*base.shape)
+        ctx.state, ctx.scaling, ctx.shapes = state, scaling, (x.shape, weights.shape)
+        return out.view(*base.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, lora_a, lora_b, gate, h = ctx.saved_tensors
-        groups, tiles, rp, s, needs = ctx.groups, ctx.tiles, ctx.rp, ctx.scaling, ctx.needs_input_grad
+        flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        needs = ctx.needs_input_grad
+        grads = grouped_gradients(flat_out, x, lora_a, lora_b, gate, h, ctx.state, ctx.scaling, needs[:4])
         x_shape, weights_shape = ctx.shapes
-        grad_base = grad_out
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
-        grad_x = grad_a = grad_b = grad_weights = None
-        if needs[0] or needs[1] or needs[3]:
-            grad_hg, grad_gate = down(grad_out, lora_b, s, groups, tiles, rp, x.dtype, h if needs[3] else None)
-            if needs[0]:
-                grad_x = up_summed(grad_hg, gate, lora_a, 1.0, groups, tiles, rp).to(x.dtype).view(*x_shape)
-            if needs[1]:
-                grad_a = outer(grad_hg, gate, x, 1.0, groups, tiles, rp, lora_a.dtype)
-            if needs[3]:
-                tokens, _, num_experts = groups.shape
-                grad_weights = gate.new_zeros(tokens * num_experts)
-                grad_weights[groups.token * num_experts + groups.expert] = grad_gate.to(gate.dtype)
-                grad_weights = grad_weights.view(*weights_shape)
-        if needs[2]:
-            grad_b = outer(h, gate, grad_out, s, groups, tiles, rp, lora_b.dtype)
-        return grad_x, grad_a, grad_b, grad_weights, grad_base if needs[4] else None, None, None
+        grad_x, grad_a, grad_b, grad_weights = grads
+        return (
+            None if grad_x is None else grad_x.view(*x_shape),
+            grad_a,
+            grad_b,
+            None if grad_weights is None else grad_weights.view(*weights_shape),
+            grad_out if needs[4] else None,
+            None,
+            None,
+        )
 
 
 def grouped_lora(x, lora_A, lora_B, weights, scaling: float, base_out, chosen) -> torch.Tensor:
