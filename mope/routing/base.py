@@ -103,9 +103,14 @@ def stack_field(routings: list[Routing], name: str) -> torch.Tensor:
     first = pending[0]
     if first is not None and all(p is not None and (p.fn, p.settings) == (first.fn, first.settings) for p in pending):
         per_input = zip(*(p.tensors for p in pending), strict=True)  # each input's tensors across layers
-        stacked = [torch.stack([t.reshape(-1, t.shape[-1]) for t in tensors]) for tensors in per_input]
-        return first.fn(*stacked, *first.settings)
-    return torch.stack([getattr(r, name).reshape(-1, getattr(r, name).shape[-1]) for r in routings])
+        return first.fn(*(stack_tokens(tensors) for tensors in per_input), *first.settings)
+    return stack_tokens([getattr(r, name) for r in routings])
+
+
+def stack_tokens(tensors) -> torch.Tensor:
+    """``[L, T, D]`` from L tensors of one shape ``[..., D]``: stacked, then one view (not one per layer)."""
+    stacked = torch.stack(list(tensors))
+    return stacked.reshape(stacked.shape[0], -1, stacked.shape[-1])
 
 
 def softmax_last(logits: torch.Tensor) -> torch.Tensor:
