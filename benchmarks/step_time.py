@@ -645,7 +645,8 @@ def host_rows(settings: Settings) -> list[Row]:
     adds its per-launch cost on a GPU (launches per step: the ops table).
     """
     shape = settings.host_shape
-    names = (REFERENCE_BASE, REFERENCE_LORA, REFERENCE_MOPE, "mope_top2_of_8_no_aux")
+    # top-2 of 64: where dispatch="triton" computes only the chosen experts (mope.kernels.grouped)
+    names = (REFERENCE_BASE, REFERENCE_LORA, REFERENCE_MOPE, "mope_top2_of_8_no_aux", "mope_top2_of_64")
     candidates = with_dispatch_rows(tuple(CANDIDATES_BY_NAME[n] for n in names), settings.dispatches)
     section = "host time per training step (tiny widths, 1 CPU thread; Triton launches run nothing)"
     threads = torch.get_num_threads()

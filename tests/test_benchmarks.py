@@ -126,7 +126,7 @@ def check_ops_rows(results: dict) -> None:
 
 def check_host_rows(results: dict) -> None:
     rows = rows_of(results, "host time per training step")
-    assert set(rows) == {"frozen_base", "peft_lora_r16", "mope_top2_of_8", "mope_top2_of_8_no_aux"}
+    assert set(rows) == {"frozen_base", "peft_lora_r16", "mope_top2_of_8", "mope_top2_of_8_no_aux", "mope_top2_of_64"}
     for row in rows.values():
         assert_positive(row)
         assert set(row["ratios"]) == {"peft_lora_r16", "frozen_base"}

@@ -2,18 +2,19 @@
 
 The masked kernels (:mod:`mope.kernels.lora`) compute all N experts for every token; with N/k
 large most of that work is multiplied by a zero gate. Here the T*k (token, expert) pairs of the
-gate's ``chosen`` list are sorted by expert (a stable sort and a bincount on the device: no host
-sync), and each product is one kernel over the groups: a program takes a block of one expert's
-pairs, gathers their rows by token index inside the kernel (no copy of the selected rows) and
-multiplies by that expert's factor. Forward: ``grouped_down`` (``h = A_e x[token]``) and
-``grouped_up`` (``s * gate * h B_e``, written at the pair's token-major row), then the k rows of
-each token are summed into the base output (one torch op). Backward: ``grouped_down`` again (``s *
-grad[token] B_e^T`` with the gate's gradient beside it), ``grouped_up`` for the input's, and
-``grouped_outer`` for A's and B's (a loop over each expert's own pairs).
+gate's ``chosen`` list are sorted by expert with their gate weights (a stable counting sort: two
+kernels and a cumsum, :class:`Groups`; no host sync), and each product is one kernel over the groups:
+a program takes a block of one expert's pairs, gathers their rows by token index inside the kernel
+(no copy of the selected rows) and multiplies by that expert's factor. Forward: ``grouped_down``
+(``h = A_e x[token]``) and ``grouped_up`` (``s * gate * h B_e``, written at the pair's token-major
+row), then the k rows of each token are summed into the base output (one torch op). Backward:
+``grouped_down`` again (``s * grad[token] B_e^T``, with the gate's gradient written at each pair's
+token and expert), ``grouped_up`` for the input's, and ``grouped_outer`` for A's and B's (a loop over
+each expert's own pairs).
 
 Blocks: expert e's pairs fill ``ceil(count_e / BLOCK)`` blocks; the grid has ``ceil(T*k / BLOCK) + N``
-programs (a bound known on the host), the ones past the last block do nothing. The block of each
-program is found on the device (:func:`block_map`).
+programs (a bound known on the host), the ones past the last block do nothing. Each program finds
+its expert and block from the experts' offsets (:func:`pair_block`).
 
 Used by ``dispatch='triton'`` (:func:`mope.kernels.lora.routed_lora`) in eager mode where the
 gate lists its chosen experts and ``N / k >= GROUPED_MIN_EXPERTS_PER_ACTIVE`` (8, untuned: the
@@ -31,33 +32,45 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv
+from .grid import cdiv, next_power_of_2
 from .lora import MIN_DOT, Tiles
 
 BLOCK = 64  # pairs per program, and the columns per step
 
 
 @triton.jit
-def pair_block(block_expert_ptr, block_start_ptr, offsets_ptr, BM: tl.constexpr):
-    """This program's expert and its block of (sorted) pairs; past the last block, no pair."""
-    expert = tl.load(block_expert_ptr + tl.program_id(0))
-    pairs = tl.load(block_start_ptr + tl.program_id(0)) + tl.arange(0, BM)
-    return expert, pairs, pairs < tl.load(offsets_ptr + expert + 1)
+def pair_block(offsets_ptr, num_experts, BM: tl.constexpr, NP: tl.constexpr):
+    """This program's expert and its block of (sorted) pairs, found from the experts' offsets.
+
+    Expert e's pairs fill ``ceil(count_e / BM)`` blocks, in expert order; past the last block, no pair.
+    """
+    experts = tl.arange(0, NP)
+    experts_ok = experts < num_experts
+    starts = tl.load(offsets_ptr + experts, mask=experts_ok, other=0)
+    ends = tl.load(offsets_ptr + experts + 1, mask=experts_ok, other=0)
+    blocks = (ends - starts + BM - 1) // BM
+    block_ends = tl.cumsum(blocks, 0)
+    block = tl.program_id(0)
+    expert = tl.sum((block_ends <= block).to(tl.int32), 0)  # NP past the last block: no expert matches below
+    mine = experts == expert
+    first = tl.sum(tl.where(mine, block_ends - blocks, 0), 0)
+    pairs = tl.sum(tl.where(mine, starts, 0), 0) + (block - first) * BM + tl.arange(0, BM)
+    pairs_ok = pairs < tl.sum(tl.where(mine, ends, 0), 0)
+    return tl.minimum(expert, num_experts - 1), pairs, pairs_ok
 
 
 @triton.jit
 def grouped_down(
-    src_ptr, token_ptr, w_ptr, out_ptr, h_ptr, gate_grad_ptr, block_expert_ptr, block_start_ptr, offsets_ptr,
-    width, rank, scale,
+    src_ptr, dest_ptr, w_ptr, out_ptr, h_ptr, gate_grad_ptr, offsets_ptr, width, rank, num_experts, k, scale,
     GATE_GRAD: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr,
-    BK: tl.constexpr,
+    BK: tl.constexpr, NP: tl.constexpr,
 ):  # fmt: skip
-    """``out[p] = scale * src[token[p]] @ w[e]^T`` (``w [N, r, width]``) for one block of expert e's pairs.
+    """``out[p] = scale * src[token] @ w[e]^T`` (``w [N, r, width]``) for one block of expert e's pairs.
 
-    With ``GATE_GRAD`` also ``gate_grad[p] = sum_i out[p, i] * h[p, i]``.
+    With ``GATE_GRAD`` also the gate's gradient ``gate_grad[token, e] = sum_i out[p, i] * h[p, i]`` (``[T, N]``).
     """
-    expert, pairs, pairs_ok = pair_block(block_expert_ptr, block_start_ptr, offsets_ptr, BM)
-    tokens = tl.load(token_ptr + pairs, mask=pairs_ok, other=0)
+    expert, pairs, pairs_ok = pair_block(offsets_ptr, num_experts, BM, NP)
+    tokens = tl.load(dest_ptr + pairs, mask=pairs_ok, other=0) // k
     ranks = tl.arange(0, RP)
     ranks_ok = ranks < rank
     acc = tl.zeros((BM, RP), dtype=tl.float32)
@@ -74,7 +87,8 @@ def grouped_down(
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
     if GATE_GRAD:
         h = tl.load(h_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
-        tl.store(gate_grad_ptr + pairs, tl.sum(acc * h, axis=1).to(gate_grad_ptr.dtype.element_ty), mask=pairs_ok)
+        gate_grad = tl.sum(acc * h, axis=1).to(gate_grad_ptr.dtype.element_ty)
+        tl.store(gate_grad_ptr + tokens * num_experts + expert, gate_grad, mask=pairs_ok)
 
 
 @triton.jit
@@ -89,11 +103,12 @@ def gated_rows(p_ptr, gate_ptr, pairs, pairs_ok, rank, RP: tl.constexpr):
 
 @triton.jit
 def grouped_up(
-    p_ptr, gate_ptr, w_ptr, dest_ptr, out_ptr, block_expert_ptr, block_start_ptr, offsets_ptr, width, rank, scale,
+    p_ptr, gate_ptr, w_ptr, dest_ptr, out_ptr, offsets_ptr, width, rank, num_experts, scale,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr,
+    NP: tl.constexpr,
 ):  # fmt: skip
     """``out[dest[p]] = scale * gate[p] * p[p] @ w[e]`` (``w [N, r, width]``) for one block of pairs and columns."""
-    expert, pairs, pairs_ok = pair_block(block_expert_ptr, block_start_ptr, offsets_ptr, BM)
+    expert, pairs, pairs_ok = pair_block(offsets_ptr, num_experts, BM, NP)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     cols_ok = cols < width
     pg, ranks, ranks_ok = gated_rows(p_ptr, gate_ptr, pairs, pairs_ok, rank, RP)
@@ -106,7 +121,7 @@ def grouped_up(
 
 @triton.jit
 def grouped_outer(
-    p_ptr, gate_ptr, src_ptr, token_ptr, offsets_ptr, out_ptr, width, rank, scale,
+    p_ptr, gate_ptr, src_ptr, dest_ptr, offsets_ptr, out_ptr, width, rank, k, scale,
     DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     """``out[e] = scale * sum over e's pairs of (gate * p)^T src[token]`` ``[r, width]``: a factor's gradient."""
@@ -121,7 +136,7 @@ def grouped_outer(
         pairs = t0 + tl.arange(0, BT)
         pairs_ok = pairs < end
         pg, _, _ = gated_rows(p_ptr, gate_ptr, pairs, pairs_ok, rank, RP)
-        tokens = tl.load(token_ptr + pairs, mask=pairs_ok, other=0)
+        tokens = tl.load(dest_ptr + pairs, mask=pairs_ok, other=0) // k
         y = tl.load(
             src_ptr + tokens[:, None] * width + cols[None, :], mask=pairs_ok[:, None] & cols_ok[None, :], other=0.0
         )
@@ -131,53 +146,95 @@ def grouped_outer(
     tl.store(rows, acc.to(out_ptr.dtype.element_ty), mask=ranks_ok[:, None] & cols_ok[None, :])
 
 
+@triton.jit
+def count_pairs(chosen_ptr, counts_ptr, pairs, BP: tl.constexpr, NP: tl.constexpr):
+    """``counts[b, e]``: how many of the b-th block of ``BP`` (token-major) pairs chose expert e."""
+    block = tl.program_id(0)
+    index = block * BP + tl.arange(0, BP)
+    expert = tl.load(chosen_ptr + index, mask=index < pairs, other=-1)  # -1: no expert
+    chose = (expert[:, None] == tl.arange(0, NP)[None, :]).to(tl.int32)
+    tl.store(counts_ptr + block * NP + tl.arange(0, NP), tl.sum(chose, axis=0))
+
+
+@triton.jit
+def place_pairs(
+    chosen_ptr, counts_ptr, running_ptr, weights_ptr, offsets_ptr, dest_ptr, gate_ptr,
+    pairs, count_blocks, num_experts, k, BP: tl.constexpr, NP: tl.constexpr,
+):  # fmt: skip
+    """A stable counting sort of the pairs by expert: each pair's token-major index ``dest`` and gate weight
+    ``weights[token, e]`` go to ``offsets[e]`` + the pairs of e before it; the first program writes the offsets.
+
+    ``running [blocks, NP]``: ``counts`` summed over the blocks up to each (a cumsum down the blocks).
+    """
+    block = tl.program_id(0)
+    experts = tl.arange(0, NP)
+    total = tl.load(running_ptr + (count_blocks - 1) * NP + experts)
+    before = tl.load(running_ptr + block * NP + experts) - tl.load(counts_ptr + block * NP + experts)
+    ends = tl.cumsum(total, 0)
+    first = block == 0
+    tl.store(offsets_ptr + experts + 1, ends.to(tl.int64), mask=(experts < num_experts) & first)
+    tl.store(offsets_ptr + experts, tl.zeros((NP,), dtype=tl.int64), mask=(experts == 0) & first)
+    index = block * BP + tl.arange(0, BP)
+    index_ok = index < pairs
+    expert = tl.load(chosen_ptr + index, mask=index_ok, other=-1)
+    chose = (expert[:, None] == experts[None, :]).to(tl.int32)
+    earlier = tl.sum(tl.cumsum(chose, axis=0) * chose, axis=1) - 1  # the pairs of its expert before it here
+    position = tl.sum(chose * (ends - total + before)[None, :], axis=1) + earlier
+    tl.store(dest_ptr + position, index.to(tl.int64), mask=index_ok)
+    gate = tl.load(weights_ptr + (index // k) * num_experts + expert, mask=index_ok, other=0.0)
+    tl.store(gate_ptr + position, gate, mask=index_ok)
+
+
+SORT_TILE = 8192  # pairs x experts (padded) a program of the sort kernels holds at once
+
+
 class Groups:
-    """The pairs of ``chosen [T, k]`` sorted by expert, and each program's block; all on the device."""
+    """The pairs of ``chosen [T, k]`` sorted by expert, and their gate weights; on the device, no host sync.
 
-    def __init__(self, chosen: torch.Tensor, num_experts: int) -> None:
+    ``dest [T*k]``: each sorted pair's token-major index (its token is ``dest // k``); ``offsets [N + 1]``:
+    where each expert's pairs start; ``gate [T*k]``: ``weights [T, N]`` at each pair.
+    """
+
+    def __init__(self, chosen: torch.Tensor, weights: torch.Tensor) -> None:
         tokens, k = chosen.shape
-        flat = chosen.reshape(-1)
-        self.expert, self.dest = torch.sort(flat, stable=True)  # dest: each sorted pair's token-major row
-        self.token = torch.div(self.dest, k, rounding_mode="floor")
-        counts = flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))  # bincount syncs on CUDA
-        self.offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        blocks = torch.div(counts + BLOCK - 1, BLOCK, rounding_mode="floor")
-        ends = blocks.cumsum(0)
-        self.num_blocks = cdiv(tokens * k, BLOCK) + num_experts  # at least sum(blocks), known here
-        ids = torch.arange(self.num_blocks, device=chosen.device)
-        block_expert = torch.searchsorted(ends, ids, right=True)
-        past = block_expert >= num_experts
-        self.block_expert = block_expert.clamp(max=num_experts - 1)
-        first = ends[self.block_expert] - blocks[self.block_expert]
-        start = self.offsets[self.block_expert] + (ids - first) * BLOCK
-        self.block_start = torch.where(past, tokens * k, start)  # no pair: offsets[N - 1 + 1] = T*k
+        num_experts, pairs = weights.shape[1], chosen.numel()
+        self.np = next_power_of_2(num_experts)
+        per_block = max(16, SORT_TILE // self.np)
+        count_blocks = cdiv(pairs, per_block)
+        counts = chosen.new_empty(count_blocks, self.np, dtype=torch.int32)
+        self.offsets, self.dest = chosen.new_empty(num_experts + 1), chosen.new_empty(pairs)
+        self.gate = weights.new_empty(pairs)
+        count_pairs[(count_blocks,)](chosen, counts, pairs, BP=per_block, NP=self.np)
+        place_pairs[(count_blocks,)](
+            chosen, counts, counts.cumsum(0, dtype=torch.int32), weights, self.offsets, self.dest, self.gate,
+            pairs, count_blocks, num_experts, k, BP=per_block, NP=self.np,
+        )  # fmt: skip
+        self.num_blocks = cdiv(pairs, BLOCK) + num_experts  # at least sum(ceil(count_e / BLOCK)), known here
         self.shape = (tokens, k, num_experts)
-
-    def maps(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.block_expert, self.block_start, self.offsets
 
 
 def down(src, w, scale: float, groups: Groups, tiles: Tiles, rp: int, out_dtype, h=None):
-    """``scale * src[token] @ w[e]^T`` ``[P, r]`` in sorted pair order; with ``h``, also the gate's gradient ``[P]``."""
-    pairs, width = groups.token.shape[0], src.shape[1]
-    out = src.new_empty(pairs, tiles.rank, dtype=out_dtype)
-    gate_grad = None if h is None else src.new_empty(pairs, dtype=torch.float32)
+    """``scale * src[token] @ w[e]^T`` ``[P, r]`` in sorted pair order; with ``h``, also the gate's gradient
+    ``[T, N]`` (zero where not chosen) in the gate's dtype."""
+    tokens, k, num_experts = groups.shape
+    out = src.new_empty(tokens * k, tiles.rank, dtype=out_dtype)
+    gate_grad = None if h is None else groups.gate.new_zeros(tokens, num_experts)
     grouped_down[(groups.num_blocks,)](
-        src, groups.token, w, out, h if h is not None else out, gate_grad if gate_grad is not None else out,
-        *groups.maps(), width, tiles.rank, scale,
-        GATE_GRAD=h is not None, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BK=BLOCK,
+        src, groups.dest, w, out, h if h is not None else out, gate_grad if gate_grad is not None else out,
+        groups.offsets, src.shape[1], tiles.rank, num_experts, k, scale,
+        GATE_GRAD=h is not None, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BK=BLOCK, NP=groups.np,
     )  # fmt: skip
     return out, gate_grad
 
 
 def up_summed(p, gate, w, scale: float, groups: Groups, tiles: Tiles, rp: int) -> torch.Tensor:
     """``sum over a token's k pairs of scale * gate * p @ w[e]`` ``[T, width]`` in fp32."""
-    tokens, k, _ = groups.shape
+    tokens, k, num_experts = groups.shape
     width = w.shape[2]
     out = p.new_empty(tokens * k, width, dtype=torch.float32)
     grouped_up[(groups.num_blocks, cdiv(width, BLOCK))](
-        p, gate, w, groups.dest, out, *groups.maps(), width, tiles.rank, scale,
-        DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BN=BLOCK,
+        p, gate, w, groups.dest, out, groups.offsets, width, tiles.rank, num_experts, scale,
+        DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BN=BLOCK, NP=groups.np,
     )  # fmt: skip
     return out.view(tokens, k, width).sum(1)
 
@@ -187,7 +244,7 @@ def outer(p, gate, src, scale: float, groups: Groups, tiles: Tiles, rp: int, out
     width = src.shape[1]
     out = src.new_empty(tiles.num_experts, tiles.rank, width, dtype=out_dtype)
     grouped_outer[(tiles.num_experts, cdiv(width, BLOCK))](
-        p, gate, src, groups.token, groups.offsets, out, width, tiles.rank, scale,
+        p, gate, src, groups.dest, groups.offsets, out, width, tiles.rank, groups.shape[1], scale,
         DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, RP=rp, BN=BLOCK,
     )  # fmt: skip
     return out
@@ -206,10 +263,10 @@ def grouped_forward(x, lora_a, lora_b, weights, base, chosen, scaling: float):
     """Flat ``x [T, d_in]``, ``weights [T, N]``, ``base [T, d_out]``, ``chosen [T, k]``: the output in base's dtype,
     the state, and per sorted pair the gate weight ``[P]`` and ``h = A_e x[token]`` ``[P, r]`` for the backward."""
     num_experts, rank, _ = lora_a.shape
-    groups = Groups(chosen, num_experts)
+    groups = Groups(chosen, weights)
     tiles = Tiles(num_experts, rank, x.dtype, base.dtype)
     rp = max(MIN_DOT, tiles.rp)
-    gate = weights.reshape(-1)[groups.token * num_experts + groups.expert].contiguous()
+    gate = groups.gate
     h, _ = down(x, lora_a, 1.0, groups, tiles, rp, x.dtype)
     out = (base + up_summed(h, gate, lora_b, scaling, groups, tiles, rp)).to(base.dtype)
     return out, GroupedState(groups, tiles, rp), gate, h
@@ -226,10 +283,7 @@ def grouped_gradients(grad_out, x, lora_a, lora_b, gate, h, state: GroupedState,
         if needs[1]:
             grad_a = outer(grad_hg, gate, x, 1.0, groups, tiles, rp, lora_a.dtype)
         if needs[3]:
-            tokens, _, num_experts = groups.shape
-            grad_weights = gate.new_zeros(tokens * num_experts)
-            grad_weights[groups.token * num_experts + groups.expert] = grad_gate.to(gate.dtype)
-            grad_weights = grad_weights.view(tokens, num_experts)
+            grad_weights = grad_gate
     if needs[2]:
         grad_b = outer(h, gate, grad_out, s, groups, tiles, rp, lora_b.dtype)
     return [grad_x, grad_a, grad_b, grad_weights]
@@ -247,8 +301,9 @@ class GroupedLoRA(torch.autograd.Function):
         flat_x, lora_a, lora_b = x.reshape(-1, d_in).contiguous(), lora_a.contiguous(), lora_b.contiguous()
         flat_base = base.reshape(-1, base.shape[-1])
         out, state, gate, h = grouped_forward(
-            flat_x, lora_a, lora_b, weights.reshape(-1, n), flat_base, chosen.reshape(-1, chosen.shape[-1]), scaling
-        )
+            flat_x, lora_a, lora_b, weights.reshape(-1, n).contiguous(), flat_base,
+            chosen.reshape(-1, chosen.shape[-1]).contiguous(), scaling,
+        )  # fmt: skip
         ctx.save_for_backward(flat_x, lora_a, lora_b, gate, h)
         ctx.state, ctx.scaling, ctx.shapes = state, scaling, (x.shape, weights.shape)
         return out.view(*base.shape)
