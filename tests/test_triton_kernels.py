@@ -4,13 +4,15 @@ Triton reads ``TRITON_INTERPRET`` when a kernel is decorated (when ``mope.kernel
 imported) *and* at every launch, so the interpreter cannot be switched on for part of a test
 process without switching it on for every Triton kernel the process meets. On a machine without
 CUDA the battery therefore runs in one subprocess with ``TRITON_INTERPRET=1``
-(``test_battery_under_the_interpreter``, slow); in this process its tests are skipped, saying so.
+(``test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100``, slow; it then compiles
+the launched kernels for an H100 without one); in this process its tests are skipped, saying so.
 On CUDA (without the variable) they run here. The refusals run where the kernels cannot.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -37,9 +39,22 @@ battery = pytest.mark.skipif(
     not KERNELS_RUN,
     reason="triton is not installed"
     if not HAS_TRITON
-    else "no CUDA here: these run in the TRITON_INTERPRET=1 subprocess of test_battery_under_the_interpreter",
+    else "no CUDA here: these run in the TRITON_INTERPRET=1 subprocess of test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100",
 )
 refusal = pytest.mark.skipif(KERNELS_RUN, reason="the kernels run here: nothing is refused")
+KERNEL_MODULES = ["mope.kernels.lora", "mope.kernels.grouped", "mope.kernels.router", "mope.kernels.layer"]
+LAUNCHES_FILE = "MOPE_KERNEL_LAUNCHES"  # set: the battery writes its distinct interpreted launches there
+
+
+@pytest.fixture(scope="module", autouse=True)
+def launches_recorded():
+    if not os.environ.get(LAUNCHES_FILE) or not KERNELS_RUN or not kernels_interpreted():
+        yield
+        return
+    from kernel_specs import recorded_launches
+
+    with recorded_launches(Path(os.environ[LAUNCHES_FILE])):
+        yield
 
 
 def reference_error(got: torch.Tensor, want: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
@@ -618,14 +633,27 @@ def test_kernels_forward_and_backward_make_no_host_sync(step, dtype):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(KERNELS_RUN, reason="the battery runs in this process")
-def test_battery_under_the_interpreter():
-    """The battery above, in one fresh process with TRITON_INTERPRET=1 and CUDA hidden (a few seconds of kernels)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_path):
+    """The battery above, in one fresh process with TRITON_INTERPRET=1 and CUDA hidden (a few seconds of kernels).
+
+    The interpreter checks neither what ``tl.dot`` takes on a GPU nor what Triton can lower, so every kernel
+    and constexpr set the battery launched (and bf16 ``tl.dot`` operands, which only a GPU picks) is then
+    compiled here to a cubin for an H100 (sm_90) by Triton's compiler, no GPU needed; every kernel that is not
+    a device function must have been launched.
+    """
+    from kernel_specs import compile_set, compile_spec, launched_kernels
+
+    launches = tmp_path / "launches.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", LAUNCHES_FILE: str(launches)}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parent)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "passed" in summary and "failed" not in summary, summary
+    specs = json.loads(launches.read_text())
+    assert {spec["kernel"] for spec in specs} == launched_kernels(KERNEL_MODULES)
+    for spec in compile_set(specs):
+        assert compile_spec(spec, 90) > 0, spec
 
 
 # refused where the kernels cannot run ------------------------------------------------------------
