@@ -222,18 +222,24 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         return x.dtype == bank.lora_A.dtype == torch.float32 and router.kernel_applies(x)
 
     def fused_forward(self, adapter_name: str, x: torch.Tensor, adapter_x: torch.Tensor, inputs, *args, **kwargs):
-        """The base layer, then the router and experts in one kernel call; the routing recorded as usual."""
+        """The base layer, then the router and experts in one kernel call; the routing recorded as usual.
+
+        A few tokens with no gradient and nothing to record (decoding) take one kernel for both
+        (:mod:`mope.kernels.decode`), the rest the training path's three (:mod:`mope.kernels.layer`).
+        """
+        from .kernels.decode import decodes, routed_decode
         from .kernels.layer import routed_layer
 
         router, bank = self.mope_router[adapter_name], self.mope_experts[adapter_name]
         result = self.base_layer(x, *args, **kwargs)
         normalise = KERNEL_ORDERS[router.order]
-        out, logits, weights, chosen = routed_layer(
-            adapter_x, router.weight, bank.lora_A, bank.lora_B, result, router.top_k, router.temperature, normalise,
-            bank.scaling,
-        )  # fmt: skip
+        factors = (router.weight, bank.lora_A, bank.lora_B, result, router.top_k, router.temperature, normalise)
         ctx = self.routing_context
-        if ctx is not None and self.training:
+        recording = ctx is not None and self.training
+        if not recording and decodes(adapter_x):
+            return routed_decode(adapter_x, *factors, bank.scaling)
+        out, logits, weights, chosen = routed_layer(adapter_x, *factors, bank.scaling)
+        if recording:
             self._record_losses(
                 ctx, adapter_name, router.routing(logits, full_softmax(logits), weights, chosen, inputs), inputs
             )

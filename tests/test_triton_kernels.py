@@ -11,6 +11,7 @@ On CUDA (without the variable) they run here. The refusals run where the kernels
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -31,6 +32,7 @@ from mope.kernels import kernels_interpreted, triton_unavailable
 from mope.layer import MoPELayer
 from mope.losses import load_balancing_loss, router_z_loss
 from mope.routing import ROUTERS, RoutingInputs
+from mope.routing.context import RoutingContext
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not kernels_interpreted() else "cpu")
@@ -42,7 +44,7 @@ battery = pytest.mark.skipif(
     else "no CUDA here: these run in the TRITON_INTERPRET=1 subprocess of test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100",
 )
 refusal = pytest.mark.skipif(KERNELS_RUN, reason="the kernels run here: nothing is refused")
-KERNEL_MODULES = ["mope.kernels.lora", "mope.kernels.grouped", "mope.kernels.router", "mope.kernels.layer"]
+KERNEL_MODULES = [f"mope.kernels.{name}" for name in ("lora", "grouped", "router", "layer", "decode")]
 LAUNCHES_FILE = "MOPE_KERNEL_LAUNCHES"  # set: the battery writes its distinct interpreted launches there
 
 
@@ -125,13 +127,15 @@ def test_bf16_is_as_close_to_float64_as_masked(dtype, base_dtype):
         assert error < max(3 * masked_error, 1e-2), (name, error, masked_error)
 
 
-def mope_layer(router: str, shared: int = 0, num_experts: int = 6, top_k: int = 2, **options) -> MoPELayer:
+def mope_layer(
+    router: str, shared: int = 0, num_experts: int = 6, top_k: int = 2, widths=(16, 12), **options
+) -> MoPELayer:
     config = mope.MoPEConfig(
         num_experts=num_experts, top_k=top_k, num_shared_experts=shared, r=4, init_weights=False, router=router,
         **options,
     )  # fmt: skip
     torch.manual_seed(0)
-    layer = MoPELayer(nn.Linear(16, 12), "default", config).to(DEVICE)
+    layer = MoPELayer(nn.Linear(*widths), "default", config).to(DEVICE)
     with torch.no_grad():  # a router scale that makes the choice non-trivial
         layer.mope_router["default"].weight.normal_(0, 1.0)
     return layer
@@ -541,6 +545,99 @@ def test_a_routed_layer_training_step_launches_three_kernels_forward_six_backwar
         ["rank_down", "rank_up", "rank_outer", "rank_outer", "top_k_route_backward", "scores_outer"]
     )
     assert fills.ops == []
+
+
+@pytest.fixture
+def launched(monkeypatch) -> list[str]:
+    """The names of the Triton kernels launched while the test runs, in order."""
+    from mope.kernels import router as router_kernels
+
+    launches = []
+    kernel_type = type(router_kernels.top_k_route)
+    original = kernel_type.run
+
+    def run(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        with _disable_current_modes():
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", run)
+    return launches
+
+
+@battery
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"router_temperature": 0.7, "num_experts": 20, "top_k": 3}, {"top_k_order": "softmax_then_topk_unnormalised"}],
+    ids=["top_k", "temperature-n20-top3", "unnormalised"],
+)
+def test_decoding_a_few_tokens_is_one_kernel_and_equals_masked(tokens, options, launched):
+    """No gradient, at most 16 tokens: the router and the chosen experts in one launch. Widths of 150 in and 300
+    out: three steps over the input, two programs of columns per token, the second one part-filled."""
+    layer = mope_layer("top_k", widths=(150, 300), **options).eval()
+    x = torch.randn(tokens, 150, device=DEVICE)
+    with torch.no_grad():
+        mope.set_dispatch(layer, "masked")
+        want = layer(x)
+        mope.set_dispatch(layer, "triton")
+        got = layer(x)
+    assert launched == ["routed_decode_kernel"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@battery
+def test_decoding_on_a_bf16_base_adds_the_fp32_experts_into_its_bf16_output(launched):
+    """A bf16 base layer: the experts see its input cast to fp32 once, the sum is rounded to bf16 once."""
+    layer = mope_layer("top_k", widths=(150, 300)).eval()
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(2, 3, 150, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad():
+        mope.set_dispatch(layer, "masked")
+        want = layer(x)
+        exact_layer = copy.deepcopy(layer).double()  # the experts' delta in float64, on the bf16 base's output
+        delta = exact_layer(x.double()) - exact_layer.base_layer(x.double())
+        exact = layer.base_layer(x).double() + delta
+        mope.set_dispatch(layer, "triton")
+        got = layer(x)
+    assert launched == ["routed_decode_kernel"] and got.dtype == want.dtype == torch.bfloat16
+    error, masked_error = reference_error(got, want, exact)  # the interpreter's bf16 stores truncate: up to 2x
+    assert error < 3 * masked_error, (error, masked_error)
+
+
+@battery
+@pytest.mark.parametrize("case", ["17-tokens", "gradient", "training"])
+def test_decoding_takes_the_training_path_where_tokens_gradients_or_losses_ask_for_it(case, launched):
+    """More than 16 tokens, a gradient wanted, or a layer in training whose routing the losses record."""
+    layer = mope_layer("top_k").train(case == "training")
+    mope.set_dispatch(layer, "triton")
+    x = torch.randn(17 if case == "17-tokens" else 4, 16, device=DEVICE)
+    with torch.set_grad_enabled(case == "gradient"):
+        if case == "training":
+            layer.routing_context = RoutingContext()
+        layer(x)
+    assert sorted(launched) == ["rank_down", "rank_up", "top_k_route"]
+
+
+@battery
+def test_greedy_generation_with_the_kv_cache_equals_masked():
+    """A tiny Llama decodes token by token through the one kernel: the tokens masked picks, and its scores."""
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules="all-linear", num_experts=8, top_k=2, r=4, init_weights=False
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("llama"), config).to(DEVICE).eval()
+    prompt = torch.randint(0, 100, (2, 5), device=DEVICE)
+    results = {}
+    for name in ("masked", "triton"):
+        mope.set_dispatch(model, name)
+        results[name] = model.generate(
+            input_ids=prompt, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
+            pad_token_id=0,
+        )  # fmt: skip
+    assert torch.equal(results["triton"].sequences, results["masked"].sequences)
+    for got, want in zip(results["triton"].scores, results["masked"].scores, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @battery

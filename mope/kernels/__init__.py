@@ -4,7 +4,8 @@ Nothing here imports Triton until a kernel strategy is first resolved: ``import 
 of it, :func:`triton_missing` imports nothing, and :func:`triton_unavailable` imports the kernels
 only when Triton is installed (they are about to run). The kernels live in :mod:`mope.kernels.lora`
 (the LoRA experts), :mod:`mope.kernels.grouped` (only the chosen experts) and :mod:`mope.kernels.router`
-(the top-k router); :mod:`mope.kernels.layer` calls the router's and the experts' in one autograd Function.
+(the top-k router); :mod:`mope.kernels.layer` calls the router's and the experts' in one autograd Function,
+and :mod:`mope.kernels.decode` does a few tokens' router and chosen experts in one kernel (no gradient).
 
 Triton decides once, when it compiles (decorates) a kernel, whether to run it on a GPU or in its
 CPU interpreter: the interpreter is chosen by ``TRITON_INTERPRET=1`` in the environment *before*

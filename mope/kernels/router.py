@@ -75,19 +75,29 @@ def top_k_route(
         acc = tl.dot(x, w, acc, input_precision="ieee")
     logits = acc / temperature
     tl.store(logits_ptr + tile, logits, mask=tile_ok)
+    weights, _ = top_k_of(logits, experts, experts_ok, chosen_ptr + rows * K, rows_ok, True, K, NORMALISE, NP)
+    tl.store(weights_ptr + tile, weights, mask=tile_ok)
+
+
+@triton.jit
+def top_k_of(logits, experts, experts_ok, chosen_ptrs, rows_ok, STORE_CHOSEN: tl.constexpr, K: tl.constexpr,
+             NORMALISE: tl.constexpr, NP: tl.constexpr):  # fmt: skip
+    """The gate weights of logits ``[BM, NP]`` (zero where not kept) and the kept mask; with ``STORE_CHOSEN``
+    the k chosen experts (largest first, lowest index first among ties) go to ``chosen_ptrs[:, i]``."""
     rest = tl.where(experts_ok[None, :], logits, -float("inf"))
     top = tl.max(rest, axis=1)
-    kept = tile < 0  # all False
+    kept = (logits < 0) & (logits > 0)  # all False
     for i in tl.static_range(K):
         best = tl.max(rest, axis=1)
         index = tl.min(tl.where(rest == best[:, None], experts[None, :], NP), axis=1)
-        tl.store(chosen_ptr + rows * K + i, index.to(tl.int64), mask=rows_ok)
+        if STORE_CHOSEN:
+            tl.store(chosen_ptrs + i, index.to(tl.int64), mask=rows_ok)
         hit = experts[None, :] == index[:, None]
         kept = kept | hit
         rest = tl.where(hit, -float("inf"), rest)
     e = tl.where(experts_ok[None, :], tl.exp(logits - top[:, None]), 0.0)
     total = tl.sum(tl.where(kept, e, 0.0), axis=1) if NORMALISE else tl.sum(e, axis=1)
-    tl.store(weights_ptr + tile, tl.where(kept, e / total[:, None], 0.0), mask=tile_ok)
+    return tl.where(kept, e / total[:, None], 0.0), kept
 
 
 @triton.jit
