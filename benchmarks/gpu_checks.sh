@@ -14,10 +14,12 @@
 #              also with dispatch forced to each of KERNEL_DISPATCH, default triton) -> step_time_profile_h100.md
 # calibration: dispatch_calibration.py on CUDA (masked / sorted / grouped / triton per shape) -> dispatch_calibration_cuda.md
 # inference:   inference_time.py on CUDA (forward latency, KV-cached generation; token-level MoPE rows also with
-#              dispatch forced to each of KERNEL_DISPATCH) -> inference_time_h100.md/.json
-# host:        step_time.py's host table on this machine's CPU (TRITON_INTERPRET=1, CUDA hidden: Triton launches
-#              run nothing), the host work of an eager step that the GPU rows above are bound by when it
-#              exceeds the GPU's -> step_time_host_gpu_machine_cpu.md
+#              dispatch forced to each of KERNEL_DISPATCH) -> inference_time_h100.md
+# host:        step_time.py's and inference_time.py's host tables on this machine's CPU (TRITON_INTERPRET=1, CUDA
+#              hidden: Triton launches run nothing), the host work of an eager step and of a decoded token that
+#              the GPU rows above are bound by when it exceeds the GPU's -> step_time_host_gpu_machine_cpu.md,
+#              inference_time_host_gpu_machine_cpu.md
+# (the device returns 8 files at most: `tests step profile inference host compiled` writes 8 with the log)
 # compiled:    LoRA r=16 and MoPE top-2 of 8 (and MoPE with each of KERNEL_DISPATCH): eager, torch.compile,
 #              CUDA graphs, bf16 autocast -> step_time_compiled_h100.md
 # KERNEL_DISPATCH (default triton; KERNEL_DISPATCH= for none): the kernel strategies that profile, inference and
@@ -71,12 +73,17 @@ for step in $steps; do
     inference)
         timeout 120 "$py" benchmarks/inference_time.py --device cuda --dispatch "$kernels" --out "$out" >>"$log" 2>&1
         echo "inference exit $?"
+        rm -f "$out"/inference_time_*.json # the .md holds every number
         ;;
     host)
         TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= timeout 120 "$py" benchmarks/step_time.py --sections host \
             --dispatch masked,triton --name step_time_host_gpu_machine_cpu --out "$out" >>"$log" 2>&1
         echo "host exit $?"
-        rm -f "$out/step_time_host_gpu_machine_cpu.json" # the .md holds every number
+        TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES= timeout 60 "$py" benchmarks/inference_time.py --host \
+            --dispatch masked,triton --out "$out/host" >>"$log" 2>&1
+        echo "inference host exit $?"
+        mv "$out/host/inference_time_host_cpu.md" "$out/inference_time_host_gpu_machine_cpu.md"
+        rm -rf "$out/host" "$out/step_time_host_gpu_machine_cpu.json" # the .md holds every number
         ;;
     compiled)
         timeout 360 "$py" benchmarks/step_time.py --sections gpu_compiled --dispatch "$kernels" --out "$out" >>"$log" 2>&1

@@ -4,6 +4,8 @@ Run from the repository root, alone on the machine (no network; tiny random Llam
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference_time.py            # full run, a few minutes
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference_time.py --quick    # smoke run, seconds
+    TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference_time.py --host --dispatch masked,triton
+                                                                  # host time per new token, tiny widths
 
 Writes ``DIR/inference_time_cpu.json`` and ``.md`` (default DIR: benchmarks/results); with ``--device cuda``,
 ``inference_time_h100.*`` (the GPU's model, see step_time.machine_tag).
@@ -42,7 +44,9 @@ from step_time import (
     machine,
     machine_tag,
     paired_ratio,
+    replaced_triton_launches,
     section_table,
+    skipped_launch,
 )
 from torch import nn
 
@@ -124,6 +128,8 @@ class Settings:
 
 FULL = Settings(Shape(256, 4, 8, 128), Shape(256, 4, 4, 32), new_tokens=32, warmup=2, reps=15)
 QUICK = Settings(Shape(64, 2, 2, 16), Shape(64, 2, 2, 8), new_tokens=4, warmup=1, reps=3)
+# --host: one prompt of 4 tokens at hidden 32 on 1 thread (forward_shape unused)
+HOST = Settings(Shape(32, 4, 1, 4), Shape(32, 4, 1, 4), new_tokens=16, warmup=2, reps=21)
 
 
 def with_dispatch(candidates: tuple[Candidate, ...], dispatches: tuple[str, ...]) -> tuple[Candidate, ...]:
@@ -202,10 +208,35 @@ def table_rows(
     ]
 
 
-def run(settings: Settings, mode: str, out: Path) -> str:
-    started, info = time.perf_counter(), machine()
-    info["load average (1, 5, 15 min) before"] = str(load_average())
-    info["repetitions"] = f"{settings.warmup} warm-up + {settings.reps} timed per candidate"
+def host_rows(settings: Settings) -> list[Row]:
+    """Host time of KV-cached greedy generation at tiny widths on 1 thread: the CPU's side of GPU decoding.
+
+    As step_time.py's host table: at hidden 32 the arithmetic is negligible, and every Triton launch runs
+    nothing (step_time.skipped_launch), so the ``dispatch=triton`` row (under ``TRITON_INTERPRET=1``) times
+    the host work around the kernels; a GPU adds Triton's per-launch cost. Value: ms per new token, the
+    prompt's forward included.
+    """
+    batch = prompts(settings.generate_shape, settings.device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with replaced_triton_launches(skipped_launch):
+            return table_rows(
+                f"host time of greedy generation with KV cache, {settings.new_tokens} new tokens "
+                "(tiny widths, 1 CPU thread; Triton launches run nothing)",
+                with_dispatch(GENERATE, settings.dispatches),
+                settings.generate_shape,
+                lambda model: generate_step(model, batch, settings.new_tokens),
+                settings,
+                lambda seconds: 1000 * seconds / settings.new_tokens,
+                "ms per new token",
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def timed_rows(settings: Settings) -> list[Row]:
+    """The forward-latency and generation tables."""
     forward_batch = prompts(settings.forward_shape, settings.device)
     generate_batch = prompts(settings.generate_shape, settings.device)
     new_tokens = settings.generate_shape.batch * settings.new_tokens
@@ -218,7 +249,7 @@ def run(settings: Settings, mode: str, out: Path) -> str:
         lambda seconds: 1000 * seconds,
         "ms",
     )
-    rows += table_rows(
+    return rows + table_rows(
         f"greedy generation with KV cache, {settings.new_tokens} new tokens per prompt, {settings.where}",
         with_dispatch(GENERATE, settings.dispatches),
         settings.generate_shape,
@@ -227,13 +258,22 @@ def run(settings: Settings, mode: str, out: Path) -> str:
         lambda seconds: new_tokens / seconds,
         "new tokens/s",
     )
+
+
+def run(settings: Settings, mode: str, out: Path) -> str:
+    """The tables of ``mode`` (full, quick: timed; host: host time), written to ``out`` as .md and .json."""
+    started, info = time.perf_counter(), machine()
+    info["load average (1, 5, 15 min) before"] = str(load_average())
+    info["repetitions"] = f"{settings.warmup} warm-up + {settings.reps} timed per candidate"
+    rows = host_rows(settings) if mode == "host" else timed_rows(settings)
     info["load average (1, 5, 15 min) after"] = str(load_average())
     info["wall time s"] = round(time.perf_counter() - started, 1)
     parts = [f"# Inference benchmark ({mode})", "", *(f"- {key}: {value}" for key, value in info.items())]
     parts += [
         "",
         "Ratios are time ratios (candidate / reference, median of interleaved repetitions [25-75 %]): "
-        "below 1 is faster. For generation the value column is throughput (higher is faster).",
+        "below 1 is faster. For generation the value column is throughput (higher is faster), except in the "
+        "host table (ms per new token).",
     ]
     sections: dict[str, list[Row]] = {}
     for row in rows:
@@ -242,7 +282,7 @@ def run(settings: Settings, mode: str, out: Path) -> str:
         parts += ["", f"## {section}", "", f"Shape: {members[0].shape}", "", section_table(members)]
     text = "\n".join(parts) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"inference_time_{machine_tag(settings.device)}"
+    stem = f"inference_time_{'host_' if mode == 'host' else ''}{machine_tag(settings.device)}"
     (out / f"{stem}.md").write_text(text)
     payload = {"mode": mode, "machine": info, "rows": [asdict(row) for row in rows]}
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -252,6 +292,12 @@ def run(settings: Settings, mode: str, out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (smoke test)")
+    parser.add_argument(
+        "--host",
+        action="store_true",
+        help="only the host time of generation at hidden 32 on 1 thread, Triton launches running nothing (with "
+        "--dispatch triton, run under TRITON_INTERPRET=1) -> inference_time_host_cpu.md/.json",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own; --quick: 1)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: bf16 models on the GPU")
@@ -269,7 +315,7 @@ def main() -> None:
     threads = args.threads or (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
-    settings, mode = (QUICK, "quick") if args.quick else (FULL, "full")
+    settings, mode = (HOST, "host") if args.host else (QUICK, "quick") if args.quick else (FULL, "full")
     print(run(replace(settings, device=args.device, dispatches=dispatches), mode, args.out))
 
 

@@ -11,9 +11,11 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import benchmark_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -173,6 +175,21 @@ def test_quick_inference_benchmark_writes_every_row(tmp_path):
     for row in [*forward.values(), *generate.values()]:
         assert_positive(row)
         assert set(row["ratios"]) == {"frozen_base", "peft_lora_r16"}
+
+
+def test_the_inference_host_table_times_generation_per_new_token_on_one_thread(tmp_path):
+    """``inference_time.py --host`` at one repetition: every generation row, per new token, thread count restored."""
+    inference_time = benchmark_module("inference_time")
+    threads = torch.get_num_threads()
+    settings = replace(inference_time.HOST, new_tokens=2, warmup=0, reps=1)
+    inference_time.run(settings, "host", tmp_path)
+    assert torch.get_num_threads() == threads
+    results = json.loads((tmp_path / "inference_time_host_cpu.json").read_text())
+    rows = rows_of(results, "host time of greedy generation")
+    assert set(rows) == {"frozen_base", "peft_lora_r16", "mope_top2_of_8", "mope_top2_of_8_seq"}
+    for row in rows.values():
+        assert_positive(row)
+        assert row["metric"] == "ms per new token"
 
 
 LOOPS = {"naive_loop_top2_of_8", "loop_frozen_in_experts", "loop_frozen_in_experts_all_tokens"}
