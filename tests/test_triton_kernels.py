@@ -298,12 +298,12 @@ def test_groups_sort_the_pairs_stably_by_expert(tokens, k, n):
     """The counting sort equals torch's stable sort: pairs, offsets and gate weights. Half the experts chosen
     by no token; 600 pairs are five blocks of the counting kernels at N=40, 2000 pairs at N=300 (512 padded)
     are 125."""
-    from mope.kernels.grouped import Groups  # imports Triton: only where the battery runs
+    from mope.kernels.grouped import sort_pairs  # imports Triton: only where the battery runs
 
     g = torch.Generator().manual_seed(0)
     chosen = torch.stack([torch.randperm(max(k, n // 2), generator=g)[:k] for _ in range(tokens)]).to(DEVICE)
     weights = torch.rand(tokens, n, generator=g).to(DEVICE)
-    groups = Groups(chosen, weights)
+    groups = sort_pairs(chosen, weights)
     expert, dest = torch.sort(chosen.reshape(-1), stable=True)
     counts = torch.bincount(chosen.reshape(-1), minlength=n)
     assert torch.equal(groups.dest, dest)
@@ -371,10 +371,10 @@ def loss_and_grads(step, model: nn.Module, batch) -> tuple[torch.Tensor, dict[st
 COMPILER = "inductor" if DEVICE.type == "cuda" else "aot_eager"
 
 
-@battery
-def test_layer_training_step_compiles_as_one_graph_and_equals_eager():
-    """fullgraph=True: a graph break is an error. Output and every gradient equal the eager kernels'."""
-    layer = mope_layer("top_k").train()
+def compiled_and_eager(num_experts: int, launched: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A triton layer's output and every gradient, compiled with ``fullgraph=True`` (a graph break is an error)
+    and eager; ``launched`` then holds the compiled call's kernels only."""
+    layer = mope_layer("top_k", num_experts=num_experts).train()
     bank, gate = layer.mope_experts["default"], layer.mope_router["default"]
     mope.set_dispatch(layer, "triton")  # the router kernel's op too
     x = torch.randn(2, 7, 16, device=DEVICE, requires_grad=True)
@@ -385,8 +385,28 @@ def test_layer_training_step_compiles_as_one_graph_and_equals_eager():
         return [out, *torch.autograd.grad(out, params, torch.ones_like(out))]
 
     torch._dynamo.reset()
-    compiled = torch.compile(layer, backend=COMPILER, fullgraph=True)  # the backward is traced with the forward
-    for got, want in zip(outputs_and_grads(compiled), outputs_and_grads(layer), strict=True):
+    compiled = outputs_and_grads(torch.compile(layer, backend=COMPILER, fullgraph=True))  # backward traced too
+    compiled_launches = list(launched)
+    eager = outputs_and_grads(layer)
+    launched[:] = compiled_launches
+    return compiled, eager
+
+
+@battery
+def test_layer_training_step_compiles_as_one_graph_and_equals_eager(launched):
+    compiled, eager = compiled_and_eager(6, launched)
+    assert "rank_down" in launched and "count_pairs" not in launched  # the masked kernels
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@battery
+def test_grouped_kernels_compile_as_one_graph_and_equal_eager(launched):
+    """N/k = 8: under torch.compile too only the chosen experts are computed (the grouped custom ops), with the
+    eager grouped kernels' output and every gradient (the gate weights' at the chosen experts only)."""
+    compiled, eager = compiled_and_eager(16, launched)
+    assert launched.count("count_pairs") == 1 and "rank_down" not in launched  # sorted once, no masked kernel
+    for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

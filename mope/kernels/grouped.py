@@ -3,7 +3,7 @@
 The masked kernels (:mod:`mope.kernels.lora`) compute all N experts for every token; with N/k
 large most of that work is multiplied by a zero gate. Here the T*k (token, expert) pairs of the
 gate's ``chosen`` list are sorted by expert with their gate weights (a stable counting sort: two
-kernels and a cumsum, :class:`Groups`; no host sync), and each product is one kernel over the groups:
+kernels and a cumsum, :func:`sort_pairs`; no host sync), and each product is one kernel over the groups:
 a program takes a block of one expert's pairs, gathers their rows by token index inside the kernel
 (no copy of the selected rows) and multiplies by that expert's factor. Forward: ``grouped_down``
 (``h = A_e x[token]``) and ``grouped_up`` (``s * gate * h B_e``, written at the pair's token-major
@@ -16,10 +16,10 @@ Blocks: expert e's pairs fill ``ceil(count_e / BLOCK)`` blocks; the grid has ``c
 programs (a bound known on the host), the ones past the last block do nothing. Each program finds
 its expert and block from the experts' offsets (:func:`pair_block`).
 
-Used by ``dispatch='triton'`` (:func:`mope.kernels.lora.routed_lora`) in eager mode where the
-gate lists its chosen experts and ``N / k >= GROUPED_MIN_EXPERTS_PER_ACTIVE`` (8, untuned: the
-CPU's sparse threshold, :func:`mope.dispatch.auto_dispatch`); the masked kernels elsewhere and under
-``torch.compile``.
+Used by ``dispatch='triton'`` (:func:`mope.kernels.lora.routed_lora`) where the gate lists its
+chosen experts and ``N / k >= GROUPED_MIN_EXPERTS_PER_ACTIVE`` (8, untuned: the CPU's sparse
+threshold, :func:`mope.dispatch.auto_dispatch`), eager or under ``torch.compile`` (as custom ops);
+the masked kernels elsewhere.
 Unlike the masked form it gives the gate weights a gradient only at the chosen experts (the
 router's gradient is the same: its weights there are zero with zero derivative).
 """
@@ -189,28 +189,36 @@ SORT_TILE = 8192  # pairs x experts (padded) a program of the sort kernels holds
 
 
 class Groups:
-    """The pairs of ``chosen [T, k]`` sorted by expert, and their gate weights; on the device, no host sync.
+    """The pairs of ``chosen [T, k]`` sorted by expert, and their gate weights (see :func:`sort_pairs`).
 
     ``dest [T*k]``: each sorted pair's token-major index (its token is ``dest // k``); ``offsets [N + 1]``:
     where each expert's pairs start; ``gate [T*k]``: ``weights [T, N]`` at each pair.
     """
 
-    def __init__(self, chosen: torch.Tensor, weights: torch.Tensor) -> None:
-        tokens, k = chosen.shape
-        num_experts, pairs = weights.shape[1], chosen.numel()
-        self.np = next_power_of_2(num_experts)
-        per_block = max(16, SORT_TILE // self.np)
-        count_blocks = cdiv(pairs, per_block)
-        counts = chosen.new_empty(count_blocks, self.np, dtype=torch.int32)
-        self.offsets, self.dest = chosen.new_empty(num_experts + 1), chosen.new_empty(pairs)
-        self.gate = weights.new_empty(pairs)
-        count_pairs[(count_blocks,)](chosen, counts, pairs, BP=per_block, NP=self.np)
-        place_pairs[(count_blocks,)](
-            chosen, counts, counts.cumsum(0, dtype=torch.int32), weights, self.offsets, self.dest, self.gate,
-            pairs, count_blocks, num_experts, k, BP=per_block, NP=self.np,
-        )  # fmt: skip
-        self.num_blocks = cdiv(pairs, BLOCK) + num_experts  # at least sum(ceil(count_e / BLOCK)), known here
+    def __init__(self, dest: torch.Tensor, offsets: torch.Tensor, gate: torch.Tensor, tokens: int, k: int) -> None:
+        self.dest, self.offsets, self.gate = dest, offsets, gate
+        num_experts = offsets.shape[0] - 1
         self.shape = (tokens, k, num_experts)
+        self.np = next_power_of_2(num_experts)
+        self.num_blocks = cdiv(tokens * k, BLOCK) + num_experts  # at least sum(ceil(count_e / BLOCK)), known here
+
+
+def sort_pairs(chosen: torch.Tensor, weights: torch.Tensor) -> Groups:
+    """The pairs of ``chosen [T, k]`` sorted by expert with their gate weights: two kernels and a cumsum on the
+    device, no host sync."""
+    tokens, k = chosen.shape
+    num_experts, pairs = weights.shape[1], chosen.numel()
+    padded = next_power_of_2(num_experts)
+    per_block = max(16, SORT_TILE // padded)
+    count_blocks = cdiv(pairs, per_block)
+    counts = chosen.new_empty(count_blocks, padded, dtype=torch.int32)
+    offsets, dest, gate = chosen.new_empty(num_experts + 1), chosen.new_empty(pairs), weights.new_empty(pairs)
+    count_pairs[(count_blocks,)](chosen, counts, pairs, BP=per_block, NP=padded)
+    place_pairs[(count_blocks,)](
+        chosen, counts, counts.cumsum(0, dtype=torch.int32), weights, offsets, dest, gate,
+        pairs, count_blocks, num_experts, k, BP=per_block, NP=padded,
+    )  # fmt: skip
+    return Groups(dest, offsets, gate, tokens, k)
 
 
 def down(src, w, scale: float, groups: Groups, tiles: Tiles, rp: int, out_dtype, h=None):
@@ -263,7 +271,7 @@ def grouped_forward(x, lora_a, lora_b, weights, base, chosen, scaling: float):
     """Flat ``x [T, d_in]``, ``weights [T, N]``, ``base [T, d_out]``, ``chosen [T, k]``: the output in base's dtype,
     the state, and per sorted pair the gate weight ``[P]`` and ``h = A_e x[token]`` ``[P, r]`` for the backward."""
     num_experts, rank, _ = lora_a.shape
-    groups = Groups(chosen, weights)
+    groups = sort_pairs(chosen, weights)
     tiles = Tiles(num_experts, rank, x.dtype, base.dtype)
     rp = max(MIN_DOT, tiles.rp)
     gate = groups.gate
@@ -327,6 +335,72 @@ class GroupedLoRA(torch.autograd.Function):
         )
 
 
+# Under torch.compile: the same forward and backward as custom ops (see mope.kernels.lora for why custom ops).
+# The forward returns what the backward needs besides its inputs: the gate weights and h per sorted pair, and
+# the sort itself (dest, offsets), which the backward rebuilds its Groups from.
+
+
+@torch.library.custom_op("mope::grouped_lora", mutates_args=())
+def grouped_lora_op(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, weights: torch.Tensor, base: torch.Tensor,
+    chosen: torch.Tensor, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """GroupedLoRA's forward on flat tensors: the output, the gate and h per sorted pair, dest and offsets."""
+    out, state, gate, h = grouped_forward(x, lora_a, lora_b, weights, base, chosen, scaling)
+    return out, gate, h, state.groups.dest, state.groups.offsets
+
+
+@grouped_lora_op.register_fake
+def grouped_lora_shapes(x, lora_a, lora_b, weights, base, chosen, scaling):
+    pairs, (num_experts, rank, _) = chosen.numel(), lora_a.shape
+    sort = chosen.new_empty(pairs), chosen.new_empty(num_experts + 1)
+    return base.new_empty(base.shape), weights.new_empty(pairs), x.new_empty(pairs, rank), *sort
+
+
+@torch.library.custom_op("mope::grouped_lora_backward", mutates_args=())
+def grouped_lora_backward_op(
+    grad_out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, gate: torch.Tensor,
+    h: torch.Tensor, dest: torch.Tensor, offsets: torch.Tensor, scaling: float, k: int, needs: list[bool],
+) -> list[torch.Tensor]:  # fmt: skip
+    """:func:`grouped_gradients` as an op: an empty tensor where a gradient is not needed."""
+    num_experts, rank, _ = lora_a.shape
+    tiles = Tiles(num_experts, rank, x.dtype, grad_out.dtype)
+    state = GroupedState(Groups(dest, offsets, gate, x.shape[0], k), tiles, max(MIN_DOT, tiles.rp))
+    grads = grouped_gradients(grad_out, x, lora_a, lora_b, gate, h, state, scaling, needs)
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@grouped_lora_backward_op.register_fake
+def grouped_lora_backward_shapes(grad_out, x, lora_a, lora_b, gate, h, dest, offsets, scaling, k, needs):
+    weights = gate.new_empty(x.shape[0], lora_a.shape[0])
+    grads = [x.new_empty(x.shape), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape), weights]
+    return [g if need else x.new_empty(0) for g, need in zip(grads, needs, strict=True)]
+
+
+def save_for_grouped_backward(ctx, inputs, output) -> None:
+    x, lora_a, lora_b, _, _, chosen, scaling = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, *output[1:])
+    ctx.scaling, ctx.k = scaling, chosen.shape[1]
+
+
+def grouped_lora_op_backward(ctx, grad_out, *unused):
+    needs = list(ctx.needs_input_grad[:4])
+    grads = grouped_lora_backward_op(grad_out.contiguous(), *ctx.saved_tensors, ctx.scaling, ctx.k, needs)
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), grad_out, None, None
+
+
+grouped_lora_op.register_autograd(grouped_lora_op_backward, setup_context=save_for_grouped_backward)
+
+
 def grouped_lora(x, lora_A, lora_B, weights, scaling: float, base_out, chosen) -> torch.Tensor:
-    """:func:`mope.dispatch.lora_masked`'s result over the ``chosen [..., k]`` experts only; any token shape."""
-    return GroupedLoRA.apply(x, lora_A, lora_B, weights, base_out, chosen, scaling)
+    """:func:`mope.dispatch.lora_masked`'s result over the ``chosen [..., k]`` experts only; any token shape.
+
+    Eager: :class:`GroupedLoRA`; under ``torch.compile``: the custom ops above, so the step stays one graph.
+    """
+    if not torch.compiler.is_compiling():
+        return GroupedLoRA.apply(x, lora_A, lora_B, weights, base_out, chosen, scaling)
+    n, k = lora_A.shape[0], chosen.shape[-1]
+    flat = x.reshape(-1, x.shape[-1]).contiguous(), lora_A.contiguous(), lora_B.contiguous()
+    routing = weights.reshape(-1, n).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
+    out, *_ = grouped_lora_op(*flat, *routing, chosen.reshape(-1, k).contiguous(), scaling)
+    return out.view(*base_out.shape)

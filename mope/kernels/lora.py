@@ -346,13 +346,8 @@ routed_lora_op.register_autograd(routed_lora_op_backward, setup_context=save_for
 
 
 def use_grouped(x: torch.Tensor, num_experts: int, chosen: torch.Tensor | None) -> bool:
-    """Compute only the chosen experts: the gate lists them, N/k is large, tokens exist, eager mode."""
-    return (
-        chosen is not None
-        and x.numel() > 0
-        and num_experts >= GROUPED_MIN_EXPERTS_PER_ACTIVE * chosen.shape[-1]
-        and not torch.compiler.is_compiling()
-    )
+    """Compute only the chosen experts: the gate lists them, N/k is large, tokens exist."""
+    return chosen is not None and x.numel() > 0 and num_experts >= GROUPED_MIN_EXPERTS_PER_ACTIVE * chosen.shape[-1]
 
 
 def routed_lora(
@@ -365,8 +360,8 @@ def routed_lora(
 ) -> torch.Tensor:
     """:func:`mope.dispatch.lora_masked`'s result through the kernels: any token shape, out of place.
 
-    The masked form: it needs no chosen experts (unused ones have weight 0) and is the one
-    ``torch.compile`` runs. Where only the chosen experts pay (:func:`use_grouped`),
+    The masked form: it needs no chosen experts (unused ones have weight 0); under ``torch.compile``
+    as the custom op ``mope::routed_lora``. Where only the chosen experts pay (:func:`use_grouped`),
     :func:`mope.dispatch.lora_triton` calls :mod:`mope.kernels.grouped` instead.
     """
     n, r, d_in = lora_A.shape
