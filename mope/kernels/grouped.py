@@ -171,7 +171,7 @@ def place_pairs(
     total = tl.load(running_ptr + (count_blocks - 1) * NP + experts)
     before = tl.load(running_ptr + block * NP + experts) - tl.load(counts_ptr + block * NP + experts)
     ends = tl.cumsum(total, 0)
-    first = block == 0
+    first = (block + 0 * experts) == 0  # a vector: a scalar bool in a mask is refused by Triton 3.9's interpreter
     tl.store(offsets_ptr + experts + 1, ends.to(tl.int64), mask=(experts < num_experts) & first)
     tl.store(offsets_ptr + experts, tl.zeros((NP,), dtype=tl.int64), mask=(experts == 0) & first)
     index = block * BP + tl.arange(0, BP)
