@@ -601,10 +601,11 @@ def counted_triton_launches(counter):
 
 def skipped_launch(original, kernel, *args, **kwargs) -> None:
     """A Triton launch that runs nothing: it only zeroes the integer tensors it was given (outputs such as the
-    chosen experts must hold valid indices for the torch ops after it); float outputs keep whatever they held."""
-    for arg in args:
-        if isinstance(arg, torch.Tensor) and not arg.is_floating_point():
-            arg.zero_()
+    chosen experts must hold valid indices for the torch ops after it), in one op whatever their number (the
+    grouped kernels take up to five); float outputs keep whatever they held."""
+    integers = [arg for arg in args if isinstance(arg, torch.Tensor) and not arg.is_floating_point()]
+    if integers:
+        torch._foreach_zero_(integers)
 
 
 def op_rows(settings: Settings) -> list[Row]:
