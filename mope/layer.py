@@ -233,12 +233,12 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         router, bank = self.mope_router[adapter_name], self.mope_experts[adapter_name]
         result = self.base_layer(x, *args, **kwargs)
         normalise = KERNEL_ORDERS[router.order]
-        factors = (router.weight, bank.lora_A, bank.lora_B, result, router.top_k, router.temperature, normalise)
+        operands = (router.weight, bank.lora_A, bank.lora_B, result, router.top_k, router.temperature, normalise)
         ctx = self.routing_context
         recording = ctx is not None and self.training
         if not recording and decodes(adapter_x):
-            return routed_decode(adapter_x, *factors, bank.scaling)
-        out, logits, weights, chosen = routed_layer(adapter_x, *factors, bank.scaling)
+            return routed_decode(adapter_x, *operands, bank.scaling)
+        out, logits, weights, chosen = routed_layer(adapter_x, *operands, bank.scaling)
         if recording:
             self._record_losses(
                 ctx, adapter_name, router.routing(logits, full_softmax(logits), weights, chosen, inputs), inputs
