@@ -46,8 +46,8 @@ for step in $steps; do
         timeout 150 "$py" -m pytest -q -p no:cacheprovider -rs -k "cuda or host_sync" \
             tests/test_dispatch.py tests/routing/test_gate_battery.py tests/test_precision.py >>"$log" 2>&1
         echo "tests exit $?"
-        # 360 s: each kernel specialisation compiles once (about 90: on CPU the compile check of 71 took ~50 s),
-        # and three tests compile a graph with inductor
+        # 360 s: each kernel specialisation compiles once (75 distinct launches under the interpreter, more on
+        # CUDA where bf16 experts take bf16 tl.dot; compiling 71 took ~50 s on CPU), three tests run inductor
         timeout 360 "$py" -m pytest -q -p no:cacheprovider -rs tests/test_triton_kernels.py >>"$log" 2>&1
         echo "triton tests exit $?"
         grep -E "passed|failed" "$log" | tail -2

@@ -539,29 +539,17 @@ class ZeroFills(TorchDispatchMode):
 
 
 @battery
-def test_a_routed_layer_training_step_launches_three_kernels_forward_six_backward_and_fills_nothing(monkeypatch):
+def test_a_routed_layer_training_step_launches_three_kernels_forward_six_backward_and_fills_nothing(launched):
     """The kernel count the GPU step's launch overhead follows: router, A, B forward; their backward in six."""
-    from mope.kernels import router as router_kernels
-
     layer = mope_layer("top_k").train()
     mope.set_dispatch(layer, "triton")
     x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
-    launches = []
-    kernel_type = type(router_kernels.top_k_route)
-    original = kernel_type.run
-
-    def run(self, *args, **kwargs):
-        launches.append(self.fn.__name__)
-        with _disable_current_modes():  # the interpreter's own tensor work is not the step's
-            return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(kernel_type, "run", run)
     with ZeroFills() as fills:
         out = layer(x)
-        forward = list(launches)
+        forward = list(launched)
         out.square().sum().backward()
     assert sorted(forward) == ["rank_down", "rank_up", "top_k_route"]
-    assert sorted(launches[3:]) == sorted(
+    assert sorted(launched[3:]) == sorted(
         ["rank_down", "rank_up", "rank_outer", "rank_outer", "top_k_route_backward", "scores_outer"]
     )
     assert fills.ops == []
@@ -578,7 +566,7 @@ def launched(monkeypatch) -> list[str]:
 
     def run(self, *args, **kwargs):
         launches.append(self.fn.__name__)
-        with _disable_current_modes():
+        with _disable_current_modes():  # the interpreter's own tensor work is not the step's
             return original(self, *args, **kwargs)
 
     monkeypatch.setattr(kernel_type, "run", run)

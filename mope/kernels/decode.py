@@ -49,6 +49,7 @@ def routed_decode_kernel(
         w = tl.load(scores, mask=experts_ok[:, None] & ks_ok[None, :], other=0.0)
         logits += tl.sum(w * x[None, :], axis=1)
     logits = (logits / temperature)[None, :]
+    # STORE_CHOSEN off: the chosen experts' pointer and row bounds are never read (x_ptr and False stand in)
     weights, kept = top_k_of(logits, experts, experts_ok, x_ptr, token < 0, False, K, NORMALISE, NP)
     # slot j: the j-th kept expert in index order, and its gate weight
     slot_of = tl.cumsum(kept.to(tl.int32), axis=1) - 1
