@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import mope
 from mope.dispatch import auto_dispatch, lora_masked, resolve_dispatch
-from mope.kernels import kernels_interpreted, triton_unavailable
+from mope.kernels import interpreter_fault, kernels_interpreted, triton_unavailable
 from mope.layer import MoPELayer
 from mope.losses import load_balancing_loss, router_z_loss
 from mope.routing import ROUTERS, RoutingInputs
@@ -37,12 +37,13 @@ from mope.routing.context import RoutingContext
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not kernels_interpreted() else "cpu")
 KERNELS_RUN = HAS_TRITON and triton_unavailable(DEVICE) is None
-battery = pytest.mark.skipif(
-    not KERNELS_RUN,
-    reason="triton is not installed"
-    if not HAS_TRITON
-    else "no CUDA here: these run in the TRITON_INTERPRET=1 subprocess of test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100",
-)
+if not HAS_TRITON:
+    NOT_RUN = "triton is not installed"
+elif kernels_interpreted():
+    NOT_RUN = f"the interpreter cannot run the kernels here: {triton_unavailable(DEVICE)}"
+else:
+    NOT_RUN = "no CUDA here: these run in the TRITON_INTERPRET=1 subprocess of test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100"
+battery = pytest.mark.skipif(not KERNELS_RUN, reason=NOT_RUN)
 refusal = pytest.mark.skipif(KERNELS_RUN, reason="the kernels run here: nothing is refused")
 KERNEL_MODULES = [f"mope.kernels.{name}" for name in ("lora", "grouped", "router", "layer", "decode")]
 LAUNCHES_FILE = "MOPE_KERNEL_LAUNCHES"  # set: the battery writes its distinct interpreted launches there
@@ -737,7 +738,7 @@ def test_kernels_forward_and_backward_make_no_host_sync(step, dtype):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.skipif(KERNELS_RUN, reason="the battery runs in this process")
+@pytest.mark.skipif(KERNELS_RUN or kernels_interpreted(), reason="the battery runs (or would) in this process")
 def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_path):
     """The battery above, in one fresh process with TRITON_INTERPRET=1 and CUDA hidden (a few seconds of kernels).
 
@@ -750,11 +751,12 @@ def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_p
 
     launches = tmp_path / "launches.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", LAUNCHES_FILE: str(launches)}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__]
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-x", __file__]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).parent)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "passed" in summary and "failed" not in summary, summary
+    assert launches.exists(), f"the battery launched no kernel:\n{done.stdout[-3000:]}"
     specs = json.loads(launches.read_text())
     assert {spec["kernel"] for spec in specs} == launched_kernels(KERNEL_MODULES)
     for spec in compile_set(specs):
@@ -770,7 +772,12 @@ def test_cpu_without_the_interpreter_is_refused_naming_why_and_the_model_is_unch
     model = get_peft_model(make_model("llama"), config)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = make_batch("llama")
-    reason = "Triton is not installed" if not HAS_TRITON else r"Triton kernels run on CUDA.*TRITON_INTERPRET=1"
+    if not HAS_TRITON:
+        reason = "Triton is not installed"
+    elif kernels_interpreted():  # an interpreter that cannot run them (interpreter_fault)
+        reason = r"Triton \S+'s interpreter .*numpy<2\.4"
+    else:
+        reason = r"Triton kernels run on CUDA.*TRITON_INTERPRET=1"
     with pytest.raises(
         ValueError, match=rf"dispatch='triton' cannot run on these cpu tensors: {reason}.*dispatch='auto'"
     ):
@@ -778,6 +785,31 @@ def test_cpu_without_the_interpreter_is_refused_naming_why_and_the_model_is_unch
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     mope.set_dispatch(model, "auto")
     model(**batch)  # the fix the message names works
+
+
+def test_an_interpreter_that_fails_with_this_numpy_is_named_with_both_versions_and_the_fix():
+    # Triton 3.6's interpreter (torch 2.11's pin) with NumPy 2.4.6 failed every kernel with a loop, as
+    # "InterpreterError: TypeError('only 0-dimensional arrays can be converted to Python scalars')"
+    reason = interpreter_fault("3.6.0", "2.4.6")
+    assert "Triton 3.6.0" in reason and "NumPy 2.4.6" in reason and "triton>=3.7 or numpy<2.4" in reason
+    assert interpreter_fault("3.5.1", "2.4.0") is not None
+    assert interpreter_fault("3.6.0", "2.3.5") is None  # ran the battery
+    assert interpreter_fault("3.7.0", "2.4.6") is None and interpreter_fault("3.9.0", "2.5.2") is None
+
+
+@battery
+def test_an_interpreter_that_fails_with_this_numpy_is_refused_before_any_kernel_and_the_model_is_unchanged(
+    monkeypatch,
+):
+    if DEVICE.type != "cpu":
+        pytest.skip("the interpreter runs on CPU only")
+    monkeypatch.setattr(mope.kernels.lora, "INTERPRETER_FAULT", interpreter_fault("3.6.0", "2.4.6"))
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=4, r=2, dispatch="triton")
+    model = get_peft_model(make_model("llama"), config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"cannot run on these cpu tensors: Triton 3\.6\.0's interpreter.*numpy<2\.4"):
+        model(**make_batch("llama"))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 @refusal

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from . import installed_interpreter_fault
 from .grid import cdiv, next_power_of_2
 
 # every tl.dot operand dimension must be at least this on a GPU
@@ -177,6 +178,8 @@ def rank_outer(
 
 
 INTERPRETED: bool = isinstance(rank_down, InterpretedFunction)
+# why the interpreter cannot run the kernels with the installed Triton and NumPy, or None (read once)
+INTERPRETER_FAULT: str | None = installed_interpreter_fault() if INTERPRETED else None
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
