@@ -284,3 +284,19 @@ def test_skipped_triton_launches_run_nothing_but_zero_integer_arguments_and_are_
     assert counter.count == 2
     assert indices.tolist() == [0, 0, 0] and values.tolist() == [1.0, 1.0, 1.0]
     assert JITFunction.run is original
+
+
+@pytest.mark.slow
+def test_gpu_checks_skips_the_steps_its_budget_cannot_fit_and_logs_the_versions(tmp_path):
+    # one device call is all a session gets: a step that would start with under 20 s of BUDGET left is skipped
+    out = tmp_path / "out"
+    env = {**os.environ, "BUDGET": "15", "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none")}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_checks.sh", str(out), "step", "compiled"],
+        capture_output=True, text=True, env=env, timeout=120, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    log = (out / "gpu_checks.log").read_text()
+    assert done.returncode == 0, done.stderr
+    assert f"torch {torch.__version__}" in log and "transformers" in log, log
+    assert "step skipped: under 20 s of BUDGET=15 left" in log and "compiled skipped" in log, log
+    assert "step exit" not in log and not list(out.glob("step_time_*")), log
