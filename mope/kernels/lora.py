@@ -111,21 +111,30 @@ def rank_up(
     gate_ptr,
     w_ptr,
     base_ptr,
+    d_ptr,
+    router_w_ptr,
     out_ptr,
     tokens,
     width,
     num_experts,
     rank,
+    router_experts,
     scale,
     HAS_BASE: tl.constexpr,
+    ROUTER: tl.constexpr,
     DOT: tl.constexpr,
     PRECISION: tl.constexpr,
     BM: tl.constexpr,
     EB: tl.constexpr,
     RP: tl.constexpr,
     BN: tl.constexpr,
+    NP: tl.constexpr,
 ):
-    """``out[T, D] = base + scale * (p * (gate (x) 1_r)) @ w[N*r, D]`` on one tile of rows and columns."""
+    """``out[T, D] = base + scale * (p * (gate (x) 1_r)) @ w[N*r, D]`` on one tile of rows and columns.
+
+    With ``ROUTER`` (the fused layer's input gradient) plus ``d[T, N'] @ router_w[N', D]`` in IEEE fp32,
+    the router's share of it (``NP``: N' rounded up to a power of two, at least 16).
+    """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     outs = tl.program_id(1) * BN + tl.arange(0, BN)
     rows_ok, outs_ok = rows < tokens, outs < width
@@ -135,6 +144,14 @@ def rank_up(
         w = tl.load(w_ptr + cols[:, None] * width + outs[None, :], mask=cols_ok[:, None] & outs_ok[None, :], other=0.0)
         acc = tl.dot(pg.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
     acc = acc * scale
+    if ROUTER:
+        routers = tl.arange(0, NP)
+        routers_ok = routers < router_experts
+        d_ok = rows_ok[:, None] & routers_ok[None, :]
+        d = tl.load(d_ptr + rows[:, None] * router_experts + routers[None, :], mask=d_ok, other=0.0)
+        w_ok = routers_ok[:, None] & outs_ok[None, :]
+        router_w = tl.load(router_w_ptr + routers[:, None] * width + outs[None, :], mask=w_ok, other=0.0)
+        acc = tl.dot(d, router_w, acc, input_precision="ieee")
     tile_ok = rows_ok[:, None] & outs_ok[None, :]
     if HAS_BASE:
         acc += tl.load(base_ptr + rows[:, None] * width + outs[None, :], mask=tile_ok, other=0.0).to(tl.float32)
@@ -160,8 +177,20 @@ def rank_outer(
     BN: tl.constexpr,
 ):
     """``out[N*r, D] = scale * (p * (gate (x) 1_r))^T @ y[T, D]`` on one tile of experts and columns (sums over T)."""
-    e0 = tl.program_id(0) * EB
     outs = tl.program_id(1) * BN + tl.arange(0, BN)
+    outer_tile(
+        p_ptr, gate_ptr, y_ptr, out_ptr, tl.program_id(0) * EB, outs, tokens, width, num_experts, rank, scale,
+        DOT, PRECISION, BT, EB, RP, BN,
+    )  # fmt: skip
+
+
+@triton.jit
+def outer_tile(
+    p_ptr, gate_ptr, y_ptr, out_ptr, e0, outs, tokens, width, num_experts, rank, scale,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr,
+    BN: tl.constexpr,
+):  # fmt: skip
+    """:func:`rank_outer` for experts ``[e0, e0 + EB)`` and the output columns ``outs``."""
     outs_ok = outs < width
     acc = tl.zeros((EB * RP, BN), dtype=tl.float32)
     cols = tl.zeros((EB * RP,), dtype=tl.int32)
@@ -216,16 +245,21 @@ def down(x: torch.Tensor, w: torch.Tensor, scale: float, tiles: Tiles, out_dtype
     return out, gate_grad
 
 
-def up(p, gate, w, base, scale: float, tiles: Tiles, out_dtype: torch.dtype) -> torch.Tensor:
-    """``base + scale * (p * gate (x) 1_r) @ w`` ``[T, D]`` (no ``base``: just the product)."""
+def up(p, gate, w, base, scale: float, tiles: Tiles, out_dtype: torch.dtype, router=None) -> torch.Tensor:
+    """``base + scale * (p * gate (x) 1_r) @ w`` ``[T, D]`` (no ``base``: just the product).
+
+    ``router``: ``(d [T, N'], router_w [N', D])``, fp32, whose product is added too (in IEEE fp32).
+    """
     tokens, width = p.shape[0], w.shape[1]
     out = p.new_empty(tokens, width, dtype=out_dtype)
+    d, router_w = router if router is not None else (out, out)
+    router_experts = d.shape[1] if router is not None else 1
     grid = (cdiv(tokens, BLOCK), cdiv(width, BLOCK))
     rank_up[grid](
-        p, gate, w, base if base is not None else out, out,
-        tokens, width, tiles.num_experts, tiles.rank, scale,
-        HAS_BASE=base is not None, DOT=tiles.dot, PRECISION=tiles.precision,
-        BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BN=BLOCK,
+        p, gate, w, base if base is not None else out, d, router_w, out,
+        tokens, width, tiles.num_experts, tiles.rank, router_experts, scale,
+        HAS_BASE=base is not None, ROUTER=router is not None, DOT=tiles.dot, PRECISION=tiles.precision,
+        BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BN=BLOCK, NP=max(MIN_DOT, next_power_of_2(router_experts)),
     )  # fmt: skip
     return out
 

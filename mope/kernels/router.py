@@ -177,8 +177,15 @@ def scores_outer(
     BN: tl.constexpr,
 ):
     """``out[N, D] = d[T, N]^T @ x[T, D]`` on one tile of D's columns (sums over T): the weight's gradient."""
+    scores_tile(d_ptr, x_ptr, out_ptr, tl.program_id(0) * BN + tl.arange(0, BN), tokens, width, num_experts, NP, BT, BN)
+
+
+@triton.jit
+def scores_tile(
+    d_ptr, x_ptr, out_ptr, cols, tokens, width, num_experts, NP: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr
+):
+    """:func:`scores_outer` for the columns ``cols``."""
     experts = tl.arange(0, NP)
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
     experts_ok, cols_ok = experts < num_experts, cols < width
     acc = tl.zeros((NP, BN), dtype=tl.float32)
     for t0 in range(0, tokens, BT):
@@ -220,17 +227,11 @@ def route_gradients(
     ``grad_logits`` / ``grad_weights`` may be None (no loss read that output): they count as zeros.
     """
     tokens, width = x.shape
-    num_experts, k = weight.shape[0], chosen.shape[1]
-    grad_scores = torch.empty_like(logits)
+    num_experts = weight.shape[0]
     grad_x = torch.empty_like(x) if needs[0] else None
-    top_k_route_backward[(cdiv(tokens, BLOCK),)](
-        logits if grad_logits is None else grad_logits.contiguous(),
-        logits if grad_weights is None else grad_weights.contiguous(),
-        logits, weights, chosen, weight, grad_scores,
-        grad_x if grad_x is not None else grad_scores, tokens, width, num_experts, temperature,
-        K=k, NORMALISE=normalise, GRAD_X=grad_x is not None, HAS_GRAD_WEIGHTS=grad_weights is not None,
-        HAS_GRAD_LOGITS=grad_logits is not None, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
-    )  # fmt: skip
+    grad_scores = scores_gradient(
+        grad_logits, grad_weights, logits, weights, chosen, weight, temperature, normalise, grad_x
+    )
     grad_weight = None
     if needs[1]:
         grad_weight = torch.empty_like(weight)
@@ -238,6 +239,23 @@ def route_gradients(
             grad_scores, x, grad_weight, tokens, width, num_experts, NP=expert_tile(num_experts), BT=BLOCK, BN=BLOCK
         )
     return [grad_x, grad_weight]
+
+
+def scores_gradient(
+    grad_logits, grad_weights, logits, weights, chosen, weight, temperature: float, normalise: bool, grad_x=None
+) -> torch.Tensor:
+    """The scores' gradient ``d [T, N]`` (one launch); given ``grad_x [T, D]``, also ``d W`` written into it."""
+    tokens, num_experts = logits.shape
+    grad_scores = torch.empty_like(logits)
+    top_k_route_backward[(cdiv(tokens, BLOCK),)](
+        logits if grad_logits is None else grad_logits.contiguous(),
+        logits if grad_weights is None else grad_weights.contiguous(),
+        logits, weights, chosen, weight, grad_scores,
+        grad_x if grad_x is not None else grad_scores, tokens, weight.shape[1], num_experts, temperature,
+        K=chosen.shape[1], NORMALISE=normalise, GRAD_X=grad_x is not None, HAS_GRAD_WEIGHTS=grad_weights is not None,
+        HAS_GRAD_LOGITS=grad_logits is not None, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
+    )  # fmt: skip
+    return grad_scores
 
 
 class RouteTopK(torch.autograd.Function):
