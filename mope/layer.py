@@ -205,7 +205,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         serves (see :meth:`~mope.routing.TopKRouter.kernel_applies`) with no capacity, routing each
         token, its own (no block routing), no hooks on it or the bank (analysis collectors read the
         router's output); fp32 LoRA experts with ``dispatch='triton'``, no dropout, no shared
-        experts; eager mode.
+        experts. Under ``torch.compile`` only where every expert is computed (the custom op
+        ``mope::routed_layer``); where only the chosen experts pay, the modules' own ops.
         """
         bank = self.mope_experts[adapter_name]
         if getattr(bank, "dispatch", None) != "triton" or adapter_name in self.mope_block:
@@ -215,8 +216,13 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         router = self.mope_router[adapter_name]  # not a block follower: its own router
         if not isinstance(router, TopKRouter) or type(router).decide is not TopKRouter.decide:
             return False
-        if router.capacity_factor is not None or router.level.name != "token" or torch.compiler.is_compiling():
+        if router.capacity_factor is not None or router.level.name != "token":
             return False
+        if torch.compiler.is_compiling():
+            from .kernels.lora import grouped_pays
+
+            if grouped_pays(bank.num_experts, router.top_k):
+                return False
         if self.mope_settings[adapter_name].num_shared or hooked(router) or hooked(bank):
             return False
         return x.dtype == bank.lora_A.dtype == torch.float32 and router.kernel_applies(x)

@@ -427,8 +427,10 @@ def compiled_and_eager(num_experts: int, launched: list[str]) -> tuple[list[torc
 
 @battery
 def test_layer_training_step_compiles_as_one_graph_and_equals_eager(launched):
+    """Every expert: the layer's one custom op (mope::routed_layer), with the fused backward's 4 launches."""
     compiled, eager = compiled_and_eager(6, launched)
-    assert "rank_down" in launched and "count_pairs" not in launched  # the masked kernels
+    forward, backward = ["top_k_route", "rank_down", "rank_up"], ["rank_down", "top_k_route_backward", "rank_up"]
+    assert launched == [*forward, *backward, "layer_weight_gradients"]
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -747,6 +749,18 @@ def grouped_step(dtype: torch.dtype) -> list[torch.Tensor]:
     return with_chosen(grouped_lora, inputs, chosen_of(inputs[3]))
 
 
+def fused_layer_step(dtype: torch.dtype) -> list[torch.Tensor]:
+    """A layer's router and experts in one Function (its base layer in ``dtype``, the experts in fp32)."""
+    layer = mope_layer("top_k").train()
+    layer.base_layer.to(dtype)
+    mope.set_dispatch(layer, "triton")
+    x = torch.randn(4, 9, 16, device=DEVICE, dtype=dtype, requires_grad=True)
+    out = layer(x)
+    assert kernel_node(out) == "RoutedLayerBackward"
+    params = [layer.mope_experts["default"].lora_A, layer.mope_router["default"].weight]
+    return torch.autograd.grad(out.float().square().sum(), [x, *params])
+
+
 def masked_kernels_step(dtype: torch.dtype) -> list[torch.Tensor]:
     inputs = flat_inputs(dtype, dtype)
     return outputs_and_grads(resolve_dispatch("triton", inputs[0], inputs[1], 3).apply, inputs)
@@ -755,7 +769,7 @@ def masked_kernels_step(dtype: torch.dtype) -> list[torch.Tensor]:
 @battery
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="host syncs are detectable on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("step", [masked_kernels_step, grouped_step, router_kernel_step])
+@pytest.mark.parametrize("step", [masked_kernels_step, grouped_step, router_kernel_step, fused_layer_step])
 def test_kernels_forward_and_backward_make_no_host_sync(step, dtype):
     """The kernels alone (the routing's syncs are test_dispatch's): any sync raises."""
     step(dtype)  # warm-up: compiling the kernels may sync

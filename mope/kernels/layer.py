@@ -1,4 +1,4 @@
-"""A layer's top-k router and LoRA experts in one autograd Function (``dispatch="triton"``, eager mode).
+"""A layer's top-k router and LoRA experts in one autograd Function (``dispatch="triton"``), or one custom op.
 
 The kernels of :class:`mope.kernels.router.RouteTopK` followed by :class:`mope.kernels.lora.RoutedLoRA`
 (3 forward) or, where only the chosen experts pay, :class:`mope.kernels.grouped.GroupedLoRA`, in one
@@ -12,7 +12,9 @@ B's and the router's weight gradients are one launch (:func:`layer_weight_gradie
 
 :meth:`mope.layer.MoPELayer.fuses` says when a layer takes it: one active adapter whose top-k
 router the router kernel serves (no capacity, token-level, no hooks), plain fp32 LoRA experts
-with no dropout, no shared experts. Its values and gradients are the two Functions'.
+with no dropout, no shared experts. Its values and gradients are the two Functions'. Under
+``torch.compile`` the every-expert form runs as the custom ops ``mope::routed_layer`` and its backward
+(the same 3 + 4 launches), so a compiled step calls one op per layer where the modules' ops made two.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import triton.language as tl
 
 from .grid import cdiv
 from .grouped import grouped_forward, grouped_gradients
-from .lora import BLOCK, Tiles, down, outer_tile, up, use_grouped
+from .lora import BLOCK, Tiles, down, grouped_pays, outer_tile, up
 from .router import expert_tile, route, route_gradients, scores_gradient, scores_tile
 
 
@@ -79,6 +81,41 @@ def weight_gradients(grad_hg, h, gate, x, grad_out, d, a_cat, b_cat, router_weig
     return grad_a, grad_b, grad_w
 
 
+def every_expert_gradients(
+    flat_out, grad_logits, grad_weights, x, router_weight, a_cat, b_cat, logits, weights, chosen, h,
+    temperature: float, normalise: bool, scaling: float, tiles: Tiles, needs,
+) -> list[torch.Tensor | None]:  # fmt: skip
+    """The gradients of ``x``, the router's weight, ``A_cat`` and ``B_cat`` over every expert (None where ``needs``
+    says no): ``s B_cat^T grad`` with the gate's gradient, the scores' gradient ``d``, the input's gradient
+    (experts' and router's ``d W`` in one kernel), then every weight gradient in one launch: 4 launches.
+
+    ``grad_logits`` / ``grad_weights`` ``[T, N]`` may be None (no loss read that output).
+    """
+    needs_x, needs_router, needs_a, needs_b = needs
+    routes = needs_x or needs_router
+    grad_hg = grad_gate = d = grad_x = None
+    if needs_x or needs_a or routes:
+        grad_hg, grad_gate = down(flat_out, b_cat, scaling, tiles, x.dtype, h if routes else None, weights)
+    if grad_weights is not None:  # a loss or statistic read the gate weights too
+        grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
+    if routes and (grad_gate is not None or grad_logits is not None):
+        d = scores_gradient(grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise)
+    if needs_x:
+        grad_x = up(grad_hg, weights, a_cat, None, 1.0, tiles, x.dtype, None if d is None else (d, router_weight))
+    grad_a, grad_b, grad_router = weight_gradients(
+        grad_hg, h, weights, x, flat_out, d, a_cat, b_cat, router_weight, scaling, tiles,
+        [needs_a, needs_b, needs_router and d is not None],
+    )  # fmt: skip
+    return [grad_x, grad_router, grad_a, grad_b]
+
+
+def every_expert_forward(x, router_weight, a_cat, b_cat, base, k: int, temperature, normalise, scaling, tiles):
+    """Flat ``[T, ...]`` tensors: the output, the router's logits, weights and chosen experts, and ``h = A_cat x``."""
+    logits, weights, chosen = route(x, router_weight, k, temperature, normalise)
+    h, _ = down(x, a_cat, 1.0, tiles, x.dtype)
+    return up(h, weights, b_cat, base, scaling, tiles, base.dtype), logits, weights, chosen, h
+
+
 class RoutedLayer(torch.autograd.Function):
     """``base + s * B_cat (g (x) 1_r * A_cat x)`` with ``g`` the router kernel's top-k weights of ``x``.
 
@@ -90,15 +127,16 @@ class RoutedLayer(torch.autograd.Function):
     def forward(ctx, x, router_weight, lora_a, lora_b, base, k: int, temperature: float, normalise: bool, scaling):
         n, r, d_in = lora_a.shape
         flat, flat_base = x.reshape(-1, d_in).contiguous(), base.reshape(-1, base.shape[-1]).contiguous()
-        logits, weights, chosen = route(flat, router_weight, k, temperature, normalise)
-        if use_grouped(flat, n, chosen):  # only the chosen experts (mope.kernels.grouped)
+        if grouped_pays(n, k):  # only the chosen experts (mope.kernels.grouped)
+            logits, weights, chosen = route(flat, router_weight, k, temperature, normalise)
             lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
             out, experts, gate, h = grouped_forward(flat, lora_a, lora_b, weights, flat_base, chosen, scaling)
         else:  # every expert, gate 0 where not chosen (mope.kernels.lora)
-            experts, gate = Tiles(n, r, x.dtype, base.dtype), weights
+            experts = Tiles(n, r, x.dtype, base.dtype)
             lora_a, lora_b = lora_a.reshape(n * r, d_in), lora_b.reshape(n * r, -1)
-            h, _ = down(flat, lora_a, 1.0, experts, x.dtype)
-            out = up(h, weights, lora_b, flat_base, scaling, experts, base.dtype)
+            operands = (flat, router_weight, lora_a, lora_b, flat_base, k, temperature, normalise, scaling, experts)
+            out, logits, weights, chosen, h = every_expert_forward(*operands)
+            gate = weights
         ctx.save_for_backward(flat, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h)
         ctx.settings = temperature, normalise, scaling, experts
         ctx.shapes = x.shape, (n, r, d_in), (n, r, lora_b.shape[-1])
@@ -112,44 +150,33 @@ class RoutedLayer(torch.autograd.Function):
         x, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h = ctx.saved_tensors
         temperature, normalise, scaling, experts = ctx.settings
         needs_x, needs_router, needs_a, needs_b, needs_base = ctx.needs_input_grad[:5]
+        grad_weights = None if grad_weights is None else grad_weights.reshape(weights.shape)
+        grad_logits = None if grad_logits is None else grad_logits.reshape(logits.shape)
+        grad_base = grad_out if needs_base else None
+        if isinstance(experts, Tiles) and grad_out is not None:  # every expert: 4 launches
+            flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+            grads = every_expert_gradients(
+                flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, h,
+                temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b],
+            )  # fmt: skip
+            return RoutedLayer.shaped(ctx, *grads, grad_base)
         routes = needs_x or needs_router
-        every_expert = isinstance(experts, Tiles) and grad_out is not None
-        grad_x = grad_a = grad_b = grad_gate = grad_hg = grad_router = None
-        flat_out = None if grad_out is None else grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
-        if every_expert and (needs_x or needs_a or routes):  # s * grad B_cat^T, and the gate's gradient beside it
-            grad_hg, grad_gate = down(flat_out, lora_b, scaling, experts, x.dtype, h if routes else None, weights)
-        elif flat_out is not None and not every_expert:  # only the chosen experts
+        grad_x = grad_a = grad_b = grad_gate = grad_router = None
+        if grad_out is not None:  # only the chosen experts
+            flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
             needs = [needs_x, needs_a, needs_b, routes]
-            grads = grouped_gradients(flat_out, x, lora_a, lora_b, gate, h, experts, scaling, needs)
-            grad_x, grad_a, grad_b, grad_gate = grads
-        if grad_weights is not None:  # a loss or statistic read the gate weights too
-            grad_weights = grad_weights.reshape(weights.shape)
-            grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
-        if grad_logits is not None:
-            grad_logits = grad_logits.reshape(logits.shape)
-        routed = routes and (grad_gate is not None or grad_logits is not None)
-        if not every_expert:  # the router's kernels: its scores' gradient with d W, then d^T x
-            if routed:
-                router_x, grad_router = route_gradients(
-                    grad_logits, grad_gate, x, router_weight, logits, weights, chosen, temperature, normalise,
-                    [needs_x, needs_router],
-                )  # fmt: skip
-                grad_x = router_x if grad_x is None else grad_x + router_x
-            return RoutedLayer.shaped(ctx, grad_x, grad_router, grad_a, grad_b, grad_out if needs_base else None)
-        # every expert: the scores' gradient d, then the experts' and the router's share of grad_x in one
-        # kernel, and A's, B's and the router's weight gradients in one (4 launches)
-        d = None
-        if routed:
-            d = scores_gradient(grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise)
-        if needs_x:
-            grad_x = up(
-                grad_hg, weights, lora_a, None, 1.0, experts, x.dtype, None if d is None else (d, router_weight)
+            grad_x, grad_a, grad_b, grad_gate = grouped_gradients(
+                flat_out, x, lora_a, lora_b, gate, h, experts, scaling, needs
             )
-        needs = [needs_a, needs_b, needs_router and d is not None]
-        grad_a, grad_b, grad_router = weight_gradients(
-            grad_hg, h, weights, x, flat_out, d, lora_a, lora_b, router_weight, scaling, experts, needs
-        )
-        return RoutedLayer.shaped(ctx, grad_x, grad_router, grad_a, grad_b, grad_out if needs_base else None)
+        if grad_weights is not None:  # a loss or statistic read the gate weights too
+            grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
+        if routes and (grad_gate is not None or grad_logits is not None):  # d W with d, then d^T x
+            router_x, grad_router = route_gradients(
+                grad_logits, grad_gate, x, router_weight, logits, weights, chosen, temperature, normalise,
+                [needs_x, needs_router],
+            )  # fmt: skip
+            grad_x = router_x if grad_x is None else grad_x + router_x
+        return RoutedLayer.shaped(ctx, grad_x, grad_router, grad_a, grad_b, grad_base)
 
     @staticmethod
     def shaped(ctx, grad_x, grad_router, grad_a, grad_b, grad_base) -> tuple:
@@ -163,6 +190,70 @@ class RoutedLayer(torch.autograd.Function):
             grad_base,
             *(None,) * 4,
         )
+
+
+# torch.compile: the every-expert form as custom ops (why custom ops: mope.kernels.lora) -------------------
+
+
+@torch.library.custom_op("mope::routed_layer", mutates_args=())
+def routed_layer_op(
+    x: torch.Tensor, router_weight: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, base: torch.Tensor,
+    k: int, temperature: float, normalise: bool, scaling: float, num_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`every_expert_forward`: the output, logits, weights, chosen experts and ``h`` for the backward."""
+    tiles = Tiles(num_experts, a_cat.shape[0] // num_experts, x.dtype, base.dtype)
+    return every_expert_forward(x, router_weight, a_cat, b_cat, base, k, temperature, normalise, scaling, tiles)
+
+
+@routed_layer_op.register_fake
+def routed_layer_shapes(x, router_weight, a_cat, b_cat, base, k, temperature, normalise, scaling, num_experts):
+    logits = x.new_empty(x.shape[0], router_weight.shape[0])
+    chosen = x.new_empty(x.shape[0], k, dtype=torch.long)
+    return base.new_empty(base.shape), logits, torch.empty_like(logits), chosen, x.new_empty(x.shape[0], a_cat.shape[0])
+
+
+@torch.library.custom_op("mope::routed_layer_backward", mutates_args=())
+def routed_layer_backward_op(
+    grad_out: torch.Tensor, grad_logits: torch.Tensor | None, grad_weights: torch.Tensor | None, x: torch.Tensor,
+    router_weight: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor, logits: torch.Tensor,
+    weights: torch.Tensor, chosen: torch.Tensor, h: torch.Tensor, temperature: float, normalise: bool,
+    scaling: float, num_experts: int, needs: list[bool],
+) -> list[torch.Tensor]:  # fmt: skip
+    """:func:`every_expert_gradients` as an op: an empty tensor where a gradient is not needed."""
+    tiles = Tiles(num_experts, a_cat.shape[0] // num_experts, x.dtype, grad_out.dtype)
+    grads = every_expert_gradients(
+        grad_out, grad_logits, grad_weights, x, router_weight, a_cat, b_cat, logits, weights, chosen, h,
+        temperature, normalise, scaling, tiles, needs,
+    )  # fmt: skip
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@routed_layer_backward_op.register_fake
+def routed_layer_backward_shapes(grad_out, grad_logits, grad_weights, x, router_weight, a_cat, b_cat, *rest):
+    needs = rest[-1]
+    shaped = (x, router_weight, a_cat, b_cat)
+    return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(shaped, needs, strict=True)]
+
+
+def save_for_layer_backward(ctx, inputs, output) -> None:
+    x, router_weight, a_cat, b_cat, _, _, temperature, normalise, scaling, num_experts = inputs
+    ctx.save_for_backward(x, router_weight, a_cat, b_cat, *output[1:])
+    ctx.settings = temperature, normalise, scaling, num_experts
+
+
+def routed_layer_op_backward(ctx, grad_out, grad_logits, grad_weights, grad_chosen, grad_h):
+    x, router_weight, a_cat, b_cat, logits, weights, chosen, h = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    grad_out = torch.zeros(x.shape[0], b_cat.shape[1], device=x.device) if grad_out is None else grad_out
+    grads = routed_layer_backward_op(
+        grad_out.contiguous(), grad_logits, grad_weights, x, router_weight, a_cat, b_cat, logits, weights, chosen,
+        h, *ctx.settings, needs,
+    )  # fmt: skip
+    grad_base = grad_out if ctx.needs_input_grad[4] else None
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), grad_base, *(None,) * 5
+
+
+routed_layer_op.register_autograd(routed_layer_op_backward, setup_context=save_for_layer_backward)
 
 
 def routed_layer(
@@ -182,4 +273,13 @@ def routed_layer(
     (else Switch's full-softmax values).
     """
     weight = router_weight.float().contiguous()
-    return RoutedLayer.apply(x, weight, lora_A, lora_B, base_out, k, float(temperature), normalise, scaling)
+    if not torch.compiler.is_compiling():
+        return RoutedLayer.apply(x, weight, lora_A, lora_B, base_out, k, float(temperature), normalise, scaling)
+    n, r, d_in = lora_A.shape  # compiled: every expert (MoPELayer.fuses leaves the grouped case to the modules)
+    flat, base = x.reshape(-1, d_in).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
+    a_cat, b_cat = lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1)
+    out, logits, weights, chosen, _ = routed_layer_op(
+        flat, weight, a_cat, b_cat, base, k, float(temperature), normalise, scaling, n
+    )
+    lead = x.shape[:-1]
+    return out.view(*base_out.shape), logits.view(*lead, n), weights.view(*lead, n), chosen.view(*lead, k)

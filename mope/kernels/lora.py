@@ -384,7 +384,12 @@ routed_lora_op.register_autograd(routed_lora_op_backward, setup_context=save_for
 
 def use_grouped(x: torch.Tensor, num_experts: int, chosen: torch.Tensor | None) -> bool:
     """Compute only the chosen experts: the gate lists them, N/k is large, tokens exist."""
-    return chosen is not None and x.numel() > 0 and num_experts >= GROUPED_MIN_EXPERTS_PER_ACTIVE * chosen.shape[-1]
+    return chosen is not None and x.numel() > 0 and grouped_pays(num_experts, chosen.shape[-1])
+
+
+def grouped_pays(num_experts: int, active: int) -> bool:
+    """Whether N experts with ``active`` (k) per token are worth computing only the chosen ones: N/k is large."""
+    return num_experts >= GROUPED_MIN_EXPERTS_PER_ACTIVE * active
 
 
 def routed_lora(
