@@ -11,7 +11,7 @@
 #   BUDGET=540 bash benchmarks/gpu_checks.sh "$OUT" step profile inference compiled tests host
 # prepare: the lent machines' image has Python 3.12, torch 2.11 and Triton 3.6 but transformers 5.17 and
 #          numpy 2.5 (Triton 3.6's interpreter, which the host step uses, fails with numpy >= 2.4:
-#          mope.kernels.interpreter_fault); .whl holds peft, transformers and numpy 2.3 for Python 3.12,
+#          mope.kernels.interpreter); .whl holds peft, transformers and numpy 2.3 for Python 3.12,
 #          and this script installs them there into /tmp/site when .whl is present.
 # tests:       the CUDA-only tests (strategies equal in bf16, no host syncs, bf16 training and cached generation;
 #              the Triton kernels against masked and the torch router, and compiled with inductor against eager:

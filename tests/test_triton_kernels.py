@@ -28,7 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import mope
 from mope.dispatch import auto_dispatch, lora_masked, resolve_dispatch
-from mope.kernels import interpreter_fault, kernels_interpreted, triton_unavailable
+from mope.kernels import kernels_interpreted, triton_unavailable
+from mope.kernels.interpreter import interpreter_fault
 from mope.layer import MoPELayer
 from mope.losses import load_balancing_loss, router_z_loss
 from mope.routing import ROUTERS, RoutingInputs

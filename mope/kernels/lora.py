@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from . import installed_interpreter_fault
 from .grid import cdiv, next_power_of_2
+from .interpreter import installed_interpreter_fault
 
 # every tl.dot operand dimension must be at least this on a GPU
 MIN_DOT = 16
