@@ -163,9 +163,11 @@ def requantized(kind: str, weight: torch.Tensor, like) -> torch.Tensor:
     if kind == "int8":
         codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.half())
         return bnb.functional.int8_vectorwise_dequant(codes, scales)
-    state = like.weight.quant_state
+    # the parameter's settings, not its quant_state's: on an AVX-512 CPU bitsandbytes repacks the weight at the
+    # first forward (packing_format_for_cpu), and the repacked state no longer says it was double-quantized
+    param = like.weight
     data, new_state = bnb.functional.quantize_4bit(
-        weight, blocksize=state.blocksize, compress_statistics=state.nested, quant_type=state.quant_type
+        weight, blocksize=param.blocksize, compress_statistics=param.compress_statistics, quant_type=param.quant_type
     )
     return bnb.functional.dequantize_4bit(data, new_state)
 

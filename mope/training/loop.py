@@ -439,11 +439,17 @@ class Run:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        self.model.eval()
+        """Accuracy (classification) or mean loss over the eval set; with ``training.compile``, uncompiled.
+
+        Uncompiled: eval mode would cost a second compile for one pass, and bitsandbytes repacks 4-bit
+        weights in no-grad forwards on CPUs with AVX-512 BF16, which a compiled graph's shapes cannot follow.
+        """
+        model = getattr(self.model, "_orig_mod", self.model)  # accelerate's torch.compile wrapper, if any
+        model.eval()
         correct, count, loss_sum = 0, 0, 0.0
         predictions, targets = [], []
         for batch in self.eval_loader:
-            out = self.model(**batch)
+            out = model(**batch)
             if self.recipe.model.task == "sequence_classification":
                 pred, labels = self.accelerator.gather_for_metrics((out.logits.argmax(-1), batch["labels"]))
                 correct += int((pred == labels).sum())

@@ -1,4 +1,4 @@
-"""Bundles written by an older mope load unchanged: the same logits, exactly.
+"""Bundles written by an older mope load unchanged: the same logits (to the last bits another CPU rounds).
 
 ``tests/bundles/old/d3192d0/`` holds one small bundle per expert type and gate family, saved by
 mope at d3192d0 (the last commit before the architecture rework) together with the logits that
@@ -34,4 +34,10 @@ def test_old_bundle_loads_with_the_logits_it_was_saved_with(folder):
     extra = {"mope_task_ids": torch.tensor([1, 2])} if config["routing_level"] == "task" else {}
     with torch.no_grad():
         got = model(**batch, **extra).logits
-    torch.testing.assert_close(got, load_file(folder / "logits.safetensors")["logits"], rtol=0, atol=0)
+        with model.disable_adapter():
+            base = model(**batch).logits
+    want = load_file(folder / "logits.safetensors")["logits"]
+    # the same arithmetic, up to the last bits that another CPU's kernels round differently (an AVX-512 machine
+    # gave up to 2.7e-7 against these logits, saved on another); the adapters move them 10x further at least
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (want - base).abs().max() > 1e-5

@@ -5,6 +5,7 @@ by bitsandbytes on CPU, its bundle reloads onto a freshly quantized base with id
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 from pathlib import Path
@@ -47,8 +48,27 @@ def logits(model) -> torch.Tensor:
 
 
 def packed(model) -> list[torch.Tensor]:
-    """The frozen quantized weights as stored (uint8 blocks or int8 rows), in module order."""
-    return [p.detach().clone() for p in model.parameters() if p.dtype in (torch.uint8, torch.int8)]
+    """The frozen quantized weights (uint8 blocks or int8 rows) in bitsandbytes' saved layout, in module order.
+
+    On a CPU with AVX-512 BF16 bitsandbytes repacks a 4-bit weight into its own layout at the first forward
+    without gradients (an eval pass) and puts it back when saving; saving is not exact (the double
+    quantization is redone), so the layout is put back here on copies, with bitsandbytes' own inverse.
+    """
+    weights = []
+    for p in model.parameters():
+        if p.dtype not in QUANTIZED:
+            continue
+        state = getattr(p, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weights.append(_convert_weight_packed_for_cpu_inverse(p.detach().clone(), copy.deepcopy(state))[0])
+        else:
+            weights.append(p.detach().clone())
+    return weights
+
+
+QUANTIZED = (torch.uint8, torch.int8)
 
 
 @pytest.mark.parametrize(("quantization", "layer_type"), [(NF4, "Linear4bit"), (INT8, "Linear8bitLt")])
@@ -65,7 +85,7 @@ def test_a_quantized_recipe_trains_and_its_bundle_reloads_onto_a_freshly_quantiz
         state = q_proj.get_base_layer().weight.quant_state
         assert (state.quant_type, state.nested) == ("nf4", True)
     frozen = packed(model)
-    assert frozen and not any(p.requires_grad for p in frozen)
+    assert frozen and not any(p.requires_grad for p in model.parameters() if p.dtype in QUANTIZED)
 
     job.finish(job.train())
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
