@@ -9,7 +9,7 @@ the logits, the top-k and the gate weights as the router kernel computes them
 ``COLUMNS`` output columns; the router and the k down-projections are recomputed by each of a
 token's ``ceil(d_out / COLUMNS)`` programs (a few hundred kilobytes from L2 each at LLM widths),
 which is why only a few tokens take this path (:data:`DECODE_MAX_TOKENS`); prefill and training
-take the three-kernel path.
+take the training path's kernels (:mod:`mope.kernels.layer`).
 
 Products are fp32 sums of elementwise products (no ``tl.dot``: one token has no tile to fill),
 so the logits may differ from the router kernel's in the last bits, as the torch router's do.

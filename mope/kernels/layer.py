@@ -1,20 +1,21 @@
 """A layer's top-k router and LoRA experts in one autograd Function (``dispatch="triton"``), or one custom op.
 
-The kernels of :class:`mope.kernels.router.RouteTopK` followed by :class:`mope.kernels.lora.RoutedLoRA`
-(3 forward) or, where only the chosen experts pay, :class:`mope.kernels.grouped.GroupedLoRA`, in one
-Function: what it saves is the host's work between them, which bounds an eager GPU step at small
-widths. On this project's CPU, with every Triton launch made to run nothing, a tiny Llama's training
-step took 1.94x a PEFT LoRA's host time with the two Functions and 1.68x with this one (masked: 1.82x).
+What :class:`mope.kernels.router.RouteTopK` followed by :class:`mope.kernels.lora.RoutedLoRA` or, where
+only the chosen experts pay, :class:`mope.kernels.grouped.GroupedLoRA` compute, in one Function: it saves
+the host's work between them, which bounds an eager GPU step at small widths. On this project's CPU,
+with every Triton launch made to run nothing, a tiny Llama's training step took 1.94x a PEFT LoRA's
+host time with the two Functions and 1.68x with this one (masked: 1.82x).
 
-Its backward over every expert takes 4 launches where the two Functions take 6 and an add: the
-router's share of the input gradient (``d W``) is added inside the experts' (``rank_up``), and A's,
-B's and the router's weight gradients are one launch (:func:`layer_weight_gradients`).
+Over every expert it also launches fewer kernels than the two Functions: 2 forward instead of 3 (the
+router's tiles and ``A_cat x``'s in one launch, :func:`route_down`) and 4 backward instead of 6 and an
+add (the router's share of the input gradient, ``d W``, inside the experts' ``rank_up``; A's, B's and the
+router's weight gradients in one launch, :func:`layer_weight_gradients`).
 
 :meth:`mope.layer.MoPELayer.fuses` says when a layer takes it: one active adapter whose top-k
 router the router kernel serves (no capacity, token-level, no hooks), plain fp32 LoRA experts
 with no dropout, no shared experts. Its values and gradients are the two Functions'. Under
 ``torch.compile`` the every-expert form runs as the custom ops ``mope::routed_layer`` and its backward
-(the same 3 + 4 launches), so a compiled step calls one op per layer where the modules' ops made two.
+(the same 2 + 4 launches), so a compiled step calls one op per layer where the modules' ops made two.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import triton.language as tl
 
 from .grid import cdiv
 from .grouped import grouped_forward, grouped_gradients
-from .lora import BLOCK, Tiles, down, grouped_pays, outer_tile, up
-from .router import expert_tile, route, route_gradients, scores_gradient, scores_tile
+from .lora import BLOCK, Tiles, down, down_tile, grouped_pays, outer_tile, up
+from .router import expert_tile, route, route_gradients, route_tile, scores_gradient, scores_tile
 
 
 @triton.jit
@@ -58,6 +59,47 @@ def layer_weight_gradients(
             )  # fmt: skip
     elif first < d_in:
         scores_tile(d_ptr, x_ptr, grad_w_ptr, outs, tokens, d_in, router_experts, NP, BT, BN)
+
+
+@triton.jit
+def route_down(
+    x_ptr, router_w_ptr, logits_ptr, weights_ptr, chosen_ptr, a_ptr, h_ptr,
+    tokens, width, num_experts, rank, temperature, expert_blocks,
+    K: tl.constexpr, NORMALISE: tl.constexpr, NP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """The router's logits, weights and chosen experts, and ``h = A_cat x``, in one launch.
+
+    Axis 1: programs ``[0, expert_blocks)`` take ``h``'s expert tiles, the last one routes the same rows.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    block = tl.program_id(1)
+    if block < expert_blocks:
+        down_tile(
+            x_ptr, a_ptr, h_ptr, h_ptr, h_ptr, rows, block * EB, tokens, width, num_experts, rank, 1.0,
+            False, DOT, PRECISION, BM, EB, RP, BK,
+        )  # fmt: skip
+    else:
+        route_tile(
+            x_ptr, router_w_ptr, logits_ptr, weights_ptr, chosen_ptr, rows, tokens, width, num_experts, temperature,
+            K, NORMALISE, BM, NP, BK,
+        )  # fmt: skip
+
+
+def routed_down(x, router_weight, a_cat, k: int, temperature: float, normalise: bool, tiles: Tiles):
+    """:func:`route_down`: logits, weights ``[T, N]``, chosen experts ``[T, k]`` and ``h = A_cat x`` ``[T, N*r]``."""
+    tokens, width = x.shape
+    num_experts = router_weight.shape[0]
+    logits = x.new_empty(tokens, num_experts)
+    weights = torch.empty_like(logits)
+    chosen = x.new_empty(tokens, k, dtype=torch.long)
+    h = x.new_empty(tokens, a_cat.shape[0])
+    route_down[(cdiv(tokens, BLOCK), tiles.expert_blocks + 1)](
+        x, router_weight, logits, weights, chosen, a_cat, h, tokens, width, num_experts, tiles.rank, temperature,
+        tiles.expert_blocks, K=k, NORMALISE=normalise, NP=expert_tile(num_experts), DOT=tiles.dot,
+        PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK,
+    )  # fmt: skip
+    return logits, weights, chosen, h
 
 
 def weight_gradients(grad_hg, h, gate, x, grad_out, d, a_cat, b_cat, router_weight, scaling, tiles, needs):
@@ -110,9 +152,9 @@ def every_expert_gradients(
 
 
 def every_expert_forward(x, router_weight, a_cat, b_cat, base, k: int, temperature, normalise, scaling, tiles):
-    """Flat ``[T, ...]`` tensors: the output, the router's logits, weights and chosen experts, and ``h = A_cat x``."""
-    logits, weights, chosen = route(x, router_weight, k, temperature, normalise)
-    h, _ = down(x, a_cat, 1.0, tiles, x.dtype)
+    """Flat ``[T, ...]`` tensors: the output, the router's logits, weights and chosen experts, and ``h = A_cat x``
+    (2 launches: the router's and ``A_cat x``'s tiles in one, then the up-projection into the base output)."""
+    logits, weights, chosen, h = routed_down(x, router_weight, a_cat, k, temperature, normalise, tiles)
     return up(h, weights, b_cat, base, scaling, tiles, base.dtype), logits, weights, chosen, h
 
 

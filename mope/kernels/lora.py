@@ -65,7 +65,20 @@ def rank_down(
     gradient ``gate_grad[t, e] = sum_i out[t, e*r + i] * h[t, e*r + i]``.
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    experts = tl.program_id(1) * EB + tl.arange(0, EB)
+    down_tile(
+        x_ptr, w_ptr, out_ptr, h_ptr, gate_grad_ptr, rows, tl.program_id(1) * EB, tokens, width, num_experts, rank,
+        scale, GATE_GRAD, DOT, PRECISION, BM, EB, RP, BK,
+    )  # fmt: skip
+
+
+@triton.jit
+def down_tile(
+    x_ptr, w_ptr, out_ptr, h_ptr, gate_grad_ptr, rows, e0, tokens, width, num_experts, rank, scale,
+    GATE_GRAD: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, EB: tl.constexpr,
+    RP: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """:func:`rank_down` for the token rows ``rows`` and experts ``[e0, e0 + EB)``."""
+    experts = e0 + tl.arange(0, EB)
     ranks = tl.arange(0, RP)
     cols = tl.reshape(experts[:, None] * rank + ranks[None, :], (EB * RP,))
     cols_ok = tl.reshape((experts[:, None] < num_experts) & (ranks[None, :] < rank), (EB * RP,))

@@ -63,7 +63,23 @@ def top_k_route(
     BK: tl.constexpr,
 ):
     """Logits, the k chosen experts (largest first, lowest index first among ties) and their weights."""
-    rows, experts, rows_ok, experts_ok, tile, tile_ok = token_tile(tokens, num_experts, BM, NP)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    route_tile(
+        x_ptr, w_ptr, logits_ptr, weights_ptr, chosen_ptr, rows, tokens, width, num_experts, temperature,
+        K, NORMALISE, BM, NP, BK,
+    )  # fmt: skip
+
+
+@triton.jit
+def route_tile(
+    x_ptr, w_ptr, logits_ptr, weights_ptr, chosen_ptr, rows, tokens, width, num_experts, temperature,
+    K: tl.constexpr, NORMALISE: tl.constexpr, BM: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """:func:`top_k_route` for the token rows ``rows``."""
+    experts = tl.arange(0, NP)
+    rows_ok, experts_ok = rows < tokens, experts < num_experts
+    tile = rows[:, None] * num_experts + experts[None, :]
+    tile_ok = rows_ok[:, None] & experts_ok[None, :]
     acc = tl.zeros((BM, NP), dtype=tl.float32)
     for k0 in range(0, width, BK):
         ks = k0 + tl.arange(0, BK)
