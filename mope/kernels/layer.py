@@ -31,37 +31,6 @@ from .router import expert_tile, route, route_gradients, route_tile, scores_grad
 
 
 @triton.jit
-def layer_weight_gradients(
-    grad_hg_ptr, h_ptr, gate_ptr, x_ptr, grad_out_ptr, d_ptr, grad_a_ptr, grad_b_ptr, grad_w_ptr,
-    tokens, d_in, d_out, num_experts, rank, router_experts, scale, a_programs, b_programs,
-    DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr,
-    BN: tl.constexpr, NP: tl.constexpr,
-):  # fmt: skip
-    """``grad_A = (grad_hg * g)^T x``, ``grad_B = s (h * g)^T grad_out`` and ``grad_W = d^T x`` in one launch.
-
-    Axis 0: programs ``[0, a)`` take A's expert tiles, ``[a, a + b)`` B's, the rest (one) the router's;
-    axis 1 tiles the columns of the wider input or output (a program past its own width does nothing).
-    """
-    program = tl.program_id(0)
-    outs = tl.program_id(1) * BN + tl.arange(0, BN)
-    first = tl.program_id(1) * BN
-    if program < a_programs:
-        if first < d_in:
-            outer_tile(
-                grad_hg_ptr, gate_ptr, x_ptr, grad_a_ptr, program * EB, outs, tokens, d_in, num_experts, rank, 1.0,
-                DOT, PRECISION, BT, EB, RP, BN,
-            )  # fmt: skip
-    elif program < a_programs + b_programs:
-        if first < d_out:
-            outer_tile(
-                h_ptr, gate_ptr, grad_out_ptr, grad_b_ptr, (program - a_programs) * EB, outs, tokens, d_out,
-                num_experts, rank, scale, DOT, PRECISION, BT, EB, RP, BN,
-            )  # fmt: skip
-    elif first < d_in:
-        scores_tile(d_ptr, x_ptr, grad_w_ptr, outs, tokens, d_in, router_experts, NP, BT, BN)
-
-
-@triton.jit
 def route_down(
     x_ptr, router_w_ptr, logits_ptr, weights_ptr, chosen_ptr, a_ptr, h_ptr,
     tokens, width, num_experts, rank, temperature, expert_blocks,
@@ -100,6 +69,36 @@ def routed_down(x, router_weight, a_cat, k: int, temperature: float, normalise: 
         PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK,
     )  # fmt: skip
     return logits, weights, chosen, h
+
+
+@triton.jit
+def layer_weight_gradients(
+    grad_hg_ptr, h_ptr, gate_ptr, x_ptr, grad_out_ptr, d_ptr, grad_a_ptr, grad_b_ptr, grad_w_ptr,
+    tokens, d_in, d_out, num_experts, rank, router_experts, scale, a_programs, b_programs,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr,
+    BN: tl.constexpr, NP: tl.constexpr,
+):  # fmt: skip
+    """``grad_A = (grad_hg * g)^T x``, ``grad_B = s (h * g)^T grad_out`` and ``grad_W = d^T x`` in one launch.
+
+    Axis 0: programs ``[0, a)`` take A's expert tiles, ``[a, a + b)`` B's, the rest (one) the router's;
+    axis 1 tiles the columns of the wider input or output (a program past its own width does nothing).
+    """
+    program, first = tl.program_id(0), tl.program_id(1) * BN
+    outs = first + tl.arange(0, BN)
+    if program < a_programs:
+        if first < d_in:
+            outer_tile(
+                grad_hg_ptr, gate_ptr, x_ptr, grad_a_ptr, program * EB, outs, tokens, d_in, num_experts, rank, 1.0,
+                DOT, PRECISION, BT, EB, RP, BN,
+            )  # fmt: skip
+    elif program < a_programs + b_programs:
+        if first < d_out:
+            outer_tile(
+                h_ptr, gate_ptr, grad_out_ptr, grad_b_ptr, (program - a_programs) * EB, outs, tokens, d_out,
+                num_experts, rank, scale, DOT, PRECISION, BT, EB, RP, BN,
+            )  # fmt: skip
+    elif first < d_in:
+        scores_tile(d_ptr, x_ptr, grad_w_ptr, outs, tokens, d_in, router_experts, NP, BT, BN)
 
 
 def weight_gradients(grad_hg, h, gate, x, grad_out, d, a_cat, b_cat, router_weight, scaling, tiles, needs):
