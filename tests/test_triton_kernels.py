@@ -194,20 +194,26 @@ def test_layer_training_forward_equals_masked(router, shared, options):
 
 @battery
 @pytest.mark.parametrize(
-    "frozen, widths",
+    "frozen, widths, experts",
     [
-        ((), (16, 80)),  # B's columns reach further than A's and the router's (programs past d_in idle)
-        (("router",), (80, 16)),  # A's and the router's reach further than B's
-        (("x", "A"), (16, 12)),  # the first adapted layer of a frozen model: no input gradient
-        (("B",), (16, 12)),
-        (("x", "A", "B"), (16, 12)),  # only the router learns
+        ((), (16, 80), 6),  # B's columns reach further than A's and the router's (programs past d_in idle)
+        (("router",), (80, 16), 6),  # A's and the router's reach further than B's
+        (("x", "A"), (16, 12), 6),  # the first adapted layer of a frozen model: no input gradient
+        (("B",), (16, 12), 6),
+        (("x", "A", "B"), (16, 12), 6),  # only the router learns
+        ((), (16, 80), 16),  # N/k = 8: only the chosen experts
+        (("router",), (80, 16), 16),
+        (("x", "A"), (16, 12), 16),
     ],
-    ids=["wide-out", "router-frozen-wide-in", "no-x-A-frozen", "B-frozen", "router-only"],
-)
-def test_the_fused_backward_gives_what_is_needed_and_equals_masked(frozen, widths, launched):
-    """The fused layer's backward over every expert (4 launches: its weight gradients share one, whose programs
-    split between A, B and the router) with parts frozen, at unequal input and output widths."""
-    layer = mope_layer("top_k", widths=widths).train()
+    ids=[
+        "wide-out", "router-frozen-wide-in", "no-x-A-frozen", "B-frozen", "router-only",
+        "grouped-wide-out", "grouped-router-frozen-wide-in", "grouped-no-x-A-frozen",
+    ],
+)  # fmt: skip
+def test_the_fused_backward_gives_what_is_needed_and_equals_masked(frozen, widths, experts, launched):
+    """The fused layer's backward (4 launches: its weight gradients share one, whose programs split between A, B
+    and the router) with parts frozen, at unequal input and output widths, over every expert or the chosen."""
+    layer = mope_layer("top_k", widths=widths, num_experts=experts).train()
     bank, gate = layer.mope_experts["default"], layer.mope_router["default"]
     x = torch.randn(3, 30, widths[0], device=DEVICE, requires_grad="x" not in frozen)
     named = {"x": x, "A": bank.lora_A, "B": bank.lora_B, "router": gate.weight}
@@ -219,7 +225,8 @@ def test_the_fused_backward_gives_what_is_needed_and_equals_masked(frozen, width
         mope.set_dispatch(layer, dispatch)
         out = layer(x)
         results[dispatch] = [out, *torch.autograd.grad(out.square().sum(), trained)]
-    assert kernel_node(out) == "RoutedLayerBackward" and launched.count("layer_weight_gradients") == 1
+    weight_gradients = "grouped_weight_gradients" if experts == 16 else "layer_weight_gradients"
+    assert kernel_node(out) == "RoutedLayerBackward" and launched.count(weight_gradients) == 1
     for got, want in zip(results["triton"], results["masked"], strict=True):  # values up to ~1e3: fp32 sums
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 

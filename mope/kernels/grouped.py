@@ -125,8 +125,19 @@ def grouped_outer(
     DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     """``out[e] = scale * sum over e's pairs of (gate * p)^T src[token]`` ``[r, width]``: a factor's gradient."""
-    expert = tl.program_id(0)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    grouped_outer_tile(
+        p_ptr, gate_ptr, src_ptr, dest_ptr, offsets_ptr, out_ptr, tl.program_id(0), cols, width, rank, k, scale,
+        DOT, PRECISION, BT, RP, BN,
+    )  # fmt: skip
+
+
+@triton.jit
+def grouped_outer_tile(
+    p_ptr, gate_ptr, src_ptr, dest_ptr, offsets_ptr, out_ptr, expert, cols, width, rank, k, scale,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """:func:`grouped_outer` for ``expert`` and the columns ``cols``."""
     cols_ok = cols < width
     start, end = tl.load(offsets_ptr + expert), tl.load(offsets_ptr + expert + 1)
     acc = tl.zeros((RP, BN), dtype=tl.float32)

@@ -9,7 +9,10 @@ host time with the two Functions and 1.68x with this one (masked: 1.82x).
 Over every expert it also launches fewer kernels than the two Functions: 2 forward instead of 3 (the
 router's tiles and ``A_cat x``'s in one launch, :func:`route_down`) and 4 backward instead of 6 and an
 add (the router's share of the input gradient, ``d W``, inside the experts' ``rank_up``; A's, B's and the
-router's weight gradients in one launch, :func:`layer_weight_gradients`).
+router's weight gradients in one launch, :func:`layer_weight_gradients`). Over only the chosen experts its
+backward takes 4 launches and a sum where the two Functions take 6, a sum and an add
+(:func:`chosen_expert_gradients`: the router's ``d W`` added into the experts' input gradient by the
+router's own kernel, every weight gradient in one launch).
 
 :meth:`mope.layer.MoPELayer.fuses` says when a layer takes it: one active adapter whose top-k
 router the router kernel serves (no capacity, token-level, no hooks), plain fp32 LoRA experts
@@ -24,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import grouped
 from .grid import cdiv
-from .grouped import grouped_forward, grouped_gradients
+from .grouped import GroupedState, grouped_forward, grouped_outer_tile
 from .lora import BLOCK, Tiles, down, down_tile, grouped_pays, outer_tile, up
 from .router import expert_tile, route, route_gradients, route_tile, scores_gradient, scores_tile
 
@@ -122,6 +126,69 @@ def weight_gradients(grad_hg, h, gate, x, grad_out, d, a_cat, b_cat, router_weig
     return grad_a, grad_b, grad_w
 
 
+@triton.jit
+def grouped_weight_gradients(
+    grad_hg_ptr, h_ptr, gate_ptr, x_ptr, grad_out_ptr, dest_ptr, offsets_ptr, d_ptr, grad_a_ptr, grad_b_ptr,
+    grad_w_ptr, tokens, d_in, d_out, rank, k, router_experts, scale, a_programs, b_programs,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr,
+    NP: tl.constexpr,
+):  # fmt: skip
+    """:func:`layer_weight_gradients` over only the chosen experts: A's and B's from each expert's (token, expert)
+    pairs (:func:`mope.kernels.grouped.grouped_outer`), the router's ``d^T x``; axis-0 programs: one per expert."""
+    program, first = tl.program_id(0), tl.program_id(1) * BN
+    cols = first + tl.arange(0, BN)
+    if program < a_programs:
+        if first < d_in:
+            grouped_outer_tile(
+                grad_hg_ptr, gate_ptr, x_ptr, dest_ptr, offsets_ptr, grad_a_ptr, program, cols, d_in, rank, k, 1.0,
+                DOT, PRECISION, BT, RP, BN,
+            )  # fmt: skip
+    elif program < a_programs + b_programs:
+        if first < d_out:
+            grouped_outer_tile(
+                h_ptr, gate_ptr, grad_out_ptr, dest_ptr, offsets_ptr, grad_b_ptr, program - a_programs, cols, d_out,
+                rank, k, scale, DOT, PRECISION, BT, RP, BN,
+            )  # fmt: skip
+    elif first < d_in:
+        scores_tile(d_ptr, x_ptr, grad_w_ptr, cols, tokens, d_in, router_experts, NP, BT, BN)
+
+
+def chosen_expert_gradients(
+    flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h,
+    temperature: float, normalise: bool, scaling: float, state: GroupedState, needs,
+) -> list[torch.Tensor | None]:  # fmt: skip
+    """:func:`every_expert_gradients` over only the chosen experts (``lora_a [N, r, d_in]``, ``gate`` and ``h`` per
+    sorted pair): ``s B_e^T grad`` with the gate's gradient, the experts' share of the input gradient, the scores'
+    gradient ``d`` with ``d W`` added to it, then every weight gradient in one launch: 4 launches and a sum."""
+    needs_x, needs_router, needs_a, needs_b = needs
+    groups, tiles, rp = state.groups, state.tiles, state.rp
+    routes = needs_x or needs_router
+    grad_hg = grad_gate = d = grad_x = None
+    if needs_x or needs_a or routes:
+        grad_hg, grad_gate = grouped.down(flat_out, lora_b, scaling, groups, tiles, rp, x.dtype, h if routes else None)
+    if grad_weights is not None:  # a loss or statistic read the gate weights too
+        grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
+    if needs_x:  # fp32 (a sum over each token's k pairs), as x is here
+        grad_x = grouped.up_summed(grad_hg, gate, lora_a, 1.0, groups, tiles, rp)
+    if routes and (grad_gate is not None or grad_logits is not None):
+        d = scores_gradient(
+            grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise, grad_x, True
+        )
+    n, (tokens, d_in), d_out = tiles.num_experts, x.shape, flat_out.shape[1]
+    a_programs, b_programs, router = n if needs_a else 0, n if needs_b else 0, needs_router and d is not None
+    grad_a = torch.empty_like(lora_a) if needs_a else None
+    grad_b = torch.empty_like(lora_b) if needs_b else None
+    grad_router = torch.empty_like(router_weight) if router else None
+    if a_programs or b_programs or router:
+        grouped_weight_gradients[(a_programs + b_programs + int(router), cdiv(max(d_in, d_out), BLOCK))](
+            grad_hg if grad_hg is not None else h, h, gate, x, flat_out, groups.dest, groups.offsets,
+            d if d is not None else gate, *(g if g is not None else gate for g in (grad_a, grad_b, grad_router)),
+            tokens, d_in, d_out, tiles.rank, groups.shape[1], router_weight.shape[0], scaling, a_programs, b_programs,
+            DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, RP=rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]),
+        )  # fmt: skip
+    return [grad_x, grad_router, grad_a, grad_b]
+
+
 def every_expert_gradients(
     flat_out, grad_logits, grad_weights, x, router_weight, a_cat, b_cat, logits, weights, chosen, h,
     temperature: float, normalise: bool, scaling: float, tiles: Tiles, needs,
@@ -201,23 +268,20 @@ class RoutedLayer(torch.autograd.Function):
                 temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b],
             )  # fmt: skip
             return RoutedLayer.shaped(ctx, *grads, grad_base)
-        routes = needs_x or needs_router
-        grad_x = grad_a = grad_b = grad_gate = grad_router = None
-        if grad_out is not None:  # only the chosen experts
+        if grad_out is not None:  # only the chosen experts: 4 launches and a sum
             flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
-            needs = [needs_x, needs_a, needs_b, routes]
-            grad_x, grad_a, grad_b, grad_gate = grouped_gradients(
-                flat_out, x, lora_a, lora_b, gate, h, experts, scaling, needs
-            )
-        if grad_weights is not None:  # a loss or statistic read the gate weights too
-            grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
-        if routes and (grad_gate is not None or grad_logits is not None):  # d W with d, then d^T x
-            router_x, grad_router = route_gradients(
-                grad_logits, grad_gate, x, router_weight, logits, weights, chosen, temperature, normalise,
+            grads = chosen_expert_gradients(
+                flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, gate,
+                h, temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b],
+            )  # fmt: skip
+            return RoutedLayer.shaped(ctx, *grads, grad_base)
+        grad_x = grad_router = None  # no gradient reached the output: only the losses' reach the router
+        if (needs_x or needs_router) and (grad_weights is not None or grad_logits is not None):
+            grad_x, grad_router = route_gradients(
+                grad_logits, grad_weights, x, router_weight, logits, weights, chosen, temperature, normalise,
                 [needs_x, needs_router],
             )  # fmt: skip
-            grad_x = router_x if grad_x is None else grad_x + router_x
-        return RoutedLayer.shaped(ctx, grad_x, grad_router, grad_a, grad_b, grad_base)
+        return RoutedLayer.shaped(ctx, grad_x, grad_router, None, None, grad_base)
 
     @staticmethod
     def shaped(ctx, grad_x, grad_router, grad_a, grad_b, grad_base) -> tuple:

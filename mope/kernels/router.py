@@ -131,6 +131,7 @@ def top_k_route_backward(
     num_experts,
     temperature,
     GRAD_X: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     K: tl.constexpr,
     NORMALISE: tl.constexpr,
     HAS_GRAD_WEIGHTS: tl.constexpr,
@@ -139,7 +140,8 @@ def top_k_route_backward(
     NP: tl.constexpr,
     BN: tl.constexpr,
 ):
-    """``d = (softmax backward of the weights' gradient + the logits' gradient) / temperature``; ``grad_x = d W``.
+    """``d = (softmax backward of the weights' gradient + the logits' gradient) / temperature``; ``grad_x = d W``
+    (with ``ACCUMULATE``, ``grad_x += d W``).
 
     Renormalised: the weights ``v`` are the softmax over the kept logits, ``d_l = v (g - sum v g)``.
     Unnormalised: ``v`` is the full softmax and only the kept weights' gradients ``g`` count. A
@@ -175,9 +177,10 @@ def top_k_route_backward(
                 w_ptr + experts[:, None] * width + cols[None, :], mask=experts_ok[:, None] & cols_ok[None, :], other=0.0
             )
             grad_x = tl.dot(d, w, input_precision="ieee")
-            tl.store(
-                grad_x_ptr + rows[:, None] * width + cols[None, :], grad_x, mask=rows_ok[:, None] & cols_ok[None, :]
-            )
+            x_ptrs, x_ok = grad_x_ptr + rows[:, None] * width + cols[None, :], rows_ok[:, None] & cols_ok[None, :]
+            if ACCUMULATE:  # added to what grad_x holds (another path's share of the input gradient)
+                grad_x += tl.load(x_ptrs, mask=x_ok, other=0.0)
+            tl.store(x_ptrs, grad_x, mask=x_ok)
 
 
 @triton.jit
@@ -258,9 +261,11 @@ def route_gradients(
 
 
 def scores_gradient(
-    grad_logits, grad_weights, logits, weights, chosen, weight, temperature: float, normalise: bool, grad_x=None
-) -> torch.Tensor:
-    """The scores' gradient ``d [T, N]`` (one launch); given ``grad_x [T, D]``, also ``d W`` written into it."""
+    grad_logits, grad_weights, logits, weights, chosen, weight, temperature: float, normalise: bool, grad_x=None,
+    accumulate: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """The scores' gradient ``d [T, N]`` (one launch); given fp32 ``grad_x [T, D]``, also ``d W`` written into it
+    (``accumulate``: added to what it holds)."""
     tokens, num_experts = logits.shape
     grad_scores = torch.empty_like(logits)
     top_k_route_backward[(cdiv(tokens, BLOCK),)](
@@ -268,7 +273,8 @@ def scores_gradient(
         logits if grad_weights is None else grad_weights.contiguous(),
         logits, weights, chosen, weight, grad_scores,
         grad_x if grad_x is not None else grad_scores, tokens, weight.shape[1], num_experts, temperature,
-        K=chosen.shape[1], NORMALISE=normalise, GRAD_X=grad_x is not None, HAS_GRAD_WEIGHTS=grad_weights is not None,
+        K=chosen.shape[1], NORMALISE=normalise, GRAD_X=grad_x is not None, ACCUMULATE=accumulate,
+        HAS_GRAD_WEIGHTS=grad_weights is not None,
         HAS_GRAD_LOGITS=grad_logits is not None, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
     )  # fmt: skip
     return grad_scores
