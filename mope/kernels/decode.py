@@ -80,11 +80,8 @@ def routed_decode_kernel(
 
 def decodes(x: torch.Tensor) -> bool:
     """Whether a layer's call on ``x`` takes the one kernel: few tokens, no gradient wanted, eager mode."""
-    return (
-        not torch.is_grad_enabled()
-        and 0 < x.shape[:-1].numel() <= DECODE_MAX_TOKENS
-        and not (torch.compiler.is_compiling())
-    )
+    few = 0 < x.shape[:-1].numel() <= DECODE_MAX_TOKENS
+    return few and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def routed_decode(
