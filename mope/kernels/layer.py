@@ -174,19 +174,33 @@ def chosen_expert_gradients(
         d = scores_gradient(
             grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise, grad_x, True
         )
-    n, (tokens, d_in), d_out = tiles.num_experts, x.shape, flat_out.shape[1]
-    a_programs, b_programs, router = n if needs_a else 0, n if needs_b else 0, needs_router and d is not None
-    grad_a = torch.empty_like(lora_a) if needs_a else None
-    grad_b = torch.empty_like(lora_b) if needs_b else None
-    grad_router = torch.empty_like(router_weight) if router else None
-    if a_programs or b_programs or router:
-        grouped_weight_gradients[(a_programs + b_programs + int(router), cdiv(max(d_in, d_out), BLOCK))](
-            grad_hg if grad_hg is not None else h, h, gate, x, flat_out, groups.dest, groups.offsets,
-            d if d is not None else gate, *(g if g is not None else gate for g in (grad_a, grad_b, grad_router)),
-            tokens, d_in, d_out, tiles.rank, groups.shape[1], router_weight.shape[0], scaling, a_programs, b_programs,
-            DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, RP=rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]),
-        )  # fmt: skip
+    grad_a, grad_b, grad_router = chosen_weight_gradients(
+        grad_hg, h, gate, x, flat_out, d, lora_a, lora_b, router_weight, scaling, state,
+        [needs_a, needs_b, needs_router and d is not None],
+    )  # fmt: skip
     return [grad_x, grad_router, grad_a, grad_b]
+
+
+def chosen_weight_gradients(grad_hg, h, gate, x, grad_out, d, lora_a, lora_b, router_weight, scaling, state, needs):
+    """:func:`grouped_weight_gradients`: A's, B's and the router's gradients (None where ``needs`` says no)."""
+    groups, tiles = state.groups, state.tiles
+    a_programs = tiles.num_experts if needs[0] else 0
+    b_programs = tiles.num_experts if needs[1] else 0
+    if not (a_programs or b_programs or needs[2]):
+        return None, None, None
+    grad_a = torch.empty_like(lora_a) if needs[0] else None
+    grad_b = torch.empty_like(lora_b) if needs[1] else None
+    grad_w = torch.empty_like(router_weight) if needs[2] else None
+    (tokens, d_in), d_out = x.shape, grad_out.shape[1]
+    grid = (a_programs + b_programs + int(needs[2]), cdiv(max(d_in, d_out), BLOCK))
+    grouped_weight_gradients[grid](
+        grad_hg if grad_hg is not None else h, h, gate, x, grad_out, groups.dest, groups.offsets,
+        d if d is not None else gate, *(g if g is not None else gate for g in (grad_a, grad_b, grad_w)),
+        tokens, d_in, d_out, tiles.rank, groups.shape[1], router_weight.shape[0], scaling, a_programs, b_programs,
+        DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, RP=state.rp, BN=BLOCK,
+        NP=expert_tile(router_weight.shape[0]),
+    )  # fmt: skip
+    return grad_a, grad_b, grad_w
 
 
 def every_expert_gradients(
@@ -344,17 +358,19 @@ def save_for_layer_backward(ctx, inputs, output) -> None:
     x, router_weight, a_cat, b_cat, _, _, temperature, normalise, scaling, num_experts = inputs
     ctx.save_for_backward(x, router_weight, a_cat, b_cat, *output[1:])
     ctx.settings = temperature, normalise, scaling, num_experts
+    ctx.base_dtype = inputs[4].dtype
 
 
 def routed_layer_op_backward(ctx, grad_out, grad_logits, grad_weights, grad_chosen, grad_h):
     x, router_weight, a_cat, b_cat, logits, weights, chosen, h = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:4])
-    grad_out = torch.zeros(x.shape[0], b_cat.shape[1], device=x.device) if grad_out is None else grad_out
+    grad_base = grad_out if ctx.needs_input_grad[4] else None
+    if grad_out is None:  # only the losses' gradients: the experts' part is zero (in the base output's dtype)
+        grad_out = x.new_zeros(x.shape[0], b_cat.shape[1], dtype=ctx.base_dtype)
     grads = routed_layer_backward_op(
         grad_out.contiguous(), grad_logits, grad_weights, x, router_weight, a_cat, b_cat, logits, weights, chosen,
         h, *ctx.settings, needs,
     )  # fmt: skip
-    grad_base = grad_out if ctx.needs_input_grad[4] else None
     return *(g if need else None for g, need in zip(grads, needs, strict=True)), grad_base, *(None,) * 5
 
 
