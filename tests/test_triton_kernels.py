@@ -284,6 +284,61 @@ def test_the_router_and_experts_share_one_function_only_where_it_computes_what_t
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@battery
+def test_a_layer_that_fused_takes_its_full_path_again_wherever_what_its_fused_check_holds_changed():
+    """The next call after a fused one skips MoPELayer.fuses (FusedCheck): in every state below it must take the
+    path and give the values the full path does, and the changes that stop fusing must stop it."""
+    config = mope.MoPEConfig(num_experts=6, top_k=2, r=4, init_weights=False, dispatch="triton", router_noise=True)
+    layer = mope_layer("top_k", router_noise=True, dispatch="triton").eval()
+    layer.update_layer("second", config)
+    layer.to(DEVICE)
+    x = torch.randn(4, 9, 16, device=DEVICE)
+    bank, router = layer.mope_experts["default"], layer.mope_router["default"]
+
+    def call(full: bool) -> tuple[str, torch.Tensor]:
+        if full:
+            layer.fused_check = None
+        torch.manual_seed(5)  # the noisy router's draw in training
+        out = layer(x.clone().requires_grad_())
+        return kernel_node(out), out.detach()
+
+    hooks: list = []
+    states = [  # (what changes, undo, whether it still fuses)
+        (lambda: None, lambda: None, True),
+        (lambda: hooks.append(router.register_forward_hook(lambda *a: None)), lambda: hooks.pop().remove(), False),
+        (lambda: hooks.append(bank.register_forward_pre_hook(lambda *a: None)), lambda: hooks.pop().remove(), False),
+        (
+            lambda: hooks.append(nn.modules.module.register_module_forward_hook(lambda *a: None)),
+            lambda: hooks.pop().remove(),
+            False,
+        ),
+        (lambda: mope.set_dispatch(layer, "masked"), lambda: mope.set_dispatch(layer, "triton"), False),
+        (lambda: bank.to(torch.bfloat16), lambda: bank.float(), False),
+        (lambda: layer.train(), lambda: layer.eval(), False),  # the router's noise is drawn in training
+        (lambda: layer.enable_adapters(False), lambda: layer.enable_adapters(True), False),
+        (lambda: layer.set_adapter("second"), lambda: layer.set_adapter("default"), True),  # the other one fuses
+        (lambda: layer.set_adapter(["default", "second"]), lambda: layer.set_adapter("default"), False),
+    ]
+    for index, (change, undo, fuses) in enumerate(states):
+        assert call(full=True)[0] == "RoutedLayerBackward" and layer.fused_check is not None, index
+        change()
+        fast_node, fast = call(full=False)
+        full_node, full = call(full=True)
+        assert fast_node == full_node and (fast_node == "RoutedLayerBackward") is fuses, (index, fast_node)
+        torch.testing.assert_close(fast, full, rtol=0, atol=0)
+        undo()
+    assert call(full=True)[0] == "RoutedLayerBackward"
+    other = copy.deepcopy(bank)  # the same name now names another bank (set by hand: update_layer resets the check)
+    with torch.no_grad():
+        other.lora_B.mul_(-2.0)
+    layer.mope_experts["default"] = other
+    fast_node, fast = call(full=False)
+    assert fast_node == "RoutedLayerBackward" and layer.fused_check.bank is other
+    torch.testing.assert_close(fast, call(full=True)[1], rtol=0, atol=0)
+    layer.update_layer("third", config)
+    assert layer.fused_check is None
+
+
 def kernel_node(out: torch.Tensor) -> str:
     """The autograd node of the expert kernels that made ``out`` (through the views of its token shape)."""
     node = out.grad_fn
