@@ -32,6 +32,16 @@ def token_weights(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return weights / weights.sum().clamp_min(1.0)
 
 
+def stacked_token_weights(mask: torch.Tensor | None, dtype: torch.dtype, stacked: dict | None) -> torch.Tensor | None:
+    """:func:`token_weights`, computed once per mask and dtype where ``stacked`` (one computation's) is given."""
+    if stacked is None or mask is None:
+        return token_weights(mask, dtype)
+    key = ("token_weights", id(mask), dtype)
+    if key not in stacked:
+        stacked[key] = token_weights(mask, dtype)
+    return stacked[key]
+
+
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """Mean over all token dims of ``values [..., N]`` (keeping N), with ``token_weights`` (None: plain mean)."""
     flat = values.reshape(-1, values.shape[-1])  # a view for the routers' contiguous outputs
@@ -58,11 +68,16 @@ def load_balancing_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Te
     return num_experts * torch.dot(share, prob)
 
 
-def load_balancing_losses(routings: list[Routing], mask: torch.Tensor | None) -> torch.Tensor:
-    """:func:`load_balancing_loss` of each of L layers routing the same tokens, ``[L]``, in a few kernels."""
-    probs = stack_field(routings, "probs")
-    weights = token_weights(mask, probs.dtype)
-    load = stack_field(routings, "load").detach()
+def load_balancing_losses(
+    routings: list[Routing], mask: torch.Tensor | None, stacked: dict | None = None
+) -> torch.Tensor:
+    """:func:`load_balancing_loss` of each of L layers routing the same tokens, ``[L]``, in a few kernels.
+
+    ``stacked``: what the same computation stacked before (:func:`mope.routing.base.stack_tokens`).
+    """
+    probs = stack_field(routings, "probs", stacked)
+    weights = stacked_token_weights(mask, probs.dtype, stacked)
+    load = stack_field(routings, "load", stacked).detach()
     share, prob = (x.mean(dim=1) if weights is None else weights @ x for x in (load, probs))  # [L, N]
     return probs.shape[-1] * (share * prob).sum(dim=-1)
 
@@ -74,10 +89,10 @@ def router_z_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Tensor:
     return z.mean() if weights is None else torch.dot(weights, z)
 
 
-def router_z_losses(routings: list[Routing], mask: torch.Tensor | None) -> torch.Tensor:
+def router_z_losses(routings: list[Routing], mask: torch.Tensor | None, stacked: dict | None = None) -> torch.Tensor:
     """:func:`router_z_loss` of each of L layers routing the same tokens, ``[L]``."""
-    z = torch.logsumexp(stack_field(routings, "logits"), dim=-1).square()  # [L, T]
-    weights = token_weights(mask, z.dtype)
+    z = torch.logsumexp(stack_field(routings, "logits", stacked), dim=-1).square()  # [L, T]
+    weights = stacked_token_weights(mask, z.dtype, stacked)
     return z.mean(dim=1) if weights is None else z @ weights
 
 
@@ -157,7 +172,7 @@ class AuxLoss:
 
     ``extra(inputs, router) -> kwargs``: for losses that need more than the routing and the
     token mask (e.g. per-example group labels from the routing inputs); None for the others.
-    ``batched(routings, mask) -> [L]``: the same loss for L layers at once (same token shape,
+    ``batched(routings, mask, stacked) -> [L]``: the same loss for L layers at once (same token shape,
     device and mask), or None: then :meth:`values` calls ``fn`` per layer.
     """
 
@@ -165,13 +180,14 @@ class AuxLoss:
     coef_field: str
     fn: Callable[..., torch.Tensor]
     extra: Callable[[Any, Any], dict] | None = None
-    batched: Callable[[list[Routing], torch.Tensor | None], torch.Tensor] | None = None
+    batched: Callable[[list[Routing], torch.Tensor | None, dict | None], torch.Tensor] | None = None
 
-    def values(self, records: list[Any]) -> torch.Tensor:
+    def values(self, records: list[Any], stacked: dict | None = None) -> torch.Tensor:
         """The loss of each recorded layer (``mope.routing.context.LossRecord``), ``[len(records)]`` in some order.
 
         Layers are batched where ``batched`` exists and they share token shape, device and mask
-        (all layers of a decoder do; an encoder-decoder makes two batches). Computed outside
+        (all layers of a decoder do; an encoder-decoder makes two batches); ``stacked``, shared by the
+        losses of one forward, stacks each layer tensor they read once (:func:`~mope.routing.base.stack_tokens`). Computed outside
         autocast: the routers score in fp32, and the masked means here are matrix products, which
         autocast would run in bf16/fp16 (the aux loss then lost its precision under mixed precision).
         """
@@ -182,7 +198,9 @@ class AuxLoss:
                 batches: dict[tuple, list[Any]] = defaultdict(list)
                 for r in records:
                     batches[(r.routing.weights.shape, r.routing.weights.device, id(r.mask))].append(r)
-                values = [self.batched([r.routing for r in b], b[0].mask) for b in batches.values()]
+                values = [self.batched([r.routing for r in b], b[0].mask, stacked) for b in batches.values()]
+        if len(values) == 1:
+            return values[0]
         device = values[0].device
         return torch.cat([v.to(device) for v in values])
 

@@ -391,9 +391,10 @@ class MoPEModel(BaseTuner):
         for record in records:
             groups[(record.adapter_name, record.loss_name)].append(record)
         total = None
+        stacked: dict = {}  # each layer tensor the losses read is stacked once (mope.routing.base.stack_tokens)
         for (adapter_name, loss_name), group in groups.items():
             loss = AUX_LOSS_BY_NAME[loss_name]
-            term = getattr(self.peft_config[adapter_name], loss.coef_field) * loss.values(group).mean()
+            term = getattr(self.peft_config[adapter_name], loss.coef_field) * loss.values(group, stacked).mean()
             total = term if total is None else total + term.to(total.device)
         return total
 

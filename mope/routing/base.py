@@ -92,25 +92,38 @@ Routing.probs = Deferrable("probs")
 Routing.load = Deferrable("load")
 
 
-def stack_field(routings: list[Routing], name: str) -> torch.Tensor:
+def stack_field(routings: list[Routing], name: str, stacked: dict | None = None) -> torch.Tensor:
     """``[L, T, N]``: field ``name`` of L routings with the same token shape, tokens flattened.
 
     Where every layer still defers the field to the same function and settings, it runs once on
     the layers' inputs stacked: one kernel for all layers (the router losses of a whole model).
+    ``stacked``: what one computation stacked before (:func:`stack_tokens`).
     """
     field = vars(Routing).get(name)
     pending = [field.pending(r) for r in routings] if isinstance(field, Deferrable) else [None]
     first = pending[0]
     if first is not None and all(p is not None and (p.fn, p.settings) == (first.fn, first.settings) for p in pending):
         per_input = zip(*(p.tensors for p in pending), strict=True)  # each input's tensors across layers
-        return first.fn(*(stack_tokens(tensors) for tensors in per_input), *first.settings)
-    return stack_tokens([getattr(r, name) for r in routings])
+        return first.fn(*(stack_tokens(tensors, stacked) for tensors in per_input), *first.settings)
+    return stack_tokens([getattr(r, name) for r in routings], stacked)
 
 
-def stack_tokens(tensors) -> torch.Tensor:
-    """``[L, T, D]`` from L tensors of one shape ``[..., D]``: stacked, then one view (not one per layer)."""
-    stacked = torch.stack(list(tensors))
-    return stacked.reshape(stacked.shape[0], -1, stacked.shape[-1])
+def stack_tokens(tensors, stacked: dict | None = None) -> torch.Tensor:
+    """``[L, T, D]`` from L tensors of one shape ``[..., D]``: stacked, then one view (not one per layer).
+
+    ``stacked`` (a dict that lives for one computation, e.g. the router losses of one forward): the same L
+    tensors are stacked once. The losses read each layer's logits three times (the softmax, the load's shape,
+    the z-loss); stacked once, each layer's logits also get one gradient, not two to add.
+    """
+    tensors = list(tensors)
+    key = tuple(map(id, tensors))
+    if stacked is not None and key in stacked:
+        return stacked[key]
+    result = torch.stack(tensors)
+    result = result.reshape(result.shape[0], -1, result.shape[-1])
+    if stacked is not None:
+        stacked[key] = result
+    return result
 
 
 def softmax_last(logits: torch.Tensor) -> torch.Tensor:
