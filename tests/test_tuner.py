@@ -159,6 +159,19 @@ def test_aux_loss_is_mean_over_layers_weighted_by_coefficients():
     expected = torch.autograd.grad(0.5 * lb.mean() + 0.25 * z.mean(), tensors)
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
+    # both losses read the layers' logits stacked once (mope.routing.base.stack_tokens): one gradient each, no adds
+    assert graph_nodes(out.aux_loss.grad_fn).count("StackBackward0") == 1
+
+
+def graph_nodes(root) -> list[str]:
+    """The names of the autograd nodes ``root`` reaches, each once."""
+    seen, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return [type(node).__name__ for node in seen]
 
 
 def test_no_aux_loss_in_eval_mode():
