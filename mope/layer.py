@@ -14,7 +14,7 @@ from .base_layers import supported_base_layer as supported_base_layer  # tuner.p
 from .experts import EXPERT_BANKS
 from .experts.lora import LoRAExpertBank
 from .kernels import triton_unavailable
-from .losses import AUX_LOSSES
+from .losses import AUX_LOSSES, SUMMED_LOSSES, LossSums, token_weights
 from .peft_compat import PEFT_KEEPS_FROZEN
 from .routing import ROUTERS, RoutingInputs
 from .routing.base import full_softmax
@@ -32,6 +32,16 @@ def hooked(module: nn.Module) -> bool:
         or hooks._global_forward_hooks
         or hooks._global_forward_pre_hooks
     )
+
+
+def loss_token_weights(ctx: RoutingContext, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The losses' fp32 token weights of ``mask`` (:func:`mope.losses.token_weights`), once per forward and mask."""
+    if mask is None:
+        return None
+    kept = ctx.call.token_weights.get(id(mask))
+    if kept is None or kept[0] is not mask:  # the mask is kept with them: its id is not reused meanwhile
+        kept = ctx.call.token_weights[id(mask)] = (mask, token_weights(mask, torch.float32))
+    return kept[1]
 
 
 @dataclass(frozen=True)
@@ -254,12 +264,18 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         recording = ctx is not None and self.training
         if not recording and decodes(adapter_x):
             return routed_decode(adapter_x, *operands, bank.scaling)
-        out, logits, weights, chosen = routed_layer(adapter_x, *operands, bank.scaling)
-        if recording and self.mope_settings[adapter_name].aux_losses:  # nothing else reads the routing
+        wanted = self.mope_settings[adapter_name].aux_losses if recording else ()
+        sums = None
+        if wanted:  # nothing else reads the routing
             inputs = self.routing_inputs(x) if inputs is None else inputs
-            self._record_losses(
-                ctx, adapter_name, router.routing(logits, full_softmax(logits), weights, chosen, inputs), inputs
+            if SUMMED_LOSSES.issuperset(wanted):  # the router kernel sums what they need
+                sums = LossSums(loss_token_weights(ctx, inputs.token_mask))
+        out, logits, weights, chosen, stats = routed_layer(adapter_x, *operands, bank.scaling, sums)
+        if wanted:
+            routing = (
+                sums if stats is not None else router.routing(logits, full_softmax(logits), weights, chosen, inputs)
             )
+            self._record_losses(ctx, adapter_name, routing, inputs)
         return out
 
     def adapter_input(self, x: torch.Tensor, active: list[str]) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .routing import Routing
-from .routing.base import stack_field
+from .routing.base import stack_field, stack_tokens
 
 
 def token_weights(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -68,6 +68,42 @@ def load_balancing_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Te
     return num_experts * torch.dot(share, prob)
 
 
+class LossSums:
+    """The default router losses' sums over one layer's tokens, which the Triton router kernel computes where the
+    layer runs as one kernel call (:mod:`mope.kernels.layer`), so the losses need no op per token: per block of
+    ``rows`` tokens, ``sum w p`` (the full softmax, ``[N]``), ``sum w kept / k`` (the load, ``[N]``, a count: it
+    takes no gradient) and ``sum w lse^2`` (the z-loss), ``w`` the token weights (:func:`token_weights`; None:
+    ``1 / T``). ``stats``: ``[blocks, 2N + 1]``, the kernel's output; the losses sum it over blocks.
+    """
+
+    def __init__(self, token_weights: torch.Tensor | None) -> None:
+        self.token_weights = token_weights
+        self.stats: torch.Tensor | None = None
+        self.rows = 0  # tokens per block of stats
+
+    def start(self, x: torch.Tensor, num_experts: int, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The buffer the kernel writes (blocks of ``rows`` tokens of ``x``) and the token weights it reads."""
+        self.rows = rows
+        self.stats = x.new_empty(-(-x.shape[0] // rows), 2 * num_experts + 1)
+        return self.stats, self.token_weights
+
+
+SUMMED_LOSSES = frozenset({"load_balancing", "z_loss"})  # the losses LossSums serves
+
+
+def summed(sums: list[LossSums], stacked: dict | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sum w p [L, N]``, ``sum w load [L, N]`` and ``sum w lse^2 [L]`` of L layers' :class:`LossSums`."""
+    stats = stack_tokens([s.stats for s in sums], stacked)  # [L, blocks, 2N + 1]
+    key = ("summed", id(stats))
+    total = stacked.get(key) if stacked is not None else None
+    if total is None:
+        total = stats.sum(dim=1)
+        if stacked is not None:
+            stacked[key] = total
+    n = (total.shape[-1] - 1) // 2
+    return total[:, :n], total[:, n : 2 * n], total[:, 2 * n]
+
+
 def load_balancing_losses(
     routings: list[Routing], mask: torch.Tensor | None, stacked: dict | None = None
 ) -> torch.Tensor:
@@ -75,6 +111,9 @@ def load_balancing_losses(
 
     ``stacked``: what the same computation stacked before (:func:`mope.routing.base.stack_tokens`).
     """
+    if isinstance(routings[0], LossSums):
+        prob, share, _ = summed(routings, stacked)
+        return prob.shape[-1] * (share.detach() * prob).sum(dim=-1)
     probs = stack_field(routings, "probs", stacked)
     weights = stacked_token_weights(mask, probs.dtype, stacked)
     load = stack_field(routings, "load", stacked).detach()
@@ -91,6 +130,8 @@ def router_z_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Tensor:
 
 def router_z_losses(routings: list[Routing], mask: torch.Tensor | None, stacked: dict | None = None) -> torch.Tensor:
     """:func:`router_z_loss` of each of L layers routing the same tokens, ``[L]``."""
+    if isinstance(routings[0], LossSums):
+        return summed(routings, stacked)[2]
     z = torch.logsumexp(stack_field(routings, "logits", stacked), dim=-1).square()  # [L, T]
     weights = stacked_token_weights(mask, z.dtype, stacked)
     return z.mean(dim=1) if weights is None else z @ weights
@@ -191,18 +232,25 @@ class AuxLoss:
         autocast: the routers score in fp32, and the masked means here are matrix products, which
         autocast would run in bf16/fp16 (the aux loss then lost its precision under mixed precision).
         """
-        with torch.autocast(records[0].routing.weights.device.type, enabled=False):
+        with torch.autocast(batch_key(records[0])[2].type, enabled=False):
             if self.batched is None:
                 values = [self.fn(r.routing, r.mask, **r.extra).reshape(1) for r in records]
             else:
                 batches: dict[tuple, list[Any]] = defaultdict(list)
                 for r in records:
-                    batches[(r.routing.weights.shape, r.routing.weights.device, id(r.mask))].append(r)
+                    batches[batch_key(r)].append(r)
                 values = [self.batched([r.routing for r in b], b[0].mask, stacked) for b in batches.values()]
         if len(values) == 1:
             return values[0]
         device = values[0].device
         return torch.cat([v.to(device) for v in values])
+
+
+def batch_key(record: Any) -> tuple:
+    """Records whose losses are computed together: the same kind, token shape, device and mask."""
+    routing = record.routing
+    tensor = routing.stats if isinstance(routing, LossSums) else routing.weights
+    return type(routing), tensor.shape, tensor.device, id(record.mask)
 
 
 AUX_LOSSES: tuple[AuxLoss, ...] = (

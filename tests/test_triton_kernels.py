@@ -424,19 +424,31 @@ def test_grouped_bf16_is_as_close_to_float64_as_masked():
 
 
 @battery
-@pytest.mark.parametrize("num_experts", [8, 16], ids=["masked-kernels", "grouped-kernels"])
-def test_llama_training_steps_equal_masked(num_experts):
-    """Two SGD steps of a tiny Llama (all linear layers, top-2, aux losses on, the importance loss reading the gate
-    weights: a gradient into the fused layer's weights output): logits, loss and gradients. The grouped kernels are
+@pytest.mark.parametrize(
+    "num_experts, losses",
+    [(8, "importance"), (16, "importance"), (8, "summed"), (16, "summed"), (8, "summed-no-mask")],
+    ids=["masked-kernels", "grouped-kernels", "masked-kernels-summed", "grouped-kernels-summed", "no-mask-summed"],
+)
+def test_llama_training_steps_equal_masked(num_experts, losses):
+    """Two SGD steps of a tiny Llama (all linear layers, top-2, aux losses on): logits, loss and gradients. With the
+    importance loss (reading the gate weights: a gradient into the fused layer's weights output) the layers record
+    their routing; with only the default losses (load balancing and z-loss, ``summed``) the router kernel sums what
+    they need per token (mope.losses.LossSums) and its backward adds their gradient. The grouped kernels are
     slow in the interpreter: their case adapts two projections."""
     targets = "all-linear" if num_experts == 8 else ["q_proj", "v_proj"]
     config = dict(
         task_type="CAUSAL_LM", target_modules=targets, num_experts=num_experts, top_k=2, r=4, init_weights=False,
-        importance_loss_coef=0.1,
+        z_loss_coef=0.01, **({"importance_loss_coef": 0.1} if losses == "importance" else {}),
     )  # fmt: skip
     models = {name: get_peft_model(make_model("llama"), mope.MoPEConfig(**config, dispatch=name)).to(DEVICE)
               for name in ("masked", "triton")}  # fmt: skip
     batch = {k: v.to(DEVICE) for k, v in make_batch("llama", batch=2, seq=8, pad=3).items()}
+    if losses == "summed-no-mask":
+        del batch["attention_mask"]
+    recorded = []
+    context = models["triton"].base_model.routing_context
+    record = context.record
+    context.record = lambda r: (recorded.append(type(r.routing).__name__), record(r))
     optimizers = {n: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for n, m in models.items()}
     for _ in range(2):
         results = {}
@@ -453,6 +465,7 @@ def test_llama_training_steps_equal_masked(num_experts):
         assert got_grads.keys() == want_grads.keys()
         for n, grad in want_grads.items():
             torch.testing.assert_close(got_grads[n], grad, atol=1e-5, rtol=1e-4, msg=n)
+    assert set(recorded) == {"LossSums" if losses.startswith("summed") else "Routing"}
 
 
 def loss_and_grads(step, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..losses import LossSums
 from . import grouped
 from .grid import cdiv
 from .grouped import GroupedState, grouped_forward, grouped_outer_tile
@@ -36,10 +37,11 @@ from .router import expert_tile, route, route_gradients, route_tile, scores_grad
 
 @triton.jit
 def route_down(
-    x_ptr, router_w_ptr, logits_ptr, weights_ptr, chosen_ptr, a_ptr, h_ptr,
+    x_ptr, router_w_ptr, logits_ptr, weights_ptr, chosen_ptr, a_ptr, h_ptr, token_weights_ptr, stats_ptr,
     tokens, width, num_experts, rank, temperature, expert_blocks,
-    K: tl.constexpr, NORMALISE: tl.constexpr, NP: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr,
+    K: tl.constexpr, NORMALISE: tl.constexpr, STATS: tl.constexpr, TOKEN_WEIGHTS: tl.constexpr, NP: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr,
+    BK: tl.constexpr,
 ):  # fmt: skip
     """The router's logits, weights and chosen experts, and ``h = A_cat x``, in one launch.
 
@@ -54,23 +56,26 @@ def route_down(
         )  # fmt: skip
     else:
         route_tile(
-            x_ptr, router_w_ptr, logits_ptr, weights_ptr, chosen_ptr, rows, tokens, width, num_experts, temperature,
-            K, NORMALISE, BM, NP, BK,
+            x_ptr, router_w_ptr, logits_ptr, weights_ptr, chosen_ptr, token_weights_ptr, stats_ptr, rows, tokens,
+            width, num_experts, temperature, K, NORMALISE, STATS, TOKEN_WEIGHTS, BM, NP, BK,
         )  # fmt: skip
 
 
-def routed_down(x, router_weight, a_cat, k: int, temperature: float, normalise: bool, tiles: Tiles):
-    """:func:`route_down`: logits, weights ``[T, N]``, chosen experts ``[T, k]`` and ``h = A_cat x`` ``[T, N*r]``."""
+def routed_down(x, router_weight, a_cat, k: int, temperature: float, normalise: bool, tiles: Tiles, sums=None):
+    """:func:`route_down`: logits, weights ``[T, N]``, chosen experts ``[T, k]`` and ``h = A_cat x`` ``[T, N*r]``;
+    ``sums``: a :class:`mope.losses.LossSums` to fill too."""
     tokens, width = x.shape
     num_experts = router_weight.shape[0]
     logits = x.new_empty(tokens, num_experts)
     weights = torch.empty_like(logits)
     chosen = x.new_empty(tokens, k, dtype=torch.long)
     h = x.new_empty(tokens, a_cat.shape[0])
+    stats, token_weights = sums.start(x, num_experts, BLOCK) if sums is not None else (logits, None)
     route_down[(cdiv(tokens, BLOCK), tiles.expert_blocks + 1)](
-        x, router_weight, logits, weights, chosen, a_cat, h, tokens, width, num_experts, tiles.rank, temperature,
-        tiles.expert_blocks, K=k, NORMALISE=normalise, NP=expert_tile(num_experts), DOT=tiles.dot,
-        PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK,
+        x, router_weight, logits, weights, chosen, a_cat, h, logits if token_weights is None else token_weights,
+        stats, tokens, width, num_experts, tiles.rank, temperature, tiles.expert_blocks, K=k, NORMALISE=normalise,
+        STATS=sums is not None, TOKEN_WEIGHTS=token_weights is not None, NP=expert_tile(num_experts),
+        DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK,
     )  # fmt: skip
     return logits, weights, chosen, h
 
@@ -155,7 +160,7 @@ def grouped_weight_gradients(
 
 def chosen_expert_gradients(
     flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h,
-    temperature: float, normalise: bool, scaling: float, state: GroupedState, needs,
+    temperature: float, normalise: bool, scaling: float, state: GroupedState, needs, grad_sums=None,
 ) -> list[torch.Tensor | None]:  # fmt: skip
     """:func:`every_expert_gradients` over only the chosen experts (``lora_a [N, r, d_in]``, ``gate`` and ``h`` per
     sorted pair): ``s B_e^T grad`` with the gate's gradient, the experts' share of the input gradient, the scores'
@@ -170,10 +175,11 @@ def chosen_expert_gradients(
         grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
     if needs_x:  # fp32 (a sum over each token's k pairs), as x is here
         grad_x = grouped.up_summed(grad_hg, gate, lora_a, 1.0, groups, tiles, rp)
-    if routes and (grad_gate is not None or grad_logits is not None):
+    if routes and (grad_gate is not None or grad_logits is not None or grad_sums is not None):
         d = scores_gradient(
-            grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise, grad_x, True
-        )
+            grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise, grad_x, True,
+            grad_sums,
+        )  # fmt: skip
     grad_a, grad_b, grad_router = chosen_weight_gradients(
         grad_hg, h, gate, x, flat_out, d, lora_a, lora_b, router_weight, scaling, state,
         [needs_a, needs_b, needs_router and d is not None],
@@ -205,13 +211,14 @@ def chosen_weight_gradients(grad_hg, h, gate, x, grad_out, d, lora_a, lora_b, ro
 
 def every_expert_gradients(
     flat_out, grad_logits, grad_weights, x, router_weight, a_cat, b_cat, logits, weights, chosen, h,
-    temperature: float, normalise: bool, scaling: float, tiles: Tiles, needs,
+    temperature: float, normalise: bool, scaling: float, tiles: Tiles, needs, grad_sums=None,
 ) -> list[torch.Tensor | None]:  # fmt: skip
     """The gradients of ``x``, the router's weight, ``A_cat`` and ``B_cat`` over every expert (None where ``needs``
     says no): ``s B_cat^T grad`` with the gate's gradient, the scores' gradient ``d``, the input's gradient
     (experts' and router's ``d W`` in one kernel), then every weight gradient in one launch: 4 launches.
 
-    ``grad_logits`` / ``grad_weights`` ``[T, N]`` may be None (no loss read that output).
+    ``grad_logits`` / ``grad_weights`` ``[T, N]`` may be None (no loss read that output); ``grad_sums``:
+    ``(LossSums, the gradient of its stats)`` or None (:func:`mope.kernels.router.scores_gradient`).
     """
     needs_x, needs_router, needs_a, needs_b = needs
     routes = needs_x or needs_router
@@ -220,8 +227,10 @@ def every_expert_gradients(
         grad_hg, grad_gate = down(flat_out, b_cat, scaling, tiles, x.dtype, h if routes else None, weights)
     if grad_weights is not None:  # a loss or statistic read the gate weights too
         grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
-    if routes and (grad_gate is not None or grad_logits is not None):
-        d = scores_gradient(grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise)
+    if routes and (grad_gate is not None or grad_logits is not None or grad_sums is not None):
+        d = scores_gradient(
+            grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise, grad_sums=grad_sums
+        )
     if needs_x:
         grad_x = up(grad_hg, weights, a_cat, None, 1.0, tiles, x.dtype, None if d is None else (d, router_weight))
     grad_a, grad_b, grad_router = weight_gradients(
@@ -231,10 +240,12 @@ def every_expert_gradients(
     return [grad_x, grad_router, grad_a, grad_b]
 
 
-def every_expert_forward(x, router_weight, a_cat, b_cat, base, k: int, temperature, normalise, scaling, tiles):
+def every_expert_forward(
+    x, router_weight, a_cat, b_cat, base, k: int, temperature, normalise, scaling, tiles, sums=None
+):  # fmt: skip
     """Flat ``[T, ...]`` tensors: the output, the router's logits, weights and chosen experts, and ``h = A_cat x``
     (2 launches: the router's and ``A_cat x``'s tiles in one, then the up-projection into the base output)."""
-    logits, weights, chosen, h = routed_down(x, router_weight, a_cat, k, temperature, normalise, tiles)
+    logits, weights, chosen, h = routed_down(x, router_weight, a_cat, k, temperature, normalise, tiles, sums)
     return up(h, weights, b_cat, base, scaling, tiles, base.dtype), logits, weights, chosen, h
 
 
@@ -242,35 +253,39 @@ class RoutedLayer(torch.autograd.Function):
     """``base + s * B_cat (g (x) 1_r * A_cat x)`` with ``g`` the router kernel's top-k weights of ``x``.
 
     Returns the output and the router's logits, weights and chosen experts (for the losses and
-    statistics), all in ``x``'s token shape.
+    statistics), all in ``x``'s token shape, and given a :class:`mope.losses.LossSums` (``sums``), its stats,
+    which the router kernel fills in the same launch (else None).
     """
 
     @staticmethod
-    def forward(ctx, x, router_weight, lora_a, lora_b, base, k: int, temperature: float, normalise: bool, scaling):
+    def forward(
+        ctx, x, router_weight, lora_a, lora_b, base, k: int, temperature: float, normalise: bool, scaling, sums
+    ):
         n, r, d_in = lora_a.shape
         flat, flat_base = x.reshape(-1, d_in).contiguous(), base.reshape(-1, base.shape[-1]).contiguous()
         if grouped_pays(n, k):  # only the chosen experts (mope.kernels.grouped)
-            logits, weights, chosen = route(flat, router_weight, k, temperature, normalise)
+            logits, weights, chosen = route(flat, router_weight, k, temperature, normalise, sums)
             lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
             out, experts, gate, h = grouped_forward(flat, lora_a, lora_b, weights, flat_base, chosen, scaling)
         else:  # every expert, gate 0 where not chosen (mope.kernels.lora)
             experts = Tiles(n, r, x.dtype, base.dtype)
             lora_a, lora_b = lora_a.reshape(n * r, d_in), lora_b.reshape(n * r, -1)
             operands = (flat, router_weight, lora_a, lora_b, flat_base, k, temperature, normalise, scaling, experts)
-            out, logits, weights, chosen, h = every_expert_forward(*operands)
+            out, logits, weights, chosen, h = every_expert_forward(*operands, sums)
             gate = weights
         ctx.save_for_backward(flat, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h)
-        ctx.settings = temperature, normalise, scaling, experts
+        ctx.settings = temperature, normalise, scaling, experts, sums
         ctx.shapes = x.shape, (n, r, d_in), (n, r, lora_b.shape[-1])
         ctx.mark_non_differentiable(chosen)
         ctx.set_materialize_grads(False)  # outputs nothing reads get no zero-filled gradient
-        lead = x.shape[:-1]
-        return out.view(*base.shape), logits.view(*lead, n), weights.view(*lead, n), chosen.view(*lead, k)
+        lead, stats = x.shape[:-1], None if sums is None else sums.stats
+        return out.view(*base.shape), logits.view(*lead, n), weights.view(*lead, n), chosen.view(*lead, k), stats
 
     @staticmethod
-    def backward(ctx, grad_out, grad_logits, grad_weights, grad_chosen):
+    def backward(ctx, grad_out, grad_logits, grad_weights, grad_chosen, grad_stats):
         x, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h = ctx.saved_tensors
-        temperature, normalise, scaling, experts = ctx.settings
+        temperature, normalise, scaling, experts, sums = ctx.settings
+        grad_sums = None if grad_stats is None else (sums, grad_stats)
         needs_x, needs_router, needs_a, needs_b, needs_base = ctx.needs_input_grad[:5]
         grad_weights = None if grad_weights is None else grad_weights.reshape(weights.shape)
         grad_logits = None if grad_logits is None else grad_logits.reshape(logits.shape)
@@ -279,21 +294,21 @@ class RoutedLayer(torch.autograd.Function):
             flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
             grads = every_expert_gradients(
                 flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, h,
-                temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b],
+                temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b], grad_sums,
             )  # fmt: skip
             return RoutedLayer.shaped(ctx, *grads, grad_base)
         if grad_out is not None:  # only the chosen experts: 4 launches and a sum
             flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
             grads = chosen_expert_gradients(
                 flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, gate,
-                h, temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b],
+                h, temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b], grad_sums,
             )  # fmt: skip
             return RoutedLayer.shaped(ctx, *grads, grad_base)
         grad_x = grad_router = None  # no gradient reached the output: only the losses' reach the router
-        if (needs_x or needs_router) and (grad_weights is not None or grad_logits is not None):
+        if (needs_x or needs_router) and not (grad_weights is None and grad_logits is None and grad_sums is None):
             grad_x, grad_router = route_gradients(
                 grad_logits, grad_weights, x, router_weight, logits, weights, chosen, temperature, normalise,
-                [needs_x, needs_router],
+                [needs_x, needs_router], grad_sums,
             )  # fmt: skip
         return RoutedLayer.shaped(ctx, grad_x, grad_router, None, None, grad_base)
 
@@ -307,7 +322,7 @@ class RoutedLayer(torch.autograd.Function):
             None if grad_a is None else grad_a.view(*a_shape),
             None if grad_b is None else grad_b.view(*b_shape),
             grad_base,
-            *(None,) * 4,
+            *(None,) * 5,
         )
 
 
@@ -387,15 +402,18 @@ def routed_layer(
     temperature: float,
     normalise: bool,
     scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layer's output, the router's logits and gate weights ``[..., N]`` and chosen experts ``[..., k]``.
+    sums: LossSums | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The layer's output, the router's logits and gate weights ``[..., N]``, chosen experts ``[..., k]``, and the
+    stats of ``sums`` (the router losses' sums, computed in the router's launch; None without ``sums``, and
+    under ``torch.compile``, whose op leaves the losses to the logits).
 
     ``x`` fp32 ``[..., d_in]`` with at least one token; ``normalise``: the kept weights sum to 1
     (else Switch's full-softmax values).
     """
     weight = router_weight.float().contiguous()
     if not torch.compiler.is_compiling():
-        return RoutedLayer.apply(x, weight, lora_A, lora_B, base_out, k, float(temperature), normalise, scaling)
+        return RoutedLayer.apply(x, weight, lora_A, lora_B, base_out, k, float(temperature), normalise, scaling, sums)
     n, r, d_in = lora_A.shape  # compiled: every expert (MoPELayer.fuses leaves the grouped case to the modules)
     flat, base = x.reshape(-1, d_in).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
     a_cat, b_cat = lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1)
@@ -403,4 +421,4 @@ def routed_layer(
         flat, weight, a_cat, b_cat, base, k, float(temperature), normalise, scaling, n
     )
     lead = x.shape[:-1]
-    return out.view(*base_out.shape), logits.view(*lead, n), weights.view(*lead, n), chosen.view(*lead, k)
+    return out.view(*base_out.shape), logits.view(*lead, n), weights.view(*lead, n), chosen.view(*lead, k), None

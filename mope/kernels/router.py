@@ -19,7 +19,10 @@ choices.
 
 The full softmax and the load that the losses read stay deferred torch ops on the returned logits
 (:class:`~mope.routing.base.Deferred`), as in the torch router: nothing is computed for them unless
-read. Under ``torch.compile`` the kernels run as the custom ops ``mope::route_top_k`` and its
+read. Where the layer runs as one kernel call (:mod:`mope.kernels.layer`) and its only losses are the
+default ones (load balancing, z-loss), the router's launch also sums what they need over each block of
+tokens (:class:`mope.losses.LossSums`), and ``top_k_route_backward`` adds their gradient per token: the
+losses then take no op per token and no stack of every layer's ``[T, N]`` logits. Under ``torch.compile`` the kernels run as the custom ops ``mope::route_top_k`` and its
 backward (see :mod:`mope.kernels.lora` for why custom ops, not ``triton_op``).
 """
 
@@ -56,8 +59,12 @@ def top_k_route(
     width,
     num_experts,
     temperature,
+    token_weights_ptr,
+    stats_ptr,
     K: tl.constexpr,
     NORMALISE: tl.constexpr,
+    STATS: tl.constexpr,
+    TOKEN_WEIGHTS: tl.constexpr,
     BM: tl.constexpr,
     NP: tl.constexpr,
     BK: tl.constexpr,
@@ -65,17 +72,19 @@ def top_k_route(
     """Logits, the k chosen experts (largest first, lowest index first among ties) and their weights."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     route_tile(
-        x_ptr, w_ptr, logits_ptr, weights_ptr, chosen_ptr, rows, tokens, width, num_experts, temperature,
-        K, NORMALISE, BM, NP, BK,
+        x_ptr, w_ptr, logits_ptr, weights_ptr, chosen_ptr, token_weights_ptr, stats_ptr, rows, tokens, width,
+        num_experts, temperature, K, NORMALISE, STATS, TOKEN_WEIGHTS, BM, NP, BK,
     )  # fmt: skip
 
 
 @triton.jit
 def route_tile(
-    x_ptr, w_ptr, logits_ptr, weights_ptr, chosen_ptr, rows, tokens, width, num_experts, temperature,
-    K: tl.constexpr, NORMALISE: tl.constexpr, BM: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
+    x_ptr, w_ptr, logits_ptr, weights_ptr, chosen_ptr, token_weights_ptr, stats_ptr, rows, tokens, width,
+    num_experts, temperature, K: tl.constexpr, NORMALISE: tl.constexpr, STATS: tl.constexpr,
+    TOKEN_WEIGHTS: tl.constexpr, BM: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    """:func:`top_k_route` for the token rows ``rows``."""
+    """:func:`top_k_route` for the token rows ``rows``; with ``STATS`` also their row of the losses' sums
+    (:func:`loss_sums_tile`) at ``stats_ptr``'s row ``program_id(0)``."""
     experts = tl.arange(0, NP)
     rows_ok, experts_ok = rows < tokens, experts < num_experts
     tile = rows[:, None] * num_experts + experts[None, :]
@@ -91,8 +100,34 @@ def route_tile(
         acc = tl.dot(x, w, acc, input_precision="ieee")
     logits = acc / temperature
     tl.store(logits_ptr + tile, logits, mask=tile_ok)
-    weights, _ = top_k_of(logits, experts, experts_ok, chosen_ptr + rows * K, rows_ok, True, K, NORMALISE, NP)
+    weights, kept = top_k_of(logits, experts, experts_ok, chosen_ptr + rows * K, rows_ok, True, K, NORMALISE, NP)
     tl.store(weights_ptr + tile, weights, mask=tile_ok)
+    if STATS:
+        w = token_weights_of(token_weights_ptr, rows, rows_ok, tokens, TOKEN_WEIGHTS)
+        probs, lse = softmax_lse(logits, experts_ok)
+        sums = stats_ptr + tl.program_id(0) * (2 * num_experts + 1)
+        tl.store(sums + experts, tl.sum(w[:, None] * probs, axis=0), mask=experts_ok)
+        tl.store(sums + num_experts + experts, tl.sum(tl.where(kept, w[:, None], 0.0), axis=0) / K, mask=experts_ok)
+        tl.store(sums + 2 * num_experts, tl.sum(w * lse * lse, axis=0))
+
+
+@triton.jit
+def softmax_lse(logits, experts_ok):
+    """The full softmax of logits ``[BM, NP]`` over the real experts, and its logsumexp ``[BM]``."""
+    real = tl.where(experts_ok[None, :], logits, -float("inf"))
+    top = tl.max(real, axis=1)
+    e = tl.where(experts_ok[None, :], tl.exp(real - top[:, None]), 0.0)
+    total = tl.sum(e, axis=1)
+    return e / total[:, None], top + tl.log(total)
+
+
+@triton.jit
+def token_weights_of(token_weights_ptr, rows, rows_ok, tokens, TOKEN_WEIGHTS: tl.constexpr):
+    """Each row's weight in the losses' means: given (a padding mask over its count), else ``1 / tokens``."""
+    if TOKEN_WEIGHTS:
+        return tl.load(token_weights_ptr + rows, mask=rows_ok, other=0.0)
+    else:
+        return tl.where(rows_ok, 1.0 / tokens, 0.0)
 
 
 @triton.jit
@@ -126,16 +161,21 @@ def top_k_route_backward(
     w_ptr,
     grad_scores_ptr,
     grad_x_ptr,
+    grad_stats_ptr,
+    token_weights_ptr,
     tokens,
     width,
     num_experts,
     temperature,
+    stats_rows,
     GRAD_X: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     K: tl.constexpr,
     NORMALISE: tl.constexpr,
     HAS_GRAD_WEIGHTS: tl.constexpr,
     HAS_GRAD_LOGITS: tl.constexpr,
+    HAS_GRAD_STATS: tl.constexpr,
+    TOKEN_WEIGHTS: tl.constexpr,
     BM: tl.constexpr,
     NP: tl.constexpr,
     BN: tl.constexpr,
@@ -146,7 +186,9 @@ def top_k_route_backward(
     Renormalised: the weights ``v`` are the softmax over the kept logits, ``d_l = v (g - sum v g)``.
     Unnormalised: ``v`` is the full softmax and only the kept weights' gradients ``g`` count. A
     gradient that autograd did not give (``HAS_GRAD_*`` false: no loss read the logits) counts as 0
-    without being read, so nobody fills a tensor of zeros for it.
+    without being read, so nobody fills a tensor of zeros for it. The losses' sums (``HAS_GRAD_STATS``,
+    rows of ``stats_rows`` tokens, :func:`route_tile`): ``w p (g_P - sum p g_P + 2 g_Z lse)`` per token, where
+    the sums were ``sum w p``, ``sum w kept / k`` (a count: no gradient) and ``sum w lse^2``.
     """
     rows, experts, rows_ok, experts_ok, tile, tile_ok = token_tile(tokens, num_experts, BM, NP)
     d = tl.zeros((BM, NP), dtype=tl.float32)
@@ -167,6 +209,13 @@ def top_k_route_backward(
         d = v * (g - tl.sum(v * g, axis=1)[:, None])
     if HAS_GRAD_LOGITS:
         d = d + tl.load(grad_logits_ptr + tile, mask=tile_ok, other=0.0)
+    if HAS_GRAD_STATS:
+        probs, lse = softmax_lse(tl.load(logits_ptr + tile, mask=tile_ok, other=0.0), experts_ok)
+        w = token_weights_of(token_weights_ptr, rows, rows_ok, tokens, TOKEN_WEIGHTS)
+        sums = grad_stats_ptr + (rows // stats_rows) * (2 * num_experts + 1)
+        g = tl.load(sums[:, None] + experts[None, :], mask=tile_ok, other=0.0)
+        g_z = tl.load(sums + 2 * num_experts, mask=rows_ok, other=0.0)
+        d = d + w[:, None] * probs * (g - tl.sum(probs * g, axis=1)[:, None] + 2.0 * (g_z * lse)[:, None])
     d = d / temperature
     tl.store(grad_scores_ptr + tile, d, mask=tile_ok)
     if GRAD_X:
@@ -224,32 +273,39 @@ def expert_tile(num_experts: int) -> int:
     return max(MIN_EXPERTS, next_power_of_2(num_experts))
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, normalise: bool):
-    """Flat fp32 ``x [T, D]``, ``weight [N, D]`` -> logits ``[T, N]``, weights ``[T, N]``, chosen ``[T, k]``."""
+def route(x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, normalise: bool, sums=None):
+    """Flat fp32 ``x [T, D]``, ``weight [N, D]`` -> logits ``[T, N]``, weights ``[T, N]``, chosen ``[T, k]``.
+
+    ``sums``: a :class:`mope.losses.LossSums` to fill (the router losses' sums, rows of ``BLOCK`` tokens).
+    """
     tokens, width = x.shape
     num_experts = weight.shape[0]
     logits = x.new_empty(tokens, num_experts)
     weights = torch.empty_like(logits)
     chosen = x.new_empty(tokens, k, dtype=torch.long)
+    stats, token_weights = sums.start(x, num_experts, BLOCK) if sums is not None else (logits, None)
     top_k_route[(cdiv(tokens, BLOCK),)](
         x, weight, logits, weights, chosen, tokens, width, num_experts, temperature,
-        K=k, NORMALISE=normalise, BM=BLOCK, NP=expert_tile(num_experts), BK=BLOCK,
+        logits if token_weights is None else token_weights, stats, K=k, NORMALISE=normalise, STATS=sums is not None,
+        TOKEN_WEIGHTS=token_weights is not None, BM=BLOCK, NP=expert_tile(num_experts), BK=BLOCK,
     )  # fmt: skip
     return logits, weights, chosen
 
 
 def route_gradients(
-    grad_logits, grad_weights, x, weight, logits, weights, chosen, temperature: float, normalise: bool, needs
-) -> list[torch.Tensor | None]:
+    grad_logits, grad_weights, x, weight, logits, weights, chosen, temperature: float, normalise: bool, needs,
+    grad_sums=None,
+) -> list[torch.Tensor | None]:  # fmt: skip
     """The gradients of ``x`` and ``weight`` (None where ``needs`` says no): 2 kernels at most.
 
-    ``grad_logits`` / ``grad_weights`` may be None (no loss read that output): they count as zeros.
+    ``grad_logits`` / ``grad_weights`` may be None (no loss read that output): they count as zeros;
+    ``grad_sums``: see :func:`scores_gradient`.
     """
     tokens, width = x.shape
     num_experts = weight.shape[0]
     grad_x = torch.empty_like(x) if needs[0] else None
     grad_scores = scores_gradient(
-        grad_logits, grad_weights, logits, weights, chosen, weight, temperature, normalise, grad_x
+        grad_logits, grad_weights, logits, weights, chosen, weight, temperature, normalise, grad_x, grad_sums=grad_sums
     )
     grad_weight = None
     if needs[1]:
@@ -262,20 +318,24 @@ def route_gradients(
 
 def scores_gradient(
     grad_logits, grad_weights, logits, weights, chosen, weight, temperature: float, normalise: bool, grad_x=None,
-    accumulate: bool = False,
+    accumulate: bool = False, grad_sums=None,
 ) -> torch.Tensor:  # fmt: skip
     """The scores' gradient ``d [T, N]`` (one launch); given fp32 ``grad_x [T, D]``, also ``d W`` written into it
-    (``accumulate``: added to what it holds)."""
+    (``accumulate``: added to what it holds). ``grad_sums``: ``(the LossSums, its stats' gradient)`` or None."""
     tokens, num_experts = logits.shape
     grad_scores = torch.empty_like(logits)
+    sums, grad_stats = grad_sums if grad_sums is not None else (None, None)
+    token_weights = None if sums is None else sums.token_weights
     top_k_route_backward[(cdiv(tokens, BLOCK),)](
         logits if grad_logits is None else grad_logits.contiguous(),
         logits if grad_weights is None else grad_weights.contiguous(),
-        logits, weights, chosen, weight, grad_scores,
-        grad_x if grad_x is not None else grad_scores, tokens, weight.shape[1], num_experts, temperature,
+        logits, weights, chosen, weight, grad_scores, grad_x if grad_x is not None else grad_scores,
+        logits if grad_stats is None else grad_stats.contiguous(), logits if token_weights is None else token_weights,
+        tokens, weight.shape[1], num_experts, temperature, 1 if sums is None else sums.rows,
         K=chosen.shape[1], NORMALISE=normalise, GRAD_X=grad_x is not None, ACCUMULATE=accumulate,
-        HAS_GRAD_WEIGHTS=grad_weights is not None,
-        HAS_GRAD_LOGITS=grad_logits is not None, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
+        HAS_GRAD_WEIGHTS=grad_weights is not None, HAS_GRAD_LOGITS=grad_logits is not None,
+        HAS_GRAD_STATS=grad_stats is not None, TOKEN_WEIGHTS=token_weights is not None,
+        BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
     )  # fmt: skip
     return grad_scores
 
