@@ -278,11 +278,12 @@ class RoutedLayer(torch.autograd.Function):
         ctx.shapes = x.shape, (n, r, d_in), (n, r, lora_b.shape[-1])
         ctx.mark_non_differentiable(chosen)
         ctx.set_materialize_grads(False)  # outputs nothing reads get no zero-filled gradient
-        lead, stats = x.shape[:-1], None if sums is None else sums.stats
-        return out.view(*base.shape), logits.view(*lead, n), weights.view(*lead, n), chosen.view(*lead, k), stats
+        lead = x.shape[:-1]
+        outputs = out.view(*base.shape), logits.view(*lead, n), weights.view(*lead, n), chosen.view(*lead, k)
+        return outputs if sums is None else (*outputs, sums.stats)  # no None output: autograd wraps each
 
     @staticmethod
-    def backward(ctx, grad_out, grad_logits, grad_weights, grad_chosen, grad_stats):
+    def backward(ctx, grad_out, grad_logits, grad_weights, grad_chosen, grad_stats=None):
         x, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h = ctx.saved_tensors
         temperature, normalise, scaling, experts, sums = ctx.settings
         grad_sums = None if grad_stats is None else (sums, grad_stats)
@@ -413,7 +414,10 @@ def routed_layer(
     """
     weight = router_weight.float().contiguous()
     if not torch.compiler.is_compiling():
-        return RoutedLayer.apply(x, weight, lora_A, lora_B, base_out, k, float(temperature), normalise, scaling, sums)
+        outputs = RoutedLayer.apply(
+            x, weight, lora_A, lora_B, base_out, k, float(temperature), normalise, scaling, sums
+        )
+        return outputs if sums is not None else (*outputs, None)
     n, r, d_in = lora_A.shape  # compiled: every expert (MoPELayer.fuses leaves the grouped case to the modules)
     flat, base = x.reshape(-1, d_in).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
     a_cat, b_cat = lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1)
