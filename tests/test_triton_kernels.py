@@ -424,6 +424,57 @@ def test_grouped_bf16_is_as_close_to_float64_as_masked():
 
 
 @battery
+@pytest.mark.parametrize("num_experts", [6, 16], ids=["every-expert", "grouped"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "padding-mask"])
+def test_the_router_launchs_loss_sums_and_their_gradient_equal_the_losses_over_the_logits(num_experts, masked):
+    """LossSums over 150 tokens: several blocks of rows (64 rows every expert, 32 grouped) and a partial last one.
+    The load-balancing and z-losses from the sums, and their gradients into x and the router, equal the losses
+    computed over the returned logits in torch (softmax, logsumexp, the chosen experts' one-hot)."""
+    from mope.kernels.layer import routed_layer
+    from mope.losses import LossSums, summed, token_weights
+
+    torch.manual_seed(0)
+    tokens, width, rank, k = 150, 24, 4, 2
+    x = torch.randn(tokens, width, device=DEVICE, requires_grad=True)
+    router = (torch.randn(num_experts, width, device=DEVICE) * 0.5).requires_grad_()
+    lora_a, lora_b = (torch.randn(num_experts, rank, n, device=DEVICE) * 0.1 for n in (width, 20))
+    base = torch.randn(tokens, 20, device=DEVICE)
+    mask = (torch.rand(tokens, device=DEVICE) > 0.3).long() if masked else None
+    weights = token_weights(mask, torch.float32)
+
+    sums = LossSums(weights)
+    _, logits, _, chosen, stats = routed_layer(x, router, lora_a, lora_b, base, k, 0.8, True, 2.0, sums)
+    assert stats.shape == (-(-tokens // sums.rows), 2 * num_experts + 1) and stats.shape[0] > 2
+    sums.stats = stats
+    prob, share, z = summed([sums], None)
+    block = torch.arange(stats.shape[0], device=DEVICE, dtype=torch.float32)  # a loss that tells the blocks apart
+    expert = torch.arange(num_experts, device=DEVICE, dtype=torch.float32)
+    got = [
+        num_experts * (share.detach() * prob).sum(),
+        z.sum(),
+        (stats[:, :num_experts] @ expert * block).sum() + (stats[:, -1] * block).sum(),
+    ]
+
+    w = weights if masked else torch.full((tokens,), 1.0 / tokens, device=DEVICE)
+    load = torch.zeros_like(logits).scatter(-1, chosen, 1.0 / k)
+    probs, lse = torch.softmax(logits, -1), torch.logsumexp(logits, -1)
+    token_block = (torch.arange(tokens, device=DEVICE) // sums.rows).float()
+    want = [
+        num_experts * torch.dot(w @ load, w @ probs),
+        torch.dot(w, lse.square()),
+        (token_block * w * (probs @ expert)).sum() + (token_block * w * lse.square()).sum(),
+    ]
+    for g, v in zip(got, want, strict=True):
+        torch.testing.assert_close(g, v, rtol=1e-5, atol=1e-6)
+    for g, v in zip(got, want, strict=True):
+        got_grads = torch.autograd.grad(g, (x, router), retain_graph=True)
+        want_grads = torch.autograd.grad(v, (x, router), retain_graph=True)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            assert b.abs().max() > 1e-3  # the loss reaches both
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@battery
 @pytest.mark.parametrize(
     "num_experts, losses",
     [(8, "importance"), (16, "importance"), (8, "summed"), (16, "summed"), (8, "summed-no-mask")],
