@@ -103,12 +103,12 @@ def route_tile(
     weights, kept = top_k_of(logits, experts, experts_ok, chosen_ptr + rows * K, rows_ok, True, K, NORMALISE, NP)
     tl.store(weights_ptr + tile, weights, mask=tile_ok)
     if STATS:
-        w = token_weights_of(token_weights_ptr, rows, rows_ok, tokens, TOKEN_WEIGHTS)
+        tw = token_weights_of(token_weights_ptr, rows, rows_ok, tokens, TOKEN_WEIGHTS)
         probs, lse = softmax_lse(logits, experts_ok)
         sums = stats_ptr + tl.program_id(0) * (2 * num_experts + 1)
-        tl.store(sums + experts, tl.sum(w[:, None] * probs, axis=0), mask=experts_ok)
-        tl.store(sums + num_experts + experts, tl.sum(tl.where(kept, w[:, None], 0.0), axis=0) / K, mask=experts_ok)
-        tl.store(sums + 2 * num_experts, tl.sum(w * lse * lse, axis=0))
+        tl.store(sums + experts, tl.sum(tw[:, None] * probs, axis=0), mask=experts_ok)
+        tl.store(sums + num_experts + experts, tl.sum(tl.where(kept, tw[:, None], 0.0), axis=0) / K, mask=experts_ok)
+        tl.store(sums + 2 * num_experts, tl.sum(tw * lse * lse, axis=0))
 
 
 @triton.jit
@@ -211,11 +211,11 @@ def top_k_route_backward(
         d = d + tl.load(grad_logits_ptr + tile, mask=tile_ok, other=0.0)
     if HAS_GRAD_STATS:
         probs, lse = softmax_lse(tl.load(logits_ptr + tile, mask=tile_ok, other=0.0), experts_ok)
-        w = token_weights_of(token_weights_ptr, rows, rows_ok, tokens, TOKEN_WEIGHTS)
+        tw = token_weights_of(token_weights_ptr, rows, rows_ok, tokens, TOKEN_WEIGHTS)
         sums = grad_stats_ptr + (rows // stats_rows) * (2 * num_experts + 1)
         g = tl.load(sums[:, None] + experts[None, :], mask=tile_ok, other=0.0)
         g_z = tl.load(sums + 2 * num_experts, mask=rows_ok, other=0.0)
-        d = d + w[:, None] * probs * (g - tl.sum(probs * g, axis=1)[:, None] + 2.0 * (g_z * lse)[:, None])
+        d = d + tw[:, None] * probs * (g - tl.sum(probs * g, axis=1)[:, None] + 2.0 * (g_z * lse)[:, None])
     d = d / temperature
     tl.store(grad_scores_ptr + tile, d, mask=tile_ok)
     if GRAD_X:
