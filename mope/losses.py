@@ -105,7 +105,7 @@ def summed(sums: list[LossSums], stacked: dict | None) -> tuple[torch.Tensor, to
 
 
 def load_balancing_losses(
-    routings: list[Routing], mask: torch.Tensor | None, stacked: dict | None = None
+    routings: list[Routing] | list[LossSums], mask: torch.Tensor | None, stacked: dict | None = None
 ) -> torch.Tensor:
     """:func:`load_balancing_loss` of each of L layers routing the same tokens, ``[L]``, in a few kernels.
 
@@ -128,7 +128,9 @@ def router_z_loss(routing: Routing, mask: torch.Tensor | None) -> torch.Tensor:
     return z.mean() if weights is None else torch.dot(weights, z)
 
 
-def router_z_losses(routings: list[Routing], mask: torch.Tensor | None, stacked: dict | None = None) -> torch.Tensor:
+def router_z_losses(
+    routings: list[Routing] | list[LossSums], mask: torch.Tensor | None, stacked: dict | None = None
+) -> torch.Tensor:
     """:func:`router_z_loss` of each of L layers routing the same tokens, ``[L]``."""
     if isinstance(routings[0], LossSums):
         return summed(routings, stacked)[2]

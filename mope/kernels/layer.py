@@ -253,8 +253,8 @@ class RoutedLayer(torch.autograd.Function):
     """``base + s * B_cat (g (x) 1_r * A_cat x)`` with ``g`` the router kernel's top-k weights of ``x``.
 
     Returns the output and the router's logits, weights and chosen experts (for the losses and
-    statistics), all in ``x``'s token shape, and given a :class:`mope.losses.LossSums` (``sums``), its stats,
-    which the router kernel fills in the same launch (else None).
+    statistics), all in ``x``'s token shape; given a :class:`mope.losses.LossSums` (``sums``), also its stats,
+    which the router's launch fills.
     """
 
     @staticmethod

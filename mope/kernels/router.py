@@ -22,8 +22,9 @@ The full softmax and the load that the losses read stay deferred torch ops on th
 read. Where the layer runs as one kernel call (:mod:`mope.kernels.layer`) and its only losses are the
 default ones (load balancing, z-loss), the router's launch also sums what they need over each block of
 tokens (:class:`mope.losses.LossSums`), and ``top_k_route_backward`` adds their gradient per token: the
-losses then take no op per token and no stack of every layer's ``[T, N]`` logits. Under ``torch.compile`` the kernels run as the custom ops ``mope::route_top_k`` and its
-backward (see :mod:`mope.kernels.lora` for why custom ops, not ``triton_op``).
+losses then take no op per token and no stack of every layer's ``[T, N]`` logits. Under
+``torch.compile`` the kernels run as the custom ops ``mope::route_top_k`` and its backward (see
+:mod:`mope.kernels.lora` for why custom ops, not ``triton_op``).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def route_tile(
     TOKEN_WEIGHTS: tl.constexpr, BM: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """:func:`top_k_route` for the token rows ``rows``; with ``STATS`` also their row of the losses' sums
-    (:func:`loss_sums_tile`) at ``stats_ptr``'s row ``program_id(0)``."""
+    (:class:`mope.losses.LossSums`), row ``program_id(0)`` of ``stats_ptr``."""
     experts = tl.arange(0, NP)
     rows_ok, experts_ok = rows < tokens, experts < num_experts
     tile = rows[:, None] * num_experts + experts[None, :]
