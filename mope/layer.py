@@ -264,12 +264,14 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         recording = ctx is not None and self.training
         if not recording and decodes(adapter_x):
             return routed_decode(adapter_x, *operands, bank.scaling)
-        wanted = self.mope_settings[adapter_name].aux_losses if recording else ()
+        wanted = self.mope_settings[adapter_name].aux_losses if recording else ()  # nothing else reads the routing
         sums = None
-        if wanted:  # nothing else reads the routing
-            inputs = self.routing_inputs(x) if inputs is None else inputs
-            if SUMMED_LOSSES.issuperset(wanted):  # the router kernel sums what they need
-                sums = LossSums(loss_token_weights(ctx, inputs.token_mask))
+        if wanted and SUMMED_LOSSES.issuperset(wanted):  # the router kernel sums what they need; they read the mask
+            if inputs is None:
+                inputs = RoutingInputs(token_mask=ctx.token_mask(self.mask_key, x.shape[:-1]))
+            sums = LossSums(loss_token_weights(ctx, inputs.token_mask))
+        elif wanted and inputs is None:
+            inputs = self.routing_inputs(x)
         out, logits, weights, chosen, stats = routed_layer(adapter_x, *operands, bank.scaling, sums)
         if wanted:
             routing = (
