@@ -154,6 +154,10 @@ class MoPELayer(nn.Module, BaseTunerLayer):
                 if adapter_name in getattr(self, layer_name):
                     getattr(self, layer_name)[adapter_name].requires_grad_(False)
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.fused_check = None  # it would keep a deleted router and bank alive
+
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
         self.keep_frozen()

@@ -337,6 +337,10 @@ def test_a_layer_that_fused_takes_its_full_path_again_wherever_what_its_fused_ch
     torch.testing.assert_close(fast, call(full=True)[1], rtol=0, atol=0)
     layer.update_layer("third", config)
     assert layer.fused_check is None
+    call(full=False)
+    assert layer.fused_check is not None
+    layer.delete_adapter("second")  # not kept alive by the check
+    assert layer.fused_check is None
 
 
 def kernel_node(out: torch.Tensor) -> str:
