@@ -523,6 +523,45 @@ def test_llama_training_steps_equal_masked(num_experts, losses):
     assert set(recorded) == {"LossSums" if losses.startswith("summed") else "Routing"}
 
 
+@battery
+def test_fused_layers_with_summed_losses_under_gradient_checkpointing_give_the_same_gradients():
+    """Non-reentrant checkpointing recomputes each fused layer (a new LossSums there, not recorded) in the backward,
+    whose nodes are the first forward's: the same loss, aux loss and gradients as without it, twice in a row."""
+
+    def run(checkpointing: bool):
+        base = make_model("llama")
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        config = mope.MoPEConfig(
+            task_type="CAUSAL_LM", target_modules="all-linear", num_experts=8, top_k=2, r=4, init_weights=False,
+            z_loss_coef=0.01, dispatch="triton",
+        )  # fmt: skip
+        model = get_peft_model(base, config).to(DEVICE).train()
+        batch = {k: v.to(DEVICE) for k, v in make_batch("llama", batch=2, seq=8, pad=3).items()}
+        context = model.base_model.routing_context
+        record = context.record
+        context.record = lambda r: (recorded.append(type(r.routing).__name__), record(r))
+        results = []
+        for _ in range(2):
+            model.zero_grad()
+            out = model(**batch)
+            out.loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            results.append((out.loss.detach(), out.aux_loss.detach(), grads))
+        return results
+
+    recorded: list[str] = []
+
+    checkpointed = run(True)
+    assert set(recorded) == {"LossSums"}
+    for (loss, aux, grads), (want_loss, want_aux, want_grads) in zip(checkpointed, run(False), strict=True):
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(aux, want_aux, rtol=1e-6, atol=1e-7)
+        assert grads.keys() == want_grads.keys() and any("mope_router" in n for n in grads)
+        for n, grad in want_grads.items():
+            torch.testing.assert_close(grads[n], grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def loss_and_grads(step, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad()
     loss = step(batch)
