@@ -16,9 +16,11 @@ router's own kernel, every weight gradient in one launch).
 
 :meth:`mope.layer.MoPELayer.fuses` says when a layer takes it: one active adapter whose top-k
 router the router kernel serves (no capacity, token-level, no hooks), plain fp32 LoRA experts
-with no dropout, no shared experts. Its values and gradients are the two Functions'. Under
-``torch.compile`` the every-expert form runs as the custom ops ``mope::routed_layer`` and its backward
-(the same 2 + 4 launches), so a compiled step calls one op per layer where the modules' ops made two.
+with no dropout, no shared experts. Its values and gradients are the two Functions'. Where the layer's
+only router losses are the default ones, its router launch also fills a :class:`mope.losses.LossSums` (their
+sums per block of tokens), so the losses read no logits (eager only). Under ``torch.compile`` the
+every-expert form runs as the custom ops ``mope::routed_layer`` and its backward (the same 2 + 4 launches),
+so a compiled step calls one op per layer where the modules' ops made two.
 """
 
 from __future__ import annotations
