@@ -189,11 +189,11 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        check = self.fused_check
-        if check is not None and not torch.compiler.is_compiling() and check.holds(self, x):
-            return self.fused_forward(
-                check.adapter_name, x, x if x.dtype == torch.float32 else x.float(), None, *args, **kwargs
-            )
+        if not torch.compiler.is_compiling():  # a compiled graph must not read it: each new check would recompile
+            check = self.fused_check
+            if check is not None and check.holds(self, x):
+                adapter_x = x if x.dtype == torch.float32 else x.float()
+                return self.fused_forward(check.adapter_name, x, adapter_x, None, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.mope_experts]
         inputs = self.routing_inputs(x)
         adapter_x = self.adapter_input(x, active)
@@ -270,7 +270,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             return routed_decode(adapter_x, *operands, bank.scaling)
         wanted = self.mope_settings[adapter_name].aux_losses if recording else ()  # nothing else reads the routing
         sums = None
-        if wanted and SUMMED_LOSSES.issuperset(wanted):  # the router kernel sums what they need; they read the mask
+        summing = wanted and SUMMED_LOSSES.issuperset(wanted) and not torch.compiler.is_compiling()
+        if summing:  # the router kernel sums what they need (not the compiled op); they read the mask
             if inputs is None:
                 inputs = RoutingInputs(token_mask=ctx.token_mask(self.mask_key, x.shape[:-1]))
             sums = LossSums(loss_token_weights(ctx, inputs.token_mask))

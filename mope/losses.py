@@ -12,7 +12,6 @@ so a coefficient means the same thing whatever the depth of the model.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -94,11 +93,11 @@ SUMMED_LOSSES = frozenset({"load_balancing", "z_loss"})  # the losses LossSums s
 def summed(sums: list[LossSums], stacked: dict | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sum w p [L, N]``, ``sum w load [L, N]`` and ``sum w lse^2 [L]`` of L layers' :class:`LossSums`."""
     stats = stack_tokens([s.stats for s in sums], stacked)  # [L, blocks, 2N + 1]
-    key = ("summed", id(stats))
-    total = stacked.get(key) if stacked is not None else None
+    key = ("summed", id(stats)) if stacked is not None else None
+    total = stacked.get(key) if key is not None else None
     if total is None:
         total = stats.sum(dim=1)
-        if stacked is not None:
+        if key is not None:
             stacked[key] = total
     n = (total.shape[-1] - 1) // 2
     return total[:, :n], total[:, n : 2 * n], total[:, 2 * n]
@@ -230,18 +229,15 @@ class AuxLoss:
 
         Layers are batched where ``batched`` exists and they share token shape, device and mask
         (all layers of a decoder do; an encoder-decoder makes two batches); ``stacked``, shared by the
-        losses of one forward, stacks each layer tensor they read once (:func:`~mope.routing.base.stack_tokens`). Computed outside
-        autocast: the routers score in fp32, and the masked means here are matrix products, which
-        autocast would run in bf16/fp16 (the aux loss then lost its precision under mixed precision).
+        losses of one forward, stacks each layer tensor they read once (:func:`~mope.routing.base.stack_tokens`).
+        Computed outside autocast: the routers score in fp32, and the masked means here are matrix products,
+        which autocast would run in bf16/fp16 (the aux loss then lost its precision under mixed precision).
         """
         with torch.autocast(batch_key(records[0])[2].type, enabled=False):
             if self.batched is None:
                 values = [self.fn(r.routing, r.mask, **r.extra).reshape(1) for r in records]
             else:
-                batches: dict[tuple, list[Any]] = defaultdict(list)
-                for r in records:
-                    batches[batch_key(r)].append(r)
-                values = [self.batched([r.routing for r in b], b[0].mask, stacked) for b in batches.values()]
+                values = [self.batched([r.routing for r in b], b[0].mask, stacked) for b in batches(records)]
         if len(values) == 1:
             return values[0]
         device = values[0].device
@@ -249,10 +245,25 @@ class AuxLoss:
 
 
 def batch_key(record: Any) -> tuple:
-    """Records whose losses are computed together: the same kind, token shape, device and mask."""
+    """What records computed together share besides their mask: the kind, the token shape and the device."""
     routing = record.routing
     tensor = routing.stats if isinstance(routing, LossSums) else routing.weights
-    return type(routing), tensor.shape, tensor.device, id(record.mask)
+    return type(routing), tensor.shape, tensor.device
+
+
+def batches(records: list[Any]) -> list[list[Any]]:
+    """``records`` grouped by :func:`batch_key` and the mask itself (compared by identity, not by ``id()``: in a
+    compiled graph each ``id()`` of a tensor becomes a guard, so a new batch's mask recompiled every step)."""
+    groups: list[tuple[tuple, Any, list[Any]]] = []
+    for record in records:
+        key = batch_key(record)
+        for other_key, mask, members in groups:
+            if other_key == key and mask is record.mask:
+                members.append(record)
+                break
+        else:
+            groups.append((key, record.mask, [record]))
+    return [members for _, _, members in groups]
 
 
 AUX_LOSSES: tuple[AuxLoss, ...] = (

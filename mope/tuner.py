@@ -391,7 +391,9 @@ class MoPEModel(BaseTuner):
         for record in records:
             groups[(record.adapter_name, record.loss_name)].append(record)
         total = None
-        stacked: dict = {}  # each layer tensor the losses read is stacked once (mope.routing.base.stack_tokens)
+        # each layer tensor the losses read is stacked once (mope.routing.base.stack_tokens); not in a compiled
+        # graph, which would guard on the dict's keys (ids of this forward's tensors) and recompile each step
+        stacked: dict | None = None if torch.compiler.is_compiling() else {}
         for (adapter_name, loss_name), group in groups.items():
             loss = AUX_LOSS_BY_NAME[loss_name]
             term = getattr(self.peft_config[adapter_name], loss.coef_field) * loss.values(group, stacked).mean()

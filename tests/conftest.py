@@ -428,3 +428,35 @@ def ranks_of_two_cpu_processes(script: str, folder: Path, *args: str) -> list:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     subprocess.run(command, check=True, env=env, timeout=300)
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def compiled_steps_without_recompiles(dispatch: str, device: str = "cpu") -> None:
+    """Compiled training steps of a tiny Llama (top-2 of 8, aux losses on), each on a new batch's tensors, with an
+    eager evaluation and an eager step between: no compiled frame may recompile (each would, until Dynamo gives
+    up at its cache limit and runs the frame eagerly). The aux-loss hook once grouped layers by ``id(mask)``,
+    a guard on each batch's mask, and the fused layer's kept check (``MoPELayer.fused_check``) set by eager calls
+    was a guard too."""
+    import torch._dynamo
+
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], num_experts=8, top_k=2, r=4, init_weights=False,
+        z_loss_coef=0.01, dispatch=dispatch,
+    )  # fmt: skip
+    model = get_peft_model(make_model("llama"), config).to(device).train()
+    inner = model.base_model.model
+    compiled = torch.compile(inner, backend="eager")
+
+    def step(call) -> None:
+        batch = {k: v.to(device) for k, v in make_batch("llama", pad=2).items()}  # new tensors each time
+        call(**batch).loss.backward()
+
+    step(compiled)
+    step(compiled)  # the first recompile, if any, would come with a new batch
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            with torch.no_grad():
+                inner.eval()
+                inner(**{k: v.to(device) for k, v in make_batch("llama", pad=2).items()})
+                inner.train()
+            step(inner)
+            step(compiled)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import compiled_steps_without_recompiles, make_batch, make_model
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -295,6 +295,10 @@ def test_default_dispatch_training_step_makes_no_host_sync_in_mope(dtype, dispat
     ours = [f"{w.filename}:{w.lineno}" for w in caught if w.filename.startswith(mope_dir)]
     assert not ours, ours
     assert stats.report()  # statistics accumulated on device, read here on request
+
+
+def test_compiled_training_steps_do_not_recompile_for_new_batches_or_eager_calls_between():
+    compiled_steps_without_recompiles("masked")
 
 
 def test_sparse_strategy_under_torch_compile():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import compiled_steps_without_recompiles, make_batch, make_model
 from peft import get_peft_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -560,6 +560,11 @@ def test_fused_layers_with_summed_losses_under_gradient_checkpointing_give_the_s
         assert grads.keys() == want_grads.keys() and any("mope_router" in n for n in grads)
         for n, grad in want_grads.items():
             torch.testing.assert_close(grads[n], grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@battery
+def test_compiled_training_steps_with_the_fused_layer_do_not_recompile_for_new_batches_or_eager_calls_between():
+    compiled_steps_without_recompiles("triton", DEVICE.type)
 
 
 def loss_and_grads(step, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

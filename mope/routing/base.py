@@ -116,12 +116,12 @@ def stack_tokens(tensors, stacked: dict | None = None) -> torch.Tensor:
     the z-loss); stacked once, each layer's logits also get one gradient, not two to add.
     """
     tensors = list(tensors)
-    key = tuple(map(id, tensors))
-    if stacked is not None and key in stacked:
+    key = tuple(map(id, tensors)) if stacked is not None else None  # (no id() in a compiled graph: a guard each)
+    if key is not None and key in stacked:
         return stacked[key]
     result = torch.stack(tensors)
     result = result.reshape(result.shape[0], -1, result.shape[-1])
-    if stacked is not None:
+    if key is not None:
         stacked[key] = result
     return result
 
