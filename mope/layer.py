@@ -14,7 +14,7 @@ from .base_layers import supported_base_layer as supported_base_layer  # tuner.p
 from .experts import EXPERT_BANKS
 from .experts.lora import LoRAExpertBank
 from .kernels import triton_unavailable
-from .losses import AUX_LOSSES, SUMMED_LOSSES, LossSums, token_weights
+from .losses import AUX_LOSSES, SUMMED_LOSSES, LossSums, cached_token_weights
 from .peft_compat import PEFT_KEEPS_FROZEN
 from .routing import ROUTERS, RoutingInputs
 from .routing.base import full_softmax
@@ -32,16 +32,6 @@ def hooked(module: nn.Module) -> bool:
         or hooks._global_forward_hooks
         or hooks._global_forward_pre_hooks
     )
-
-
-def loss_token_weights(ctx: RoutingContext, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """The losses' fp32 token weights of ``mask`` (:func:`mope.losses.token_weights`), once per forward and mask."""
-    if mask is None:
-        return None
-    kept = ctx.call.token_weights.get(id(mask))
-    if kept is None or kept[0] is not mask:  # the mask is kept with them: its id is not reused meanwhile
-        kept = ctx.call.token_weights[id(mask)] = (mask, token_weights(mask, torch.float32))
-    return kept[1]
 
 
 @dataclass(frozen=True)
@@ -192,7 +182,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         if not torch.compiler.is_compiling():  # a compiled graph must not read it: each new check would recompile
             check = self.fused_check
             if check is not None and check.holds(self, x):
-                adapter_x = x if x.dtype == torch.float32 else x.float()
+                adapter_x = x if x.dtype == torch.float32 else x.float()  # adapter_input's, as the experts are fp32
                 return self.fused_forward(check.adapter_name, x, adapter_x, None, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.mope_experts]
         inputs = self.routing_inputs(x)
@@ -269,14 +259,15 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         if not recording and decodes(adapter_x):
             return routed_decode(adapter_x, *operands, bank.scaling)
         wanted = self.mope_settings[adapter_name].aux_losses if recording else ()  # nothing else reads the routing
-        sums = None
-        summing = wanted and SUMMED_LOSSES.issuperset(wanted) and not torch.compiler.is_compiling()
-        if summing:  # the router kernel sums what they need (not the compiled op); they read the mask
-            if inputs is None:
-                inputs = RoutingInputs(token_mask=ctx.token_mask(self.mask_key, x.shape[:-1]))
-            sums = LossSums(loss_token_weights(ctx, inputs.token_mask))
+        # the router kernel sums what the default losses need (not the compiled op); those read only the mask
+        summing = bool(wanted) and SUMMED_LOSSES.issuperset(wanted) and not torch.compiler.is_compiling()
+        if summing and inputs is None:
+            inputs = RoutingInputs(token_mask=ctx.token_mask(self.mask_key, x.shape[:-1]))
         elif wanted and inputs is None:
             inputs = self.routing_inputs(x)
+        sums = None
+        if summing:
+            sums = LossSums(cached_token_weights(inputs.token_mask, torch.float32, ctx.call.token_weights))
         out, logits, weights, chosen, stats = routed_layer(adapter_x, *operands, bank.scaling, sums)
         if wanted:
             routing = (

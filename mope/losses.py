@@ -31,14 +31,16 @@ def token_weights(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return weights / weights.sum().clamp_min(1.0)
 
 
-def stacked_token_weights(mask: torch.Tensor | None, dtype: torch.dtype, stacked: dict | None) -> torch.Tensor | None:
-    """:func:`token_weights`, computed once per mask and dtype where ``stacked`` (one computation's) is given."""
-    if stacked is None or mask is None:
+def cached_token_weights(mask: torch.Tensor | None, dtype: torch.dtype, cache: dict | None) -> torch.Tensor | None:
+    """:func:`token_weights`, once per mask and dtype in ``cache`` (a dict that lives for one forward or one loss
+    computation; None: no cache). The mask is kept with its weights, so its ``id`` is not reused meanwhile."""
+    if cache is None or mask is None:
         return token_weights(mask, dtype)
     key = ("token_weights", id(mask), dtype)
-    if key not in stacked:
-        stacked[key] = token_weights(mask, dtype)
-    return stacked[key]
+    kept = cache.get(key)
+    if kept is None or kept[0] is not mask:
+        kept = cache[key] = (mask, token_weights(mask, dtype))
+    return kept[1]
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -114,7 +116,7 @@ def load_balancing_losses(
         prob, share, _ = summed(routings, stacked)
         return prob.shape[-1] * (share.detach() * prob).sum(dim=-1)
     probs = stack_field(routings, "probs", stacked)
-    weights = stacked_token_weights(mask, probs.dtype, stacked)
+    weights = cached_token_weights(mask, probs.dtype, stacked)
     load = stack_field(routings, "load", stacked).detach()
     share, prob = (x.mean(dim=1) if weights is None else weights @ x for x in (load, probs))  # [L, N]
     return probs.shape[-1] * (share * prob).sum(dim=-1)
@@ -134,7 +136,7 @@ def router_z_losses(
     if isinstance(routings[0], LossSums):
         return summed(routings, stacked)[2]
     z = torch.logsumexp(stack_field(routings, "logits", stacked), dim=-1).square()  # [L, T]
-    weights = stacked_token_weights(mask, z.dtype, stacked)
+    weights = cached_token_weights(mask, z.dtype, stacked)
     return z.mean(dim=1) if weights is None else z @ weights
 
 

@@ -92,8 +92,8 @@ class ForwardCall:
     records: list[LossRecord] = field(default_factory=list)
     # (adapter name, block name) -> Routing of the block's leader layer in this forward
     block_routings: dict[tuple[str, str], Any] = field(default_factory=dict)
-    # id(mask) -> (mask, its token weights): computed once per call (mope.layer.MoPELayer.loss_token_weights)
-    token_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # the losses' token weights of each mask, computed once per call (mope.losses.cached_token_weights)
+    token_weights: dict = field(default_factory=dict)
 
 
 @dataclass
