@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,14 +184,18 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             check = self.fused_check
             if check is not None and check.holds(self, x):
                 adapter_x = x if x.dtype == torch.float32 else x.float()  # adapter_input's, as the experts are fp32
-                return self.fused_forward(check.adapter_name, x, adapter_x, None, *args, **kwargs)
+                return self.fused_forward(
+                    check.router, check.bank, check.adapter_name, x, adapter_x, None, *args, **kwargs
+                )
         active = [name for name in self.active_adapters if name in self.mope_experts]
         inputs = self.routing_inputs(x)
         adapter_x = self.adapter_input(x, active)
         if len(active) == 1 and self.fuses(active[0], adapter_x):
+            name = active[0]
             if not torch.compiler.is_compiling():
-                self.fused_check = FusedCheck(self, active[0])
-            return self.fused_forward(active[0], x, adapter_x, inputs, *args, **kwargs)
+                self.fused_check = FusedCheck(self, name)
+            router, bank = self.mope_router[name], self.mope_experts[name]
+            return self.fused_forward(router, bank, name, x, adapter_x, inputs, *args, **kwargs)
         routings = {name: self.route(name, adapter_x, inputs) for name in active}
         weights = {name: self.gate_weights(name, routings[name].weights) for name in active}
         base_input = x
@@ -241,19 +246,18 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             return False
         return x.dtype == bank.lora_A.dtype == torch.float32 and router.kernel_applies(x)
 
-    def fused_forward(self, adapter_name: str, x: torch.Tensor, adapter_x: torch.Tensor, inputs, *args, **kwargs):
+    def fused_forward(self, router, bank, adapter_name: str, x, adapter_x, inputs, *args, **kwargs) -> torch.Tensor:
         """The base layer, then the router and experts in one kernel call; the routing recorded as usual.
 
         A few tokens with no gradient and nothing to record (decoding) take one kernel for both
         (:mod:`mope.kernels.decode`), the rest the training path's three (:mod:`mope.kernels.layer`).
+        Modules and parameters are read from their dicts: an attribute read of a submodule or parameter
+        first fails in Python, then goes through ``nn.Module.__getattr__`` (about 1 us each, per call).
         """
-        from .kernels.decode import decodes, routed_decode
-        from .kernels.layer import routed_layer
-
-        router, bank = self.mope_router[adapter_name], self.mope_experts[adapter_name]
-        result = self.base_layer(x, *args, **kwargs)
-        normalise = KERNEL_ORDERS[router.order]
-        operands = (router.weight, bank.lora_A, bank.lora_B, result, router.top_k, router.temperature, normalise)
+        decodes, routed_decode, routed_layer = fused_kernels()
+        result = self._modules["base_layer"](x, *args, **kwargs)
+        router_weight, factors = router._parameters["weight"], (bank._parameters["lora_A"], bank._parameters["lora_B"])
+        operands = (router_weight, *factors, result, router.top_k, router.temperature, KERNEL_ORDERS[router.order])
         ctx = self.routing_context
         recording = ctx is not None and self.training
         if not recording and decodes(adapter_x):
@@ -268,7 +272,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         sums = None
         if summing:
             sums = LossSums(cached_token_weights(inputs.token_mask, torch.float32, ctx.call.token_weights))
-        out, logits, weights, chosen, stats = routed_layer(adapter_x, *operands, bank.scaling, sums)
+        routes = bool(wanted) and not summing  # the losses read the logits, weights and chosen experts
+        out, logits, weights, chosen, stats = routed_layer(adapter_x, *operands, bank.scaling, sums, routes)
         if wanted:
             routing = (
                 sums if stats is not None else router.routing(logits, full_softmax(logits), weights, chosen, inputs)
@@ -408,6 +413,15 @@ class MoPELayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "mope." + super().__repr__()
+
+
+@functools.cache
+def fused_kernels() -> tuple:
+    """``(decodes, routed_decode, routed_layer)``, imported at a layer's first fused call (they import Triton)."""
+    from .kernels.decode import decodes, routed_decode
+    from .kernels.layer import routed_layer
+
+    return decodes, routed_decode, routed_layer
 
 
 class FusedCheck:

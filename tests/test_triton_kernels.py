@@ -479,6 +479,46 @@ def test_the_router_launchs_loss_sums_and_their_gradient_equal_the_losses_over_t
 
 
 @battery
+@pytest.mark.parametrize("num_experts", [6, 16], ids=["every-expert", "grouped"])
+@pytest.mark.parametrize("summing", [False, True], ids=["no-sums", "sums"])
+def test_the_layer_call_without_routing_outputs_gives_the_same_output_stats_and_gradients(num_experts, summing):
+    """``routing=False`` (nothing reads the logits, weights and chosen experts, so the Function does not return
+    them): the output in the base's shape, the loss sums and every gradient, each in its input's shape, equal
+    ``routing=True``'s; over tokens in a ``[batch, seq]`` shape."""
+    from mope.kernels.layer import routed_layer
+    from mope.losses import LossSums
+
+    torch.manual_seed(0)
+    width, rank, k, out_width = 24, 4, 2, 20
+    x = torch.randn(2, 35, width, device=DEVICE, requires_grad=True)
+    router = (torch.randn(num_experts, width, device=DEVICE) * 0.5).requires_grad_()
+    lora_a, lora_b = ((torch.randn(num_experts, rank, n, device=DEVICE) * 0.1).requires_grad_() for n in (width, 20))
+    base = torch.randn(2, 35, out_width, device=DEVICE, requires_grad=True)
+    inputs = (x, router, lora_a, lora_b, base)
+    mix = torch.linspace(-1, 1, out_width, device=DEVICE)
+    results = {}
+    for routing in (True, False):
+        sums = LossSums(None) if summing else None
+        out, logits, weights, chosen, stats = routed_layer(*inputs, k, 0.8, True, 2.0, sums, routing)
+        assert out.shape == base.shape and (stats is not None) is summing
+        if routing:
+            assert logits.shape == weights.shape == (2, 35, num_experts) and chosen.shape == (2, 35, k)
+        else:
+            assert logits is None and weights is None and chosen is None
+        loss = (out * mix).sum() + (stats.square().sum() if summing else 0)
+        grads = torch.autograd.grad(loss, inputs)
+        assert [g.shape for g in grads] == [t.shape for t in inputs]
+        results[routing] = (out, stats, grads)
+    (out, stats, grads), (out_bare, stats_bare, grads_bare) = results[True], results[False]
+    torch.testing.assert_close(out_bare, out, rtol=0, atol=0)
+    if summing:
+        torch.testing.assert_close(stats_bare, stats, rtol=0, atol=0)
+    for bare, full in zip(grads_bare, grads, strict=True):
+        assert full.abs().max() > 0
+        torch.testing.assert_close(bare, full, rtol=0, atol=0)
+
+
+@battery
 @pytest.mark.parametrize(
     "num_experts, losses",
     [(8, "importance"), (16, "importance"), (8, "summed"), (16, "summed"), (8, "summed-no-mask")],

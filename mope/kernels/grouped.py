@@ -283,7 +283,7 @@ def grouped_forward(x, lora_a, lora_b, weights, base, chosen, scaling: float):
     the state, and per sorted pair the gate weight ``[P]`` and ``h = A_e x[token]`` ``[P, r]`` for the backward."""
     num_experts, rank, _ = lora_a.shape
     groups = sort_pairs(chosen, weights)
-    tiles = Tiles(num_experts, rank, x.dtype, base.dtype)
+    tiles = Tiles.of(num_experts, rank, x.dtype, base.dtype)
     rp = max(MIN_DOT, tiles.rp)
     gate = groups.gate
     h, _ = down(x, lora_a, 1.0, groups, tiles, rp, x.dtype)
@@ -375,7 +375,7 @@ def grouped_lora_backward_op(
 ) -> list[torch.Tensor]:  # fmt: skip
     """:func:`grouped_gradients` as an op: an empty tensor where a gradient is not needed."""
     num_experts, rank, _ = lora_a.shape
-    tiles = Tiles(num_experts, rank, x.dtype, grad_out.dtype)
+    tiles = Tiles.of(num_experts, rank, x.dtype, grad_out.dtype)
     state = GroupedState(Groups(dest, offsets, gate, x.shape[0], k), tiles, max(MIN_DOT, tiles.rp))
     grads = grouped_gradients(grad_out, x, lora_a, lora_b, gate, h, state, scaling, needs)
     return [x.new_empty(0) if g is None else g for g in grads]

@@ -64,14 +64,14 @@ def route_down(
 
 
 def routed_down(x, router_weight, a_cat, k: int, temperature: float, normalise: bool, tiles: Tiles, sums=None):
-    """:func:`route_down`: logits, weights ``[T, N]``, chosen experts ``[T, k]`` and ``h = A_cat x`` ``[T, N*r]``;
-    ``sums``: a :class:`mope.losses.LossSums` to fill too."""
+    """:func:`route_down`: logits, weights ``[T, N]``, chosen experts ``[T, k]`` and ``h = A_cat x`` ``[T, N*r]``
+    (``a_cat``: ``[N*r, D]`` or ``[N, r, D]``, contiguous); ``sums``: a :class:`mope.losses.LossSums` to fill too."""
     tokens, width = x.shape
     num_experts = router_weight.shape[0]
     logits = x.new_empty(tokens, num_experts)
     weights = torch.empty_like(logits)
     chosen = x.new_empty(tokens, k, dtype=torch.long)
-    h = x.new_empty(tokens, a_cat.shape[0])
+    h = x.new_empty(tokens, tiles.num_experts * tiles.rank)
     stats, token_weights = sums.start(x, num_experts, BLOCK) if sums is not None else (logits, None)
     route_down[(cdiv(tokens, BLOCK), tiles.expert_blocks + 1)](
         x, router_weight, logits, weights, chosen, a_cat, h, logits if token_weights is None else token_weights,
@@ -213,14 +213,15 @@ def chosen_weight_gradients(grad_hg, h, gate, x, grad_out, d, lora_a, lora_b, ro
 
 def every_expert_gradients(
     flat_out, grad_logits, grad_weights, x, router_weight, a_cat, b_cat, logits, weights, chosen, h,
-    temperature: float, normalise: bool, scaling: float, tiles: Tiles, needs, grad_sums=None,
+    temperature: float, normalise: bool, scaling: float, tiles: Tiles, needs, grad_sums=None, x_shape=None,
 ) -> list[torch.Tensor | None]:  # fmt: skip
     """The gradients of ``x``, the router's weight, ``A_cat`` and ``B_cat`` over every expert (None where ``needs``
     says no): ``s B_cat^T grad`` with the gate's gradient, the scores' gradient ``d``, the input's gradient
     (experts' and router's ``d W`` in one kernel), then every weight gradient in one launch: 4 launches.
 
     ``grad_logits`` / ``grad_weights`` ``[T, N]`` may be None (no loss read that output); ``grad_sums``:
-    ``(LossSums, the gradient of its stats)`` or None (:func:`mope.kernels.router.scores_gradient`).
+    ``(LossSums, the gradient of its stats)`` or None (:func:`mope.kernels.router.scores_gradient`). The weight
+    gradients take the shapes of ``a_cat`` and ``b_cat``, the input's ``x_shape`` (default: ``x``'s).
     """
     needs_x, needs_router, needs_a, needs_b = needs
     routes = needs_x or needs_router
@@ -234,7 +235,8 @@ def every_expert_gradients(
             grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise, grad_sums=grad_sums
         )
     if needs_x:
-        grad_x = up(grad_hg, weights, a_cat, None, 1.0, tiles, x.dtype, None if d is None else (d, router_weight))
+        router = None if d is None else (d, router_weight)
+        grad_x = up(grad_hg, weights, a_cat, None, 1.0, tiles, x.dtype, router, x_shape)
     grad_a, grad_b, grad_router = weight_gradients(
         grad_hg, h, weights, x, flat_out, d, a_cat, b_cat, router_weight, scaling, tiles,
         [needs_a, needs_b, needs_router and d is not None],
@@ -243,52 +245,58 @@ def every_expert_gradients(
 
 
 def every_expert_forward(
-    x, router_weight, a_cat, b_cat, base, k: int, temperature, normalise, scaling, tiles, sums=None
+    x, router_weight, a_cat, b_cat, base, k: int, temperature, normalise, scaling, tiles, sums=None, out_shape=None
 ):  # fmt: skip
-    """Flat ``[T, ...]`` tensors: the output, the router's logits, weights and chosen experts, and ``h = A_cat x``
-    (2 launches: the router's and ``A_cat x``'s tiles in one, then the up-projection into the base output)."""
+    """Flat ``[T, ...]`` tensors: the output (shaped ``out_shape`` if given), the router's logits, weights and chosen
+    experts, and ``h = A_cat x`` (2 launches: the router's and ``A_cat x``'s tiles in one, then the up-projection
+    into the base output)."""
     logits, weights, chosen, h = routed_down(x, router_weight, a_cat, k, temperature, normalise, tiles, sums)
-    return up(h, weights, b_cat, base, scaling, tiles, base.dtype), logits, weights, chosen, h
+    return up(h, weights, b_cat, base, scaling, tiles, base.dtype, shape=out_shape), logits, weights, chosen, h
 
 
 class RoutedLayer(torch.autograd.Function):
     """``base + s * B_cat (g (x) 1_r * A_cat x)`` with ``g`` the router kernel's top-k weights of ``x``.
 
-    Returns the output and the router's logits, weights and chosen experts (for the losses and
-    statistics), all in ``x``'s token shape; given a :class:`mope.losses.LossSums` (``sums``), also its stats,
-    which the router's launch fills.
+    Returns the output; with ``routing``, then the router's logits, weights and chosen experts (for the
+    losses and statistics), all in ``x``'s token shape; given a :class:`mope.losses.LossSums` (``sums``), then
+    its stats, which the router's launch fills. Each output costs autograd's bookkeeping forward and
+    backward, so what nothing reads is not returned.
     """
 
     @staticmethod
     def forward(
-        ctx, x, router_weight, lora_a, lora_b, base, k: int, temperature: float, normalise: bool, scaling, sums
-    ):
+        ctx, x, router_weight, lora_a, lora_b, base, k: int, temperature: float, normalise: bool, scaling, sums,
+        routing: bool,
+    ):  # fmt: skip
         n, r, d_in = lora_a.shape
         flat, flat_base = x.reshape(-1, d_in).contiguous(), base.reshape(-1, base.shape[-1]).contiguous()
         if grouped_pays(n, k):  # only the chosen experts (mope.kernels.grouped)
             logits, weights, chosen = route(flat, router_weight, k, temperature, normalise, sums)
             lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
             out, experts, gate, h = grouped_forward(flat, lora_a, lora_b, weights, flat_base, chosen, scaling)
-        else:  # every expert, gate 0 where not chosen (mope.kernels.lora)
-            experts = Tiles(n, r, x.dtype, base.dtype)
-            lora_a, lora_b = lora_a.reshape(n * r, d_in), lora_b.reshape(n * r, -1)
+            out = out.view(*base.shape)
+        else:  # every expert, gate 0 where not chosen (mope.kernels.lora); the output in base's shape
+            experts = Tiles.of(n, r, x.dtype, base.dtype)
+            lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()  # [N, r, D]: the kernels read [N*r, D]
             operands = (flat, router_weight, lora_a, lora_b, flat_base, k, temperature, normalise, scaling, experts)
-            out, logits, weights, chosen, h = every_expert_forward(*operands, sums)
-            gate = weights
+            out, logits, weights, chosen, h = every_expert_forward(*operands, sums, base.shape)
+            gate = None  # the weights
         ctx.save_for_backward(flat, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h)
-        ctx.settings = temperature, normalise, scaling, experts, sums
-        ctx.shapes = x.shape, (n, r, d_in), (n, r, lora_b.shape[-1])
-        ctx.mark_non_differentiable(chosen)
+        ctx.settings = temperature, normalise, scaling, experts, sums, routing, x.shape
         ctx.set_materialize_grads(False)  # outputs nothing reads get no zero-filled gradient
-        lead = x.shape[:-1]
-        outputs = out.view(*base.shape), logits.view(*lead, n), weights.view(*lead, n), chosen.view(*lead, k)
+        outputs = (out,)
+        if routing:
+            ctx.mark_non_differentiable(chosen)
+            lead = x.shape[:-1]
+            outputs += logits.view(*lead, n), weights.view(*lead, n), chosen.view(*lead, k)
         return outputs if sums is None else (*outputs, sums.stats)  # no None output: autograd wraps each
 
     @staticmethod
-    def backward(ctx, grad_out, grad_logits, grad_weights, grad_chosen, grad_stats=None):
+    def backward(ctx, grad_out, *grad_rest):
         x, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h = ctx.saved_tensors
-        temperature, normalise, scaling, experts, sums = ctx.settings
-        grad_sums = None if grad_stats is None else (sums, grad_stats)
+        temperature, normalise, scaling, experts, sums, routing, x_shape = ctx.settings
+        grad_logits, grad_weights = grad_rest[:2] if routing else (None, None)
+        grad_sums = None if sums is None or grad_rest[-1] is None else (sums, grad_rest[-1])
         needs_x, needs_router, needs_a, needs_b, needs_base = ctx.needs_input_grad[:5]
         grad_weights = None if grad_weights is None else grad_weights.reshape(weights.shape)
         grad_logits = None if grad_logits is None else grad_logits.reshape(logits.shape)
@@ -297,36 +305,28 @@ class RoutedLayer(torch.autograd.Function):
             flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
             grads = every_expert_gradients(
                 flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, h,
-                temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b], grad_sums,
+                temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b], grad_sums, x_shape,
             )  # fmt: skip
-            return RoutedLayer.shaped(ctx, *grads, grad_base)
+            return *grads, grad_base, *(None,) * 6  # each in its input's shape
         if grad_out is not None:  # only the chosen experts: 4 launches and a sum
             flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
             grads = chosen_expert_gradients(
                 flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, gate,
                 h, temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b], grad_sums,
             )  # fmt: skip
-            return RoutedLayer.shaped(ctx, *grads, grad_base)
+            return RoutedLayer.shaped(x_shape, *grads, grad_base)
         grad_x = grad_router = None  # no gradient reached the output: only the losses' reach the router
         if (needs_x or needs_router) and not (grad_weights is None and grad_logits is None and grad_sums is None):
             grad_x, grad_router = route_gradients(
                 grad_logits, grad_weights, x, router_weight, logits, weights, chosen, temperature, normalise,
                 [needs_x, needs_router], grad_sums,
             )  # fmt: skip
-        return RoutedLayer.shaped(ctx, grad_x, grad_router, None, None, grad_base)
+        return RoutedLayer.shaped(x_shape, grad_x, grad_router, None, None, grad_base)
 
     @staticmethod
-    def shaped(ctx, grad_x, grad_router, grad_a, grad_b, grad_base) -> tuple:
-        """The gradients in the inputs' shapes, one per input of :meth:`forward`."""
-        x_shape, a_shape, b_shape = ctx.shapes
-        return (
-            None if grad_x is None else grad_x.view(*x_shape),
-            grad_router,
-            None if grad_a is None else grad_a.view(*a_shape),
-            None if grad_b is None else grad_b.view(*b_shape),
-            grad_base,
-            *(None,) * 5,
-        )
+    def shaped(x_shape, grad_x, grad_router, grad_a, grad_b, grad_base) -> tuple:
+        """One gradient per input of :meth:`forward`, the input's in ``x_shape`` (A's and B's have theirs)."""
+        return None if grad_x is None else grad_x.view(*x_shape), grad_router, grad_a, grad_b, grad_base, *(None,) * 6
 
 
 # torch.compile: the every-expert form as custom ops (why custom ops: mope.kernels.lora) -------------------
@@ -338,7 +338,7 @@ def routed_layer_op(
     k: int, temperature: float, normalise: bool, scaling: float, num_experts: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`every_expert_forward`: the output, logits, weights, chosen experts and ``h`` for the backward."""
-    tiles = Tiles(num_experts, a_cat.shape[0] // num_experts, x.dtype, base.dtype)
+    tiles = Tiles.of(num_experts, a_cat.shape[0] // num_experts, x.dtype, base.dtype)
     return every_expert_forward(x, router_weight, a_cat, b_cat, base, k, temperature, normalise, scaling, tiles)
 
 
@@ -357,7 +357,7 @@ def routed_layer_backward_op(
     scaling: float, num_experts: int, needs: list[bool],
 ) -> list[torch.Tensor]:  # fmt: skip
     """:func:`every_expert_gradients` as an op: an empty tensor where a gradient is not needed."""
-    tiles = Tiles(num_experts, a_cat.shape[0] // num_experts, x.dtype, grad_out.dtype)
+    tiles = Tiles.of(num_experts, a_cat.shape[0] // num_experts, x.dtype, grad_out.dtype)
     grads = every_expert_gradients(
         grad_out, grad_logits, grad_weights, x, router_weight, a_cat, b_cat, logits, weights, chosen, h,
         temperature, normalise, scaling, tiles, needs,
@@ -406,19 +406,23 @@ def routed_layer(
     normalise: bool,
     scaling: float,
     sums: LossSums | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    routing: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The layer's output, the router's logits and gate weights ``[..., N]``, chosen experts ``[..., k]``, and the
     stats of ``sums`` (the router losses' sums, computed in the router's launch; None without ``sums``, and
     under ``torch.compile``, whose op leaves the losses to the logits).
 
     ``x`` fp32 ``[..., d_in]`` with at least one token; ``normalise``: the kept weights sum to 1
-    (else Switch's full-softmax values).
+    (else Switch's full-softmax values). ``routing=False``: nothing reads the logits, weights and chosen
+    experts, which are then None in eager mode (the compiled op returns them anyway).
     """
     weight = router_weight.float().contiguous()
     if not torch.compiler.is_compiling():
         outputs = RoutedLayer.apply(
-            x, weight, lora_A, lora_B, base_out, k, float(temperature), normalise, scaling, sums
+            x, weight, lora_A, lora_B, base_out, k, float(temperature), normalise, scaling, sums, routing
         )
+        if not routing:
+            return outputs[0], None, None, None, outputs[1] if sums is not None else None
         return outputs if sums is not None else (*outputs, None)
     n, r, d_in = lora_A.shape  # compiled: every expert (MoPELayer.fuses leaves the grouped case to the modules)
     flat, base = x.reshape(-1, d_in).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()

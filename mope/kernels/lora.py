@@ -23,6 +23,8 @@ last bit, which the tests allow for.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -226,21 +228,32 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 class Tiles:
-    """Tile sizes and dot settings for one call: experts per tile so a tile is ~64 rank columns, >= 16 wide."""
+    """Tile sizes and dot settings for one call: experts per tile so a tile is ~64 rank columns, >= 16 wide.
 
-    def __init__(self, num_experts: int, rank: int, *dtypes: torch.dtype) -> None:
+    Immutable; :meth:`of` keeps one per shape, dtypes and TF32 setting (building one took about 4 us of a
+    layer's host time, every call).
+    """
+
+    def __init__(self, num_experts: int, rank: int, *dtypes: torch.dtype, tf32: bool | None = None) -> None:
         self.num_experts, self.rank = num_experts, rank
         self.rp = next_power_of_2(rank)
         wanted = min(next_power_of_2(num_experts), max(1, TILE_COLUMNS // self.rp))
         self.eb = max(wanted, max(1, MIN_DOT // self.rp))
+        self.expert_blocks = cdiv(num_experts, self.eb)
         wide = INTERPRETED or torch.float32 in dtypes or len(set(dtypes)) > 1
         self.dot = tl.float32 if wide else TL_DTYPES[dtypes[0]]
-        tf32 = torch.backends.cuda.matmul.allow_tf32
+        tf32 = torch.backends.cuda.matmul.allow_tf32 if tf32 is None else tf32
         self.precision = "tf32" if tf32 and not INTERPRETED else "ieee"
 
-    @property
-    def expert_blocks(self) -> int:
-        return cdiv(self.num_experts, self.eb)
+    @staticmethod
+    def of(num_experts: int, rank: int, *dtypes: torch.dtype) -> Tiles:
+        """The kept :class:`Tiles` for these experts and dtypes under torch's current TF32 setting."""
+        return kept_tiles(num_experts, rank, dtypes, torch.backends.cuda.matmul.allow_tf32)
+
+
+@functools.lru_cache(maxsize=256)
+def kept_tiles(num_experts: int, rank: int, dtypes: tuple[torch.dtype, ...], tf32: bool) -> Tiles:
+    return Tiles(num_experts, rank, *dtypes, tf32=tf32)
 
 
 def down(x: torch.Tensor, w: torch.Tensor, scale: float, tiles: Tiles, out_dtype: torch.dtype, h=None, gate=None):
@@ -258,13 +271,15 @@ def down(x: torch.Tensor, w: torch.Tensor, scale: float, tiles: Tiles, out_dtype
     return out, gate_grad
 
 
-def up(p, gate, w, base, scale: float, tiles: Tiles, out_dtype: torch.dtype, router=None) -> torch.Tensor:
-    """``base + scale * (p * gate (x) 1_r) @ w`` ``[T, D]`` (no ``base``: just the product).
+def up(p, gate, w, base, scale: float, tiles: Tiles, out_dtype: torch.dtype, router=None, shape=None) -> torch.Tensor:
+    """``base + scale * (p * gate (x) 1_r) @ w`` ``[T, D]`` (no ``base``: just the product); ``w``: ``[N*r, D]`` or
+    ``[N, r, D]``, contiguous.
 
     ``router``: ``(d [T, N'], router_w [N', D])``, fp32, whose product is added too (in IEEE fp32).
+    ``shape``: the output's shape, ``[..., D]`` with T tokens (a view afterwards costs the host about 2 us).
     """
-    tokens, width = p.shape[0], w.shape[1]
-    out = p.new_empty(tokens, width, dtype=out_dtype)
+    tokens, width = p.shape[0], w.shape[-1]
+    out = p.new_empty(shape if shape is not None else (tokens, width), dtype=out_dtype)
     d, router_w = router if router is not None else (out, out)
     router_experts = d.shape[1] if router is not None else 1
     grid = (cdiv(tokens, BLOCK), cdiv(width, BLOCK))
@@ -350,7 +365,7 @@ def routed_lora_op(
     scaling: float, num_experts: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """RoutedLoRA's forward: the output, and ``h = A_cat x`` for the backward."""
-    tiles = Tiles(num_experts, a_cat.shape[0] // num_experts, x.dtype, base.dtype)
+    tiles = Tiles.of(num_experts, a_cat.shape[0] // num_experts, x.dtype, base.dtype)
     h, _ = down(x, a_cat, 1.0, tiles, x.dtype)
     return up(h, gate, b_cat, base, scaling, tiles, base.dtype), h
 
@@ -366,7 +381,7 @@ def routed_lora_backward_op(
     h: torch.Tensor, scaling: float, num_experts: int, needs: list[bool],
 ) -> list[torch.Tensor]:  # fmt: skip
     """:func:`gradients` as an op: an empty tensor where a gradient is not needed (an op returns no None)."""
-    tiles = Tiles(num_experts, a_cat.shape[0] // num_experts, x.dtype, grad_out.dtype)
+    tiles = Tiles.of(num_experts, a_cat.shape[0] // num_experts, x.dtype, grad_out.dtype)
     grads = gradients(grad_out, x, a_cat, b_cat, gate, h, scaling, tiles, needs)
     return [x.new_empty(0) if g is None else g for g in grads]
 
@@ -423,7 +438,7 @@ def routed_lora(
     if x.numel() == 0:  # no tokens: nothing to launch (a grid of zero programs is an error)
         return base_out + 0 * (lora_A.sum() + lora_B.sum() + weights.sum())
     if not torch.compiler.is_compiling():
-        return RoutedLoRA.apply(x, lora_A, lora_B, weights, base_out, scaling, Tiles(n, r, x.dtype, base_out.dtype))
+        return RoutedLoRA.apply(x, lora_A, lora_B, weights, base_out, scaling, Tiles.of(n, r, x.dtype, base_out.dtype))
     flat = (x.reshape(-1, d_in).contiguous(), lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1))
     gate, base = weights.reshape(-1, n).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
     out, _ = routed_lora_op(*flat, gate, base, scaling, n)
