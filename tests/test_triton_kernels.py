@@ -519,6 +519,41 @@ def test_the_layer_call_without_routing_outputs_gives_the_same_output_stats_and_
 
 
 @battery
+@pytest.mark.parametrize("num_experts", [6, 16], ids=["every-expert", "grouped"])
+def test_the_layer_call_on_strided_inputs_equals_it_on_contiguous_copies(num_experts):
+    """Inputs and base outputs that are not contiguous (a transposed batch) are copied before the kernels read
+    them: the output and every gradient equal those of contiguous copies; the same for the decoding kernel."""
+    from mope.kernels.decode import routed_decode
+    from mope.kernels.layer import routed_layer
+
+    torch.manual_seed(0)
+    width, rank, k, out_width = 24, 4, 2, 20
+    x_rows = torch.randn(35, 2, width, device=DEVICE, requires_grad=True)
+    base_rows = torch.randn(35, 2, out_width, device=DEVICE, requires_grad=True)
+    router = torch.randn(num_experts, width, device=DEVICE) * 0.5
+    lora_a, lora_b = ((torch.randn(num_experts, rank, n, device=DEVICE) * 0.1).requires_grad_() for n in (width, 20))
+    mix = torch.linspace(-1, 1, out_width, device=DEVICE)
+    x, base = x_rows.transpose(0, 1), base_rows.transpose(0, 1)  # [2, 35, ...], strided
+    assert not x.is_contiguous() and not base.is_contiguous()
+    out = routed_layer(x, router, lora_a, lora_b, base, k, 1.0, True, 2.0)[0]
+    grads = torch.autograd.grad((out * mix).sum(), (x_rows, base_rows, lora_a, lora_b))
+    x_copy, base_copy = (t.detach().contiguous().requires_grad_() for t in (x, base))
+    want = routed_layer(x_copy, router, lora_a, lora_b, base_copy, k, 1.0, True, 2.0)[0]
+    want_grads = torch.autograd.grad((want * mix).sum(), (x_copy, base_copy, lora_a, lora_b))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], want_grads[0].transpose(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(grads[1], want_grads[1].transpose(0, 1), rtol=0, atol=0)
+    for got, expected in zip(grads[2:], want_grads[2:], strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with torch.no_grad():
+        few, few_base = x[:, :3], base[:, :3]  # [2, 3, ...], strided
+        assert not few.is_contiguous()
+        decoded = routed_decode(few, router, lora_a, lora_b, few_base, k, 1.0, True, 2.0)
+        expected = routed_decode(few.contiguous(), router, lora_a, lora_b, few_base.contiguous(), k, 1.0, True, 2.0)
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=0)
+
+
+@battery
 @pytest.mark.parametrize(
     "num_experts, losses",
     [(8, "importance"), (16, "importance"), (8, "summed"), (16, "summed"), (8, "summed-no-mask")],

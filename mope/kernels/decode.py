@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, next_power_of_2
+from .grid import cdiv, flat_rows, next_power_of_2
 from .router import expert_tile, top_k_of
 
 DECODE_MAX_TOKENS = 16  # a forward with at most this many tokens and no gradient takes the one kernel
@@ -98,8 +98,7 @@ def routed_decode(
     """:func:`mope.kernels.layer.routed_layer`'s output (nothing else) for fp32 ``x [..., d_in]``, no gradient."""
     num_experts, rank, width = lora_A.shape
     width_out = lora_B.shape[-1]
-    flat = x.reshape(-1, width).contiguous()
-    base = base_out.reshape(-1, width_out).contiguous()
+    flat, base = flat_rows(x), flat_rows(base_out)
     out = torch.empty_like(base)
     kp, rp = next_power_of_2(k), next_power_of_2(rank)
     block = max(16, min(BLOCK, TILE // (kp * rp)))

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, next_power_of_2
+from .grid import cdiv, flat_rows, next_power_of_2
 from .lora import MIN_DOT, Tiles
 
 BLOCK = 64  # pairs per program, and the columns per step
@@ -316,8 +316,8 @@ class GroupedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weights, base, chosen, scaling: float):
-        d_in, n = lora_a.shape[2], lora_a.shape[0]
-        flat_x, lora_a, lora_b = x.reshape(-1, d_in).contiguous(), lora_a.contiguous(), lora_b.contiguous()
+        n = lora_a.shape[0]
+        flat_x, lora_a, lora_b = flat_rows(x), lora_a.contiguous(), lora_b.contiguous()
         flat_base = base.reshape(-1, base.shape[-1])
         out, state, gate, h = grouped_forward(
             flat_x, lora_a, lora_b, weights.reshape(-1, n).contiguous(), flat_base,
@@ -330,7 +330,7 @@ class GroupedLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, lora_a, lora_b, gate, h = ctx.saved_tensors
-        flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        flat_out = flat_rows(grad_out)
         needs = ctx.needs_input_grad
         grads = grouped_gradients(flat_out, x, lora_a, lora_b, gate, h, ctx.state, ctx.scaling, needs[:4])
         x_shape, weights_shape = ctx.shapes

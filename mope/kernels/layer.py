@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..losses import LossSums
 from . import grouped
-from .grid import cdiv
+from .grid import cdiv, flat_rows
 from .grouped import GroupedState, grouped_forward, grouped_outer_tile
 from .lora import BLOCK, Tiles, down, down_tile, grouped_pays, outer_tile, up
 from .router import expert_tile, route, route_gradients, route_tile, scores_gradient, scores_tile
@@ -268,8 +268,8 @@ class RoutedLayer(torch.autograd.Function):
         ctx, x, router_weight, lora_a, lora_b, base, k: int, temperature: float, normalise: bool, scaling, sums,
         routing: bool,
     ):  # fmt: skip
-        n, r, d_in = lora_a.shape
-        flat, flat_base = x.reshape(-1, d_in).contiguous(), base.reshape(-1, base.shape[-1]).contiguous()
+        n, r, _ = lora_a.shape
+        flat, flat_base = flat_rows(x), flat_rows(base)
         if grouped_pays(n, k):  # only the chosen experts (mope.kernels.grouped)
             logits, weights, chosen = route(flat, router_weight, k, temperature, normalise, sums)
             lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
@@ -302,14 +302,14 @@ class RoutedLayer(torch.autograd.Function):
         grad_logits = None if grad_logits is None else grad_logits.reshape(logits.shape)
         grad_base = grad_out if needs_base else None
         if isinstance(experts, Tiles) and grad_out is not None:  # every expert: 4 launches
-            flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+            flat_out = flat_rows(grad_out)
             grads = every_expert_gradients(
                 flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, h,
                 temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b], grad_sums, x_shape,
             )  # fmt: skip
             return *grads, grad_base, *(None,) * 6  # each in its input's shape
         if grad_out is not None:  # only the chosen experts: 4 launches and a sum
-            flat_out = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+            flat_out = flat_rows(grad_out)
             grads = chosen_expert_gradients(
                 flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, gate,
                 h, temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b], grad_sums,

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .grid import cdiv, next_power_of_2
+from .grid import cdiv, flat_rows, next_power_of_2
 from .interpreter import installed_interpreter_fault
 
 # every tl.dot operand dimension must be at least this on a GPU
@@ -279,7 +279,7 @@ def up(p, gate, w, base, scale: float, tiles: Tiles, out_dtype: torch.dtype, rou
     ``shape``: the output's shape, ``[..., D]`` with T tokens (a view afterwards costs the host about 2 us).
     """
     tokens, width = p.shape[0], w.shape[-1]
-    out = p.new_empty(shape if shape is not None else (tokens, width), dtype=out_dtype)
+    out = p.new_empty(*(shape if shape is not None else (tokens, width)), dtype=out_dtype)  # ints: a shape is slower
     d, router_w = router if router is not None else (out, out)
     router_experts = d.shape[1] if router is not None else 1
     grid = (cdiv(tokens, BLOCK), cdiv(width, BLOCK))
@@ -315,8 +315,8 @@ class RoutedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weights, base, scaling: float, tiles: Tiles):
         n, r, d_in = lora_a.shape
-        flat_x, a_cat, b_cat = x.reshape(-1, d_in).contiguous(), lora_a.reshape(n * r, d_in), lora_b.reshape(n * r, -1)
-        gate, flat_base = weights.reshape(-1, n).contiguous(), base.reshape(-1, base.shape[-1]).contiguous()
+        flat_x, a_cat, b_cat = flat_rows(x), lora_a.reshape(n * r, d_in), lora_b.reshape(n * r, -1)
+        gate, flat_base = flat_rows(weights), flat_rows(base)
         h, _ = down(flat_x, a_cat, 1.0, tiles, x.dtype)
         ctx.save_for_backward(flat_x, a_cat, b_cat, gate, h)
         ctx.scaling, ctx.tiles, ctx.shapes = scaling, tiles, (x.shape, lora_a.shape, lora_b.shape, weights.shape)
@@ -326,7 +326,7 @@ class RoutedLoRA(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, a_cat, b_cat, gate, h = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        flat_grad = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        flat_grad = flat_rows(grad_out)
         grads = gradients(flat_grad, x, a_cat, b_cat, gate, h, ctx.scaling, ctx.tiles, needs[:4])
         grads = [None if g is None else g.view(*shape) for g, shape in zip(grads, ctx.shapes, strict=True)]
         return *grads, grad_out if needs[4] else None, None, None

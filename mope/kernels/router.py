@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, next_power_of_2
+from .grid import cdiv, flat_rows, next_power_of_2
 
 BLOCK = 32  # token rows per program, and the columns of D per step
 MIN_EXPERTS = 16  # the expert tile is at least this wide: every tl.dot operand dimension must be >= 16
@@ -350,7 +350,7 @@ class RouteTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, k: int, temperature: float, normalise: bool):
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        flat = flat_rows(x)
         logits, weights, chosen = route(flat, weight, k, temperature, normalise)
         ctx.save_for_backward(flat, weight, logits, weights, chosen)
         ctx.temperature, ctx.normalise, ctx.x_shape = temperature, normalise, x.shape
