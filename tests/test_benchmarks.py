@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -300,3 +301,35 @@ def test_gpu_checks_skips_the_steps_its_budget_cannot_fit_and_logs_the_versions(
     assert f"torch {torch.__version__}" in log and "transformers" in log, log
     assert "step skipped: under 20 s of BUDGET=15 left" in log and "compiled skipped" in log, log
     assert "step exit" not in log and not list(out.glob("step_time_*")), log
+
+
+HOST_INSTRUCTIONS = REPO_ROOT / "benchmarks" / "host_instructions.py"
+
+
+def test_host_instructions_refuses_clearly_without_valgrind(tmp_path):
+    """Without valgrind on the PATH the benchmark stops at once, naming what to install, and writes nothing."""
+    env = {**os.environ, "PATH": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(HOST_INSTRUCTIONS), "--only", "peft_lora_r16", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "valgrind" in done.stderr and "apt-get install valgrind" in done.stderr
+    assert not list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (shutil.which("valgrind") and shutil.which("callgrind_control")), reason="needs valgrind (Debian: valgrind)"
+)
+def test_host_instructions_counts_the_steps_of_a_candidate(tmp_path):
+    """One candidate under callgrind: a positive count per step, the reference's ratio 1, written as JSON and a table."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, str(HOST_INSTRUCTIONS), "--only", "peft_lora_r16", "--steps", "1", "--jobs", "1"]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path), "--name", "counted"],
+        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "counted.json").read_text())["rows"]
+    assert row["name"] == "peft_lora_r16" and row["instructions"] > 1e6 and row["ratio"] == 1.0
+    assert "| PEFT LoRA r=16 |" in (tmp_path / "counted.md").read_text()
