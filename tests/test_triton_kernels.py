@@ -824,11 +824,15 @@ class ZeroFills(TorchDispatchMode):
 
 
 @battery
-def test_a_routed_layer_training_step_launches_two_kernels_forward_four_backward_and_fills_nothing(launched):
+@pytest.mark.parametrize("num_experts", [6, 20], ids=["one-expert-tile", "two-expert-tiles"])
+def test_a_routed_layer_training_step_launches_two_kernels_forward_three_or_four_backward_and_fills_nothing(
+    num_experts, launched
+):
     """The kernel count the GPU step's launch overhead follows: router and A in one, then B, forward; the backward
-    in four (the scores' gradient, the input's from experts and router in one, every weight's gradient in one),
-    no torch add."""
-    layer = mope_layer("top_k").train()
+    in three where one tile holds every expert's ranks (N r <= 64: the gate's and the scores' gradients in one
+    launch), else four (the scores' gradient apart); the input's gradient from experts and router in one, every
+    weight's gradient in one; no torch add."""
+    layer = mope_layer("top_k", num_experts=num_experts, top_k=3).train()
     mope.set_dispatch(layer, "triton")
     x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
     with ZeroFills() as fills:
@@ -836,7 +840,8 @@ def test_a_routed_layer_training_step_launches_two_kernels_forward_four_backward
         forward = list(launched)
         out.square().sum().backward()
     assert forward == ["route_down", "rank_up"]
-    assert launched[2:] == ["rank_down", "top_k_route_backward", "rank_up", "layer_weight_gradients"]
+    scores = ["down_scores"] if num_experts == 6 else ["rank_down", "top_k_route_backward"]
+    assert launched[2:] == [*scores, "rank_up", "layer_weight_gradients"]
     assert fills.ops == []
 
 

@@ -9,7 +9,9 @@ host time with the two Functions and 1.68x with this one (masked: 1.82x).
 Over every expert it also launches fewer kernels than the two Functions: 2 forward instead of 3 (the
 router's tiles and ``A_cat x``'s in one launch, :func:`route_down`) and 4 backward instead of 6 and an
 add (the router's share of the input gradient, ``d W``, inside the experts' ``rank_up``; A's, B's and the
-router's weight gradients in one launch, :func:`layer_weight_gradients`). Over only the chosen experts its
+router's weight gradients in one launch, :func:`layer_weight_gradients`), 3 where one tile holds every
+expert's ranks (N r <= 64, as at top-2 of 8 with r = 8: the gate's gradient and from it the scores' in one
+launch, :func:`down_scores`). Over only the chosen experts its
 backward takes 4 launches and a sum where the two Functions take 6, a sum and an add
 (:func:`chosen_expert_gradients`: the router's ``d W`` added into the experts' input gradient by the
 router's own kernel, every weight gradient in one launch).
@@ -19,7 +21,7 @@ router the router kernel serves (no capacity, token-level, no hooks), plain fp32
 with no dropout, no shared experts. Its values and gradients are the two Functions'. Where the layer's
 only router losses are the default ones, its router launch also fills a :class:`mope.losses.LossSums` (their
 sums per block of tokens), so the losses read no logits (eager only). Under ``torch.compile`` the
-every-expert form runs as the custom ops ``mope::routed_layer`` and its backward (the same 2 + 4 launches),
+every-expert form runs as the custom ops ``mope::routed_layer`` and its backward (the same launches),
 so a compiled step calls one op per layer where the modules' ops made two.
 """
 
@@ -33,8 +35,8 @@ from ..losses import LossSums
 from . import grouped
 from .grid import cdiv, flat_rows
 from .grouped import GroupedState, grouped_forward, grouped_outer_tile
-from .lora import BLOCK, Tiles, down, down_tile, grouped_pays, outer_tile, up
-from .router import expert_tile, route, route_gradients, route_tile, scores_gradient, scores_tile
+from .lora import BLOCK, Tiles, down, down_product, down_tile, gate_gradient, grouped_pays, outer_tile, up
+from .router import expert_tile, route, route_gradients, route_tile, scores_gradient, scores_gradient_tile, scores_tile
 
 
 @triton.jit
@@ -80,6 +82,58 @@ def routed_down(x, router_weight, a_cat, k: int, temperature: float, normalise: 
         DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK,
     )  # fmt: skip
     return logits, weights, chosen, h
+
+
+@triton.jit
+def down_scores(
+    grad_out_ptr, b_ptr, grad_hg_ptr, h_ptr, grad_logits_ptr, logits_ptr, weights_ptr, chosen_ptr, grad_scores_ptr,
+    grad_stats_ptr, token_weights_ptr, tokens, d_out, num_experts, rank, scale, temperature, stats_rows,
+    K: tl.constexpr, NORMALISE: tl.constexpr, HAS_GRAD_LOGITS: tl.constexpr, HAS_GRAD_STATS: tl.constexpr,
+    TOKEN_WEIGHTS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, EB: tl.constexpr,
+    RP: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """``grad_hg = s * grad B_cat^T``, then from the gate's gradient (in registers) the scores' gradient ``d``, for one
+    block of rows, where one tile holds every expert (``EB >= N``): the launch :func:`rank_down` and
+    :func:`mope.kernels.router.top_k_route_backward` took in two."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    acc, cols, hg_ok = down_product(
+        grad_out_ptr, b_ptr, grad_hg_ptr, rows, 0, tokens, d_out, num_experts, rank, scale, DOT, PRECISION, BM, EB, RP,
+        BK,
+    )  # fmt: skip
+    g = gate_gradient(acc, h_ptr, rows, cols, hg_ok, num_experts * rank, BM, EB, RP)
+    experts = tl.arange(0, EB)
+    rows_ok, experts_ok = rows < tokens, experts < num_experts
+    tile = rows[:, None] * num_experts + experts[None, :]
+    tile_ok = rows_ok[:, None] & experts_ok[None, :]
+    d = scores_gradient_tile(
+        g, rows, experts, rows_ok, experts_ok, tile, tile_ok, grad_logits_ptr, logits_ptr, weights_ptr, chosen_ptr,
+        grad_stats_ptr, token_weights_ptr, tokens, num_experts, temperature, stats_rows, K, NORMALISE, True,
+        HAS_GRAD_LOGITS, HAS_GRAD_STATS, TOKEN_WEIGHTS,
+    )  # fmt: skip
+    tl.store(grad_scores_ptr + tile, d, mask=tile_ok)
+
+
+def down_with_scores(
+    grad_out, b_cat, h, logits, weights, chosen, grad_logits, grad_sums, temperature: float, normalise: bool,
+    scaling: float, tiles: Tiles, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`down_scores`: ``s B_cat^T grad`` ``[T, N*r]`` and the scores' gradient ``d`` ``[T, N]`` in one launch
+    (``tiles.expert_blocks == 1``; the weights' gradient is the experts' alone: no loss read the weights)."""
+    tokens, d_out = grad_out.shape
+    grad_hg = grad_out.new_empty(tokens, tiles.num_experts * tiles.rank, dtype=out_dtype)
+    d = torch.empty_like(logits)
+    sums, grad_stats = grad_sums if grad_sums is not None else (None, None)
+    token_weights = None if sums is None else sums.token_weights
+    down_scores[(cdiv(tokens, BLOCK),)](
+        grad_out, b_cat, grad_hg, h, logits if grad_logits is None else grad_logits.contiguous(), logits, weights,
+        chosen, d, logits if grad_stats is None else grad_stats.contiguous(),
+        logits if token_weights is None else token_weights, tokens, d_out, tiles.num_experts, tiles.rank, scaling,
+        temperature, 1 if sums is None else sums.rows, K=chosen.shape[1], NORMALISE=normalise,
+        HAS_GRAD_LOGITS=grad_logits is not None, HAS_GRAD_STATS=grad_stats is not None,
+        TOKEN_WEIGHTS=token_weights is not None, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb,
+        RP=tiles.rp, BK=BLOCK,
+    )  # fmt: skip
+    return grad_hg, d
 
 
 @triton.jit
@@ -226,14 +280,28 @@ def every_expert_gradients(
     needs_x, needs_router, needs_a, needs_b = needs
     routes = needs_x or needs_router
     grad_hg = grad_gate = d = grad_x = None
-    if needs_x or needs_a or routes:
-        grad_hg, grad_gate = down(flat_out, b_cat, scaling, tiles, x.dtype, h if routes else None, weights)
-    if grad_weights is not None:  # a loss or statistic read the gate weights too
-        grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
-    if routes and (grad_gate is not None or grad_logits is not None or grad_sums is not None):
-        d = scores_gradient(
-            grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise, grad_sums=grad_sums
-        )
+    if routes and grad_weights is None and tiles.expert_blocks == 1:  # one tile holds every expert: d in that launch
+        grad_hg, d = down_with_scores(
+            flat_out, b_cat, h, logits, weights, chosen, grad_logits, grad_sums, temperature, normalise, scaling,
+            tiles, x.dtype,
+        )  # fmt: skip
+    else:
+        if needs_x or needs_a or routes:
+            grad_hg, grad_gate = down(flat_out, b_cat, scaling, tiles, x.dtype, h if routes else None, weights)
+        if grad_weights is not None:  # a loss or statistic read the gate weights too
+            grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
+        if routes and (grad_gate is not None or grad_logits is not None or grad_sums is not None):
+            d = scores_gradient(
+                grad_logits,
+                grad_gate,
+                logits,
+                weights,
+                chosen,
+                router_weight,
+                temperature,
+                normalise,
+                grad_sums=grad_sums,
+            )
     if needs_x:
         router = None if d is None else (d, router_weight)
         grad_x = up(grad_hg, weights, a_cat, None, 1.0, tiles, x.dtype, router, x_shape)

@@ -81,6 +81,27 @@ def down_tile(
 ):  # fmt: skip
     """:func:`rank_down` for the token rows ``rows`` and experts ``[e0, e0 + EB)``."""
     experts = e0 + tl.arange(0, EB)
+    rows_ok = rows < tokens
+    acc, cols, tile_ok = down_product(
+        x_ptr, w_ptr, out_ptr, rows, e0, tokens, width, num_experts, rank, scale, DOT, PRECISION, BM, EB, RP, BK
+    )
+    if GATE_GRAD:
+        per_expert = gate_gradient(acc, h_ptr, rows, cols, tile_ok, num_experts * rank, BM, EB, RP)
+        tl.store(
+            gate_grad_ptr + rows[:, None] * num_experts + experts[None, :],
+            per_expert.to(gate_grad_ptr.dtype.element_ty),
+            mask=rows_ok[:, None] & (experts[None, :] < num_experts),
+        )
+
+
+@triton.jit
+def down_product(
+    x_ptr, w_ptr, out_ptr, rows, e0, tokens, width, num_experts, rank, scale, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, BM: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """``scale * x @ w^T`` on the rows ``rows`` and experts ``[e0, e0 + EB)``, stored to ``out``; returns it in fp32
+    with its columns of ``[T, N*r]`` and their bounds."""
+    experts = e0 + tl.arange(0, EB)
     ranks = tl.arange(0, RP)
     cols = tl.reshape(experts[:, None] * rank + ranks[None, :], (EB * RP,))
     cols_ok = tl.reshape((experts[:, None] < num_experts) & (ranks[None, :] < rank), (EB * RP,))
@@ -93,17 +114,18 @@ def down_tile(
         w = tl.load(w_ptr + cols[None, :] * width + ks[:, None], mask=cols_ok[None, :] & ks_ok[:, None], other=0.0)
         acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
     acc = acc * scale
-    inner = num_experts * rank
     tile_ok = rows_ok[:, None] & cols_ok[None, :]
-    tl.store(out_ptr + rows[:, None] * inner + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
-    if GATE_GRAD:
-        h = tl.load(h_ptr + rows[:, None] * inner + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        per_expert = tl.sum(tl.reshape(acc * h, (BM, EB, RP)), axis=2)
-        tl.store(
-            gate_grad_ptr + rows[:, None] * num_experts + experts[None, :],
-            per_expert.to(gate_grad_ptr.dtype.element_ty),
-            mask=rows_ok[:, None] & (experts[None, :] < num_experts),
-        )
+    tl.store(
+        out_ptr + rows[:, None] * (num_experts * rank) + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile_ok
+    )
+    return acc, cols, tile_ok
+
+
+@triton.jit
+def gate_gradient(acc, h_ptr, rows, cols, tile_ok, inner, BM: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr):
+    """The gate's gradient ``[BM, EB]``: ``sum_i acc[t, e*r + i] * h[t, e*r + i]`` over each expert's r columns."""
+    h = tl.load(h_ptr + rows[:, None] * inner + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    return tl.sum(tl.reshape(acc * h, (BM, EB, RP)), axis=2)
 
 
 @triton.jit

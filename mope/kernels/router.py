@@ -192,9 +192,40 @@ def top_k_route_backward(
     the sums were ``sum w p``, ``sum w kept / k`` (a count: no gradient) and ``sum w lse^2``.
     """
     rows, experts, rows_ok, experts_ok, tile, tile_ok = token_tile(tokens, num_experts, BM, NP)
-    d = tl.zeros((BM, NP), dtype=tl.float32)
+    g = tl.zeros((BM, NP), dtype=tl.float32)
     if HAS_GRAD_WEIGHTS:
         g = tl.load(grad_weights_ptr + tile, mask=tile_ok, other=0.0)
+    d = scores_gradient_tile(
+        g, rows, experts, rows_ok, experts_ok, tile, tile_ok, grad_logits_ptr, logits_ptr, weights_ptr, chosen_ptr,
+        grad_stats_ptr, token_weights_ptr, tokens, num_experts, temperature, stats_rows, K, NORMALISE,
+        HAS_GRAD_WEIGHTS, HAS_GRAD_LOGITS, HAS_GRAD_STATS, TOKEN_WEIGHTS,
+    )  # fmt: skip
+    tl.store(grad_scores_ptr + tile, d, mask=tile_ok)
+    if GRAD_X:
+        for n0 in range(0, width, BN):
+            cols = n0 + tl.arange(0, BN)
+            cols_ok = cols < width
+            w = tl.load(
+                w_ptr + experts[:, None] * width + cols[None, :], mask=experts_ok[:, None] & cols_ok[None, :], other=0.0
+            )
+            grad_x = tl.dot(d, w, input_precision="ieee")
+            x_ptrs, x_ok = grad_x_ptr + rows[:, None] * width + cols[None, :], rows_ok[:, None] & cols_ok[None, :]
+            if ACCUMULATE:  # added to what grad_x holds (another path's share of the input gradient)
+                grad_x += tl.load(x_ptrs, mask=x_ok, other=0.0)
+            tl.store(x_ptrs, grad_x, mask=x_ok)
+
+
+@triton.jit
+def scores_gradient_tile(
+    g, rows, experts, rows_ok, experts_ok, tile, tile_ok, grad_logits_ptr, logits_ptr, weights_ptr, chosen_ptr,
+    grad_stats_ptr, token_weights_ptr, tokens, num_experts, temperature, stats_rows, K: tl.constexpr,
+    NORMALISE: tl.constexpr, HAS_GRAD_WEIGHTS: tl.constexpr, HAS_GRAD_LOGITS: tl.constexpr,
+    HAS_GRAD_STATS: tl.constexpr, TOKEN_WEIGHTS: tl.constexpr,
+):  # fmt: skip
+    """:func:`top_k_route_backward`'s ``d`` for one tile of rows and experts (``tile``: their offsets in ``[T, N]``),
+    given the weights' gradient there, ``g`` (any power-of-two width of at least N; read with ``HAS_GRAD_WEIGHTS``)."""
+    d = tl.zeros_like(g)
+    if HAS_GRAD_WEIGHTS:
         if NORMALISE:
             v = tl.load(weights_ptr + tile, mask=tile_ok, other=0.0)
         else:
@@ -214,23 +245,10 @@ def top_k_route_backward(
         probs, lse = softmax_lse(tl.load(logits_ptr + tile, mask=tile_ok, other=0.0), experts_ok)
         tw = token_weights_of(token_weights_ptr, rows, rows_ok, tokens, TOKEN_WEIGHTS)
         sums = grad_stats_ptr + (rows // stats_rows) * (2 * num_experts + 1)
-        g = tl.load(sums[:, None] + experts[None, :], mask=tile_ok, other=0.0)
+        gp = tl.load(sums[:, None] + experts[None, :], mask=tile_ok, other=0.0)
         g_z = tl.load(sums + 2 * num_experts, mask=rows_ok, other=0.0)
-        d = d + tw[:, None] * probs * (g - tl.sum(probs * g, axis=1)[:, None] + 2.0 * (g_z * lse)[:, None])
-    d = d / temperature
-    tl.store(grad_scores_ptr + tile, d, mask=tile_ok)
-    if GRAD_X:
-        for n0 in range(0, width, BN):
-            cols = n0 + tl.arange(0, BN)
-            cols_ok = cols < width
-            w = tl.load(
-                w_ptr + experts[:, None] * width + cols[None, :], mask=experts_ok[:, None] & cols_ok[None, :], other=0.0
-            )
-            grad_x = tl.dot(d, w, input_precision="ieee")
-            x_ptrs, x_ok = grad_x_ptr + rows[:, None] * width + cols[None, :], rows_ok[:, None] & cols_ok[None, :]
-            if ACCUMULATE:  # added to what grad_x holds (another path's share of the input gradient)
-                grad_x += tl.load(x_ptrs, mask=x_ok, other=0.0)
-            tl.store(x_ptrs, grad_x, mask=x_ok)
+        d = d + tw[:, None] * probs * (gp - tl.sum(probs * gp, axis=1)[:, None] + 2.0 * (g_z * lse)[:, None])
+    return d / temperature
 
 
 @triton.jit
