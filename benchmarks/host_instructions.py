@@ -3,7 +3,7 @@
 ``step_time.py --sections host`` times the tiny Llama's step at hidden 32 on one thread, where the time is the
 host's Python, autograd and aten dispatch work; on a shared machine those times drift by a quarter between
 runs, more than most changes to that work. This counts the instructions the same step executes instead: the
-same count every run, so an A/B of two versions needs one run of each (instructions are not time: cache
+same count (to about 0.1 %) every run, so an A/B of two versions needs one run of each (instructions are not time: cache
 misses and allocator locks weigh differently, so report both).
 
 Each candidate runs in its own process under callgrind with instrumentation off while it imports, builds the
@@ -15,8 +15,11 @@ about a minute per candidate, ``--jobs`` at a time.
     TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/host_instructions.py [--steps 5] [--jobs 2]
     ... --only peft_lora_r16,mope_top2_of_8_triton --out DIR --name NAME
     ... --rev REV         # count another commit's mope (exported with `git archive REV mope`): an A/B in two runs
+    ... --free-launches   # Triton launches cost nothing at all (not even the stand-in's zeroing): the host work
+                          # around the kernels alone (rows whose torch ops index with a kernel's output may fail)
 
-It writes ``DIR/NAME.json`` and ``DIR/NAME.md`` (default ``benchmarks/results/host_instructions_cpu``).
+It writes ``DIR/NAME.json`` and ``DIR/NAME.md`` (default ``benchmarks/results/host_instructions_cpu``, with
+``--free-launches`` ``host_instructions_free_launches_cpu``).
 """
 
 from __future__ import annotations
@@ -60,11 +63,16 @@ CANDIDATES = {
 WARMUP = 10
 
 
-def child(name: str, steps: int, rundir: Path) -> None:
+def free_launch(original, kernel, *args, **kwargs) -> None:
+    """A Triton launch that does nothing at all (``--free-launches``)."""
+
+
+def child(name: str, steps: int, rundir: Path, free: bool = False) -> None:
     """Build and warm up ``name``'s step, say so in ``rundir/ready``, wait for ``rundir/go``, run ``steps`` steps."""
     torch.set_num_threads(1)
     candidate = CANDIDATES[name]
-    with step_time.replaced_triton_launches(step_time.skipped_launch), tempfile.TemporaryDirectory() as workdir:
+    launch = free_launch if free else step_time.skipped_launch
+    with step_time.replaced_triton_launches(launch), tempfile.TemporaryDirectory() as workdir:
         built, errors = step_time.build_steps(
             (candidate,), step_time.FULL.host_shape, "cpu", torch.float32, Path(workdir)
         )
@@ -79,7 +87,7 @@ def child(name: str, steps: int, rundir: Path) -> None:
         functools.reduce(lambda _, __: step(), range(steps), None)
 
 
-def count(name: str, steps: int, mope_dir: Path | None = None) -> float | str:
+def count(name: str, steps: int, mope_dir: Path | None = None, free: bool = False) -> float | str:
     """Instructions per step of ``name`` (its own process under callgrind), or a note saying why there are none.
 
     ``mope_dir``: a directory holding another ``mope`` package for the child to import (first on its path)."""
@@ -89,6 +97,7 @@ def count(name: str, steps: int, mope_dir: Path | None = None) -> float | str:
             "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
             "--toggle-collect=functools_reduce", f"--callgrind-out-file={rundir / 'callgrind.out'}",
             sys.executable, __file__, "--child", name, "--steps", str(steps), "--rundir", str(rundir),
+            *(["--free-launches"] if free else []),
         ]  # fmt: skip
         with open(rundir / "log", "w") as log:
             env = dict(os.environ)
@@ -114,9 +123,9 @@ def markdown(rows: list[dict], info: dict) -> str:
         "",
         "Measured on: " + ", ".join(f"{key} {value}" for key, value in info.items()) + ".",
         "",
-        f"Tiny {step_time.FULL.host_shape.describe()}, 28 adapted modules, fp32, 1 thread; Triton launches run "
-        f"nothing (`step_time.skipped_launch`); instructions of {info['steps']} steps after {WARMUP} warm-up steps, "
-        "per step. The same count every run (instructions, not time).",
+        f"Tiny {step_time.FULL.host_shape.describe()}, 28 adapted modules, fp32, 1 thread; Triton launches: "
+        f"{info['launches']}; instructions of {info['steps']} steps after {WARMUP} warm-up steps, per step. The same "
+        "count to about 0.1 % every run (instructions, not time).",
         "",
         "| candidate | instructions per step (M) | vs PEFT LoRA r=16 |",
         "|---|---|---|",
@@ -137,13 +146,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--name", default="host_instructions_cpu")
+    parser.add_argument("--name", help="results file stem (default: host_instructions[_free_launches]_cpu)")
     parser.add_argument("--rev", help="count this commit's mope package (git archive), not the working tree's")
+    parser.add_argument("--free-launches", action="store_true", help="Triton launches do nothing at all")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--rundir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.steps, args.rundir)
+        child(args.child, args.steps, args.rundir, args.free_launches)
         return
     names = [name for name in args.only.split(",") if name] or list(CANDIDATES)
     unknown = [name for name in names if name not in CANDIDATES]
@@ -162,7 +172,8 @@ def main() -> None:
             if archive.returncode != 0:
                 parser.error(f"--rev {args.rev}: git archive failed: {archive.stderr.decode().strip()}")
             subprocess.run(["tar", "-x", "-C", exported], input=archive.stdout, check=True)
-        counts = dict(zip(names, pool.map(lambda name: count(name, args.steps, mope_dir), names), strict=True))
+        counted = pool.map(lambda name: count(name, args.steps, mope_dir, args.free_launches), names)
+        counts = dict(zip(names, counted, strict=True))
     reference = counts.get(REFERENCE)
     rows = []
     for name in names:
@@ -175,10 +186,12 @@ def main() -> None:
     info["torch_threads"] = 1
     if args.rev:
         info["mope"] = f"{args.rev} (--rev: git archive)"
+    info["launches"] = "free (--free-launches)" if args.free_launches else "step_time.skipped_launch"
     text = markdown(rows, info)
+    name = args.name or ("host_instructions_free_launches_cpu" if args.free_launches else "host_instructions_cpu")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(text)
+    (args.out / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(text)
     print(text)
 
 
