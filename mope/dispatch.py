@@ -29,7 +29,7 @@ one pass over a ``[tokens, d_out]`` tensor fewer, forward and backward.
 - ``triton`` (:mod:`mope.kernels`, the ``triton`` extra): the masked form's arithmetic in Triton
   kernels, two launches forward and four backward per layer (the gate multiply, the scaling and
   the add into the base output inside the products; with the router in the same Function, three
-  backward where N r <= 64, :mod:`mope.kernels.layer`); where the gate lists its chosen experts and
+  backward, two where N r <= 64, :mod:`mope.kernels.layer`); where the gate lists its chosen experts and
   N/k >= 8, only those, grouped by expert (:mod:`mope.kernels.grouped`); the top-k routers score
   and gate in a kernel too (:mod:`mope.kernels.router`), in the same autograd Function as the
   experts' kernels where the layer allows (:mod:`mope.kernels.layer`,

@@ -211,8 +211,9 @@ def test_layer_training_forward_equals_masked(router, shared, options):
     ],
 )  # fmt: skip
 def test_the_fused_backward_gives_what_is_needed_and_equals_masked(frozen, widths, experts, launched):
-    """The fused layer's backward (4 launches: its weight gradients share one, whose programs split between A, B
-    and the router) with parts frozen, at unequal input and output widths, over every expert or the chosen."""
+    """The fused layer's backward (over every expert, the input's and the weights' gradients share one launch whose
+    programs split between x, A, B and the router; over the chosen experts the weights' share one) with parts
+    frozen, at unequal input and output widths, over every expert or the chosen."""
     layer = mope_layer("top_k", widths=widths, num_experts=experts).train()
     bank, gate = layer.mope_experts["default"], layer.mope_router["default"]
     x = torch.randn(3, 30, widths[0], device=DEVICE, requires_grad="x" not in frozen)
@@ -225,7 +226,7 @@ def test_the_fused_backward_gives_what_is_needed_and_equals_masked(frozen, width
         mope.set_dispatch(layer, dispatch)
         out = layer(x)
         results[dispatch] = [out, *torch.autograd.grad(out.square().sum(), trained)]
-    weight_gradients = "grouped_weight_gradients" if experts == 16 else "layer_weight_gradients"
+    weight_gradients = "grouped_weight_gradients" if experts == 16 else "layer_gradients"
     assert kernel_node(out) == "RoutedLayerBackward" and launched.count(weight_gradients) == 1
     for got, want in zip(results["triton"], results["masked"], strict=True):  # values up to ~1e3: fp32 sums
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
@@ -677,10 +678,10 @@ def compiled_and_eager(num_experts: int, launched: list[str]) -> tuple[list[torc
 
 @battery
 def test_layer_training_step_compiles_as_one_graph_and_equals_eager(launched):
-    """Every expert: the layer's one custom op (mope::routed_layer), with the fused backward's 4 launches."""
+    """Every expert: the layer's one custom op (mope::routed_layer), with the fused backward's launches."""
     compiled, eager = compiled_and_eager(6, launched)
-    forward, backward = ["route_down", "rank_up"], ["rank_down", "top_k_route_backward", "rank_up"]
-    assert launched == [*forward, *backward, "layer_weight_gradients"]
+    forward, backward = ["route_down", "rank_up"], ["rank_down", "top_k_route_backward"]
+    assert launched == [*forward, *backward, "layer_gradients"]
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -825,13 +826,13 @@ class ZeroFills(TorchDispatchMode):
 
 @battery
 @pytest.mark.parametrize("num_experts", [6, 20], ids=["one-expert-tile", "two-expert-tiles"])
-def test_a_routed_layer_training_step_launches_two_kernels_forward_three_or_four_backward_and_fills_nothing(
+def test_a_routed_layer_training_step_launches_two_kernels_forward_two_or_three_backward_and_fills_nothing(
     num_experts, launched
 ):
     """The kernel count the GPU step's launch overhead follows: router and A in one, then B, forward; the backward
-    in three where one tile holds every expert's ranks (N r <= 64: the gate's and the scores' gradients in one
-    launch), else four (the scores' gradient apart); the input's gradient from experts and router in one, every
-    weight's gradient in one; no torch add."""
+    in two where one tile holds every expert's ranks (N r <= 64: the gate's and the scores' gradients in one
+    launch), else three (the scores' gradient apart); then the input's gradient from experts and router and
+    every weight's gradient in one; no torch add."""
     layer = mope_layer("top_k", num_experts=num_experts, top_k=3).train()
     mope.set_dispatch(layer, "triton")
     x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
@@ -841,7 +842,7 @@ def test_a_routed_layer_training_step_launches_two_kernels_forward_three_or_four
         out.square().sum().backward()
     assert forward == ["route_down", "rank_up"]
     scores = ["down_scores"] if num_experts == 6 else ["rank_down", "top_k_route_backward"]
-    assert launched[2:] == [*scores, "rank_up", "layer_weight_gradients"]
+    assert launched[2:] == [*scores, "layer_gradients"]
     assert fills.ops == []
 
 

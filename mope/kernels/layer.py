@@ -7,11 +7,12 @@ with every Triton launch made to run nothing, a tiny Llama's training step took 
 host time with the two Functions and 1.68x with this one (masked: 1.82x).
 
 Over every expert it also launches fewer kernels than the two Functions: 2 forward instead of 3 (the
-router's tiles and ``A_cat x``'s in one launch, :func:`route_down`) and 4 backward instead of 6 and an
-add (the router's share of the input gradient, ``d W``, inside the experts' ``rank_up``; A's, B's and the
-router's weight gradients in one launch, :func:`layer_weight_gradients`), 3 where one tile holds every
-expert's ranks (N r <= 64, as at top-2 of 8 with r = 8: the gate's gradient and from it the scores' in one
-launch, :func:`down_scores`). Over only the chosen experts its
+router's tiles and ``A_cat x``'s in one launch, :func:`route_down`) and 3 backward instead of 6 and an
+add (``s B_cat^T grad`` with the gate's gradient; the scores' gradient ``d``; then the input's gradient with
+the router's share ``d W`` and A's, B's and the router's weight gradients in one launch whose programs split
+between them, :func:`layer_gradients`), 2 where one tile holds every expert's ranks (N r <= 64, as at top-2
+of 8 with r = 8: the gate's gradient and from it the scores' in one launch, :func:`down_scores`). Over only
+the chosen experts its
 backward takes 4 launches and a sum where the two Functions take 6, a sum and an add
 (:func:`chosen_expert_gradients`: the router's ``d W`` added into the experts' input gradient by the
 router's own kernel, every weight gradient in one launch).
@@ -35,7 +36,7 @@ from ..losses import LossSums
 from . import grouped
 from .grid import cdiv, flat_rows
 from .grouped import GroupedState, grouped_forward, grouped_outer_tile
-from .lora import BLOCK, Tiles, down, down_product, down_tile, gate_gradient, grouped_pays, outer_tile, up
+from .lora import BLOCK, Tiles, down, down_product, down_tile, gate_gradient, grouped_pays, outer_tile, up, up_tile
 from .router import expert_tile, route, route_gradients, route_tile, scores_gradient, scores_gradient_tile, scores_tile
 
 
@@ -137,16 +138,19 @@ def down_with_scores(
 
 
 @triton.jit
-def layer_weight_gradients(
-    grad_hg_ptr, h_ptr, gate_ptr, x_ptr, grad_out_ptr, d_ptr, grad_a_ptr, grad_b_ptr, grad_w_ptr,
-    tokens, d_in, d_out, num_experts, rank, router_experts, scale, a_programs, b_programs,
-    DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr,
-    BN: tl.constexpr, NP: tl.constexpr,
+def layer_gradients(
+    grad_hg_ptr, h_ptr, gate_ptr, x_ptr, grad_out_ptr, d_ptr, a_ptr, router_w_ptr, grad_x_ptr, grad_a_ptr, grad_b_ptr,
+    grad_w_ptr, tokens, d_in, d_out, num_experts, rank, router_experts, scale, a_programs, b_programs, w_programs,
+    ROUTER_X: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr,
+    RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr,
 ):  # fmt: skip
-    """``grad_A = (grad_hg * g)^T x``, ``grad_B = s (h * g)^T grad_out`` and ``grad_W = d^T x`` in one launch.
+    """``grad_A = (grad_hg * g)^T x``, ``grad_B = s (h * g)^T grad_out``, ``grad_W = d^T x`` and the input's gradient
+    ``grad_x = (grad_hg * g) A_cat (+ d W with ROUTER_X)`` in one launch.
 
-    Axis 0: programs ``[0, a)`` take A's expert tiles, ``[a, a + b)`` B's, the rest (one) the router's;
-    axis 1 tiles the columns of the wider input or output (a program past its own width does nothing).
+    Axis 0: programs ``[0, a)`` take A's expert tiles, ``[a, a + b)`` B's, the next ``w`` (0 or 1) the router's, the
+    rest ``grad_x``'s blocks of rows; axis 1 tiles the columns of the wider input or output (a program past its own
+    width does nothing). The weight gradients sum over every token in few programs; ``grad_x``'s programs fill
+    the rest of the GPU in the same launch.
     """
     program, first = tl.program_id(0), tl.program_id(1) * BN
     outs = first + tl.arange(0, BN)
@@ -162,29 +166,43 @@ def layer_weight_gradients(
                 h_ptr, gate_ptr, grad_out_ptr, grad_b_ptr, (program - a_programs) * EB, outs, tokens, d_out,
                 num_experts, rank, scale, DOT, PRECISION, BT, EB, RP, BN,
             )  # fmt: skip
+    elif program < a_programs + b_programs + w_programs:
+        if first < d_in:
+            scores_tile(d_ptr, x_ptr, grad_w_ptr, outs, tokens, d_in, router_experts, NP, BT, BN)
     elif first < d_in:
-        scores_tile(d_ptr, x_ptr, grad_w_ptr, outs, tokens, d_in, router_experts, NP, BT, BN)
+        rows = (program - a_programs - b_programs - w_programs) * BT + tl.arange(0, BT)
+        up_tile(
+            grad_hg_ptr, gate_ptr, a_ptr, grad_x_ptr, d_ptr, router_w_ptr, grad_x_ptr, rows, outs, tokens, d_in,
+            num_experts, rank, router_experts, 1.0, False, ROUTER_X, DOT, PRECISION, BT, EB, RP, BN, NP,
+        )  # fmt: skip
 
 
-def weight_gradients(grad_hg, h, gate, x, grad_out, d, a_cat, b_cat, router_weight, scaling, tiles, needs):
-    """:func:`layer_weight_gradients`: A's, B's and the router's gradients (None where ``needs`` says no)."""
-    a_programs = tiles.expert_blocks if needs[0] else 0
-    b_programs = tiles.expert_blocks if needs[1] else 0
-    if not (a_programs or b_programs or needs[2]):
-        return None, None, None
-    grad_a = torch.empty_like(a_cat) if needs[0] else None
-    grad_b = torch.empty_like(b_cat) if needs[1] else None
-    grad_w = torch.empty_like(router_weight) if needs[2] else None
+def gradients_of_layer(
+    grad_hg, h, gate, x, grad_out, d, a_cat, b_cat, router_weight, scaling, tiles, needs, x_shape=None
+) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
+    """:func:`layer_gradients`: the input's gradient (shaped ``x_shape``, default ``x``'s; with the router's share
+    ``d W`` where ``d`` is given), A's, B's and the router's weight gradients, None where ``needs`` (in that order)
+    says no."""
+    needs_x, needs_a, needs_b, needs_w = needs
+    a_programs = tiles.expert_blocks if needs_a else 0
+    b_programs = tiles.expert_blocks if needs_b else 0
     (tokens, d_in), d_out = x.shape, grad_out.shape[1]
-    grid = (a_programs + b_programs + int(needs[2]), cdiv(max(d_in, d_out), BLOCK))
-    layer_weight_gradients[grid](
-        grad_hg if grad_hg is not None else h, h, gate, x, grad_out, d if d is not None else gate,
-        *(g if g is not None else gate for g in (grad_a, grad_b, grad_w)),
+    x_programs = cdiv(tokens, BLOCK) if needs_x else 0
+    if not (a_programs or b_programs or needs_w or x_programs):
+        return None, None, None, None
+    grad_x = x.new_empty(*(x_shape if x_shape is not None else x.shape)) if needs_x else None
+    grad_a = torch.empty_like(a_cat) if needs_a else None
+    grad_b = torch.empty_like(b_cat) if needs_b else None
+    grad_w = torch.empty_like(router_weight) if needs_w else None
+    grid = (a_programs + b_programs + int(needs_w) + x_programs, cdiv(max(d_in, d_out), BLOCK))
+    layer_gradients[grid](
+        grad_hg if grad_hg is not None else h, h, gate, x, grad_out, d if d is not None else gate, a_cat,
+        router_weight, *(g if g is not None else gate for g in (grad_x, grad_a, grad_b, grad_w)),
         tokens, d_in, d_out, tiles.num_experts, tiles.rank, router_weight.shape[0], scaling, a_programs, b_programs,
-        DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, EB=tiles.eb, RP=tiles.rp, BN=BLOCK,
-        NP=expert_tile(router_weight.shape[0]),
+        int(needs_w), ROUTER_X=d is not None, DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, EB=tiles.eb,
+        RP=tiles.rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]),
     )  # fmt: skip
-    return grad_a, grad_b, grad_w
+    return grad_x, grad_a, grad_b, grad_w
 
 
 @triton.jit
@@ -302,12 +320,9 @@ def every_expert_gradients(
                 normalise,
                 grad_sums=grad_sums,
             )
-    if needs_x:
-        router = None if d is None else (d, router_weight)
-        grad_x = up(grad_hg, weights, a_cat, None, 1.0, tiles, x.dtype, router, x_shape)
-    grad_a, grad_b, grad_router = weight_gradients(
+    grad_x, grad_a, grad_b, grad_router = gradients_of_layer(
         grad_hg, h, weights, x, flat_out, d, a_cat, b_cat, router_weight, scaling, tiles,
-        [needs_a, needs_b, needs_router and d is not None],
+        [needs_x, needs_a, needs_b, needs_router and d is not None], x_shape,
     )  # fmt: skip
     return [grad_x, grad_router, grad_a, grad_b]
 

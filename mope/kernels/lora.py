@@ -174,6 +174,19 @@ def rank_up(
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     outs = tl.program_id(1) * BN + tl.arange(0, BN)
+    up_tile(
+        p_ptr, gate_ptr, w_ptr, base_ptr, d_ptr, router_w_ptr, out_ptr, rows, outs, tokens, width, num_experts, rank,
+        router_experts, scale, HAS_BASE, ROUTER, DOT, PRECISION, BM, EB, RP, BN, NP,
+    )  # fmt: skip
+
+
+@triton.jit
+def up_tile(
+    p_ptr, gate_ptr, w_ptr, base_ptr, d_ptr, router_w_ptr, out_ptr, rows, outs, tokens, width, num_experts, rank,
+    router_experts, scale, HAS_BASE: tl.constexpr, ROUTER: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr,
+):  # fmt: skip
+    """:func:`rank_up` for the token rows ``rows`` and output columns ``outs``."""
     rows_ok, outs_ok = rows < tokens, outs < width
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for e0 in range(0, num_experts, EB):
