@@ -250,14 +250,14 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         """The base layer, then the router and experts in one kernel call; the routing recorded as usual.
 
         A few tokens with no gradient and nothing to record (decoding) take one kernel for both
-        (:mod:`mope.kernels.decode`), the rest the training path's three (:mod:`mope.kernels.layer`).
+        (:mod:`mope.kernels.decode`), the rest the training path's (:mod:`mope.kernels.layer`).
         Modules and parameters are read from their dicts: an attribute read of a submodule or parameter
         first fails in Python, then goes through ``nn.Module.__getattr__`` (about 1 us each, per call).
         """
         decodes, routed_decode, routed_layer = fused_kernels()
         result = self._modules["base_layer"](x, *args, **kwargs)
-        router_weight, factors = router._parameters["weight"], (bank._parameters["lora_A"], bank._parameters["lora_B"])
-        operands = (router_weight, *factors, result, router.top_k, router.temperature, KERNEL_ORDERS[router.order])
+        factors = (parameter(router, "weight"), parameter(bank, "lora_A"), parameter(bank, "lora_B"))
+        operands = (*factors, result, router.top_k, router.temperature, KERNEL_ORDERS[router.order])
         ctx = self.routing_context
         recording = ctx is not None and self.training
         if not recording and decodes(adapter_x):
@@ -413,6 +413,12 @@ class MoPELayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "mope." + super().__repr__()
+
+
+def parameter(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>``, from its parameter dict where it is there (a parametrized one is a property: the attribute)."""
+    found = module._parameters.get(name)
+    return found if found is not None else getattr(module, name)
 
 
 @functools.cache

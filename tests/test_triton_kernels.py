@@ -555,6 +555,31 @@ def test_the_layer_call_on_strided_inputs_equals_it_on_contiguous_copies(num_exp
 
 
 @battery
+def test_a_parametrized_router_weight_reaches_the_fused_layer():
+    """A router weight under ``torch.nn.utils.parametrize`` (a property, not in the router's parameter dict): the
+    fused layer reads the parametrized value, and its output and the original weight's gradient equal masked's."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, weight):
+            return 2 * weight
+
+    layer = mope_layer("top_k").train()
+    router = layer.mope_router["default"]
+    parametrize.register_parametrization(router, "weight", Doubled())
+    x = torch.randn(3, 5, 16, device=DEVICE)
+    results = {}
+    for dispatch in ("masked", "triton"):
+        mope.set_dispatch(layer, dispatch)
+        out = layer(x)
+        results[dispatch] = [out, *torch.autograd.grad(out.square().sum(), router.parametrizations.weight.original)]
+    assert kernel_node(out) == "RoutedLayerBackward"
+    for got, want in zip(results["triton"], results["masked"], strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@battery
 @pytest.mark.parametrize(
     "num_experts, losses",
     [(8, "importance"), (16, "importance"), (8, "summed"), (16, "summed"), (8, "summed-no-mask")],
