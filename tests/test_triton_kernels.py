@@ -226,7 +226,7 @@ def test_the_fused_backward_gives_what_is_needed_and_equals_masked(frozen, width
         mope.set_dispatch(layer, dispatch)
         out = layer(x)
         results[dispatch] = [out, *torch.autograd.grad(out.square().sum(), trained)]
-    weight_gradients = "grouped_weight_gradients" if experts == 16 else "layer_gradients"
+    weight_gradients = "grouped_gradients" if experts == 16 else "layer_gradients"
     assert kernel_node(out) == "RoutedLayerBackward" and launched.count(weight_gradients) == 1
     for got, want in zip(results["triton"], results["masked"], strict=True):  # values up to ~1e3: fp32 sums
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
@@ -869,6 +869,19 @@ def test_a_routed_layer_training_step_launches_two_kernels_forward_two_or_three_
     scores = ["down_scores"] if num_experts == 6 else ["rank_down", "top_k_route_backward"]
     assert launched[2:] == [*scores, "layer_gradients"]
     assert fills.ops == []
+
+
+@battery
+def test_a_grouped_layer_training_step_launches_three_kernels_backward(launched):
+    """Only the chosen experts (N/k = 8): the backward takes the experts' gate gradient, the scores' gradient, then
+    the input's gradient per pair (with the router's d W) and every weight gradient in one launch."""
+    layer = mope_layer("top_k", num_experts=16).train()
+    mope.set_dispatch(layer, "triton")
+    x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
+    out = layer(x)
+    forward = len(launched)
+    out.square().sum().backward()
+    assert launched[forward:] == ["grouped_down", "top_k_route_backward", "grouped_gradients"]
 
 
 @pytest.fixture

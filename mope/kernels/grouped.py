@@ -39,8 +39,8 @@ BLOCK = 64  # pairs per program, and the columns per step
 
 
 @triton.jit
-def pair_block(offsets_ptr, num_experts, BM: tl.constexpr, NP: tl.constexpr):
-    """This program's expert and its block of (sorted) pairs, found from the experts' offsets.
+def pair_block(offsets_ptr, num_experts, block, BM: tl.constexpr, NP: tl.constexpr):
+    """The expert of the ``block``-th block of (sorted) pairs and its pairs, found from the experts' offsets.
 
     Expert e's pairs fill ``ceil(count_e / BM)`` blocks, in expert order; past the last block, no pair.
     """
@@ -50,7 +50,6 @@ def pair_block(offsets_ptr, num_experts, BM: tl.constexpr, NP: tl.constexpr):
     ends = tl.load(offsets_ptr + experts + 1, mask=experts_ok, other=0)
     blocks = (ends - starts + BM - 1) // BM
     block_ends = tl.cumsum(blocks, 0)
-    block = tl.program_id(0)
     expert = tl.sum((block_ends <= block).to(tl.int32), 0)  # NP past the last block: no expert matches below
     mine = experts == expert
     first = tl.sum(tl.where(mine, block_ends - blocks, 0), 0)
@@ -69,7 +68,7 @@ def grouped_down(
 
     With ``GATE_GRAD`` also the gate's gradient ``gate_grad[token, e] = sum_i out[p, i] * h[p, i]`` (``[T, N]``).
     """
-    expert, pairs, pairs_ok = pair_block(offsets_ptr, num_experts, BM, NP)
+    expert, pairs, pairs_ok = pair_block(offsets_ptr, num_experts, tl.program_id(0), BM, NP)
     tokens = tl.load(dest_ptr + pairs, mask=pairs_ok, other=0) // k
     ranks = tl.arange(0, RP)
     ranks_ok = ranks < rank
@@ -108,14 +107,43 @@ def grouped_up(
     NP: tl.constexpr,
 ):  # fmt: skip
     """``out[dest[p]] = scale * gate[p] * p[p] @ w[e]`` (``w [N, r, width]``) for one block of pairs and columns."""
-    expert, pairs, pairs_ok = pair_block(offsets_ptr, num_experts, BM, NP)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    # NR = 16: no router here (a kernel reads no Python global such as MIN_DOT)
+    grouped_up_tile(
+        p_ptr, gate_ptr, w_ptr, dest_ptr, out_ptr, offsets_ptr, out_ptr, out_ptr, tl.program_id(0), cols, width,
+        rank, num_experts, 1, 1, scale, False, DOT, PRECISION, BM, RP, BN, NP, 16,
+    )  # fmt: skip
+
+
+@triton.jit
+def grouped_up_tile(
+    p_ptr, gate_ptr, w_ptr, dest_ptr, out_ptr, offsets_ptr, d_ptr, router_w_ptr, block, cols, width, rank,
+    num_experts, k, router_experts, scale, ROUTER: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
+):  # fmt: skip
+    """:func:`grouped_up` for the ``block``-th block of pairs and the columns ``cols``; with ``ROUTER`` each token's
+    first pair (slot 0 of its k) also gets ``d[token] @ router_w`` (``[N', width]``, IEEE fp32; ``NR``: N' rounded
+    up to a power of two, at least 16), so the sum over a token's k rows holds the router's share once."""
+    expert, pairs, pairs_ok = pair_block(offsets_ptr, num_experts, block, BM, NP)
     cols_ok = cols < width
     pg, ranks, ranks_ok = gated_rows(p_ptr, gate_ptr, pairs, pairs_ok, rank, RP)
     w_rows = w_ptr + (expert * rank + ranks[:, None]) * width + cols[None, :]
     w = tl.load(w_rows, mask=ranks_ok[:, None] & cols_ok[None, :], other=0.0)
     acc = tl.dot(pg.to(DOT), w.to(DOT), input_precision=PRECISION) * scale
     dest = tl.load(dest_ptr + pairs, mask=pairs_ok, other=0)
+    if ROUTER:
+        routers = tl.arange(0, NR)
+        routers_ok = routers < router_experts
+        firsts = pairs_ok & (dest % k == 0)
+        d = tl.load(
+            d_ptr + (dest // k)[:, None] * router_experts + routers[None, :],
+            mask=firsts[:, None] & routers_ok[None, :], other=0.0,
+        )  # fmt: skip
+        router_w = tl.load(
+            router_w_ptr + routers[:, None] * width + cols[None, :], mask=routers_ok[:, None] & cols_ok[None, :],
+            other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(d, router_w, acc, input_precision="ieee")
     tl.store(out_ptr + dest[:, None] * width + cols[None, :], acc, mask=pairs_ok[:, None] & cols_ok[None, :])
 
 

@@ -12,10 +12,9 @@ add (``s B_cat^T grad`` with the gate's gradient; the scores' gradient ``d``; th
 the router's share ``d W`` and A's, B's and the router's weight gradients in one launch whose programs split
 between them, :func:`layer_gradients`), 2 where one tile holds every expert's ranks (N r <= 64, as at top-2
 of 8 with r = 8: the gate's gradient and from it the scores' in one launch, :func:`down_scores`). Over only
-the chosen experts its
-backward takes 4 launches and a sum where the two Functions take 6, a sum and an add
-(:func:`chosen_expert_gradients`: the router's ``d W`` added into the experts' input gradient by the
-router's own kernel, every weight gradient in one launch).
+the chosen experts its backward takes 3 launches, a zero fill and a sum where the two Functions take 6, a sum
+and an add (:func:`chosen_expert_gradients`: the input's gradient per (token, expert) pair, with the router's
+``d W`` on each token's first pair, and every weight gradient in one launch, :func:`grouped_gradients`).
 
 :meth:`mope.layer.MoPELayer.fuses` says when a layer takes it: one active adapter whose top-k
 router the router kernel serves (no capacity, token-level, no hooks), plain fp32 LoRA experts
@@ -35,7 +34,7 @@ import triton.language as tl
 from ..losses import LossSums
 from . import grouped
 from .grid import cdiv, flat_rows
-from .grouped import GroupedState, grouped_forward, grouped_outer_tile
+from .grouped import GroupedState, grouped_forward, grouped_outer_tile, grouped_up_tile
 from .lora import BLOCK, Tiles, down, down_product, down_tile, gate_gradient, grouped_pays, outer_tile, up, up_tile
 from .router import expert_tile, route, route_gradients, route_tile, scores_gradient, scores_gradient_tile, scores_tile
 
@@ -206,14 +205,17 @@ def gradients_of_layer(
 
 
 @triton.jit
-def grouped_weight_gradients(
-    grad_hg_ptr, h_ptr, gate_ptr, x_ptr, grad_out_ptr, dest_ptr, offsets_ptr, d_ptr, grad_a_ptr, grad_b_ptr,
-    grad_w_ptr, tokens, d_in, d_out, rank, k, router_experts, scale, a_programs, b_programs,
-    DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr,
-    NP: tl.constexpr,
+def grouped_gradients(
+    grad_hg_ptr, h_ptr, gate_ptr, x_ptr, grad_out_ptr, dest_ptr, offsets_ptr, d_ptr, a_ptr, router_w_ptr,
+    pair_x_ptr, grad_a_ptr, grad_b_ptr, grad_w_ptr, tokens, d_in, d_out, num_experts, rank, k, router_experts, scale,
+    a_programs, b_programs, w_programs, ROUTER_X: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BP: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr, NE: tl.constexpr,
 ):  # fmt: skip
-    """:func:`layer_weight_gradients` over only the chosen experts: A's and B's from each expert's (token, expert)
-    pairs (:func:`mope.kernels.grouped.grouped_outer`), the router's ``d^T x``; axis-0 programs: one per expert."""
+    """:func:`layer_gradients` over only the chosen experts: A's and B's from each expert's (token, expert) pairs
+    (:func:`mope.kernels.grouped.grouped_outer`), the router's ``d^T x``, and the input's gradient per pair
+    (:func:`mope.kernels.grouped.grouped_up_tile`, each token's first pair with the router's ``d W``; the host sums
+    a token's k rows). Axis 0: one program per expert for A, then B, then the router's (0 or 1), then one per block
+    of ``BP`` sorted pairs."""
     program, first = tl.program_id(0), tl.program_id(1) * BN
     cols = first + tl.arange(0, BN)
     if program < a_programs:
@@ -228,8 +230,15 @@ def grouped_weight_gradients(
                 h_ptr, gate_ptr, grad_out_ptr, dest_ptr, offsets_ptr, grad_b_ptr, program - a_programs, cols, d_out,
                 rank, k, scale, DOT, PRECISION, BT, RP, BN,
             )  # fmt: skip
+    elif program < a_programs + b_programs + w_programs:
+        if first < d_in:
+            scores_tile(d_ptr, x_ptr, grad_w_ptr, cols, tokens, d_in, router_experts, NP, BT, BN)
     elif first < d_in:
-        scores_tile(d_ptr, x_ptr, grad_w_ptr, cols, tokens, d_in, router_experts, NP, BT, BN)
+        grouped_up_tile(
+            grad_hg_ptr, gate_ptr, a_ptr, dest_ptr, pair_x_ptr, offsets_ptr, d_ptr, router_w_ptr,
+            program - a_programs - b_programs - w_programs, cols, d_in, rank, num_experts, k, router_experts, 1.0,
+            ROUTER_X, DOT, PRECISION, BP, RP, BN, NE, NP,
+        )  # fmt: skip
 
 
 def chosen_expert_gradients(
@@ -237,50 +246,53 @@ def chosen_expert_gradients(
     temperature: float, normalise: bool, scaling: float, state: GroupedState, needs, grad_sums=None,
 ) -> list[torch.Tensor | None]:  # fmt: skip
     """:func:`every_expert_gradients` over only the chosen experts (``lora_a [N, r, d_in]``, ``gate`` and ``h`` per
-    sorted pair): ``s B_e^T grad`` with the gate's gradient, the experts' share of the input gradient, the scores'
-    gradient ``d`` with ``d W`` added to it, then every weight gradient in one launch: 4 launches and a sum."""
+    sorted pair): ``s B_e^T grad`` with the gate's gradient, the scores' gradient ``d``, then the input's gradient
+    (with ``d W``) per pair and every weight gradient in one launch: 3 launches, a zero fill and a sum."""
     needs_x, needs_router, needs_a, needs_b = needs
     groups, tiles, rp = state.groups, state.tiles, state.rp
     routes = needs_x or needs_router
-    grad_hg = grad_gate = d = grad_x = None
+    grad_hg = grad_gate = d = None
     if needs_x or needs_a or routes:
         grad_hg, grad_gate = grouped.down(flat_out, lora_b, scaling, groups, tiles, rp, x.dtype, h if routes else None)
     if grad_weights is not None:  # a loss or statistic read the gate weights too
         grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
-    if needs_x:  # fp32 (a sum over each token's k pairs), as x is here
-        grad_x = grouped.up_summed(grad_hg, gate, lora_a, 1.0, groups, tiles, rp)
     if routes and (grad_gate is not None or grad_logits is not None or grad_sums is not None):
         d = scores_gradient(
-            grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise, grad_x, True,
-            grad_sums,
-        )  # fmt: skip
-    grad_a, grad_b, grad_router = chosen_weight_gradients(
+            grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise, grad_sums=grad_sums
+        )
+    grad_x, grad_a, grad_b, grad_router = chosen_gradients(
         grad_hg, h, gate, x, flat_out, d, lora_a, lora_b, router_weight, scaling, state,
-        [needs_a, needs_b, needs_router and d is not None],
+        [needs_x, needs_a, needs_b, needs_router and d is not None],
     )  # fmt: skip
     return [grad_x, grad_router, grad_a, grad_b]
 
 
-def chosen_weight_gradients(grad_hg, h, gate, x, grad_out, d, lora_a, lora_b, router_weight, scaling, state, needs):
-    """:func:`grouped_weight_gradients`: A's, B's and the router's gradients (None where ``needs`` says no)."""
+def chosen_gradients(grad_hg, h, gate, x, grad_out, d, lora_a, lora_b, router_weight, scaling, state, needs):
+    """:func:`grouped_gradients`: the input's gradient (fp32, a sum over each token's k pairs, as x is here; with the
+    router's ``d W`` where ``d`` is given), A's, B's and the router's, None where ``needs`` (in that order) says no."""
     groups, tiles = state.groups, state.tiles
-    a_programs = tiles.num_experts if needs[0] else 0
-    b_programs = tiles.num_experts if needs[1] else 0
-    if not (a_programs or b_programs or needs[2]):
-        return None, None, None
-    grad_a = torch.empty_like(lora_a) if needs[0] else None
-    grad_b = torch.empty_like(lora_b) if needs[1] else None
-    grad_w = torch.empty_like(router_weight) if needs[2] else None
-    (tokens, d_in), d_out = x.shape, grad_out.shape[1]
-    grid = (a_programs + b_programs + int(needs[2]), cdiv(max(d_in, d_out), BLOCK))
-    grouped_weight_gradients[grid](
+    needs_x, needs_a, needs_b, needs_w = needs
+    a_programs = tiles.num_experts if needs_a else 0
+    b_programs = tiles.num_experts if needs_b else 0
+    x_programs = groups.num_blocks if needs_x else 0
+    if not (a_programs or b_programs or needs_w or x_programs):
+        return None, None, None, None
+    (tokens, d_in), d_out, k = x.shape, grad_out.shape[1], groups.shape[1]
+    pair_x = x.new_empty(tokens * k, d_in, dtype=torch.float32) if needs_x else None
+    grad_a = torch.empty_like(lora_a) if needs_a else None
+    grad_b = torch.empty_like(lora_b) if needs_b else None
+    grad_w = torch.empty_like(router_weight) if needs_w else None
+    grid = (a_programs + b_programs + int(needs_w) + x_programs, cdiv(max(d_in, d_out), BLOCK))
+    grouped_gradients[grid](
         grad_hg if grad_hg is not None else h, h, gate, x, grad_out, groups.dest, groups.offsets,
-        d if d is not None else gate, *(g if g is not None else gate for g in (grad_a, grad_b, grad_w)),
-        tokens, d_in, d_out, tiles.rank, groups.shape[1], router_weight.shape[0], scaling, a_programs, b_programs,
-        DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, RP=state.rp, BN=BLOCK,
-        NP=expert_tile(router_weight.shape[0]),
+        d if d is not None else gate, lora_a, router_weight,
+        *(g if g is not None else gate for g in (pair_x, grad_a, grad_b, grad_w)),
+        tokens, d_in, d_out, tiles.num_experts, tiles.rank, k, router_weight.shape[0], scaling, a_programs,
+        b_programs, int(needs_w), ROUTER_X=d is not None, DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK,
+        BP=grouped.BLOCK, RP=state.rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]), NE=groups.np,
     )  # fmt: skip
-    return grad_a, grad_b, grad_w
+    grad_x = pair_x.view(tokens, k, d_in).sum(1) if needs_x else None
+    return grad_x, grad_a, grad_b, grad_w
 
 
 def every_expert_gradients(
@@ -391,7 +403,7 @@ class RoutedLayer(torch.autograd.Function):
                 temperature, normalise, scaling, experts, [needs_x, needs_router, needs_a, needs_b], grad_sums, x_shape,
             )  # fmt: skip
             return *grads, grad_base, *(None,) * 6  # each in its input's shape
-        if grad_out is not None:  # only the chosen experts: 4 launches and a sum
+        if grad_out is not None:  # only the chosen experts: 3 launches, a zero fill and a sum
             flat_out = flat_rows(grad_out)
             grads = chosen_expert_gradients(
                 flat_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, gate,
