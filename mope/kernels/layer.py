@@ -36,7 +36,16 @@ from . import grouped
 from .grid import cdiv, flat_rows
 from .grouped import GroupedState, grouped_forward, grouped_outer_tile, grouped_up_tile
 from .lora import BLOCK, Tiles, down, down_product, down_tile, gate_gradient, grouped_pays, outer_tile, up, up_tile
-from .router import expert_tile, route, route_gradients, route_tile, scores_gradient, scores_gradient_tile, scores_tile
+from .router import (
+    expert_tile,
+    loss_gradients,
+    route,
+    route_gradients,
+    route_tile,
+    scores_gradient,
+    scores_gradient_tile,
+    scores_tile,
+)
 
 
 @triton.jit
@@ -122,16 +131,14 @@ def down_with_scores(
     tokens, d_out = grad_out.shape
     grad_hg = grad_out.new_empty(tokens, tiles.num_experts * tiles.rank, dtype=out_dtype)
     d = torch.empty_like(logits)
-    sums, grad_stats = grad_sums if grad_sums is not None else (None, None)
-    token_weights = None if sums is None else sums.token_weights
+    (grad_logits_ptr, grad_stats_ptr, token_weights_ptr), stats_rows, flags = loss_gradients(
+        logits, grad_logits, grad_sums
+    )
     down_scores[(cdiv(tokens, BLOCK),)](
-        grad_out, b_cat, grad_hg, h, logits if grad_logits is None else grad_logits.contiguous(), logits, weights,
-        chosen, d, logits if grad_stats is None else grad_stats.contiguous(),
-        logits if token_weights is None else token_weights, tokens, d_out, tiles.num_experts, tiles.rank, scaling,
-        temperature, 1 if sums is None else sums.rows, K=chosen.shape[1], NORMALISE=normalise,
-        HAS_GRAD_LOGITS=grad_logits is not None, HAS_GRAD_STATS=grad_stats is not None,
-        TOKEN_WEIGHTS=token_weights is not None, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb,
-        RP=tiles.rp, BK=BLOCK,
+        grad_out, b_cat, grad_hg, h, grad_logits_ptr, logits, weights, chosen, d, grad_stats_ptr, token_weights_ptr,
+        tokens, d_out, tiles.num_experts, tiles.rank, scaling, temperature, stats_rows, K=chosen.shape[1],
+        NORMALISE=normalise, **flags, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp,
+        BK=BLOCK,
     )  # fmt: skip
     return grad_hg, d
 
@@ -300,8 +307,9 @@ def every_expert_gradients(
     temperature: float, normalise: bool, scaling: float, tiles: Tiles, needs, grad_sums=None, x_shape=None,
 ) -> list[torch.Tensor | None]:  # fmt: skip
     """The gradients of ``x``, the router's weight, ``A_cat`` and ``B_cat`` over every expert (None where ``needs``
-    says no): ``s B_cat^T grad`` with the gate's gradient, the scores' gradient ``d``, the input's gradient
-    (experts' and router's ``d W`` in one kernel), then every weight gradient in one launch: 4 launches.
+    says no): ``s B_cat^T grad`` with the gate's gradient, the scores' gradient ``d`` (the two in one launch where
+    one tile holds every expert), then the input's gradient (experts' and router's ``d W``) and every weight
+    gradient in one launch: 2 or 3 launches.
 
     ``grad_logits`` / ``grad_weights`` ``[T, N]`` may be None (no loss read that output); ``grad_sums``:
     ``(LossSums, the gradient of its stats)`` or None (:func:`mope.kernels.router.scores_gradient`). The weight
@@ -322,16 +330,9 @@ def every_expert_gradients(
             grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
         if routes and (grad_gate is not None or grad_logits is not None or grad_sums is not None):
             d = scores_gradient(
-                grad_logits,
-                grad_gate,
-                logits,
-                weights,
-                chosen,
-                router_weight,
-                temperature,
-                normalise,
+                grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise,
                 grad_sums=grad_sums,
-            )
+            )  # fmt: skip
     grad_x, grad_a, grad_b, grad_router = gradients_of_layer(
         grad_hg, h, weights, x, flat_out, d, a_cat, b_cat, router_weight, scaling, tiles,
         [needs_x, needs_a, needs_b, needs_router and d is not None], x_shape,

@@ -170,7 +170,6 @@ def top_k_route_backward(
     temperature,
     stats_rows,
     GRAD_X: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
     K: tl.constexpr,
     NORMALISE: tl.constexpr,
     HAS_GRAD_WEIGHTS: tl.constexpr,
@@ -181,8 +180,7 @@ def top_k_route_backward(
     NP: tl.constexpr,
     BN: tl.constexpr,
 ):
-    """``d = (softmax backward of the weights' gradient + the logits' gradient) / temperature``; ``grad_x = d W``
-    (with ``ACCUMULATE``, ``grad_x += d W``).
+    """``d = (softmax backward of the weights' gradient + the logits' gradient) / temperature``; ``grad_x = d W``.
 
     Renormalised: the weights ``v`` are the softmax over the kept logits, ``d_l = v (g - sum v g)``.
     Unnormalised: ``v`` is the full softmax and only the kept weights' gradients ``g`` count. A
@@ -209,10 +207,8 @@ def top_k_route_backward(
                 w_ptr + experts[:, None] * width + cols[None, :], mask=experts_ok[:, None] & cols_ok[None, :], other=0.0
             )
             grad_x = tl.dot(d, w, input_precision="ieee")
-            x_ptrs, x_ok = grad_x_ptr + rows[:, None] * width + cols[None, :], rows_ok[:, None] & cols_ok[None, :]
-            if ACCUMULATE:  # added to what grad_x holds (another path's share of the input gradient)
-                grad_x += tl.load(x_ptrs, mask=x_ok, other=0.0)
-            tl.store(x_ptrs, grad_x, mask=x_ok)
+            x_ok = rows_ok[:, None] & cols_ok[None, :]
+            tl.store(grad_x_ptr + rows[:, None] * width + cols[None, :], grad_x, mask=x_ok)
 
 
 @triton.jit
@@ -337,26 +333,38 @@ def route_gradients(
 
 def scores_gradient(
     grad_logits, grad_weights, logits, weights, chosen, weight, temperature: float, normalise: bool, grad_x=None,
-    accumulate: bool = False, grad_sums=None,
+    grad_sums=None,
 ) -> torch.Tensor:  # fmt: skip
-    """The scores' gradient ``d [T, N]`` (one launch); given fp32 ``grad_x [T, D]``, also ``d W`` written into it
-    (``accumulate``: added to what it holds). ``grad_sums``: ``(the LossSums, its stats' gradient)`` or None."""
+    """The scores' gradient ``d [T, N]`` (one launch); given fp32 ``grad_x [T, D]``, also ``d W`` written into it.
+    ``grad_sums``: ``(the LossSums, its stats' gradient)`` or None."""
     tokens, num_experts = logits.shape
     grad_scores = torch.empty_like(logits)
-    sums, grad_stats = grad_sums if grad_sums is not None else (None, None)
-    token_weights = None if sums is None else sums.token_weights
+    (grad_logits_ptr, grad_stats_ptr, token_weights_ptr), stats_rows, flags = loss_gradients(
+        logits, grad_logits, grad_sums
+    )
     top_k_route_backward[(cdiv(tokens, BLOCK),)](
-        logits if grad_logits is None else grad_logits.contiguous(),
-        logits if grad_weights is None else grad_weights.contiguous(),
+        grad_logits_ptr, logits if grad_weights is None else grad_weights.contiguous(),
         logits, weights, chosen, weight, grad_scores, grad_x if grad_x is not None else grad_scores,
-        logits if grad_stats is None else grad_stats.contiguous(), logits if token_weights is None else token_weights,
-        tokens, weight.shape[1], num_experts, temperature, 1 if sums is None else sums.rows,
-        K=chosen.shape[1], NORMALISE=normalise, GRAD_X=grad_x is not None, ACCUMULATE=accumulate,
-        HAS_GRAD_WEIGHTS=grad_weights is not None, HAS_GRAD_LOGITS=grad_logits is not None,
-        HAS_GRAD_STATS=grad_stats is not None, TOKEN_WEIGHTS=token_weights is not None,
-        BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
+        grad_stats_ptr, token_weights_ptr, tokens, weight.shape[1], num_experts, temperature, stats_rows,
+        K=chosen.shape[1], NORMALISE=normalise, GRAD_X=grad_x is not None, HAS_GRAD_WEIGHTS=grad_weights is not None,
+        **flags, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
     )  # fmt: skip
     return grad_scores
+
+
+def loss_gradients(logits, grad_logits, grad_sums) -> tuple[tuple, int, dict[str, bool]]:
+    """What a launch of :func:`scores_gradient_tile` reads of the losses' gradients: the pointers of the logits'
+    gradient, the sums' gradient and the token weights (the logits stand in for one autograd did not give), the
+    sums' rows per block, and the flags saying which are real."""
+    sums, grad_stats = grad_sums if grad_sums is not None else (None, None)
+    token_weights = None if sums is None else sums.token_weights
+    pointers = tuple(logits if t is None else t.contiguous() for t in (grad_logits, grad_stats, token_weights))
+    flags = {
+        "HAS_GRAD_LOGITS": grad_logits is not None,
+        "HAS_GRAD_STATS": grad_stats is not None,
+        "TOKEN_WEIGHTS": token_weights is not None,
+    }
+    return pointers, 1 if sums is None else sums.rows, flags
 
 
 class RouteTopK(torch.autograd.Function):
