@@ -413,6 +413,25 @@ def test_groups_sort_the_pairs_stably_by_expert(tokens, k, n):
 
 
 @battery
+@pytest.mark.parametrize("tokens, k", [(100, 3), (64, 2)])
+def test_the_routers_counts_sort_the_pairs_as_the_counting_kernel_does(tokens, k):
+    """The router's launch counts each block's pairs (32 tokens: 96 pairs at k = 3, not a power of two; 100 tokens
+    end in a partial block), and the sort from those counts equals torch's stable sort."""
+    from mope.kernels.grouped import sort_pairs
+    from mope.kernels.router import route
+
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(tokens, 24, generator=g).to(DEVICE), torch.randn(40, 24, generator=g).to(DEVICE)
+    _, weights, chosen, counted = route(x, weight, k, 1.0, True, counts=True)
+    groups = sort_pairs(chosen, weights, counted)
+    expert, dest = torch.sort(chosen.reshape(-1), stable=True)
+    counts = torch.bincount(chosen.reshape(-1), minlength=40)
+    assert torch.equal(groups.dest, dest)
+    assert torch.equal(groups.offsets, torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+    assert torch.equal(groups.gate, weights[dest // k, expert])
+
+
+@battery
 def test_grouped_bf16_is_as_close_to_float64_as_masked():
     inputs = flat_inputs(torch.bfloat16, torch.bfloat16, (3, 7), 9, 4)
     chosen = chosen_of(inputs[3])
@@ -872,16 +891,21 @@ def test_a_routed_layer_training_step_launches_two_kernels_forward_two_or_three_
 
 
 @battery
-def test_a_grouped_layer_training_step_launches_three_kernels_backward(launched):
-    """Only the chosen experts (N/k = 8): the backward takes the experts' gate gradient, the scores' gradient, then
-    the input's gradient per pair (with the router's d W) and every weight gradient in one launch."""
+def test_a_grouped_layer_training_step_launches_three_kernels_each_way_and_fills_nothing(launched):
+    """Only the chosen experts (N/k = 8). Forward: the router (which counts each block's pairs per expert), the
+    sort's placing, then every pair's row (A, B and the base output) in one launch. Backward: the experts' gate
+    gradient per pair, the scores' gradient, then the input's gradient per pair (with the router's d W) and every
+    weight gradient in one launch. No tensor of zeros is filled on the way."""
     layer = mope_layer("top_k", num_experts=16).train()
     mope.set_dispatch(layer, "triton")
     x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
-    out = layer(x)
-    forward = len(launched)
-    out.square().sum().backward()
-    assert launched[forward:] == ["grouped_down", "top_k_route_backward", "grouped_gradients"]
+    with ZeroFills() as fills:
+        out = layer(x)
+        forward = list(launched)
+        out.square().sum().backward()
+    assert forward == ["top_k_route", "place_pairs", "grouped_pairs"]
+    assert launched[3:] == ["grouped_down", "top_k_route_backward", "grouped_gradients"]
+    assert fills.ops == []
 
 
 @pytest.fixture

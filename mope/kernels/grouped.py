@@ -2,15 +2,16 @@
 
 The masked kernels (:mod:`mope.kernels.lora`) compute all N experts for every token; with N/k
 large most of that work is multiplied by a zero gate. Here the T*k (token, expert) pairs of the
-gate's ``chosen`` list are sorted by expert with their gate weights (a stable counting sort: two
-kernels and a cumsum, :func:`sort_pairs`; no host sync), and each product is one kernel over the groups:
-a program takes a block of one expert's pairs, gathers their rows by token index inside the kernel
-(no copy of the selected rows) and multiplies by that expert's factor. Forward: ``grouped_down``
-(``h = A_e x[token]``) and ``grouped_up`` (``s * gate * h B_e``, written at the pair's token-major
-row), then the k rows of each token are summed into the base output (one torch op). Backward:
-``grouped_down`` again (``s * grad[token] B_e^T``, with the gate's gradient written at each pair's
-token and expert), ``grouped_up`` for the input's, and ``grouped_outer`` for A's and B's (a loop over
-each expert's own pairs).
+gate's ``chosen`` list are sorted by expert with their gate weights (a stable counting sort, no host
+sync: ``count_pairs`` then ``place_pairs``, :func:`sort_pairs`; the fused layer's router counts in its own
+launch, so its sort is one), and each product is one kernel over the groups: a program takes a block of
+one expert's pairs, gathers their rows by token index inside the kernel (no copy of the selected rows)
+and multiplies by that expert's factors. Forward: ``grouped_pairs`` (``h = A_e x[token]``, then
+``s * gate * h B_e`` written at the pair's token-major row, each token's first row with the base output
+added), then the k rows of each token are summed (one torch op). Backward: ``grouped_down``
+(``s * grad[token] B_e^T``, with the gate's gradient written at each pair's token and expert, or per pair),
+``grouped_up`` for the input's, and ``grouped_outer`` for A's and B's (a loop over each expert's own pairs);
+the fused layer's backward merges these (:func:`mope.kernels.layer.chosen_expert_gradients`).
 
 Blocks: expert e's pairs fill ``ceil(count_e / BLOCK)`` blocks; the grid has ``ceil(T*k / BLOCK) + N``
 programs (a bound known on the host), the ones past the last block do nothing. Each program finds
@@ -59,17 +60,9 @@ def pair_block(offsets_ptr, num_experts, block, BM: tl.constexpr, NP: tl.constex
 
 
 @triton.jit
-def grouped_down(
-    src_ptr, dest_ptr, w_ptr, out_ptr, h_ptr, gate_grad_ptr, offsets_ptr, width, rank, num_experts, k, scale,
-    GATE_GRAD: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr,
-    BK: tl.constexpr, NP: tl.constexpr,
-):  # fmt: skip
-    """``out[p] = scale * src[token] @ w[e]^T`` (``w [N, r, width]``) for one block of expert e's pairs.
-
-    With ``GATE_GRAD`` also the gate's gradient ``gate_grad[token, e] = sum_i out[p, i] * h[p, i]`` (``[T, N]``).
-    """
-    expert, pairs, pairs_ok = pair_block(offsets_ptr, num_experts, tl.program_id(0), BM, NP)
-    tokens = tl.load(dest_ptr + pairs, mask=pairs_ok, other=0) // k
+def pair_down(src_ptr, w_ptr, tokens, pairs_ok, expert, width, rank, DOT: tl.constexpr, PRECISION: tl.constexpr,
+              BM: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """``src[token] @ w[e]^T`` ``[BM, RP]`` in fp32 (``w [N, r, width]``) for one block of expert e's pairs."""
     ranks = tl.arange(0, RP)
     ranks_ok = ranks < rank
     acc = tl.zeros((BM, RP), dtype=tl.float32)
@@ -80,14 +73,72 @@ def grouped_down(
         w_rows = w_ptr + (expert * rank + ranks[None, :]) * width + ks[:, None]
         w = tl.load(w_rows, mask=ranks_ok[None, :] & ks_ok[:, None], other=0.0)
         acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
-    acc = acc * scale
+    return acc
+
+
+@triton.jit
+def grouped_down(
+    src_ptr, dest_ptr, w_ptr, out_ptr, h_ptr, gate_grad_ptr, offsets_ptr, width, rank, num_experts, k, scale,
+    GATE_GRAD: tl.constexpr, PER_PAIR: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
+    RP: tl.constexpr, BK: tl.constexpr, NP: tl.constexpr,
+):  # fmt: skip
+    """``out[p] = scale * src[token] @ w[e]^T`` (``w [N, r, width]``) for one block of expert e's pairs.
+
+    With ``GATE_GRAD`` also the gate's gradient ``sum_i out[p, i] * h[p, i]``, at ``[token, e]`` of a ``[T, N]``
+    tensor, or with ``PER_PAIR`` at the pair's token-major index (``[T, k]``: nothing to fill where not chosen).
+    """
+    expert, pairs, pairs_ok = pair_block(offsets_ptr, num_experts, tl.program_id(0), BM, NP)
+    dest = tl.load(dest_ptr + pairs, mask=pairs_ok, other=0)
+    tokens = dest // k
+    acc = pair_down(src_ptr, w_ptr, tokens, pairs_ok, expert, width, rank, DOT, PRECISION, BM, RP, BK) * scale
+    ranks = tl.arange(0, RP)
     tile = pairs[:, None] * rank + ranks[None, :]
-    tile_ok = pairs_ok[:, None] & ranks_ok[None, :]
+    tile_ok = pairs_ok[:, None] & (ranks < rank)[None, :]
     tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
     if GATE_GRAD:
         h = tl.load(h_ptr + tile, mask=tile_ok, other=0.0).to(tl.float32)
         gate_grad = tl.sum(acc * h, axis=1).to(gate_grad_ptr.dtype.element_ty)
-        tl.store(gate_grad_ptr + tokens * num_experts + expert, gate_grad, mask=pairs_ok)
+        at = dest if PER_PAIR else tokens * num_experts + expert
+        tl.store(gate_grad_ptr + at, gate_grad, mask=pairs_ok)
+
+
+@triton.jit
+def grouped_pairs(
+    x_ptr, a_ptr, b_ptr, base_ptr, gate_ptr, dest_ptr, offsets_ptr, h_ptr, out_ptr, d_in, d_out, rank, num_experts,
+    k, scale, span, DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr,
+    BK: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr,
+):  # fmt: skip
+    """The forward for one block of expert e's pairs: ``h = A_e x[token]`` (stored by the first program of axis 1),
+    then ``out[dest] = scale * gate * h @ B_e`` on ``span`` columns (axis 1), plus the base output's row on each
+    token's first pair (slot 0 of its k), so that a token's k rows sum to the layer's output.
+
+    ``h`` is rounded to its stored dtype before the up-projection, as the backward reads it.
+    """
+    expert, pairs, pairs_ok = pair_block(offsets_ptr, num_experts, tl.program_id(0), BM, NP)
+    dest = tl.load(dest_ptr + pairs, mask=pairs_ok, other=0)
+    tokens = dest // k
+    h = pair_down(x_ptr, a_ptr, tokens, pairs_ok, expert, d_in, rank, DOT, PRECISION, BM, RP, BK)
+    h = h.to(h_ptr.dtype.element_ty)
+    ranks = tl.arange(0, RP)
+    ranks_ok = ranks < rank
+    if tl.program_id(1) == 0:
+        tl.store(h_ptr + pairs[:, None] * rank + ranks[None, :], h, mask=pairs_ok[:, None] & ranks_ok[None, :])
+    gate = tl.load(gate_ptr + pairs, mask=pairs_ok, other=0.0).to(tl.float32)
+    hg = (h.to(tl.float32) * gate[:, None]).to(DOT)
+    firsts = pairs_ok & (dest % k == 0)
+    first = tl.program_id(1) * span
+    for n0 in range(first, tl.minimum(first + span, d_out), BN):
+        cols = n0 + tl.arange(0, BN)
+        cols_ok = cols < d_out
+        w = tl.load(
+            b_ptr + (expert * rank + ranks[:, None]) * d_out + cols[None, :], mask=ranks_ok[:, None] & cols_ok[None, :],
+            other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(hg, w.to(DOT), input_precision=PRECISION) * scale
+        base = tl.load(base_ptr + tokens[:, None] * d_out + cols[None, :], mask=firsts[:, None] & cols_ok[None, :],
+                       other=0.0)  # fmt: skip
+        acc += base.to(tl.float32)
+        tl.store(out_ptr + dest[:, None] * d_out + cols[None, :], acc, mask=pairs_ok[:, None] & cols_ok[None, :])
 
 
 @triton.jit
@@ -186,35 +237,48 @@ def grouped_outer_tile(
 
 
 @triton.jit
-def count_pairs(chosen_ptr, counts_ptr, pairs, BP: tl.constexpr, NP: tl.constexpr):
-    """``counts[b, e]``: how many of the b-th block of ``BP`` (token-major) pairs chose expert e."""
+def count_pairs(chosen_ptr, counts_ptr, pairs, num_experts, BP: tl.constexpr, NP: tl.constexpr):
+    """``counts[b, e]`` (``[blocks, N]``): how many of the b-th block of ``BP`` (token-major) pairs chose expert e."""
     block = tl.program_id(0)
     index = block * BP + tl.arange(0, BP)
     expert = tl.load(chosen_ptr + index, mask=index < pairs, other=-1)  # -1: no expert
-    chose = (expert[:, None] == tl.arange(0, NP)[None, :]).to(tl.int32)
-    tl.store(counts_ptr + block * NP + tl.arange(0, NP), tl.sum(chose, axis=0))
+    experts = tl.arange(0, NP)
+    chose = (expert[:, None] == experts[None, :]).to(tl.int32)
+    tl.store(counts_ptr + block * num_experts + experts, tl.sum(chose, axis=0), mask=experts < num_experts)
 
 
 @triton.jit
 def place_pairs(
-    chosen_ptr, counts_ptr, running_ptr, weights_ptr, offsets_ptr, dest_ptr, gate_ptr,
-    pairs, count_blocks, num_experts, k, BP: tl.constexpr, NP: tl.constexpr,
+    chosen_ptr, counts_ptr, weights_ptr, offsets_ptr, dest_ptr, gate_ptr, pairs, per_block, count_blocks,
+    num_experts, k, BP: tl.constexpr, NP: tl.constexpr, BB: tl.constexpr,
 ):  # fmt: skip
     """A stable counting sort of the pairs by expert: each pair's token-major index ``dest`` and gate weight
     ``weights[token, e]`` go to ``offsets[e]`` + the pairs of e before it; the first program writes the offsets.
 
-    ``running [blocks, NP]``: ``counts`` summed over the blocks up to each (a cumsum down the blocks).
+    ``counts [blocks, N]``: how many of each block of ``per_block`` pairs (``BP``: rounded up to a power of two)
+    chose each expert (:func:`count_pairs`, or the router's launch). Each program sums the blocks' counts itself,
+    ``BB`` blocks at a time: the total and those before its own block.
     """
     block = tl.program_id(0)
     experts = tl.arange(0, NP)
-    total = tl.load(running_ptr + (count_blocks - 1) * NP + experts)
-    before = tl.load(running_ptr + block * NP + experts) - tl.load(counts_ptr + block * NP + experts)
+    experts_ok = experts < num_experts
+    total = tl.zeros((NP,), dtype=tl.int32)
+    before = tl.zeros((NP,), dtype=tl.int32)
+    for b0 in range(0, count_blocks, BB):
+        blocks = b0 + tl.arange(0, BB)
+        counts = tl.load(
+            counts_ptr + blocks[:, None] * num_experts + experts[None, :],
+            mask=(blocks < count_blocks)[:, None] & experts_ok[None, :], other=0,
+        )  # fmt: skip
+        total += tl.sum(counts, axis=0)
+        before += tl.sum(tl.where((blocks < block)[:, None], counts, 0), axis=0)
     ends = tl.cumsum(total, 0)
     first = (block + 0 * experts) == 0  # a vector: a scalar bool in a mask is refused by Triton 3.9's interpreter
-    tl.store(offsets_ptr + experts + 1, ends.to(tl.int64), mask=(experts < num_experts) & first)
+    tl.store(offsets_ptr + experts + 1, ends.to(tl.int64), mask=experts_ok & first)
     tl.store(offsets_ptr + experts, tl.zeros((NP,), dtype=tl.int64), mask=(experts == 0) & first)
-    index = block * BP + tl.arange(0, BP)
-    index_ok = index < pairs
+    lanes = tl.arange(0, BP)
+    index = block * per_block + lanes
+    index_ok = (lanes < per_block) & (index < pairs)
     expert = tl.load(chosen_ptr + index, mask=index_ok, other=-1)
     chose = (expert[:, None] == experts[None, :]).to(tl.int32)
     earlier = tl.sum(tl.cumsum(chose, axis=0) * chose, axis=1) - 1  # the pairs of its expert before it here
@@ -224,7 +288,8 @@ def place_pairs(
     tl.store(gate_ptr + position, gate, mask=index_ok)
 
 
-SORT_TILE = 8192  # pairs x experts (padded) a program of the sort kernels holds at once
+SORT_TILE = 8192  # pairs (or blocks) x experts (padded) a program of the sort kernels holds at once
+COLUMN_SPAN = 512  # output columns per program of grouped_pairs (each program recomputes its block's h): untuned
 
 
 class Groups:
@@ -242,34 +307,40 @@ class Groups:
         self.num_blocks = cdiv(tokens * k, BLOCK) + num_experts  # at least sum(ceil(count_e / BLOCK)), known here
 
 
-def sort_pairs(chosen: torch.Tensor, weights: torch.Tensor) -> Groups:
-    """The pairs of ``chosen [T, k]`` sorted by expert with their gate weights: two kernels and a cumsum on the
-    device, no host sync."""
+def sort_pairs(chosen: torch.Tensor, weights: torch.Tensor, counted=None) -> Groups:
+    """The pairs of ``chosen [T, k]`` sorted by expert with their gate weights, on the device with no host sync:
+    :func:`count_pairs` then :func:`place_pairs`, or only the latter given ``counted``, ``(counts [blocks, N]
+    (int32), pairs per block)``, as the router's launch fills them."""
     tokens, k = chosen.shape
     num_experts, pairs = weights.shape[1], chosen.numel()
     padded = next_power_of_2(num_experts)
-    per_block = max(16, SORT_TILE // padded)
-    count_blocks = cdiv(pairs, per_block)
-    counts = chosen.new_empty(count_blocks, padded, dtype=torch.int32)
+    if counted is None:
+        per_block = max(16, SORT_TILE // padded)
+        counts = chosen.new_empty(cdiv(pairs, per_block), num_experts, dtype=torch.int32)
+        count_pairs[(counts.shape[0],)](chosen, counts, pairs, num_experts, BP=per_block, NP=padded)
+    else:
+        counts, per_block = counted
     offsets, dest, gate = chosen.new_empty(num_experts + 1), chosen.new_empty(pairs), weights.new_empty(pairs)
-    count_pairs[(count_blocks,)](chosen, counts, pairs, BP=per_block, NP=padded)
+    count_blocks = counts.shape[0]
     place_pairs[(count_blocks,)](
-        chosen, counts, counts.cumsum(0, dtype=torch.int32), weights, offsets, dest, gate,
-        pairs, count_blocks, num_experts, k, BP=per_block, NP=padded,
+        chosen, counts, weights, offsets, dest, gate, pairs, per_block, count_blocks, num_experts, k,
+        BP=next_power_of_2(per_block), NP=padded, BB=max(1, SORT_TILE // padded),
     )  # fmt: skip
     return Groups(dest, offsets, gate, tokens, k)
 
 
-def down(src, w, scale: float, groups: Groups, tiles: Tiles, rp: int, out_dtype, h=None):
-    """``scale * src[token] @ w[e]^T`` ``[P, r]`` in sorted pair order; with ``h``, also the gate's gradient
-    ``[T, N]`` (zero where not chosen) in the gate's dtype."""
+def down(src, w, scale: float, groups: Groups, tiles: Tiles, rp: int, out_dtype, h=None, per_pair=False):
+    """``scale * src[token] @ w[e]^T`` ``[P, r]`` in sorted pair order; with ``h``, also the gate's gradient in the
+    gate's dtype: ``[T, N]`` (zero where not chosen), or with ``per_pair`` ``[T*k]`` at each token-major pair."""
     tokens, k, num_experts = groups.shape
     out = src.new_empty(tokens * k, tiles.rank, dtype=out_dtype)
-    gate_grad = None if h is None else groups.gate.new_zeros(tokens, num_experts)
+    gate_grad = None
+    if h is not None:
+        gate_grad = groups.gate.new_empty(tokens * k) if per_pair else groups.gate.new_zeros(tokens, num_experts)
     grouped_down[(groups.num_blocks,)](
         src, groups.dest, w, out, h if h is not None else out, gate_grad if gate_grad is not None else out,
-        groups.offsets, src.shape[1], tiles.rank, num_experts, k, scale,
-        GATE_GRAD=h is not None, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BK=BLOCK, NP=groups.np,
+        groups.offsets, src.shape[1], tiles.rank, num_experts, k, scale, GATE_GRAD=h is not None,
+        PER_PAIR=per_pair, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BK=BLOCK, NP=groups.np,
     )  # fmt: skip
     return out, gate_grad
 
@@ -306,17 +377,27 @@ class GroupedState:
     rp: int
 
 
-def grouped_forward(x, lora_a, lora_b, weights, base, chosen, scaling: float):
+def grouped_forward(x, lora_a, lora_b, weights, base, chosen, scaling: float, counted=None):
     """Flat ``x [T, d_in]``, ``weights [T, N]``, ``base [T, d_out]``, ``chosen [T, k]``: the output in base's dtype,
-    the state, and per sorted pair the gate weight ``[P]`` and ``h = A_e x[token]`` ``[P, r]`` for the backward."""
-    num_experts, rank, _ = lora_a.shape
-    groups = sort_pairs(chosen, weights)
+    the state, and per sorted pair the gate weight ``[P]`` and ``h = A_e x[token]`` ``[P, r]`` for the backward.
+
+    The sort (:func:`sort_pairs`, given the router's ``counted``: one launch), then :func:`grouped_pairs`: each
+    pair's row, base on a token's first; the k rows of a token are then summed (one torch op, and a cast).
+    """
+    (num_experts, rank, d_in), d_out = lora_a.shape, lora_b.shape[2]
+    groups = sort_pairs(chosen, weights, counted)
+    tokens, k, _ = groups.shape
     tiles = Tiles.of(num_experts, rank, x.dtype, base.dtype)
     rp = max(MIN_DOT, tiles.rp)
-    gate = groups.gate
-    h, _ = down(x, lora_a, 1.0, groups, tiles, rp, x.dtype)
-    out = (base + up_summed(h, gate, lora_b, scaling, groups, tiles, rp)).to(base.dtype)
-    return out, GroupedState(groups, tiles, rp), gate, h
+    h = x.new_empty(tokens * k, rank)
+    rows = x.new_empty(tokens * k, d_out, dtype=torch.float32)
+    grouped_pairs[(groups.num_blocks, cdiv(d_out, COLUMN_SPAN))](
+        x, lora_a, lora_b, base, groups.gate, groups.dest, groups.offsets, h, rows, d_in, d_out, rank, num_experts, k,
+        scaling, COLUMN_SPAN, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BK=BLOCK, BN=BLOCK,
+        NP=groups.np,
+    )  # fmt: skip
+    out = rows.view(tokens, k, d_out).sum(1) if k > 1 else rows
+    return out.to(base.dtype), GroupedState(groups, tiles, rp), groups.gate, h
 
 
 def grouped_gradients(grad_out, x, lora_a, lora_b, gate, h, state: GroupedState, s: float, needs):

@@ -12,9 +12,11 @@ add (``s B_cat^T grad`` with the gate's gradient; the scores' gradient ``d``; th
 the router's share ``d W`` and A's, B's and the router's weight gradients in one launch whose programs split
 between them, :func:`layer_gradients`), 2 where one tile holds every expert's ranks (N r <= 64, as at top-2
 of 8 with r = 8: the gate's gradient and from it the scores' in one launch, :func:`down_scores`). Over only
-the chosen experts its backward takes 3 launches, a zero fill and a sum where the two Functions take 6, a sum
-and an add (:func:`chosen_expert_gradients`: the input's gradient per (token, expert) pair, with the router's
-``d W`` on each token's first pair, and every weight gradient in one launch, :func:`grouped_gradients`).
+the chosen experts it takes 3 launches and a sum forward (the router, which also counts each block's pairs per
+expert; the sort's placing; every pair's row, :func:`mope.kernels.grouped.grouped_pairs`) and 3 launches and a
+sum backward, no zero fill (:func:`chosen_expert_gradients`: the gate's gradient per pair, the scores', then
+the input's gradient per (token, expert) pair, with the router's ``d W`` on each token's first pair, and every
+weight gradient in one launch, :func:`grouped_gradients`).
 
 :meth:`mope.layer.MoPELayer.fuses` says when a layer takes it: one active adapter whose top-k
 router the router kernel serves (no capacity, token-level, no hooks), plain fp32 LoRA experts
@@ -253,20 +255,27 @@ def chosen_expert_gradients(
     temperature: float, normalise: bool, scaling: float, state: GroupedState, needs, grad_sums=None,
 ) -> list[torch.Tensor | None]:  # fmt: skip
     """:func:`every_expert_gradients` over only the chosen experts (``lora_a [N, r, d_in]``, ``gate`` and ``h`` per
-    sorted pair): ``s B_e^T grad`` with the gate's gradient, the scores' gradient ``d``, then the input's gradient
-    (with ``d W``) per pair and every weight gradient in one launch: 3 launches, a zero fill and a sum."""
+    sorted pair): ``s B_e^T grad`` with the gate's gradient per pair, the scores' gradient ``d``, then the input's
+    gradient (with ``d W``) per pair and every weight gradient in one launch: 3 launches and a sum."""
     needs_x, needs_router, needs_a, needs_b = needs
     groups, tiles, rp = state.groups, state.tiles, state.rp
     routes = needs_x or needs_router
     grad_hg = grad_gate = d = None
     if needs_x or needs_a or routes:
-        grad_hg, grad_gate = grouped.down(flat_out, lora_b, scaling, groups, tiles, rp, x.dtype, h if routes else None)
-    if grad_weights is not None:  # a loss or statistic read the gate weights too
-        grad_gate = grad_weights if grad_gate is None else grad_gate + grad_weights
+        grad_hg, grad_gate = grouped.down(
+            flat_out, lora_b, scaling, groups, tiles, rp, x.dtype, h if routes else None, per_pair=True
+        )  # the gate's gradient [T*k]: at the chosen experts only
+    per_pair = grad_gate is not None
+    if grad_weights is not None:  # a loss or statistic read the gate weights too: [T, N]
+        per_pair = False
+        grad_gate = (
+            grad_weights if grad_gate is None else grad_weights.scatter_add(1, chosen, grad_gate.view_as(chosen))
+        )
     if routes and (grad_gate is not None or grad_logits is not None or grad_sums is not None):
         d = scores_gradient(
-            grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise, grad_sums=grad_sums
-        )
+            grad_logits, grad_gate, logits, weights, chosen, router_weight, temperature, normalise,
+            grad_sums=grad_sums, per_pair=per_pair,
+        )  # fmt: skip
     grad_x, grad_a, grad_b, grad_router = chosen_gradients(
         grad_hg, h, gate, x, flat_out, d, lora_a, lora_b, router_weight, scaling, state,
         [needs_x, needs_a, needs_b, needs_router and d is not None],
@@ -367,9 +376,9 @@ class RoutedLayer(torch.autograd.Function):
         n, r, _ = lora_a.shape
         flat, flat_base = flat_rows(x), flat_rows(base)
         if grouped_pays(n, k):  # only the chosen experts (mope.kernels.grouped)
-            logits, weights, chosen = route(flat, router_weight, k, temperature, normalise, sums)
+            logits, weights, chosen, counted = route(flat, router_weight, k, temperature, normalise, sums, True)
             lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
-            out, experts, gate, h = grouped_forward(flat, lora_a, lora_b, weights, flat_base, chosen, scaling)
+            out, experts, gate, h = grouped_forward(flat, lora_a, lora_b, weights, flat_base, chosen, scaling, counted)
             out = out.view(*base.shape)
         else:  # every expert, gate 0 where not chosen (mope.kernels.lora); the output in base's shape
             experts = Tiles.of(n, r, x.dtype, base.dtype)

@@ -62,20 +62,28 @@ def top_k_route(
     temperature,
     token_weights_ptr,
     stats_ptr,
+    counts_ptr,
     K: tl.constexpr,
     NORMALISE: tl.constexpr,
     STATS: tl.constexpr,
     TOKEN_WEIGHTS: tl.constexpr,
+    COUNTS: tl.constexpr,
     BM: tl.constexpr,
     NP: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """Logits, the k chosen experts (largest first, lowest index first among ties) and their weights."""
+    """Logits, the k chosen experts (largest first, lowest index first among ties) and their weights; with
+    ``COUNTS`` also how many of this program's tokens chose each expert, row ``program_id(0)`` of ``counts [blocks,
+    N]`` (what :func:`mope.kernels.grouped.sort_pairs` counts, so the grouped experts' sort skips a launch)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    route_tile(
+    kept = route_tile(
         x_ptr, w_ptr, logits_ptr, weights_ptr, chosen_ptr, token_weights_ptr, stats_ptr, rows, tokens, width,
         num_experts, temperature, K, NORMALISE, STATS, TOKEN_WEIGHTS, BM, NP, BK,
     )  # fmt: skip
+    if COUNTS:
+        experts = tl.arange(0, NP)
+        counts = tl.sum((kept & (rows < tokens)[:, None]).to(tl.int32), axis=0)
+        tl.store(counts_ptr + tl.program_id(0) * num_experts + experts, counts, mask=experts < num_experts)
 
 
 @triton.jit
@@ -85,7 +93,7 @@ def route_tile(
     TOKEN_WEIGHTS: tl.constexpr, BM: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """:func:`top_k_route` for the token rows ``rows``; with ``STATS`` also their row of the losses' sums
-    (:class:`mope.losses.LossSums`), row ``program_id(0)`` of ``stats_ptr``."""
+    (:class:`mope.losses.LossSums`), row ``program_id(0)`` of ``stats_ptr``. Returns the kept mask ``[BM, NP]``."""
     experts = tl.arange(0, NP)
     rows_ok, experts_ok = rows < tokens, experts < num_experts
     tile = rows[:, None] * num_experts + experts[None, :]
@@ -110,6 +118,7 @@ def route_tile(
         tl.store(sums + experts, tl.sum(tw[:, None] * probs, axis=0), mask=experts_ok)
         tl.store(sums + num_experts + experts, tl.sum(tl.where(kept, tw[:, None], 0.0), axis=0) / K, mask=experts_ok)
         tl.store(sums + 2 * num_experts, tl.sum(tw * lse * lse, axis=0))
+    return kept
 
 
 @triton.jit
@@ -173,6 +182,7 @@ def top_k_route_backward(
     K: tl.constexpr,
     NORMALISE: tl.constexpr,
     HAS_GRAD_WEIGHTS: tl.constexpr,
+    PER_PAIR: tl.constexpr,
     HAS_GRAD_LOGITS: tl.constexpr,
     HAS_GRAD_STATS: tl.constexpr,
     TOKEN_WEIGHTS: tl.constexpr,
@@ -187,12 +197,19 @@ def top_k_route_backward(
     gradient that autograd did not give (``HAS_GRAD_*`` false: no loss read the logits) counts as 0
     without being read, so nobody fills a tensor of zeros for it. The losses' sums (``HAS_GRAD_STATS``,
     rows of ``stats_rows`` tokens, :func:`route_tile`): ``w p (g_P - sum p g_P + 2 g_Z lse)`` per token, where
-    the sums were ``sum w p``, ``sum w kept / k`` (a count: no gradient) and ``sum w lse^2``.
+    the sums were ``sum w p``, ``sum w kept / k`` (a count: no gradient) and ``sum w lse^2``. ``PER_PAIR``: the
+    weights' gradient is given at the chosen experts only, ``[T, k]`` (the grouped experts' own).
     """
     rows, experts, rows_ok, experts_ok, tile, tile_ok = token_tile(tokens, num_experts, BM, NP)
     g = tl.zeros((BM, NP), dtype=tl.float32)
     if HAS_GRAD_WEIGHTS:
-        g = tl.load(grad_weights_ptr + tile, mask=tile_ok, other=0.0)
+        if PER_PAIR:
+            for i in tl.static_range(K):
+                index = tl.load(chosen_ptr + rows * K + i, mask=rows_ok, other=-1)
+                g_i = tl.load(grad_weights_ptr + rows * K + i, mask=rows_ok, other=0.0)
+                g = tl.where(experts[None, :] == index[:, None], g_i[:, None], g)
+        else:
+            g = tl.load(grad_weights_ptr + tile, mask=tile_ok, other=0.0)
     d = scores_gradient_tile(
         g, rows, experts, rows_ok, experts_ok, tile, tile_ok, grad_logits_ptr, logits_ptr, weights_ptr, chosen_ptr,
         grad_stats_ptr, token_weights_ptr, tokens, num_experts, temperature, stats_rows, K, NORMALISE,
@@ -288,23 +305,28 @@ def expert_tile(num_experts: int) -> int:
     return max(MIN_EXPERTS, next_power_of_2(num_experts))
 
 
-def route(x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, normalise: bool, sums=None):
+def route(x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, normalise: bool, sums=None, counts=False):
     """Flat fp32 ``x [T, D]``, ``weight [N, D]`` -> logits ``[T, N]``, weights ``[T, N]``, chosen ``[T, k]``.
 
     ``sums``: a :class:`mope.losses.LossSums` to fill (the router losses' sums, rows of ``BLOCK`` tokens).
+    ``counts``: then also ``(counts, pairs per block)``, how many of each block's ``BLOCK * k`` (token-major) pairs
+    chose each expert, ``[blocks, N]`` int32, for :func:`mope.kernels.grouped.sort_pairs`.
     """
     tokens, width = x.shape
     num_experts = weight.shape[0]
     logits = x.new_empty(tokens, num_experts)
     weights = torch.empty_like(logits)
     chosen = x.new_empty(tokens, k, dtype=torch.long)
+    blocks = cdiv(tokens, BLOCK)
+    counted = (x.new_empty(blocks, num_experts, dtype=torch.int32), BLOCK * k) if counts else None
     stats, token_weights = sums.start(x, num_experts, BLOCK) if sums is not None else (logits, None)
-    top_k_route[(cdiv(tokens, BLOCK),)](
+    top_k_route[(blocks,)](
         x, weight, logits, weights, chosen, tokens, width, num_experts, temperature,
-        logits if token_weights is None else token_weights, stats, K=k, NORMALISE=normalise, STATS=sums is not None,
-        TOKEN_WEIGHTS=token_weights is not None, BM=BLOCK, NP=expert_tile(num_experts), BK=BLOCK,
+        logits if token_weights is None else token_weights, stats, counted[0] if counts else logits, K=k,
+        NORMALISE=normalise, STATS=sums is not None, TOKEN_WEIGHTS=token_weights is not None, COUNTS=counts,
+        BM=BLOCK, NP=expert_tile(num_experts), BK=BLOCK,
     )  # fmt: skip
-    return logits, weights, chosen
+    return (logits, weights, chosen, counted) if counts else (logits, weights, chosen)
 
 
 def route_gradients(
@@ -333,10 +355,11 @@ def route_gradients(
 
 def scores_gradient(
     grad_logits, grad_weights, logits, weights, chosen, weight, temperature: float, normalise: bool, grad_x=None,
-    grad_sums=None,
+    grad_sums=None, per_pair=False,
 ) -> torch.Tensor:  # fmt: skip
     """The scores' gradient ``d [T, N]`` (one launch); given fp32 ``grad_x [T, D]``, also ``d W`` written into it.
-    ``grad_sums``: ``(the LossSums, its stats' gradient)`` or None."""
+    ``grad_sums``: ``(the LossSums, its stats' gradient)`` or None. ``per_pair``: ``grad_weights`` holds the
+    chosen experts' only, ``[T, k]`` (zero elsewhere)."""
     tokens, num_experts = logits.shape
     grad_scores = torch.empty_like(logits)
     (grad_logits_ptr, grad_stats_ptr, token_weights_ptr), stats_rows, flags = loss_gradients(
@@ -347,7 +370,7 @@ def scores_gradient(
         logits, weights, chosen, weight, grad_scores, grad_x if grad_x is not None else grad_scores,
         grad_stats_ptr, token_weights_ptr, tokens, weight.shape[1], num_experts, temperature, stats_rows,
         K=chosen.shape[1], NORMALISE=normalise, GRAD_X=grad_x is not None, HAS_GRAD_WEIGHTS=grad_weights is not None,
-        **flags, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
+        PER_PAIR=per_pair, **flags, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
     )  # fmt: skip
     return grad_scores
 
