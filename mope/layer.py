@@ -224,8 +224,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         serves (see :meth:`~mope.routing.TopKRouter.kernel_applies`) with no capacity, routing each
         token, its own (no block routing), no hooks on it or the bank (analysis collectors read the
         router's output); fp32 LoRA experts with ``dispatch='triton'``, no dropout, no shared
-        experts. Under ``torch.compile`` only where every expert is computed (the custom op
-        ``mope::routed_layer``); where only the chosen experts pay, the modules' own ops.
+        experts. Under ``torch.compile`` too (the custom op ``mope::routed_layer``, or
+        ``mope::routed_grouped_layer`` where only the chosen experts are computed).
         """
         bank = self.mope_experts[adapter_name]
         if getattr(bank, "dispatch", None) != "triton" or adapter_name in self.mope_block:
@@ -237,11 +237,6 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             return False
         if router.capacity_factor is not None or router.level.name != "token":
             return False
-        if torch.compiler.is_compiling():
-            from .kernels.lora import grouped_pays
-
-            if grouped_pays(bank.num_experts, router.top_k):
-                return False
         if self.mope_settings[adapter_name].num_shared or hooked(router) or hooked(bank):
             return False
         return x.dtype == bank.lora_A.dtype == torch.float32 and router.kernel_applies(x)

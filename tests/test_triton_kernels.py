@@ -46,7 +46,7 @@ else:
     NOT_RUN = "no CUDA here: these run in the TRITON_INTERPRET=1 subprocess of test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100"
 battery = pytest.mark.skipif(not KERNELS_RUN, reason=NOT_RUN)
 refusal = pytest.mark.skipif(KERNELS_RUN, reason="the kernels run here: nothing is refused")
-KERNEL_MODULES = [f"mope.kernels.{name}" for name in ("lora", "grouped", "router", "layer", "decode")]
+KERNEL_MODULES = [f"mope.kernels.{name}" for name in ("lora", "grouped", "router", "layer_kernels", "decode")]
 LAUNCHES_FILE = "MOPE_KERNEL_LAUNCHES"  # set: the battery writes its distinct interpreted launches there
 
 
@@ -731,11 +731,39 @@ def test_layer_training_step_compiles_as_one_graph_and_equals_eager(launched):
 
 
 @battery
-def test_grouped_kernels_compile_as_one_graph_and_equal_eager(launched):
-    """N/k = 8: under torch.compile too only the chosen experts are computed (the grouped custom ops), with the
-    eager grouped kernels' output and every gradient (the gate weights' at the chosen experts only)."""
+def test_grouped_layer_compiles_as_one_graph_and_equals_eager(launched):
+    """N/k = 8: under torch.compile too only the chosen experts are computed, in the layer's one custom op
+    (mope::routed_grouped_layer) with the eager Function's launches, output and every gradient (the gate
+    weights' at the chosen experts only)."""
     compiled, eager = compiled_and_eager(16, launched)
-    assert launched.count("count_pairs") == 1 and "rank_down" not in launched  # sorted once, no masked kernel
+    forward, backward = ["top_k_route", "place_pairs", "grouped_pairs"], ["grouped_down", "top_k_route_backward"]
+    assert launched == [*forward, *backward, "grouped_gradients"]
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@battery
+@pytest.mark.parametrize("num_experts", [6, 16], ids=["every-expert", "grouped"])
+def test_the_compiled_layer_ops_pass_the_losses_gradients_through_logits_and_weights(num_experts):
+    """A loss reading the logits and the gate weights besides the output: compiled (one op) and eager gradients
+    agree for the input, the router and both factors."""
+    from mope.kernels.layer import routed_layer
+
+    g = torch.Generator().manual_seed(3)
+    x, router, base = (
+        torch.randn(*shape, generator=g).to(DEVICE) for shape in ((2, 7, 16), (num_experts, 16), (2, 7, 12))
+    )
+    lora_a, lora_b = (torch.randn(num_experts, 4, d, generator=g).to(DEVICE) for d in (16, 12))
+    coefs = torch.randn(2, num_experts, generator=g).to(DEVICE)
+    params = [t.requires_grad_() for t in (x, router, lora_a, lora_b)]
+
+    def loss(x, router, lora_a, lora_b):
+        out, logits, weights, *_ = routed_layer(x, router, lora_a, lora_b, base, 2, 1.0, True, 0.5)
+        return out.sum() + (logits * coefs[0]).sum() + (weights * coefs[1]).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(loss, backend=COMPILER, fullgraph=True)(*params), params)
+    eager = torch.autograd.grad(loss(*params), params)
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

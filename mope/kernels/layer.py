@@ -7,247 +7,38 @@ with every Triton launch made to run nothing, a tiny Llama's training step took 
 host time with the two Functions and 1.68x with this one (masked: 1.82x).
 
 Over every expert it also launches fewer kernels than the two Functions: 2 forward instead of 3 (the
-router's tiles and ``A_cat x``'s in one launch, :func:`route_down`) and 3 backward instead of 6 and an
-add (``s B_cat^T grad`` with the gate's gradient; the scores' gradient ``d``; then the input's gradient with
-the router's share ``d W`` and A's, B's and the router's weight gradients in one launch whose programs split
-between them, :func:`layer_gradients`), 2 where one tile holds every expert's ranks (N r <= 64, as at top-2
-of 8 with r = 8: the gate's gradient and from it the scores' in one launch, :func:`down_scores`). Over only
-the chosen experts it takes 3 launches and a sum forward (the router, which also counts each block's pairs per
-expert; the sort's placing; every pair's row, :func:`mope.kernels.grouped.grouped_pairs`) and 3 launches and a
-sum backward, no zero fill (:func:`chosen_expert_gradients`: the gate's gradient per pair, the scores', then
-the input's gradient per (token, expert) pair, with the router's ``d W`` on each token's first pair, and every
-weight gradient in one launch, :func:`grouped_gradients`).
+router's tiles and ``A_cat x``'s in one launch) and 3 backward instead of 6 and an add (``s B_cat^T grad``
+with the gate's gradient; the scores' gradient ``d``; then the input's gradient with the router's share
+``d W`` and A's, B's and the router's weight gradients in one launch whose programs split between them), 2
+where one tile holds every expert's ranks (N r <= 64, as at top-2 of 8 with r = 8: the gate's gradient and
+from it the scores' in one launch). Over only the chosen experts it takes 3 launches and a sum forward (the
+router, which also counts each block's pairs per expert; the sort's placing; every pair's row,
+:func:`mope.kernels.grouped.grouped_pairs`) and 3 launches and a sum backward, no zero fill
+(:func:`chosen_expert_gradients`: the gate's gradient per pair, the scores', then the input's gradient per
+(token, expert) pair, with the router's ``d W`` on each token's first pair, and every weight gradient in one
+launch). The merged kernels are in :mod:`mope.kernels.layer_kernels`.
 
 :meth:`mope.layer.MoPELayer.fuses` says when a layer takes it: one active adapter whose top-k
 router the router kernel serves (no capacity, token-level, no hooks), plain fp32 LoRA experts
 with no dropout, no shared experts. Its values and gradients are the two Functions'. Where the layer's
 only router losses are the default ones, its router launch also fills a :class:`mope.losses.LossSums` (their
-sums per block of tokens), so the losses read no logits (eager only). Under ``torch.compile`` the
-every-expert form runs as the custom ops ``mope::routed_layer`` and its backward (the same launches),
-so a compiled step calls one op per layer where the modules' ops made two.
+sums per block of tokens), so the losses read no logits (eager only). Under ``torch.compile`` the layer runs
+as one custom op, ``mope::routed_layer`` (every expert) or ``mope::routed_grouped_layer`` (only the chosen),
+and its backward op, with the same launches: a compiled step calls one op per layer where the modules' ops
+made two.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from ..losses import LossSums
 from . import grouped
-from .grid import cdiv, flat_rows
-from .grouped import GroupedState, grouped_forward, grouped_outer_tile, grouped_up_tile
-from .lora import BLOCK, Tiles, down, down_product, down_tile, gate_gradient, grouped_pays, outer_tile, up, up_tile
-from .router import (
-    expert_tile,
-    loss_gradients,
-    route,
-    route_gradients,
-    route_tile,
-    scores_gradient,
-    scores_gradient_tile,
-    scores_tile,
-)
-
-
-@triton.jit
-def route_down(
-    x_ptr, router_w_ptr, logits_ptr, weights_ptr, chosen_ptr, a_ptr, h_ptr, token_weights_ptr, stats_ptr,
-    tokens, width, num_experts, rank, temperature, expert_blocks,
-    K: tl.constexpr, NORMALISE: tl.constexpr, STATS: tl.constexpr, TOKEN_WEIGHTS: tl.constexpr, NP: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr,
-    BK: tl.constexpr,
-):  # fmt: skip
-    """The router's logits, weights and chosen experts, and ``h = A_cat x``, in one launch.
-
-    Axis 1: programs ``[0, expert_blocks)`` take ``h``'s expert tiles, the last one routes the same rows.
-    """
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    block = tl.program_id(1)
-    if block < expert_blocks:
-        down_tile(
-            x_ptr, a_ptr, h_ptr, h_ptr, h_ptr, rows, block * EB, tokens, width, num_experts, rank, 1.0,
-            False, DOT, PRECISION, BM, EB, RP, BK,
-        )  # fmt: skip
-    else:
-        route_tile(
-            x_ptr, router_w_ptr, logits_ptr, weights_ptr, chosen_ptr, token_weights_ptr, stats_ptr, rows, tokens,
-            width, num_experts, temperature, K, NORMALISE, STATS, TOKEN_WEIGHTS, BM, NP, BK,
-        )  # fmt: skip
-
-
-def routed_down(x, router_weight, a_cat, k: int, temperature: float, normalise: bool, tiles: Tiles, sums=None):
-    """:func:`route_down`: logits, weights ``[T, N]``, chosen experts ``[T, k]`` and ``h = A_cat x`` ``[T, N*r]``
-    (``a_cat``: ``[N*r, D]`` or ``[N, r, D]``, contiguous); ``sums``: a :class:`mope.losses.LossSums` to fill too."""
-    tokens, width = x.shape
-    num_experts = router_weight.shape[0]
-    logits = x.new_empty(tokens, num_experts)
-    weights = torch.empty_like(logits)
-    chosen = x.new_empty(tokens, k, dtype=torch.long)
-    h = x.new_empty(tokens, tiles.num_experts * tiles.rank)
-    stats, token_weights = sums.start(x, num_experts, BLOCK) if sums is not None else (logits, None)
-    route_down[(cdiv(tokens, BLOCK), tiles.expert_blocks + 1)](
-        x, router_weight, logits, weights, chosen, a_cat, h, logits if token_weights is None else token_weights,
-        stats, tokens, width, num_experts, tiles.rank, temperature, tiles.expert_blocks, K=k, NORMALISE=normalise,
-        STATS=sums is not None, TOKEN_WEIGHTS=token_weights is not None, NP=expert_tile(num_experts),
-        DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK,
-    )  # fmt: skip
-    return logits, weights, chosen, h
-
-
-@triton.jit
-def down_scores(
-    grad_out_ptr, b_ptr, grad_hg_ptr, h_ptr, grad_logits_ptr, logits_ptr, weights_ptr, chosen_ptr, grad_scores_ptr,
-    grad_stats_ptr, token_weights_ptr, tokens, d_out, num_experts, rank, scale, temperature, stats_rows,
-    K: tl.constexpr, NORMALISE: tl.constexpr, HAS_GRAD_LOGITS: tl.constexpr, HAS_GRAD_STATS: tl.constexpr,
-    TOKEN_WEIGHTS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, EB: tl.constexpr,
-    RP: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """``grad_hg = s * grad B_cat^T``, then from the gate's gradient (in registers) the scores' gradient ``d``, for one
-    block of rows, where one tile holds every expert (``EB >= N``): the launch :func:`rank_down` and
-    :func:`mope.kernels.router.top_k_route_backward` took in two."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    acc, cols, hg_ok = down_product(
-        grad_out_ptr, b_ptr, grad_hg_ptr, rows, 0, tokens, d_out, num_experts, rank, scale, DOT, PRECISION, BM, EB, RP,
-        BK,
-    )  # fmt: skip
-    g = gate_gradient(acc, h_ptr, rows, cols, hg_ok, num_experts * rank, BM, EB, RP)
-    experts = tl.arange(0, EB)
-    rows_ok, experts_ok = rows < tokens, experts < num_experts
-    tile = rows[:, None] * num_experts + experts[None, :]
-    tile_ok = rows_ok[:, None] & experts_ok[None, :]
-    d = scores_gradient_tile(
-        g, rows, experts, rows_ok, experts_ok, tile, tile_ok, grad_logits_ptr, logits_ptr, weights_ptr, chosen_ptr,
-        grad_stats_ptr, token_weights_ptr, tokens, num_experts, temperature, stats_rows, K, NORMALISE, True,
-        HAS_GRAD_LOGITS, HAS_GRAD_STATS, TOKEN_WEIGHTS,
-    )  # fmt: skip
-    tl.store(grad_scores_ptr + tile, d, mask=tile_ok)
-
-
-def down_with_scores(
-    grad_out, b_cat, h, logits, weights, chosen, grad_logits, grad_sums, temperature: float, normalise: bool,
-    scaling: float, tiles: Tiles, out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """:func:`down_scores`: ``s B_cat^T grad`` ``[T, N*r]`` and the scores' gradient ``d`` ``[T, N]`` in one launch
-    (``tiles.expert_blocks == 1``; the weights' gradient is the experts' alone: no loss read the weights)."""
-    tokens, d_out = grad_out.shape
-    grad_hg = grad_out.new_empty(tokens, tiles.num_experts * tiles.rank, dtype=out_dtype)
-    d = torch.empty_like(logits)
-    (grad_logits_ptr, grad_stats_ptr, token_weights_ptr), stats_rows, flags = loss_gradients(
-        logits, grad_logits, grad_sums
-    )
-    down_scores[(cdiv(tokens, BLOCK),)](
-        grad_out, b_cat, grad_hg, h, grad_logits_ptr, logits, weights, chosen, d, grad_stats_ptr, token_weights_ptr,
-        tokens, d_out, tiles.num_experts, tiles.rank, scaling, temperature, stats_rows, K=chosen.shape[1],
-        NORMALISE=normalise, **flags, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp,
-        BK=BLOCK,
-    )  # fmt: skip
-    return grad_hg, d
-
-
-@triton.jit
-def layer_gradients(
-    grad_hg_ptr, h_ptr, gate_ptr, x_ptr, grad_out_ptr, d_ptr, a_ptr, router_w_ptr, grad_x_ptr, grad_a_ptr, grad_b_ptr,
-    grad_w_ptr, tokens, d_in, d_out, num_experts, rank, router_experts, scale, a_programs, b_programs, w_programs,
-    ROUTER_X: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr,
-    RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr,
-):  # fmt: skip
-    """``grad_A = (grad_hg * g)^T x``, ``grad_B = s (h * g)^T grad_out``, ``grad_W = d^T x`` and the input's gradient
-    ``grad_x = (grad_hg * g) A_cat (+ d W with ROUTER_X)`` in one launch.
-
-    Axis 0: programs ``[0, a)`` take A's expert tiles, ``[a, a + b)`` B's, the next ``w`` (0 or 1) the router's, the
-    rest ``grad_x``'s blocks of rows; axis 1 tiles the columns of the wider input or output (a program past its own
-    width does nothing). The weight gradients sum over every token in few programs; ``grad_x``'s programs fill
-    the rest of the GPU in the same launch.
-    """
-    program, first = tl.program_id(0), tl.program_id(1) * BN
-    outs = first + tl.arange(0, BN)
-    if program < a_programs:
-        if first < d_in:
-            outer_tile(
-                grad_hg_ptr, gate_ptr, x_ptr, grad_a_ptr, program * EB, outs, tokens, d_in, num_experts, rank, 1.0,
-                DOT, PRECISION, BT, EB, RP, BN,
-            )  # fmt: skip
-    elif program < a_programs + b_programs:
-        if first < d_out:
-            outer_tile(
-                h_ptr, gate_ptr, grad_out_ptr, grad_b_ptr, (program - a_programs) * EB, outs, tokens, d_out,
-                num_experts, rank, scale, DOT, PRECISION, BT, EB, RP, BN,
-            )  # fmt: skip
-    elif program < a_programs + b_programs + w_programs:
-        if first < d_in:
-            scores_tile(d_ptr, x_ptr, grad_w_ptr, outs, tokens, d_in, router_experts, NP, BT, BN)
-    elif first < d_in:
-        rows = (program - a_programs - b_programs - w_programs) * BT + tl.arange(0, BT)
-        up_tile(
-            grad_hg_ptr, gate_ptr, a_ptr, grad_x_ptr, d_ptr, router_w_ptr, grad_x_ptr, rows, outs, tokens, d_in,
-            num_experts, rank, router_experts, 1.0, False, ROUTER_X, DOT, PRECISION, BT, EB, RP, BN, NP,
-        )  # fmt: skip
-
-
-def gradients_of_layer(
-    grad_hg, h, gate, x, grad_out, d, a_cat, b_cat, router_weight, scaling, tiles, needs, x_shape=None
-) -> tuple[torch.Tensor | None, ...]:  # fmt: skip
-    """:func:`layer_gradients`: the input's gradient (shaped ``x_shape``, default ``x``'s; with the router's share
-    ``d W`` where ``d`` is given), A's, B's and the router's weight gradients, None where ``needs`` (in that order)
-    says no."""
-    needs_x, needs_a, needs_b, needs_w = needs
-    a_programs = tiles.expert_blocks if needs_a else 0
-    b_programs = tiles.expert_blocks if needs_b else 0
-    (tokens, d_in), d_out = x.shape, grad_out.shape[1]
-    x_programs = cdiv(tokens, BLOCK) if needs_x else 0
-    if not (a_programs or b_programs or needs_w or x_programs):
-        return None, None, None, None
-    grad_x = x.new_empty(*(x_shape if x_shape is not None else x.shape)) if needs_x else None
-    grad_a = torch.empty_like(a_cat) if needs_a else None
-    grad_b = torch.empty_like(b_cat) if needs_b else None
-    grad_w = torch.empty_like(router_weight) if needs_w else None
-    grid = (a_programs + b_programs + int(needs_w) + x_programs, cdiv(max(d_in, d_out), BLOCK))
-    layer_gradients[grid](
-        grad_hg if grad_hg is not None else h, h, gate, x, grad_out, d if d is not None else gate, a_cat,
-        router_weight, *(g if g is not None else gate for g in (grad_x, grad_a, grad_b, grad_w)),
-        tokens, d_in, d_out, tiles.num_experts, tiles.rank, router_weight.shape[0], scaling, a_programs, b_programs,
-        int(needs_w), ROUTER_X=d is not None, DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, EB=tiles.eb,
-        RP=tiles.rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]),
-    )  # fmt: skip
-    return grad_x, grad_a, grad_b, grad_w
-
-
-@triton.jit
-def grouped_gradients(
-    grad_hg_ptr, h_ptr, gate_ptr, x_ptr, grad_out_ptr, dest_ptr, offsets_ptr, d_ptr, a_ptr, router_w_ptr,
-    pair_x_ptr, grad_a_ptr, grad_b_ptr, grad_w_ptr, tokens, d_in, d_out, num_experts, rank, k, router_experts, scale,
-    a_programs, b_programs, w_programs, ROUTER_X: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BT: tl.constexpr, BP: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr, NE: tl.constexpr,
-):  # fmt: skip
-    """:func:`layer_gradients` over only the chosen experts: A's and B's from each expert's (token, expert) pairs
-    (:func:`mope.kernels.grouped.grouped_outer`), the router's ``d^T x``, and the input's gradient per pair
-    (:func:`mope.kernels.grouped.grouped_up_tile`, each token's first pair with the router's ``d W``; the host sums
-    a token's k rows). Axis 0: one program per expert for A, then B, then the router's (0 or 1), then one per block
-    of ``BP`` sorted pairs."""
-    program, first = tl.program_id(0), tl.program_id(1) * BN
-    cols = first + tl.arange(0, BN)
-    if program < a_programs:
-        if first < d_in:
-            grouped_outer_tile(
-                grad_hg_ptr, gate_ptr, x_ptr, dest_ptr, offsets_ptr, grad_a_ptr, program, cols, d_in, rank, k, 1.0,
-                DOT, PRECISION, BT, RP, BN,
-            )  # fmt: skip
-    elif program < a_programs + b_programs:
-        if first < d_out:
-            grouped_outer_tile(
-                h_ptr, gate_ptr, grad_out_ptr, dest_ptr, offsets_ptr, grad_b_ptr, program - a_programs, cols, d_out,
-                rank, k, scale, DOT, PRECISION, BT, RP, BN,
-            )  # fmt: skip
-    elif program < a_programs + b_programs + w_programs:
-        if first < d_in:
-            scores_tile(d_ptr, x_ptr, grad_w_ptr, cols, tokens, d_in, router_experts, NP, BT, BN)
-    elif first < d_in:
-        grouped_up_tile(
-            grad_hg_ptr, gate_ptr, a_ptr, dest_ptr, pair_x_ptr, offsets_ptr, d_ptr, router_w_ptr,
-            program - a_programs - b_programs - w_programs, cols, d_in, rank, num_experts, k, router_experts, 1.0,
-            ROUTER_X, DOT, PRECISION, BP, RP, BN, NE, NP,
-        )  # fmt: skip
+from .grid import flat_rows
+from .grouped import GroupedState, Groups, grouped_forward
+from .layer_kernels import chosen_gradients, down_with_scores, gradients_of_layer, routed_down
+from .lora import MIN_DOT, Tiles, down, grouped_pays, up
+from .router import route, route_gradients, scores_gradient
 
 
 def chosen_expert_gradients(
@@ -281,34 +72,6 @@ def chosen_expert_gradients(
         [needs_x, needs_a, needs_b, needs_router and d is not None],
     )  # fmt: skip
     return [grad_x, grad_router, grad_a, grad_b]
-
-
-def chosen_gradients(grad_hg, h, gate, x, grad_out, d, lora_a, lora_b, router_weight, scaling, state, needs):
-    """:func:`grouped_gradients`: the input's gradient (fp32, a sum over each token's k pairs, as x is here; with the
-    router's ``d W`` where ``d`` is given), A's, B's and the router's, None where ``needs`` (in that order) says no."""
-    groups, tiles = state.groups, state.tiles
-    needs_x, needs_a, needs_b, needs_w = needs
-    a_programs = tiles.num_experts if needs_a else 0
-    b_programs = tiles.num_experts if needs_b else 0
-    x_programs = groups.num_blocks if needs_x else 0
-    if not (a_programs or b_programs or needs_w or x_programs):
-        return None, None, None, None
-    (tokens, d_in), d_out, k = x.shape, grad_out.shape[1], groups.shape[1]
-    pair_x = x.new_empty(tokens * k, d_in, dtype=torch.float32) if needs_x else None
-    grad_a = torch.empty_like(lora_a) if needs_a else None
-    grad_b = torch.empty_like(lora_b) if needs_b else None
-    grad_w = torch.empty_like(router_weight) if needs_w else None
-    grid = (a_programs + b_programs + int(needs_w) + x_programs, cdiv(max(d_in, d_out), BLOCK))
-    grouped_gradients[grid](
-        grad_hg if grad_hg is not None else h, h, gate, x, grad_out, groups.dest, groups.offsets,
-        d if d is not None else gate, lora_a, router_weight,
-        *(g if g is not None else gate for g in (pair_x, grad_a, grad_b, grad_w)),
-        tokens, d_in, d_out, tiles.num_experts, tiles.rank, k, router_weight.shape[0], scaling, a_programs,
-        b_programs, int(needs_w), ROUTER_X=d is not None, DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK,
-        BP=grouped.BLOCK, RP=state.rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]), NE=groups.np,
-    )  # fmt: skip
-    grad_x = pair_x.view(tokens, k, d_in).sum(1) if needs_x else None
-    return grad_x, grad_a, grad_b, grad_w
 
 
 def every_expert_gradients(
@@ -434,7 +197,7 @@ class RoutedLayer(torch.autograd.Function):
         return None if grad_x is None else grad_x.view(*x_shape), grad_router, grad_a, grad_b, grad_base, *(None,) * 6
 
 
-# torch.compile: the every-expert form as custom ops (why custom ops: mope.kernels.lora) -------------------
+# torch.compile: the every-expert form as custom ops (why custom ops: mope.kernels.lora) -----------------
 
 
 @torch.library.custom_op("mope::routed_layer", mutates_args=())
@@ -500,6 +263,83 @@ def routed_layer_op_backward(ctx, grad_out, grad_logits, grad_weights, grad_chos
 routed_layer_op.register_autograd(routed_layer_op_backward, setup_context=save_for_layer_backward)
 
 
+# the grouped form (only the chosen experts) as custom ops: its forward also returns what the backward rebuilds
+# the sort from (the gate weights and h per sorted pair, dest and offsets), as mope::grouped_lora does
+
+
+@torch.library.custom_op("mope::routed_grouped_layer", mutates_args=())
+def routed_grouped_layer_op(
+    x: torch.Tensor, router_weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, base: torch.Tensor,
+    k: int, temperature: float, normalise: bool, scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:  # fmt: skip
+    """:class:`RoutedLayer`'s grouped forward: the output, logits, weights, chosen experts, then per sorted pair the
+    gate weight and ``h``, and the sort's ``dest`` and ``offsets``."""
+    logits, weights, chosen, counted = route(x, router_weight, k, temperature, normalise, counts=True)
+    out, state, gate, h = grouped_forward(x, lora_a, lora_b, weights, base, chosen, scaling, counted)
+    return out, logits, weights, chosen, gate, h, state.groups.dest, state.groups.offsets
+
+
+@routed_grouped_layer_op.register_fake
+def routed_grouped_layer_shapes(x, router_weight, lora_a, lora_b, base, k, temperature, normalise, scaling):
+    tokens, (num_experts, rank, _) = x.shape[0], lora_a.shape
+    logits, pairs = x.new_empty(tokens, router_weight.shape[0]), tokens * k
+    chosen = x.new_empty(tokens, k, dtype=torch.long)
+    sort = chosen.new_empty(pairs), chosen.new_empty(num_experts + 1)
+    return base.new_empty(base.shape), logits, torch.empty_like(logits), chosen, x.new_empty(pairs), \
+        x.new_empty(pairs, rank), *sort  # fmt: skip
+
+
+@torch.library.custom_op("mope::routed_grouped_layer_backward", mutates_args=())
+def routed_grouped_layer_backward_op(
+    grad_out: torch.Tensor, grad_logits: torch.Tensor | None, grad_weights: torch.Tensor | None, x: torch.Tensor,
+    router_weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, logits: torch.Tensor,
+    weights: torch.Tensor, chosen: torch.Tensor, gate: torch.Tensor, h: torch.Tensor, dest: torch.Tensor,
+    offsets: torch.Tensor, temperature: float, normalise: bool, scaling: float, needs: list[bool],
+) -> list[torch.Tensor]:  # fmt: skip
+    """:func:`chosen_expert_gradients` as an op: an empty tensor where a gradient is not needed."""
+    (num_experts, rank, _), (tokens, k) = lora_a.shape, chosen.shape
+    tiles = Tiles.of(num_experts, rank, x.dtype, grad_out.dtype)
+    state = GroupedState(Groups(dest, offsets, gate, tokens, k), tiles, max(MIN_DOT, tiles.rp))
+    grads = chosen_expert_gradients(
+        grad_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h,
+        temperature, normalise, scaling, state, needs,
+    )  # fmt: skip
+    return [x.new_empty(0) if g is None else g for g in grads]
+
+
+@routed_grouped_layer_backward_op.register_fake
+def routed_grouped_layer_backward_shapes(grad_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, *rest):
+    needs = rest[-1]
+    shaped = (x, router_weight, lora_a, lora_b)
+    return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(shaped, needs, strict=True)]
+
+
+def save_for_grouped_layer_backward(ctx, inputs, output) -> None:
+    x, router_weight, lora_a, lora_b, base, _, temperature, normalise, scaling = inputs
+    ctx.save_for_backward(x, router_weight, lora_a, lora_b, *output[1:])
+    ctx.settings = temperature, normalise, scaling
+    ctx.base_dtype = base.dtype
+
+
+def routed_grouped_layer_op_backward(ctx, grad_out, grad_logits, grad_weights, *unused):
+    x, router_weight, lora_a, lora_b, *saved = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:4])
+    grad_base = grad_out if ctx.needs_input_grad[4] else None
+    if grad_out is None:  # only the losses' gradients: the experts' part is zero (in the base output's dtype)
+        grad_out = x.new_zeros(x.shape[0], lora_b.shape[2], dtype=ctx.base_dtype)
+    grads = routed_grouped_layer_backward_op(
+        grad_out.contiguous(), grad_logits, grad_weights, x, router_weight, lora_a, lora_b, *saved, *ctx.settings,
+        needs,
+    )  # fmt: skip
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), grad_base, *(None,) * 4
+
+
+routed_grouped_layer_op.register_autograd(
+    routed_grouped_layer_op_backward, setup_context=save_for_grouped_layer_backward
+)
+
+
 def routed_layer(
     x: torch.Tensor,
     router_weight: torch.Tensor,
@@ -529,11 +369,17 @@ def routed_layer(
         if not routing:
             return outputs[0], None, None, None, outputs[1] if sums is not None else None
         return outputs if sums is not None else (*outputs, None)
-    n, r, d_in = lora_A.shape  # compiled: every expert (MoPELayer.fuses leaves the grouped case to the modules)
+    n, r, d_in = lora_A.shape  # compiled: one op, the grouped form's or every expert's
     flat, base = x.reshape(-1, d_in).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
-    a_cat, b_cat = lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1)
-    out, logits, weights, chosen, _ = routed_layer_op(
-        flat, weight, a_cat, b_cat, base, k, float(temperature), normalise, scaling, n
-    )
+    if grouped_pays(n, k):
+        factors = lora_A.contiguous(), lora_B.contiguous()
+        out, logits, weights, chosen, *_ = routed_grouped_layer_op(
+            flat, weight, *factors, base, k, float(temperature), normalise, scaling
+        )
+    else:
+        a_cat, b_cat = lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1)
+        out, logits, weights, chosen, _ = routed_layer_op(
+            flat, weight, a_cat, b_cat, base, k, float(temperature), normalise, scaling, n
+        )
     lead = x.shape[:-1]
     return out.view(*base_out.shape), logits.view(*lead, n), weights.view(*lead, n), chosen.view(*lead, k), None
