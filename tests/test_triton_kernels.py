@@ -12,6 +12,7 @@ On CUDA (without the variable) they run here. The refusals run where the kernels
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -744,9 +745,10 @@ def test_grouped_layer_compiles_as_one_graph_and_equals_eager(launched):
 
 @battery
 @pytest.mark.parametrize("num_experts", [6, 16], ids=["every-expert", "grouped"])
-def test_the_compiled_layer_ops_pass_the_losses_gradients_through_logits_and_weights(num_experts):
-    """A loss reading the logits and the gate weights besides the output: compiled (one op) and eager gradients
-    agree for the input, the router and both factors."""
+@pytest.mark.parametrize("output", [True, False], ids=["and-output", "losses-only"])
+def test_the_compiled_layer_ops_pass_the_losses_gradients_through_logits_and_weights(num_experts, output):
+    """A loss reading the logits and the gate weights, besides the output or alone: compiled (one op) and eager
+    gradients agree for the input, the router and both factors."""
     from mope.kernels.layer import routed_layer
 
     g = torch.Generator().manual_seed(3)
@@ -759,11 +761,13 @@ def test_the_compiled_layer_ops_pass_the_losses_gradients_through_logits_and_wei
 
     def loss(x, router, lora_a, lora_b):
         out, logits, weights, *_ = routed_layer(x, router, lora_a, lora_b, base, 2, 1.0, True, 0.5)
-        return out.sum() + (logits * coefs[0]).sum() + (weights * coefs[1]).square().sum()
+        losses = (logits * coefs[0]).sum() + (weights * coefs[1]).square().sum()
+        return losses + out.sum() if output else losses  # alone: the output gets no gradient
 
     torch._dynamo.reset()
-    compiled = torch.autograd.grad(torch.compile(loss, backend=COMPILER, fullgraph=True)(*params), params)
-    eager = torch.autograd.grad(loss(*params), params)
+    grads = functools.partial(torch.autograd.grad, inputs=params, materialize_grads=True)  # unused: zeros
+    compiled = grads(torch.compile(loss, backend=COMPILER, fullgraph=True)(*params))
+    eager = grads(loss(*params))
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

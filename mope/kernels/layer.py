@@ -233,31 +233,38 @@ def routed_layer_backward_op(
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
-@routed_layer_backward_op.register_fake
-def routed_layer_backward_shapes(grad_out, grad_logits, grad_weights, x, router_weight, a_cat, b_cat, *rest):
+def layer_gradient_shapes(grad_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, *rest):
+    """Either layer op's backward on fake tensors: the gradients of x, the router and both factors, or empty."""
     needs = rest[-1]
-    shaped = (x, router_weight, a_cat, b_cat)
+    shaped = (x, router_weight, lora_a, lora_b)
     return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(shaped, needs, strict=True)]
 
 
+routed_layer_backward_op.register_fake(layer_gradient_shapes)
+
+
 def save_for_layer_backward(ctx, inputs, output) -> None:
-    x, router_weight, a_cat, b_cat, _, _, temperature, normalise, scaling, num_experts = inputs
-    ctx.save_for_backward(x, router_weight, a_cat, b_cat, *output[1:])
-    ctx.settings = temperature, normalise, scaling, num_experts
-    ctx.base_dtype = inputs[4].dtype
+    """Either layer op's: x, the router and both factors, then what the forward returned after the output; its
+    settings (the inputs after base and k)."""
+    ctx.save_for_backward(*inputs[:4], *output[1:])
+    ctx.settings, ctx.base_dtype = inputs[6:], inputs[4].dtype
 
 
-def routed_layer_op_backward(ctx, grad_out, grad_logits, grad_weights, grad_chosen, grad_h):
-    x, router_weight, a_cat, b_cat, logits, weights, chosen, h = ctx.saved_tensors
+def layer_op_gradients(backward_op, ctx, grad_out, grad_logits, grad_weights) -> tuple:
+    """Either layer op's registered backward, through its backward op: one gradient per input."""
+    saved = ctx.saved_tensors
+    x, lora_b = saved[0], saved[3]
     needs = list(ctx.needs_input_grad[:4])
     grad_base = grad_out if ctx.needs_input_grad[4] else None
     if grad_out is None:  # only the losses' gradients: the experts' part is zero (in the base output's dtype)
-        grad_out = x.new_zeros(x.shape[0], b_cat.shape[1], dtype=ctx.base_dtype)
-    grads = routed_layer_backward_op(
-        grad_out.contiguous(), grad_logits, grad_weights, x, router_weight, a_cat, b_cat, logits, weights, chosen,
-        h, *ctx.settings, needs,
-    )  # fmt: skip
-    return *(g if need else None for g, need in zip(grads, needs, strict=True)), grad_base, *(None,) * 5
+        grad_out = x.new_zeros(x.shape[0], lora_b.shape[-1], dtype=ctx.base_dtype)
+    grads = backward_op(grad_out.contiguous(), grad_logits, grad_weights, *saved, *ctx.settings, needs)
+    unused = len(ctx.needs_input_grad) - 5
+    return *(g if need else None for g, need in zip(grads, needs, strict=True)), grad_base, *(None,) * unused
+
+
+def routed_layer_op_backward(ctx, grad_out, grad_logits, grad_weights, *unused):
+    return layer_op_gradients(routed_layer_backward_op, ctx, grad_out, grad_logits, grad_weights)
 
 
 routed_layer_op.register_autograd(routed_layer_op_backward, setup_context=save_for_layer_backward)
@@ -308,36 +315,14 @@ def routed_grouped_layer_backward_op(
     return [x.new_empty(0) if g is None else g for g in grads]
 
 
-@routed_grouped_layer_backward_op.register_fake
-def routed_grouped_layer_backward_shapes(grad_out, grad_logits, grad_weights, x, router_weight, lora_a, lora_b, *rest):
-    needs = rest[-1]
-    shaped = (x, router_weight, lora_a, lora_b)
-    return [t.new_empty(t.shape) if need else x.new_empty(0) for t, need in zip(shaped, needs, strict=True)]
-
-
-def save_for_grouped_layer_backward(ctx, inputs, output) -> None:
-    x, router_weight, lora_a, lora_b, base, _, temperature, normalise, scaling = inputs
-    ctx.save_for_backward(x, router_weight, lora_a, lora_b, *output[1:])
-    ctx.settings = temperature, normalise, scaling
-    ctx.base_dtype = base.dtype
+routed_grouped_layer_backward_op.register_fake(layer_gradient_shapes)
 
 
 def routed_grouped_layer_op_backward(ctx, grad_out, grad_logits, grad_weights, *unused):
-    x, router_weight, lora_a, lora_b, *saved = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:4])
-    grad_base = grad_out if ctx.needs_input_grad[4] else None
-    if grad_out is None:  # only the losses' gradients: the experts' part is zero (in the base output's dtype)
-        grad_out = x.new_zeros(x.shape[0], lora_b.shape[2], dtype=ctx.base_dtype)
-    grads = routed_grouped_layer_backward_op(
-        grad_out.contiguous(), grad_logits, grad_weights, x, router_weight, lora_a, lora_b, *saved, *ctx.settings,
-        needs,
-    )  # fmt: skip
-    return *(g if need else None for g, need in zip(grads, needs, strict=True)), grad_base, *(None,) * 4
+    return layer_op_gradients(routed_grouped_layer_backward_op, ctx, grad_out, grad_logits, grad_weights)
 
 
-routed_grouped_layer_op.register_autograd(
-    routed_grouped_layer_op_backward, setup_context=save_for_grouped_layer_backward
-)
+routed_grouped_layer_op.register_autograd(routed_grouped_layer_op_backward, setup_context=save_for_layer_backward)
 
 
 def routed_layer(
