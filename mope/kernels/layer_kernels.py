@@ -173,7 +173,8 @@ def gradients_of_layer(
     grid = (a_programs + b_programs + int(needs_w) + x_programs, cdiv(max(d_in, d_out), BLOCK))
     layer_gradients[grid](
         grad_hg if grad_hg is not None else h, h, gate, x, grad_out, d if d is not None else gate, a_cat,
-        router_weight, *(g if g is not None else gate for g in (grad_x, grad_a, grad_b, grad_w)),
+        router_weight, grad_x if needs_x else gate, grad_a if needs_a else gate, grad_b if needs_b else gate,
+        grad_w if needs_w else gate,  # gate: a pointer for the outputs not written (no generator: host work)
         tokens, d_in, d_out, tiles.num_experts, tiles.rank, router_weight.shape[0], scaling, a_programs, b_programs,
         int(needs_w), ROUTER_X=d is not None, DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, EB=tiles.eb,
         RP=tiles.rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]),
@@ -237,7 +238,8 @@ def chosen_gradients(grad_hg, h, gate, x, grad_out, d, lora_a, lora_b, router_we
     grouped_gradients[grid](
         grad_hg if grad_hg is not None else h, h, gate, x, grad_out, groups.dest, groups.offsets,
         d if d is not None else gate, lora_a, router_weight,
-        *(g if g is not None else gate for g in (pair_x, grad_a, grad_b, grad_w)),
+        pair_x if needs_x else gate, grad_a if needs_a else gate, grad_b if needs_b else gate,
+        grad_w if needs_w else gate,
         tokens, d_in, d_out, tiles.num_experts, tiles.rank, k, router_weight.shape[0], scaling, a_programs,
         b_programs, int(needs_w), ROUTER_X=d is not None, DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK,
         BP=grouped.BLOCK, RP=state.rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]), NE=groups.np,

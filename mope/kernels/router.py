@@ -381,7 +381,11 @@ def loss_gradients(logits, grad_logits, grad_sums) -> tuple[tuple, int, dict[str
     sums' rows per block, and the flags saying which are real."""
     sums, grad_stats = grad_sums if grad_sums is not None else (None, None)
     token_weights = None if sums is None else sums.token_weights
-    pointers = tuple(logits if t is None else t.contiguous() for t in (grad_logits, grad_stats, token_weights))
+    pointers = (  # the token weights are the losses' own, contiguous
+        logits if grad_logits is None else grad_logits.contiguous(),
+        logits if grad_stats is None else grad_stats.contiguous(),
+        logits if token_weights is None else token_weights,
+    )
     flags = {
         "HAS_GRAD_LOGITS": grad_logits is not None,
         "HAS_GRAD_STATS": grad_stats is not None,
