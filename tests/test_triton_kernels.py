@@ -395,6 +395,21 @@ def test_grouped_fp32_outputs_and_every_gradient_equal_masked(token_dims, n, r):
 
 
 @battery
+def test_the_grouped_forward_over_several_column_spans_equals_masked(monkeypatch):
+    """Each program of the grouped forward takes a span of the output's columns, computing its block's h again
+    (the first span stores it): 150 columns in spans of 64, 64 and 22."""
+    from mope.kernels import grouped
+
+    monkeypatch.setattr(grouped, "COLUMN_SPAN", 64)
+    inputs = flat_inputs(torch.float32, torch.float32, (3, 7), 9, 4, d_out=150)
+    chosen = chosen_of(inputs[3])
+    got = with_chosen(grouped_lora, inputs, chosen)
+    want = at_chosen(with_chosen(lora_masked, inputs, chosen), chosen)
+    for name, g, w in zip(["out", "x", "lora_A", "lora_B", "weights", "base_out"], got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=3e-5, msg=name)
+
+
+@battery
 @pytest.mark.parametrize("tokens, k, n", [(300, 2, 40), (5, 3, 9), (1, 1, 1), (1000, 2, 300)])
 def test_groups_sort_the_pairs_stably_by_expert(tokens, k, n):
     """The counting sort equals torch's stable sort: pairs, offsets and gate weights. Half the experts chosen

@@ -289,7 +289,10 @@ def place_pairs(
 
 
 SORT_TILE = 8192  # pairs (or blocks) x experts (padded) a program of the sort kernels holds at once
-COLUMN_SPAN = 512  # output columns per program of grouped_pairs (each program recomputes its block's h): untuned
+# output columns per program of grouped_pairs: each program computes its block's h = A_e x again, reading its
+# pairs' rows of x, so more spans mean more parallel programs but x read once per span (untuned; one span up to
+# 2048 columns, as the projections of a 1024-wide model)
+COLUMN_SPAN = 2048
 
 
 class Groups:
