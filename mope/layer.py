@@ -15,7 +15,7 @@ from .base_layers import supported_base_layer as supported_base_layer  # tuner.p
 from .experts import EXPERT_BANKS
 from .experts.lora import LoRAExpertBank
 from .kernels import triton_unavailable
-from .losses import AUX_LOSSES, SUMMED_LOSSES, LossSums, cached_token_weights
+from .losses import AUX_LOSSES, SUMMED_LOSSES, AuxLoss, LossSums, cached_token_weights
 from .peft_compat import PEFT_KEEPS_FROZEN
 from .routing import ROUTERS, RoutingInputs
 from .routing.base import full_softmax
@@ -42,7 +42,8 @@ class AdapterSettings:
     num_experts: int
     num_shared: int
     top_k: int
-    aux_losses: tuple[str, ...]
+    aux_losses: tuple[AuxLoss, ...]  # those with a nonzero coefficient
+    summed_losses: bool  # all of them are ones the router kernel's sums serve (mope.losses.LossSums)
 
 
 @dataclass
@@ -128,8 +129,9 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         if hasattr(bank, "active_experts"):  # dispatch hint (mope.dispatch.auto_dispatch): nonzeros per token
             most_k = max(top_k, config.router_schedule_start_top_k or 0)
             bank.active_experts = min(num_experts, most_k + num_shared) if router.sparse_weights else num_experts
-        aux_losses = tuple(loss.name for loss in AUX_LOSSES if getattr(config, loss.coef_field) != 0)
-        self.mope_settings[adapter_name] = AdapterSettings(num_experts, num_shared, top_k, aux_losses)
+        aux_losses = tuple(loss for loss in AUX_LOSSES if getattr(config, loss.coef_field) != 0)
+        summed = SUMMED_LOSSES.issuperset(loss.name for loss in aux_losses)
+        self.mope_settings[adapter_name] = AdapterSettings(num_experts, num_shared, top_k, aux_losses, summed)
         if config.freeze_experts:  # PEFT re-freezes these after each set_adapter and mark-trainable pass
             self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: ("mope_experts",)}
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -257,9 +259,10 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         recording = ctx is not None and self.training
         if not recording and decodes(adapter_x):
             return routed_decode(adapter_x, *operands, bank.scaling)
-        wanted = self.mope_settings[adapter_name].aux_losses if recording else ()  # nothing else reads the routing
+        settings = self.mope_settings[adapter_name]
+        wanted = settings.aux_losses if recording else ()  # nothing else reads the routing
         # the router kernel sums what the default losses need (not the compiled op); those read only the mask
-        summing = bool(wanted) and SUMMED_LOSSES.issuperset(wanted) and not torch.compiler.is_compiling()
+        summing = bool(wanted) and settings.summed_losses and not torch.compiler.is_compiling()
         if summing and inputs is None:
             inputs = RoutingInputs(token_mask=ctx.token_mask(self.mask_key, x.shape[:-1]))
         elif wanted and inputs is None:
@@ -322,14 +325,10 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         No loss op runs here, so a gradient-checkpointing recomputation (which ``ctx.record``
         ignores) runs exactly the ops of the forward.
         """
-        wanted = self.mope_settings[adapter_name].aux_losses
-        if not wanted:
-            return
-        for loss in AUX_LOSSES:
-            if loss.name in wanted:
-                # a loss that needs more than the mask (e.g. group labels) gets it from the inputs and router
-                extra = loss.extra(inputs, self.router_for(adapter_name)) if loss.extra is not None else {}
-                ctx.record(LossRecord(adapter_name, loss.name, routing, inputs.token_mask, extra))
+        for loss in self.mope_settings[adapter_name].aux_losses:
+            # a loss that needs more than the mask (e.g. group labels) gets it from the inputs and router
+            extra = loss.extra(inputs, self.router_for(adapter_name)) if loss.extra is not None else {}
+            ctx.record(LossRecord(adapter_name, loss.name, routing, inputs.token_mask, extra))
 
     # folding into the base weight (PEFT calls it merging: merge, unmerge, merge_and_unload) ------
 
