@@ -955,6 +955,26 @@ def test_a_grouped_layer_training_step_launches_three_kernels_each_way_and_fills
     assert fills.ops == []
 
 
+@battery
+def test_a_grouped_layer_with_many_experts_sorts_with_its_own_counts_and_equals_masked(launched):
+    """N = 256 at top-2: a block of the router's pairs by every expert is more than a sort program holds, so the
+    sort counts the pairs in its own launch, as the unfused kernels do; output and gradients equal masked's."""
+    layer = mope_layer("top_k", num_experts=256).train()
+    x = torch.randn(3, 5, 16, device=DEVICE, requires_grad=True)
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    results = {}
+    for dispatch in ("triton", "masked"):
+        mope.set_dispatch(layer, dispatch)
+        launched.clear()
+        out = layer(x)
+        forward = list(launched)
+        results[dispatch] = [out, *torch.autograd.grad(out.square().sum(), params)]
+        if dispatch == "triton":
+            assert forward == ["top_k_route", "count_pairs", "place_pairs", "grouped_pairs"]
+    for got, want in zip(results["triton"], results["masked"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def launched(monkeypatch) -> list[str]:
     """The names of the Triton kernels launched while the test runs, in order."""

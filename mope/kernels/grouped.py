@@ -295,6 +295,13 @@ SORT_TILE = 8192  # pairs (or blocks) x experts (padded) a program of the sort k
 COLUMN_SPAN = 2048
 
 
+def counts_fit(num_experts: int, k: int, tokens_per_block: int) -> bool:
+    """Whether :func:`place_pairs` can take counts per block of ``tokens_per_block`` tokens (as the router's launch
+    fills them): a program then holds a block's pairs by every expert, both padded to powers of two, which stays
+    within ``SORT_TILE`` as :func:`count_pairs`' blocks do (at top-2 up to N = 64 with the router's 32 tokens)."""
+    return next_power_of_2(tokens_per_block * k) * next_power_of_2(num_experts) <= SORT_TILE
+
+
 class Groups:
     """The pairs of ``chosen [T, k]`` sorted by expert, and their gate weights (see :func:`sort_pairs`).
 

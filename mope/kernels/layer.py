@@ -38,6 +38,7 @@ from .grid import flat_rows
 from .grouped import GroupedState, Groups, grouped_forward
 from .layer_kernels import chosen_gradients, down_with_scores, gradients_of_layer, routed_down
 from .lora import MIN_DOT, Tiles, down, grouped_pays, up
+from .router import BLOCK as ROUTER_BLOCK
 from .router import route, route_gradients, scores_gradient
 
 
@@ -72,6 +73,14 @@ def chosen_expert_gradients(
         [needs_x, needs_a, needs_b, needs_router and d is not None],
     )  # fmt: skip
     return [grad_x, grad_router, grad_a, grad_b]
+
+
+def route_and_count(x, router_weight, k: int, temperature: float, normalise: bool, sums=None):
+    """:func:`mope.kernels.router.route`'s logits, weights and chosen experts, and the counts of each block's pairs
+    per expert for the grouped sort where it can take them (:func:`mope.kernels.grouped.counts_fit`), else None."""
+    if grouped.counts_fit(router_weight.shape[0], k, ROUTER_BLOCK):
+        return route(x, router_weight, k, temperature, normalise, sums, counts=True)
+    return *route(x, router_weight, k, temperature, normalise, sums), None
 
 
 def every_expert_gradients(
@@ -139,7 +148,7 @@ class RoutedLayer(torch.autograd.Function):
         n, r, _ = lora_a.shape
         flat, flat_base = flat_rows(x), flat_rows(base)
         if grouped_pays(n, k):  # only the chosen experts (mope.kernels.grouped)
-            logits, weights, chosen, counted = route(flat, router_weight, k, temperature, normalise, sums, True)
+            logits, weights, chosen, counted = route_and_count(flat, router_weight, k, temperature, normalise, sums)
             lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
             out, experts, gate, h = grouped_forward(flat, lora_a, lora_b, weights, flat_base, chosen, scaling, counted)
             out = out.view(*base.shape)
@@ -282,7 +291,7 @@ def routed_grouped_layer_op(
            torch.Tensor]:  # fmt: skip
     """:class:`RoutedLayer`'s grouped forward: the output, logits, weights, chosen experts, then per sorted pair the
     gate weight and ``h``, and the sort's ``dest`` and ``offsets``."""
-    logits, weights, chosen, counted = route(x, router_weight, k, temperature, normalise, counts=True)
+    logits, weights, chosen, counted = route_and_count(x, router_weight, k, temperature, normalise)
     out, state, gate, h = grouped_forward(x, lora_a, lora_b, weights, base, chosen, scaling, counted)
     return out, logits, weights, chosen, gate, h, state.groups.dest, state.groups.offsets
 
