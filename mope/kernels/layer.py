@@ -12,11 +12,11 @@ with the gate's gradient; the scores' gradient ``d``; then the input's gradient 
 ``d W`` and A's, B's and the router's weight gradients in one launch whose programs split between them), 2
 where one tile holds every expert's ranks (N r <= 64, as at top-2 of 8 with r = 8: the gate's gradient and
 from it the scores' in one launch). Over only the chosen experts it takes 3 launches and a sum forward (the
-router, which also counts each block's pairs per expert; the sort's placing; every pair's row,
-:func:`mope.kernels.grouped.grouped_pairs`) and 3 launches and a sum backward, no zero fill
-(:func:`chosen_expert_gradients`: the gate's gradient per pair, the scores', then the input's gradient per
-(token, expert) pair, with the router's ``d W`` on each token's first pair, and every weight gradient in one
-launch). The merged kernels are in :mod:`mope.kernels.layer_kernels`.
+router, which also counts each block's pairs per expert where the sort can take them; the sort's placing;
+every pair's row, :func:`mope.kernels.grouped.grouped_pairs`) and 3 launches and a sum backward, no zero
+fill (:func:`chosen_expert_gradients`: the gate's gradient per pair, the scores', then the input's gradient
+per (token, expert) pair, with the router's ``d W`` on each token's first pair, and every weight gradient in
+one launch). The merged kernels are in :mod:`mope.kernels.layer_kernels`.
 
 :meth:`mope.layer.MoPELayer.fuses` says when a layer takes it: one active adapter whose top-k
 router the router kernel serves (no capacity, token-level, no hooks), plain fp32 LoRA experts
