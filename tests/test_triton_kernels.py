@@ -430,11 +430,16 @@ def test_groups_sort_the_pairs_stably_by_expert(tokens, k, n):
 
 @battery
 @pytest.mark.parametrize("tokens, k", [(100, 3), (64, 2)])
-def test_the_routers_counts_sort_the_pairs_as_the_counting_kernel_does(tokens, k):
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "running-sums"])
+def test_the_routers_counts_sort_the_pairs_as_the_counting_kernel_does(tokens, k, scan, monkeypatch):
     """The router's launch counts each block's pairs (32 tokens: 96 pairs at k = 3, not a power of two; 100 tokens
-    end in a partial block), and the sort from those counts equals torch's stable sort."""
+    end in a partial block), and the sort from those counts equals torch's stable sort, whether its programs scan
+    the counts or (many blocks; here forced) read their running sums."""
+    from mope.kernels import grouped
     from mope.kernels.grouped import sort_pairs
     from mope.kernels.router import route
+
+    monkeypatch.setattr(grouped, "SCAN_BLOCKS", grouped.SCAN_BLOCKS if scan else 1)
 
     g = torch.Generator().manual_seed(1)
     x, weight = torch.randn(tokens, 24, generator=g).to(DEVICE), torch.randn(40, 24, generator=g).to(DEVICE)

@@ -249,29 +249,36 @@ def count_pairs(chosen_ptr, counts_ptr, pairs, num_experts, BP: tl.constexpr, NP
 
 @triton.jit
 def place_pairs(
-    chosen_ptr, counts_ptr, weights_ptr, offsets_ptr, dest_ptr, gate_ptr, pairs, per_block, count_blocks,
-    num_experts, k, BP: tl.constexpr, NP: tl.constexpr, BB: tl.constexpr,
+    chosen_ptr, counts_ptr, running_ptr, weights_ptr, offsets_ptr, dest_ptr, gate_ptr, pairs, per_block,
+    count_blocks, num_experts, k, RUNNING: tl.constexpr, BP: tl.constexpr, NP: tl.constexpr, BB: tl.constexpr,
 ):  # fmt: skip
     """A stable counting sort of the pairs by expert: each pair's token-major index ``dest`` and gate weight
     ``weights[token, e]`` go to ``offsets[e]`` + the pairs of e before it; the first program writes the offsets.
 
     ``counts [blocks, N]``: how many of each block of ``per_block`` pairs (``BP``: rounded up to a power of two)
     chose each expert (:func:`count_pairs`, or the router's launch). Each program sums the blocks' counts itself,
-    ``BB`` blocks at a time: the total and those before its own block.
+    ``BB`` blocks at a time: the total and those before its own block; with ``RUNNING`` (many blocks, where
+    that scan's reads grow as their square) it reads them from ``running``, the counts summed down the blocks.
     """
     block = tl.program_id(0)
     experts = tl.arange(0, NP)
     experts_ok = experts < num_experts
-    total = tl.zeros((NP,), dtype=tl.int32)
-    before = tl.zeros((NP,), dtype=tl.int32)
-    for b0 in range(0, count_blocks, BB):
-        blocks = b0 + tl.arange(0, BB)
-        counts = tl.load(
-            counts_ptr + blocks[:, None] * num_experts + experts[None, :],
-            mask=(blocks < count_blocks)[:, None] & experts_ok[None, :], other=0,
-        )  # fmt: skip
-        total += tl.sum(counts, axis=0)
-        before += tl.sum(tl.where((blocks < block)[:, None], counts, 0), axis=0)
+    if RUNNING:
+        total = tl.load(running_ptr + (count_blocks - 1) * num_experts + experts, mask=experts_ok, other=0)
+        row = block * num_experts + experts
+        own = tl.load(counts_ptr + row, mask=experts_ok, other=0)
+        before = tl.load(running_ptr + row, mask=experts_ok, other=0) - own  # the running sums include its own
+    else:
+        total = tl.zeros((NP,), dtype=tl.int32)
+        before = tl.zeros((NP,), dtype=tl.int32)
+        for b0 in range(0, count_blocks, BB):
+            blocks = b0 + tl.arange(0, BB)
+            counts = tl.load(
+                counts_ptr + blocks[:, None] * num_experts + experts[None, :],
+                mask=(blocks < count_blocks)[:, None] & experts_ok[None, :], other=0,
+            )  # fmt: skip
+            total += tl.sum(counts, axis=0)
+            before += tl.sum(tl.where((blocks < block)[:, None], counts, 0), axis=0)
     ends = tl.cumsum(total, 0)
     first = (block + 0 * experts) == 0  # a vector: a scalar bool in a mask is refused by Triton 3.9's interpreter
     tl.store(offsets_ptr + experts + 1, ends.to(tl.int64), mask=experts_ok & first)
@@ -293,6 +300,7 @@ SORT_TILE = 8192  # pairs (or blocks) x experts (padded) a program of the sort k
 # pairs' rows of x, so more spans mean more parallel programs but x read once per span (untuned; one span up to
 # 2048 columns, as the projections of a 1024-wide model)
 COLUMN_SPAN = 2048
+SCAN_BLOCKS = 256  # more blocks of counts: place_pairs reads their running sums (one torch cumsum), not each scan
 
 
 def counts_fit(num_experts: int, k: int, tokens_per_block: int) -> bool:
@@ -332,9 +340,11 @@ def sort_pairs(chosen: torch.Tensor, weights: torch.Tensor, counted=None) -> Gro
         counts, per_block = counted
     offsets, dest, gate = chosen.new_empty(num_experts + 1), chosen.new_empty(pairs), weights.new_empty(pairs)
     count_blocks = counts.shape[0]
+    running = count_blocks > SCAN_BLOCKS
     place_pairs[(count_blocks,)](
-        chosen, counts, weights, offsets, dest, gate, pairs, per_block, count_blocks, num_experts, k,
-        BP=next_power_of_2(per_block), NP=padded, BB=max(1, SORT_TILE // padded),
+        chosen, counts, counts.cumsum(0, dtype=torch.int32) if running else counts, weights, offsets, dest, gate,
+        pairs, per_block, count_blocks, num_experts, k, RUNNING=running, BP=next_power_of_2(per_block), NP=padded,
+        BB=max(1, SORT_TILE // padded),
     )  # fmt: skip
     return Groups(dest, offsets, gate, tokens, k)
 
