@@ -159,7 +159,8 @@ class RoutedLayer(torch.autograd.Function):
             out, logits, weights, chosen, h = every_expert_forward(*operands, sums, base.shape)
             gate = None  # the weights
         ctx.save_for_backward(flat, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h)
-        ctx.settings = temperature, normalise, scaling, experts, sums, routing, x.shape
+        layout = None if sums is None else sums.layout()  # not the stats, an output: see LossSums.layout
+        ctx.settings = temperature, normalise, scaling, experts, layout, routing, x.shape
         ctx.set_materialize_grads(False)  # outputs nothing reads get no zero-filled gradient
         outputs = (out,)
         if routing:
