@@ -88,13 +88,6 @@ class LossSums:
         self.stats = x.new_empty(-(-x.shape[0] // rows), 2 * num_experts + 1)
         return self.stats, self.token_weights
 
-    def layout(self) -> LossSums:
-        """The same token weights and rows without the stats: what a backward reads. An autograd Function that
-        returns the stats must not keep them on its context (the stats' grad_fn is that context: a cycle)."""
-        kept = LossSums(self.token_weights)
-        kept.rows = self.rows
-        return kept
-
 
 SUMMED_LOSSES = frozenset({"load_balancing", "z_loss"})  # the losses LossSums serves
 

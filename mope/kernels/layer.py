@@ -92,9 +92,10 @@ def every_expert_gradients(
     one tile holds every expert), then the input's gradient (experts' and router's ``d W``) and every weight
     gradient in one launch: 2 or 3 launches.
 
-    ``grad_logits`` / ``grad_weights`` ``[T, N]`` may be None (no loss read that output); ``grad_sums``:
-    ``(LossSums, the gradient of its stats)`` or None (:func:`mope.kernels.router.scores_gradient`). The weight
-    gradients take the shapes of ``a_cat`` and ``b_cat``, the input's ``x_shape`` (default: ``x``'s).
+    ``grad_logits`` / ``grad_weights`` ``[T, N]`` may be None (no loss read that output); ``grad_sums``: a
+    LossSums' ``(token weights, rows, the gradient of its stats)`` or None
+    (:func:`mope.kernels.router.scores_gradient`). The weight gradients take the shapes of ``a_cat`` and ``b_cat``,
+    the input's ``x_shape`` (default: ``x``'s).
     """
     needs_x, needs_router, needs_a, needs_b = needs
     routes = needs_x or needs_router
@@ -159,7 +160,9 @@ class RoutedLayer(torch.autograd.Function):
             out, logits, weights, chosen, h = every_expert_forward(*operands, sums, base.shape)
             gate = None  # the weights
         ctx.save_for_backward(flat, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h)
-        layout = None if sums is None else sums.layout()  # not the stats, an output: see LossSums.layout
+        # of the sums only what the backward reads: the stats are an output, whose grad_fn is this context (kept
+        # here, they made a cycle that a model's step never freed: every step leaked its layers' contexts)
+        layout = None if sums is None else (sums.token_weights, sums.rows)
         ctx.settings = temperature, normalise, scaling, experts, layout, routing, x.shape
         ctx.set_materialize_grads(False)  # outputs nothing reads get no zero-filled gradient
         outputs = (out,)
@@ -172,9 +175,9 @@ class RoutedLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *grad_rest):
         x, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h = ctx.saved_tensors
-        temperature, normalise, scaling, experts, sums, routing, x_shape = ctx.settings
+        temperature, normalise, scaling, experts, layout, routing, x_shape = ctx.settings
         grad_logits, grad_weights = grad_rest[:2] if routing else (None, None)
-        grad_sums = None if sums is None or grad_rest[-1] is None else (sums, grad_rest[-1])
+        grad_sums = None if layout is None or grad_rest[-1] is None else (*layout, grad_rest[-1])
         needs_x, needs_router, needs_a, needs_b, needs_base = ctx.needs_input_grad[:5]
         grad_weights = None if grad_weights is None else grad_weights.reshape(weights.shape)
         grad_logits = None if grad_logits is None else grad_logits.reshape(logits.shape)

@@ -358,8 +358,8 @@ def scores_gradient(
     grad_sums=None, per_pair=False,
 ) -> torch.Tensor:  # fmt: skip
     """The scores' gradient ``d [T, N]`` (one launch); given fp32 ``grad_x [T, D]``, also ``d W`` written into it.
-    ``grad_sums``: ``(the LossSums, its stats' gradient)`` or None. ``per_pair``: ``grad_weights`` holds the
-    chosen experts' only, ``[T, k]`` (zero elsewhere)."""
+    ``grad_sums``: a :class:`mope.losses.LossSums`' ``(token_weights, rows, the gradient of its stats)`` or None.
+    ``per_pair``: ``grad_weights`` holds the chosen experts' only, ``[T, k]`` (zero elsewhere)."""
     tokens, num_experts = logits.shape
     grad_scores = torch.empty_like(logits)
     (grad_logits_ptr, grad_stats_ptr, token_weights_ptr), stats_rows, flags = loss_gradients(
@@ -379,8 +379,7 @@ def loss_gradients(logits, grad_logits, grad_sums) -> tuple[tuple, int, dict[str
     """What a launch of :func:`scores_gradient_tile` reads of the losses' gradients: the pointers of the logits'
     gradient, the sums' gradient and the token weights (the logits stand in for one autograd did not give), the
     sums' rows per block, and the flags saying which are real."""
-    sums, grad_stats = grad_sums if grad_sums is not None else (None, None)
-    token_weights = None if sums is None else sums.token_weights
+    token_weights, stats_rows, grad_stats = grad_sums if grad_sums is not None else (None, 1, None)
     pointers = (  # the token weights are the losses' own, contiguous
         logits if grad_logits is None else grad_logits.contiguous(),
         logits if grad_stats is None else grad_stats.contiguous(),
@@ -391,7 +390,7 @@ def loss_gradients(logits, grad_logits, grad_sums) -> tuple[tuple, int, dict[str
         "HAS_GRAD_STATS": grad_stats is not None,
         "TOKEN_WEIGHTS": token_weights is not None,
     }
-    return pointers, 1 if sums is None else sums.rows, flags
+    return pointers, stats_rows, flags
 
 
 class RouteTopK(torch.autograd.Function):
