@@ -799,7 +799,7 @@ def test_training_steps_with_the_router_losses_sums_leave_nothing_alive(num_expe
     (mope.losses.LossSums, an output of each layer's Function): after the steps no layer's Function context and
     no LossSums may stay alive. The contexts once kept their LossSums, and with them the stats they return,
     whose grad_fn is the context: in a model's step Python's collector did not free that cycle, and each step
-    leaked its layers' contexts (about 140 KB a step of the tiny Llama's host memory)."""
+    leaked its layers' contexts (about 200 KB a step of the tiny Llama's heap)."""
     import gc
 
     config = mope.MoPEConfig(
