@@ -266,3 +266,22 @@ def test_merge_of_single_expert_is_exact() -> None:
     assert_plain(merged)
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in merged.modules())
     torch.testing.assert_close(no_grad_logits(merged, batch), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("router", ["top_k", "dense"])
+def test_training_steps_leave_no_routing_or_loss_record_alive(router):
+    """After eager training steps with router losses, nothing a step built for its losses stays alive: a cycle
+    through an autograd node (an object on a Function's context that holds the Function's own output) is never
+    freed in a model's step, as the fused triton layer once showed (its test: tests/test_triton_kernels.py)."""
+    import gc
+
+    config = MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], num_experts=4, top_k=2, r=2, router=router,
+        init_weights=False, z_loss_coef=0.01, importance_loss_coef=0.01,
+    )  # fmt: skip
+    model = get_peft_model(make_model("llama"), config).train()
+    for _ in range(3):
+        model(**make_batch("llama", pad=2)).loss.backward()
+    gc.collect()
+    alive = [o for o in gc.get_objects() if type(o).__name__ in ("Routing", "LossRecord", "LossSums")]
+    assert alive == []
