@@ -945,6 +945,18 @@ class ZeroFills(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def step_launches(layer: MoPELayer, launched: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """A triton layer's training step on 36 tokens: the kernels launched forward, those backward, and the ops that
+    filled a tensor with zeros on the way."""
+    mope.set_dispatch(layer.train(), "triton")
+    x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
+    with ZeroFills() as fills:
+        out = layer(x)
+        forward = list(launched)
+        out.square().sum().backward()
+    return forward, launched[len(forward) :], fills.ops
+
+
 @battery
 @pytest.mark.parametrize("num_experts", [6, 20], ids=["one-expert-tile", "two-expert-tiles"])
 def test_a_routed_layer_training_step_launches_two_kernels_forward_two_or_three_backward_and_fills_nothing(
@@ -954,17 +966,11 @@ def test_a_routed_layer_training_step_launches_two_kernels_forward_two_or_three_
     in two where one tile holds every expert's ranks (N r <= 64: the gate's and the scores' gradients in one
     launch), else three (the scores' gradient apart); then the input's gradient from experts and router and
     every weight's gradient in one; no torch add."""
-    layer = mope_layer("top_k", num_experts=num_experts, top_k=3).train()
-    mope.set_dispatch(layer, "triton")
-    x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
-    with ZeroFills() as fills:
-        out = layer(x)
-        forward = list(launched)
-        out.square().sum().backward()
+    forward, backward, fills = step_launches(mope_layer("top_k", num_experts=num_experts, top_k=3), launched)
     assert forward == ["route_down", "rank_up"]
     scores = ["down_scores"] if num_experts == 6 else ["rank_down", "top_k_route_backward"]
-    assert launched[2:] == [*scores, "layer_gradients"]
-    assert fills.ops == []
+    assert backward == [*scores, "layer_gradients"]
+    assert fills == []
 
 
 @battery
@@ -973,16 +979,10 @@ def test_a_grouped_layer_training_step_launches_three_kernels_each_way_and_fills
     sort's placing, then every pair's row (A, B and the base output) in one launch. Backward: the experts' gate
     gradient per pair, the scores' gradient, then the input's gradient per pair (with the router's d W) and every
     weight gradient in one launch. No tensor of zeros is filled on the way."""
-    layer = mope_layer("top_k", num_experts=16).train()
-    mope.set_dispatch(layer, "triton")
-    x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
-    with ZeroFills() as fills:
-        out = layer(x)
-        forward = list(launched)
-        out.square().sum().backward()
+    forward, backward, fills = step_launches(mope_layer("top_k", num_experts=16), launched)
     assert forward == ["top_k_route", "place_pairs", "grouped_pairs"]
-    assert launched[3:] == ["grouped_down", "top_k_route_backward", "grouped_gradients"]
-    assert fills.ops == []
+    assert backward == ["grouped_down", "top_k_route_backward", "grouped_gradients"]
+    assert fills == []
 
 
 @battery

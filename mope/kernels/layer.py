@@ -57,9 +57,8 @@ def chosen_expert_gradients(
         grad_hg, grad_gate = grouped.down(
             flat_out, lora_b, scaling, groups, tiles, rp, x.dtype, h if routes else None, per_pair=True
         )  # the gate's gradient [T*k]: at the chosen experts only
-    per_pair = grad_gate is not None
-    if grad_weights is not None:  # a loss or statistic read the gate weights too: [T, N]
-        per_pair = False
+    per_pair = grad_gate is not None and grad_weights is None  # the experts' gate gradient alone, [T*k]
+    if grad_weights is not None:  # a loss or statistic read the gate weights too: [T, N], the experts' added
         grad_gate = (
             grad_weights if grad_gate is None else grad_weights.scatter_add(1, chosen, grad_gate.view_as(chosen))
         )
@@ -73,14 +72,6 @@ def chosen_expert_gradients(
         [needs_x, needs_a, needs_b, needs_router and d is not None],
     )  # fmt: skip
     return [grad_x, grad_router, grad_a, grad_b]
-
-
-def route_and_count(x, router_weight, k: int, temperature: float, normalise: bool, sums=None):
-    """:func:`mope.kernels.router.route`'s logits, weights and chosen experts, and the counts of each block's pairs
-    per expert for the grouped sort where it can take them (:func:`mope.kernels.grouped.counts_fit`), else None."""
-    if grouped.counts_fit(router_weight.shape[0], k, ROUTER_BLOCK):
-        return route(x, router_weight, k, temperature, normalise, sums, counts=True)
-    return *route(x, router_weight, k, temperature, normalise, sums), None
 
 
 def every_expert_gradients(
@@ -130,6 +121,14 @@ def every_expert_forward(
     into the base output)."""
     logits, weights, chosen, h = routed_down(x, router_weight, a_cat, k, temperature, normalise, tiles, sums)
     return up(h, weights, b_cat, base, scaling, tiles, base.dtype, shape=out_shape), logits, weights, chosen, h
+
+
+def route_and_count(x, router_weight, k: int, temperature: float, normalise: bool, sums=None):
+    """:func:`mope.kernels.router.route`'s logits, weights and chosen experts, and the counts of each block's pairs
+    per expert for the grouped sort where it can take them (:func:`mope.kernels.grouped.counts_fit`), else None."""
+    if grouped.counts_fit(router_weight.shape[0], k, ROUTER_BLOCK):
+        return route(x, router_weight, k, temperature, normalise, sums, counts=True)
+    return *route(x, router_weight, k, temperature, normalise, sums), None
 
 
 class RoutedLayer(torch.autograd.Function):
