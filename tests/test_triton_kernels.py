@@ -594,6 +594,141 @@ def test_the_layer_call_on_strided_inputs_equals_it_on_contiguous_copies(num_exp
     torch.testing.assert_close(decoded, expected, rtol=0, atol=0)
 
 
+# offsets past 2^31 elements ----------------------------------------------------------------------
+# A row index times a width is an element's offset; at LLM sizes (65,536 tokens x 32,768 columns) it passes 2^31,
+# where int32 arithmetic wraps, in the interpreter as on a GPU (there: a wrong address, here: a crash). Kernels
+# that large cannot run whole in the interpreter, so there each launch runs only the programs at its grid's edges
+# (edge_programs), on tensors of which only the last rows are ever written: the rest takes no memory. On CUDA
+# every program runs (about 30 GB of GPU memory).
+
+
+def tall(wide: int, width: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """``[2^31 / wide + 64, width]``, whose last 64 rows start at element 2^31 where ``width == wide``: random
+    there, zeros elsewhere (on CPU never written: fresh pages take no memory and read as zeros)."""
+    fill = torch.empty if DEVICE.type == "cpu" else torch.zeros
+    t = fill((1 << 31) // wide + 64, width, dtype=dtype, device=DEVICE)
+    t[-64:] = torch.randn(64, width, generator=torch.Generator().manual_seed(seed)).to(t)
+    return t
+
+
+def run_columns(t: torch.Tensor, wide: int) -> torch.Tensor:
+    """``t``'s last 64 columns where it is ``wide`` wide (those the last programs of a launch write), else all."""
+    return t[..., -64:] if t.shape[-1] == wide else t
+
+
+@pytest.fixture
+def edge_programs(monkeypatch):
+    """In the interpreter, each launch runs only the programs whose index on axis 0 (the rows' blocks, of tokens or
+    pairs) is one of the last two, and on the other axes (columns, experts) the first or one of the last two; the
+    others' outputs stay unwritten. On CUDA, nothing changes."""
+    if DEVICE.type != "cpu":
+        return
+    from triton.runtime import interpreter
+
+    builder, init = interpreter.interpreter_builder, interpreter.GridExecutor.__init__
+    set_dims, set_index = builder.set_grid_dim, builder.set_grid_idx
+    grid: list[int] = []
+    chosen: list[list[int]] = []
+
+    def fewer(self, fn, arg_names, full, *rest):
+        init(self, fn, arg_names, full, *rest)
+        grid[:] = (*full, 1, 1)[:3]
+        chosen[:] = [sorted({0 if axis else n - 1, max(0, n - 2), n - 1}) for axis, n in enumerate(grid)]
+        self.grid = tuple(len(indices) for indices in chosen)  # the loop runs these; the kernel sees the full grid
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__init__", fewer)
+    monkeypatch.setattr(builder, "set_grid_dim", lambda *_: set_dims(*grid))
+    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: set_index(chosen[0][x], chosen[1][y], chosen[2][z]))
+
+
+@battery
+@pytest.mark.parametrize(
+    "wide, num_experts, rank", [("input", 8, 4), ("output", 8, 4), ("output", 12, 8)],
+    ids=["wide-input", "wide-output", "two-expert-tiles"],
+)  # fmt: skip
+def test_the_layer_on_rows_past_two_to_the_31_elements_equals_it_on_those_rows_alone(
+    wide, num_experts, rank, edge_programs
+):  # fmt: skip
+    """The fused layer over every expert (top-2 of 8 or 12), one side 2^13 columns wide, over 2^18 + 64 tokens: the
+    output, logits, weights, chosen experts and the input's gradient at the last 64 rows (past 2^31 elements) equal
+    the layer's on those 64 rows alone; with one tile of experts or two (the backward's launches differ).
+
+    The grouped form cannot run this way (its sort needs every block's counts); its kernels index pairs and rows in
+    int64 from the sort's own indices, and its router is tested below."""
+    from mope.kernels.layer import routed_layer
+
+    wide_width = 1 << 13
+    d_in, d_out = (wide_width, 64) if wide == "input" else (64, wide_width)
+    g = torch.Generator().manual_seed(1)
+    router = (torch.randn(num_experts, d_in, generator=g) / d_in**0.5).to(DEVICE)
+    lora_a, lora_b = ((torch.randn(num_experts, rank, n, generator=g) / n**0.25).to(DEVICE) for n in (d_in, d_out))
+    x = tall(wide_width, d_in, seed=2).requires_grad_()
+    base, grad_out = (tall(wide_width, d_out, torch.bfloat16, seed) for seed in (3, 4))
+    results = []
+    for rows in (slice(None), slice(-64, None)):
+        inputs = x[rows].detach().requires_grad_() if rows.start else x, base[rows]
+        out, *routing, _ = routed_layer(inputs[0], router, lora_a, lora_b, inputs[1], 2, 1.0, True, 2.0)
+        (grad_x,) = torch.autograd.grad(out, inputs[0], grad_out[rows])
+        results.append([run_columns(t[-64:], wide_width) for t in (out, *routing, grad_x)])
+    for got, want in zip(*results, strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@battery
+def test_the_router_kernel_on_rows_past_two_to_the_31_elements_equals_it_on_those_rows_alone(edge_programs):
+    """The router's own launches (:func:`mope.kernels.router.route` and the input's gradient of
+    :func:`~mope.kernels.router.route_gradients`, as the grouped layer and an unfused router run them) over 2^18 + 64
+    tokens of 2^13 columns: the logits, weights, chosen experts, the counts of each block's pairs and the input's
+    gradient at the last 64 rows equal the router's on those rows alone."""
+    from mope.kernels.router import route, route_gradients
+
+    x = tall(1 << 13, 1 << 13, seed=7)
+    g = torch.Generator().manual_seed(8)
+    weight = (torch.randn(16, 1 << 13, generator=g) / 2**6.5).to(DEVICE)
+    grad_weights = torch.randn(x.shape[0], 16, generator=g).to(DEVICE)
+    results = []
+    for rows in (slice(None), slice(-64, None)):
+        logits, weights, chosen, (counts, _) = route(x[rows], weight, 2, 1.0, True, counts=True)
+        grad_x, _ = route_gradients(
+            None, grad_weights[rows], x[rows], weight, logits, weights, chosen, 1.0, True, [True, False]
+        )  # fmt: skip
+        results.append([logits[-64:], weights[-64:], chosen[-64:], counts[-2:], grad_x[-64:]])  # 32 tokens a block
+    for got, want in zip(*results, strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@battery
+def test_weight_gradients_over_rows_past_two_to_the_31_elements_equal_them_over_those_rows_alone(edge_programs):
+    """The token loops of A's/B's gradient (:func:`mope.kernels.lora.outer`) and the router's
+    (:func:`mope.kernels.router.scores_outer`), over 2^14 + 64 rows of 2^17 columns with only the last 64 rows
+    nonzero in the small operands: the columns run equal the sums over those 64 rows alone."""
+    from mope.kernels import router as router_kernels
+    from mope.kernels.grid import cdiv
+    from mope.kernels.lora import Tiles, outer
+
+    tiles = Tiles.of(8, 4, torch.float32)
+    wide = 1 << 17
+    y = tall(wide, wide, seed=6)
+    p, gate, d = (torch.zeros(y.shape[0], n, device=DEVICE) for n in (32, 8, 8))
+    g = torch.Generator().manual_seed(5)
+    for t in (p, gate, d):
+        t[-64:] = torch.randn(64, t.shape[1], generator=g)
+
+    def scores(rows: slice) -> torch.Tensor:
+        out = y.new_empty(8, wide)
+        router_kernels.scores_outer[(cdiv(wide, router_kernels.BLOCK),)](
+            d[rows], y[rows], out, d[rows].shape[0], wide, 8, NP=16, BT=router_kernels.BLOCK, BN=router_kernels.BLOCK
+        )  # fmt: skip
+        return out
+
+    for product in (lambda rows: outer(p[rows], gate[rows], y[rows], 0.5, tiles, torch.float32), scores):
+        got, want = (run_columns(product(rows), wide) for rows in (slice(None), slice(-64, None)))
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @battery
 def test_a_parametrized_router_weight_reaches_the_fused_layer():
     """A router weight under ``torch.nn.utils.parametrize`` (a property, not in the router's parameter dict): the

@@ -30,7 +30,7 @@ def route_down(
 
     Axis 1: programs ``[0, expert_blocks)`` take ``h``'s expert tiles, the last one routes the same rows.
     """
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     block = tl.program_id(1)
     if block < expert_blocks:
         down_tile(
@@ -74,7 +74,7 @@ def down_scores(
     """``grad_hg = s * grad B_cat^T``, then from the gate's gradient (in registers) the scores' gradient ``d``, for one
     block of rows, where one tile holds every expert (``EB >= N``): the launch :func:`rank_down` and
     :func:`mope.kernels.router.top_k_route_backward` took in two."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     acc, cols, hg_ok = down_product(
         grad_out_ptr, b_ptr, grad_hg_ptr, rows, 0, tokens, d_out, num_experts, rank, scale, DOT, PRECISION, BM, EB, RP,
         BK,
@@ -146,7 +146,7 @@ def layer_gradients(
         if first < d_in:
             scores_tile(d_ptr, x_ptr, grad_w_ptr, outs, tokens, d_in, router_experts, NP, BT, BN)
     elif first < d_in:
-        rows = (program - a_programs - b_programs - w_programs) * BT + tl.arange(0, BT)
+        rows = (program - a_programs - b_programs - w_programs).to(tl.int64) * BT + tl.arange(0, BT)
         up_tile(
             grad_hg_ptr, gate_ptr, a_ptr, grad_x_ptr, d_ptr, router_w_ptr, grad_x_ptr, rows, outs, tokens, d_in,
             num_experts, rank, router_experts, 1.0, False, ROUTER_X, DOT, PRECISION, BT, EB, RP, BN, NP,

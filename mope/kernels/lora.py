@@ -12,6 +12,9 @@ run as two custom ops, ``mope::routed_lora`` and its backward, so a training ste
 Layout: the N*r rank columns are tiled by whole experts (``EB`` experts of ``RP`` = r rounded up
 to a power of two columns each), so a tile's gate weights are one load of ``[rows, EB]`` and the
 gate's gradient (a sum over each expert's r columns) is a reshape and a sum inside the tile.
+Token rows are int64 in every kernel (here, the router's, the fused layer's; the grouped kernels take theirs from
+the sort's int64 indices): a row times a width is an element's offset, which passes 2^31 at LLM sizes (65,536
+tokens of a 32,768-wide projection), where int32 arithmetic wraps.
 
 Precision: products accumulate in fp32; operands enter ``tl.dot`` in the experts' dtype (bf16 /
 fp16 tensor cores; fp32 as IEEE fp32 unless torch allows TF32), and ``h`` is kept in the experts'
@@ -66,7 +69,7 @@ def rank_down(
     With ``GATE_GRAD`` (the backward, ``x`` = the output gradient, ``w`` = B_cat) also the gate's
     gradient ``gate_grad[t, e] = sum_i out[t, e*r + i] * h[t, e*r + i]``.
     """
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     down_tile(
         x_ptr, w_ptr, out_ptr, h_ptr, gate_grad_ptr, rows, tl.program_id(1) * EB, tokens, width, num_experts, rank,
         scale, GATE_GRAD, DOT, PRECISION, BM, EB, RP, BK,
@@ -172,7 +175,7 @@ def rank_up(
     With ``ROUTER`` (the fused layer's input gradient) plus ``d[T, N'] @ router_w[N', D]`` in IEEE fp32,
     the router's share of it (``NP``: N' rounded up to a power of two, at least 16).
     """
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     outs = tl.program_id(1) * BN + tl.arange(0, BN)
     up_tile(
         p_ptr, gate_ptr, w_ptr, base_ptr, d_ptr, router_w_ptr, out_ptr, rows, outs, tokens, width, num_experts, rank,
@@ -246,7 +249,7 @@ def outer_tile(
     cols = tl.zeros((EB * RP,), dtype=tl.int32)
     cols_ok = cols < 0
     for t0 in range(0, tokens, BT):
-        rows = t0 + tl.arange(0, BT)
+        rows = t0 + tl.arange(0, BT).to(tl.int64)
         rows_ok = rows < tokens
         pg, cols, cols_ok = gated_tile(p_ptr, gate_ptr, rows, rows_ok, e0, num_experts, rank, EB, RP)
         y = tl.load(y_ptr + rows[:, None] * width + outs[None, :], mask=rows_ok[:, None] & outs_ok[None, :], other=0.0)

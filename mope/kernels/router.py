@@ -42,7 +42,7 @@ MIN_EXPERTS = 16  # the expert tile is at least this wide: every tl.dot operand 
 @triton.jit
 def token_tile(tokens, num_experts, BM: tl.constexpr, NP: tl.constexpr):
     """This program's rows of tokens and every expert: indices, bounds, and the offsets of a ``[T, N]`` tile."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     experts = tl.arange(0, NP)
     rows_ok, experts_ok = rows < tokens, experts < num_experts
     tile = rows[:, None] * num_experts + experts[None, :]
@@ -75,7 +75,7 @@ def top_k_route(
     """Logits, the k chosen experts (largest first, lowest index first among ties) and their weights; with
     ``COUNTS`` also how many of this program's tokens chose each expert, row ``program_id(0)`` of ``counts [blocks,
     N]`` (what :func:`mope.kernels.grouped.sort_pairs` counts, so the grouped experts' sort skips a launch)."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     kept = route_tile(
         x_ptr, w_ptr, logits_ptr, weights_ptr, chosen_ptr, token_weights_ptr, stats_ptr, rows, tokens, width,
         num_experts, temperature, K, NORMALISE, STATS, TOKEN_WEIGHTS, BM, NP, BK,
@@ -289,7 +289,7 @@ def scores_tile(
     experts_ok, cols_ok = experts < num_experts, cols < width
     acc = tl.zeros((NP, BN), dtype=tl.float32)
     for t0 in range(0, tokens, BT):
-        rows = t0 + tl.arange(0, BT)
+        rows = t0 + tl.arange(0, BT).to(tl.int64)
         rows_ok = rows < tokens
         d = tl.load(
             d_ptr + rows[:, None] * num_experts + experts[None, :],
