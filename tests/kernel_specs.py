@@ -107,8 +107,9 @@ def launched_kernels(modules: list[str]) -> set[str]:
     return set(kernels) - called
 
 
-def compile_spec(spec: dict, arch: int) -> int:
-    """Compile ``spec`` for CUDA compute capability ``arch`` (90: H100); the cubin's size in bytes."""
+def compile_spec(spec: dict, arch: int, stages: int | None = None) -> tuple[int, int]:
+    """Compile ``spec`` for CUDA compute capability ``arch`` (90: H100; 89: L4, RTX 40 series), with ``stages``
+    pipelining stages (default: Triton's); the cubin's size and the shared memory a block needs, in bytes."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -120,4 +121,16 @@ def compile_spec(spec: dict, arch: int) -> int:
         for name, value in spec["constants"].items()
     }
     source = ASTSource(fn=kernel, signature=spec["signature"], constexprs=constants)
-    return len(triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["cubin"])
+    options = {} if stages is None else {"num_stages": stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return len(compiled.asm["cubin"]), compiled.metadata.shared
+
+
+def largest(specs: list[dict], shared: list[int]) -> list[dict]:
+    """Of each kernel's specs (and ``tl.dot`` operand type), the one whose block needs the most shared memory."""
+    most = {}
+    for spec, need in zip(specs, shared, strict=True):
+        key = spec["kernel"], json.dumps(spec["constants"].get("DOT"))
+        if need >= most.get(key, (-1, None))[0]:
+            most[key] = need, spec
+    return [spec for _, spec in most.values()]

@@ -234,6 +234,29 @@ def test_the_fused_backward_gives_what_is_needed_and_equals_masked(frozen, width
 
 
 @battery
+def test_the_fused_layer_over_more_router_experts_than_a_step_of_the_routers_share_equals_masked(launched):
+    """Top-40 of 256 (the router kernel's most), over every expert (N/k = 6.4): the router's share of the input's
+    gradient, ``d W``, takes 4 steps of ``ROUTER_CHUNK`` router experts; the output and every gradient equal
+    masked's."""
+    from mope.kernels import ROUTER_KERNEL_MAX_EXPERTS
+    from mope.kernels.lora import ROUTER_CHUNK
+
+    n = ROUTER_KERNEL_MAX_EXPERTS
+    layer = mope_layer("top_k", num_experts=n, top_k=40, widths=(16, 12)).train()
+    assert n // ROUTER_CHUNK == 4
+    x = torch.randn(3, 10, 16, device=DEVICE, requires_grad=True)
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    results = {}
+    for dispatch in ("masked", "triton"):
+        mope.set_dispatch(layer, dispatch)
+        out = layer(x)
+        results[dispatch] = [out, *torch.autograd.grad(out.square().sum(), params)]
+    assert kernel_node(out) == "RoutedLayerBackward" and launched.count("layer_gradients") == 1
+    for got, want in zip(results["triton"], results["masked"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@battery
 @pytest.mark.parametrize("case", ["fused", "fused-grouped", "masked-kernels", "grouped-kernels"])
 def test_the_kernels_nodes_take_the_layer_input_parameters_and_router_with_no_view_between(case):
     """The token-shape views are taken inside the kernels' Functions, where autograd does not track them: a
@@ -1124,20 +1147,25 @@ def test_a_grouped_layer_training_step_launches_three_kernels_each_way_and_fills
 def test_a_grouped_layer_with_many_experts_sorts_with_its_own_counts_and_equals_masked(launched):
     """N = 256 at top-2: a block of the router's pairs by every expert is more than a sort program holds, so the
     sort counts the pairs in its own launch, as the unfused kernels do; output and gradients equal masked's."""
-    layer = mope_layer("top_k", num_experts=256).train()
+    forward = triton_equals_masked(mope_layer("top_k", num_experts=256).train(), launched)
+    assert forward == ["top_k_route", "count_pairs", "place_pairs", "grouped_pairs"]
+
+
+def triton_equals_masked(layer: MoPELayer, launched: list[str]) -> list[str]:
+    """The layer's output and every gradient (the input's and its trained parameters') of ``out.square().sum()``
+    with ``dispatch='triton'`` equal masked's (to 1e-5); returns the kernels the triton forward launched."""
     x = torch.randn(3, 5, 16, device=DEVICE, requires_grad=True)
     params = [x, *(p for p in layer.parameters() if p.requires_grad)]
-    results = {}
+    results, forward = {}, []
     for dispatch in ("triton", "masked"):
         mope.set_dispatch(layer, dispatch)
         launched.clear()
         out = layer(x)
-        forward = list(launched)
+        forward = forward or list(launched)
         results[dispatch] = [out, *torch.autograd.grad(out.square().sum(), params)]
-        if dispatch == "triton":
-            assert forward == ["top_k_route", "count_pairs", "place_pairs", "grouped_pairs"]
     for got, want in zip(results["triton"], results["masked"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    return forward
 
 
 @pytest.fixture
@@ -1272,6 +1300,22 @@ def test_router_kernel_is_not_used_where_it_does_not_apply(router, options):
 
 
 @battery
+def test_past_the_router_kernels_experts_the_router_scores_in_torch_and_the_experts_kernels_equal_masked(launched):
+    """Past ``ROUTER_KERNEL_MAX_EXPERTS`` (a token's logits in one tile would outgrow a GPU block's shared memory)
+    the router scores in torch, up to it in the kernel; past it a layer's experts still run the grouped kernels,
+    and its output and every gradient equal masked's."""
+    from mope.kernels import ROUTER_KERNEL_MAX_EXPERTS
+
+    x = torch.randn(5, 16, device=DEVICE)
+    for n in (ROUTER_KERNEL_MAX_EXPERTS, ROUTER_KERNEL_MAX_EXPERTS + 1):
+        gate = make_router(n=n).train()
+        gate.dispatch = "triton"
+        assert uses_router_kernel(gate(x)) == (n == ROUTER_KERNEL_MAX_EXPERTS)
+    forward = triton_equals_masked(mope_layer("top_k", num_experts=ROUTER_KERNEL_MAX_EXPERTS + 1).train(), launched)
+    assert "grouped_pairs" in forward and "top_k_route" not in forward, forward
+
+
+@battery
 def test_no_tokens_give_the_base_output_and_zero_gradients():
     x, lora_a, lora_b, weights, base = flat_inputs(torch.float32, torch.float32)
     out = resolve_dispatch("triton", x, lora_a, 3).apply(x[:0], lora_a, lora_b, weights[:0], 2.0, base[:0])
@@ -1341,9 +1385,13 @@ def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_p
     The interpreter checks neither what ``tl.dot`` takes on a GPU nor what Triton can lower, so every kernel
     and constexpr set the battery launched (and bf16 ``tl.dot`` operands, which only a GPU picks) is then
     compiled here to a cubin for an H100 (sm_90) by Triton's compiler, no GPU needed; every kernel that is not
-    a device function must have been launched.
+    a device function must have been launched. Each block's shared memory must fit the GPU's (a launch that needs
+    more is refused): every launch on an H100; each kernel's largest on an A100 (sm_80) and on the GPUs with 99 KB
+    a block (sm_86, sm_89, sm_120), at the pipelining stages :func:`mope.kernels.grid.stages_for` gives them.
     """
-    from kernel_specs import compile_set, compile_spec, launched_kernels
+    from kernel_specs import compile_set, compile_spec, largest, launched_kernels
+
+    from mope.kernels.grid import stages_for
 
     launches = tmp_path / "launches.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", LAUNCHES_FILE: str(launches)}
@@ -1355,8 +1403,20 @@ def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_p
     assert launches.exists(), f"the battery launched no kernel:\n{done.stdout[-3000:]}"
     specs = json.loads(launches.read_text())
     assert {spec["kernel"] for spec in specs} == launched_kernels(KERNEL_MODULES)
-    for spec in compile_set(specs):
-        assert compile_spec(spec, 90) > 0, spec
+    compiled = compile_set(specs)
+    needs = []
+    for spec in compiled:
+        cubin, shared = compile_spec(spec, 90, stages_for(SHARED_MEMORY[90]))
+        assert cubin > 0 and shared <= SHARED_MEMORY[90], (spec, shared)
+        needs.append(shared)
+    for arch in (80, 89):
+        for spec in largest(compiled, needs):
+            _, shared = compile_spec(spec, arch, stages_for(SHARED_MEMORY[arch]))
+            assert shared <= SHARED_MEMORY[arch], (arch, spec, shared)
+
+
+# a block's most shared memory (opt-in), bytes: H100, A100, and sm_89 (L4, RTX 40 series; sm_86 and sm_120 alike)
+SHARED_MEMORY = {90: 232448, 80: 166912, 89: 101376}
 
 
 # refused where the kernels cannot run ------------------------------------------------------------
@@ -1451,3 +1511,30 @@ def test_host_grid_arithmetic_equals_tritons():
         for block in (1, 16, 32, 64):
             assert cdiv(n, block) == triton.cdiv(n, block)
     assert cdiv(0, 64) == triton.cdiv(0, 64) == 0
+
+
+@pytest.mark.parametrize(
+    "shared, stages, options",
+    [
+        ((232448,), 3, {}),  # H100
+        ((166912, 232448), 3, {}),  # A100 with an H100: the smaller decides
+        ((101376,), 2, {"num_stages": 2}),  # L4, RTX 40 series (sm_89), sm_86, sm_120
+        ((232448, 101376), 2, {"num_stages": 2}),
+        ((65536,), 1, {"num_stages": 1}),  # T4
+    ],
+)  # fmt: skip
+def test_launches_take_fewer_pipelining_stages_only_on_gpus_whose_blocks_hold_less_shared_memory(
+    shared, stages, options, monkeypatch
+):  # fmt: skip
+    """Triton's default 3 stages where a block may hold 164 KB or more (nothing passed: those launches are as Triton
+    makes them), else fewer, by the smallest visible GPU's; nothing on a machine without CUDA."""
+    from types import SimpleNamespace
+
+    from mope.kernels.grid import launch_options, stages_for
+
+    assert launch_options.__wrapped__() == ({} if not torch.cuda.is_available() else launch_options())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(shared))
+    properties = [SimpleNamespace(shared_memory_per_block_optin=b, shared_memory_per_block=49152) for b in shared]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: properties[i])
+    assert stages_for(min(shared)) == stages and launch_options.__wrapped__() == options

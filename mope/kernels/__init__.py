@@ -21,6 +21,10 @@ import os
 import torch
 
 INSTALL_HINT = "pip install 'mope[triton]' (Triton ships with CUDA builds of torch)"
+# The router kernel holds a token's N logits in one tile; past this many experts its tiles (and the router's weight
+# gradient's) outgrow a GPU block's shared memory (at 256: 160 KB at 3 pipelining stages, which an A100 and an H100
+# take, checked by compiling for them), so there the router scores in torch and the experts' kernels run alone.
+ROUTER_KERNEL_MAX_EXPERTS = 256
 
 
 def kernels_interpreted() -> bool:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, flat_rows, next_power_of_2
+from .grid import cdiv, flat_rows, launch_options, next_power_of_2
 from .router import expert_tile, top_k_of
 
 DECODE_MAX_TOKENS = 16  # a forward with at most this many tokens and no gradient takes the one kernel
@@ -106,5 +106,6 @@ def routed_decode(
         flat, router_weight.float().contiguous(), lora_A.contiguous(), lora_B.contiguous(), base, out,
         width, width_out, num_experts, rank, float(temperature), scaling,
         K=k, KP=kp, NORMALISE=normalise, NP=expert_tile(num_experts), RP=rp, BK=block, BN=block, COLS=COLUMNS,
+        **launch_options(),
     )  # fmt: skip
     return out.view(*base_out.shape)

@@ -6,6 +6,8 @@ call outside a kernel, several per launch, every step.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -23,3 +25,31 @@ def flat_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a contiguous ``[T, t.shape[-1]]`` tensor: a view where ``t`` is contiguous (``reshape`` takes the
     host about twice a ``view``'s time, 1.8 against 0.9 us here), else a copy."""
     return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.reshape(-1, t.shape[-1]).contiguous()
+
+
+# a block's shared memory (bytes) from which Triton's default 3 pipelining stages fit every kernel (their largest
+# need 112 KB at 3 stages, 64 KB at 2: compiled for sm_90 and sm_89 by tests/kernel_specs.py), and 2 stages
+STAGES_3_FROM, STAGES_2_FROM = 160 * 1024, 96 * 1024
+
+
+def stages_for(shared_bytes: int) -> int:
+    """Pipelining stages of the kernels' loops on a GPU whose blocks may take ``shared_bytes`` of shared memory:
+    Triton's default, 3, on A100/H100-class GPUs (164 KB and more), 2 on those with 99 KB (sm_86, sm_89, sm_120:
+    RTX 30/40/50 series, A10, L4, L40), else 1. Triton refuses a launch that needs more than the GPU has."""
+    return 3 if shared_bytes >= STAGES_3_FROM else 2 if shared_bytes >= STAGES_2_FROM else 1
+
+
+@functools.cache
+def launch_options() -> dict:
+    """Each launch's keyword options: ``num_stages`` where the visible GPUs (the smallest of them) cannot take
+    Triton's default; none on CPU (the interpreter) or where they can, so those launches are as Triton makes them."""
+    if not torch.cuda.is_available():
+        return {}
+    shared = min(shared_memory(torch.cuda.get_device_properties(i)) for i in range(torch.cuda.device_count()))
+    stages = stages_for(shared)
+    return {} if stages == 3 else {"num_stages": stages}
+
+
+def shared_memory(properties) -> int:
+    """A block's most shared memory on a GPU (its opt-in maximum; ROCm's properties lack that, so its default)."""
+    return getattr(properties, "shared_memory_per_block_optin", properties.shared_memory_per_block)

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, flat_rows, next_power_of_2
-from .lora import MIN_DOT, Tiles
+from .grid import cdiv, flat_rows, launch_options, next_power_of_2
+from .lora import MIN_DOT, Tiles, router_share
 
 BLOCK = 64  # pairs per program, and the columns per step
 
@@ -173,8 +173,8 @@ def grouped_up_tile(
     BM: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
 ):  # fmt: skip
     """:func:`grouped_up` for the ``block``-th block of pairs and the columns ``cols``; with ``ROUTER`` each token's
-    first pair (slot 0 of its k) also gets ``d[token] @ router_w`` (``[N', width]``, IEEE fp32; ``NR``: N' rounded
-    up to a power of two, at least 16), so the sum over a token's k rows holds the router's share once."""
+    first pair (slot 0 of its k) also gets ``d[token] @ router_w`` (``[N', width]``, IEEE fp32, ``NR`` router experts
+    a step: :func:`mope.kernels.lora.router_share`), so the sum over a token's k rows holds the router's share once."""
     expert, pairs, pairs_ok = pair_block(offsets_ptr, num_experts, block, BM, NP)
     cols_ok = cols < width
     pg, ranks, ranks_ok = gated_rows(p_ptr, gate_ptr, pairs, pairs_ok, rank, RP)
@@ -183,18 +183,8 @@ def grouped_up_tile(
     acc = tl.dot(pg.to(DOT), w.to(DOT), input_precision=PRECISION) * scale
     dest = tl.load(dest_ptr + pairs, mask=pairs_ok, other=0)
     if ROUTER:
-        routers = tl.arange(0, NR)
-        routers_ok = routers < router_experts
         firsts = pairs_ok & (dest % k == 0)
-        d = tl.load(
-            d_ptr + (dest // k)[:, None] * router_experts + routers[None, :],
-            mask=firsts[:, None] & routers_ok[None, :], other=0.0,
-        )  # fmt: skip
-        router_w = tl.load(
-            router_w_ptr + routers[:, None] * width + cols[None, :], mask=routers_ok[:, None] & cols_ok[None, :],
-            other=0.0,
-        )  # fmt: skip
-        acc = tl.dot(d, router_w, acc, input_precision="ieee")
+        acc = router_share(acc, d_ptr, router_w_ptr, dest // k, firsts, cols, cols_ok, router_experts, width, NR)
     tl.store(out_ptr + dest[:, None] * width + cols[None, :], acc, mask=pairs_ok[:, None] & cols_ok[None, :])
 
 
@@ -335,7 +325,7 @@ def sort_pairs(chosen: torch.Tensor, weights: torch.Tensor, counted=None) -> Gro
     if counted is None:
         per_block = max(16, SORT_TILE // padded)
         counts = chosen.new_empty(cdiv(pairs, per_block), num_experts, dtype=torch.int32)
-        count_pairs[(counts.shape[0],)](chosen, counts, pairs, num_experts, BP=per_block, NP=padded)
+        count_pairs[(counts.shape[0],)](chosen, counts, pairs, num_experts, BP=per_block, NP=padded, **launch_options())
     else:
         counts, per_block = counted
     offsets, dest, gate = chosen.new_empty(num_experts + 1), chosen.new_empty(pairs), weights.new_empty(pairs)
@@ -344,7 +334,7 @@ def sort_pairs(chosen: torch.Tensor, weights: torch.Tensor, counted=None) -> Gro
     place_pairs[(count_blocks,)](
         chosen, counts, counts.cumsum(0, dtype=torch.int32) if running else counts, weights, offsets, dest, gate,
         pairs, per_block, count_blocks, num_experts, k, RUNNING=running, BP=next_power_of_2(per_block), NP=padded,
-        BB=max(1, SORT_TILE // padded),
+        BB=max(1, SORT_TILE // padded), **launch_options(),
     )  # fmt: skip
     return Groups(dest, offsets, gate, tokens, k)
 
@@ -361,6 +351,7 @@ def down(src, w, scale: float, groups: Groups, tiles: Tiles, rp: int, out_dtype,
         src, groups.dest, w, out, h if h is not None else out, gate_grad if gate_grad is not None else out,
         groups.offsets, src.shape[1], tiles.rank, num_experts, k, scale, GATE_GRAD=h is not None,
         PER_PAIR=per_pair, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BK=BLOCK, NP=groups.np,
+        **launch_options(),
     )  # fmt: skip
     return out, gate_grad
 
@@ -372,7 +363,7 @@ def up_summed(p, gate, w, scale: float, groups: Groups, tiles: Tiles, rp: int) -
     out = p.new_empty(tokens * k, width, dtype=torch.float32)
     grouped_up[(groups.num_blocks, cdiv(width, BLOCK))](
         p, gate, w, groups.dest, out, groups.offsets, width, tiles.rank, num_experts, scale,
-        DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BN=BLOCK, NP=groups.np,
+        DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BN=BLOCK, NP=groups.np, **launch_options(),
     )  # fmt: skip
     return out.view(tokens, k, width).sum(1)
 
@@ -383,7 +374,7 @@ def outer(p, gate, src, scale: float, groups: Groups, tiles: Tiles, rp: int, out
     out = src.new_empty(tiles.num_experts, tiles.rank, width, dtype=out_dtype)
     grouped_outer[(tiles.num_experts, cdiv(width, BLOCK))](
         p, gate, src, groups.dest, groups.offsets, out, width, tiles.rank, groups.shape[1], scale,
-        DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, RP=rp, BN=BLOCK,
+        DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, RP=rp, BN=BLOCK, **launch_options(),
     )  # fmt: skip
     return out
 
@@ -414,7 +405,7 @@ def grouped_forward(x, lora_a, lora_b, weights, base, chosen, scaling: float, co
     grouped_pairs[(groups.num_blocks, cdiv(d_out, COLUMN_SPAN))](
         x, lora_a, lora_b, base, groups.gate, groups.dest, groups.offsets, h, rows, d_in, d_out, rank, num_experts, k,
         scaling, COLUMN_SPAN, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, RP=rp, BK=BLOCK, BN=BLOCK,
-        NP=groups.np,
+        NP=groups.np, **launch_options(),
     )  # fmt: skip
     out = rows.view(tokens, k, d_out).sum(1) if k > 1 else rows
     return out.to(base.dtype), GroupedState(groups, tiles, rp), groups.gate, h

@@ -12,9 +12,9 @@ import triton
 import triton.language as tl
 
 from . import grouped
-from .grid import cdiv
+from .grid import cdiv, launch_options
 from .grouped import grouped_outer_tile, grouped_up_tile
-from .lora import BLOCK, Tiles, down_product, down_tile, gate_gradient, outer_tile, up_tile
+from .lora import BLOCK, Tiles, down_product, down_tile, gate_gradient, outer_tile, router_chunk, up_tile
 from .router import expert_tile, loss_gradients, route_tile, scores_gradient_tile, scores_tile
 
 
@@ -58,7 +58,7 @@ def routed_down(x, router_weight, a_cat, k: int, temperature: float, normalise: 
         x, router_weight, logits, weights, chosen, a_cat, h, logits if token_weights is None else token_weights,
         stats, tokens, width, num_experts, tiles.rank, temperature, tiles.expert_blocks, K=k, NORMALISE=normalise,
         STATS=sums is not None, TOKEN_WEIGHTS=token_weights is not None, NP=expert_tile(num_experts),
-        DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK,
+        DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK, **launch_options(),
     )  # fmt: skip
     return logits, weights, chosen, h
 
@@ -108,7 +108,7 @@ def down_with_scores(
         grad_out, b_cat, grad_hg, h, grad_logits_ptr, logits, weights, chosen, d, grad_stats_ptr, token_weights_ptr,
         tokens, d_out, tiles.num_experts, tiles.rank, scaling, temperature, stats_rows, K=chosen.shape[1],
         NORMALISE=normalise, **flags, DOT=tiles.dot, PRECISION=tiles.precision, BM=BLOCK, EB=tiles.eb, RP=tiles.rp,
-        BK=BLOCK,
+        BK=BLOCK, **launch_options(),
     )  # fmt: skip
     return grad_hg, d
 
@@ -118,7 +118,7 @@ def layer_gradients(
     grad_hg_ptr, h_ptr, gate_ptr, x_ptr, grad_out_ptr, d_ptr, a_ptr, router_w_ptr, grad_x_ptr, grad_a_ptr, grad_b_ptr,
     grad_w_ptr, tokens, d_in, d_out, num_experts, rank, router_experts, scale, a_programs, b_programs, w_programs,
     ROUTER_X: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr, EB: tl.constexpr,
-    RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr,
+    RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr, NR: tl.constexpr,
 ):  # fmt: skip
     """``grad_A = (grad_hg * g)^T x``, ``grad_B = s (h * g)^T grad_out``, ``grad_W = d^T x`` and the input's gradient
     ``grad_x = (grad_hg * g) A_cat (+ d W with ROUTER_X)`` in one launch.
@@ -149,7 +149,7 @@ def layer_gradients(
         rows = (program - a_programs - b_programs - w_programs).to(tl.int64) * BT + tl.arange(0, BT)
         up_tile(
             grad_hg_ptr, gate_ptr, a_ptr, grad_x_ptr, d_ptr, router_w_ptr, grad_x_ptr, rows, outs, tokens, d_in,
-            num_experts, rank, router_experts, 1.0, False, ROUTER_X, DOT, PRECISION, BT, EB, RP, BN, NP,
+            num_experts, rank, router_experts, 1.0, False, ROUTER_X, DOT, PRECISION, BT, EB, RP, BN, NR,
         )  # fmt: skip
 
 
@@ -177,7 +177,8 @@ def gradients_of_layer(
         grad_w if needs_w else gate,  # gate: a pointer for the outputs not written (no generator: host work)
         tokens, d_in, d_out, tiles.num_experts, tiles.rank, router_weight.shape[0], scaling, a_programs, b_programs,
         int(needs_w), ROUTER_X=d is not None, DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, EB=tiles.eb,
-        RP=tiles.rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]),
+        RP=tiles.rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]), NR=router_chunk(router_weight.shape[0]),
+        **launch_options(),
     )  # fmt: skip
     return grad_x, grad_a, grad_b, grad_w
 
@@ -188,6 +189,7 @@ def grouped_gradients(
     pair_x_ptr, grad_a_ptr, grad_b_ptr, grad_w_ptr, tokens, d_in, d_out, num_experts, rank, k, router_experts, scale,
     a_programs, b_programs, w_programs, ROUTER_X: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BT: tl.constexpr, BP: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr, NE: tl.constexpr,
+    NR: tl.constexpr,
 ):  # fmt: skip
     """:func:`layer_gradients` over only the chosen experts: A's and B's from each expert's (token, expert) pairs
     (:func:`mope.kernels.grouped.grouped_outer`), the router's ``d^T x``, and the input's gradient per pair
@@ -215,7 +217,7 @@ def grouped_gradients(
         grouped_up_tile(
             grad_hg_ptr, gate_ptr, a_ptr, dest_ptr, pair_x_ptr, offsets_ptr, d_ptr, router_w_ptr,
             program - a_programs - b_programs - w_programs, cols, d_in, rank, num_experts, k, router_experts, 1.0,
-            ROUTER_X, DOT, PRECISION, BP, RP, BN, NE, NP,
+            ROUTER_X, DOT, PRECISION, BP, RP, BN, NE, NR,
         )  # fmt: skip
 
 
@@ -243,6 +245,7 @@ def chosen_gradients(grad_hg, h, gate, x, grad_out, d, lora_a, lora_b, router_we
         tokens, d_in, d_out, tiles.num_experts, tiles.rank, k, router_weight.shape[0], scaling, a_programs,
         b_programs, int(needs_w), ROUTER_X=d is not None, DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK,
         BP=grouped.BLOCK, RP=state.rp, BN=BLOCK, NP=expert_tile(router_weight.shape[0]), NE=groups.np,
+        NR=router_chunk(router_weight.shape[0]), **launch_options(),
     )  # fmt: skip
     grad_x = pair_x.view(tokens, k, d_in).sum(1) if needs_x else None
     return grad_x, grad_a, grad_b, grad_w

@@ -33,13 +33,14 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .grid import cdiv, flat_rows, next_power_of_2
+from .grid import cdiv, flat_rows, launch_options, next_power_of_2
 from .interpreter import installed_interpreter_fault
 
 # every tl.dot operand dimension must be at least this on a GPU
 MIN_DOT = 16
 TILE_COLUMNS = 64  # rank columns (EB * RP) per tile, unless r alone is wider
 BLOCK = 64  # rows of tokens and output columns per tile, and the reduction step
+ROUTER_CHUNK = 64  # router experts a step of the router's share d W (tiles [rows, 64] and [64, columns], fp32)
 # N / k from which only the chosen experts are computed (mope.kernels.grouped); untuned: the CPU's sparse threshold
 GROUPED_MIN_EXPERTS_PER_ACTIVE = 8
 
@@ -168,18 +169,18 @@ def rank_up(
     EB: tl.constexpr,
     RP: tl.constexpr,
     BN: tl.constexpr,
-    NP: tl.constexpr,
+    NR: tl.constexpr,
 ):
     """``out[T, D] = base + scale * (p * (gate (x) 1_r)) @ w[N*r, D]`` on one tile of rows and columns.
 
     With ``ROUTER`` (the fused layer's input gradient) plus ``d[T, N'] @ router_w[N', D]`` in IEEE fp32,
-    the router's share of it (``NP``: N' rounded up to a power of two, at least 16).
+    the router's share of it (:func:`router_share`, ``NR`` router experts a step).
     """
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     outs = tl.program_id(1) * BN + tl.arange(0, BN)
     up_tile(
         p_ptr, gate_ptr, w_ptr, base_ptr, d_ptr, router_w_ptr, out_ptr, rows, outs, tokens, width, num_experts, rank,
-        router_experts, scale, HAS_BASE, ROUTER, DOT, PRECISION, BM, EB, RP, BN, NP,
+        router_experts, scale, HAS_BASE, ROUTER, DOT, PRECISION, BM, EB, RP, BN, NR,
     )  # fmt: skip
 
 
@@ -187,7 +188,7 @@ def rank_up(
 def up_tile(
     p_ptr, gate_ptr, w_ptr, base_ptr, d_ptr, router_w_ptr, out_ptr, rows, outs, tokens, width, num_experts, rank,
     router_experts, scale, HAS_BASE: tl.constexpr, ROUTER: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-    BM: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NP: tl.constexpr,
+    BM: tl.constexpr, EB: tl.constexpr, RP: tl.constexpr, BN: tl.constexpr, NR: tl.constexpr,
 ):  # fmt: skip
     """:func:`rank_up` for the token rows ``rows`` and output columns ``outs``."""
     rows_ok, outs_ok = rows < tokens, outs < width
@@ -198,17 +199,37 @@ def up_tile(
         acc = tl.dot(pg.to(DOT), w.to(DOT), acc, input_precision=PRECISION)
     acc = acc * scale
     if ROUTER:
-        routers = tl.arange(0, NP)
-        routers_ok = routers < router_experts
-        d_ok = rows_ok[:, None] & routers_ok[None, :]
-        d = tl.load(d_ptr + rows[:, None] * router_experts + routers[None, :], mask=d_ok, other=0.0)
-        w_ok = routers_ok[:, None] & outs_ok[None, :]
-        router_w = tl.load(router_w_ptr + routers[:, None] * width + outs[None, :], mask=w_ok, other=0.0)
-        acc = tl.dot(d, router_w, acc, input_precision="ieee")
+        acc = router_share(acc, d_ptr, router_w_ptr, rows, rows_ok, outs, outs_ok, router_experts, width, NR)
     tile_ok = rows_ok[:, None] & outs_ok[None, :]
     if HAS_BASE:
         acc += tl.load(base_ptr + rows[:, None] * width + outs[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * width + outs[None, :], acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def router_share(acc, d_ptr, router_w_ptr, rows, rows_ok, outs, outs_ok, router_experts, width, NR: tl.constexpr):
+    """``acc + d[rows] @ router_w[:, outs]`` (``d [T, N']``, ``router_w [N', width]``) in IEEE fp32, ``NR`` router
+    experts a step, so that the tiles held stay small however many experts route (``NR``: :func:`router_chunk`)."""
+    for r0 in range(0, router_experts, NR):
+        routers = r0 + tl.arange(0, NR)
+        routers_ok = routers < router_experts
+        d = tl.load(
+            d_ptr + rows[:, None] * router_experts + routers[None, :], mask=rows_ok[:, None] & routers_ok[None, :],
+            other=0.0,
+        )  # fmt: skip
+        w = tl.load(
+            router_w_ptr + routers[:, None] * width + outs[None, :], mask=routers_ok[:, None] & outs_ok[None, :],
+            other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(d, w, acc, input_precision="ieee")
+    return acc
+
+
+@functools.cache
+def router_chunk(router_experts: int) -> int:
+    """:func:`router_share`'s step: N' rounded up to a power of two, at least 16 (``tl.dot``), at most
+    ``ROUTER_CHUNK``."""
+    return min(ROUTER_CHUNK, max(MIN_DOT, next_power_of_2(router_experts)))
 
 
 @triton.jit
@@ -304,7 +325,7 @@ def down(x: torch.Tensor, w: torch.Tensor, scale: float, tiles: Tiles, out_dtype
         x, w, out, h if h is not None else out, gate_grad if gate_grad is not None else out,
         tokens, width, tiles.num_experts, tiles.rank, scale,
         GATE_GRAD=h is not None, DOT=tiles.dot, PRECISION=tiles.precision,
-        BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK,
+        BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BK=BLOCK, **launch_options(),
     )  # fmt: skip
     return out, gate_grad
 
@@ -325,7 +346,7 @@ def up(p, gate, w, base, scale: float, tiles: Tiles, out_dtype: torch.dtype, rou
         p, gate, w, base if base is not None else out, d, router_w, out,
         tokens, width, tiles.num_experts, tiles.rank, router_experts, scale,
         HAS_BASE=base is not None, ROUTER=router is not None, DOT=tiles.dot, PRECISION=tiles.precision,
-        BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BN=BLOCK, NP=max(MIN_DOT, next_power_of_2(router_experts)),
+        BM=BLOCK, EB=tiles.eb, RP=tiles.rp, BN=BLOCK, NR=router_chunk(router_experts), **launch_options(),
     )  # fmt: skip
     return out
 
@@ -337,7 +358,7 @@ def outer(p, gate, y, scale: float, tiles: Tiles, out_dtype: torch.dtype) -> tor
     grid = (tiles.expert_blocks, cdiv(width, BLOCK))
     rank_outer[grid](
         p, gate, y, out, tokens, width, tiles.num_experts, tiles.rank, scale,
-        DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, EB=tiles.eb, RP=tiles.rp, BN=BLOCK,
+        DOT=tiles.dot, PRECISION=tiles.precision, BT=BLOCK, EB=tiles.eb, RP=tiles.rp, BN=BLOCK, **launch_options(),
     )  # fmt: skip
     return out
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, flat_rows, next_power_of_2
+from .grid import cdiv, flat_rows, launch_options, next_power_of_2
 
 BLOCK = 32  # token rows per program, and the columns of D per step
 MIN_EXPERTS = 16  # the expert tile is at least this wide: every tl.dot operand dimension must be >= 16
@@ -324,7 +324,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, nor
         x, weight, logits, weights, chosen, tokens, width, num_experts, temperature,
         logits if token_weights is None else token_weights, stats, counted[0] if counts else logits, K=k,
         NORMALISE=normalise, STATS=sums is not None, TOKEN_WEIGHTS=token_weights is not None, COUNTS=counts,
-        BM=BLOCK, NP=expert_tile(num_experts), BK=BLOCK,
+        BM=BLOCK, NP=expert_tile(num_experts), BK=BLOCK, **launch_options(),
     )  # fmt: skip
     return (logits, weights, chosen, counted) if counts else (logits, weights, chosen)
 
@@ -348,8 +348,9 @@ def route_gradients(
     if needs[1]:
         grad_weight = torch.empty_like(weight)
         scores_outer[(cdiv(width, BLOCK),)](
-            grad_scores, x, grad_weight, tokens, width, num_experts, NP=expert_tile(num_experts), BT=BLOCK, BN=BLOCK
-        )
+            grad_scores, x, grad_weight, tokens, width, num_experts, NP=expert_tile(num_experts), BT=BLOCK, BN=BLOCK,
+            **launch_options(),
+        )  # fmt: skip
     return [grad_x, grad_weight]
 
 
@@ -370,7 +371,7 @@ def scores_gradient(
         logits, weights, chosen, weight, grad_scores, grad_x if grad_x is not None else grad_scores,
         grad_stats_ptr, token_weights_ptr, tokens, weight.shape[1], num_experts, temperature, stats_rows,
         K=chosen.shape[1], NORMALISE=normalise, GRAD_X=grad_x is not None, HAS_GRAD_WEIGHTS=grad_weights is not None,
-        PER_PAIR=per_pair, **flags, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK,
+        PER_PAIR=per_pair, **flags, BM=BLOCK, NP=expert_tile(num_experts), BN=BLOCK, **launch_options(),
     )  # fmt: skip
     return grad_scores
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..checks import check_bool, check_choice
-from ..kernels import triton_unavailable
+from ..kernels import ROUTER_KERNEL_MAX_EXPERTS, triton_unavailable
 from .base import Deferred, Router, Routing, RoutingInputs, full_softmax, one_hot_shares
 from .capacity import apply_capacity
 from .expert_choice import CAUSAL_TASK_TYPES
@@ -128,6 +128,8 @@ class TopKRouter(Router):
         if self.dispatch != "triton" or self.order not in KERNEL_ORDERS or type(self).score is not TopKRouter.score:
             return False
         if self.training and (self.noise_weight is not None or self.jitter > 0):
+            return False
+        if self.num_experts > ROUTER_KERNEL_MAX_EXPERTS:  # its tiles would outgrow a GPU block's shared memory
             return False
         return x.shape[:-1].numel() > 0 and triton_unavailable(x.device) is None
 
