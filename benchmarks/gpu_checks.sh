@@ -20,7 +20,8 @@
 #              DISPATCH, default masked,grouped,triton, DISPATCH= for none; peak memory) -> step_time_h100.md/.json
 #              (every file is named by the GPU's model: h100, h200, ...; see step_time.machine_tag)
 # profile:     torch.profiler table of the MoPE and LoRA steps on CUDA, kernels launched per step (the MoPE step
-#              also with dispatch forced to each of KERNEL_DISPATCH, default triton) -> step_time_profile_h100.md
+#              also with dispatch forced to each of KERNEL_DISPATCH, default triton), and each Triton kernel variant
+#              compiled (warps, stages, shared memory, registers, spills) -> step_time_profile_h100.md
 # calibration: dispatch_calibration.py on CUDA (masked / sorted / grouped / triton per shape) -> dispatch_calibration_cuda.md
 # inference:   inference_time.py on CUDA (forward latency, KV-cached generation; token-level MoPE rows also with
 #              dispatch forced to each of KERNEL_DISPATCH) -> inference_time_h100.md

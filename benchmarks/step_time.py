@@ -912,6 +912,32 @@ def profile_table(candidate: Candidate, shape: Shape, device: str = "cpu", rows:
     return f"## {candidate.label}, {shape.describe()}, {device} (3 steps)\n\n{kernels}```\n{table}\n```\n"
 
 
+KERNEL_MODULES = ("lora", "grouped", "router", "layer_kernels", "decode")
+
+
+def compiled_kernels_table() -> str:
+    """Each mope Triton kernel this process compiled for a GPU: warps, pipelining stages, shared memory, registers
+    per thread and spilled registers (Triton reads the last two when it loads a kernel), one row per variant."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    rows = []
+    for module in KERNEL_MODULES:
+        for name, fn in vars(importlib.import_module(f"mope.kernels.{module}")).items():
+            caches = getattr(fn, "device_caches", {}) if isinstance(fn, JITFunction) else {}
+            for cache in caches.values():
+                for kernel in cache[0].values():  # the compiled kernels (Triton 3.6 to 3.9)
+                    md = kernel.metadata
+                    spills = getattr(kernel, "n_spills", None)
+                    cells = (name, md.num_warps, md.num_stages, md.shared, getattr(kernel, "n_regs", None), spills)
+                    rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if not rows:
+        return ""
+    head = "| kernel | warps | stages | shared memory (B) | registers | spilled |\n|---|---|---|---|---|---|\n"
+    return "## Triton kernels compiled (one row per variant)\n\n" + head + "\n".join(sorted(set(rows))) + "\n"
+
+
 # report --------------------------------------------------------------------------------------------
 
 
@@ -1088,6 +1114,8 @@ def run_profile(settings: Settings, out: Path, device: str) -> None:
     candidates = with_dispatch_rows((CANDIDATES_BY_NAME[REFERENCE_MOPE],), settings.dispatches)
     candidates += (CANDIDATES_BY_NAME[REFERENCE_LORA],)
     text = header + "".join(profile_table(candidate, shape, device) for candidate in candidates)
+    if device == "cuda" and importlib.util.find_spec("triton") is not None:
+        text += "\n" + compiled_kernels_table()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"step_time_profile_{machine_tag(device)}.md").write_text(text)
     print(text)

@@ -287,6 +287,29 @@ def test_skipped_triton_launches_run_nothing_but_zero_integer_arguments_and_are_
     assert JITFunction.run is original
 
 
+def test_the_cuda_profile_lists_each_compiled_kernel_variant_with_its_stages_shared_memory_and_registers(monkeypatch):
+    """The table rows come from the mope kernels' own compile caches (a stand-in compiled kernel here: none can
+    compile for a GPU on this machine); without any, no table."""
+    from types import SimpleNamespace
+
+    import triton
+
+    from mope.kernels import lora
+
+    step_time = benchmark_module("step_time")
+    assert step_time.compiled_kernels_table() == ""
+
+    @triton.jit
+    def stand_in(out_ptr):
+        pass
+
+    compiled = SimpleNamespace(metadata=SimpleNamespace(num_warps=4, num_stages=2, shared=65536), n_regs=96, n_spills=8)
+    stand_in.device_caches = {0: ({"key": compiled}, None)}
+    monkeypatch.setattr(lora, "stand_in", stand_in, raising=False)
+    table = step_time.compiled_kernels_table()
+    assert "| stand_in | 4 | 2 | 65536 | 96 | 8 |" in table.splitlines()
+
+
 @pytest.mark.slow
 def test_gpu_checks_skips_the_steps_its_budget_cannot_fit_and_logs_the_versions(tmp_path):
     # one device call is all a session gets: a step that would start with under 20 s of BUDGET left is skipped
