@@ -107,9 +107,10 @@ def launched_kernels(modules: list[str]) -> set[str]:
     return set(kernels) - called
 
 
-def compile_spec(spec: dict, arch: int, stages: int | None = None) -> tuple[int, int]:
-    """Compile ``spec`` for CUDA compute capability ``arch`` (90: H100; 89: L4, RTX 40 series), with ``stages``
-    pipelining stages (default: Triton's); the cubin's size and the shared memory a block needs, in bytes."""
+def compile_spec(spec: dict, arch: int, options: dict | None = None) -> tuple[int, int]:
+    """Compile ``spec`` for CUDA compute capability ``arch`` (90: H100; 89: L4, RTX 40 series) with launch
+    ``options`` (``num_warps``, ``num_stages``; default: Triton's); the cubin's size and the shared memory a block
+    needs, in bytes."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -121,8 +122,7 @@ def compile_spec(spec: dict, arch: int, stages: int | None = None) -> tuple[int,
         for name, value in spec["constants"].items()
     }
     source = ASTSource(fn=kernel, signature=spec["signature"], constexprs=constants)
-    options = {} if stages is None else {"num_stages": stages}
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options or {})
     return len(compiled.asm["cubin"]), compiled.metadata.shared
 
 

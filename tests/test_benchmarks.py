@@ -310,6 +310,25 @@ def test_the_cuda_profile_lists_each_compiled_kernel_variant_with_its_stages_sha
     assert "| stand_in | 4 | 2 | 65536 | 96 | 8 |" in table.splitlines()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_kernel_resources_reads_a_compiled_variants_registers_spills_and_shared_memory_and_tabulates_them():
+    """One small kernel compiled for an H100 (no GPU needed): ptxas reports registers (at most 255 a thread) and no
+    spill; a table row per kernel and ``tl.dot`` type, with one cell per warp count."""
+    resources = benchmark_module("kernel_resources")
+    spec = {
+        "module": "mope.kernels.grouped", "kernel": "count_pairs",
+        "signature": {"chosen_ptr": "*i64", "counts_ptr": "*i32", "pairs": "i32", "num_experts": "i32",
+                      "BP": "constexpr", "NP": "constexpr"},
+        "constants": {"BP": 256, "NP": 32},
+    }  # fmt: skip
+    registers, spilled, shared = resources.compile_usage(spec, 90, {"num_warps": 4})
+    assert 0 < registers <= 255 and spilled == 0 and shared >= 0
+    text = resources.table([spec, spec], 90, [4, 8])
+    row = next(line for line in text.splitlines() if line.startswith("| count_pairs |"))
+    assert row.startswith(f"| count_pairs | - | 2 | {registers} / 0 / 0 / ") and row.count("|") == 6
+    assert "4 warps: 0 of 2 spill, 8 warps: 0 of 2 spill." in text
+
+
 @pytest.mark.slow
 def test_gpu_checks_skips_the_steps_its_budget_cannot_fit_and_logs_the_versions(tmp_path):
     # one device call is all a session gets: a step that would start with under 20 s of BUDGET left is skipped

@@ -1387,11 +1387,11 @@ def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_p
     compiled here to a cubin for an H100 (sm_90) by Triton's compiler, no GPU needed; every kernel that is not
     a device function must have been launched. Each block's shared memory must fit the GPU's (a launch that needs
     more is refused): every launch on an H100; each kernel's largest on an A100 (sm_80) and on the GPUs with 99 KB
-    a block (sm_86, sm_89, sm_120), at the pipelining stages :func:`mope.kernels.grid.stages_for` gives them.
+    a block (sm_86, sm_89, sm_120), with the options :func:`mope.kernels.grid.options_for` gives them.
     """
     from kernel_specs import compile_set, compile_spec, largest, launched_kernels
 
-    from mope.kernels.grid import stages_for
+    from mope.kernels.grid import options_for
 
     launches = tmp_path / "launches.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", LAUNCHES_FILE: str(launches)}
@@ -1406,12 +1406,12 @@ def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_p
     compiled = compile_set(specs)
     needs = []
     for spec in compiled:
-        cubin, shared = compile_spec(spec, 90, stages_for(SHARED_MEMORY[90]))
+        cubin, shared = compile_spec(spec, 90, options_for(SHARED_MEMORY[90]))
         assert cubin > 0 and shared <= SHARED_MEMORY[90], (spec, shared)
         needs.append(shared)
     for arch in (80, 89):
         for spec in largest(compiled, needs):
-            _, shared = compile_spec(spec, arch, stages_for(SHARED_MEMORY[arch]))
+            _, shared = compile_spec(spec, arch, options_for(SHARED_MEMORY[arch]))
             assert shared <= SHARED_MEMORY[arch], (arch, spec, shared)
 
 
@@ -1516,18 +1516,18 @@ def test_host_grid_arithmetic_equals_tritons():
 @pytest.mark.parametrize(
     "shared, stages, options",
     [
-        ((232448,), 3, {}),  # H100
-        ((166912, 232448), 3, {}),  # A100 with an H100: the smaller decides
-        ((101376,), 2, {"num_stages": 2}),  # L4, RTX 40 series (sm_89), sm_86, sm_120
-        ((232448, 101376), 2, {"num_stages": 2}),
-        ((65536,), 1, {"num_stages": 1}),  # T4
+        ((232448,), 3, {"num_warps": 8}),  # H100
+        ((166912, 232448), 3, {"num_warps": 8}),  # A100 with an H100: the smaller decides
+        ((101376,), 2, {"num_warps": 8, "num_stages": 2}),  # L4, RTX 40 series (sm_89), sm_86, sm_120
+        ((232448, 101376), 2, {"num_warps": 8, "num_stages": 2}),
+        ((65536,), 1, {"num_warps": 8, "num_stages": 1}),  # T4
     ],
 )  # fmt: skip
 def test_launches_take_fewer_pipelining_stages_only_on_gpus_whose_blocks_hold_less_shared_memory(
     shared, stages, options, monkeypatch
 ):  # fmt: skip
-    """Triton's default 3 stages where a block may hold 164 KB or more (nothing passed: those launches are as Triton
-    makes them), else fewer, by the smallest visible GPU's; nothing on a machine without CUDA."""
+    """Triton's default 3 stages where a block may hold 164 KB or more (none passed), else fewer, by the smallest
+    visible GPU's; 8 warps everywhere; nothing on a machine without CUDA."""
     from types import SimpleNamespace
 
     from mope.kernels.grid import launch_options, stages_for

@@ -39,15 +39,28 @@ def stages_for(shared_bytes: int) -> int:
     return 3 if shared_bytes >= STAGES_3_FROM else 2 if shared_bytes >= STAGES_2_FROM else 1
 
 
+# warps per program, not Triton's default 4: compiled for sm_90 (tests/kernel_specs.py), with 4 warps the fp32 tl.dot
+# tiles took all 255 registers a thread may hold and spilled in 50 of the 129 launches' variants (up to 56 KB a
+# thread in grouped_gradients, 3 KB in layer_gradients); with 8, 22 spill, at most 768 bytes. Not yet timed on a GPU.
+WARPS = 8
+
+
+def options_for(shared_bytes: int) -> dict:
+    """The launch options on a GPU whose blocks may take ``shared_bytes`` of shared memory: ``WARPS`` warps, and
+    ``num_stages`` where Triton's default 3 does not fit (:func:`stages_for`)."""
+    stages = stages_for(shared_bytes)
+    return {"num_warps": WARPS} if stages == 3 else {"num_warps": WARPS, "num_stages": stages}
+
+
 @functools.cache
 def launch_options() -> dict:
-    """Each launch's keyword options: ``num_stages`` where the visible GPUs (the smallest of them) cannot take
-    Triton's default; none on CPU (the interpreter) or where they can, so those launches are as Triton makes them."""
+    """Each launch's keyword options, by the smallest visible GPU (:func:`options_for`); none on CPU (the
+    interpreter runs one thread a program whatever they say)."""
     if not torch.cuda.is_available():
         return {}
-    shared = min(shared_memory(torch.cuda.get_device_properties(i)) for i in range(torch.cuda.device_count()))
-    stages = stages_for(shared)
-    return {} if stages == 3 else {"num_stages": stages}
+    return options_for(
+        min(shared_memory(torch.cuda.get_device_properties(i)) for i in range(torch.cuda.device_count()))
+    )
 
 
 def shared_memory(properties) -> int:
