@@ -39,9 +39,9 @@ def stages_for(shared_bytes: int) -> int:
     return 3 if shared_bytes >= STAGES_3_FROM else 2 if shared_bytes >= STAGES_2_FROM else 1
 
 
-# warps per program, not Triton's default 4: compiled for sm_90 (tests/kernel_specs.py), with 4 warps the fp32 tl.dot
-# tiles took all 255 registers a thread may hold and spilled in 50 of the 129 launches' variants (up to 56 KB a
-# thread in grouped_gradients, 3 KB in layer_gradients); with 8, 22 spill, at most 768 bytes. Not yet timed on a GPU.
+# warps per program, not Triton's default 4: compiled for sm_90 (benchmarks/kernel_resources.py), with 4 warps the fp32
+# tl.dot tiles took all 255 registers a thread may hold and spilled in 52 of the 132 variants the tests launch (up to
+# 56 KB a thread in grouped_gradients); with 8, 24 spill, at most 2.9 KB. Not yet timed on a GPU.
 WARPS = 8
 
 
