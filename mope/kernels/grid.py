@@ -1,4 +1,5 @@
-"""What the host computes around a launch: grid and tile arithmetic in plain Python, flat views of tensors.
+"""What the host computes around a launch: grid and tile arithmetic in plain Python, flat views of tensors, and
+the launch options (warps, pipelining stages) the GPU's shared memory allows.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions in Triton 3.x: about 2.6 us a
 call outside a kernel, several per launch, every step.

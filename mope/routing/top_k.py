@@ -113,7 +113,8 @@ class TopKRouter(Router):
         """With ``dispatch='triton'``, score and gate in the Triton router kernel where it applies.
 
         It computes plain linear scores (not a subclass's own ``score``, not the noise or jitter of
-        training, drawn in torch) on a device where the kernels run; anywhere else the torch path,
+        training, drawn in torch) over at most ``ROUTER_KERNEL_MAX_EXPERTS`` experts, on a device where
+        the kernels run; anywhere else the torch path,
         and a LoRA bank set to ``'triton'`` then refuses the device itself, naming why.
         """
         if not self.kernel_applies(x):
