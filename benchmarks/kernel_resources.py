@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import subprocess
@@ -26,8 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
-# a block's most shared memory by compute capability (bytes, opt-in): what stages_for reads on that GPU
-SHARED_MEMORY = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+sys.path.insert(0, str(TESTS))
+from kernel_specs import SHARED_MEMORY, compile_kernel, compile_set  # noqa: E402  (the tests' launch records)
 
 
 def record_launches(path: Path) -> None:
@@ -56,20 +57,7 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
 
 def compile_usage(spec: dict, arch: int, options: dict) -> tuple[int, int, int]:
     """Registers, spilled bytes and shared memory of ``spec`` compiled for ``arch`` with ``options``."""
-    import importlib
-
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
-    constants = {
-        name: tl.dtype(value["dtype"]) if isinstance(value, dict) else value
-        for name, value in spec["constants"].items()
-    }
-    source = ASTSource(fn=kernel, signature=spec["signature"], constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    compiled = compile_kernel(spec, arch, options)
     return *ptxas_usage(compiled.asm["ptx"], arch), compiled.metadata.shared
 
 
@@ -119,11 +107,6 @@ def main() -> None:
     parser.add_argument("--launches", type=Path, help="a recorded launches file (else the tests are run to record)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
-    sys.path.insert(0, str(TESTS))
-    import json
-
-    from kernel_specs import compile_set
-
     with tempfile.TemporaryDirectory() as tmp:
         launches = args.launches or Path(tmp) / "launches.json"
         if args.launches is None:

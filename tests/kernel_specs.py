@@ -107,10 +107,21 @@ def launched_kernels(modules: list[str]) -> set[str]:
     return set(kernels) - called
 
 
+# a block's most shared memory (opt-in, bytes) by compute capability: H100, A100, and sm_86/sm_89 (A10, L4, RTX 30
+# and 40 series; sm_120 alike)
+SHARED_MEMORY = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
+
+
 def compile_spec(spec: dict, arch: int, options: dict | None = None) -> tuple[int, int]:
     """Compile ``spec`` for CUDA compute capability ``arch`` (90: H100; 89: L4, RTX 40 series) with launch
     ``options`` (``num_warps``, ``num_stages``; default: Triton's); the cubin's size and the shared memory a block
     needs, in bytes."""
+    compiled = compile_kernel(spec, arch, options)
+    return len(compiled.asm["cubin"]), compiled.metadata.shared
+
+
+def compile_kernel(spec: dict, arch: int, options: dict | None = None):
+    """``spec`` compiled by Triton for ``arch`` with launch ``options``: its ``CompiledKernel`` (no GPU needed)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -122,8 +133,7 @@ def compile_spec(spec: dict, arch: int, options: dict | None = None) -> tuple[in
         for name, value in spec["constants"].items()
     }
     source = ASTSource(fn=kernel, signature=spec["signature"], constexprs=constants)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options or {})
-    return len(compiled.asm["cubin"]), compiled.metadata.shared
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options or {})
 
 
 def largest(specs: list[dict], shared: list[int]) -> list[dict]:

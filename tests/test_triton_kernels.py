@@ -622,7 +622,7 @@ def test_the_layer_call_on_strided_inputs_equals_it_on_contiguous_copies(num_exp
 # where int32 arithmetic wraps, in the interpreter as on a GPU (there: a wrong address, here: a crash). Kernels
 # that large cannot run whole in the interpreter, so there each launch runs only the programs at its grid's edges
 # (edge_programs), on tensors of which only the last rows are ever written: the rest takes no memory. On CUDA
-# every program runs (about 30 GB of GPU memory).
+# every program runs (at most about 17 GB of GPU memory, estimated from the tensors' sizes).
 
 
 def tall(wide: int, width: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -1389,7 +1389,7 @@ def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_p
     more is refused): every launch on an H100; each kernel's largest on an A100 (sm_80) and on the GPUs with 99 KB
     a block (sm_86, sm_89, sm_120), with the options :func:`mope.kernels.grid.options_for` gives them.
     """
-    from kernel_specs import compile_set, compile_spec, largest, launched_kernels
+    from kernel_specs import SHARED_MEMORY, compile_set, compile_spec, largest, launched_kernels
 
     from mope.kernels.grid import options_for
 
@@ -1413,10 +1413,6 @@ def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_p
         for spec in largest(compiled, needs):
             _, shared = compile_spec(spec, arch, options_for(SHARED_MEMORY[arch]))
             assert shared <= SHARED_MEMORY[arch], (arch, spec, shared)
-
-
-# a block's most shared memory (opt-in), bytes: H100, A100, and sm_89 (L4, RTX 40 series; sm_86 and sm_120 alike)
-SHARED_MEMORY = {90: 232448, 80: 166912, 89: 101376}
 
 
 # refused where the kernels cannot run ------------------------------------------------------------
