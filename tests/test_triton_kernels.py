@@ -1485,6 +1485,27 @@ def test_without_triton_set_dispatch_is_refused_with_the_install_line(monkeypatc
     assert triton_unavailable(torch.device("cuda")).startswith("Triton is not installed")
 
 
+@pytest.mark.skipif(not HAS_TRITON or kernels_interpreted(), reason="needs Triton, compiling for a GPU")
+def test_nvidia_gpus_older_than_ampere_are_refused_naming_the_gpu_and_its_capability(monkeypatch):
+    from mope.kernels import gpu_too_old
+
+    capabilities = {0: (7, 5), 1: (8, 0), 2: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capabilities[index])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: ["Tesla T4", "A100", "H100"][index])
+    gpu_too_old.cache_clear()
+    try:
+        reason = triton_unavailable(torch.device("cuda", 0))
+        assert "compute capability 8.0 or newer" in reason and "cuda:0 (Tesla T4) has 7.5" in reason
+        assert (
+            triton_unavailable(torch.device("cuda", 1)) is None and triton_unavailable(torch.device("cuda", 2)) is None
+        )
+        gpu_too_old.cache_clear()
+        monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports its own architectures: not refused here
+        assert triton_unavailable(torch.device("cuda", 0)) is None
+    finally:
+        gpu_too_old.cache_clear()
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_set_dispatch_and_the_config_reach_the_top_k_routers_and_the_count_is_the_banks():
     config = mope.MoPEConfig(target_modules=["q_proj", "v_proj"], num_experts=4, r=2, dispatch="triton")

@@ -15,6 +15,7 @@ set it that early; a CUDA tensor only when they were compiled for the GPU.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -25,6 +26,9 @@ INSTALL_HINT = "pip install 'mope[triton]' (Triton ships with CUDA builds of tor
 # gradient's) outgrow a GPU block's shared memory (at 256: 160 KB at 3 pipelining stages, which an A100 and an H100
 # take, checked by compiling for them), so there the router scores in torch and the experts' kernels run alone.
 ROUTER_KERNEL_MAX_EXPERTS = 256
+# Triton supports NVIDIA GPUs of compute capability 8.0 and newer (its README; older ones "may work at times"). Compiled
+# for sm_75 (T4) here, 3 of the tests' launches need 80 KB of shared memory, more than its blocks' 64 KB.
+MIN_CAPABILITY = (8, 0)
 
 
 def kernels_interpreted() -> bool:
@@ -59,7 +63,7 @@ def triton_unavailable(device: torch.device) -> str | None:
                 "this process set TRITON_INTERPRET=1, so the kernels run in Triton's CPU interpreter, "
                 "not on CUDA tensors; unset it to use them on the GPU"
             )
-        return None
+        return gpu_too_old(device.index if device.index is not None else torch.cuda.current_device())
     if device.type == "cpu":
         if kernels_interpreted():
             from . import lora
@@ -70,3 +74,19 @@ def triton_unavailable(device: torch.device) -> str | None:
             "before triton is imported, a testing aid, far slower than the torch strategies)"
         )
     return f"the Triton kernels run on CUDA (or on CPU under TRITON_INTERPRET=1), not on {device.type!r} tensors"
+
+
+@functools.cache
+def gpu_too_old(index: int) -> str | None:
+    """Why the kernels cannot run on CUDA GPU ``index`` (an NVIDIA GPU older than :data:`MIN_CAPABILITY`), or None.
+    ROCm GPUs are not refused here."""
+    if torch.version.hip is not None:
+        return None
+    capability = torch.cuda.get_device_capability(index)
+    if capability >= MIN_CAPABILITY:
+        return None
+    return (
+        f"the kernels need an NVIDIA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
+        f"(Ampere and later: A100, A10, L4, RTX 30 series and newer), as Triton does; cuda:{index} "
+        f"({torch.cuda.get_device_name(index)}) has {capability[0]}.{capability[1]}"
+    )
