@@ -107,9 +107,9 @@ def launched_kernels(modules: list[str]) -> set[str]:
     return set(kernels) - called
 
 
-# a block's most shared memory (opt-in, bytes) by compute capability: H100, A100, and sm_86/sm_89 (A10, L4, RTX 30
-# and 40 series; sm_120 alike)
-SHARED_MEMORY = {90: 232448, 80: 166912, 86: 101376, 89: 101376}
+# a block's most shared memory (opt-in, bytes) by compute capability: H100, A100, and sm_86/sm_89/sm_120 (A10, L4,
+# RTX 30, 40 and 50 series)
+SHARED_MEMORY = {90: 232448, 80: 166912, 86: 101376, 89: 101376, 120: 101376}
 
 
 def compile_spec(spec: dict, arch: int, options: dict | None = None) -> tuple[int, int]:

@@ -975,6 +975,49 @@ def test_training_steps_with_the_router_losses_sums_leave_nothing_alive(num_expe
     assert alive() == 0
 
 
+@pytest.mark.parametrize("num_experts", [8, 16], ids=["every-expert", "grouped"])
+@pytest.mark.parametrize("path", ["fused", "router-and-experts", "decode"])
+@battery
+def test_every_forward_launch_is_on_the_inputs_gpu(monkeypatch, num_experts, path):
+    """Triton launches on the current CUDA device, not on its tensors': with a model split over GPUs
+    (device_map="auto") each kernel entry makes its input's device current first (mope.kernels.grid.on_inputs_device).
+    Here a stand-in says every input is on "GPU 7": each forward launch must run inside ``torch.cuda.device(7)``."""
+    import mope.kernels.grid as grid
+
+    kernel_type = type(mope.kernels.lora.rank_down)  # InterpretedFunction, or JITFunction on CUDA
+    entered, launches = [], []
+
+    class Current:  # torch.cuda.device's stand-in: records which device is current
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            entered.pop()
+
+    real_run = kernel_type.run
+
+    def run(self, *args, **kwargs):
+        launches.append(entered[-1] if entered else None)
+        return real_run(self, *args, **kwargs)
+
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], num_experts=num_experts, top_k=2, r=4,
+        init_weights=False, dispatch="triton", lora_dropout=0.1 if path == "router-and-experts" else 0.0,
+    )  # fmt: skip
+    model = get_peft_model(make_model("llama"), config).to(DEVICE)
+    batch = {k: v.to(DEVICE) for k, v in make_batch("llama", batch=1 if path == "decode" else 2).items()}
+    monkeypatch.setattr(grid, "several_gpus", lambda: True)
+    monkeypatch.setattr(grid, "launch_device", lambda device: 7)
+    monkeypatch.setattr(torch.cuda, "device", Current)
+    monkeypatch.setattr(kernel_type, "run", run)
+    with torch.set_grad_enabled(path != "decode"):
+        model.train(path != "decode")(**batch)  # the backward needs no guard: autograd makes the device current
+    assert launches and set(launches) == {7}, launches
+
+
 @battery
 def test_llama_training_step_compiles_as_one_graph():
     """The whole step's forward (routing, kernels, aux losses) in one Dynamo graph; loss and gradients as eager.
@@ -1387,7 +1430,8 @@ def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_p
     compiled here to a cubin for an H100 (sm_90) by Triton's compiler, no GPU needed; every kernel that is not
     a device function must have been launched. Each block's shared memory must fit the GPU's (a launch that needs
     more is refused): every launch on an H100; each kernel's largest on an A100 (sm_80) and on the GPUs with 99 KB
-    a block (sm_86, sm_89, sm_120), with the options :func:`mope.kernels.grid.options_for` gives them.
+    a block (sm_89: L4, RTX 40 series; sm_120: RTX 50 series, whose Blackwell compiler differs), with the options
+    :func:`mope.kernels.grid.options_for` gives them.
     """
     from kernel_specs import SHARED_MEMORY, compile_set, compile_spec, largest, launched_kernels
 
@@ -1409,7 +1453,7 @@ def test_battery_under_the_interpreter_and_its_kernels_compile_for_an_h100(tmp_p
         cubin, shared = compile_spec(spec, 90, options_for(SHARED_MEMORY[90]))
         assert cubin > 0 and shared <= SHARED_MEMORY[90], (spec, shared)
         needs.append(shared)
-    for arch in (80, 89):
+    for arch in (80, 89, 120):
         for spec in largest(compiled, needs):
             _, shared = compile_spec(spec, arch, options_for(SHARED_MEMORY[arch]))
             assert shared <= SHARED_MEMORY[arch], (arch, spec, shared)
@@ -1483,6 +1527,18 @@ def test_without_triton_set_dispatch_is_refused_with_the_install_line(monkeypatc
         mope.set_dispatch(model, "triton")
     assert {b.dispatch for b in model.modules() if hasattr(b, "active_experts")} == {"auto"}
     assert triton_unavailable(torch.device("cuda")).startswith("Triton is not installed")
+
+
+def test_kernels_launch_on_the_inputs_gpu_only_where_several_are_and_another_is_current(monkeypatch):
+    from mope.kernels import grid
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for count, want in ((2, {"cuda:1": 1, "cuda:0": None}), (1, {"cuda:1": None, "cuda:0": None})):
+        monkeypatch.setattr(grid, "gpu_count", [])
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        assert {name: grid.launch_device(torch.device(name)) for name in want} == want, count
+        assert grid.launch_device(torch.device("cpu")) is None
+        assert grid.gpu_count == [count]  # read once
 
 
 @pytest.mark.skipif(not HAS_TRITON or kernels_interpreted(), reason="needs Triton, compiling for a GPU")

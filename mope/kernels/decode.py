@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, flat_rows, launch_options, next_power_of_2
+from .grid import cdiv, flat_rows, launch_options, next_power_of_2, on_inputs_device
 from .router import expert_tile, top_k_of
 
 DECODE_MAX_TOKENS = 16  # a forward with at most this many tokens and no gradient takes the one kernel
@@ -84,6 +84,7 @@ def decodes(x: torch.Tensor) -> bool:
     return few and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
+@on_inputs_device
 def routed_decode(
     x: torch.Tensor,
     router_weight: torch.Tensor,

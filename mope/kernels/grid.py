@@ -1,5 +1,5 @@
-"""What the host computes around a launch: grid and tile arithmetic in plain Python, flat views of tensors, and
-the launch options (warps, pipelining stages) the GPU's shared memory allows.
+"""What the host computes around a launch: grid and tile arithmetic in plain Python, flat views of tensors, the
+launch options (warps, pipelining stages) the GPU's shared memory allows, and the device the kernels launch on.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions in Triton 3.x: about 2.6 us a
 call outside a kernel, several per launch, every step.
@@ -67,3 +67,43 @@ def launch_options() -> dict:
 def shared_memory(properties) -> int:
     """A block's most shared memory on a GPU (its opt-in maximum; ROCm's properties lack that, so its default)."""
     return getattr(properties, "shared_memory_per_block_optin", properties.shared_memory_per_block)
+
+
+def on_inputs_device(fn):
+    """``fn(x, ...)``, a kernel entry, with the current CUDA device set to ``x``'s where it is another.
+
+    Triton launches a kernel on the current CUDA device and its current stream, not on its tensors' device. With a
+    model split over GPUs in one process (``device_map="auto"``), a layer on cuda:1 would otherwise launch on
+    cuda:0 with cuda:1's memory: an error, or without one a kernel racing cuda:1's stream. The backward needs no
+    guard: autograd runs a CUDA tensor's backward on its device's thread and the forward's stream.
+    """
+
+    @functools.wraps(fn)
+    def on_device(x: torch.Tensor, *args, **kwargs):
+        index = launch_device(x.device) if several_gpus() else None
+        if index is None:
+            return fn(x, *args, **kwargs)
+        with torch.cuda.device(index):
+            return fn(x, *args, **kwargs)
+
+    return on_device
+
+
+def launch_device(device: torch.device) -> int | None:
+    """The CUDA device to make current before launching kernels on ``device``'s tensors, or None where there is
+    nothing to change (one GPU, the current one, not CUDA, or compiling: inductor guards its graph's device)."""
+    if device.type != "cuda" or not several_gpus() or torch.compiler.is_compiling():
+        return None
+    return None if device.index is None or device.index == torch.cuda.current_device() else device.index
+
+
+gpu_count: list[int] = []  # torch.cuda.device_count(), read at the first call of several_gpus
+
+
+@torch.compiler.assume_constant_result  # Dynamo takes its value (device_count() is not traceable)
+def several_gpus() -> bool:
+    """Whether this process sees more than one GPU (``device_count`` creates no CUDA context). Not a
+    ``functools.cache``: Dynamo would warn at each compiled call that it ignores the cache."""
+    if not gpu_count:
+        gpu_count.append(torch.cuda.device_count())
+    return gpu_count[0] > 1

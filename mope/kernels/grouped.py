@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, flat_rows, launch_options, next_power_of_2
+from .grid import cdiv, flat_rows, launch_options, next_power_of_2, on_inputs_device
 from .lora import MIN_DOT, Tiles, router_share
 
 BLOCK = 64  # pairs per program, and the columns per step
@@ -523,6 +523,7 @@ def grouped_lora_op_backward(ctx, grad_out, *unused):
 grouped_lora_op.register_autograd(grouped_lora_op_backward, setup_context=save_for_grouped_backward)
 
 
+@on_inputs_device
 def grouped_lora(x, lora_A, lora_B, weights, scaling: float, base_out, chosen) -> torch.Tensor:
     """:func:`mope.dispatch.lora_masked`'s result over the ``chosen [..., k]`` experts only; any token shape.
 

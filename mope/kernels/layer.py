@@ -34,7 +34,7 @@ import torch
 
 from ..losses import LossSums
 from . import grouped
-from .grid import flat_rows
+from .grid import flat_rows, on_inputs_device
 from .grouped import GroupedState, Groups, grouped_forward
 from .layer_kernels import chosen_gradients, down_with_scores, gradients_of_layer, routed_down
 from .lora import MIN_DOT, Tiles, down, grouped_pays, up
@@ -337,6 +337,7 @@ def routed_grouped_layer_op_backward(ctx, grad_out, grad_logits, grad_weights, *
 routed_grouped_layer_op.register_autograd(routed_grouped_layer_op_backward, setup_context=save_for_layer_backward)
 
 
+@on_inputs_device
 def routed_layer(
     x: torch.Tensor,
     router_weight: torch.Tensor,

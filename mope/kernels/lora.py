@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .grid import cdiv, flat_rows, launch_options, next_power_of_2
+from .grid import cdiv, flat_rows, launch_options, next_power_of_2, on_inputs_device
 from .interpreter import installed_interpreter_fault
 
 # every tl.dot operand dimension must be at least this on a GPU
@@ -479,6 +479,7 @@ def grouped_pays(num_experts: int, active: int) -> bool:
     return num_experts >= GROUPED_MIN_EXPERTS_PER_ACTIVE * active
 
 
+@on_inputs_device
 def routed_lora(
     x: torch.Tensor,
     lora_A: torch.Tensor,

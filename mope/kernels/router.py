@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, flat_rows, launch_options, next_power_of_2
+from .grid import cdiv, flat_rows, launch_options, next_power_of_2, on_inputs_device
 
 BLOCK = 32  # token rows per program, and the columns of D per step
 MIN_EXPERTS = 16  # the expert tile is at least this wide: every tl.dot operand dimension must be >= 16
@@ -475,6 +475,7 @@ def route_op_backward(ctx, grad_logits, grad_weights, grad_chosen):
 route_op.register_autograd(route_op_backward, setup_context=save_for_op_backward)
 
 
+@on_inputs_device
 def route_top_k(
     x: torch.Tensor, weight: torch.Tensor, k: int, temperature: float, normalise: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
