@@ -93,12 +93,13 @@ def one_process(base_folder, tmp_path_factory) -> dict[str, torch.Tensor]:
     return load_file(out / "bundle" / "adapter_model.safetensors")
 
 
-def launch(kind: str, base: Path, out: Path) -> subprocess.CompletedProcess:
-    overrides = [*model_overrides(base), *STEPS, f"training.output_dir={out}"]
+def launch(kind: str, base: Path, out: Path, extra=(), environment_extra=None) -> subprocess.CompletedProcess:
+    overrides = [*model_overrides(base), *STEPS, f"training.output_dir={out}", *extra]
     script = out / "sharded_on_cpu.py"
     script.write_text(SHARDED_ON_CPU)
     command = [*LAUNCH, *SHARDED[kind], str(script), "--recipe", str(TINY), *overrides]
     environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    environment |= environment_extra or {}
     return subprocess.run(command, env=environment, cwd=ROOT, timeout=300, capture_output=True, text=True)
 
 
@@ -122,6 +123,39 @@ def test_sharded_run_writes_the_bundle_of_one_process(kind, base_folder, one_pro
     assert load and all(abs(sum(v["share"]) - 1) < 1e-5 for v in load.values())
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["aux_loss"] > 0 and metrics[-1]["lr"] == 0.0  # the schedule ends at the last step
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_fsdp2_with_the_triton_kernels_writes_the_bundle_of_one_process(base_folder, tmp_path):
+    """The fused layer's kernels (``dispatch='triton'``; in Triton's interpreter, as these are CPU processes) with
+    FSDP2's DTensor parameters: the bundle of one process accumulating the same micro-batches with the same kernels.
+    """
+    from mope.kernels.interpreter import installed_interpreter_fault
+
+    if installed_interpreter_fault() is not None:
+        pytest.skip(installed_interpreter_fault())
+    kernels = ["adapter.config.dispatch=triton"]
+    interpreted = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one"
+    overrides = [*model_overrides(base_folder), *STEPS, *kernels, f"training.output_dir={one}"]
+    command = [sys.executable, "-m", "mope.train", "--recipe", str(TINY), *overrides]
+    command.append("training.gradient_accumulation_steps=2")
+    done = subprocess.run(
+        command, env={**os.environ, **interpreted}, cwd=ROOT, timeout=300, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = tmp_path / "fsdp2"
+    sharded.mkdir()
+    done = launch("fsdp2", base_folder, sharded, kernels, interpreted)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((sharded / "summary.json").read_text())
+    assert summary["distributed_type"] == "FSDP" and summary["steps"] == 4
+    want = load_file(one / "bundle" / "adapter_model.safetensors")
+    got = load_file(sharded / "bundle" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
 
 
 def accelerator_with(kind: DistributedType, monkeypatch, fsdp_version: int = 2) -> Accelerator:
