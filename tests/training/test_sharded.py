@@ -43,6 +43,7 @@ SHARDED = {
     "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true"],
 }
 SHARDED["fsdp2"] += ["--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
+CPU_RUN = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # every launched run's environment has these
 EXPECTED_TYPE = {"fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 # Runs `-m mope.train ARGS` with accelerate's CPU guard lifted: a launched FSDP / DeepSpeed run then
 # shards across the CPU processes as it would across GPUs.
@@ -93,13 +94,21 @@ def one_process(base_folder, tmp_path_factory) -> dict[str, torch.Tensor]:
     return load_file(out / "bundle" / "adapter_model.safetensors")
 
 
+def assert_bundle_equals(out: Path, want: dict[str, torch.Tensor]) -> None:
+    """The bundle a run wrote in ``out`` holds ``want``'s tensors, complete and whole (not shards), within TOLERANCE."""
+    bundle = load_file(out / "bundle" / "adapter_model.safetensors")
+    assert bundle.keys() == want.keys()  # complete: every tensor, whole (not a shard)
+    for name, tensor in want.items():
+        assert bundle[name].shape == tensor.shape, name
+        torch.testing.assert_close(bundle[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
+
+
 def launch(kind: str, base: Path, out: Path, extra=(), environment_extra=None) -> subprocess.CompletedProcess:
     overrides = [*model_overrides(base), *STEPS, f"training.output_dir={out}", *extra]
     script = out / "sharded_on_cpu.py"
     script.write_text(SHARDED_ON_CPU)
     command = [*LAUNCH, *SHARDED[kind], str(script), "--recipe", str(TINY), *overrides]
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    environment |= environment_extra or {}
+    environment = {**os.environ, **CPU_RUN, "ACCELERATE_USE_CPU": "1", **(environment_extra or {})}
     return subprocess.run(command, env=environment, cwd=ROOT, timeout=300, capture_output=True, text=True)
 
 
@@ -114,11 +123,7 @@ def test_sharded_run_writes_the_bundle_of_one_process(kind, base_folder, one_pro
     assert summary["distributed_type"] == EXPECTED_TYPE[kind]  # really sharded, not DDP
     assert summary["steps"] == 4 and len(summary["rank_checksums"]) == 2
     assert summary["rank_checksums"][0] == summary["rank_checksums"][1]  # both processes gathered the same
-    bundle = load_file(tmp_path / "bundle" / "adapter_model.safetensors")
-    assert bundle.keys() == one_process.keys()  # complete: every tensor, whole (not a shard)
-    for name, tensor in one_process.items():
-        assert bundle[name].shape == tensor.shape, name
-        torch.testing.assert_close(bundle[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
+    assert_bundle_equals(tmp_path, one_process)
     load = json.loads((tmp_path / "routing_summary.json").read_text())  # statistics from the sharded model
     assert load and all(abs(sum(v["share"]) - 1) < 1e-5 for v in load.values())
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -136,13 +141,13 @@ def test_fsdp2_with_the_triton_kernels_writes_the_bundle_of_one_process(base_fol
     if installed_interpreter_fault() is not None:
         pytest.skip(installed_interpreter_fault())
     kernels = ["adapter.config.dispatch=triton"]
-    interpreted = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    interpreted = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = tmp_path / "one"
     overrides = [*model_overrides(base_folder), *STEPS, *kernels, f"training.output_dir={one}"]
     command = [sys.executable, "-m", "mope.train", "--recipe", str(TINY), *overrides]
     command.append("training.gradient_accumulation_steps=2")
     done = subprocess.run(
-        command, env={**os.environ, **interpreted}, cwd=ROOT, timeout=300, capture_output=True, text=True
+        command, env={**os.environ, **CPU_RUN, **interpreted}, cwd=ROOT, timeout=300, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     sharded = tmp_path / "fsdp2"
@@ -151,11 +156,7 @@ def test_fsdp2_with_the_triton_kernels_writes_the_bundle_of_one_process(base_fol
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((sharded / "summary.json").read_text())
     assert summary["distributed_type"] == "FSDP" and summary["steps"] == 4
-    want = load_file(one / "bundle" / "adapter_model.safetensors")
-    got = load_file(sharded / "bundle" / "adapter_model.safetensors")
-    assert got.keys() == want.keys()
-    for name, tensor in want.items():
-        torch.testing.assert_close(got[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
+    assert_bundle_equals(sharded, load_file(one / "bundle" / "adapter_model.safetensors"))
 
 
 def accelerator_with(kind: DistributedType, monkeypatch, fsdp_version: int = 2) -> Accelerator:
