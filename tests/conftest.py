@@ -418,11 +418,22 @@ def three_row_logits(model, name: str, **extra) -> torch.Tensor:
         return model(**make_batch(name, batch=3, pad=2), **extra).logits
 
 
+# Appended to each script of ranks_of_two_cpu_processes. The interpreter's teardown is skipped: the trainers' DDP
+# wrappers still hold gloo's group there, and destroying its threads then aborted rank 0's exit in CI twice
+# ("terminate called without an active exception"), after everything was written, even with the group destroyed.
+EXIT_WITHOUT_TEARDOWN = """
+torch.distributed.destroy_process_group()
+sys.stdout.flush(), sys.stderr.flush()
+os._exit(0)
+"""
+
+
 def ranks_of_two_cpu_processes(script: str, folder: Path, *args: str) -> list:
-    """Run ``script`` (text) under ``accelerate launch`` on two CPU processes (gloo) with ``folder`` and ``args``
-    as its arguments; it writes ``folder/rank{RANK}.json``. Returns the two ranks' JSON values."""
+    """Run ``script`` (text, importing os, sys and torch) under ``accelerate launch`` on two CPU processes (gloo)
+    with ``folder`` and ``args`` as its arguments; it writes ``folder/rank{RANK}.json``. Returns the two ranks'
+    JSON values."""
     path = folder / "script.py"
-    path.write_text(script)
+    path.write_text(script + EXIT_WITHOUT_TEARDOWN)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
     command += ["--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(path), str(folder), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}

@@ -127,7 +127,6 @@ weights = sum(p.double().sum().item() for p in sft.model.parameters() if p.requi
 logs = [entry for entry in sft.state.log_history if "loss" in entry]
 with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as handle:
     json.dump({"weights": weights, "logs": logs}, handle)
-torch.distributed.destroy_process_group()  # else a gloo thread can abort the exit ("terminate called")
 """
 
 
