@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+import torch
+
 from .training import quiet_third_party
 from .training.loop import TrainingDiverged, run
 from .training.recipe import RecipeError, load_recipe
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:  # its own code: the recipe was valid, the run went to NaN/inf
         print(f"error: {error}", file=sys.stderr)
         return 3
+    finally:  # as accelerate's end_training does: NCCL warns at exit of a group left alive
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: v for k, v in summary.items() if k != "rank_checksums"}))
     return 0

@@ -56,11 +56,26 @@ def test_offline_recipes_run_a_few_steps(path, tmp_path):
         assert load and all(abs(sum(v["share"]) - 1) < 1e-5 for v in load.values())
 
 
+# `-m mope.train`, then says whether the process group outlived it.
+GROUP_AFTER_MAIN = """
+import sys, torch
+from mope.train import main
+code = main(sys.argv[1:])
+print("group alive after main:", torch.distributed.is_initialized(), flush=True)
+sys.exit(code)
+"""
+
+
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes_ends_with_identical_weights(tmp_path):
-    command = [*LAUNCH, "--multi_gpu", "--num_processes", "2", "-m", "mope.train", "--recipe", str(OFFLINE_TINY)]
+def test_ddp_on_two_cpu_processes_ends_with_identical_weights_and_destroys_its_group(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(GROUP_AFTER_MAIN)
+    command = [*LAUNCH, "--multi_gpu", "--num_processes", "2", str(script), "--recipe", str(OFFLINE_TINY)]
     command += [f"training.output_dir={tmp_path}", "training.max_steps=6", "training.save_every=null"]
-    subprocess.run(command, check=True, env=env(ACCELERATE_USE_CPU="1"), cwd=ROOT, timeout=600)
+    ran = subprocess.run(
+        command, check=True, env=env(ACCELERATE_USE_CPU="1"), cwd=ROOT, timeout=600, capture_output=True, text=True
+    )
+    assert ran.stdout.count("group alive after main: False") == 2, ran.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["rank_checksums"]) == 2
     assert summary["rank_checksums"][0] == summary["rank_checksums"][1]
