@@ -441,7 +441,7 @@ class FusedCheck:
         self.active = layer._active_adapter
         self.router, self.bank = layer.mope_router[adapter_name], layer.mope_experts[adapter_name]
         self.noisy = self.router.noise_weight is not None or self.router.jitter > 0
-        self.device_type = None  # the last device the kernels were found to run on
+        self.device: torch.device | None = None  # the last device the kernels were found to run on
 
     def holds(self, layer: MoPELayer, x: torch.Tensor) -> bool:
         router, bank = self.router, self.bank
@@ -455,8 +455,9 @@ class FusedCheck:
             return False
         if (router.training and self.noisy) or bank.lora_A.dtype != torch.float32 or x.numel() == 0:
             return False
-        if x.device.type != self.device_type:
-            if triton_unavailable(x.device) is not None:
+        device = x.device
+        if device != self.device:  # each GPU: a machine may mix GPUs the kernels run on with ones they refuse
+            if triton_unavailable(device) is not None:
                 return False
-            self.device_type = x.device.type
+            self.device = device
         return True

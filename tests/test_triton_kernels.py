@@ -368,6 +368,28 @@ def test_a_layer_that_fused_takes_its_full_path_again_wherever_what_its_fused_ch
     assert layer.fused_check is None
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_a_fused_check_rechecks_the_kernels_on_each_gpu_not_once_a_device_type(monkeypatch):
+    """A machine may mix GPUs the kernels run on with ones they refuse (an A100 beside a T4): a layer that fused on
+    cuda:0 must not fuse on cuda:1 by its kept check. Stand-ins for the GPUs' inputs; nothing is launched."""
+    from types import SimpleNamespace
+
+    import mope.layer
+
+    layer = mope_layer("top_k", dispatch="triton")
+    asked = []
+
+    def unavailable(device):
+        asked.append(device)
+        return None if device == torch.device("cuda", 0) else "cuda:1 (Tesla T4) has 7.5"
+
+    monkeypatch.setattr(mope.layer, "triton_unavailable", unavailable)
+    check = mope.layer.FusedCheck(layer, "default")
+    on = {i: SimpleNamespace(device=torch.device("cuda", i), numel=lambda: 8) for i in (0, 1)}
+    assert [check.holds(layer, on[i]) for i in (0, 0, 1, 0)] == [True, True, False, True]
+    assert asked == [torch.device("cuda", i) for i in (0, 1)]  # asked again only where the GPU was not the last one
+
+
 def kernel_node(out: torch.Tensor) -> str:
     """The autograd node of the expert kernels that made ``out`` (through the views of its token shape)."""
     node = out.grad_fn
@@ -1589,18 +1611,18 @@ def test_host_grid_arithmetic_equals_tritons():
 @pytest.mark.parametrize(
     "shared, stages, options",
     [
-        ((232448,), 3, {"num_warps": 8}),  # H100
-        ((166912, 232448), 3, {"num_warps": 8}),  # A100 with an H100: the smaller decides
-        ((101376,), 2, {"num_warps": 8, "num_stages": 2}),  # L4, RTX 40 series (sm_89), sm_86, sm_120
-        ((232448, 101376), 2, {"num_warps": 8, "num_stages": 2}),
-        ((65536,), 1, {"num_warps": 8, "num_stages": 1}),  # T4
+        ((232448,), 3, {}),  # H100
+        ((166912, 232448), 3, {}),  # A100 with an H100: the smaller decides
+        ((101376,), 2, {"num_stages": 2}),  # L4, RTX 40 series (sm_89), sm_86, sm_120
+        ((232448, 101376), 2, {"num_stages": 2}),
+        ((65536,), 1, {"num_stages": 1}),  # T4
     ],
 )  # fmt: skip
 def test_launches_take_fewer_pipelining_stages_only_on_gpus_whose_blocks_hold_less_shared_memory(
     shared, stages, options, monkeypatch
 ):  # fmt: skip
     """Triton's default 3 stages where a block may hold 164 KB or more (none passed), else fewer, by the smallest
-    visible GPU's; 8 warps everywhere; nothing on a machine without CUDA."""
+    visible GPU's; 8 warps and fp fusion on everywhere; nothing on a machine without CUDA."""
     from types import SimpleNamespace
 
     from mope.kernels.grid import launch_options, stages_for
@@ -1610,4 +1632,35 @@ def test_launches_take_fewer_pipelining_stages_only_on_gpus_whose_blocks_hold_le
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(shared))
     properties = [SimpleNamespace(shared_memory_per_block_optin=b, shared_memory_per_block=49152) for b in shared]
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: properties[i])
-    assert stages_for(min(shared)) == stages and launch_options.__wrapped__() == options
+    everywhere = {"num_warps": 8, "enable_fp_fusion": True}
+    assert stages_for(min(shared)) == stages and launch_options.__wrapped__() == {**everywhere, **options}
+
+
+@pytest.mark.skipif(not HAS_TRITON or kernels_interpreted(), reason="compiles with Triton's compiler")
+def test_the_launch_options_say_fp_fusion_so_triton_neither_warns_nor_changes_it_by_version(monkeypatch):
+    """Triton 3.9 warns at a compile that leaves fp fusion unset (its default turns off in 3.10); the kernels' launch
+    options set it, as the compile checks measured them. Compiles one small kernel for an H100, no GPU needed."""
+    import warnings
+
+    from kernel_specs import SHARED_MEMORY, compile_kernel
+
+    from mope.kernels.grid import options_for
+
+    monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
+    monkeypatch.delenv("TRITON_FORCE_DISABLE_FP_FUSION", raising=False)
+    warn_once = getattr(importlib.import_module("triton._utils"), "warn_once", None)
+    spec = {
+        "module": "mope.kernels.grouped",
+        "kernel": "count_pairs",
+        "signature": {"chosen_ptr": "*i64", "counts_ptr": "*i32", "pairs": "i32", "num_experts": "i32",
+                      "BP": "constexpr", "NP": "constexpr"},
+        "constants": {"BP": 64, "NP": 8},
+    }  # fmt: skip
+    for options, warns in ((options_for(SHARED_MEMORY[90]), False), ({}, warn_once is not None)):
+        if warn_once is not None:
+            warn_once.cache_clear()  # once a process, else
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled = compile_kernel(spec, 90, options)
+        assert compiled.metadata.enable_fp_fusion is True
+        assert any("FP_FUSION" in str(w.message) for w in caught) == warns, [str(w.message) for w in caught]
