@@ -418,9 +418,9 @@ def three_row_logits(model, name: str, **extra) -> torch.Tensor:
         return model(**make_batch(name, batch=3, pad=2), **extra).logits
 
 
-# Appended to each script of ranks_of_two_cpu_processes. The interpreter's teardown is skipped: the trainers' DDP
-# wrappers still hold gloo's group there, and destroying its threads then aborted rank 0's exit in CI twice
-# ("terminate called without an active exception"), after everything was written, even with the group destroyed.
+# Appended to each script of ranks_of_two_cpu_processes. Rank 0 aborted in CI twice after everything was written
+# ("terminate called without an active exception"), the second time with the group destroyed: most likely in the
+# interpreter's teardown, where the trainers' DDP wrappers still hold gloo's group. That teardown is skipped.
 EXIT_WITHOUT_TEARDOWN = """
 torch.distributed.destroy_process_group()
 sys.stdout.flush(), sys.stderr.flush()
