@@ -62,7 +62,7 @@ def compile_usage(spec: dict, arch: int, options: dict) -> tuple[int, int, int]:
 
 
 def table(specs: list[dict], arch: int, warps: list[int]) -> str:
-    from mope.kernels.grid import stages_for
+    from mope.kernels.grid import FP_FUSION, stages_for
 
     stages = stages_for(SHARED_MEMORY[arch])
     rows = collections.defaultdict(lambda: {"variants": 0, **{w: [0, 0, 0, 0] for w in warps}})
@@ -71,7 +71,8 @@ def table(specs: list[dict], arch: int, warps: list[int]) -> str:
         row = rows[spec["kernel"], dot["dtype"] if isinstance(dot, dict) else "-"]
         row["variants"] += 1
         for w in warps:
-            registers, spilled, shared = compile_usage(spec, arch, {"num_warps": w, "num_stages": stages})
+            options = {"num_warps": w, "num_stages": stages, "enable_fp_fusion": FP_FUSION}
+            registers, spilled, shared = compile_usage(spec, arch, options)
             cell = row[w]
             cell[0], cell[1] = max(cell[0], registers), cell[1] + (spilled > 0)
             cell[2], cell[3] = max(cell[2], spilled), max(cell[3], shared)

@@ -136,6 +136,15 @@ def compile_kernel(spec: dict, arch: int, options: dict | None = None):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options or {})
 
 
+# one small launch (no floating point, compiles in about a second): for tests of the compiling itself
+SMALL_SPEC = {
+    "module": "mope.kernels.grouped", "kernel": "count_pairs",
+    "signature": {"chosen_ptr": "*i64", "counts_ptr": "*i32", "pairs": "i32", "num_experts": "i32",
+                  "BP": "constexpr", "NP": "constexpr"},
+    "constants": {"BP": 256, "NP": 32},
+}  # fmt: skip
+
+
 def largest(specs: list[dict], shared: list[int]) -> list[dict]:
     """Of each kernel's specs (and ``tl.dot`` operand type), the one whose block needs the most shared memory."""
     most = {}

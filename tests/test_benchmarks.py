@@ -314,13 +314,9 @@ def test_the_cuda_profile_lists_each_compiled_kernel_variant_with_its_stages_sha
 def test_kernel_resources_reads_a_compiled_variants_registers_spills_and_shared_memory_and_tabulates_them():
     """One small kernel compiled for an H100 (no GPU needed): ptxas reports registers (at most 255 a thread) and no
     spill; a table row per kernel and ``tl.dot`` type, with one cell per warp count."""
+    from kernel_specs import SMALL_SPEC as spec
+
     resources = benchmark_module("kernel_resources")
-    spec = {
-        "module": "mope.kernels.grouped", "kernel": "count_pairs",
-        "signature": {"chosen_ptr": "*i64", "counts_ptr": "*i32", "pairs": "i32", "num_experts": "i32",
-                      "BP": "constexpr", "NP": "constexpr"},
-        "constants": {"BP": 256, "NP": 32},
-    }  # fmt: skip
     registers, spilled, shared = resources.compile_usage(spec, 90, {"num_warps": 4})
     assert 0 < registers <= 255 and spilled == 0 and shared >= 0
     text = resources.table([spec, spec], 90, [4, 8])

@@ -1642,25 +1642,18 @@ def test_the_launch_options_say_fp_fusion_so_triton_neither_warns_nor_changes_it
     options set it, as the compile checks measured them. Compiles one small kernel for an H100, no GPU needed."""
     import warnings
 
-    from kernel_specs import SHARED_MEMORY, compile_kernel
+    from kernel_specs import SHARED_MEMORY, SMALL_SPEC, compile_kernel
 
     from mope.kernels.grid import options_for
 
     monkeypatch.delenv("TRITON_DEFAULT_FP_FUSION", raising=False)
     monkeypatch.delenv("TRITON_FORCE_DISABLE_FP_FUSION", raising=False)
     warn_once = getattr(importlib.import_module("triton._utils"), "warn_once", None)
-    spec = {
-        "module": "mope.kernels.grouped",
-        "kernel": "count_pairs",
-        "signature": {"chosen_ptr": "*i64", "counts_ptr": "*i32", "pairs": "i32", "num_experts": "i32",
-                      "BP": "constexpr", "NP": "constexpr"},
-        "constants": {"BP": 64, "NP": 8},
-    }  # fmt: skip
     for options, warns in ((options_for(SHARED_MEMORY[90]), False), ({}, warn_once is not None)):
         if warn_once is not None:
             warn_once.cache_clear()  # once a process, else
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            compiled = compile_kernel(spec, 90, options)
+            compiled = compile_kernel(SMALL_SPEC, 90, options)
         assert compiled.metadata.enable_fp_fusion is True
         assert any("FP_FUSION" in str(w.message) for w in caught) == warns, [str(w.message) for w in caught]
