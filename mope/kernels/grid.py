@@ -86,7 +86,7 @@ def on_inputs_device(fn):
 
     @functools.wraps(fn)
     def on_device(x: torch.Tensor, *args, **kwargs):
-        index = launch_device(x.device) if several_gpus() else None
+        index = launch_device(x.device) if several_gpus() else None  # one GPU: x.device is not even read
         if index is None:
             return fn(x, *args, **kwargs)
         with torch.cuda.device(index):

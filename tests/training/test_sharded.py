@@ -138,8 +138,9 @@ def test_fsdp2_with_the_triton_kernels_writes_the_bundle_of_one_process(base_fol
     """
     from mope.kernels.interpreter import installed_interpreter_fault
 
-    if installed_interpreter_fault() is not None:
-        pytest.skip(installed_interpreter_fault())
+    fault = installed_interpreter_fault()
+    if fault is not None:
+        pytest.skip(fault)
     kernels = ["adapter.config.dispatch=triton"]
     interpreted = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = tmp_path / "one"
