@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -428,14 +429,40 @@ os._exit(0)
 """
 
 
-def ranks_of_two_cpu_processes(script: str, folder: Path, *args: str) -> list:
-    """Run ``script`` (text, importing os, sys and torch) under ``accelerate launch`` on two CPU processes (gloo)
-    with ``folder`` and ``args`` as its arguments; it writes ``folder/rank{RANK}.json``. Returns the two ranks'
-    JSON values."""
+# accelerate 1.16 runs CPU processes as DDP even under ``--use_fsdp`` / ``--use_deepspeed`` (``AcceleratorState``
+# keeps ``MULTI_CPU``). A launched script that starts with this lifts that one guard, so that mope's code runs under
+# real sharding, as across GPUs: FSDP2 DTensor parameters, ZeRO-3 partitioned ones.
+SHARDED_ON_CPU = """
+import os
+from accelerate import state
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+init = state.AcceleratorState.__init__
+def sharded_on_cpu(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    if self.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        self.fsdp_plugin = FullyShardedDataParallelPlugin()
+        self.distributed_type = DistributedType.FSDP
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        kwargs["deepspeed_plugin"].set_mixed_precision("no")
+        kwargs["deepspeed_plugin"].select(_from_accelerator_state=True)
+        self.deepspeed_plugins = kwargs["deepspeed_plugin"]
+        self.distributed_type = DistributedType.DEEPSPEED
+    state.PartialState._shared_state["distributed_type"] = self.distributed_type
+state.AcceleratorState.__init__ = sharded_on_cpu
+"""
+ZERO3 = ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true"]  # accelerate launch's flags
+
+
+def ranks_of_two_cpu_processes(script: str, folder: Path, *args: str, flags: Sequence[str] = ("--multi_gpu",)) -> list:
+    """Run ``script`` (text, importing os, sys and torch) under ``accelerate launch FLAGS`` on two CPU processes
+    (gloo) with ``folder`` and ``args`` as its arguments; it writes ``folder/rank{RANK}.json``. Returns the two
+    ranks' JSON values."""
     path = folder / "script.py"
     path.write_text(script + EXIT_WITHOUT_TEARDOWN)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
-    command += ["--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", str(path), str(folder), *args]
+    command += ["--dynamo_backend", "no", *flags, "--num_processes", "2", str(path), str(folder), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     subprocess.run(command, check=True, env=env, timeout=300)
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -1,11 +1,11 @@
 """FSDP2 and DeepSpeed ZeRO-2/3 runs of the training loop on two CPU processes (gloo), against one process.
 
-accelerate 1.16 runs CPU processes as DDP even under ``--use_fsdp`` / ``--use_deepspeed``
-(``AcceleratorState`` keeps ``MULTI_CPU``); the launched runs here lift that one guard
-(``SHARDED_ON_CPU``) so that mope's code runs under real sharding: FSDP2 DTensor parameters,
-ZeRO-3 partitioned ones. Each sharded run must write the same bundle as one process with
-gradient accumulation over the same micro-batches: N processes each taking one micro-batch of a
-step and averaging gradients is, in exact arithmetic, one process accumulating them.
+accelerate 1.16 runs CPU processes as DDP even under ``--use_fsdp`` / ``--use_deepspeed``; the
+launched runs here lift that one guard (conftest's ``SHARDED_ON_CPU``) so that mope's code runs
+under real sharding: FSDP2 DTensor parameters, ZeRO-3 partitioned ones. Each sharded run must
+write the same bundle as one process with gradient accumulation over the same micro-batches: N
+processes each taking one micro-batch of a step and averaging gradients is, in exact arithmetic,
+one process accumulating them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from conftest import SHARDED_ON_CPU, ZERO3
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -40,35 +41,21 @@ LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 SHARDED = {
     "fsdp2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"],
     "zero2": ["--use_deepspeed", "--zero_stage", "2"],
-    "zero3": ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true"],
+    "zero3": ZERO3,
 }
 SHARDED["fsdp2"] += ["--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
 CPU_RUN = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # every launched run's environment has these
 EXPECTED_TYPE = {"fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
 # Runs `-m mope.train ARGS` with accelerate's CPU guard lifted: a launched FSDP / DeepSpeed run then
 # shards across the CPU processes as it would across GPUs.
-SHARDED_ON_CPU = """
-import os, runpy, sys
-from accelerate import state
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-init = state.AcceleratorState.__init__
-def sharded_on_cpu(self, *args, **kwargs):
-    init(self, *args, **kwargs)
-    if self.distributed_type != DistributedType.MULTI_CPU:
-        return
-    if os.environ.get("ACCELERATE_USE_FSDP") == "true":
-        self.fsdp_plugin = FullyShardedDataParallelPlugin()
-        self.distributed_type = DistributedType.FSDP
-    elif os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        kwargs["deepspeed_plugin"].set_mixed_precision("no")
-        kwargs["deepspeed_plugin"].select(_from_accelerator_state=True)
-        self.deepspeed_plugins = kwargs["deepspeed_plugin"]
-        self.distributed_type = DistributedType.DEEPSPEED
-    state.PartialState._shared_state["distributed_type"] = self.distributed_type
-state.AcceleratorState.__init__ = sharded_on_cpu
+MAIN_SHARDED_ON_CPU = (
+    SHARDED_ON_CPU
+    + """
+import runpy, sys
 sys.argv = ["mope.train", *sys.argv[1:]]
 runpy.run_module("mope.train", run_name="__main__", alter_sys=True)
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +93,7 @@ def assert_bundle_equals(out: Path, want: dict[str, torch.Tensor]) -> None:
 def launch(kind: str, base: Path, out: Path, extra=(), environment_extra=None) -> subprocess.CompletedProcess:
     overrides = [*model_overrides(base), *STEPS, f"training.output_dir={out}", *extra]
     script = out / "sharded_on_cpu.py"
-    script.write_text(SHARDED_ON_CPU)
+    script.write_text(MAIN_SHARDED_ON_CPU)
     command = [*LAUNCH, *SHARDED[kind], str(script), "--recipe", str(TINY), *overrides]
     environment = {**os.environ, **CPU_RUN, "ACCELERATE_USE_CPU": "1", **(environment_extra or {})}
     return subprocess.run(command, env=environment, cwd=ROOT, timeout=300, capture_output=True, text=True)
