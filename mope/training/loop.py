@@ -26,7 +26,7 @@ from .data import Collator, load_examples
 from .models import build_model, load_tokenizer, wrap
 from .probe import ProbePhase, head_names, probe_then_run
 from .recipe import Recipe, RecipeError, TrainingSection
-from .sharding import check_sharding, whole_adapter
+from .sharding import check_sharding, quantized_storage, whole_adapter
 
 logger = get_logger(__name__)
 
@@ -260,7 +260,8 @@ class Run:
         r, t = self.recipe, self.recipe.training
         self.examples = load_examples(r.data, r.model.task)
         self.tokenizer = load_tokenizer(r.model)
-        base = build_model(r.model, len(self.examples.labels or []) or None, t.seed)
+        labels = len(self.examples.labels or []) or None
+        base = build_model(r.model, labels, t.seed, quantized_storage(self.accelerator, r.model))
         if base.config.pad_token_id is None:
             base.config.pad_token_id = self.tokenizer.pad_token_id
         if t.gradient_checkpointing:

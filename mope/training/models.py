@@ -110,9 +110,12 @@ def check_quantization(section: ModelSection) -> None:
         )
 
 
-def bitsandbytes_config(quantization: QuantizationSection, task: str) -> BitsAndBytesConfig:
+def bitsandbytes_config(
+    quantization: QuantizationSection, task: str, storage: torch.dtype = torch.uint8
+) -> BitsAndBytesConfig:
     """The ``BitsAndBytesConfig`` that ``from_pretrained`` quantizes the base with (``None`` skips: transformers' own
-    choice, the LM head)."""
+    choice, the LM head). ``storage``: the dtype the packed 4-bit weights are stored as (their bytes seen as that
+    dtype; FSDP2 shards only floating ones)."""
     skip = UNQUANTIZED_HEADS[task]
     if quantization.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -122,6 +125,7 @@ def bitsandbytes_config(quantization: QuantizationSection, task: str) -> BitsAnd
         bnb_4bit_quant_type=quantization.quant_type,
         bnb_4bit_use_double_quant=quantization.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, quantization.compute_dtype),
+        bnb_4bit_quant_storage=storage,
     )
 
 
@@ -146,8 +150,9 @@ def load_tokenizer(section: ModelSection):
     return tokenizer_at(section.name_or_path, "model.name_or_path")
 
 
-def build_model(section: ModelSection, num_labels: int | None, seed: int):
-    """The frozen base: built from ``tiny_config`` (seeded) or loaded, quantized if ``model.quantization`` says so.
+def build_model(section: ModelSection, num_labels: int | None, seed: int, storage: torch.dtype = torch.uint8):
+    """The frozen base: built from ``tiny_config`` (seeded) or loaded, quantized if ``model.quantization`` says so
+    (4-bit weights stored as ``storage``: :func:`bitsandbytes_config`).
 
     A quantized base goes through ``peft.prepare_model_for_kbit_training`` (base frozen, fp16/bf16 weights
     that stay unquantized cast to fp32) without its gradient checkpointing: the loop turns on the
@@ -160,7 +165,7 @@ def build_model(section: ModelSection, num_labels: int | None, seed: int):
     dtype = getattr(torch, section.dtype)
     quantization = {}
     if section.quantization is not None:
-        quantization = {"quantization_config": bitsandbytes_config(section.quantization, section.task)}
+        quantization = {"quantization_config": bitsandbytes_config(section.quantization, section.task, storage)}
     if section.tiny_config is not None:
         torch.manual_seed(seed)
         model = auto.from_config(AutoConfig.for_model(**section.tiny_config, **labels)).to(dtype)

@@ -21,12 +21,14 @@ from accelerate.utils import DistributedType
 from peft.utils import get_peft_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from .recipe import RecipeError, TrainingSection
+from .recipe import ModelSection, QuantizationSection, RecipeError, TrainingSection
 
 logger = get_logger(__name__)
 
 
-def check_sharding(accelerator: Accelerator, training: TrainingSection, quantization: object = None) -> None:
+def check_sharding(
+    accelerator: Accelerator, training: TrainingSection, quantization: QuantizationSection | None = None
+) -> None:
     """Refuse what the loop cannot do under sharding, and say when accelerate dropped the sharding asked for.
 
     FSDP1 (``--fsdp_version 1``, accelerate's default) wraps parameters in flat buffers that the
@@ -35,15 +37,23 @@ def check_sharding(accelerator: Accelerator, training: TrainingSection, quantiza
     (``ACCELERATE_USE_CPU=1``) as DDP even under ``--use_fsdp`` / ``--use_deepspeed``: training is
     right, but nothing is sharded, so the run says so instead of pretending. DeepSpeed's engine
     steps the optimizer inside ``backward``, before the loop has seen the step's loss, so
-    ``on_nonfinite_loss="skip"`` could not skip anything there.
+    ``on_nonfinite_loss="skip"`` could not skip anything there. A 4-bit base is sharded by FSDP2
+    (stored as floats: :func:`quantized_storage`) and by ZeRO-3; an 8-bit one by neither:
+    ``fully_shard`` fails on bitsandbytes' ``Int8Params``, and ``Linear8bitLt`` keeps a whole copy of
+    its weights (``weight.CB``, then ``state.CB``) that ZeRO-3 does not partition.
     """
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    if sharded and quantization is not None:
+    eight_bits = quantization is not None and quantization.bits == 8
+    if eight_bits and accelerator.distributed_type == DistributedType.FSDP:
         raise RecipeError(
-            f"model.quantization with {accelerator.distributed_type.value}: a quantized base under FSDP or DeepSpeed "
-            "is untested in mope's loop (FSDP would need the 4-bit weights stored in a float dtype, "
-            "bnb_4bit_quant_storage). Train a quantized base with DDP (one process per GPU), or drop "
-            "model.quantization to shard a bf16 base."
+            "model.quantization.bits=8 with FSDP: FSDP2 cannot shard bitsandbytes' 8-bit weights (fully_shard fails "
+            "on Int8Params). Use bits: 4 (QLoRA; its weights are sharded), or DDP / DeepSpeed ZeRO-2 with 8 bits."
+        )
+    stage = getattr(accelerator.state.deepspeed_plugin, "zero_stage", None)
+    if eight_bits and accelerator.distributed_type == DistributedType.DEEPSPEED and stage == 3:
+        raise RecipeError(
+            "model.quantization.bits=8 with DeepSpeed ZeRO-3: bitsandbytes' 8-bit layers keep a whole copy of their "
+            "weights (Linear8bitLt's weight.CB / state.CB) that ZeRO-3 does not partition, so every process would "
+            "hold the whole base. Use bits: 4 (QLoRA; ZeRO-3 partitions it), or DDP / ZeRO-2 with 8 bits."
         )
     if accelerator.distributed_type == DistributedType.DEEPSPEED and training.on_nonfinite_loss == "skip":
         raise RecipeError(
@@ -64,6 +74,20 @@ def check_sharding(accelerator: Accelerator, training: TrainingSection, quantiza
             "see docs/training.md, 'Large models'.",
             main_process_only=True,
         )
+
+
+def quantized_storage(accelerator: Accelerator, model: ModelSection) -> torch.dtype:
+    """The dtype a 4-bit base stores its packed weights as (``bnb_4bit_quant_storage``).
+
+    bitsandbytes' default, uint8, except under FSDP2, which shards only floating parameters
+    (accelerate leaves uint8 ones whole on every process, and says so). There the bytes are
+    stored as the dtype FSDP2 gathers parameters in (the mixed-precision dtype), so that its cast
+    leaves them as they are; without mixed precision, as ``model.dtype``. DeepSpeed ZeRO-3
+    partitions uint8 ones as they are.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return torch.uint8
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, getattr(torch, model.dtype))
 
 
 def use(kind: str) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from conftest import SHARDED_ON_CPU, ZERO3
 from safetensors.torch import load_file
@@ -28,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mope.training.loop import run
 from mope.training.recipe import RecipeError, load_recipe
-from mope.training.sharding import check_sharding
+from mope.training.sharding import check_sharding, quantized_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "offline" / "tiny_llama_lm.yaml"
@@ -90,10 +91,12 @@ def assert_bundle_equals(out: Path, want: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(bundle[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
 
 
-def launch(kind: str, base: Path, out: Path, extra=(), environment_extra=None) -> subprocess.CompletedProcess:
+def launch(
+    kind: str, base: Path, out: Path, extra=(), environment_extra=None, script_head=""
+) -> subprocess.CompletedProcess:
     overrides = [*model_overrides(base), *STEPS, f"training.output_dir={out}", *extra]
     script = out / "sharded_on_cpu.py"
-    script.write_text(MAIN_SHARDED_ON_CPU)
+    script.write_text(script_head + MAIN_SHARDED_ON_CPU)
     command = [*LAUNCH, *SHARDED[kind], str(script), "--recipe", str(TINY), *overrides]
     environment = {**os.environ, **CPU_RUN, "ACCELERATE_USE_CPU": "1", **(environment_extra or {})}
     return subprocess.run(command, env=environment, cwd=ROOT, timeout=300, capture_output=True, text=True)
@@ -147,6 +150,85 @@ def test_fsdp2_with_the_triton_kernels_writes_the_bundle_of_one_process(base_fol
     assert_bundle_equals(sharded, load_file(one / "bundle" / "adapter_model.safetensors"))
 
 
+# Prepended to a launched run: each process writes in REPORT how many elements of the base's quantized weights
+# (bitsandbytes' Linear4bit / Linear8bitLt) it holds, against their whole size, once accelerate has prepared the
+# model and again after the first backward. bitsandbytes' 8-bit layers keep their weights in `state.CB` too.
+QUANTIZED_WEIGHTS_REPORT = """
+import json, os
+import accelerate
+from torch.distributed.tensor import DTensor
+report = {}
+def held(model):
+    layers = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+    local = [m.weight.to_local() if isinstance(m.weight, DTensor) else m.weight.data for m in layers]
+    local += [getattr(m.weight, "ds_tensor", None) for m in layers]  # ZeRO-3's partition
+    local += [getattr(getattr(m, "state", None), "CB", None) for m in layers]
+    storages = {t.data_ptr(): t.numel() for t in local if t is not None and t.numel()}  # weight.data may be CB
+    whole = sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in layers)
+    return {"layers": len(layers), "whole": whole, "held": sum(storages.values())}
+prepare, backward = accelerate.Accelerator.prepare, accelerate.Accelerator.backward
+def prepare_and_report(self, *args, **kwargs):
+    if self.state.deepspeed_plugin is not None:  # ZeRO-3 keeps weights under 1e5 elements whole after their first
+        zero = self.state.deepspeed_plugin.deepspeed_config["zero_optimization"]  # use; a real model's exceed it
+        zero["stage3_param_persistence_threshold"] = 0
+    prepared = prepare(self, *args, **kwargs)
+    report["model"] = prepared[0]
+    report["prepared"] = held(prepared[0])
+    return prepared
+def backward_and_report(self, *args, **kwargs):
+    backward(self, *args, **kwargs)
+    if "backward" not in report:
+        report["backward"] = held(report.pop("model"))
+        with open(os.path.join(os.environ["REPORT"], f"rank{os.environ['RANK']}.json"), "w") as handle:
+            json.dump(report, handle)
+accelerate.Accelerator.prepare, accelerate.Accelerator.backward = prepare_and_report, backward_and_report
+"""
+# A 4-bit base with FSDP2 (its weights stored as floats so that they shard) and ZeRO-3 (partitioned), an 8-bit one
+# with ZeRO-2 (which shards no parameters; 8 bits under ZeRO-3 or FSDP2 are refused).
+QUANTIZED = [("fsdp2", 4), ("zero3", 4), ("zero2", 8)]
+
+
+@pytest.fixture(scope="module")
+def one_process_quantized(base_folder, tmp_path_factory) -> dict[int, dict[str, torch.Tensor]]:
+    """The bundles of one process on the base in 4 and in 8 bits, accumulating 2 micro-batches of 8 per step."""
+    bundles = {}
+    for bits in (4, 8):
+        out = tmp_path_factory.mktemp(f"one{bits}")
+        overrides = [
+            *model_overrides(base_folder),
+            *STEPS,
+            f"training.output_dir={out}",
+            f"model.quantization={{bits: {bits}}}",
+        ]
+        run(load_recipe(TINY, [*overrides, "training.gradient_accumulation_steps=2"]))
+        bundles[bits] = load_file(out / "bundle" / "adapter_model.safetensors")
+    return bundles
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, bits", QUANTIZED)
+def test_a_sharded_run_on_a_quantized_base_writes_the_bundle_of_one_process(
+    kind, bits, base_folder, one_process_quantized, tmp_path
+):
+    if kind != "fsdp2" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install deepspeed==0.19.8; see docs/training.md)")
+    pytest.importorskip("bitsandbytes")
+    report = tmp_path / "report"
+    report.mkdir()
+    quantized = [f"model.quantization={{bits: {bits}}}"]
+    done = launch(kind, base_folder, tmp_path, quantized, {"REPORT": str(report)}, QUANTIZED_WEIGHTS_REPORT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["distributed_type"] == EXPECTED_TYPE[kind] and summary["steps"] == 4
+    for rank in (0, 1):
+        held = json.loads((report / f"rank{rank}.json").read_text())
+        assert held["prepared"]["layers"] == 14  # 7 linears in each of the 2 layers
+        for when in ("prepared", "backward"):
+            share = held[when]["held"] / held[when]["whole"]
+            assert share == (1 if kind == "zero2" else 0.5), when  # outside a forward, each holds its half
+    assert_bundle_equals(tmp_path, one_process_quantized[bits])
+
+
 def accelerator_with(kind: DistributedType, monkeypatch, fsdp_version: int = 2) -> Accelerator:
     """An in-process Accelerator whose state says ``kind``: check_sharding reads nothing else."""
     accelerator = Accelerator(cpu=True)
@@ -182,9 +264,25 @@ def test_fsdp_on_cpu_processes_says_it_runs_ddp(monkeypatch, tmp_path, caplog):
     assert "not sharded" not in caplog.text  # plain DDP says nothing
 
 
-@pytest.mark.parametrize("kind", [DistributedType.FSDP, DistributedType.DEEPSPEED])
-def test_a_quantized_base_is_refused_under_sharding(monkeypatch, tmp_path, kind):
-    recipe = load_recipe(TINY, [f"training.output_dir={tmp_path}", "model.quantization={bits: 4}"])
-    with pytest.raises(RecipeError, match=r"model\.quantization with .*untested"):
-        check_sharding(accelerator_with(kind, monkeypatch), recipe.training, recipe.model.quantization)
-    check_sharding(accelerator_with(DistributedType.MULTI_CPU, monkeypatch), recipe.training, recipe.model.quantization)
+@pytest.mark.parametrize("kind, stage", [(DistributedType.FSDP, None), (DistributedType.DEEPSPEED, 3)])
+def test_an_8_bit_base_is_refused_where_it_would_not_shard(monkeypatch, tmp_path, kind, stage):
+    eight = load_recipe(TINY, [f"training.output_dir={tmp_path}", "model.quantization={bits: 8}"])
+    four = load_recipe(TINY, [f"training.output_dir={tmp_path}", "model.quantization={bits: 4}"])
+    plugin = type("Plugin", (), {"zero_stage": stage})()
+    monkeypatch.setattr(AcceleratorState, "deepspeed_plugin", property(lambda state: plugin))
+    name = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed ZeRO-3"}[kind]
+    with pytest.raises(RecipeError, match=rf"model\.quantization\.bits=8 with {name}: .*Use bits: 4"):
+        check_sharding(accelerator_with(kind, monkeypatch), eight.training, eight.model.quantization)
+    check_sharding(accelerator_with(kind, monkeypatch), four.training, four.model.quantization)
+    plugin.zero_stage = 2
+    for kind in (DistributedType.DEEPSPEED, DistributedType.MULTI_CPU):  # ZeRO-2 and DDP keep the weights whole
+        check_sharding(accelerator_with(kind, monkeypatch), eight.training, eight.model.quantization)
+
+
+def test_a_4_bit_base_is_stored_as_what_fsdp2_gathers_in(monkeypatch, tmp_path):
+    four = load_recipe(TINY, [f"training.output_dir={tmp_path}", "model.quantization={bits: 4}"])
+    fsdp = accelerator_with(DistributedType.FSDP, monkeypatch)
+    assert quantized_storage(fsdp, four.model) == torch.float32  # model.dtype, without mixed precision
+    monkeypatch.setattr(fsdp.state, "_mixed_precision", "bf16")
+    assert quantized_storage(fsdp, four.model) == torch.bfloat16  # FSDP2 gathers parameters in it
+    assert quantized_storage(accelerator_with(DistributedType.DEEPSPEED, monkeypatch), four.model) == torch.uint8
