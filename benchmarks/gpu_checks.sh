@@ -35,7 +35,8 @@
 # KERNEL_DISPATCH (default triton; KERNEL_DISPATCH= for none): the kernel strategies that profile, inference and
 #              compiled add; auto keeps its torch picks on CUDA until these figures say a kernel strategy pays.
 # sharded:     (only when named: needs deepspeed) mope.train on one GPU under FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (needs deepspeed==0.19.8) and with
-#              training.compile (reduce-overhead: CUDA graphs): each run's summary.json -> sharded/<kind>/
+#              training.compile (reduce-overhead: CUDA graphs), then FSDP2 and ZeRO-3 on a 4-bit base (bf16; needs
+#              bitsandbytes): each run's summary.json -> sharded/<kind>/
 #              (two-process runs need two GPUs: tests/training/test_sharded.py runs them on CPU processes)
 # baseline:    step's GPU tables with the mope package in BASELINE=DIR (e.g. `git archive REV mope | tar -x -C DIR`):
 #              the same machine's before figures -> step_time_h100_baseline.md
@@ -135,12 +136,16 @@ for step in $steps; do
     sharded)
         tiny=(--recipe recipes/offline/tiny_llama_lm.yaml training.max_steps=4 training.save_every=null data.max_examples=64)
         launch=("$py" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no)
-        for kind in fsdp2 zero2 zero3 compiled; do
+        fsdp2=(--use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
+            --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer)
+        nf4=("model.quantization={bits: 4, compute_dtype: bfloat16}" training.mixed_precision=bf16) # needs bitsandbytes
+        for kind in fsdp2 zero2 zero3 compiled fsdp2-nf4 zero3-nf4; do
             case $kind in
-            fsdp2) flags=(--use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP
-                --fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer) extra=() ;;
+            fsdp2) flags=("${fsdp2[@]}") extra=() ;;
             zero2) flags=(--use_deepspeed --zero_stage 2) extra=() ;;
             zero3) flags=(--use_deepspeed --zero_stage 3) extra=() ;;
+            fsdp2-nf4) flags=("${fsdp2[@]}") extra=("${nf4[@]}") ;;
+            zero3-nf4) flags=(--use_deepspeed --zero_stage 3) extra=("${nf4[@]}") ;;
             compiled) flags=() extra=(training.compile=true training.compile_mode=reduce-overhead) ;;
             esac
             timeout "$(limit 240)" "${launch[@]}" "${flags[@]}" -m mope.train "${tiny[@]}" "${extra[@]}" \

@@ -6,7 +6,6 @@ import difflib
 import importlib.metadata
 import importlib.util
 import os
-import tempfile
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -23,6 +22,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..config import MoPEConfig
 from .recipe import AdapterSection, ModelSection, QuantizationSection, RecipeError, is_hub_id
+from .sharding import zero3_gathered
 
 AUTO_CLASSES = {"sequence_classification": AutoModelForSequenceClassification, "causal_lm": AutoModelForCausalLM}
 TASK_TYPES = {"sequence_classification": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
@@ -169,12 +169,15 @@ def build_model(section: ModelSection, num_labels: int | None, seed: int, storag
     if section.tiny_config is not None:
         torch.manual_seed(seed)
         model = auto.from_config(AutoConfig.for_model(**section.tiny_config, **labels)).to(dtype)
-        if quantization:  # bitsandbytes quantizes while transformers loads weights: save them and load them back
-            with tempfile.TemporaryDirectory() as folder:
-                model.save_pretrained(folder)
-                model = auto.from_pretrained(folder, dtype=dtype, **quantization)
-            # Empty, as from_config leaves it: the bundle's base_model_name_or_path must not name a deleted folder.
-            model.name_or_path = model.config.name_or_path = ""
+        if quantization:  # bitsandbytes quantizes while transformers loads weights: load these ones again
+            # Whole: under ZeRO-3 from_config built the model partitioned (deepspeed.zero.Init). From a state dict,
+            # not a saved folder: under torch.distributed save_pretrained writes on rank 0 only.
+            with zero3_gathered([p for p in model.parameters() if hasattr(p, "ds_id")]):
+                state = model.state_dict()
+                model = type(model).from_pretrained(
+                    None, config=model.config, state_dict=state, dtype=dtype, **quantization
+                )
+            model.name_or_path = model.config.name_or_path = ""  # as from_config leaves it
     else:
         try:
             model = auto.from_pretrained(resolve_location(section.name_or_path), dtype=dtype, **labels, **quantization)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -43,10 +44,11 @@ SHARDED = {
     "fsdp2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"],
     "zero2": ["--use_deepspeed", "--zero_stage", "2"],
     "zero3": ZERO3,
+    "ddp": ["--multi_gpu"],
 }
 SHARDED["fsdp2"] += ["--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
 CPU_RUN = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # every launched run's environment has these
-EXPECTED_TYPE = {"fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+EXPECTED_TYPE = {"fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "ddp": "MULTI_CPU"}
 # Runs `-m mope.train ARGS` with accelerate's CPU guard lifted: a launched FSDP / DeepSpeed run then
 # shards across the CPU processes as it would across GPUs.
 MAIN_SHARDED_ON_CPU = (
@@ -92,9 +94,10 @@ def assert_bundle_equals(out: Path, want: dict[str, torch.Tensor]) -> None:
 
 
 def launch(
-    kind: str, base: Path, out: Path, extra=(), environment_extra=None, script_head=""
+    kind: str, base: Path | None, out: Path, extra=(), environment_extra=None, script_head=""
 ) -> subprocess.CompletedProcess:
-    overrides = [*model_overrides(base), *STEPS, f"training.output_dir={out}", *extra]
+    """``base=None`` keeps the recipe's tiny_config."""
+    overrides = [*(model_overrides(base) if base else []), *STEPS, f"training.output_dir={out}", *extra]
     script = out / "sharded_on_cpu.py"
     script.write_text(script_head + MAIN_SHARDED_ON_CPU)
     command = [*LAUNCH, *SHARDED[kind], str(script), "--recipe", str(TINY), *overrides]
@@ -262,6 +265,23 @@ def test_fsdp_on_cpu_processes_says_it_runs_ddp(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="mope.training.sharding"):
         check_sharding(accelerator_with(DistributedType.MULTI_CPU, monkeypatch), training)
     assert "not sharded" not in caplog.text  # plain DDP says nothing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "zero3"])
+def test_two_processes_quantize_a_tiny_config_base(kind, tmp_path):
+    """A tiny_config base is loaded again to be quantized. It was saved and loaded back: under torch.distributed
+    save_pretrained wrote on rank 0 only (rank 1: "Unrecognized model in /tmp/..."), and under ZeRO-3 from_config
+    had built it partitioned, so it was saved empty ("You set `ignore_mismatched_sizes` to `False`")."""
+    if kind == "zero3":
+        pytest.importorskip("deepspeed")
+    pytest.importorskip("bitsandbytes")
+    done = launch(kind, None, tmp_path, ["model.quantization={bits: 4}"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["distributed_type"] == EXPECTED_TYPE[kind] and summary["steps"] == 4
+    assert math.isfinite(summary["eval_loss"])
+    assert (tmp_path / "bundle" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("kind, stage", [(DistributedType.FSDP, None), (DistributedType.DEEPSPEED, 3)])
