@@ -1,23 +1,16 @@
-"""ZeRO-3: every MoPE layer gathers its routers' weights with its own (DeepSpeed cannot see into a Routing);
-transformers' Trainer and TRL's SFTTrainer train a mixture under ZeRO-3 as one process would."""
+"""ZeRO-3: every MoPE layer gathers its routers' weights with its own (DeepSpeed cannot see into a Routing)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
-from conftest import SHARDED_ON_CPU, ZERO3, make_model, no_grad_logits, ranks_of_two_cpu_processes
-from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from conftest import make_model
+from peft import get_peft_model
 
 import mope
 import mope.tuner
 from mope.layer import MoPELayer
 
 pytest.importorskip("deepspeed")
-TESTS = str(Path(__file__).resolve().parents[1])
 
 
 def test_under_zero3_each_layer_registers_its_routers_as_external_parameters(monkeypatch):
@@ -32,103 +25,3 @@ def test_under_zero3_each_layer_registers_its_routers_as_external_parameters(mon
     for layer in layers:
         external = {id(p) for p in layer._external_params.values()}
         assert external == {id(p) for p in layer.mope_router.parameters()}
-
-
-# Trainer and TRL under ZeRO-3, end to end ------------------------------------------------------------------------
-# Two CPU processes with accelerate's CPU guard lifted (conftest.SHARDED_ON_CPU), so the base is really partitioned,
-# against one process accumulating the same two micro-batches per step. SGD, not Adam: Adam's update hardly
-# depends on a gradient's scale, so a gradient averaged wrongly across the processes would still pass.
-TOLERANCE = 1e-6
-
-
-def llama_folder(folder: Path) -> Path:
-    make_model("llama").save_pretrained(folder)
-    return folder
-
-
-def settings(folder, **args) -> dict:
-    return dict(
-        output_dir=str(folder), max_steps=3, per_device_train_batch_size=4, optim="sgd", learning_rate=0.5,
-        lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, **args,
-    )  # fmt: skip
-
-
-def mixture() -> mope.MoPEConfig:
-    torch.manual_seed(0)  # the adapter's initial weights
-    return mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2, r=2)
-
-
-def plain_trainer(folder, base: str, **args) -> Trainer:
-    """transformers.Trainer with TrainingArguments built first: under ZeRO-3 from_pretrained then builds the base
-    partitioned (deepspeed.zero.Init), as transformers documents."""
-    arguments = TrainingArguments(**settings(folder, remove_unused_columns=False, dataloader_pin_memory=False, **args))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), mixture())
-    ids = torch.randint(3, 128, (32, 12), generator=torch.Generator().manual_seed(3))
-    rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
-    return Trainer(model=model, args=arguments, train_dataset=rows)
-
-
-def sft_trainer(folder, base: str, **args):
-    """MoPESFTTrainer given the base's path and peft_config=, as TRL's examples do."""
-    from test_trl import dataset, tokenizer
-    from trl import SFTConfig
-
-    from mope.integrations.trl import MoPESFTTrainer
-
-    arguments = SFTConfig(**settings(folder, bf16=False, **args))
-    return MoPESFTTrainer(
-        model=base, args=arguments, train_dataset=dataset("messages"), processing_class=tokenizer(128),
-        peft_config=mixture(),
-    )  # fmt: skip
-
-
-TRAINERS = {"trainer": plain_trainer, "sft": sft_trainer}
-UNDER_ZERO3 = (
-    SHARDED_ON_CPU
-    + """
-import json, sys
-import torch
-sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], "integrations")]
-from test_deepspeed import TRAINERS
-run = TRAINERS[sys.argv[3]](sys.argv[1], sys.argv[4])
-frozen = [p for p in run.model.parameters() if not p.requires_grad]
-partitioned = all(hasattr(p, "ds_id") and p.ds_tensor.numel() < p.ds_numel for p in frozen)
-run.train()
-run.save_model(os.path.join(sys.argv[1], "bundle"))
-result = {"type": run.accelerator.distributed_type.value, "partitioned": partitioned, "frozen": len(frozen)}
-result["logs"] = [entry for entry in run.state.log_history if "loss" in entry]
-with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as handle:
-    json.dump(result, handle)
-"""
-)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", sorted(TRAINERS))
-def test_a_trainer_under_zero3_saves_the_bundle_of_one_process(kind, tmp_path):
-    if kind == "sft":
-        pytest.importorskip("trl")
-    base = str(llama_folder(tmp_path / "base"))
-    sharded = tmp_path / "zero3"
-    sharded.mkdir()
-    ranks = ranks_of_two_cpu_processes(UNDER_ZERO3, sharded, TESTS, kind, base, flags=ZERO3)
-    for rank in ranks:
-        assert rank["type"] == "DEEPSPEED" and rank["partitioned"] and rank["frozen"] > 0
-    assert ranks[0]["logs"] == ranks[1]["logs"] and len(ranks[0]["logs"]) == 3
-    if kind == "sft":  # MoPESFTTrainer adds the router loss and logs it
-        assert all(entry["aux_loss"] > 0 for entry in ranks[0]["logs"])
-
-    one = TRAINERS[kind](tmp_path / "one", base, gradient_accumulation_steps=2)
-    one.train()
-    one.save_model(str(tmp_path / "one" / "bundle"))
-    losses = [entry["loss"] for entry in one.state.log_history if "loss" in entry]
-    assert [entry["loss"] for entry in ranks[0]["logs"]] == pytest.approx(losses)
-    bundle, want = (load_file(f / "bundle" / "adapter_model.safetensors") for f in (sharded, tmp_path / "one"))
-    assert bundle.keys() == want.keys()
-    for name, tensor in want.items():
-        torch.testing.assert_close(bundle[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
-    assert max(t.abs().max().item() for n, t in want.items() if "lora_B" in n) > 1e3 * TOLERANCE  # it trained
-
-    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(sharded / "bundle"))
-    batch = {"input_ids": torch.tensor([[2, 5, 9, 21]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
-    torch.testing.assert_close(no_grad_logits(again, batch), no_grad_logits(one.model, batch), rtol=0, atol=1e-5)
