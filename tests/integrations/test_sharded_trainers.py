@@ -1,4 +1,5 @@
-"""transformers' Trainer and TRL's SFTTrainer (MoPESFTTrainer) under FSDP2 and DeepSpeed ZeRO-3, end to end.
+"""transformers' Trainer and TRL's SFTTrainer (MoPESFTTrainer) under FSDP2 and DeepSpeed ZeRO-3, end to end;
+Trainer on a 4-bit base under FSDP2 too (FSDP-QLoRA).
 
 Two CPU processes with accelerate's CPU guard lifted (conftest.SHARDED_ON_CPU), so the base is really sharded
 (FSDP2 DTensors, ZeRO-3 partitions), against one process accumulating the same two micro-batches per step: the
@@ -8,15 +9,16 @@ hardly depends on a gradient's scale, so a gradient averaged wrongly across the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import SHARDED_ON_CPU, ZERO3, make_model, no_grad_logits, ranks_of_two_cpu_processes
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 
 import mope
 
@@ -39,11 +41,23 @@ def mixture() -> mope.MoPEConfig:
     return mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2, r=2)
 
 
-def plain_trainer(folder, base: str, **args) -> Trainer:
+def base_model(base: str, quantized: bool = False):
+    """The tiny Llama saved in ``base``; ``quantized``: in 4 bits, its packed weights stored as floats so that FSDP2
+    shards them (``bnb_4bit_quant_storage``, as PEFT's FSDP-QLoRA guide sets it)."""
+    if not quantized:
+        return AutoModelForCausalLM.from_pretrained(base)
+    four_bits = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32
+    )
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=four_bits)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def plain_trainer(folder, base: str, quantized: bool = False, **args) -> Trainer:
     """transformers.Trainer with TrainingArguments built first: under ZeRO-3 from_pretrained then builds the base
     partitioned (deepspeed.zero.Init), as transformers documents."""
     arguments = TrainingArguments(**settings(folder, remove_unused_columns=False, dataloader_pin_memory=False, **args))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), mixture())
+    model = get_peft_model(base_model(base, quantized), mixture())
     ids = torch.randint(3, 128, (32, 12), generator=torch.Generator().manual_seed(3))
     rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i} for i in ids]
     return Trainer(model=model, args=arguments, train_dataset=rows)
@@ -63,7 +77,7 @@ def sft_trainer(folder, base: str, **args):
     )  # fmt: skip
 
 
-TRAINERS = {"trainer": plain_trainer, "sft": sft_trainer}
+TRAINERS = {"trainer": plain_trainer, "sft": sft_trainer, "qlora": functools.partial(plain_trainer, quantized=True)}
 # Under FSDP2 Trainer.save_model writes nothing with accelerate's default SHARDED_STATE_DICT: PEFT's FSDP guide
 # switches to FULL_STATE_DICT before saving, as the script does.
 SHARDED_TRAINER = (
@@ -90,13 +104,14 @@ with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as h
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", sorted(LAUNCH_FLAGS))
-@pytest.mark.parametrize("trainer", sorted(TRAINERS))
+@pytest.mark.parametrize(
+    "kind, trainer",
+    [("fsdp2", "trainer"), ("fsdp2", "sft"), ("fsdp2", "qlora"), ("zero3", "trainer"), ("zero3", "sft")],
+)
 def test_a_sharded_trainer_saves_the_bundle_of_one_process(kind, trainer, tmp_path):
     if kind == "zero3" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install deepspeed==0.19.8; see docs/training.md)")
-    if trainer == "sft":
-        pytest.importorskip("trl")
+    pytest.importorskip({"sft": "trl", "qlora": "bitsandbytes"}.get(trainer, "torch"))
     base = tmp_path / "base"
     make_model("llama").save_pretrained(base)
     sharded = tmp_path / kind
@@ -119,6 +134,6 @@ def test_a_sharded_trainer_saves_the_bundle_of_one_process(kind, trainer, tmp_pa
         torch.testing.assert_close(bundle[name], tensor, atol=TOLERANCE, rtol=0, msg=name)
     assert max(t.abs().max().item() for n, t in want.items() if "lora_B" in n) > 1e3 * TOLERANCE  # it trained
 
-    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(sharded / "bundle"))
+    again = PeftModel.from_pretrained(base_model(str(base), trainer == "qlora"), str(sharded / "bundle"))
     batch = {"input_ids": torch.tensor([[2, 5, 9, 21]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     torch.testing.assert_close(no_grad_logits(again, batch), no_grad_logits(one.model, batch), rtol=0, atol=1e-5)
