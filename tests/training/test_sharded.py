@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,10 +108,12 @@ def launch(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fsdp2", "zero2", "zero3"])
-def test_sharded_run_writes_the_bundle_of_one_process(kind, base_folder, one_process, tmp_path):
+def test_sharded_run_writes_the_bundle_of_one_process_and_so_does_a_resumed_one(
+    kind, base_folder, one_process, tmp_path
+):
     if kind != "fsdp2" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install deepspeed==0.19.8; see docs/training.md)")
-    done = launch(kind, base_folder, tmp_path)
+    done = launch(kind, base_folder, tmp_path, ["training.save_every=2"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["distributed_type"] == EXPECTED_TYPE[kind]  # really sharded, not DDP
@@ -121,6 +124,14 @@ def test_sharded_run_writes_the_bundle_of_one_process(kind, base_folder, one_pro
     assert load and all(abs(sum(v["share"]) - 1) < 1e-5 for v in load.values())
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["aux_loss"] > 0 and metrics[-1]["lr"] == 0.0  # the schedule ends at the last step
+
+    # As after a preemption at step 3: only the step-2 checkpoint is there, and the run resumes from it.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    done = launch(kind, base_folder, resumed, ["training.save_every=2", "training.resume_from_checkpoint=latest"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout + done.stderr and "at step 2" in done.stdout + done.stderr
+    assert_bundle_equals(resumed, one_process)
 
 
 @pytest.mark.slow
