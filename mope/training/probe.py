@@ -71,11 +71,16 @@ class ProbePhase:
 
     def __init__(self, optimizer: torch.optim.Optimizer, training: TrainingSection, accelerator: Accelerator) -> None:
         self.steps = training.linear_probe_steps
-        # every parameter group but the head's (``parameter_groups`` marks it)
-        self.others = [p for g in optimizer.param_groups if not g.get("head") for p in g["params"]]
+        self.optimizer = optimizer
         # Only a single process may stop gradients at the head: DDP's reducer, FSDP2 and DeepSpeed
         # expect a gradient for every parameter they were given.
         self.can_freeze = accelerator.distributed_type == DistributedType.NO
+
+    @property
+    def others(self) -> list[torch.nn.Parameter]:
+        """Every parameter group's but the head's (``parameter_groups`` marks it), read when used: FSDP2's
+        ``prepare`` puts sharded parameters in the optimizer's groups in place of those it was built with."""
+        return [p for g in self.optimizer.param_groups if not g.get("head") for p in g["params"]]
 
     def active(self, completed_steps: int) -> bool:
         """Whether the next optimizer step is a probe step."""

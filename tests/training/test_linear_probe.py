@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_sharded import MAIN_SHARDED_ON_CPU
 
 from mope.training.loop import Run, run
 from mope.training.probe import probe_then_run
@@ -117,16 +118,35 @@ def test_a_probe_without_a_head_is_refused_naming_the_field(tmp_path):
     assert not (tmp_path / "bart").exists()
 
 
-@pytest.mark.slow
-def test_a_probe_under_ddp_ends_with_identical_weights_on_both_processes(tmp_path):
+def probe_on_two_processes(out: Path, *flags: str) -> dict:
+    """A probe of 2 steps, then 2 steps of everything, on two CPU processes launched with ``flags``; the summary."""
+    out.mkdir()
+    script = out / "sharded_on_cpu.py"  # accelerate's CPU guard lifted, so that FSDP2 shards
+    script.write_text(MAIN_SHARDED_ON_CPU)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
-    command += ["--dynamo_backend", "no", "--multi_gpu", "--num_processes", "2", "-m", "mope.train"]
-    command += ["--recipe", str(RECIPES / "minilm_stdlib_mope.yaml"), *SMALL, f"training.output_dir={tmp_path}"]
+    command += ["--dynamo_backend", "no", *flags, "--num_processes", "2", str(script)]
+    command += ["--recipe", str(RECIPES / "minilm_stdlib_mope.yaml"), *SMALL, f"training.output_dir={out}"]
     command += ["training.linear_probe_steps=2", "training.max_steps=2"]
     cpu_processes = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     subprocess.run(command, check=True, env=cpu_processes, cwd=ROOT, timeout=600)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["rank_checksums"][0] == summary["rank_checksums"][1]
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_probe_under_ddp_and_under_fsdp2_ends_with_the_same_weights_on_every_process(tmp_path):
+    """Under FSDP2 the probe once dropped the gradients of the parameters the optimizer was built with, not of the
+    sharded ones prepare put in their place: Adam's moments then took the probe's gradients (bundles 4.6e-3 apart)."""
+    ddp = probe_on_two_processes(tmp_path / "ddp", "--multi_gpu")
+    assert ddp["steps"] == 4 and ddp["rank_checksums"][0] == ddp["rank_checksums"][1]
+    fsdp2 = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
+    sharded = probe_on_two_processes(tmp_path / "fsdp2", *fsdp2, "--fsdp_transformer_layer_cls_to_wrap", "BertLayer")
+    assert sharded["distributed_type"] == "FSDP" and sharded["steps"] == 4
+    assert sharded["rank_checksums"][0] == sharded["rank_checksums"][1]
+    want = load_file(tmp_path / "ddp" / "bundle" / "adapter_model.safetensors")
+    bundle = load_file(tmp_path / "fsdp2" / "bundle" / "adapter_model.safetensors")
+    assert bundle.keys() == want.keys()
+    for name, tensor in want.items():  # measured: 1.5e-8 apart
+        torch.testing.assert_close(bundle[name], tensor, atol=1e-6, rtol=0, msg=name)
 
 
 def test_a_classifier_no_better_than_the_majority_label_is_warned_about(tmp_path, caplog, monkeypatch):
