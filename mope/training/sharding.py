@@ -81,9 +81,9 @@ def quantized_storage(accelerator: Accelerator, model: ModelSection) -> torch.dt
 
     bitsandbytes' default, uint8, except under FSDP2, which shards only floating parameters
     (accelerate leaves uint8 ones whole on every process, and says so). There the bytes are
-    stored as the dtype FSDP2 gathers parameters in (the mixed-precision dtype), so that its cast
-    leaves them as they are; without mixed precision, as ``model.dtype``. DeepSpeed ZeRO-3
-    partitions uint8 ones as they are.
+    stored as the dtype FSDP2 gathers parameters in (the mixed-precision dtype, else
+    ``model.dtype``), as PEFT's FSDP-QLoRA guide sets it. DeepSpeed ZeRO-3 partitions uint8 ones
+    as they are.
     """
     if accelerator.distributed_type != DistributedType.FSDP:
         return torch.uint8
