@@ -452,7 +452,14 @@ def sharded_on_cpu(self, *args, **kwargs):
     state.PartialState._shared_state["distributed_type"] = self.distributed_type
 state.AcceleratorState.__init__ = sharded_on_cpu
 """
-ZERO3 = ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true"]  # accelerate launch's flags
+# accelerate launch's flags
+ZERO3 = ["--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag", "true"]
+
+
+def fsdp2(layer: str) -> list[str]:
+    """accelerate launch's flags for FSDP2 wrapping each ``layer`` (a decoder layer class name)."""
+    return ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+            "--fsdp_transformer_layer_cls_to_wrap", layer]  # fmt: skip
 
 
 def ranks_of_two_cpu_processes(script: str, folder: Path, *args: str, flags: Sequence[str] = ("--multi_gpu",)) -> list:

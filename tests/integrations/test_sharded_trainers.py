@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARDED_ON_CPU, ZERO3, make_model, no_grad_logits, ranks_of_two_cpu_processes
+from conftest import SHARDED_ON_CPU, ZERO3, fsdp2, make_model, no_grad_logits, ranks_of_two_cpu_processes
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
@@ -24,9 +24,7 @@ import mope
 
 TESTS = str(Path(__file__).resolve().parents[1])
 TOLERANCE = 1e-6  # measured: 0 under FSDP2, 7.5e-9 under ZeRO-3
-FSDP2 = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
-FSDP2 += ["--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
-LAUNCH_FLAGS = {"fsdp2": FSDP2, "zero3": ZERO3}
+LAUNCH_FLAGS = {"fsdp2": fsdp2("LlamaDecoderLayer"), "zero3": ZERO3}
 
 
 def settings(folder, **args) -> dict:

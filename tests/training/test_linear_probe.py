@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fsdp2
 from safetensors.torch import load_file
 from test_sharded import MAIN_SHARDED_ON_CPU
 
@@ -138,8 +139,7 @@ def test_a_probe_under_ddp_and_under_fsdp2_ends_with_the_same_weights_on_every_p
     sharded ones prepare put in their place: Adam's moments then took the probe's gradients (bundles 4.6e-3 apart)."""
     ddp = probe_on_two_processes(tmp_path / "ddp", "--multi_gpu")
     assert ddp["steps"] == 4 and ddp["rank_checksums"][0] == ddp["rank_checksums"][1]
-    fsdp2 = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
-    sharded = probe_on_two_processes(tmp_path / "fsdp2", *fsdp2, "--fsdp_transformer_layer_cls_to_wrap", "BertLayer")
+    sharded = probe_on_two_processes(tmp_path / "fsdp2", *fsdp2("BertLayer"))
     assert sharded["distributed_type"] == "FSDP" and sharded["steps"] == 4
     assert sharded["rank_checksums"][0] == sharded["rank_checksums"][1]
     want = load_file(tmp_path / "ddp" / "bundle" / "adapter_model.safetensors")

