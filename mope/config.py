@@ -380,7 +380,10 @@ class MoPEConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("MoPEConfig.layers_pattern needs MoPEConfig.layers_to_transform to be set")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("MoPEConfig.layers_to_transform cannot be combined with a regex target_modules")
+            raise ValueError(
+                "MoPEConfig.layers_to_transform cannot be combined with a str target_modules (a regex or 'all-linear'): "
+                "give target_modules as a list of names"
+            )
 
     def check_top_k(self, num_experts: int, top_k: int, where: str) -> None:
         routed = num_experts - self.num_shared_experts

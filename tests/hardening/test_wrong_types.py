@@ -88,6 +88,15 @@ def test_the_right_types_are_accepted():
     assert mope.MoPEConfig(layers_to_transform=1, layers_pattern=["layers"]).layers_to_transform == 1
 
 
+@pytest.mark.parametrize("target_modules", ["all-linear", r".*\.q_proj"])
+def test_layers_to_transform_with_a_str_target_modules_is_refused_naming_both(target_modules):
+    # PEFT refuses any str here too; "all-linear" is a str but not a regex, so the message says str.
+    with pytest.raises(
+        ValueError, match=r"^MoPEConfig\.layers_to_transform cannot be combined with a str target_modules"
+    ):
+        mope.MoPEConfig(target_modules=target_modules, layers_to_transform=[1], layers_pattern="layers")
+
+
 def test_check_type_names_what_a_hint_allows():
     assert describe_type(list[str] | str | None) == "a list of strings, a string or None"
     assert describe_type(dict[str, int]) == "a dict of strings to integers"
