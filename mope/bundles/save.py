@@ -17,7 +17,9 @@ The step that switches:
   (``.mope-old-<name>-<pid>-<random>``), the new one renamed in, the backup deleted. A crash between the two renames
   leaves no target; the next save to it refuses and names the backup to rename back.
 
-The new files and folders are fsynced before the switch. What a killed save leaves (its staging folder
+A save into this process's working folder (``"."``) or a folder above it moves the process into the same path
+in the new folder after the switch, so relative paths keep working. The new files and folders are fsynced before
+the switch. What a killed save leaves (its staging folder
 ``.mope-save-<name>-<pid>-<random>``, or the old folder under that name after the switch, or a backup) is removed by
 the next save to the same target once no process with that pid runs on this machine: a live save's staging is never
 touched.
@@ -56,10 +58,15 @@ def save_pretrained(model, save_directory: str | os.PathLike, **kwargs) -> None:
             f"mope.save_pretrained: safe_serialization={kwargs['safe_serialization']!r} would pickle the tensors "
             "into adapter_model.bin, and mope loads safetensors bundles only; nothing was written."
         )
+    if not os.fspath(save_directory):
+        raise ValueError("mope.save_pretrained: save_directory is empty; pass a folder path ('.' for this folder).")
     target = os.path.realpath(os.fspath(save_directory))
     if os.path.lexists(target) and not os.path.isdir(target):
         raise ValueError(f"mope.save_pretrained: '{target}' is a file, not a folder; pass a folder path.")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
+    parent = os.path.dirname(target)
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        raise ValueError(f"mope.save_pretrained: '{parent}' is a file, not a folder; pass a folder path.")
+    os.makedirs(parent, exist_ok=True)
     remove_leftovers(target)
     staging = new_sibling(target, STAGING)
     os.mkdir(staging)
@@ -75,11 +82,23 @@ def save_pretrained(model, save_directory: str | os.PathLike, **kwargs) -> None:
         sync(staging, written)
         if old is not None:
             carry_over(old, staging, written)
+        cwd = working_folder_inside(target)
         to_delete = switch(staging, target)
+        if cwd is not None:  # the old folder, about to be deleted, held this process's working folder
+            os.chdir(cwd)  # the same path, now in the new folder (its subfolders were carried over)
         sync_folder(os.path.dirname(target))
     finally:
         if to_delete is not None:
             shutil.rmtree(to_delete, ignore_errors=True)
+
+
+def working_folder_inside(target: str) -> str | None:
+    """This process's working folder if it is ``target`` or below it (``save_pretrained(model, ".")``), else None."""
+    try:
+        cwd = os.getcwd()
+    except FileNotFoundError:
+        return None
+    return cwd if cwd == target or cwd.startswith(target.rstrip(os.sep) + os.sep) else None
 
 
 def write_bundle(model, folder: str, kwargs: dict) -> None:

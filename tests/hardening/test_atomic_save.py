@@ -153,6 +153,22 @@ def test_a_save_of_two_adapters_replaces_both_and_keeps_the_subfolder_s_other_fi
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("below", ["", "checkpoint-1"])
+def test_a_save_into_the_working_folder_or_above_it_leaves_the_process_a_working_folder(tmp_path, monkeypatch, below):
+    target = tmp_path / "bundle"
+    mope.save_pretrained(old_model(), target)
+    add_others(target)  # holds the subfolder checkpoint-1/
+    monkeypatch.chdir(target / below)
+    model = new_model()
+    mope.save_pretrained(model, "." if not below else "..")
+    assert os.getcwd() == str((target / below).resolve())
+    Path("after.txt").write_text("written after the save")  # the old folder's deletion took the process's away
+    assert (target / below / "after.txt").read_text() == "written after the save"
+    assert_others_intact(target)
+    assert leftovers(tmp_path) == []
+    torch.testing.assert_close(bundle_logits(target), no_grad_logits(model.eval(), BATCH), rtol=0, atol=0)
+
+
 def refused_exchange(*args: Any) -> int:
     """renameat2 as on a filesystem that cannot exchange (EINVAL)."""
     ctypes.set_errno(errno.EINVAL)
@@ -198,6 +214,16 @@ def test_a_failing_save_leaves_the_old_folder_byte_identical(tmp_path, monkeypat
         mope.save_pretrained(new_model(), target)
     assert folder_bytes(target) == before  # the README too: PEFT rewrote a copy, not a link to it
     assert os.listdir(tmp_path) == ["bundle"]
+
+
+def test_an_empty_path_and_a_file_as_parent_are_refused_naming_them(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # where a save that took "" for "." would write
+    with pytest.raises(ValueError, match="save_directory is empty"):
+        mope.save_pretrained(new_model(), "")
+    (tmp_path / "parent").write_text("a file")
+    with pytest.raises(ValueError, match=r"'.*parent' is a file, not a folder"):
+        mope.save_pretrained(new_model(), tmp_path / "parent" / "bundle")
+    assert os.listdir(tmp_path) == ["parent"]
 
 
 def test_a_file_in_place_of_the_folder_is_refused(tmp_path: Path) -> None:
