@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
 from torch import nn
@@ -99,6 +100,12 @@ def describe_unfit_weights(own: dict[str, tuple], given: dict[str, tuple]) -> st
     if missing:
         problems.append(f"{len(missing)} of its {len(own)} tensors are not given (e.g. '{missing[0]}')")
     return "; ".join(problems) or None
+
+
+def has_key(state: dict[str, torch.Tensor], key: str) -> bool:
+    """Whether a loaded tensor's ``key`` names an entry of a PeftModel's ``state``, with or without PEFT's prefix."""
+    prefix = "base_model.model."
+    return key in state or prefix + key in state or key.removeprefix(prefix) in state
 
 
 class ModelSnapshot:

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 
-from .bundles import describe_mismatch
+from .bundles import describe_bad_values, describe_mismatch
 from .config import pattern_matches
 from .ffn_layer import layer_class_for
 from .injection import (
@@ -34,6 +34,7 @@ from .injection import (
     InjectionSnapshot,
     check_all_linear_finds_layers,
     describe_unfit_weights,
+    has_key,
     include_mope_layers_in_all_linear,
     naming_meta_weights,
 )
@@ -297,25 +298,33 @@ class MoPEModel(BaseTuner):
 
         ``load_adapter(path, adapter_name=<a loaded adapter's name>)`` loads into that adapter without
         reading the bundle's config, and PEFT loads the tensors that fit and drops the others without
-        a word. A new adapter's bundle was already checked against the model (``_check_bundle_fits``),
-        except one from the Hub or given with an explicit ``config=``: this check covers those too.
+        a word. A new adapter's bundle was already checked against the model (``_check_bundle_fits``)
+        and its values read (``MoPEConfig.from_pretrained``), except one from the Hub or given with an
+        explicit ``config=``: this check covers those too, values (NaN, dtypes, the step) included.
         """
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
+        state = model.state_dict()
         own = {
             key: tuple(value.shape)
-            for key, value in model.state_dict().items()
+            for key, value in state.items()
             if cls.prefix in key and key_names_adapter(key, adapter_name)
         }
+        refused = f"Cannot load these weights into MoPE adapter '{adapter_name}'; nothing was loaded"
         problem = describe_unfit_weights(own, {k: tuple(v.shape) for k, v in remapped.items() if cls.prefix in k})
+        strange = [k for k in remapped if cls.prefix not in k and not has_key(state, k)]
+        if problem is None and strange:
+            problem = f"{len(strange)} tensors have no place in this model (e.g. '{strange[0]}')"
         if problem is not None:
             raise ValueError(
-                f"Cannot load these weights into MoPE adapter '{adapter_name}'; nothing was loaded: {problem}. "
-                f"If '{adapter_name}' was already loaded (load_adapter into an existing name keeps that adapter's "
-                f"config and only replaces tensors), load the bundle under a new adapter_name, or "
-                f"delete_adapter('{adapter_name}') first; otherwise the bundle was made for another model or config."
+                f"{refused}: {problem}. If '{adapter_name}' was already loaded (load_adapter into an existing name "
+                f"keeps that adapter's config and only replaces tensors), load the bundle under a new adapter_name, "
+                f"or delete_adapter('{adapter_name}') first; otherwise the bundle was made for another model or config."
             )
+        problem = describe_bad_values(remapped.items())
+        if problem is not None:
+            raise ValueError(f"{refused}: {problem}.")
         return remapped
 
     def _create_and_replace(

@@ -6,7 +6,7 @@
 ``info``: describe a bundle without loading a model (``mope inspect``).
 """
 
-from .files import describe_mismatch, read_bundle_header
+from .files import describe_bad_values, describe_mismatch, read_bundle_header
 from .save import save_pretrained
 
-__all__ = ["describe_mismatch", "read_bundle_header", "save_pretrained"]
+__all__ = ["describe_bad_values", "describe_mismatch", "read_bundle_header", "save_pretrained"]

@@ -9,6 +9,7 @@ file and the tensors, and the model is restored (see ``MoPEModel.inject_adapter`
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -54,32 +55,42 @@ def read_bundle_header(folder: str) -> dict[str, tuple[int, ...]]:
 
 # Tensors a bundle may hold as integers (a step count); every other tensor is a float parameter.
 INTEGER_TENSORS = ("mope_schedule.",)
+INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def check_bundle_values(path: str, limit: int = 5) -> None:
-    """Refuse a tensor file with integer parameters or NaN / inf values, naming the tensors.
+    """Refuse a tensor file with non-float parameters, NaN / inf values or a negative step count, naming the tensors.
 
     Runs once per load, before any weight is copied: reading a bundle's few MB again costs little,
     and a non-finite expert would otherwise turn every output it touches into NaN. (safetensors has
     no checksum: a corrupted value that stays finite cannot be detected here.)
     """
-    wrong_dtype, non_finite = [], []
     with safe_open(path, framework="pt") as handle:
-        for key in handle.keys():  # noqa: SIM118
-            tensor = handle.get_tensor(key)
-            if not tensor.is_floating_point():
-                if not any(part in key for part in INTEGER_TENSORS):
-                    wrong_dtype.append(f"{key} ({tensor.dtype})")
-            elif not torch.isfinite(tensor).all():
-                non_finite.append(key)
+        problem = describe_bad_values(((key, handle.get_tensor(key)) for key in handle.keys()), limit)  # noqa: SIM118
+    if problem is not None:
+        raise ValueError(f"MoPE bundle file '{path}' cannot be loaded: {problem}.")
+
+
+def describe_bad_values(tensors: Iterable[tuple[str, torch.Tensor]], limit: int = 5) -> str | None:
+    """What is wrong with a bundle's tensors (names -> values), or None: see :func:`check_bundle_values`."""
+    wrong_dtype, non_finite, steps = [], [], []
+    for key, tensor in tensors:
+        if any(part in key for part in INTEGER_TENSORS):
+            if tensor.dtype not in INTEGER_DTYPES or (tensor < 0).any():
+                steps.append(f"{key} ({tensor.dtype}: {tensor.tolist()})")
+        elif not tensor.is_floating_point():
+            wrong_dtype.append(f"{key} ({tensor.dtype})")
+        elif not torch.isfinite(tensor.float()).all():  # float(): float8 has no isfinite of its own
+            non_finite.append(key)
     problems = []
     if wrong_dtype:
-        problems.append("integer tensors where parameters must be floats: " + ", ".join(wrong_dtype[:limit]))
+        problems.append("non-float tensors where parameters must be floats: " + ", ".join(wrong_dtype[:limit]))
     if non_finite:
         more = f" and {len(non_finite) - limit} more" if len(non_finite) > limit else ""
         problems.append("NaN or inf values in " + ", ".join(non_finite[:limit]) + more)
-    if problems:
-        raise ValueError(f"MoPE bundle file '{path}' cannot be loaded: " + "; ".join(problems) + ".")
+    if steps:
+        problems.append("a schedule step that is not a non-negative integer: " + ", ".join(steps[:limit]))
+    return "; ".join(problems) or None
 
 
 def describe_mismatch(

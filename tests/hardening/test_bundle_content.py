@@ -8,10 +8,11 @@ import pytest
 import safetensors.torch
 import torch
 from conftest import bundle_config, make_batch, make_model, no_grad_logits
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 import mope
 from mope.layer import MoPELayer
+from mope.peft_compat import PEFT_CHECKS_LOADED_TENSORS
 
 
 @pytest.mark.parametrize(
@@ -19,7 +20,7 @@ from mope.layer import MoPELayer
     [
         (lambda t: t.fill_(float("nan")), r"NaN or inf values in base_model\.model\..*lora_B"),
         (lambda t: t.fill_(float("inf")), r"NaN or inf values in"),
-        (lambda t: t.to(torch.int64), r"integer tensors where parameters must be floats: .*lora_B \(torch.int64\)"),
+        (lambda t: t.to(torch.int64), r"non-float tensors where parameters must be floats: .*lora_B \(torch.int64\)"),
     ],
     ids=["nan", "inf", "integer"],
 )
@@ -37,3 +38,88 @@ def test_bundle_values_are_checked_before_any_weight_is_copied(tmp_path, damage,
         mope.load_mope(model, tmp_path / "bundle")
     assert not any(isinstance(m, MoPELayer) for m in model.modules())
     torch.testing.assert_close(no_grad_logits(model, batch), before, rtol=0, atol=0)
+
+
+def damaged_bundle(folder, damage, config=None, suffix="lora_B"):
+    """A saved bundle with its first tensor whose name ends in ``suffix`` replaced by ``damage(tensor)``."""
+    mope.save_pretrained(get_peft_model(make_model("llama"), config or bundle_config()), folder)
+    path = folder / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    key = next(k for k in sorted(tensors) if k.endswith(suffix))
+    tensors[key] = damage(tensors[key].clone())
+    safetensors.torch.save_file(tensors, path)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda t: t.bool(), r"non-float tensors where parameters must be floats: .*lora_B \(torch.bool\)"),
+        (lambda t: t.to(torch.complex64), r"non-float tensors where parameters must be floats: .*\(torch.complex64\)"),
+        (lambda t: t.fill_(float("nan")).to(torch.float8_e4m3fn), r"NaN or inf values in .*lora_B"),
+    ],
+    ids=["bool", "complex", "float8-nan"],
+)
+def test_other_dtypes_are_named_as_what_they_are(tmp_path, damage, words):
+    folder = damaged_bundle(tmp_path / "bundle", damage)
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=words):
+        mope.load_mope(model, folder)
+    assert not any(isinstance(m, MoPELayer) for m in model.modules())
+
+
+def test_a_float8_bundle_with_finite_values_loads(tmp_path):
+    folder = damaged_bundle(tmp_path / "bundle", lambda t: t.to(torch.float8_e4m3fn))
+    assert torch.isfinite(no_grad_logits(mope.load_mope(make_model("llama"), folder), make_batch("llama"))).all()
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [(lambda t: t - 5, r"int64: -5"), (torch.Tensor.float, r"float32: 0\.0")],
+    ids=["negative", "float"],
+)
+def test_a_schedule_step_must_be_a_non_negative_integer(tmp_path, damage, words):
+    config = bundle_config(router_schedule_steps=10, router_schedule_start_top_k=4)
+    folder = damaged_bundle(tmp_path / "bundle", damage, config, suffix="mope_schedule.step")
+    model = make_model("llama")
+    words = rf"a schedule step that is not a non-negative integer: base_model\.mope_schedule\.step \(torch\.{words}\)"
+    with pytest.raises(ValueError, match=rf"adapter_model\.safetensors' cannot be loaded: {words}"):
+        mope.load_mope(model, folder)
+    assert not any(isinstance(m, MoPELayer) for m in model.modules())
+
+
+def add_tensor(folder, name):
+    path = folder / "adapter_model.safetensors"
+    safetensors.torch.save_file({**safetensors.torch.load_file(path), name: torch.zeros(2)}, path)
+    return folder
+
+
+@pytest.mark.skipif(not PEFT_CHECKS_LOADED_TENSORS, reason="PEFT < 0.21 loads without asking the tuner")
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda f: damaged_bundle(f, lambda t: t.fill_(float("nan"))), r"nothing was loaded: NaN or inf values in "),
+        (
+            lambda f: add_tensor(damaged_bundle(f, lambda t: t), "foo.bar"),
+            r"nothing was loaded: 1 tensors have no place .*'foo\.bar'",
+        ),
+    ],
+    ids=["nan", "extra-tensor"],
+)
+def test_load_adapter_into_a_loaded_name_checks_the_values_and_names_too(tmp_path, damage, words):
+    """PEFT reads no config on this path, so the check runs on the tensors PEFT hands the tuner."""
+    folder = damage(tmp_path / "bundle")
+    model = get_peft_model(make_model("llama"), bundle_config())
+    batch = make_batch("llama")
+    before = no_grad_logits(model, batch)
+    with pytest.raises(ValueError, match=rf"^Cannot load these weights into MoPE adapter 'default'; {words}"):
+        model.load_adapter(str(folder), adapter_name="default")
+    torch.testing.assert_close(no_grad_logits(model, batch), before, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not PEFT_CHECKS_LOADED_TENSORS, reason="PEFT < 0.21 loads without asking the tuner")
+def test_from_pretrained_with_an_explicit_config_checks_the_values(tmp_path):
+    """An explicit config= skips MoPEConfig.from_pretrained, where the file's values are read otherwise."""
+    folder = damaged_bundle(tmp_path / "bundle", lambda t: t.fill_(float("nan")))
+    with pytest.raises(ValueError, match=r"nothing was loaded: NaN or inf values in "):
+        PeftModel.from_pretrained(make_model("llama"), folder, config=bundle_config())
