@@ -22,6 +22,12 @@ Usage rule, per module (shared experts always weigh 1, as in :meth:`MoPELayer.ga
 - ``usage=None``: the router's own weights where they do not depend on the input (num_experts=1,
   task-level routing pinned by :func:`mope.fix_task`): exact; otherwise uniform, 1/N_routed each.
 
+``router='soft_merge'`` with LoRA experts and ``soft_merge_lora='factors'`` applies the merged factors,
+``s (sum_e g_e B_e)^T (sum_e g_e A_e)``, not the mixture: its collapse (like ``merge_and_unload``) is that
+rank-r LoRA with ``g`` replaced by ``u`` (:meth:`mope.routing.Router.merged_lora`). Exact for a pinned task;
+with usage statistics or the uniform fallback, the merged expert at the mean gate, which is not the mean of
+the per-sequence merged experts (only a one-hot usage is exact).
+
 Methods (``COLLAPSE_METHODS``): ``"concat"`` keeps the stacked factors (exact, rank N·r per module;
 ``rank`` must stay None); ``"svd"`` truncates dW to ``rank`` by SVD: the best rank-``rank``
 approximation in Frobenius and spectral norm (Eckart-Young); ``rank=None`` keeps full rank. A
@@ -189,7 +195,9 @@ def collapse_modules(
     with torch.no_grad():
         for layer in layers:
             bank = layer.mope_experts[adapter_name]
-            a, b = bank.lora_factors(gate_for(layer, adapter_name, usage))
+            gate = gate_for(layer, adapter_name, usage)
+            merged = layer.router_for(adapter_name).merged_lora(bank, gate)  # the forward's merge, if not the mixture
+            a, b = bank.lora_factors(gate) if merged is None else merged
             a, b = COLLAPSE_METHODS[method](a, b, rank)
             collapsed.append(
                 CollapsedModule(layer.module_name, a.to(bank.dtype), b.to(bank.dtype), layer.weight_transposed)

@@ -358,7 +358,12 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         weight = self.base_type.read_weight(base)
         bias = base.bias.data if getattr(base, "bias", None) is not None else None
-        return self.mope_experts[adapter_name].fold_into(weight, bias, gate, sign)
+        bank = self.mope_experts[adapter_name]
+        merged = self.router_for(adapter_name).merged_lora(bank, gate)  # e.g. soft_merge_lora='factors'
+        if merged is not None:
+            a, b = merged
+            return weight + sign * (b @ a).to(weight.device, weight.dtype), bias
+        return bank.fold_into(weight, bias, gate, sign)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)

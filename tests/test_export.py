@@ -54,6 +54,38 @@ def test_concat_export_reproduces_fixed_routing_and_merges(case, tmp_path):
     torch.testing.assert_close(logits(merged, name), want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("lora_mode", ["factors", "delta"])
+def test_soft_merge_with_a_fixed_task_exports_and_merges_what_its_forward_computes(lora_mode, tmp_path):
+    """router='soft_merge' runs one merged expert: with soft_merge_lora='factors' that is the rank-r LoRA
+    (sum_e g_e A_e, s sum_e g_e B_e), not the mixture s sum_e g_e B_e^T A_e, which 'delta' computes. Both
+    collapse, export and merge exactly under a fixed task (per-module expert counts too)."""
+    model = mope_model(
+        "llama",
+        routing_level="task",
+        num_tasks=3,
+        num_experts=3,
+        num_experts_pattern={"q_proj": 4},
+        router="soft_merge",
+        soft_merge_lora=lora_mode,
+    )
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    base_weight = layer.base_layer.weight.clone()
+    want = logits(model, "llama", mope_task_ids=torch.full((3,), 2))
+    with mope.fix_task(model, 2):
+        config, _ = mope.collapse_to_lora(model, method="concat")
+        mope.export_lora(model, tmp_path / "concat", method="concat")
+        mope.export_lora(model, tmp_path / "svd", method="svd")  # rank=None: full rank, exact
+        model.merge_adapter()
+    for folder in ("concat", "svd"):
+        torch.testing.assert_close(logits(load_lora("llama", tmp_path / folder), "llama"), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(model, "llama"), want, rtol=0, atol=1e-5)  # merged: no task needed
+    model.unmerge_adapter()
+    torch.testing.assert_close(layer.base_layer.weight, base_weight, rtol=0, atol=1e-6)
+    mope.fix_task(model, 2)  # not as a context: stays fixed
+    torch.testing.assert_close(logits(model.merge_and_unload(), "llama"), want, rtol=0, atol=1e-5)
+    assert config.r == (2 if lora_mode == "factors" else 4 * 2)  # one merged rank-r LoRA, or the stacked N·r
+
+
 def test_router_that_always_picks_one_expert_collapses_to_that_expert(tmp_path):
     model = mope_model("llama", routing_level="task", num_tasks=1, num_experts=4, top_k=1)
     with mope.routing_stats(model) as stats:

@@ -96,6 +96,12 @@ class ExpertBank(nn.Module):
         )
         return base_out + delta.reshape(base_out.shape).to(base_out.dtype)
 
+    def soft_merged_lora(self, g: torch.Tensor, lora_mode: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """fp64 ``(A [R, d_in], B [d_out, R])`` of the one update :meth:`soft_merged_delta` applies for a
+        constant merge ``g [N]``, where that update is not the mixture of the experts' updates
+        (:meth:`lora_factors`, :meth:`fold_into`); None where it is (the default)."""
+        return None
+
     # Soft MoE slots (router='soft_tokens') -----------------------------------------------------
 
     def slot_deltas(self, xs: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,16 @@ class LoRAExpertBank(ExpertBank):
         a, b = merge_stacked(self.lora_A, g), merge_stacked(self.lora_B, g)  # [batch, r, d_in], [batch, r, d_out]
         return (x @ a.transpose(1, 2)) @ b * self.scaling
 
+    def soft_merged_lora(self, g, lora_mode):
+        """``lora_mode="factors"``: ``A_g = sum_e g_e A_e``, ``B_g = s sum_e g_e B_e`` (transposed): rank r,
+        the cross terms included, as :meth:`soft_merged_delta` applies them. ``"delta"`` is the mixture: None."""
+        if lora_mode == "delta":
+            return None
+        g = g.to(self.lora_A.device, torch.float64)
+        a = torch.einsum("n,nri->ri", g, self.lora_A.double())
+        b = torch.einsum("n,nro->or", g * self.scaling, self.lora_B.double())
+        return a, b
+
     def slot_deltas(self, xs, zs):
         h = torch.einsum("bnpi,nri->bnpr", xs, self.lora_A)
         return torch.einsum("bnpr,nro->bnpo", h, self.lora_B) * self.scaling

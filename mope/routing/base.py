@@ -306,6 +306,12 @@ class Router(nn.Module):
         """The module's output from its input ``x``, the base output and this forward's routing."""
         return bank(x, base_out, weights)
 
+    def merged_lora(self, bank: nn.Module, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """fp64 ``(A [R, d_in], B [d_out, R])`` of the update this gate's forward applies with the constant gate
+        weights ``[N]``, where that is not the experts' mixture (the bank's ``lora_factors`` / ``fold_into``);
+        None where it is. Folding (merge, collapse) asks this first, so it follows ``apply_experts``."""
+        return None
+
     @classmethod
     def check_module(cls, model: nn.Module, module_name: str, config: Any) -> None:
         """Raise ValueError at injection if this gate cannot run on ``module_name`` of ``model``."""

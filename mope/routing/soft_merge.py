@@ -69,5 +69,10 @@ class SoftMergeRouter(Router):
     def apply_experts(self, bank, x, base_out, routing, weights):
         return bank.forward_soft_merged(x, base_out, weights, lora_mode=self.lora_mode)
 
+    def merged_lora(self, bank, weights):
+        """The merged expert of a constant gate, e.g. a task pinned by ``mope.fix_task``: with LoRA experts and
+        ``soft_merge_lora='factors'`` the rank-r LoRA ``(sum g A, s sum g B)``, not the mixture of updates."""
+        return bank.soft_merged_lora(weights, self.lora_mode)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", soft_merge_lora={self.lora_mode}"
