@@ -51,6 +51,14 @@ def pattern_matches(pattern: str, module_name: str) -> bool:
     return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
 
 
+def check_regex(what: str, pattern: str) -> None:
+    """Refuse a pattern that does not compile, naming the field (``re.error`` would name none)."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"MoPEConfig.{what} {pattern!r} is not a valid regex: {error}") from error
+
+
 def pattern_value(table: dict[str, int], module_name: str, default: int) -> int:
     """The value of the first pattern in ``table`` matching ``module_name``, else ``default``."""
     return next((value for pattern, value in table.items() if pattern_matches(pattern, module_name)), default)
@@ -358,10 +366,12 @@ class MoPEConfig(PeftConfig):
         for name in ("num_experts_pattern", "top_k_pattern"):
             for pattern, value in getattr(self, name).items():
                 check_int("MoPEConfig", f"{name}[{pattern!r}]", value, low=1)
-                try:
-                    re.compile(pattern)
-                except re.error as error:
-                    raise ValueError(f"MoPEConfig.{name} key {pattern!r} is not a valid regex: {error}") from error
+                check_regex(f"{name} key", pattern)
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):  # a str is a regex (PEFT's rule)
+            if isinstance(getattr(self, name), str) and getattr(self, name) != "all-linear":
+                check_regex(name, getattr(self, name))
+        for pattern in self.router_blocks or ():
+            check_regex("router_blocks entry", pattern)
         check_choice("MoPEConfig", "adapter_placement", self.adapter_placement, ADAPTER_PLACEMENTS)
         check_choice("MoPEConfig", "adapter_activation", self.adapter_activation, ACTIVATIONS)
         check_number("MoPEConfig", "adapter_scaling", self.adapter_scaling, low=0, low_open=True)
@@ -374,6 +384,7 @@ class MoPEConfig(PeftConfig):
         check_choice("MoPEConfig", "dispatch", self.dispatch, DISPATCH_CHOICES)
         check_bool("MoPEConfig", "init_weights", self.init_weights)
         check_bool("MoPEConfig", "freeze_experts", self.freeze_experts)
+        check_bool("MoPEConfig", "inference_mode", self.inference_mode)
         check_version("MoPEConfig", "mope_version", self.mope_version)
         if self.target_parameters:
             raise ValueError("MoPEConfig.target_parameters is not supported: mope adapts modules, not parameters")

@@ -63,12 +63,14 @@ def rename_key(config: dict[str, Any], old: str, new: str) -> list[str]:
 def read_json_object(path: str) -> dict[str, Any]:
     """PEFT's reading of ``adapter_config.json``, with a ``ValueError`` naming the file when it is not a JSON object."""
     try:
-        loaded = PeftConfig.from_json_file(path)
+        with open(path, encoding="utf-8") as file:
+            loaded = json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"Cannot read '{path}': it is not valid JSON ({error}).") from error
-    if not isinstance(loaded, dict):
-        raise ValueError(f"Cannot read '{path}': expected a JSON object of config keys, got {type(loaded).__name__}.")
-    return loaded
+    if not isinstance(loaded, dict):  # before PEFT's reading, which fails on a scalar with a TypeError
+        kind = "null" if loaded is None else type(loaded).__name__
+        raise ValueError(f"Cannot read '{path}': expected a JSON object of config keys, got {kind}.")
+    return PeftConfig.from_json_file(path)
 
 
 def written_by(config: dict[str, Any], path: str) -> tuple[Version, str]:

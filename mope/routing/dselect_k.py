@@ -66,7 +66,9 @@ class DSelectKRouter(Router):
 
     @classmethod
     def check_options(cls, config: Any) -> None:
-        check_number("MoPEConfig", "dselect_gamma", config.dselect_gamma, low=0, low_open=True)
+        check_number(  # gamma**3 of a smaller one underflows in the smooth step's cubic
+            "MoPEConfig", "dselect_gamma", config.dselect_gamma, low=1e-6
+        )
 
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         k, m, n = self.num_selectors, self.num_bits, self.num_experts

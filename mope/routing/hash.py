@@ -40,7 +40,7 @@ class HashRouter(Router):
 
     @classmethod
     def check_options(cls, config: Any) -> None:
-        check_int("MoPEConfig", "hash_seed", config.hash_seed, low=0)
+        check_int("MoPEConfig", "hash_seed", config.hash_seed, low=0, high=2**64 - 1, why="(torch's seed range)")
 
     @classmethod
     def check_chosen(cls, config: Any) -> None:

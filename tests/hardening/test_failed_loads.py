@@ -154,6 +154,9 @@ UNREADABLE = {
     "truncated": ('{"peft_type": "MOPE", "r": ', "it is not valid JSON"),
     "a list": ("[]", "expected a JSON object of config keys, got list"),
     "a string": ('"MOPE"', "expected a JSON object of config keys, got str"),
+    "null": ("null", "expected a JSON object of config keys, got null"),  # PEFT's reading raised TypeError
+    "a number": ("5", "expected a JSON object of config keys, got int"),
+    "true": ("true", "expected a JSON object of config keys, got bool"),
 }
 
 

@@ -97,6 +97,26 @@ def test_layers_to_transform_with_a_str_target_modules_is_refused_naming_both(ta
         mope.MoPEConfig(target_modules=target_modules, layers_to_transform=[1], layers_pattern="layers")
 
 
+INVALID_VALUES = {  # each reached torch or re before, which named no field
+    "target_modules": ({"target_modules": "(["}, r"target_modules '\(\[' is not a valid regex"),
+    "exclude_modules": ({"exclude_modules": "(["}, r"exclude_modules '\(\[' is not a valid regex"),
+    "router_blocks": ({"router_blocks": ["mlp", "(["]}, r"router_blocks entry '\(\[' is not a valid regex"),
+    "feedforward_modules": (
+        {"expert_type": "ia3", "feedforward_modules": "(["},
+        r"feedforward_modules '\(\[' is not a valid regex",
+    ),
+    "hash_seed": ({"router": "hash", "hash_seed": 2**64}, r"hash_seed must be an integer in \[0, "),
+    "dselect_gamma": ({"router": "dselect_k", "dselect_gamma": 1e-320}, r"dselect_gamma must be a finite number >= "),
+    "inference_mode": ({"inference_mode": "no"}, r"inference_mode must be True or False, got 'no'"),
+}
+
+
+@pytest.mark.parametrize(("kwargs", "words"), INVALID_VALUES.values(), ids=list(INVALID_VALUES))
+def test_values_that_failed_later_are_refused_by_the_config_naming_the_field(kwargs, words):
+    with pytest.raises(ValueError, match=rf"^MoPEConfig\.{words}"):
+        mope.MoPEConfig(**{"routing_level": "token", **kwargs})
+
+
 def test_check_type_names_what_a_hint_allows():
     assert describe_type(list[str] | str | None) == "a list of strings, a string or None"
     assert describe_type(dict[str, int]) == "a dict of strings to integers"
