@@ -21,6 +21,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -90,12 +91,14 @@ def check_inputs(
     bundles: list[Path], base: str, data: str | None = None, tokenizer: str | None = None, out: Path | None = None
 ) -> None:
     """Every bundle, model location, data source and output folder a command names, before anything is loaded."""
+    from ..bundles import read_bundle_header
     from ..bundles.info import read_config
     from ..training.data import source_kind
     from ..training.models import MODEL_CONFIG, check_location
 
     for bundle in bundles:
         read_config(bundle)
+        read_bundle_header(os.fspath(bundle))  # a missing or truncated adapter_model.safetensors
     check_location(base, "--base", MODEL_CONFIG)
     if tokenizer is not None:
         check_location(tokenizer, "--tokenizer")
@@ -244,26 +247,38 @@ def write_report(report: dict[str, dict], out: Path, model, tokenizer, text: str
     console.print(f"wrote report.json and {', '.join(figures)} to {out}")
 
 
-Method = Annotated[str, typer.Option("--method", help="svd (truncate to --rank) or concat (exact, rank N*r)")]
+class CollapseMethod(str, Enum):
+    """``--method``: the names of :data:`mope.export.COLLAPSE_METHODS` (here so that ``--help`` needs no torch)."""
+
+    svd = "svd"
+    concat = "concat"
+
+
+Method = Annotated[
+    CollapseMethod, typer.Option("--method", help="svd (truncate to --rank) or concat (exact, rank N*r)")
+]
 Rank = Annotated[int | None, typer.Option("--rank", min=1, help="LoRA rank for svd (default: full)")]
 UsageData = Annotated[
     str | None, typer.Option("--data", help="weigh experts by their load on this data (default: router rule)")
 ]
 
 
-def collapse_inputs(bundle: Path, base: str, data: str | None, text_column: str, max_examples: int | None):
-    """The model on CPU and, with ``data``, each router's measured load (``usage`` for mope.export)."""
-    from ..analysis import routing_stats
-    from .loading import load_model
+def check_collapse_options(method: CollapseMethod, rank: int | None) -> None:
+    """What ``collapse_to_lora`` would refuse only after the model is loaded: a rank for ``concat``."""
+    if method is CollapseMethod.concat and rank is not None:
+        raise ValueError(
+            f"--rank {rank} applies to --method svd only; --method concat keeps every expert's rank (N*r) exactly"
+        )
 
-    model = load_model(bundle, base, "cpu")
-    if data is None:
-        return model, None
-    texts, tok = read_data(data, text_column, max_examples, None, base)
+
+def measured_usage(model, tok, texts: list[str]):
+    """Each router's measured load on ``texts`` (``usage`` for mope.export)."""
+    from ..analysis import routing_stats
+
     with routing_stats(model) as measured:
         for batch in batches_for(model, tok, texts, 16, 128):
             model(**batch)
-    return model, measured.report()
+    return measured.report()
 
 
 def lora_command(summary: bool):
@@ -273,24 +288,29 @@ def lora_command(summary: bool):
         bundle: Bundle,
         base: Base,
         out: Out,
-        method: Method = "svd",
+        method: Method = CollapseMethod.svd,
         rank: Rank = None,
         data: UsageData = None,
         text_column: TextColumn = "text",
         max_examples: MaxExamples = None,
+        tokenizer: Tokenizer = None,
     ) -> None:
         from ..bundles import save_pretrained
         from ..bundles.info import describe_bundle
         from ..export import LoraBundle, RankCappedWarning, collapse_to_lora, rank_cap_message
+        from .loading import load_model
 
         with user_errors(), warnings.catch_warnings():
             warnings.simplefilter("ignore", RankCappedWarning)  # the note below says it with the option's name
-            check_inputs([bundle], base, data, out=out)
+            check_inputs([bundle], base, data, tokenizer, out)
             if out.resolve() == bundle.resolve():
                 raise ValueError(f"--out: '{out}' is the bundle itself; the LoRA would replace it: name another folder")
+            check_collapse_options(method, rank)
             experts = describe_bundle(bundle).parameters["experts"]
-            model, usage = collapse_inputs(bundle, base, data, text_column, max_examples)
-            config, state = collapse_to_lora(model, method=method, rank=rank, usage=usage)
+            texts, tok = read_data(data, text_column, max_examples, tokenizer, base) if data else (None, None)
+            model = load_model(bundle, base, "cpu")
+            usage = measured_usage(model, tok, texts) if data else None
+            config, state = collapse_to_lora(model, method=method.value, rank=rank, usage=usage)
             save_pretrained(LoraBundle(config, state), out)
         if rank is not None and config.r < rank:
             typer.echo(f"note: {rank_cap_message('--rank', rank, config.r)}", err=True)
@@ -298,7 +318,7 @@ def lora_command(summary: bool):
             typer.echo(f"wrote PEFT LoRA bundle to {out}")
             return
         lora_params = sum(t.numel() for k, t in state.items() if ".lora_" in k)
-        rows = [["method", method], ["usage", "measured on " + data if data else "router rule"], ["LoRA r", config.r],
+        rows = [["method", method.value], ["usage", "measured on " + data if data else "router rule"], ["LoRA r", config.r],
                 ["target modules", len(config.target_modules)], ["LoRA parameters", f"{lora_params:,}"],
                 ["mixture expert parameters", f"{experts:,}"], ["written to", out]]  # fmt: skip
         console.print(table("collapsed to LoRA", ["field", "value"], rows))

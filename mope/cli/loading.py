@@ -2,25 +2,30 @@
 
 The model class follows the bundle's ``task_type`` (a classification bundle carries its head,
 so the head's size is read from the bundle's header); the base is a local folder or
-``package:<name>`` as in recipes (:func:`mope.training.models.resolve_location`). Data files are
-read as recipes read them (:func:`mope.training.data.read_rows`): all rows, the recipe's train
-split first, then its held-out split.
+``package:<name>`` as in recipes (:func:`mope.training.models.resolve_location`); one that does not
+load (a truncated weights file, a config.json that is not JSON or names no model, weights of other
+sizes than it says) is a ValueError naming it. Data files are read and checked by the recipe
+readers, every row in the file's order (``--max-examples N``: its first N rows); a ``builtin:`` or
+hub source gives its train split, then its held-out split.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterator
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from peft import PeftModel
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModel
 
 from ..api import load_mope
 from ..bundles import read_bundle_header
 from ..bundles.info import read_config
-from ..training.data import read_rows
-from ..training.models import AUTO_CLASSES, MODEL_CONFIG, TASK_TYPES, check_location, tokenizer_at
+from ..training.data import check_columns, read_file, read_rows, source_kind
+from ..training.models import AUTO_CLASSES, MODEL_CONFIG, TASK_TYPES, check_location, first_line, tokenizer_at
 from ..training.recipe import DataSection, RecipeError
 
 # PEFT task type -> transformers Auto class (others, e.g. feature extraction, get AutoModel).
@@ -46,11 +51,46 @@ def load_model(bundle: str | os.PathLike, base: str, device: str | None = None) 
     auto = AUTO_BY_TASK_TYPE.get(config.get("task_type"), AutoModel)
     try:
         base_model = auto.from_pretrained(location, **head_size(bundle, config))
-    except OSError as error:
-        where = "a local folder" if os.path.isdir(location) else "not a local folder"
-        raise ValueError(f"cannot load base model '{base}' ({where}): {str(error).splitlines()[0]}") from error
+    except (OSError, SafetensorError, ValueError, StrictDataclassError) as error:
+        raise base_load_error(base, location, error) from error
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):  # transformers' load report: sizes other than config.json's
+            raise  # anything else is a bug, not a mistake in the folder
+        raise base_load_error(base, location, error) from error
     model = load_mope(base_model, bundle)
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+
+
+def base_load_error(base: str, location: str, error: Exception) -> ValueError:
+    """Why ``from_pretrained`` could not load the base, in one line naming ``--base`` and the broken file.
+
+    OSError: no weights, or a config.json that is not JSON; SafetensorError: a truncated or foreign
+    weights file; ValueError: a config.json that names no model transformers knows;
+    StrictDataclassError: config values that do not fit together; RuntimeError (only transformers' load
+    report, see :func:`load_model`): weights of other sizes than config.json says.
+    """
+    if isinstance(error, RuntimeError):
+        detail = f"its weights have other sizes than its {MODEL_CONFIG} says"
+    elif isinstance(error, SafetensorError):
+        broken = unreadable_weights(location)
+        detail = f"weights file '{broken or location}' is truncated or not safetensors ({first_line(error)})"
+    elif isinstance(error, StrictDataclassError):
+        detail = f"{MODEL_CONFIG}: {' '.join(str(error).split())}"
+    else:
+        detail = first_line(error)
+    where = "a local folder" if os.path.isdir(location) else "not a local folder"
+    return ValueError(f"--base: cannot load base model '{base}' ({where}): {detail}")
+
+
+def unreadable_weights(folder: str) -> str | None:
+    """The first ``*.safetensors`` file in ``folder`` whose header does not read (truncated, not safetensors)."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors"))):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return path
+    return None
 
 
 def load_tokenizer(location: str, option: str = "--tokenizer"):
@@ -63,9 +103,18 @@ def load_tokenizer(location: str, option: str = "--tokenizer"):
 
 
 def read_texts(source: str, text_column: str = "text", max_examples: int | None = None) -> list[str]:
-    """The ``text_column`` of every row of a .json/.jsonl/.csv/.parquet file (or a ``builtin:`` source)."""
-    train, held_out = read_rows(DataSection(source=source, text_column=text_column), [text_column])
-    texts = [str(row[text_column]) for row in train + held_out]
+    """The ``text_column`` of every row of a .json/.jsonl/.csv/.parquet file, in the file's order.
+
+    A ``builtin:`` or hub source has no file order: its train split comes first, then its held-out
+    split (:func:`mope.training.data.read_rows`). Checked as recipes check data (RecipeError).
+    """
+    if source_kind(source) == "file":  # not read_rows: its hash split would reorder the rows
+        rows = read_file(source)
+        check_columns(rows, [text_column], f"data file {source}")
+    else:
+        train, held_out = read_rows(DataSection(source=source, text_column=text_column), [text_column])
+        rows = train + held_out
+    texts = [str(row[text_column]) for row in rows]
     return texts[:max_examples] if max_examples else texts
 
 

