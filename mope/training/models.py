@@ -199,4 +199,10 @@ def adapter_config(section: AdapterSection, task: str) -> PeftConfig:
 
 
 def wrap(model, section: AdapterSection, task: str) -> PeftModel:
-    return get_peft_model(model, adapter_config(section, task))
+    """The base wrapped in the recipe's adapter; what only the model can refuse (a target that matches nothing
+    or is not a Linear, a per-module pattern that matches no module) is a RecipeError naming ``adapter.config``."""
+    config = adapter_config(section, task)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # PEFT's and mope's refusals of a config for this model; the model is unchanged
+        raise RecipeError(f"adapter.config does not fit the {type(model).__name__} base: {error}") from error

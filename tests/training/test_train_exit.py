@@ -1,4 +1,4 @@
-"""``python -m mope.train``: a diverged run prints one ``error:`` line and exits with its own code, 3."""
+"""``python -m mope.train``: a failed run prints one ``error:`` line and exits with its own code (2 a recipe, 3 a divergence)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,15 @@ def test_a_diverged_run_exits_3_with_one_error_line(tmp_path, capsys):
     errors = re.findall(r"error: [^\r\n]*", capsys.readouterr().err)  # after tqdm's unfinished bar line
     assert len(errors) == 1 and errors[0].startswith("error: Training diverged:") and "NaN or inf" in errors[0]
     assert not (tmp_path / "bundle").exists()  # nothing saved
+
+
+def test_an_adapter_config_the_model_refuses_exits_2_with_one_error_line(tmp_path, capsys):
+    """Targets only the model can refuse (not a Linear, none matched) pass the recipe check; the run names them."""
+    AcceleratorState._reset_state()
+    for target, words in (("[embed_tokens]", "is a Embedding"), ("[no_such_proj]", "not found in the base model")):
+        overrides = [f"training.output_dir={tmp_path}", f"adapter.config.target_modules={target}"]
+        assert main(["--recipe", str(TINY), *overrides]) == 2
+        errors = re.findall(r"error: [^\r\n]*", capsys.readouterr().err)
+        assert len(errors) == 1 and errors[0].startswith("error: adapter.config does not fit the LlamaForCausalLM")
+        assert words in errors[0]
+    assert not (tmp_path / "bundle").exists()
