@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -29,8 +30,14 @@ from ..checks import check_choice, check_number
 
 
 def expert_capacity(factor: float, num_tokens: torch.Tensor, k: int, num_experts: int) -> torch.Tensor:
-    """``ceil(factor * T * k / N)`` as a 0-d tensor (T is a tensor: no host sync)."""
-    return torch.ceil(factor * num_tokens.float() * k / num_experts)
+    """``ceil(factor * T * k / N)`` as a float 0-d tensor (T is a tensor: no host sync).
+
+    Exact, in integers: ``factor`` is taken as the decimal it is written as (1.2 = 6/5). In floating point
+    ``1.2 * 25 * 2 / 2`` lands just above 30 and its ceiling is 31.
+    """
+    ratio = Fraction(str(factor))
+    numerator, denominator = ratio.numerator * k, ratio.denominator * num_experts
+    return ((num_tokens.long() * numerator + denominator - 1) // denominator).float()
 
 
 def position_order(priority: torch.Tensor) -> torch.Tensor:

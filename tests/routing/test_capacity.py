@@ -5,6 +5,7 @@ capacity), the limit never exceeded, padding taking no place, drop rates by posi
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from conftest import make_router, padded_mask, skewed_logits
 
 import mope
 from mope.routing import ROUTERS, Routing, RoutingInputs, drop_rate_by_position
+from mope.routing.capacity import expert_capacity
 
 
 def reference_token_choice(logits, mask, k, factor, policy, renormalise=True, uniforms=None):
@@ -25,7 +27,7 @@ def reference_token_choice(logits, mask, k, factor, policy, renormalise=True, un
         [p[e] / (sum(p[j] for j in chosen) if renormalise else 1.0) for e in chosen]
         for p, chosen in zip(probs, top, strict=True)
     ]
-    capacity = math.ceil(factor * sum(real) * k / n)
+    capacity = math.ceil(Fraction(str(factor)) * sum(real) * k / n)
     seq = logits.shape[1]
     tokens = sorted(range(len(flat)), key=lambda t: (t % seq, t // seq))  # position-major
     if policy == "bpr":
@@ -57,6 +59,15 @@ def check_against_reference(routing: Routing, want, dropped: set) -> None:
     got = {tuple(pair) for pair in routing.dropped.reshape(-1, n).nonzero().tolist()}
     assert got == dropped
     assert dropped, "the case should overflow"
+
+
+def test_capacity_is_the_exact_ceiling_for_the_factor_as_written():
+    """In float32, 1.2 * 25 * 2 / 2 is just above 30 and its ceiling was 31: one place more than the docs say."""
+    for factor in (0.3, 0.6, 1.1, 1.2, 2.2, 1.25, 2):
+        for tokens in range(1, 130):
+            for k, n in ((1, 2), (2, 2), (2, 8), (1, 64)):
+                want = math.ceil(Fraction(str(factor)) * tokens * k / n)
+                assert expert_capacity(factor, torch.tensor(tokens), k, n).item() == want, (factor, tokens, k, n)
 
 
 @pytest.mark.parametrize("policy", ["sequence", "bpr", "random_second"])
