@@ -98,9 +98,11 @@ class MoPEFFNLayer(MoPELayer):
         return FFNExpertBank(self.in_features, inner, config, num_experts)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        """PEFT finds no ``weight`` on an MLP block; follow its down projection's device and dtype."""
-        weight = getattr(self.base_layer, ffn_block_layout(self.base_layer).down).weight
-        dtype = weight.dtype if weight.is_floating_point() else None
+        """PEFT finds no ``weight`` on an MLP block; follow its down projection's device and dtype, as PEFT
+        follows a projection's: a bitsandbytes 4-bit layer's ``compute_dtype``, no cast for other packed weights."""
+        down = getattr(self.base_layer, ffn_block_layout(self.base_layer).down)
+        weight = down.weight
+        dtype = getattr(down, "compute_dtype", None) or (weight.dtype if weight.is_floating_point() else None)
         for layer_name in self.adapter_layer_names:
             modules = getattr(self, layer_name)
             if adapter_name in modules:

@@ -113,10 +113,14 @@ def test_starts_at_the_quantized_base_trains_and_reloads_identically(llama_folde
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("autocast", [True, False])
-def test_experts_and_routers_in_fp32_or_the_4bit_compute_dtype(llama_folder, compute_dtype, autocast):
-    """PEFT's choice: fp32 adapters by default; ``autocast_adapter_dtype=False`` keeps the base's compute dtype."""
+@pytest.mark.parametrize("targets", [TARGETS, ["q_proj", "mlp"]], ids=["projections", "whole-ffn"])
+def test_experts_and_routers_in_fp32_or_the_4bit_compute_dtype(llama_folder, compute_dtype, autocast, targets):
+    """PEFT's choice: fp32 adapters by default; ``autocast_adapter_dtype=False`` keeps the base's compute dtype
+    (whole-FFN experts take their block's down projection's: they stayed fp32)."""
     model = get_peft_model(
-        quantized_llama(llama_folder, "nf4", compute_dtype), mope_config(), autocast_adapter_dtype=autocast
+        quantized_llama(llama_folder, "nf4", compute_dtype),
+        mope_config(target_modules=targets),
+        autocast_adapter_dtype=autocast,
     )
     want = torch.float32 if autocast else compute_dtype
     assert {p.dtype for n, p in model.named_parameters() if "mope_" in n} == {want}
