@@ -51,11 +51,26 @@ def damaged_bundle(folder, damage, config=None, suffix="lora_B"):
     return folder
 
 
+def safetensors_stores(dtype: torch.dtype) -> bool:
+    """Whether the installed safetensors writes ``dtype`` (0.4.3, the oldest supported, has no complex)."""
+    try:
+        safetensors.torch.save({"x": torch.zeros(1, dtype=dtype)})
+    except (KeyError, ValueError, TypeError):
+        return False
+    return True
+
+
 @pytest.mark.parametrize(
     ("damage", "words"),
     [
         (lambda t: t.bool(), r"non-float tensors where parameters must be floats: .*lora_B \(torch.bool\)"),
-        (lambda t: t.to(torch.complex64), r"non-float tensors where parameters must be floats: .*\(torch.complex64\)"),
+        pytest.param(
+            lambda t: t.to(torch.complex64),
+            r"non-float tensors where parameters must be floats: .*\(torch.complex64\)",
+            marks=pytest.mark.skipif(
+                not safetensors_stores(torch.complex64), reason="this safetensors cannot write complex tensors"
+            ),
+        ),
         (lambda t: t.fill_(float("nan")).to(torch.float8_e4m3fn), r"NaN or inf values in .*lora_B"),
     ],
     ids=["bool", "complex", "float8-nan"],
