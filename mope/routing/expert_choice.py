@@ -31,7 +31,7 @@ class ExpertChoiceRouter(Router):
 
     ``g[t, e] = p_e(t)`` if expert e chose token t, else 0 (a token may get 0..N experts).
     ``capacity_factor=None`` means ``f = top_k``: the same expert compute as token-choice top-k
-    (Zhou et al.'s EC-CF2 for k = 2). Padding is never chosen and does not count in T. Ties go
+    (Zhou et al.'s EC-CF2 for k = 2), and the dense-to-sparse schedule anneals it with top_k. Padding is never chosen and does not count in T. Ties go
     to the earlier token (flattened batch order).
     """
 
@@ -39,8 +39,7 @@ class ExpertChoiceRouter(Router):
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__(in_features, num_experts, top_k, config)
-        factor = config.capacity_factor
-        self.capacity_factor = float(top_k) if factor is None else factor
+        self.fixed_factor: float | None = config.capacity_factor  # None: f follows top_k (and its schedule)
         self.causal = config.task_type in CAUSAL_TASK_TYPES
         self.allow_noncausal = config.allow_noncausal_routing
         self.task_type = config.task_type
@@ -48,6 +47,19 @@ class ExpertChoiceRouter(Router):
     @classmethod
     def check_options(cls, config: Any) -> None:
         check_bool("MoPEConfig", "allow_noncausal_routing", config.allow_noncausal_routing)
+
+    @classmethod
+    def check_chosen(cls, config: Any) -> None:
+        if config.capacity_factor is not None and config.router_schedule_start_top_k is not None:
+            raise ValueError(
+                "MoPEConfig.router_schedule_start_top_k: router='expert_choice' anneals its capacity factor f = top_k "
+                f"only when capacity_factor is None; capacity_factor={config.capacity_factor} fixes f"
+            )
+
+    @property
+    def capacity_factor(self) -> float:
+        """``f`` in ``c = ceil(f * T / N)``: the configured one, else the current (scheduled) top_k."""
+        return float(self.top_k) if self.fixed_factor is None else self.fixed_factor
 
     def check_causal_use(self, inputs: RoutingInputs) -> None:
         """Refuse eval-mode use in a causal model, and any KV-cache step, unless explicitly allowed."""

@@ -53,6 +53,27 @@ def test_schedule_starts_dense_and_anneals_to_top_k():
     assert ((gate(x).weights > 0).sum(-1) == 1).all()
 
 
+def test_schedule_anneals_expert_choice_capacity_with_top_k():
+    # capacity_factor=None means f = top_k: from 4 experts per token (every expert takes every token) to 1
+    config = mope.MoPEConfig(
+        task_type="SEQ_CLS", target_modules=["query"], num_experts=4, top_k=1, r=4, router="expert_choice",
+        router_schedule_steps=2, router_schedule_start_top_k=4,
+    )  # fmt: skip
+    model = get_peft_model(make_model("bert"), config)
+    gate = routers(model)[0]
+    x = torch.randn(16, 64)
+    assert ((gate(x).weights > 0).sum(-1) == 4).all()
+    model.train()
+    batch = make_batch("bert")
+    for _ in range(2):
+        model(**batch)
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # hands the routers the end of the schedule
+    chosen = gate(x).weights > 0
+    assert chosen.sum(0).tolist() == [4, 4, 4, 4] and chosen.sum().item() == 16  # c = ceil(1 * 16 / 4)
+
+
 def test_schedule_step_is_saved_and_restored(tmp_path):
     model = scheduled_model()
     model.train()
