@@ -143,7 +143,12 @@ def test_invalid_sparse_gate_options(kwargs, field):
         ({"router_schedule_steps": 10, "router_schedule_start_top_k": 4, "router": "hash"}, "start_top_k"),
         ({"router_schedule_steps": 10, "router_schedule_start_top_k": 4, "router": "dense"}, "start_top_k"),
         (
-            {"router_schedule_steps": 10, "router_schedule_start_top_k": 4, "router": "expert_choice", "capacity_factor": 1.0},
+            {
+                "router_schedule_steps": 10,
+                "router_schedule_start_top_k": 4,
+                "router": "expert_choice",
+                "capacity_factor": 1.0,
+            },
             "start_top_k",
         ),
         ({"router_schedule_counter": "epoch"}, "router_schedule_counter"),
