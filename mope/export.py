@@ -20,7 +20,8 @@ Usage rule, per module (shared experts always weigh 1, as in :meth:`MoPELayer.ga
   one-hot load, and the collapse is that expert exactly. (For gates whose weights do not sum to 1,
   e.g. ``top_k_order='softmax_then_topk_unnormalised'``, this over-weights every expert alike.)
 - ``usage=None``: the router's own weights where they do not depend on the input (num_experts=1,
-  task-level routing pinned by :func:`mope.fix_task`): exact; otherwise uniform, 1/N_routed each.
+  task-level routing pinned by :func:`mope.fix_task`, unless the gate routes a token by its batch:
+  capacity that may drop it, expert choice, Soft MoE): exact; otherwise uniform, 1/N_routed each.
 
 ``router='soft_merge'`` with LoRA experts and ``soft_merge_lora='factors'`` applies the merged factors,
 ``s (sum_e g_e B_e)^T (sum_e g_e A_e)``, not the mixture: its collapse (like ``merge_and_unload``) is that

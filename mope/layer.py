@@ -338,6 +338,12 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         if bank_blocker is not None:
             return f"module '{self.module_name}': adapter '{adapter_name}': {bank_blocker}"
         router = self.router_for(adapter_name)
+        if router.weights_need_the_batch():
+            return (
+                f"module '{self.module_name}': adapter '{adapter_name}': {type(router).__name__} routes a token by "
+                "the rest of its batch (expert capacity that may drop it, expert choice, or Soft MoE's slots), "
+                "so no single weight update reproduces it"
+            )
         if router.fixed_weights() is None:
             hint = "; fix one task first with mope.fix_task(model, task_id)" if router.level.name == "task" else ""
             return (

@@ -316,8 +316,16 @@ class Router(nn.Module):
     def check_module(cls, model: nn.Module, module_name: str, config: Any) -> None:
         """Raise ValueError at injection if this gate cannot run on ``module_name`` of ``model``."""
 
+    def weights_need_the_batch(self) -> bool:
+        """Whether an inference forward's weights (or expert inputs) for a token depend on the batch's other
+        tokens: capacity that may drop it, expert choice, Soft MoE's slots. No weight update folded into the
+        base reproduces such a gate, even with one expert or one pinned task."""
+        return False
+
     def fixed_weights(self) -> torch.Tensor | None:
         """Gate weights if they do not depend on the input (then the mixture can be merged), else None."""
+        if self.weights_need_the_batch():
+            return None
         weight = getattr(self, "weight", None)  # gates that score without a weight have none
         if self.num_experts == 1:
             return torch.ones(1, device=None if weight is None else weight.device)

@@ -40,6 +40,12 @@ def expert_capacity(factor: float, num_tokens: torch.Tensor, k: int, num_experts
     return ((num_tokens.long() * numerator + denominator - 1) // denominator).float()
 
 
+def may_drop(factor: float, k: int, num_experts: int) -> bool:
+    """Whether capacity ``ceil(factor * T * k / N)`` can fall below T, leaving a token without an expert it chose
+    (or, for expert choice with ``k = 1``, unchosen): not when ``factor * k >= N``, whatever the batch."""
+    return Fraction(str(factor)) * k < num_experts
+
+
 def position_order(priority: torch.Tensor) -> torch.Tensor:
     """'sequence': earlier positions first, across the batch (position 0 of every row, then position 1, ...).
 

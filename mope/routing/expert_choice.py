@@ -17,7 +17,7 @@ import torch
 
 from ..checks import check_bool
 from .base import Router, Routing, RoutingInputs
-from .capacity import expert_capacity
+from .capacity import expert_capacity, may_drop
 
 CAUSAL_TASK_TYPES = frozenset({"CAUSAL_LM", "SEQ_2_SEQ_LM"})
 
@@ -60,6 +60,10 @@ class ExpertChoiceRouter(Router):
     def capacity_factor(self) -> float:
         """``f`` in ``c = ceil(f * T / N)``: the configured one, else the current (scheduled) top_k."""
         return float(self.top_k) if self.fixed_factor is None else self.fixed_factor
+
+    def weights_need_the_batch(self) -> bool:
+        """Unless every expert takes every token (``capacity_factor >= N``), which tokens it takes depends on the batch."""
+        return may_drop(self.capacity_factor, 1, self.num_experts)
 
     def check_causal_use(self, inputs: RoutingInputs) -> None:
         """Refuse eval-mode use in a causal model, and any KV-cache step, unless explicitly allowed."""

@@ -50,6 +50,9 @@ class SoftTokensRouter(Router):
         super().__init__(in_features, num_experts, top_k, config)
         self.slots_per_expert = config.slots_per_expert
 
+    def weights_need_the_batch(self) -> bool:
+        return True  # experts act on slots, averages of the sequence's tokens, even with one expert and one slot
+
     @classmethod
     def weight_rows(cls, num_experts: int, top_k: int, config: Any) -> int:
         return num_experts * config.slots_per_expert  # Φ: one row per slot, slot s belongs to expert s // p

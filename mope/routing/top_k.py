@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from ..checks import check_bool, check_choice
 from ..kernels import ROUTER_KERNEL_MAX_EXPERTS, triton_unavailable
 from .base import Deferred, Router, Routing, RoutingInputs, full_softmax, one_hot_shares
-from .capacity import apply_capacity
+from .capacity import apply_capacity, may_drop
 from .expert_choice import CAUSAL_TASK_TYPES
 
 # (logits [..., N], k) -> (probs [..., N] or a Deferred, gate weights [..., N] (0 outside the chosen),
@@ -180,6 +180,11 @@ class TopKRouter(Router):
         inference does, so a token's output depends on it and earlier tokens only.
         """
         return self.training or not self.causal
+
+    def weights_need_the_batch(self) -> bool:
+        """Inference capacity (non-causal models) that may drop a token's expert: ``capacity_factor * k < N``."""
+        factor = self.capacity_factor
+        return factor is not None and not self.causal and may_drop(factor, self.top_k, self.num_experts)
 
     def extra_repr(self) -> str:
         extra = f", order={self.order}, noise={self.noise_weight is not None}"
