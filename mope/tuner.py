@@ -54,16 +54,37 @@ AUX_LOSS_BY_NAME = {loss.name: loss for loss in AUX_LOSSES}
 GENERATING_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 
 
-def attach_aux_loss(output: Any, aux: torch.Tensor, model: nn.Module) -> Any:
+def accumulation_share(kwargs: dict) -> torch.Tensor | None:
+    """This micro-batch's share of the label tokens ``num_items_in_batch`` counts, where ``Trainer`` passes it.
+
+    With ``num_items_in_batch`` a causal LM's loss is its tokens' summed loss over the accumulated batch's
+    token count (all processes' under ``average_tokens_across_devices``), and the Trainer neither divides it
+    by the accumulation steps nor lets DDP's mean undo its world-size factor. The aux loss, a mean per
+    micro-batch, joins it weighted by this share, so that a step's router loss is its micro-batches'
+    token-weighted mean, as one unaccumulated batch would give (TRL's MoE rule, by tokens). Labels are
+    counted as the loss does: ``shift_labels``, else ``labels[..., 1:]``.
+    """
+    total, labels = kwargs.get("num_items_in_batch"), kwargs.get("shift_labels")
+    if labels is None and isinstance(kwargs.get("labels"), torch.Tensor):
+        labels = kwargs["labels"][..., 1:]
+    if total is None or not isinstance(labels, torch.Tensor):
+        return None
+    return labels.ne(-100).sum() / torch.as_tensor(total, device=labels.device).clamp_min(1)
+
+
+def attach_aux_loss(output: Any, aux: torch.Tensor, model: nn.Module, share: torch.Tensor | None = None) -> Any:
     """Put ``aux`` on a model output as ``aux_loss`` and add it to ``loss`` when there is one.
+
+    ``share`` (:func:`accumulation_share`) weighs the aux added to ``loss``; ``aux_loss`` stays unweighted.
 
     A model that has an ``aux_loss`` of its own (e.g. Mixtral) gets the sum. A tuple output
     (``return_dict=False``) has no place for ``aux_loss``: when it starts with a loss (transformers puts
     the loss first when labels are given) ``aux`` is added to that loss; a transformers model's tuple
     without a loss is refused, as the aux loss would be silently lost.
     """
+    joined = aux if share is None else aux * share.to(aux.device)
     if isinstance(output, tuple) and output and is_loss(output[0]):
-        return (output[0] + aux.to(output[0].device), *output[1:])
+        return (output[0] + joined.to(output[0].device), *output[1:])
     if isinstance(output, tuple) and isinstance(model, PreTrainedModel):
         raise ValueError(
             f"{type(model).__name__} returned a tuple without a loss (return_dict=False and no labels) in training, "
@@ -81,7 +102,7 @@ def attach_aux_loss(output: Any, aux: torch.Tensor, model: nn.Module) -> Any:
     previous = output.get("aux_loss")
     output["aux_loss"] = aux if previous is None else previous + aux.to(previous.device)
     if output.get("loss") is not None:
-        output["loss"] = output["loss"] + aux.to(output["loss"].device)
+        output["loss"] = output["loss"] + joined.to(output["loss"].device)
     return output
 
 
@@ -379,20 +400,26 @@ class MoPEModel(BaseTuner):
             if isinstance(value, torch.Tensor):
                 inputs[spec.routing_key] = value
         self.routing_context.begin(inputs, collecting=module.training)
+        # a causal LM's loss normalised over an accumulated batch (Trainer): the aux joins it by tokens
+        self.aux_share = accumulation_share(kwargs) if module.training and self.causal_lm() else None
         if consumed:
             return args, {key: value for key, value in kwargs.items() if key not in consumed}
         return None
 
     def _attach_aux_loss(self, module: nn.Module, args: tuple, output: Any) -> Any:
         records = self.routing_context.finish()
-        if module.training:
+        if module.training and torch.is_grad_enabled():  # not a no-grad metrics forward (TRL's, in train mode)
             advance_schedules(self, "forward")
         if not records:
             return None
         aux = self.combine_losses(records)
         if module.training and torch.is_grad_enabled() and not aux.requires_grad:
             check_losses_reach_routers(module)
-        return attach_aux_loss(output, aux, module)
+        return attach_aux_loss(output, aux, module, getattr(self, "aux_share", None))
+
+    def causal_lm(self) -> bool:
+        """Whether the adapters are for a decoder-only LM (transformers' losses there read ``num_items_in_batch``)."""
+        return any(str(getattr(c.task_type, "value", c.task_type)) == "CAUSAL_LM" for c in self.peft_config.values())
 
     def combine_losses(self, records) -> torch.Tensor:
         """``sum over (adapter, loss) of coef * mean over modules``; see :mod:`mope.losses`."""

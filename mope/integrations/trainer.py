@@ -14,7 +14,7 @@ reads them once, averages them (over processes too, under DDP) and adds to the l
 - ``expert_load_max``: the largest expert's share times the number of experts, max over routers
   (1 when balanced; ``num_experts`` when one expert takes every token).
 
-Evaluation forwards are not counted. ``log_routing`` puts the callback first, so that reporters
+Evaluation forwards, and training-mode forwards under ``torch.no_grad`` (TRL's metrics pass), are not counted. ``log_routing`` puts the callback first, so that reporters
 (TensorBoard, W&B, the progress bar) see the values; the Trainer's ``log_history`` gets them too.
 
 ``head_only(model)`` is the recipes' ``training.linear_probe_steps`` (LP-FT) for a Trainer: inside it
@@ -48,7 +48,7 @@ class TrainingLoad:
         self.load: torch.Tensor | None = None
 
     def update(self, routing: Routing, inputs: RoutingInputs) -> None:
-        if not self.router.training:
+        if not self.router.training or not torch.is_grad_enabled():  # counted: the forwards that train
             return
         load = routing.load.detach().float() * token_mask(routing, inputs).unsqueeze(-1)
         load = load.reshape(-1, load.shape[-1]).sum(0)
@@ -78,7 +78,8 @@ class RoutingLogCallback(TrainerCallback):
         self.aux_handle = model.register_forward_hook(self.record_aux)
 
     def record_aux(self, module: nn.Module, args: tuple, output: Any) -> None:
-        aux = output.get("aux_loss") if module.training and hasattr(output, "get") else None
+        trains = module.training and torch.is_grad_enabled()  # not a no-grad metrics forward (TRL's)
+        aux = output.get("aux_loss") if trains and hasattr(output, "get") else None
         if aux is not None:
             aux = aux.detach().float()
             self.aux_sum = aux if self.aux_sum is None else self.aux_sum + aux.to(self.aux_sum.device)

@@ -73,12 +73,50 @@ def test_hooks_are_removed_after_training_and_eval_forwards_are_not_counted(tmp_
     assert routers and all(not r._forward_hooks for r in routers)
     assert callback.routers is None and callback.aux_handle is None
     load = TrainingLoad(routers[0].eval())
-    with torch.no_grad():
-        load.update(routers[0](torch.randn(1, 3, 64)), RoutingInputs())  # an eval forward: not counted
-        assert load.load is None
-        routers[0].train()
+    load.update(routers[0](torch.randn(1, 3, 64)), RoutingInputs())  # an eval forward: not counted
+    assert load.load is None
+    routers[0].train()
+    with torch.no_grad():  # nor a training-mode forward that trains nothing (TRL's metrics pass)
         load.update(routers[0](torch.randn(1, 3, 64)), RoutingInputs())
+    assert load.load is None
+    load.update(routers[0](torch.randn(1, 3, 64)), RoutingInputs())
     assert load.load is not None and load.load.sum() == pytest.approx(3.0)
+
+
+def sgd_trainer(folder, batch: int, accumulation: int, cls: type = Trainer, **extra) -> Trainer:
+    """One SGD step (lr 1) on 4 rows; z-loss only: a per-token mean, so one batch of 4 and two micro-batches of 2
+    have the same router loss."""
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2, r=2,
+        aux_loss_coef=0.0, z_loss_coef=1.0, init_weights=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("llama"), config)
+    args = TrainingArguments(
+        output_dir=str(folder), max_steps=1, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0, report_to=[], use_cpu=True,
+        save_strategy="no", remove_unused_columns=False, dataloader_pin_memory=False, **extra,
+    )  # fmt: skip
+    return cls(model=model, args=args, train_dataset=rows(4))
+
+
+def one_sgd_step(folder, batch: int, accumulation: int, **kwargs) -> dict[str, torch.Tensor]:
+    run = sgd_trainer(folder, batch, accumulation, **kwargs)
+    run.train()
+    return {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+
+def assert_accumulation_matches_one_batch(folder, **kwargs) -> None:
+    whole = one_sgd_step(folder / "whole", 4, 1, **kwargs)
+    accumulated = one_sgd_step(folder / "accumulated", 2, 2, **kwargs)
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_gradient_accumulation_weighs_the_router_loss_as_one_batch_does(tmp_path):
+    # Trainer passes num_items_in_batch and no longer divides a causal LM's loss by the accumulation steps:
+    # the aux loss added per micro-batch counted twice (the routers' aux gradient was 2x that of one batch)
+    assert_accumulation_matches_one_batch(tmp_path)
 
 
 def test_an_adapter_without_routers_is_named(tmp_path):
@@ -202,3 +240,19 @@ def test_head_only_under_ddp_then_a_second_trainer_leaves_both_processes_equal(t
     (head0, rest0), (head1, rest1), (head2, rest2) = ranks[0]
     assert head1 != head0 and rest1 == rest0  # the probe moved the head alone
     assert head2 != head1 and rest2 != rest1  # then everything trained
+
+
+def test_mope_trainer_adds_the_router_loss_that_label_smoothing_leaves_out(tmp_path):
+    # with label_smoothing_factor (or a compute_loss_func) Trainer computes the loss from the logits: a plain
+    # Trainer optimised no router loss at all
+    from mope.integrations.hf_trainer import MoPETrainer
+
+    run = sgd_trainer(tmp_path, 4, 1, cls=MoPETrainer, label_smoothing_factor=0.1)
+    run.model.train()
+    batch = dict(next(iter(run.get_train_dataloader())))
+    plain = Trainer.compute_loss(run, run.model, dict(batch)).detach()
+    ours = run.compute_loss(run.model, dict(batch)).detach()
+    aux = run.model(**{k: v for k, v in batch.items() if k != "labels"}).aux_loss.detach()
+    assert aux > 0
+    torch.testing.assert_close(ours - plain, aux, rtol=0, atol=2e-6)
+    assert_accumulation_matches_one_batch(tmp_path, cls=MoPETrainer, label_smoothing_factor=0.1)

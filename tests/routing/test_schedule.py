@@ -74,6 +74,17 @@ def test_schedule_anneals_expert_choice_capacity_with_top_k():
     assert chosen.sum(0).tolist() == [4, 4, 4, 4] and chosen.sum().item() == 16  # c = ceil(1 * 16 / 4)
 
 
+def test_a_no_grad_forward_in_training_mode_does_not_advance_the_schedule():
+    # TRL's SFTTrainer runs one under label smoothing or a compute_loss_func, for its metrics: it counted as a step
+    model = scheduled_model()
+    model.train()
+    with torch.no_grad():
+        model(**make_batch("llama"))
+    assert model.base_model.mope_schedule["default"].step.item() == 0
+    model(**make_batch("llama"))
+    assert model.base_model.mope_schedule["default"].step.item() == 1
+
+
 def test_schedule_step_is_saved_and_restored(tmp_path):
     model = scheduled_model()
     model.train()
