@@ -30,6 +30,25 @@ def without_other_adapters(
     return {k: v for k, v in state.items() if not any(key_names_adapter(k, n) for n in others)}
 
 
+# The per-adapter dicts a MoPE model's tensors live in (the layers', the schedule's, PEFT's heads): the part of a
+# key after one of them is an adapter's name.
+ADAPTER_DICTS = ("mope_experts", "mope_router", "mope_schedule", "modules_to_save")
+
+
 def key_names_adapter(key: str, adapter_name: str) -> bool:
-    """Whether a state-dict key belongs to ``adapter_name``: the name is one of its dotted parts after the first."""
-    return f".{adapter_name}." in key or key.endswith(f".{adapter_name}")
+    """Whether a state-dict key belongs to ``adapter_name``: the name follows one of :data:`ADAPTER_DICTS`.
+
+    Not any dotted part, as PEFT's own filter has it: an adapter named like a module ('mlp', '0') took
+    every adapter's tensors of that module for its own.
+    """
+    return any(f".{where}.{adapter_name}." in f".{key}." for where in ADAPTER_DICTS)
+
+
+def saved_key(key: str, adapter_name: str) -> str:
+    """The name PEFT saves ``key`` of ``adapter_name`` under: without the adapter's name (and a head's
+    ``modules_to_save.``). PEFT >= 0.21 removes the name where the tuner's key format puts it
+    (``BaseTuner._remove_adapter_name_from_key``); older releases remove every ``.<name>``."""
+    if f"modules_to_save.{adapter_name}." in key:
+        key = key.replace("modules_to_save.", "")
+    remove = getattr(BaseTuner, "_remove_adapter_name_from_key", None)
+    return remove(key, adapter_name) if remove is not None else key.replace(f".{adapter_name}", "")

@@ -19,6 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_peft_model_state_dict
 from torch import nn
@@ -41,7 +42,7 @@ from .injection import (
 from .integrations.deepspeed import gather_routers_with_their_layers
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES, check_losses_reach_routers
-from .peft_compat import key_names_adapter, without_other_adapters
+from .peft_compat import key_names_adapter, saved_key
 from .routing import ROUTERS
 from .routing.context import CAPTURED_INPUTS, RoutingContext, generate_with_routing
 from .routing.schedule import advance_schedules, attach_schedule, bind_schedule, detach_schedule
@@ -142,6 +143,17 @@ def is_loss(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 0
 
 
+def forget_refused_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Delete the adapter ``load_adapter`` added for a bundle whose tensors were then refused: the model is as before."""
+    tuner = model.base_model if isinstance(model, PeftModel) else model
+    awaiting = getattr(tuner, "awaiting_tensors", set())
+    if adapter_name not in awaiting:
+        return
+    awaiting.discard(adapter_name)
+    if isinstance(model, PeftModel) and len(model.peft_config) > 1:  # from_pretrained's only one: never returned
+        model.delete_adapter(adapter_name)
+
+
 class MoPEModel(BaseTuner):
     """Creates a mixture of parameter-efficient experts on a pretrained model (use via ``get_peft_model``)."""
 
@@ -156,6 +168,8 @@ class MoPEModel(BaseTuner):
         self.routing_context = RoutingContext()
         self.hook_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forward_parameter_names: list[str] | None = None
+        # adapters injected from a bundle whose tensors are not loaded yet: removed again if they are refused
+        self.awaiting_tensors: set[str] = set()
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self.hook_handles = [
@@ -226,6 +240,8 @@ class MoPEModel(BaseTuner):
             self._link_blocks(adapter_name)
             bind_schedule(self, adapter_name)
             self._check_bundle_fits(adapter_name)
+            if self.peft_config[adapter_name].bundle is not None:  # its tensors come next (PEFT's load_adapter)
+                self.awaiting_tensors.add(adapter_name)
         except Exception:
             snapshot.restore_adapter(adapter_name)
             raise
@@ -294,17 +310,18 @@ class MoPEModel(BaseTuner):
         if config.bundle is None:
             return
         found = config.bundle.tensor_shapes
-        expected, optional = (
-            {
-                f"base_model.{key}": tuple(value.shape)
-                for key, value in without_other_adapters(  # PEFT 0.19 returns every adapter's tensors
-                    get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=save),
-                    adapter_name,
-                    self.peft_config,
-                ).items()
-            }
-            for save in (False, True)
+        # the adapter's own tensors under their saved names (not get_peft_model_state_dict's, whose filter drops a
+        # module's tensors where another adapter is named like a part of its path: '0', 'mlp')
+        expected = {
+            "base_model." + saved_key(key, adapter_name): tuple(value.shape)
+            for key, value in self.state_dict().items()
+            if key_names_adapter(key, adapter_name)
+        }
+        with_embeddings, without = (
+            get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=save)
+            for save in (True, False)
         )
+        optional = {f"base_model.{k}": tuple(v.shape) for k, v in with_embeddings.items() if k not in without}
         # PEFT also saves the base weights of a targeted (or resized) embedding / lm_head: allowed, not required
         found = {key: shape for key, shape in found.items() if key in expected or optional.get(key) != shape}
         problem = describe_mismatch(config.bundle.tensor_file, expected, found)
@@ -337,15 +354,19 @@ class MoPEModel(BaseTuner):
         strange = [k for k in remapped if cls.prefix not in k and not has_key(state, k)]
         if problem is None and strange:
             problem = f"{len(strange)} tensors have no place in this model (e.g. '{strange[0]}')"
+        advice = (
+            f" If '{adapter_name}' was already loaded (load_adapter into an existing name keeps that adapter's "
+            f"config and only replaces tensors), load the bundle under a new adapter_name, or "
+            f"delete_adapter('{adapter_name}') first; otherwise the bundle was made for another model or config."
+        )
+        if problem is None:
+            problem = describe_bad_values(remapped.items())
+            advice = ""
         if problem is not None:
-            raise ValueError(
-                f"{refused}: {problem}. If '{adapter_name}' was already loaded (load_adapter into an existing name "
-                f"keeps that adapter's config and only replaces tensors), load the bundle under a new adapter_name, "
-                f"or delete_adapter('{adapter_name}') first; otherwise the bundle was made for another model or config."
-            )
-        problem = describe_bad_values(remapped.items())
-        if problem is not None:
-            raise ValueError(f"{refused}: {problem}.")
+            forget_refused_adapter(model, adapter_name)
+            raise ValueError(f"{refused}: {problem}.{advice}")
+        tuner = model.base_model if isinstance(model, PeftModel) else model
+        getattr(tuner, "awaiting_tensors", set()).discard(adapter_name)
         return remapped
 
     def _create_and_replace(
