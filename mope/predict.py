@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 from torch.utils.data import DataLoader
@@ -18,12 +19,17 @@ from .api import load_mope
 from .training import quiet_third_party
 from .training.data import Collator, load_examples
 from .training.models import build_model, load_tokenizer
-from .training.recipe import load_recipe
+from .training.recipe import RecipeError, load_recipe
 
 
 @torch.no_grad()
 def predict(recipe_path: str, bundle: str, overrides: list[str] = ()) -> list[int]:
     recipe = load_recipe(recipe_path, overrides)
+    if recipe.model.task != "sequence_classification":  # refused before any data or model is loaded
+        raise RecipeError(
+            f"mope.predict supports classification recipes only (model.task sequence_classification): it writes "
+            f"each eval example's predicted label; {recipe_path} has model.task {recipe.model.task}"
+        )
     examples = load_examples(recipe.data, recipe.model.task)
     tokenizer = load_tokenizer(recipe.model)
     base = build_model(recipe.model, len(examples.labels), recipe.training.seed)
@@ -38,17 +44,24 @@ def predict(recipe_path: str, bundle: str, overrides: list[str] = ()) -> list[in
     return [p for batch in loader for p in model(**batch).logits.argmax(-1).tolist()]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """0 with the predictions written to ``--out``; 2 and one ``error:`` line for a recipe it cannot predict."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     quiet_third_party()
-    with open(args.out, "w") as handle:
-        json.dump({"predictions": predict(args.recipe, args.bundle, args.overrides)}, handle)
+    try:
+        predictions = predict(args.recipe, args.bundle, args.overrides)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    with open(args.out, "w") as handle:  # opened only now: a failed run leaves no empty file behind
+        json.dump({"predictions": predictions}, handle)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

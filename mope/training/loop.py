@@ -123,6 +123,8 @@ class LossGuard:
         self.window: deque[tuple[float, float]] = deque(maxlen=DOMINANCE_WINDOW)
         self.skipped = self.consecutive = 0
         self.warned = False
+        # The last applied step's mean task and aux losses over its micro-batches and processes (logged).
+        self.mean_loss = self.mean_aux = math.nan
 
     def observe(self, out) -> None:
         """Add one micro-batch's losses, on the device (read once per optimizer step)."""
@@ -164,7 +166,8 @@ class LossGuard:
             logger.warning(f"skipped optimizer step {step}: {problem} (training.on_nonfinite_loss=skip)")
             return False
         self.consecutive = 0
-        self.watch_dominance(step, loss / count, aux / count)
+        self.mean_loss, self.mean_aux = loss / count, aux / count
+        self.watch_dominance(step, self.mean_loss, self.mean_aux)
         return True
 
     def watch_dominance(self, step: int, loss: float, aux: float) -> None:
@@ -353,8 +356,12 @@ class Run:
                 shutil.rmtree(os.path.join(self.checkpoints, f"step-{step}"), ignore_errors=True)
 
     def batches(self):
-        """Micro-batches from the current data position on, epoch after epoch."""
-        while True:
+        """Micro-batches from the current data position on, epoch after epoch, until the last optimizer step.
+
+        It stops before drawing a batch it would not train on: the data position saved after the
+        last step is then where a run continued to more steps must start.
+        """
+        while self.state.step < self.total_steps:
             self.train_loader.set_epoch(self.state.epoch)
             loader = self.train_loader
             if self.state.batch_in_epoch:
@@ -362,6 +369,8 @@ class Run:
             for batch in loader:
                 self.state.batch_in_epoch += 1
                 yield batch
+                if self.state.step >= self.total_steps:
+                    return
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
@@ -373,8 +382,6 @@ class Run:
         if self.probe:
             self.probe.enter(self.state.step)
         for batch in self.batches():
-            if self.state.step >= self.total_steps:
-                break
             with self.accelerator.accumulate(self.model):
                 out = self.model(**batch)
                 self.guard.observe(out)
@@ -398,8 +405,8 @@ class Run:
                 rate = tokens / max(time.perf_counter() - window, 1e-9)
                 record = {
                     "step": self.state.step,
-                    "loss": out.loss.item(),
-                    "aux_loss": None if aux is None else aux.item(),
+                    "loss": self.guard.mean_loss,
+                    "aux_loss": None if aux is None else self.guard.mean_aux,
                     "lr": self.scheduler.get_last_lr()[0],
                     "tokens_per_s": round(rate, 1),
                 }
@@ -507,6 +514,6 @@ def run(recipe: Recipe) -> dict:
     job.setup()
     job.resume()
     seconds = job.train()
-    if recipe.training.save_every:
+    if recipe.training.save_every and job.state.step % recipe.training.save_every:  # else the loop saved it last
         job.save_checkpoint()
     return job.finish(seconds)

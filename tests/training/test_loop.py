@@ -36,6 +36,12 @@ def env(**extra: str) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
+def logged(out: Path) -> list[dict]:
+    """The training records of a run's metrics.jsonl (eval records have no "loss")."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [record for record in records if "loss" in record]
+
+
 def test_bad_adapter_config_is_named(tmp_path):
     recipe = load_recipe(OFFLINE_TINY, ["adapter.config.top_k=9", f"training.output_dir={tmp_path}"])
     with pytest.raises(RecipeError, match=r"MoPEConfig\.top_k"):
@@ -84,6 +90,14 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_weights_and_destroys_its_g
     assert len(summary["rank_checksums"]) == 2
     assert summary["rank_checksums"][0] == summary["rank_checksums"][1]
     assert summary["steps"] == 6
+    # The logged loss is the step's mean over both processes, as one process accumulating the same two batches logs.
+    one = tmp_path / "one_process"
+    overrides = [f"training.output_dir={one}", "training.max_steps=6", "training.save_every=null"]
+    run(load_recipe(OFFLINE_TINY, [*overrides, "training.gradient_accumulation_steps=2"]))
+    two_processes, accumulated = logged(tmp_path), logged(one)
+    assert [r["step"] for r in two_processes] == [r["step"] for r in accumulated] == [4, 6]
+    for got, want in zip(two_processes, accumulated, strict=True):
+        assert (got["loss"], got["aux_loss"]) == pytest.approx((want["loss"], want["aux_loss"]), abs=1e-5)
 
 
 # Trains like `-m mope.train`, but SIGKILLs itself right after the step-8 checkpoint is written:
@@ -128,3 +142,45 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6)
+
+
+# 3 micro-batches an epoch; a constant learning rate, so the schedule does not depend on max_steps.
+CONTINUED = ["data.max_examples=12", "training.batch_size=4", "training.epochs=null", "training.scheduler=constant"]
+CONTINUED += ["training.warmup_steps=0", "training.log_every=1", "adapter.config.lora_dropout=0.1"]
+
+
+@pytest.mark.parametrize("steps", [2, 3], ids=["mid_epoch", "at_epoch_end"])
+def test_a_finished_run_continued_to_more_steps_matches_an_uninterrupted_run(tmp_path, steps):
+    """The final checkpoint holds the data position after the last batch trained on, not one batch later."""
+
+    def train(out: Path, max_steps: int, *extra: str) -> None:
+        overrides = [*CONTINUED, f"training.output_dir={out}", f"training.max_steps={max_steps}", *extra]
+        run(load_recipe(OFFLINE_TINY, [*overrides, f"training.save_every={steps}"]))
+
+    train(tmp_path / "full", 2 * steps)
+    train(tmp_path / "continued", steps)
+    train(tmp_path / "continued", 2 * steps, "training.resume_from_checkpoint=latest")
+    # metrics.jsonl: the first run's steps, then the continued run's
+    assert [r["loss"] for r in logged(tmp_path / "continued")] == [r["loss"] for r in logged(tmp_path / "full")]
+    want = load_file(tmp_path / "full" / "bundle" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "continued" / "bundle" / "adapter_model.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+def test_logged_loss_is_the_mean_over_the_steps_micro_batches(tmp_path):
+    """Batch 8 and batch 4 x accumulation 2 see the same 8 examples (equal lengths, no dropout): same step-1 loss.
+
+    Without router losses: a batch's load-balancing loss is not the mean of its halves'.
+    """
+    common = ["training.max_steps=1", "training.log_every=1", "training.save_every=null", "training.eval_every=null"]
+    common += ["adapter.config.aux_loss_coef=0", "adapter.config.z_loss_coef=0"]
+    first = []
+    for batch, accumulation in [(8, 1), (4, 2)]:
+        out = tmp_path / f"{batch}x{accumulation}"
+        shape = [f"training.batch_size={batch}", f"training.gradient_accumulation_steps={accumulation}"]
+        run(load_recipe(OFFLINE_TINY, [*common, *shape, f"training.output_dir={out}"]))
+        first.append(logged(out)[0])
+    assert first[0]["step"] == first[1]["step"] == 1
+    assert first[1]["loss"] == pytest.approx(first[0]["loss"], abs=1e-5)
