@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import mope
-from mope.dispatch import auto_dispatch, lora_masked, resolve_dispatch
+from mope.dispatch import auto_dispatch, lora_masked, lora_triton, resolve_dispatch
 from mope.kernels import kernels_interpreted, triton_unavailable
 from mope.kernels.interpreter import interpreter_fault
 from mope.layer import MoPELayer
@@ -275,6 +275,42 @@ def test_the_kernels_nodes_take_the_layer_input_parameters_and_router_with_no_vi
     assert given == ["AccumulateGrad"] * 3 + ["RouteTopKBackward"]  # x, lora_A, lora_B, the gate's weights
     router = experts.next_functions[3][0]
     assert [type(node).__name__ for node, _ in router.next_functions[:2]] == ["AccumulateGrad"] * 2  # x, its weight
+
+
+@battery
+@pytest.mark.parametrize("case", ["fused", "fused-grouped", "router", "masked-kernels", "grouped-kernels"])
+def test_a_backward_that_builds_a_graph_through_the_kernels_is_refused_naming_masked(case):
+    """The kernels' backward is not differentiable. With ``create_graph=True`` (a gradient penalty) autograd took
+    it as a constant: the experts' share of the penalty's gradient was missing (a 25th of masked's), silently.
+    Each Function (the fused layer's, the router's, the experts' over every expert or the chosen) refuses it at
+    once: ``once_differentiable`` would raise only where the second backward runs its node, which
+    ``torch.autograd.grad(penalty, [params])`` skips. Masked gives the second-order gradient; a first-order
+    backward is unchanged."""
+    if case in ("fused", "fused-grouped", "router"):
+        layer = mope_layer("top_k", num_experts=16 if case == "fused-grouped" else 6).train()
+        gate = layer.mope_router["default"]
+        x = torch.randn(4, 9, 16, device=DEVICE, requires_grad=True)
+        leaves = [x, gate.weight, layer.mope_experts["default"].lora_B]
+
+        def forward(dispatch: str) -> torch.Tensor:
+            mope.set_dispatch(layer, dispatch)
+            return gate(x).weights if case == "router" else layer(x)
+    else:  # the experts' Functions alone: every expert, or only the chosen
+        leaves = flat_inputs(torch.float32, torch.float32, (24,), 17 if case == "grouped-kernels" else 5, 4)
+        chosen, kernels = chosen_of(leaves[3]), grouped_lora if case == "grouped-kernels" else lora_triton
+
+        def forward(dispatch: str) -> torch.Tensor:
+            return (lora_masked if dispatch == "masked" else kernels)(*leaves[:4], 2.0, leaves[4], chosen)
+
+    def penalised(dispatch: str) -> tuple[torch.Tensor | None, ...]:
+        loss = forward(dispatch).square().sum()
+        (grad_x,) = torch.autograd.grad(loss, leaves[:1], create_graph=True)
+        return torch.autograd.grad(loss + grad_x.square().sum(), leaves[1:], allow_unused=True)
+
+    assert any(g is not None and g.abs().sum() > 0 for g in penalised("masked"))
+    with pytest.raises(RuntimeError, match=r"dispatch='triton' gives no second-order gradients.*dispatch='masked'"):
+        penalised("triton")
+    assert torch.autograd.grad(forward("triton").sum(), leaves[:1])[0].abs().sum() > 0
 
 
 @battery
@@ -637,6 +673,59 @@ def test_the_layer_call_on_strided_inputs_equals_it_on_contiguous_copies(num_exp
         decoded = routed_decode(few, router, lora_a, lora_b, few_base, k, 1.0, True, 2.0)
         expected = routed_decode(few.contiguous(), router, lora_a, lora_b, few_base.contiguous(), k, 1.0, True, 2.0)
     torch.testing.assert_close(decoded, expected, rtol=0, atol=0)
+
+
+def sliced(t: torch.Tensor) -> torch.Tensor:
+    """A leaf with ``t``'s values whose rows lie twice their width apart: a slice of a wider tensor, as a
+    parametrization may return a factor (its ``reshape`` to ``[N*r, D]`` is then a strided view, not a copy)."""
+    wide = torch.cat([t.detach(), torch.full_like(t, 9.0)], -1)
+    return wide[..., : t.shape[-1]].requires_grad_()
+
+
+@battery
+@pytest.mark.parametrize("operand", [1, 2, 4], ids=["lora_A", "lora_B", "base_out"])
+@pytest.mark.parametrize("n", [5, 17], ids=["every-expert", "grouped"])
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "custom-op"])
+def test_the_experts_kernels_on_sliced_factors_or_base_outputs_equal_masked(operand, n, compiling, monkeypatch):
+    """The kernels read contiguous rows: a factor or base output whose rows lie further apart is copied first, in
+    the eager Functions and on the compiled graph's path (its custom ops, called here eagerly); the output and
+    every gradient equal masked's."""
+    inputs = flat_inputs(torch.float32, torch.float32, (24,), n, 4)
+    inputs[operand] = sliced(inputs[operand])
+    assert not inputs[operand].is_contiguous()
+    if n == 5:
+        want = outputs_and_grads(lora_masked, inputs)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        got = outputs_and_grads(resolve_dispatch("triton", inputs[0], inputs[1], 3).apply, inputs)
+    else:
+        chosen = chosen_of(inputs[3])
+        want = at_chosen(with_chosen(lora_masked, inputs, chosen), chosen)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        got = with_chosen(grouped_lora, inputs, chosen)
+    for name, g, w in zip(["out", "x", "lora_A", "lora_B", "weights", "base_out"], got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=3e-5, msg=name)
+
+
+@battery
+@pytest.mark.parametrize("num_experts", [6, 16], ids=["every-expert", "grouped"])
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "custom-op"])
+def test_the_fused_layer_on_sliced_factors_equals_it_on_contiguous_copies(num_experts, compiling, monkeypatch):
+    """The fused layer's Function and its compiled graph's op (called here eagerly) copy sliced factors before the
+    kernels read their rows: the output and the factors' gradients equal those of contiguous copies."""
+    from mope.kernels.layer import routed_layer
+
+    torch.manual_seed(0)
+    x, base = torch.randn(20, 24, device=DEVICE), torch.randn(20, 20, device=DEVICE)
+    router = torch.randn(num_experts, 24, device=DEVICE) * 0.5
+    factors = [(torch.randn(num_experts, 4, n, device=DEVICE) * 0.1).requires_grad_() for n in (24, 20)]
+    views = [sliced(f) for f in factors]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    results = []
+    for lora_a, lora_b in (factors, views):
+        out = routed_layer(x, router, lora_a, lora_b, base, 2, 1.0, True, 2.0)[0]
+        results.append([out, *torch.autograd.grad(out.square().sum(), [lora_a, lora_b])])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # offsets past 2^31 elements ----------------------------------------------------------------------
@@ -1347,6 +1436,81 @@ def test_router_kernel_keeps_exactly_k_of_tied_experts_the_lowest_first():
         assert sorted(e for e in got_picks if e not in group) == sorted(e for e in want_picks if e not in group)
         assert [e for e in got_picks if e in group] == group[: len(tied)], (got_picks, want_picks)
     assert torch_differs  # the case happens: torch keeps tied experts other than the lowest
+
+
+@battery
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy's, under the interpreter
+def test_router_kernel_ranks_nan_above_inf_as_torch_topk():
+    """Expert 4 scores NaN for every token, expert 1 +inf or -inf by the sign of the token's first feature: the
+    kernel picks NaN first (before +inf at a lower index), then +inf, then the largest finite, as ``torch.topk``
+    does, and -inf last."""
+    from mope.kernels.router import route_top_k
+
+    x = torch.randn(12, 16, device=DEVICE)
+    weight = torch.randn(6, 16, device=DEVICE)
+    weight[1] = 0
+    weight[1, 0], weight[4, 0] = float("inf"), float("nan")
+    logits, _, chosen = route_top_k(x, weight, 3, 1.0, True)
+    assert logits[:, 4].isnan().all() and logits[:, 1].isinf().all() and (logits[:, 1] < 0).any()
+    assert torch.equal(chosen, torch.topk(logits, 3).indices)
+
+
+@battery
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # NumPy's, under the interpreter
+@pytest.mark.parametrize("num_experts", [6, 16], ids=["every-expert", "grouped"])
+def test_a_token_with_nan_logits_takes_k_real_experts_and_its_row_is_nan_as_masked(num_experts):
+    """A NaN in one token's hidden state (an fp16 overflow upstream) makes all its logits NaN. The router kernel
+    ranks NaN above +inf, as ``torch.topk`` does, so the token takes k distinct real experts (it took index N:
+    the losses' load indexed past the experts, the grouped sort wrote past its buffers and the row was garbage)
+    and its output row is NaN, as masked's; every other token's output and routing are masked's."""
+    layer = mope_layer("top_k", num_experts=num_experts, importance_loss_coef=0.1).train()
+    x = torch.randn(40, 16, device=DEVICE)
+    x[2, 5] = float("nan")
+    results = {}
+    for dispatch in ("masked", "triton"):
+        mope.set_dispatch(layer, dispatch)
+        layer.routing_context = context = RoutingContext()
+        context.begin({}, collecting=True)
+        out = layer(x)
+        routing = context.finish()[0].routing  # what the losses read
+        results[dispatch] = [out, routing.chosen, routing.load]
+    assert kernel_node(out) == "RoutedLayerBackward"
+    chosen = results["triton"][1]
+    assert ((chosen >= 0) & (chosen < num_experts)).all() and chosen[2, 0] != chosen[2, 1]
+    others = torch.arange(40, device=DEVICE) != 2
+    for got, want in zip(results["triton"], results["masked"], strict=True):
+        torch.testing.assert_close(got[others], want[others], rtol=1e-5, atol=1e-5)
+    assert results["triton"][0][2].isnan().all() and results["masked"][0][2].isnan().all()
+    assert results["triton"][2][2].sum() == 1  # its load: the k real experts'
+
+
+@battery
+def test_the_sort_drops_a_pair_whose_expert_is_out_of_range_writing_nothing_past_its_outputs():
+    """A pair whose expert lies outside ``[0, N)`` (never the router kernel's) is dropped: it was placed at an
+    out-of-bounds position (one element before the sorted pairs, which corrupted the heap). The real pairs sort as
+    torch's stable sort does, the offsets count them, and nothing else of the outputs, or around them, is written."""
+    from mope.kernels.grouped import count_pairs, place_pairs
+
+    n, k, tokens = 6, 2, 50
+    chosen = torch.randint(0, n, (tokens, k), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    chosen[3, 0], chosen[7, 1], chosen[9, 0] = n, -1, 8  # 6 and 7: the expert tile's padding; 8: past it
+    weights = torch.rand(tokens, n, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    pairs, tile = chosen.numel(), 128  # one block of the sort
+    counts = torch.empty(1, n, dtype=torch.int32, device=DEVICE)
+    offsets = torch.empty(n + 1, dtype=torch.long, device=DEVICE)
+    count_pairs[(1,)](chosen, counts, pairs, n, BP=tile, NP=8)
+    dest, gate = torch.full((pairs + 2,), -7, device=DEVICE), torch.full((pairs + 2,), -7.0, device=DEVICE)
+    place_pairs[(1,)](
+        chosen, counts, counts, weights, offsets, dest[1:-1], gate[1:-1], pairs, pairs, 1, n, k,
+        RUNNING=False, BP=tile, NP=8, BB=1,
+    )  # fmt: skip
+    flat = chosen.reshape(-1)
+    real = ((flat >= 0) & (flat < n)).nonzero().squeeze(1)
+    order, placed = real[flat[real].sort(stable=True).indices], real.numel()
+    assert offsets[-1] == counts.sum() == placed == pairs - 3
+    assert torch.equal(dest[1 : 1 + placed], order) and dest[0] == gate[0] == -7
+    assert (dest[1 + placed :] == -7).all() and (gate[1 + placed :] == -7).all()  # the dropped pairs' places
+    torch.testing.assert_close(gate[1 : 1 + placed], weights.reshape(-1)[(order // k) * n + flat[order]])
 
 
 @battery

@@ -1,5 +1,6 @@
 """What the host computes around a launch: grid and tile arithmetic in plain Python, flat views of tensors, the
-launch options (warps, pipelining stages) the GPU's shared memory allows, and the device the kernels launch on.
+launch options (warps, pipelining stages) the GPU's shared memory allows, the device the kernels launch on, and
+the refusal of second-order gradients, which the kernels' backward does not give.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions in Triton 3.x: about 2.6 us a
 call outside a kernel, several per launch, every step.
@@ -113,3 +114,22 @@ def several_gpus() -> bool:
     if not gpu_count:
         gpu_count.append(torch.cuda.device_count())
     return gpu_count[0] > 1
+
+
+def first_order_only(backward):
+    """An autograd Function's ``backward`` that refuses ``create_graph=True`` (autograd then runs it with grad
+    enabled): the kernels compute no graph of their own, so a second-order gradient would treat their share as a
+    constant. Refused at the first backward, not by ``once_differentiable``, whose error is only raised where the
+    second backward runs its node: ``torch.autograd.grad(penalty, [params])`` skips that node, and the kernels'
+    share of a gradient penalty's gradient was silently missing (1/25 of masked's in a test)."""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "dispatch='triton' gives no second-order gradients (create_graph=True): its kernels' backward is "
+                "not differentiable; use dispatch='masked' where a gradient is differentiated again"
+            )
+        return backward(ctx, *grads)
+
+    return checked

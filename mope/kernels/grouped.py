@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, flat_rows, launch_options, next_power_of_2, on_inputs_device
+from .grid import cdiv, first_order_only, flat_rows, launch_options, next_power_of_2, on_inputs_device
 from .lora import MIN_DOT, Tiles, router_share
 
 BLOCK = 64  # pairs per program, and the columns per step
@@ -234,6 +234,7 @@ def count_pairs(chosen_ptr, counts_ptr, pairs, num_experts, BP: tl.constexpr, NP
     expert = tl.load(chosen_ptr + index, mask=index < pairs, other=-1)  # -1: no expert
     experts = tl.arange(0, NP)
     chose = (expert[:, None] == experts[None, :]).to(tl.int32)
+    # an expert out of [0, N) is counted nowhere (only real experts' counts are stored), as place_pairs drops it
     tl.store(counts_ptr + block * num_experts + experts, tl.sum(chose, axis=0), mask=experts < num_experts)
 
 
@@ -277,6 +278,8 @@ def place_pairs(
     index = block * per_block + lanes
     index_ok = (lanes < per_block) & (index < pairs)
     expert = tl.load(chosen_ptr + index, mask=index_ok, other=-1)
+    # a pair whose expert is out of range (never the router's) is dropped: its position would be out of bounds
+    index_ok = index_ok & (expert >= 0) & (expert < num_experts)
     chose = (expert[:, None] == experts[None, :]).to(tl.int32)
     earlier = tl.sum(tl.cumsum(chose, axis=0) * chose, axis=1) - 1  # the pairs of its expert before it here
     position = tl.sum(chose * (ends - total + before)[None, :], axis=1) + earlier
@@ -438,7 +441,7 @@ class GroupedLoRA(torch.autograd.Function):
     def forward(ctx, x, lora_a, lora_b, weights, base, chosen, scaling: float):
         n = lora_a.shape[0]
         flat_x, lora_a, lora_b = flat_rows(x), lora_a.contiguous(), lora_b.contiguous()
-        flat_base = base.reshape(-1, base.shape[-1])
+        flat_base = flat_rows(base)  # the kernels read contiguous rows
         out, state, gate, h = grouped_forward(
             flat_x, lora_a, lora_b, weights.reshape(-1, n).contiguous(), flat_base,
             chosen.reshape(-1, chosen.shape[-1]).contiguous(), scaling,
@@ -448,6 +451,7 @@ class GroupedLoRA(torch.autograd.Function):
         return out.view(*base.shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         x, lora_a, lora_b, gate, h = ctx.saved_tensors
         flat_out = flat_rows(grad_out)

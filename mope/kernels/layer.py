@@ -34,7 +34,7 @@ import torch
 
 from ..losses import LossSums
 from . import grouped
-from .grid import flat_rows, on_inputs_device
+from .grid import first_order_only, flat_rows, on_inputs_device
 from .grouped import GroupedState, Groups, grouped_forward
 from .layer_kernels import chosen_gradients, down_with_scores, gradients_of_layer, routed_down
 from .lora import MIN_DOT, Tiles, down, grouped_pays, up
@@ -172,6 +172,7 @@ class RoutedLayer(torch.autograd.Function):
         return outputs if sums is None else (*outputs, sums.stats)  # no None output: autograd wraps each
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out, *grad_rest):
         x, router_weight, lora_a, lora_b, logits, weights, chosen, gate, h = ctx.saved_tensors
         temperature, normalise, scaling, experts, layout, routing, x_shape = ctx.settings
@@ -375,7 +376,7 @@ def routed_layer(
             flat, weight, *factors, base, k, float(temperature), normalise, scaling
         )
     else:
-        a_cat, b_cat = lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1)
+        a_cat, b_cat = lora_A.reshape(n * r, d_in).contiguous(), lora_B.reshape(n * r, -1).contiguous()
         out, logits, weights, chosen, _ = routed_layer_op(
             flat, weight, a_cat, b_cat, base, k, float(temperature), normalise, scaling, n
         )

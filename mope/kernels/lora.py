@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .grid import cdiv, flat_rows, launch_options, next_power_of_2, on_inputs_device
+from .grid import cdiv, first_order_only, flat_rows, launch_options, next_power_of_2, on_inputs_device
 from .interpreter import installed_interpreter_fault
 
 # every tl.dot operand dimension must be at least this on a GPU
@@ -374,14 +374,16 @@ class RoutedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, weights, base, scaling: float, tiles: Tiles):
         n, r, d_in = lora_a.shape
-        flat_x, a_cat, b_cat = flat_rows(x), lora_a.reshape(n * r, d_in), lora_b.reshape(n * r, -1)
-        gate, flat_base = flat_rows(weights), flat_rows(base)
+        # contiguous: a factor that is a view (a slice of a wider tensor) reshapes to rows a stride apart
+        a_cat, b_cat = lora_a.reshape(n * r, d_in).contiguous(), lora_b.reshape(n * r, -1).contiguous()
+        flat_x, gate, flat_base = flat_rows(x), flat_rows(weights), flat_rows(base)
         h, _ = down(flat_x, a_cat, 1.0, tiles, x.dtype)
         ctx.save_for_backward(flat_x, a_cat, b_cat, gate, h)
         ctx.scaling, ctx.tiles, ctx.shapes = scaling, tiles, (x.shape, lora_a.shape, lora_b.shape, weights.shape)
         return up(h, gate, b_cat, flat_base, scaling, tiles, base.dtype).view(*base.shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         x, a_cat, b_cat, gate, h = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -499,7 +501,8 @@ def routed_lora(
         return base_out + 0 * (lora_A.sum() + lora_B.sum() + weights.sum())
     if not torch.compiler.is_compiling():
         return RoutedLoRA.apply(x, lora_A, lora_B, weights, base_out, scaling, Tiles.of(n, r, x.dtype, base_out.dtype))
-    flat = (x.reshape(-1, d_in).contiguous(), lora_A.reshape(n * r, d_in), lora_B.reshape(n * r, -1))
+    a_cat, b_cat = lora_A.reshape(n * r, d_in).contiguous(), lora_B.reshape(n * r, -1).contiguous()
+    flat = x.reshape(-1, d_in).contiguous(), a_cat, b_cat
     gate, base = weights.reshape(-1, n).contiguous(), base_out.reshape(-1, base_out.shape[-1]).contiguous()
     out, _ = routed_lora_op(*flat, gate, base, scaling, n)
     return out.view(*base_out.shape)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .grid import cdiv, flat_rows, launch_options, next_power_of_2, on_inputs_device
+from .grid import cdiv, first_order_only, flat_rows, launch_options, next_power_of_2, on_inputs_device
 
 BLOCK = 32  # token rows per program, and the columns of D per step
 MIN_EXPERTS = 16  # the expert tile is at least this wide: every tl.dot operand dimension must be >= 16
@@ -144,18 +144,25 @@ def token_weights_of(token_weights_ptr, rows, rows_ok, tokens, TOKEN_WEIGHTS: tl
 def top_k_of(logits, experts, experts_ok, chosen_ptrs, rows_ok, STORE_CHOSEN: tl.constexpr, K: tl.constexpr,
              NORMALISE: tl.constexpr, NP: tl.constexpr):  # fmt: skip
     """The gate weights of logits ``[BM, NP]`` (zero where not kept) and the kept mask; with ``STORE_CHOSEN``
-    the k chosen experts (largest first, lowest index first among ties) go to ``chosen_ptrs[:, i]``."""
-    rest = tl.where(experts_ok[None, :], logits, -float("inf"))
-    top = tl.max(rest, axis=1)
+    the k chosen experts (largest first, lowest index first among ties) go to ``chosen_ptrs[:, i]``.
+
+    Each pick is among the real experts not yet kept, so a token whose logits are all -inf or NaN still gets k
+    distinct experts in ``[0, N)`` (an index past them made the grouped sort write out of bounds). NaN ranks above
+    +inf, as in ``torch.topk``: such a token's weights, and so its output row, are NaN, as the torch path's are.
+    """
+    top = tl.max(tl.where(experts_ok[None, :], logits, -float("inf")), axis=1)
+    nan = logits != logits
     kept = (logits < 0) & (logits > 0)  # all False
     for i in tl.static_range(K):
-        best = tl.max(rest, axis=1)
-        index = tl.min(tl.where(rest == best[:, None], experts[None, :], NP), axis=1)
+        free = experts_ok[None, :] & ~kept
+        free_nan = free & nan
+        best = tl.max(tl.where(free & ~nan, logits, -float("inf")), axis=1)
+        any_nan = tl.max(free_nan.to(tl.int32), axis=1) > 0
+        candidates = tl.where(any_nan[:, None], free_nan, free & (logits == best[:, None]))
+        index = tl.min(tl.where(candidates, experts[None, :], NP), axis=1)
         if STORE_CHOSEN:
             tl.store(chosen_ptrs + i, index.to(tl.int64), mask=rows_ok)
-        hit = experts[None, :] == index[:, None]
-        kept = kept | hit
-        rest = tl.where(hit, -float("inf"), rest)
+        kept = kept | (experts[None, :] == index[:, None])
     e = tl.where(experts_ok[None, :], tl.exp(logits - top[:, None]), 0.0)
     total = tl.sum(tl.where(kept, e, 0.0), axis=1) if NORMALISE else tl.sum(e, axis=1)
     return tl.where(kept, e / total[:, None], 0.0), kept
@@ -414,6 +421,7 @@ class RouteTopK(torch.autograd.Function):
         return logits.view(*token_shape, -1), weights.view(*token_shape, -1), chosen.view(*token_shape, k)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logits, grad_weights, grad_chosen):
         x, weight, logits, weights, chosen = ctx.saved_tensors
         flat = [None if g is None else g.reshape(-1, g.shape[-1]) for g in (grad_logits, grad_weights)]
