@@ -15,7 +15,8 @@ class IA3ExpertBank(ExpertBank):
     ``feedforward_modules`` (feed-forward down projections, as PEFT's IA3). With gates that sum
     to 1 (top-k renormalised, softmax) this is exactly MoV's ``sum_e g_e l_e``; dividing by the sum
     keeps shared experts (weight 1) from inflating the scale. Vectors start at one. The mixed
-    vector ``g L`` already is the soft merge of the experts, per token.
+    vector ``g L`` already is the soft merge of the experts, per token. A token with no expert (all
+    gate weights 0: dropped by capacity, chosen by no expert) keeps scale 1, the base output.
     """
 
     soft_merge = "token"
@@ -31,7 +32,9 @@ class IA3ExpertBank(ExpertBank):
 
     def mixed_scale(self, weights: torch.Tensor) -> torch.Tensor:
         weights = weights.to(self.ia3_l.dtype)
-        return (weights @ self.ia3_l) / weights.sum(dim=-1, keepdim=True)
+        total = weights.sum(dim=-1, keepdim=True)
+        empty = total == 0  # a token no expert took (capacity dropped it, expert choice): scale 1, as the base
+        return (weights @ self.ia3_l) / total.masked_fill(empty, 1.0) + empty.to(weights.dtype)
 
     def scale_input(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return x * self.mixed_scale(weights).to(x.dtype)

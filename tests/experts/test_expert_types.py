@@ -111,6 +111,32 @@ def test_starts_at_base_trains_and_round_trips(name, model_name, router, tmp_pat
     assert_round_trip(model, model_name, tmp_path)
 
 
+@pytest.mark.parametrize(
+    "routing",
+    [{"capacity_factor": 0.5}, {"router": "switch"}, {"router": "expert_choice", "capacity_factor": 1.0}],
+    ids=["top_k-capacity", "switch", "expert_choice"],
+)
+@pytest.mark.parametrize("name", list(EXPERT_KWARGS))
+def test_a_token_no_expert_takes_passes_through_the_base(name, routing):
+    # capacity and expert choice leave tokens with all-zero gates: (IA)3's g L / sum(g) was 0/0 there (NaN logits)
+    batch = {k: v for k, v in make_batch("bert", batch=4, seq=8).items() if k != "labels"}
+    base = make_model("bert")
+    with torch.no_grad():
+        want = base(**batch).logits
+    kwargs = {"num_experts": 4, "top_k": 1, "r": 4, **EXPERT_KWARGS[name], **routing}
+    model = get_peft_model(base, mope.MoPEConfig(task_type="SEQ_CLS", target_modules="all-linear", **kwargs))
+    dropped = []
+    for layer in (m for m in model.modules() if isinstance(m, MoPELayer)):
+        layer.mope_router["default"].register_forward_hook(
+            lambda module, args, out: dropped.append((out.weights.sum(-1) == 0).sum().item())
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, want, rtol=0, atol=0)
+    assert sum(dropped) > 0  # some tokens took no expert
+    model.train()
+    assert torch.isfinite(model(**batch).logits).all()
+
+
 def linear_shapes(model: nn.Module) -> list[tuple[str, int, int]]:
     return [
         (name, m.in_features, m.out_features)
