@@ -45,10 +45,14 @@ def key_names_adapter(key: str, adapter_name: str) -> bool:
 
 
 def saved_key(key: str, adapter_name: str) -> str:
-    """The name PEFT saves ``key`` of ``adapter_name`` under: without the adapter's name (and a head's
-    ``modules_to_save.``). PEFT >= 0.21 removes the name where the tuner's key format puts it
-    (``BaseTuner._remove_adapter_name_from_key``); older releases remove every ``.<name>``."""
+    """The name PEFT (0.19 to 0.21) saves ``key`` of ``adapter_name`` under: a head's ``modules_to_save.`` and the
+    adapter's name taken out where its key format puts it, at the end or second to last (``mope_router.default.weight``
+    -> ``mope_router.weight``; whole-FFN experts keep it: ``mope_experts.default.down.lora_A``)."""
     if f"modules_to_save.{adapter_name}." in key:
         key = key.replace("modules_to_save.", "")
-    remove = getattr(BaseTuner, "_remove_adapter_name_from_key", None)
-    return remove(key, adapter_name) if remove is not None else key.replace(f".{adapter_name}", "")
+    if "." not in key:
+        return key
+    if key.endswith(f".{adapter_name}"):
+        return key.removesuffix(f".{adapter_name}")
+    head, _, suffix = key.rpartition(".")
+    return f"{head.removesuffix(f'.{adapter_name}')}.{suffix}"
