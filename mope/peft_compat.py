@@ -45,11 +45,12 @@ def key_names_adapter(key: str, adapter_name: str) -> bool:
 
 
 def saved_key(key: str, adapter_name: str) -> str:
-    """The name PEFT (0.19 to 0.21) saves ``key`` of ``adapter_name`` under: a head's ``modules_to_save.`` and the
-    adapter's name taken out where its key format puts it, at the end or second to last (``mope_router.default.weight``
+    """The name PEFT (0.19 to 0.21) saves ``key`` of ``adapter_name`` under: a head's keys without
+    ``modules_to_save.<name>.`` (``classifier.dense.weight`` in RoBERTa's nested head), else the adapter's name taken
+    out where its key format puts it, at the end or second to last (``mope_router.default.weight``
     -> ``mope_router.weight``; whole-FFN experts keep it: ``mope_experts.default.down.lora_A``)."""
-    if f"modules_to_save.{adapter_name}." in key:
-        key = key.replace("modules_to_save.", "")
+    if f".modules_to_save.{adapter_name}." in f".{key}":  # a head PEFT trains whole: its own state dict's keys
+        return key.replace(f"modules_to_save.{adapter_name}.", "")
     if "." not in key:
         return key
     if key.endswith(f".{adapter_name}"):
