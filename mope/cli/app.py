@@ -93,12 +93,16 @@ def check_inputs(
     """Every bundle, model location, data source and output folder a command names, before anything is loaded."""
     from ..bundles import read_bundle_header
     from ..bundles.info import read_config
+    from ..config import MoPEConfig
     from ..training.data import source_kind
     from ..training.models import MODEL_CONFIG, check_location
 
     for bundle in bundles:
         read_config(bundle)
+        MoPEConfig.from_pretrained(os.fspath(bundle))  # a field of the wrong type or value, naming file and field
         read_bundle_header(os.fspath(bundle))  # a missing or truncated adapter_model.safetensors
+        if out is not None and out.resolve() == bundle.resolve():
+            raise ValueError(f"--out: '{out}' is the bundle itself; writing there would change it: name another folder")
     check_location(base, "--base", MODEL_CONFIG)
     if tokenizer is not None:
         check_location(tokenizer, "--tokenizer")
@@ -303,8 +307,6 @@ def lora_command(summary: bool):
         with user_errors(), warnings.catch_warnings():
             warnings.simplefilter("ignore", RankCappedWarning)  # the note below says it with the option's name
             check_inputs([bundle], base, data, tokenizer, out)
-            if out.resolve() == bundle.resolve():
-                raise ValueError(f"--out: '{out}' is the bundle itself; the LoRA would replace it: name another folder")
             check_collapse_options(method, rank)
             experts = describe_bundle(bundle).parameters["experts"]
             texts, tok = read_data(data, text_column, max_examples, tokenizer, base) if data else (None, None)

@@ -24,6 +24,7 @@ from transformers import AutoModel
 from ..api import load_mope
 from ..bundles import read_bundle_header
 from ..bundles.info import read_config
+from ..config import MoPEConfig
 from ..training.data import check_columns, read_file, read_rows, source_kind
 from ..training.models import AUTO_CLASSES, MODEL_CONFIG, TASK_TYPES, check_location, first_line, tokenizer_at
 from ..training.recipe import DataSection, RecipeError
@@ -32,13 +33,15 @@ from ..training.recipe import DataSection, RecipeError
 AUTO_BY_TASK_TYPE = {TASK_TYPES[task]: auto for task, auto in AUTO_CLASSES.items()}
 
 
-def head_size(bundle: str, config: dict) -> dict[str, int]:
-    """``num_labels`` of a classification bundle, from its saved head's weight (``[num_labels, hidden]``)."""
-    if config.get("task_type") != "SEQ_CLS":
+def head_size(bundle: str) -> dict[str, int]:
+    """``num_labels`` of a classification bundle, from its saved head's output weight (``[num_labels, hidden]``):
+    ``<head>.weight``, or ``<head>.out_proj.weight`` for the nested heads of RoBERTa, XLM-R and ELECTRA."""
+    config = MoPEConfig.from_pretrained(bundle)  # validated: modules_to_save is a list of names
+    if str(getattr(config.task_type, "value", config.task_type)) != "SEQ_CLS":
         return {}
-    heads = tuple(f"{name}.weight" for name in config.get("modules_to_save") or ())
+    heads = tuple(f".{name}{part}.weight" for name in config.modules_to_save or () for part in ("", ".out_proj"))
     for name, shape in read_bundle_header(bundle).items():
-        if name.endswith(heads) and len(shape) == 2:
+        if f".{name}".endswith(heads) and len(shape) == 2:
             return {"num_labels": shape[0]}
     return {}
 
@@ -50,7 +53,7 @@ def load_model(bundle: str | os.PathLike, base: str, device: str | None = None) 
     location = check_location(base, "--base", MODEL_CONFIG)
     auto = AUTO_BY_TASK_TYPE.get(config.get("task_type"), AutoModel)
     try:
-        base_model = auto.from_pretrained(location, **head_size(bundle, config))
+        base_model = auto.from_pretrained(location, **head_size(bundle))
     except (OSError, SafetensorError, ValueError, StrictDataclassError) as error:
         raise base_load_error(base, location, error) from error
     except RuntimeError as error:

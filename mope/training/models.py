@@ -133,10 +133,21 @@ def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+# A folder without one of these has no tokenizer: transformers 5 would build one from config.json alone, with a
+# handful of special tokens (BERT: every word [UNK]; GPT-2: every text no tokens), and training would go on.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model",
+)  # fmt: skip
+
+
 def tokenizer_at(location: str, what: str):
     """The tokenizer in ``location`` (folder, hub id or ``package:<name>``) with a pad token; ``what`` names it in errors."""
+    path = resolve_location(location, what)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise RecipeError(f"{what}: no tokenizer in '{location}' (no {', '.join(TOKENIZER_FILES[:3])}, ...)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_location(location, what))
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, TypeError, ValueError) as error:  # ValueError: "Couldn't instantiate the backend tokenizer"
         raise RecipeError(f"{what}: no tokenizer in '{location}' ({first_line(error)})") from error
     if tokenizer.pad_token is None:

@@ -119,11 +119,57 @@ def test_collapse_caps_the_svd_rank_at_what_the_experts_hold_and_says_so(made, t
     assert (tmp_path / "lora" / "adapter_model.safetensors").stat().st_size < 100_000  # was 400 MB of zeros
 
 
-def test_collapse_refuses_to_write_over_its_own_bundle(made):
+@pytest.mark.parametrize("command", ["collapse", "stats"])
+def test_no_command_writes_into_its_own_bundle(made, command):
     bundle = made / "bundle"
     before = files_of(bundle)
-    assert_user_error(run("collapse", bundle, "--base", made / "base", "--out", bundle), "--out", "bundle itself")
-    assert files_of(bundle) == before  # was replaced by the LoRA
+    data = ["--data", made / "data.jsonl"] if command == "stats" else []
+    result = run(command, bundle, "--base", made / "base", *data, "--out", bundle)
+    assert_user_error(result, "--out", "bundle itself")
+    assert files_of(bundle) == before  # collapse replaced it by the LoRA; stats added report.json and plots
+
+
+def test_a_bad_field_in_the_bundle_config_is_named_not_the_base(made, tmp_path):
+    # modules_to_save "classifier" (a string): the head lookup read its letters and blamed --base's sizes
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name, content in files_of(made / "bundle").items():
+        (bundle / name).write_bytes(content)
+    config = json.loads((bundle / "adapter_config.json").read_text())
+    (bundle / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": "classifier"}))
+    result = run("stats", bundle, "--base", made / "base", "--data", made / "data.jsonl")
+    assert_user_error(result, "modules_to_save", "adapter_config.json")
+    assert "--base" not in result.stderr
+
+
+def test_a_base_folder_without_tokenizer_files_is_named(tmp_path):
+    # transformers 5 builds a BERT tokenizer from config.json alone: every word [UNK], and stats ran on that
+    base = tmp_path / "base"
+    make_model("bert").save_pretrained(base)
+    mope_model("bert", target_modules=["query"]).save_pretrained(tmp_path / "bundle")
+    (tmp_path / "data.jsonl").write_text('{"text": "a b c"}\n')
+    result = run("stats", tmp_path / "bundle", "--base", base, "--data", tmp_path / "data.jsonl")
+    assert_user_error(result, "--base: no tokenizer in", "pass --tokenizer")
+
+
+def test_a_nested_classification_head_gives_the_base_its_size(tmp_path):
+    # RoBERTa's head: classifier.dense + classifier.out_proj; only '<head>.weight' was read, so the base kept
+    # config.json's 2 labels and the 5-label bundle did not fit
+    from mope.cli.loading import head_size, load_model
+
+    config = transformers.RobertaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=40,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.RobertaModel(config).save_pretrained(tmp_path / "base")  # an encoder: the head comes new
+    head = transformers.RobertaForSequenceClassification(
+        transformers.RobertaConfig(**{**config.to_dict(), "num_labels": 5})
+    )
+    adapter = MoPEConfig(task_type="SEQ_CLS", target_modules=["query"], num_experts=2, top_k=1, r=2)
+    get_peft_model(head, adapter).save_pretrained(tmp_path / "bundle")
+    assert head_size(str(tmp_path / "bundle")) == {"num_labels": 5}
+    assert load_model(tmp_path / "bundle", str(tmp_path / "base")).base_model.model.num_labels == 5
 
 
 def test_inspect_says_when_a_newer_mope_wrote_the_bundle(made, tmp_path):
