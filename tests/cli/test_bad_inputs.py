@@ -38,6 +38,16 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def bundle_with(bundle: Path, folder: Path, **fields) -> Path:
+    """A copy of ``bundle`` in ``folder`` whose adapter_config.json has ``fields`` set."""
+    folder.mkdir()
+    for name, content in files_of(bundle).items():
+        (folder / name).write_bytes(content)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **fields}))
+    return folder
+
+
 # file name -> (content, words the one-line error must hold)
 BAD_DATA = {
     "empty.jsonl": ("", ["empty.jsonl", "empty", "no rows"]),
@@ -131,12 +141,7 @@ def test_no_command_writes_into_its_own_bundle(made, command):
 
 def test_a_bad_field_in_the_bundle_config_is_named_not_the_base(made, tmp_path):
     # modules_to_save "classifier" (a string): the head lookup read its letters and blamed --base's sizes
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    for name, content in files_of(made / "bundle").items():
-        (bundle / name).write_bytes(content)
-    config = json.loads((bundle / "adapter_config.json").read_text())
-    (bundle / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": "classifier"}))
+    bundle = bundle_with(made / "bundle", tmp_path / "bundle", modules_to_save="classifier")
     result = run("stats", bundle, "--base", made / "base", "--data", made / "data.jsonl")
     assert_user_error(result, "modules_to_save", "adapter_config.json")
     assert "--base" not in result.stderr
@@ -173,12 +178,8 @@ def test_a_nested_classification_head_gives_the_base_its_size(tmp_path):
 
 
 def test_inspect_says_when_a_newer_mope_wrote_the_bundle(made, tmp_path):
-    newer = tmp_path / "newer"
-    newer.mkdir()
-    for name, data in files_of(made / "bundle").items():
-        (newer / name).write_bytes(data)
-    config = json.loads((newer / "adapter_config.json").read_text())
-    (newer / "adapter_config.json").write_text(json.dumps({**config, "mope_version": "9.0.0"}))
+    newer = bundle_with(made / "bundle", tmp_path / "newer", mope_version="9.0.0")
+    config = json.loads((made / "bundle" / "adapter_config.json").read_text())
     result = run("inspect", newer)
     assert result.exit_code == 0, result.output
     assert f"NEWER than this mope {MOPE_VERSION}" in result.stdout
