@@ -81,8 +81,13 @@ def read_lora_config(path: str) -> LoraConfig:
     for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME):
         if not os.path.isfile(os.path.join(path, name)):
             raise refuse(path, f"missing {name} (a folder written by PEFT's save_pretrained; safetensors only)")
-    with open(os.path.join(path, CONFIG_NAME)) as handle:
-        raw = json.load(handle)
+    try:
+        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise refuse(path, f"{CONFIG_NAME} is not JSON ({error})") from error
+    if not isinstance(raw, dict):
+        raise refuse(path, f"{CONFIG_NAME} holds a JSON {type(raw).__name__}, not an object of config keys")
     if raw.get("peft_type") != "LORA":
         raise refuse(path, f"{CONFIG_NAME} has peft_type={raw.get('peft_type')!r}, not 'LORA'")
     try:

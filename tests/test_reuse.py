@@ -115,6 +115,11 @@ def test_bad_adapters_are_refused_and_the_model_is_left_alone(llama_adapters, tm
     (missing / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
     assert_refused([good, missing], r"missing'.*adapter_model\.safetensors")
     assert_refused([good, variant("ia3", peft_type="IA3")], r"ia3'.*not 'LORA'")
+    broken, listed = variant("broken"), variant("listed")
+    (broken / "adapter_config.json").write_text('{"peft_type": ')
+    (listed / "adapter_config.json").write_text("[]")
+    assert_refused([good, broken], r"broken'.*adapter_config\.json is not JSON")  # was a bare JSONDecodeError
+    assert_refused([good, listed], r"listed'.*holds a JSON list")  # was an AttributeError
     assert_refused([good, variant("bias", bias="all")], r"bias'.*bias='all'")
     assert_refused([good, variant("dora", use_dora=True)], r"dora'.*use_dora")
     assert_refused([good, variant("pissa", init_lora_weights="pissa")], "changes the base weights")

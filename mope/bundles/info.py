@@ -84,9 +84,9 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise ValueError(f"'{folder}' is not a bundle: it has no {CONFIG_NAME}")
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read {path}: {error}") from error
     if not isinstance(config, dict) or config.get("peft_type") != "MOPE":
         found = config.get("peft_type") if isinstance(config, dict) else None

@@ -354,3 +354,9 @@ def test_max_examples_are_the_first_rows_of_the_file_in_its_order(tmp_path):
     for name in ("rows.jsonl", "rows.csv"):
         assert read_texts(str(tmp_path / name)) == texts
         assert read_texts(str(tmp_path / name), max_examples=2) == texts[:2]
+
+
+def test_inspect_names_a_config_file_that_is_not_utf8(made, tmp_path):
+    bundle = bundle_with(made / "bundle", tmp_path / "latin1")
+    (bundle / "adapter_config.json").write_bytes(b'{"peft_type": "MOPE", "note": "caf\xe9"}')
+    assert_user_error(run("inspect", bundle), "cannot read", "adapter_config.json")  # the codec's words alone
