@@ -143,8 +143,10 @@ class RoutingContext:
     def aligned(self, key: str, token_shape: torch.Size) -> torch.Tensor | None:
         """Input ``key`` (``[batch, seq]``) cut to the layer's tokens: its last columns, as for the mask."""
         value = self.call.inputs.get(key)
-        if value is None or value.dim() != 2 or len(token_shape) != 2 or value.shape[0] != token_shape[0]:
+        if value is None or value.dim() != 2 or len(token_shape) != 2 or token_shape[0] % value.shape[0] != 0:
             return None
+        if value.shape[0] != token_shape[0]:  # generate's encoder ids, under beams / num_return_sequences
+            value = value.repeat_interleave(token_shape[0] // value.shape[0], dim=0)
         seq = token_shape[1]
         if value.shape[1] < seq:
             return None

@@ -11,7 +11,8 @@ the experts fold into the base weights exactly. Without a fixed task they depend
     with mope.fix_task(model, 2):            # or only inside the block
         bundle = mope.export_lora(model, "out/task2")
 
-Forwards that pass ``task_ids`` still use them; the fixed task is the default when they do not.
+Forwards that pass ``task_ids`` still use them; the fixed task is the default when they do not. Once
+merged, the base weights hold the fixed task's update and a forward's ``task_ids`` change nothing.
 A merge remembers the gate it used, so ``unmerge`` is exact even after the task is released.
 """
 

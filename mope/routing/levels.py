@@ -65,18 +65,23 @@ def spread(routing: Any, token_shape: torch.Size) -> Any:
     )
 
 
-def per_example(ids: torch.Tensor | None, batch: int, name: str, hint: str, argument: str = "") -> torch.Tensor:
-    """Check per-example labels (``task_ids`` / ``group_ids``): a 1-D integer tensor fitting ``batch``.
+def per_example(
+    ids: torch.Tensor | None, batch: int, name: str, hint: str, argument: str = "", expanded: bool = False
+) -> torch.Tensor:
+    """Check per-example labels (``task_ids`` / ``group_ids``): a 1-D integer tensor of ``batch`` entries, as int64.
 
-    ``argument``: the model call's keyword that carries them, if not ``name``.
+    ``argument``: the model call's keyword that carries them, if not ``name``. ``expanded``: the batch may be a
+    multiple of them (``generate`` repeats each example for beams and ``num_return_sequences``); elsewhere a
+    shorter tensor is a mistake (a collator's), not a repetition.
     """
     if ids is None:
         raise ValueError(f"{hint} needs per-example {name}: call model(..., {argument or name}=LongTensor[batch]).")
     if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D integer tensor [batch], got {tuple(ids.shape)} {ids.dtype}.")
-    if ids.shape[0] == 0 or batch % ids.shape[0] != 0:
+    fits = ids.shape[0] == batch or (expanded and ids.shape[0] > 0 and batch % ids.shape[0] == 0)
+    if not fits:
         raise ValueError(f"{name} has {ids.shape[0]} entries but the batch has {batch} examples.")
-    return ids
+    return ids.long()  # int16 / uint8 ids index as int64 (scatter takes no other)
 
 
 def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -126,8 +131,8 @@ class SequenceLevel:
                 )
             pooled = masked_mean_pool(x, inputs.token_mask)
             decision = router.decide(pooled, dataclasses.replace(inputs, token_mask=None, token_ids=None))
-            if cache is not None:
-                cache.keep(router, decision)
+            if cache is not None and not (router.training and torch.is_grad_enabled()):
+                cache.keep(router, decision)  # for decoding steps; not in training (a compiled backward broke on it)
         return spread(decision, token_shape)
 
 
@@ -144,8 +149,9 @@ class TaskLevel:
         num_tasks = router.weight.shape[-1]
         ids = inputs.task_ids
         if ids is None and router.fixed_task is not None:  # mope.fix_task: one task for every example
-            ids = torch.tensor([router.fixed_task], device=x.device)
-        ids = per_example(ids, token_shape[0], "task_ids", "routing_level='task'", argument="mope_task_ids")
+            ids = torch.full((token_shape[0],), router.fixed_task, device=x.device)
+        in_generate = inputs.decisions is not None and inputs.decisions.pinned
+        ids = per_example(ids, token_shape[0], "task_ids", "routing_level='task'", "mope_task_ids", in_generate)
         if ids.device.type == "cpu" and (bool((ids < 0).any()) or bool((ids >= num_tasks).any())):
             raise ValueError(f"task_ids must lie in [0, num_tasks={num_tasks}), got {ids.tolist()}.")
         ids = ids.to(x.device)

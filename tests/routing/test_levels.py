@@ -233,3 +233,37 @@ def test_task_ids_still_reach_the_routers_where_peft_passes_them_on():
     with torch.no_grad():
         want = model(**batch, mope_task_ids=torch.tensor([2, 1])).logits
         torch.testing.assert_close(plain(**batch, task_ids=torch.tensor([2, 1])).logits, want)
+
+
+def test_a_training_forward_keeps_no_sequence_decision():
+    # kept decisions serve decoding steps; a training forward's broke torch.compile's backward (TypeError)
+    model = sequence_llama()
+    batch = make_batch("llama")
+    model.train()
+    model(**batch).loss.backward()
+    assert model.base_model.routing_context.decisions.decisions == {}
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+    assert len(model.base_model.routing_context.decisions.decisions) > 0
+
+
+def test_task_ids_must_be_one_per_example_outside_generate():
+    # [0, 2] for a batch of 4 acted as [0, 0, 2, 2]; int16 ids crashed in scatter
+    model = task_model("llama").eval()
+    batch = {k: v for k, v in make_batch("llama", batch=4).items() if k != "labels"}
+    with pytest.raises(ValueError, match="task_ids has 2 entries but the batch has 4"):
+        model(**batch, mope_task_ids=torch.tensor([0, 2]))
+    ids = torch.tensor([0, 2, 1, 2])
+    with torch.no_grad():
+        want = model(**batch, mope_task_ids=ids).logits
+        torch.testing.assert_close(model(**batch, mope_task_ids=ids.to(torch.int16)).logits, want, rtol=0, atol=0)
+
+
+def test_hash_routing_in_a_t5_generate_with_beams():
+    # the encoder's token ids reached the expanded cross-attention states unexpanded: 'no token ids matching'
+    config = mope.MoPEConfig(task_type="SEQ_2_SEQ_LM", target_modules="all-linear", num_experts=4, router="hash")
+    model = get_peft_model(make_model("t5"), config).eval()
+    prompt = {k: v for k, v in make_batch("t5").items() if k != "labels"}
+    beams = model.generate(**prompt, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert beams.shape[0] == 4
