@@ -44,7 +44,7 @@ from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES, check_losses_reach_routers
 from .peft_compat import key_names_adapter, saved_key
 from .routing import ROUTERS
-from .routing.context import CAPTURED_INPUTS, RoutingContext, generate_with_routing
+from .routing.context import CAPTURED_INPUTS, RoutingContext, generate_with_routing, keep_calls_in_recomputation
 from .routing.schedule import advance_schedules, attach_schedule, bind_schedule, detach_schedule
 
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
@@ -170,6 +170,7 @@ class MoPEModel(BaseTuner):
         self.forward_parameter_names: list[str] | None = None
         # adapters injected from a bundle whose tensors are not loaded yet: removed again if they are refused
         self.awaiting_tensors: set[str] = set()
+        self.checkpointed_layers: list[nn.Module] | None = None
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self.hook_handles = [
@@ -421,6 +422,10 @@ class MoPEModel(BaseTuner):
             if isinstance(value, torch.Tensor):
                 inputs[spec.routing_key] = value
         self.routing_context.begin(inputs, collecting=module.training)
+        if module.training and torch.is_grad_enabled():
+            if self.checkpointed_layers is None:  # the modules transformers checkpoints (set up once)
+                self.checkpointed_layers = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
+            keep_calls_in_recomputation(self.checkpointed_layers, self.routing_context)
         # a causal LM's loss normalised over an accumulated batch (Trainer): the aux joins it by tokens
         self.aux_share = accumulation_share(kwargs) if module.training and self.causal_lm() else None
         if consumed:

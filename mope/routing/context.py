@@ -5,8 +5,9 @@ inputs the routers may read (the table ``CAPTURED_INPUTS``: attention masks, tok
 group ids), so every call path (``PeftModel.forward``, ``generate``, a direct call of the base
 model) sees its own batch. Layers read the call's token mask and record what their aux losses
 need; the tuner's forward hook ends the call and turns its records into the losses. An ended call
-stays readable (recording nothing) until the next one starts, so that a gradient-checkpointing
-recomputation in the backward pass routes the same batch.
+stays readable (recording nothing) until the next one starts, and a gradient-checkpointing
+recomputation in the backward pass gets its own forward's call back
+(:func:`recomputing_with_its_call`), whatever forwards ran since.
 
 Two things outlive a call, each an explicit object owned by :class:`RoutingContext`:
 
@@ -27,7 +28,7 @@ names: train with ``remove_unused_columns=False`` to keep these columns.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +109,15 @@ class RoutingContext:
         """Start a new call with these routing inputs; ``collecting``: record aux-loss inputs (training)."""
         self.call = ForwardCall(inputs, collecting)
         return self.call
+
+    @contextmanager
+    def replaying(self, call: ForwardCall) -> Iterator[None]:
+        """Inside: ``call`` is the current one (a checkpointed layer recomputes with its forward's inputs)."""
+        current, self.call = self.call, call
+        try:
+            yield
+        finally:
+            self.call = current
 
     def finish(self) -> list[LossRecord]:
         """End the current call's recording and hand over its records."""
@@ -212,3 +222,30 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
         finally:
             context.decisions.pinned = False
             context.decisions.clear()
+
+
+def recomputing_with_its_call(checkpoint: Any, context: RoutingContext) -> Any:
+    """transformers' non-reentrant checkpoint function, recomputing a layer with the routing call of the forward
+    that ran it: a later forward (a reference or metrics pass before ``backward``) replaces ``context.call``, and
+    sequence- or task-level routers recomputed with its mask or task ids gave wrong gradients (6.7x off)."""
+
+    def checkpointed(function: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():  # dynamo takes only selective-checkpoint contexts
+            return checkpoint(function, *args, **kwargs)
+        call = context.call
+        return checkpoint(function, *args, context_fn=lambda: (nullcontext(), context.replaying(call)), **kwargs)
+
+    checkpointed.mope_context = context
+    return checkpointed
+
+
+def keep_calls_in_recomputation(layers: list[Any], context: RoutingContext) -> None:
+    """Wrap each checkpointed layer's ``_gradient_checkpointing_func`` once (see :func:`recomputing_with_its_call`);
+    a reentrant one (no ``context_fn``) or one with the user's own ``context_fn`` is left as it is."""
+    for layer in layers:
+        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+        if checkpoint is None or getattr(checkpoint, "mope_context", None) is context:
+            continue
+        keywords = getattr(checkpoint, "keywords", {})
+        if keywords.get("use_reentrant") is False and "context_fn" not in keywords:
+            layer._gradient_checkpointing_func = recomputing_with_its_call(checkpoint, context)
