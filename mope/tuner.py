@@ -44,7 +44,13 @@ from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES, check_losses_reach_routers
 from .peft_compat import key_names_adapter, saved_key
 from .routing import ROUTERS
-from .routing.context import CAPTURED_INPUTS, RoutingContext, generate_with_routing, keep_calls_in_recomputation
+from .routing.context import (
+    CAPTURED_INPUTS,
+    RoutingContext,
+    generate_with_routing,
+    holds_tokens,
+    keep_calls_in_recomputation,
+)
 from .routing.schedule import advance_schedules, attach_schedule, bind_schedule, detach_schedule
 
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
@@ -421,7 +427,8 @@ class MoPEModel(BaseTuner):
                     value = args[index] if index < len(args) else None
             if isinstance(value, torch.Tensor):
                 inputs[spec.routing_key] = value
-        self.routing_context.begin(inputs, collecting=module.training)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x renamed past_key_values
+        self.routing_context.begin(inputs, collecting=module.training, continues_cache=holds_tokens(cache))
         if module.training and torch.is_grad_enabled():
             if self.checkpointed_layers is None:  # the modules transformers checkpoints (set up once)
                 self.checkpointed_layers = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]

@@ -95,6 +95,9 @@ class ForwardCall:
     block_routings: dict[tuple[str, str], Any] = field(default_factory=dict)
     # the losses' token weights of each mask, computed once per call (mope.losses.cached_token_weights)
     token_weights: dict = field(default_factory=dict)
+    # whether the call continues a KV cache that holds tokens (a decoding step): only then may a layer that sees
+    # fewer tokens than the mask reuse a kept decision; otherwise it sees the last ones (logits_to_keep)
+    continues_cache: bool = False
 
 
 @dataclass
@@ -105,9 +108,9 @@ class RoutingContext:
     given: dict[str, torch.Tensor] = field(default_factory=dict)
     decisions: DecisionCache = field(default_factory=DecisionCache)
 
-    def begin(self, inputs: dict[str, torch.Tensor], collecting: bool) -> ForwardCall:
+    def begin(self, inputs: dict[str, torch.Tensor], collecting: bool, continues_cache: bool = False) -> ForwardCall:
         """Start a new call with these routing inputs; ``collecting``: record aux-loss inputs (training)."""
-        self.call = ForwardCall(inputs, collecting)
+        self.call = ForwardCall(inputs, collecting, continues_cache=continues_cache)
         return self.call
 
     @contextmanager
@@ -166,7 +169,8 @@ class RoutingContext:
         """Everything a router of a layer whose tokens the mask ``mask_key`` covers may look at."""
         inputs = self.call.inputs
         mask = inputs.get(mask_key)
-        cache_step = mask is not None and mask.dim() == 2 and len(token_shape) == 2 and mask.shape[1] > token_shape[1]
+        shorter = mask is not None and mask.dim() == 2 and len(token_shape) == 2 and mask.shape[1] > token_shape[1]
+        cache_step = shorter and self.call.continues_cache
         return RoutingInputs(
             token_mask=self.token_mask(mask_key, token_shape),
             token_ids=self.aligned(TOKEN_IDS_FOR_MASK.get(mask_key, "input_ids"), token_shape),
@@ -249,3 +253,13 @@ def keep_calls_in_recomputation(layers: list[Any], context: RoutingContext) -> N
         keywords = getattr(checkpoint, "keywords", {})
         if keywords.get("use_reentrant") is False and "context_fn" not in keywords:
             layer._gradient_checkpointing_func = recomputing_with_its_call(checkpoint, context)
+
+
+def holds_tokens(cache: Any) -> bool:
+    """Whether a forward's KV cache (a transformers ``Cache``, or the legacy tuple of layers) holds any token."""
+    if cache is None:
+        return False
+    length = getattr(cache, "get_seq_length", None)
+    if length is not None:
+        return length() > 0
+    return len(cache) > 0 and cache[0] is not None and len(cache[0]) > 0 and cache[0][0].shape[-2] > 0

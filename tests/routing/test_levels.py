@@ -297,3 +297,24 @@ def test_checkpointing_recomputes_with_the_routing_inputs_of_its_own_forward(lev
     assert plain.keys() == checkpointed.keys()
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_layer_seeing_fewer_tokens_than_the_mask_without_a_kv_cache_routes_what_it_sees():
+    # logits_to_keep (generate's prefill, TRL's GRPO): lm_head sees the last token, the mask covers all; this was
+    # taken for a KV-cache step, reusing another batch's decision (or refusing a left-padded generate)
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "lm_head"], num_experts=4, top_k=1, r=4,
+        routing_level="sequence", init_weights=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(make_model("llama"), config)
+    sharpen_routers(model, std=3.0)
+    model.eval()
+    first, second = (make_batch("llama", seed=s, pad=2) for s in (1, 7))
+    second.pop("labels")
+    with torch.no_grad():
+        want = model(**second, logits_to_keep=1).logits
+        model(**{k: v for k, v in first.items() if k != "labels"})
+        torch.testing.assert_close(model(**second, logits_to_keep=1).logits, want, rtol=0, atol=0)
+    out = model.generate(**second, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == second["input_ids"].shape[1] + 2
