@@ -428,7 +428,10 @@ class MoPEModel(BaseTuner):
             if isinstance(value, torch.Tensor):
                 inputs[spec.routing_key] = value
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x renamed past_key_values
-        self.routing_context.begin(inputs, collecting=module.training, continues_cache=holds_tokens(cache))
+        # compiled: a layer seeing fewer tokens than the mask is taken for a decoding step, as before (the cache's
+        # length would be one more guard, and a recompilation, per decoded token)
+        continues = torch.compiler.is_compiling() or holds_tokens(cache)
+        self.routing_context.begin(inputs, collecting=module.training, continues_cache=continues)
         if module.training and torch.is_grad_enabled():
             if self.checkpointed_layers is None:  # the modules transformers checkpoints (set up once)
                 self.checkpointed_layers = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
