@@ -177,6 +177,7 @@ class MoPEModel(BaseTuner):
         # adapters injected from a bundle whose tensors are not loaded yet: removed again if they are refused
         self.awaiting_tensors: set[str] = set()
         self.checkpointed_layers: list[nn.Module] | None = None
+        self.aux_share: torch.Tensor | None = None  # this call's accumulation_share (Trainer), set by the pre-hook
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self.hook_handles = [
@@ -451,7 +452,7 @@ class MoPEModel(BaseTuner):
         aux = self.combine_losses(records)
         if module.training and torch.is_grad_enabled() and not aux.requires_grad:
             check_losses_reach_routers(module)
-        return attach_aux_loss(output, aux, module, getattr(self, "aux_share", None))
+        return attach_aux_loss(output, aux, module, self.aux_share)
 
     def causal_lm(self) -> bool:
         """Whether the adapters are for a decoder-only LM (transformers' losses there read ``num_items_in_batch``)."""
