@@ -112,6 +112,9 @@ class MoPEFFNLayer(MoPELayer):
         active = [name for name in self.active_adapters if name in self.mope_experts]
         if self.disable_adapters or not active:
             return self.base_layer(x, *args, **kwargs)
+        tokens = self.flattened_tokens(x)
+        if tokens is not None:
+            return self.forward(x.view(*tokens, x.shape[-1]), *args, **kwargs).flatten(0, 1)
         mlp, layout = self.base_layer, ffn_block_layout(self.base_layer)
         act, down = getattr(mlp, layout.act), getattr(mlp, layout.down)
         gate_out, up_out = getattr(mlp, layout.gate)(x), getattr(mlp, layout.up)(x)

@@ -182,6 +182,9 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        tokens = self.flattened_tokens(x)
+        if tokens is not None:
+            return self.forward(x.view(*tokens, x.shape[-1]), *args, **kwargs).flatten(0, 1)
         if not torch.compiler.is_compiling():  # a compiled graph must not read it: each new check would recompile
             check = self.fused_check
             if check is not None and check.holds(self, x):
@@ -288,6 +291,15 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         if x.dtype == torch.float32 or not all(self.mope_experts[n].dtype == torch.float32 for n in active):
             return x
         return x.float()
+
+    def flattened_tokens(self, x: torch.Tensor) -> tuple[int, int] | None:
+        """``(batch, seq)`` where ``x`` is ``[batch * seq, hidden]``: the block flattened its tokens (Qwen2-MoE's
+        shared expert). The layer then runs on the ``[batch, seq, hidden]`` view, so that padding is masked and a
+        sequence-level gate pools each sequence, as on any other layer."""
+        ctx = self.routing_context
+        if ctx is None or x.dim() != 2:
+            return None
+        return ctx.flattened(self.mask_key, x.shape[:-1])
 
     def routing_inputs(self, x: torch.Tensor) -> RoutingInputs:
         ctx = self.routing_context

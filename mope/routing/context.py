@@ -153,6 +153,24 @@ class RoutingContext:
             return None
         return mask[:, -seq:] if mask.shape[1] > seq else mask
 
+    def flattened(self, key: str, token_shape: torch.Size) -> tuple[int, int] | None:
+        """``(batch, seq)`` if a layer's input ``[rows, hidden]`` is the mask's tokens flattened, else None.
+
+        Some blocks flatten the tokens before a linear (Qwen2-MoE's shared expert): ``batch * seq`` rows
+        for a ``[batch, seq]`` mask, or ``batch * new`` rows (1 < new < seq) in a forward that continues a
+        KV cache. ``[batch, hidden]`` (a pooler, a head, one decoded token per example) is not flattened.
+        """
+        mask = self.call.inputs.get(key)
+        if mask is None or mask.dim() != 2 or len(token_shape) != 1 or mask.shape[1] < 2:
+            return None
+        batch, seq = mask.shape
+        rows = token_shape[0]
+        if rows == batch * seq:
+            return batch, seq
+        if self.call.continues_cache and rows % batch == 0 and 1 < rows // batch < seq:
+            return batch, rows // batch
+        return None
+
     def aligned(self, key: str, token_shape: torch.Size) -> torch.Tensor | None:
         """Input ``key`` (``[batch, seq]``) cut to the layer's tokens: its last columns, as for the mask."""
         value = self.call.inputs.get(key)
@@ -169,14 +187,17 @@ class RoutingContext:
         """Everything a router of a layer whose tokens the mask ``mask_key`` covers may look at."""
         inputs = self.call.inputs
         mask = inputs.get(mask_key)
-        shorter = mask is not None and mask.dim() == 2 and len(token_shape) == 2 and mask.shape[1] > token_shape[1]
-        cache_step = shorter and self.call.continues_cache
+        cache_step = False
+        if mask is not None and mask.dim() == 2 and self.call.continues_cache:
+            # [batch, hidden]: one new token per example, where a block flattens them (see flattened)
+            new = token_shape[1] if len(token_shape) == 2 else 1 if token_shape == mask.shape[:1] else None
+            cache_step = new is not None and mask.shape[1] > new
         return RoutingInputs(
             token_mask=self.token_mask(mask_key, token_shape),
             token_ids=self.aligned(TOKEN_IDS_FOR_MASK.get(mask_key, "input_ids"), token_shape),
             task_ids=inputs.get("task_ids"),
             group_ids=inputs.get("group_ids"),
-            cache_step=bool(cache_step),
+            cache_step=cache_step,
             decisions=self.decisions,
         )
 

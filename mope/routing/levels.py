@@ -107,7 +107,9 @@ class SequenceLevel:
     """Decide on the masked mean-pool; reuse the prompt's decision on KV-cache steps and in generate.
 
     A layer whose input is ``[batch, hidden]`` (BERT's pooler, a classification head) already
-    has one vector per example: it is routed as it is.
+    has one vector per example: it is routed as it is, unless it is one decoded token per
+    example of a layer whose prompt kept a decision (a block that flattens its tokens, as
+    Qwen2-MoE's shared expert does; the layer views the prompt's as ``[batch, seq, hidden]``).
     """
 
     name = "sequence"
@@ -117,12 +119,12 @@ class SequenceLevel:
 
     def route(self, router: Any, x: torch.Tensor, inputs: Any) -> Any:
         token_shape = x.shape[:-1]
-        if len(token_shape) < 2:  # [batch, hidden]: already one vector per example (a pooler, a head)
-            return router.decide(x, dataclasses.replace(inputs, token_mask=None, token_ids=None))
         cache = inputs.decisions
         decision = cache.get(router) if cache is not None and (inputs.cache_step or cache.pinned) else None
         if decision is not None and token_shape[0] % decision.weights.shape[0] != 0:
             decision = None
+        if len(token_shape) < 2 and decision is None:  # [batch, hidden]: one vector per example (a pooler, a head)
+            return router.decide(x, dataclasses.replace(inputs, token_mask=None, token_ids=None))
         if decision is None:
             if inputs.cache_step:
                 raise RuntimeError(

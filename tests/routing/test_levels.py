@@ -318,3 +318,72 @@ def test_a_layer_seeing_fewer_tokens_than_the_mask_without_a_kv_cache_routes_wha
         torch.testing.assert_close(model(**second, logits_to_keep=1).logits, want, rtol=0, atol=0)
     out = model.generate(**second, max_new_tokens=2, do_sample=False)
     assert out.shape[1] == second["input_ids"].shape[1] + 2
+
+
+def qwen2_moe(level: str, **options):
+    """A tiny Qwen2-MoE whose shared expert (which sees the tokens flattened, ``[batch * seq, hidden]``) is adapted."""
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        shared_expert_intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+        num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.Qwen2MoeForCausalLM(config).eval()
+    mope_config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["shared_expert.up_proj"], num_experts=4, top_k=1, r=4,
+        routing_level=level, init_weights=False, **options,
+    )  # fmt: skip
+    model = get_peft_model(base, mope_config)
+    sharpen_routers(model, std=3.0)
+    return model.eval()
+
+
+def test_sequence_level_on_flattened_tokens_pools_each_sequence_without_its_padding():
+    # Qwen2-MoE's shared expert sees [batch * seq, hidden]: it was routed token by token, padding included
+    model = qwen2_moe("sequence")
+    seen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MoPELayer):
+            module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0]))
+            module.mope_router["default"].register_forward_hook(
+                lambda m, args, out, name=name: seen.__setitem__(name + ".routing", out)
+            )
+    batch = make_batch("llama", seq=6, pad=2)
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    mask = batch["attention_mask"]
+    layers = [name for name in seen if not name.endswith(".routing")]
+    assert len(layers) == 2
+    for name in layers:
+        x, weights = seen[name], seen[name + ".routing"].weights
+        assert x.shape[:-1] == (mask.numel(),) and weights.shape[:-1] == mask.shape
+        gate = model.get_submodule(name).mope_router["default"]
+        tokens = x.view(*mask.shape, -1)
+        for b in range(mask.shape[0]):
+            pooled = tokens[b][mask[b].bool()].mean(dim=0, keepdim=True)
+            want = gate.decide(pooled, RoutingInputs()).weights[0]
+            for t in range(mask.shape[1]):
+                torch.testing.assert_close(weights[b, t], want)
+    calls = count_decisions(model)
+    prompt = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    outputs = {}
+    for use_cache in (True, False):
+        calls[0] = 0
+        outputs[use_cache] = model.generate(**prompt, max_new_tokens=4, do_sample=False, use_cache=use_cache)
+        assert calls[0] == 2  # one decision per router on the prompt, reused for every new token
+    assert torch.equal(outputs[True], outputs[False])
+
+
+def test_token_level_aux_loss_on_flattened_tokens_leaves_padding_out():
+    model = qwen2_moe("token", aux_loss_coef=1.0)
+    model.train()
+    batch = make_batch("llama", seq=6)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    padded_ids = torch.cat([ids, torch.randint(1, 128, (2, 3), generator=torch.Generator().manual_seed(9))], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 3, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).aux_loss
+        got = model(input_ids=padded_ids, attention_mask=padded_mask).aux_loss
+        unmasked = model(input_ids=padded_ids, attention_mask=torch.ones_like(padded_mask)).aux_loss
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(unmasked, want)
