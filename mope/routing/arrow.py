@@ -27,6 +27,7 @@ class ArrowRouter(TopKRouter):
     """
 
     weight_trains = False  # a zero buffer until init_arrow fills it with the experts' prototypes
+    takes_noise = False  # nothing to train
 
     @classmethod
     def check_chosen(cls, config: Any) -> None:
@@ -39,8 +40,6 @@ class ArrowRouter(TopKRouter):
             )
         if config.routing_level == "task":
             raise ValueError("MoPEConfig.routing_level='task' does not work with router='arrow': Arrow routes by input")
-        if config.router_noise:
-            raise ValueError("MoPEConfig.router_noise is not supported with router='arrow': it has nothing to train")
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return super().score(x).abs()

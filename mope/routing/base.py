@@ -198,6 +198,8 @@ class Router(nn.Module):
 
     # Whether the gate reads MoPEConfig.capacity_factor (the config refuses it for gates that would ignore it).
     accepts_capacity: bool = False
+    # whether the gate adds Shazeer's trainable noise to its logits in training (MoPEConfig.router_noise)
+    takes_noise: bool = False
     # Whether top_k is a free choice the dense-to-sparse schedule may anneal (not for structural k: hash, DSelect-k).
     schedules_top_k: bool = True
     # Whether a token's weights have at most top_k nonzeros (sorted dispatch pays); False: dense-ish (masked).

@@ -28,6 +28,8 @@ class CosineRouter(TopKRouter):
     expert embeddings (X-MoE). Extra cost: a ``[d -> d_r]`` and a ``[d_r -> N]`` GEMM.
     """
 
+    takes_noise = False  # its scores are cosines
+
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__(in_features, num_experts, top_k, config)
         self.expert_embeddings = nn.Parameter(torch.empty(num_experts, config.cosine_dim))
@@ -49,12 +51,6 @@ class CosineRouter(TopKRouter):
             low=0.01,
             why="(the learned temperature is clamped there)",
         )
-
-    @classmethod
-    def check_chosen(cls, config: Any) -> None:
-        super().check_chosen(config)
-        if config.router_noise:
-            raise ValueError("MoPEConfig.router_noise is not supported with router='cosine' (its scores are cosines)")
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         projected = Router.score(self, x)  # W_p x, with the base class's training-only jitter

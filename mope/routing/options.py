@@ -43,6 +43,11 @@ def check_shared_options(config: Any, routers: dict[str, type[Router]]) -> None:
     check_number(OWNER, "localized_balance_delta", c.localized_balance_delta, low=0, high=1, high_open=True)
     if c.localized_balance_coef and c.num_groups > routed:
         raise ValueError(f"MoPEConfig.num_groups={c.num_groups} exceeds the routed experts ({routed})")
+    if c.router_noise is True and not routers[c.router].takes_noise:
+        noisy = sorted(name for name, gate in routers.items() if gate.takes_noise)
+        raise ValueError(
+            f"MoPEConfig.router_noise: router={c.router!r} adds no noise to its logits; gates with noise: {noisy}"
+        )
     check_schedule(c, routed, routers)
     check_capacity_options(c, routers)
 

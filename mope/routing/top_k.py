@@ -83,6 +83,7 @@ class TopKRouter(Router):
     """
 
     accepts_capacity = True
+    takes_noise = True
 
     def __init__(self, in_features: int, num_experts: int, top_k: int, config) -> None:
         super().__init__(in_features, num_experts, top_k, config)

@@ -49,7 +49,6 @@ def test_a_gate_option_is_refused_by_its_gate_whichever_router_is_chosen(field, 
 # chosen gate -> (config overrides that only this gate refuses, the field named)
 CHOSEN_CONSTRAINTS = {
     "hierarchical": ({"num_experts": 6, "num_groups": 4}, "num_groups"),
-    "cosine": ({"router_noise": True}, "router_noise"),
     "hash": ({"routing_level": "sequence"}, "routing_level"),
     "arrow": ({"expert_type": "adapter"}, "expert_type"),
     "soft_merge": ({"routing_level": "token"}, "routing_level"),
@@ -65,6 +64,19 @@ def test_cross_field_constraints_apply_to_the_chosen_gate_only(gate):
         ROUTERS[gate].check_chosen(config)
     with pytest.raises(ValueError, match=rf"^MoPEConfig\.{field}"):
         mope.MoPEConfig(router=gate, **overrides)
+
+
+@pytest.mark.parametrize("gate", sorted(ROUTERS))
+def test_router_noise_is_refused_by_gates_that_add_none(gate):
+    # dense, top_p, expert_choice, ... accepted router_noise=True and trained without noise
+    options = {"routing_level": "task", "num_tasks": 2} if gate in ("soft_merge", "fixed_task") else {}
+    options |= {"task_type": "SEQ_CLS"} if gate == "soft_tokens" else {}
+    if ROUTERS[gate].takes_noise:
+        assert mope.MoPEConfig(router=gate, router_noise=True, **options).router_noise is True
+    else:
+        with pytest.raises(ValueError, match=rf"^MoPEConfig\.router_noise: router='{gate}' adds no noise"):
+            mope.MoPEConfig(router=gate, router_noise=True, **options)
+    assert {name for name, g in ROUTERS.items() if g.takes_noise} == {"top_k", "switch"}
 
 
 def test_shared_options_are_checked_for_every_gate():
