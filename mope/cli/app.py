@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -108,8 +109,24 @@ def check_inputs(
         check_location(tokenizer, "--tokenizer")
     if data is not None:
         source_kind(data)
-    if out is not None and out.exists() and not out.is_dir():
+    if out is not None:
+        check_writable(out)
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that is a file, or whose folder cannot be written, before any model is loaded."""
+    if out.exists() and not out.is_dir():
         raise ValueError(f"--out: '{out}' is a file; name a folder to write to")
+    parent = out.resolve().parent  # a bundle is staged next to its folder, then moved in place
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out: '{out}' cannot be created: '{parent}' is a file")
+    for folder in [parent, out] if out.is_dir() else [parent]:
+        try:  # what the save will do: os.access says yes to root anywhere, even in /proc
+            os.rmdir(tempfile.mkdtemp(prefix=".mope-check-", dir=folder))
+        except OSError as error:
+            raise ValueError(f"--out: '{out}' cannot be written: {error.strerror} in '{folder}'") from None
 
 
 def table(title: str, columns: list[str], rows: list[list[object]]) -> Table:

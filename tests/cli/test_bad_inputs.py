@@ -94,6 +94,9 @@ def test_every_path_option_says_when_it_does_not_exist(made, tmp_path):
     assert_user_error(run(*stats, "--base", base), "no tokenizer in", "pass --tokenizer")  # base has none
     assert_user_error(run(*stats, "--base", base, "--tokenizer", tmp_path / "tok"), "--tokenizer", "does not exist")
     assert_user_error(run(*stats, "--base", base, "--out", data), "--out", "is a file")
+    assert_user_error(run(*stats, "--base", base, "--out", data / "sub"), "--out", "cannot be created", "is a file")
+    # found before the collapse, not as an internal staging path after it (root may write anywhere but /proc)
+    assert_user_error(run("export-lora", bundle, "--base", base, "--out", "/proc/mope-x"), "--out", "cannot be written")
     assert_user_error(run("inspect", data), "data.jsonl", "is a file")
     assert_user_error(run("stability", bundle, tmp_path / "late", "--base", base, "--data", data), "late")
     assert_user_error(run("collapse", bundle, "--base", tmp_path / "nope", "--out", tmp_path / "x"), "--base")
