@@ -47,6 +47,7 @@ from .routing import ROUTERS
 from .routing.context import (
     CAPTURED_INPUTS,
     RoutingContext,
+    decoder_mask_from_labels,
     generate_with_routing,
     holds_tokens,
     keep_calls_in_recomputation,
@@ -428,11 +429,18 @@ class MoPEModel(BaseTuner):
                     value = args[index] if index < len(args) else None
             if isinstance(value, torch.Tensor):
                 inputs[spec.routing_key] = value
+        if "decoder_attention_mask" not in inputs and getattr(
+            getattr(module, "config", None), "is_encoder_decoder", False
+        ):
+            mask = decoder_mask_from_labels(kwargs.get("labels"), inputs.get("decoder_input_ids"))
+            if mask is not None:
+                inputs["decoder_attention_mask"] = mask
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x renamed past_key_values
         # compiled: a layer seeing fewer tokens than the mask is taken for a decoding step, as before (the cache's
         # length would be one more guard, and a recompilation, per decoded token)
         continues = torch.compiler.is_compiling() or holds_tokens(cache)
-        self.routing_context.begin(inputs, collecting=module.training, continues_cache=continues)
+        collecting = module.training and not self.routing_context.decisions.pinned  # inside generate: no losses
+        self.routing_context.begin(inputs, collecting=collecting, continues_cache=continues)
         if module.training and torch.is_grad_enabled():
             if self.checkpointed_layers is None:  # the modules transformers checkpoints (set up once)
                 self.checkpointed_layers = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]

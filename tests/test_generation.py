@@ -120,3 +120,48 @@ def test_expert_choice_generation_is_refused_clearly():
 def test_soft_tokens_is_refused_for_a_causal_model():
     with pytest.raises(ValueError, match="soft_tokens"):
         generation_model(router="soft_tokens")
+
+
+@pytest.mark.parametrize("row", ["switch", "top_k_capacity_sequence", "balanced", "top_k_noisy"])
+def test_generate_in_training_mode_routes_as_in_inference(row):
+    # TRL's GRPO generates with the model in training mode: capacity, noise and balancing then read the batch's
+    # later tokens (or random draws), and cached and uncached generation gave different tokens
+    model = generation_model(**ROWS[row]).train()
+    batch = prompts(padded=True)
+    with torch.no_grad():
+        cached, uncached = (greedy(model, batch, use_cache) for use_cache in (True, False))
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, greedy(model.eval(), batch, True))
+    model.train()
+    greedy(model, batch, True)
+    assert all(module.training for module in model.modules())  # the routers are back in training mode
+
+
+def test_generate_takes_one_task_id_per_prompt():
+    model = generation_model(routing_level="task", num_tasks=3)
+    batch = prompts(padded=True)  # two prompts
+    out = model.generate(**batch, mope_task_ids=torch.tensor([0, 2]), num_beams=2, max_new_tokens=2, do_sample=False)
+    assert out.shape[0] == 2
+    # ids that only divide the expanded batch (4 beams) were taken as one per beam, or repeated over the prompts
+    for ids in ([0, 1, 2, 0], [1]):
+        with pytest.raises(ValueError, match=rf"mope_task_ids has {len(ids)} entries but the batch has 2"):
+            model.generate(**batch, mope_task_ids=torch.tensor(ids), num_beams=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"mope_task_ids must be a 1-D integer tensor .*got a list"):
+        model.generate(**batch, mope_task_ids=[0, 1], max_new_tokens=2)
+
+
+def test_sequence_level_generate_from_a_prefilled_cache_is_refused():
+    # the prompt's decision would pool only the tokens the cache does not hold
+    model = generation_model(routing_level="sequence")
+    ids = prompts(padded=False)["input_ids"]
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :3], use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="past_key_values cache that already holds tokens"):
+        model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=2, do_sample=False)
+    token_level = generation_model()
+    with torch.no_grad():
+        cache = token_level(input_ids=ids[:, :3], use_cache=True).past_key_values
+    want = token_level.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
+    assert torch.equal(
+        token_level.generate(input_ids=ids, past_key_values=cache, max_new_tokens=2, do_sample=False), want
+    )

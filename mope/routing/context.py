@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from .base import RoutingInputs
-from .levels import DecisionCache
+from .base import Router, RoutingInputs
+from .levels import DecisionCache, per_example
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,19 @@ class RoutingContext:
             self.given = previous
 
 
+def decoder_mask_from_labels(labels: Any, decoder_input_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """An encoder-decoder's decoder mask where the batch gives none: 1 up to each row's last label that is not -100.
+
+    Seq2seq collators pad labels with -100 and pass no ``decoder_attention_mask``; the decoder input is the
+    labels shifted right, so position t is padding where labels t and after are all -100.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return None
+    if decoder_input_ids is not None and decoder_input_ids.shape != labels.shape:
+        return None
+    return (labels != -100).flip(1).cummax(dim=1).values.flip(1).long()
+
+
 def generate_inputs(args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
     """The captured inputs found in a ``generate`` call (its first positional argument is the ids)."""
     found = {
@@ -227,12 +240,26 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
     """``model.generate`` with mope's inputs given to every step and sequence decisions pinned to the prompt.
 
     ``generate`` calls the model many times and may call the encoder of an encoder-decoder model
-    directly, so mope's own inputs are taken out of its kwargs and given to every call.
+    directly, so mope's own inputs are taken out of its kwargs and given to every call. The routers
+    route as in inference even if the model is in training mode (TRL's GRPO generates so): no
+    capacity drops, expert choice, noise or jitter, which would make a token depend on the batch's
+    later tokens, and cached and uncached generation differ.
     """
     given = {
         spec.routing_key: kwargs.pop(spec.name) for spec in CAPTURED_INPUTS if spec.consumed and spec.name in kwargs
     }
     found = generate_inputs(args, kwargs)
+    prompts = next((found[key].shape[0] for key in ("input_ids", "attention_mask") if key in found), None)
+    if "task_ids" in given and prompts is not None:  # one per prompt; the steps then see them repeated for beams
+        given["task_ids"] = per_example(given["task_ids"], prompts, "mope_task_ids", "generate")
+    routers = [module for module in model.modules() if isinstance(module, Router)]
+    if holds_tokens(kwargs.get("cache", kwargs.get("past_key_values"))) and any(
+        r.level.name == "sequence" for r in routers
+    ):
+        raise ValueError(
+            "routing_level='sequence': generate was given a past_key_values cache that already holds tokens, so "
+            "the prompt's decision would see only its uncached tokens; pass the whole prompt without the cache."
+        )
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "input_ids" in found:
         # decoding steps get encoder_outputs, not input_ids, yet the decoder's cross-attention k/v layers
         # route encoder tokens: hash routing reads their ids from here
@@ -242,11 +269,16 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
         context.begin({**found, **context.given}, collecting=False)
         context.decisions.clear()
         context.decisions.pinned = True
+        training = [router for router in routers if router.training]
+        for router in training:
+            router.train(False)
         try:
             return model.generate(*args, **kwargs)
         finally:
             context.decisions.pinned = False
             context.decisions.clear()
+            for router in training:
+                router.train(True)
 
 
 def recomputing_with_its_call(checkpoint: Any, context: RoutingContext) -> Any:

@@ -76,6 +76,8 @@ def per_example(
     """
     if ids is None:
         raise ValueError(f"{hint} needs per-example {name}: call model(..., {argument or name}=LongTensor[batch]).")
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"{name} must be a 1-D integer tensor [batch], got a {type(ids).__name__}.")
     if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
         raise ValueError(f"{name} must be a 1-D integer tensor [batch], got {tuple(ids.shape)} {ids.dtype}.")
     fits = ids.shape[0] == batch or (expanded and ids.shape[0] > 0 and batch % ids.shape[0] == 0)

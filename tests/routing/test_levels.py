@@ -387,3 +387,27 @@ def test_token_level_aux_loss_on_flattened_tokens_leaves_padding_out():
         unmasked = model(input_ids=padded_ids, attention_mask=torch.ones_like(padded_mask)).aux_loss
     torch.testing.assert_close(got, want)
     assert not torch.allclose(unmasked, want)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_seq2seq_label_padding_counts_in_no_loss_or_decision(level):
+    # DataCollatorForSeq2Seq pads labels with -100 and gives no decoder_attention_mask: the decoder's padding
+    # positions counted in the aux loss and were pooled into the decoder's sequence-level decision
+    config = mope.MoPEConfig(
+        task_type="SEQ_2_SEQ_LM", target_modules="all-linear", num_experts=4, top_k=2, r=4, init_weights=False,
+        routing_level=level,
+    )  # fmt: skip
+    t5 = make_model("t5").config
+    t5.dropout_rate = 0.0  # T5's attention drops out in training (the base model's logits would differ)
+    torch.manual_seed(0)
+    model = get_peft_model(transformers.T5ForConditionalGeneration(t5), config)
+    sharpen_routers(model)
+    model.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    short = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    padded = torch.cat([short, torch.full((2, 3), -100)], dim=1)
+    with torch.no_grad():
+        want, got = (model(input_ids=ids, labels=labels) for labels in (short, padded))
+    torch.testing.assert_close(got.aux_loss, want.aux_loss)
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(got.logits[:, :3], want.logits)
