@@ -124,9 +124,22 @@ def bitsandbytes_dispatch(class_name: str, found: BaseLayerType) -> Callable[[nn
 
 
 def read_bnb_4bit(module: nn.Module) -> torch.Tensor:
+    """The dequantized weight. An inference forward on a CPU with AVX512-BF16 repacks the codes for bitsandbytes'
+    CPU kernel (``quant_state.packing_format_for_cpu``) and keeps the block scales transposed, in bf16; reading
+    that as the standard layout was 0.13 off where the largest entry is 0.07. It is put back first, as
+    bitsandbytes does before saving, whose inverse leaves the scales transposed where they were not double
+    quantized (a weight with more than one block per row read 0.03 off): they are put back here too."""
     from peft.utils.integrations import dequantize_bnb_weight
 
-    return dequantize_bnb_weight(module.weight, state=module.weight.quant_state)
+    weight = module.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        if state.absmax.dim() == 2:  # [blocks per row, rows]: the CPU layout's
+            state.absmax = state.absmax.T.reshape(-1).float()
+        weight.quant_state = state
+    return dequantize_bnb_weight(weight, state=weight.quant_state)
 
 
 def write_bnb_4bit(module: nn.Module, weight: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ from peft.utils.integrations import dequantize_bnb_weight
 from torch import nn
 
 import mope
-from mope.base_layers import BNB_4BIT, BNB_8BIT, base_layer_type
+from mope.base_layers import BNB_4BIT, BNB_8BIT, base_layer_type, read_bnb_4bit
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -184,10 +184,10 @@ def test_folding_requantizes_the_dense_sum_and_unfolding_restores_the_base_exact
     model = get_peft_model(quantized_llama(llama_folder, kind), mope_config(num_experts=1, top_k=1, init_weights=False))
     model.eval()
     batch = make_batch("llama", pad=2)
-    unfolded, frozen = logits(model, batch), packed(model)
     layers = [m for m in model.modules() if isinstance(m, mope.MoPELayer)]
     gate = torch.ones(1)
-    want = {}
+    frozen = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    want = {}  # read before any forward: an inference forward on CPU repacks 4-bit codes (see below)
     for layer in layers:
         w, bank = dequantized(layer), layer.mope_experts["default"]
         want[layer.module_name] = requantized(kind, bank.fold_into(w, None, gate)[0], layer.get_base_layer())
@@ -197,15 +197,29 @@ def test_folding_requantizes_the_dense_sum_and_unfolding_restores_the_base_exact
         assert base_layer_type(layer.get_base_layer()) is (BNB_8BIT if kind == "int8" else BNB_4BIT)
         torch.testing.assert_close(dequantized(layer), want[layer.module_name], rtol=0, atol=0)
     folded = logits(model, batch)
-    assert not torch.equal(folded, unfolded)
 
     model.unmerge_adapter()
-    assert same(packed(model), frozen)
-    torch.testing.assert_close(logits(model, batch), unfolded, rtol=0, atol=0)
+    assert same([layer.get_base_layer().weight for layer in layers], frozen)  # the kept originals, exactly
 
     plain = model.merge_and_unload()
     assert not any(isinstance(m, mope.MoPELayer) for m in plain.modules())
     torch.testing.assert_close(logits(plain, batch), folded, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_the_fold_reads_a_4bit_weight_that_an_inference_forward_repacked(llama_folder, kind):
+    # on a CPU with AVX512-BF16, bitsandbytes repacks 4-bit codes for its CPU kernel on the first inference
+    # forward; the fold read them as standard ones (0.13 off where the largest entry is 0.07; merged logits 0.34
+    # off): QLoRA's train, evaluate, merge_and_unload
+    model = get_peft_model(quantized_llama(llama_folder, kind), mope_config(num_experts=1, top_k=1))
+    layers = [m for m in model.modules() if isinstance(m, mope.MoPELayer)]
+    before = [dequantized(layer) for layer in layers]
+    logits(model.eval(), make_batch("llama", pad=2))
+    repacked = [getattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False) for layer in layers]
+    for layer, want in zip(layers, before, strict=True):  # the codes come back exactly, the block scales from bf16
+        torch.testing.assert_close(read_bnb_4bit(layer.get_base_layer()), want, rtol=1e-2, atol=1e-6)
+    if not any(repacked):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes kept the standard layout (the reads above still held)")
 
 
 def test_export_lora_from_a_4bit_base_loads_as_a_peft_lora_on_a_fresh_4bit_base(llama_folder, tmp_path):
