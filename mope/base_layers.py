@@ -80,6 +80,15 @@ def declared_features(module: nn.Module) -> tuple[int, int]:
 # --- nn.Linear and Conv1D ---------------------------------------------------------------------------------
 
 
+def keep_stored(module: nn.Module) -> torch.Tensor:
+    """A copy of a dense weight, for a fold that subtracting cannot undo (an (IA)^3 scale of 0)."""
+    return module.weight.data.clone()
+
+
+def restore_stored(module: nn.Module, kept: torch.Tensor) -> None:
+    module.weight.data.copy_(kept)
+
+
 def read_stored(module: nn.Module) -> torch.Tensor:
     return module.weight.data
 

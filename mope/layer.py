@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .base_layers import BaseLayerType, base_layer_type, check_base_layer
+from .base_layers import BaseLayerType, base_layer_type, check_base_layer, keep_stored, restore_stored
 from .base_layers import supported_base_layer as supported_base_layer  # tuner.py and reuse.py import it from here
 from .experts import EXPERT_BANKS
 from .experts.lora import LoRAExpertBank
@@ -83,7 +83,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         self.module_name = module_name
         self.merged_adapters: list[str] = []
         self.merged_gates: dict[str, torch.Tensor] = {}  # the gate each merge used, so unmerge undoes exactly that
-        self.unfolded_base: tuple[Any, torch.Tensor | None] | None = None  # a quantized base before its first fold
+        # the base before a fold unmerge restores (a quantized base, an (IA)^3 scale of 0), its bias, the folds before it
+        self.unfolded_base: tuple[Any, torch.Tensor | None, int] | None = None
         self._disable_adapters = False
         self._active_adapter = adapter_name
         self.fused_check: FusedCheck | None = None  # set where a call fused (eager): what the next call re-checks
@@ -386,6 +387,9 @@ class MoPELayer(nn.Module, BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         names = [name for name in adapter_names if name in self.mope_experts]
+        # the forward scales the base's input for every (IA)^3 input scaling, then adds the other updates: fold in
+        # that order, W diag(l) + dW (LoRA first gave (W + dW) diag(l), scaling the LoRA's input too)
+        names.sort(key=lambda name: not self.mope_experts[name].scales_input)
         for name in names:  # check all before changing anything
             blocker = self.fold_blocker(name)
             if blocker is not None:
@@ -395,32 +399,36 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             weight, bias = self._merged_weight(name, sign=1, gate=gate)
             if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"Merging adapter '{name}' into '{self.module_name}' gives non-finite weights.")
-            self._keep_unfolded_base()
+            self._keep_unfolded_base(exact=not self.mope_experts[name].unfolds(gate))
             self._write_base(weight, bias)
             self.merged_adapters.append(name)
             self.merged_gates[name] = gate
 
     def unmerge(self) -> None:
-        if self.unfolded_base is not None:  # a quantized base: put the kept original back, exactly
-            base, (kept, bias) = self.get_base_layer(), self.unfolded_base
-            self.base_type.restore(base, kept)
+        if self.unfolded_base is not None:  # a quantized base (or a fold no subtraction undoes): put it back, exactly
+            base, (kept, bias, folded_before) = self.get_base_layer(), self.unfolded_base
+            (self.base_type.restore or restore_stored)(base, kept)
             if bias is not None:
                 base.bias.data.copy_(bias)
             self.unfolded_base = None
-            self.merged_adapters.clear()
-            self.merged_gates.clear()
+            for name in self.merged_adapters[folded_before:]:
+                self.merged_gates.pop(name, None)
+            del self.merged_adapters[folded_before:]
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.mope_experts:
                 self._write_base(*self._merged_weight(name, sign=-1, gate=self.merged_gates.pop(name, None)))
 
-    def _keep_unfolded_base(self) -> None:
-        """Before the first fold into a base that re-quantizes on writing: keep what unmerge restores."""
+    def _keep_unfolded_base(self, exact: bool = False) -> None:
+        """Before the first fold into a base that re-quantizes on writing, or one that unfolding cannot undo
+        (``exact``): keep what unmerge restores. A later fold of an earlier-kept base keeps nothing more."""
         base_type, base = self.base_type, self.get_base_layer()
-        if base_type.keep is None or self.unfolded_base is not None:
+        keep = base_type.keep or (keep_stored if exact else None)
+        if keep is None or self.unfolded_base is not None:
             return
         bias = getattr(base, "bias", None)
-        self.unfolded_base = (base_type.keep(base), None if bias is None else bias.detach().clone())
+        # with the adapters folded before it: restoring it undoes only the later folds
+        self.unfolded_base = (keep(base), None if bias is None else bias.detach().clone(), len(self.merged_adapters))
 
     def _write_base(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         base = self.get_base_layer()

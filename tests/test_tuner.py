@@ -268,6 +268,63 @@ def test_merge_of_single_expert_is_exact() -> None:
     torch.testing.assert_close(no_grad_logits(merged, batch), expected, rtol=0, atol=1e-5)
 
 
+def two_mergeable_adapters():
+    """'lora' (LoRA experts) and 'scale' ((IA)^3 experts scaling down_proj's input), one expert each, both active."""
+    common = dict(task_type="CAUSAL_LM", target_modules=["down_proj"], num_experts=1, top_k=1, r=4, init_weights=False)
+    model = get_peft_model(make_model("llama"), MoPEConfig(expert_type="lora", **common), adapter_name="lora")
+    model.add_adapter("scale", MoPEConfig(expert_type="ia3", feedforward_modules=["down_proj"], **common))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "mope_experts" in name:
+                param.normal_(1.0 if "ia3" in name else 0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("order", [["lora", "scale"], ["scale", "lora"]])
+def test_merging_lora_and_input_scaling_ia3_adapters_folds_what_the_forward_computes(order):
+    # the forward is W (x * l) + dW x; folding 'lora' first gave (W + dW) diag(l): logits 0.31 off
+    model = two_mergeable_adapters()
+    model.base_model.set_adapter(order)
+    batch = make_batch("llama")
+    weights = [
+        layer.get_base_layer().weight.detach().clone() for layer in model.modules() if isinstance(layer, MoPELayer)
+    ]
+    unmerged = no_grad_logits(model, batch)
+    model.merge_adapter()
+    torch.testing.assert_close(no_grad_logits(model, batch), unmerged, rtol=0, atol=1e-5)
+    model.unmerge_adapter()
+    for layer, weight in zip([m for m in model.modules() if isinstance(m, MoPELayer)], weights, strict=True):
+        torch.testing.assert_close(layer.get_base_layer().weight, weight, rtol=0, atol=1e-6)
+
+
+def test_unmerging_an_ia3_scale_of_zero_restores_the_base():
+    # unfolding divided by the scale: a 0 wrote a NaN row into the frozen weight, silently
+    model = two_mergeable_adapters()
+    layers = [m for m in model.modules() if isinstance(m, MoPELayer)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.mope_experts["scale"].ia3_l[0, :3] = 0.0
+    weights = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    batch = make_batch("llama")
+    unmerged = no_grad_logits(model, batch)
+    model.base_model.set_adapter(["lora", "scale"])
+    both = no_grad_logits(model, batch)
+    model.merge_adapter()  # 'scale' is folded first; its zero scale keeps a copy of the base
+    torch.testing.assert_close(no_grad_logits(model, batch), both, rtol=0, atol=1e-5)
+    model.unmerge_adapter()
+    for layer, weight in zip(layers, weights, strict=True):
+        assert torch.equal(layer.get_base_layer().weight, weight) and not layer.merged_adapters
+    model.merge_adapter(["lora"])  # alone: subtracting undoes it
+    model.merge_adapter(["scale"])  # kept after 'lora' was folded: restoring it undoes 'scale' only
+    assert all(layer.merged_adapters == ["lora", "scale"] for layer in layers)
+    model.unmerge_adapter()
+    for layer, weight in zip(layers, weights, strict=True):
+        torch.testing.assert_close(layer.get_base_layer().weight, weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(no_grad_logits(model, batch), both, rtol=0, atol=1e-5)
+    assert not torch.allclose(unmerged, both)
+
+
 @pytest.mark.parametrize("router", ["top_k", "dense"])
 def test_training_steps_leave_no_routing_or_loss_record_alive(router):
     """After eager training steps with router losses, nothing a step built for its losses stays alive: a cycle

@@ -46,6 +46,9 @@ class IA3ExpertBank(ExpertBank):
             return base_out
         return base_out * self.mixed_scale(weights).to(base_out.dtype)
 
+    def unfolds(self, weights: torch.Tensor) -> bool:
+        return bool((self.mixed_scale(weights) != 0).all())  # dividing by a zero scale wrote NaN into the base
+
     def fold_into(self, weight, bias, weights, sign=1):
         scale = self.mixed_scale(weights).to(weight.dtype)
         if sign < 0:
