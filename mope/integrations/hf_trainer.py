@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..routing.schedule import ScheduleCallback
-from .trainer import log_routing
+from .trainer import accumulation_divisor, log_routing
 
 
 class MoPETrainer(Trainer):
@@ -40,12 +40,5 @@ class MoPETrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         aux = outputs.get("aux_loss") if hasattr(outputs, "get") else None
         if aux is not None and aux.requires_grad:
-            loss = loss + aux.to(loss.device) / self.accumulation_divisor(num_items_in_batch)
+            loss = loss + aux.to(loss.device) / accumulation_divisor(self, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
-
-    def accumulation_divisor(self, num_items_in_batch: Any) -> int:
-        """The accumulation steps where ``training_step`` will not divide the loss by them (Trainer's own rule), else 1."""
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func
-        return self.current_gradient_accumulation_steps if scaled else 1

@@ -131,6 +131,16 @@ class RoutingLogCallback(TrainerCallback):
             self.aux_handle = None
 
 
+def accumulation_divisor(trainer: Any, num_items_in_batch: Any) -> int:
+    """The accumulation steps where ``Trainer.training_step`` will not divide the loss by them (its own rule:
+    ``loss_is_scaled_for_ga``, else a loss normalised by ``num_items_in_batch``), else 1: what an addition to
+    ``compute_loss``'s loss is divided by, so that it weighs the same as in one unaccumulated batch."""
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func
+    return trainer.current_gradient_accumulation_steps if scaled else 1
+
+
 def log_routing(trainer: Any, adapter_name: str = "default") -> RoutingLogCallback:
     """Add a :class:`RoutingLogCallback` to ``trainer``, first, so every reporter sees its values."""
     callback = RoutingLogCallback(adapter_name)

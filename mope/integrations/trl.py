@@ -1,16 +1,18 @@
-"""TRL's ``SFTTrainer`` with MoPE's router losses in the loss it optimises.
+"""TRL's trainers with MoPE's router losses in the loss they optimise.
 
-    from mope.integrations.trl import MoPESFTTrainer
+    from mope.integrations.trl import MoPESFTTrainer       # or MoPEDPOTrainer, MoPERewardTrainer, MoPEGRPOTrainer, ...
     trainer = MoPESFTTrainer(model=model, args=SFTConfig(...), train_dataset=..., peft_config=mope.MoPEConfig(...))
 
-Why a subclass: MoPE adds its router losses (``aux_loss``) to the model output's ``loss``, which is
-what ``transformers.Trainer`` optimises. TRL's ``SFTTrainer`` (1.x) computes the loss itself, from
-a fused LM head's log-probabilities (or from the logits, with label smoothing or a
-``compute_loss_func``), and adds a router loss only for models whose config declares
-``output_router_logits`` (MoE architectures). Under a plain ``trl.SFTTrainer`` a MoPE mixture
-therefore trains *without* its balance loss. This subclass adds the ``aux_loss`` of the forwards
-that ran with gradients during ``compute_loss`` (TRL's extra no-grad forwards for metrics are not counted), divided by the accumulation steps exactly as TRL
-divides an MoE model's own router loss. It also logs the router loss and the expert balance
+Why subclasses: MoPE adds its router losses (``aux_loss``) to the model output's ``loss``, which is
+what ``transformers.Trainer`` optimises. TRL's trainers (1.x) compute the loss themselves (SFT
+from a fused LM head's log-probabilities, DPO/KTO from preference log-ratios, the reward model
+from pairwise scores, GRPO/RLOO from advantages) and add a router loss only for models whose
+config declares ``output_router_logits`` (MoE architectures). Under a plain TRL trainer a MoPE
+mixture therefore trains *without* its balance loss. Each subclass here adds the mean ``aux_loss``
+of the forwards that ran with gradients during ``compute_loss`` (TRL's no-grad forwards for
+metrics, reference log-probabilities or generation are not counted), divided by the accumulation
+steps where the Trainer will not divide the loss by them (TRL's own rule for an MoE model's router
+loss). Each also logs the router loss and the expert balance
 (:class:`~mope.integrations.trainer.RoutingLogCallback`) and steps manual router schedules.
 """
 
@@ -23,27 +25,27 @@ from torch import nn
 
 from ..extras import require_extra
 from ..routing.schedule import ScheduleCallback
-from .trainer import log_routing
+from .trainer import accumulation_divisor, log_routing
 
 require_extra("trl", "trl")
-from trl import SFTTrainer  # noqa: E402
+from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer  # noqa: E402
 
 
-def model_returns_own_loss(trainer: SFTTrainer) -> bool:
+def model_returns_own_loss(trainer: Any) -> bool:
     """True where SFTTrainer optimises the model's own ``loss`` (DeepSpeed sequence parallelism), which holds the aux loss."""
     config = getattr(trainer.accelerator, "parallelism_config", None)
     return bool(config is not None and getattr(config, "sp_enabled", False) and trainer.model.training)
 
 
-class MoPESFTTrainer(SFTTrainer):
-    """``trl.SFTTrainer`` whose optimised loss includes MoPE's router losses; see the module doc."""
+class RouterLosses:
+    """Mixin for a TRL trainer: its optimised loss includes MoPE's router losses; see the module doc."""
 
     def __init__(self, *args: Any, adapter_name: str = "default", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.routing_log = log_routing(self, adapter_name)
         self.add_callback(ScheduleCallback())
 
-    def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+    def compute_loss(self, model: nn.Module, inputs: Any, return_outputs: bool = False, num_items_in_batch=None):
         aux_losses: list[torch.Tensor] = []
 
         def record(module: nn.Module, args: tuple, output: Any) -> None:
@@ -59,6 +61,32 @@ class MoPESFTTrainer(SFTTrainer):
         if not aux_losses or model_returns_own_loss(self):  # no training forward, or its loss holds the aux
             return result
         loss = result[0] if return_outputs else result
-        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        loss = loss + sum(aux.to(loss.device) for aux in aux_losses) / steps
+        aux = torch.stack([a.to(loss.device) for a in aux_losses]).mean()  # GRPO runs a batch in chunks
+        loss = loss + aux / accumulation_divisor(self, num_items_in_batch)
         return (loss, result[1]) if return_outputs else loss
+
+
+class MoPESFTTrainer(RouterLosses, SFTTrainer):
+    """``trl.SFTTrainer`` whose optimised loss includes MoPE's router losses."""
+
+
+class MoPEDPOTrainer(RouterLosses, DPOTrainer):
+    """``trl.DPOTrainer`` whose optimised loss includes MoPE's router losses (the reference pass, with the adapter
+    disabled or a separate model, runs without gradients and adds none)."""
+
+
+class MoPEKTOTrainer(RouterLosses, KTOTrainer):
+    """``trl.KTOTrainer`` whose optimised loss includes MoPE's router losses."""
+
+
+class MoPERewardTrainer(RouterLosses, RewardTrainer):
+    """``trl.RewardTrainer`` whose optimised loss includes MoPE's router losses (``task_type="SEQ_CLS"``)."""
+
+
+class MoPEGRPOTrainer(RouterLosses, GRPOTrainer):
+    """``trl.GRPOTrainer`` whose optimised loss includes MoPE's router losses. Its generation runs the routers as
+    in inference (:func:`mope.routing.context.generate_with_routing`), although the model is in training mode."""
+
+
+class MoPERLOOTrainer(RouterLosses, RLOOTrainer):
+    """``trl.RLOOTrainer`` whose optimised loss includes MoPE's router losses."""
