@@ -228,7 +228,8 @@ class MoPEConfig(PeftConfig):
         default=16, metadata={"help": "router='cosine' (X-MoE): dimension of the low-dimensional routing space."}
     )
     cosine_init_temperature: float = field(
-        default=0.07, metadata={"help": "router='cosine': initial value of the learned temperature (> 0)."}
+        default=0.07,
+        metadata={"help": "router='cosine': initial value of the learned temperature (>= 0.01, where it is clamped)."},
     )
     hash_seed: int = field(default=0, metadata={"help": "router='hash': seed of the fixed random token-id hash."})
     soft_merge_lora: str = field(

@@ -121,6 +121,8 @@ class ExpertBank(nn.Module):
 
     def fold_blocker(self) -> str | None:
         """Why this expert type can never be folded into the base weight, or None if it can."""
+        if type(self).fold_into is ExpertBank.fold_into:
+            return f"{type(self).__name__} does not implement fold_into: its experts cannot be folded into a weight"
         return None
 
     def fold_into(

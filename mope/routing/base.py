@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -160,6 +160,8 @@ class RoutingInputs:
     ``cache_step``: True when the layer sees only the newest tokens of a longer, KV-cached sequence.
     ``decisions``: the model's :class:`~mope.routing.levels.DecisionCache` (sequence-level routing
     keeps the prompt's decision there for later tokens), or None.
+    ``captured``: every input the call captured, by routing key (``CAPTURED_INPUTS`` in
+    :mod:`mope.routing.context`): a new forward input a gate reads arrives here as it was passed.
     """
 
     token_mask: torch.Tensor | None = None
@@ -168,6 +170,7 @@ class RoutingInputs:
     group_ids: torch.Tensor | None = None
     cache_step: bool = False
     decisions: Any = None
+    captured: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
 
 def init_router_normal(weight: torch.Tensor, std: float) -> None:

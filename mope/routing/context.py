@@ -199,6 +199,7 @@ class RoutingContext:
             group_ids=inputs.get("group_ids"),
             cache_step=cache_step,
             decisions=self.decisions,
+            captured=inputs,
         )
 
     @contextmanager

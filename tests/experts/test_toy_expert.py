@@ -140,3 +140,18 @@ def test_fold_into_the_base_with_a_fixed_gate():
         want = model(**batch).logits
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(**batch).logits, want)
+
+
+def test_a_type_without_fold_into_is_refused_by_name_and_nothing_changes(monkeypatch):
+    # the base class raised a bare NotImplementedError('') from inside the merge
+    monkeypatch.delattr(BiasExpertBank, "fold_into")
+    model = get_peft_model(make_model("llama"), bias_config(target_modules=["q_proj"], num_experts=1, top_k=1))
+    batch = make_batch("llama")
+    with torch.no_grad():
+        want = model(**batch).logits
+        with pytest.raises(
+            ValueError, match=r"Cannot merge .*module '.*q_proj': .*BiasExpertBank does not implement fold_into"
+        ):
+            model.merge_and_unload()
+        torch.testing.assert_close(model(**batch).logits, want, rtol=0, atol=0)
+    assert not any(layer.merged_adapters for layer in bias_layers(model))

@@ -136,3 +136,37 @@ def test_trains_saves_and_reloads(tmp_path):
     assert isinstance(layers_of(loaded)[0].mope_router["default"], RoundRobinRouter)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, want, rtol=0, atol=0)
+
+
+class DomainRouter(Router):
+    """Expert ``domain_ids[b] mod N`` for every token of example b: a gate that reads a forward input of its own."""
+
+    schedules_top_k = False
+
+    @classmethod
+    def weight_rows(cls, num_experts: int, top_k: int, config: Any) -> None:
+        return None
+
+    def decide(self, x: torch.Tensor, inputs: RoutingInputs) -> Routing:
+        domains = inputs.captured["domain_ids"] % self.num_experts  # the new input, as the call passed it
+        weights = torch.nn.functional.one_hot(domains, self.num_experts).float()
+        weights = weights.view(-1, *([1] * (x.dim() - 2)), self.num_experts).expand(*x.shape[:-1], -1)
+        return Routing(weights=weights, probs=weights, logits=torch.zeros_like(weights), load=weights)
+
+
+def test_a_new_forward_input_is_one_captured_input_line(monkeypatch):
+    from mope.routing import context
+
+    monkeypatch.setitem(mope.routing.ROUTERS, "domain", DomainRouter)
+    line = context.CapturedInput("domain_ids", consumed=True)  # the one line: consumed, the base model never sees it
+    table = (*context.CAPTURED_INPUTS, line)
+    monkeypatch.setattr(context, "CAPTURED_INPUTS", table)  # as if added in context.py (tuner.py imports the table)
+    monkeypatch.setattr(mope.tuner, "CAPTURED_INPUTS", table)
+    config = round_robin_config(router="domain", top_k=1)
+    model = get_peft_model(make_model("llama"), config).eval()
+    seen = []
+    layers_of(model)[0].mope_router["default"].register_forward_hook(lambda m, a, out: seen.append(out.weights))
+    batch = make_batch("llama")
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], domain_ids=torch.tensor([3, 1]))
+    assert seen[0][0].argmax(-1).tolist() == [3] * 8 and seen[0][1].argmax(-1).tolist() == [1] * 8
