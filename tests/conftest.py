@@ -505,3 +505,15 @@ def compiled_steps_without_recompiles(dispatch: str, device: str = "cpu") -> Non
                 inner.train()
             step(inner)
             step(compiled)
+
+
+def word_tokenizer(vocab_size: int = 128):
+    """A tokenizer for the tiny models: the word ``t<i>`` is token i (``t0`` pads, ``t1`` ends), built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    inner = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="t0", eos_token="t1")
+    fast.chat_template = "{% for m in messages %}t2 {{ m['content'] }} {% endfor %}"
+    return fast

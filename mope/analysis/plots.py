@@ -30,6 +30,8 @@ def short_name(module: str) -> str:
 def load_heatmap(report: Mapping[str, Mapping]) -> Figure:
     """Layers by experts, colour = share of dispatch; a balanced layer is one flat colour."""
     names = list(report)
+    if not names:
+        raise ValueError("load_heatmap: the report has no module (routing_report saw no batch, or no MoPE layer)")
     width = max(len(report[n]["load"]) for n in names)
     grid = np.full((len(names), width), np.nan)
     for row, name in enumerate(names):
@@ -94,7 +96,13 @@ def domain_expert_load(loads: Loads, module: str | None = None, title: str | Non
 def routing_by_position(report: Mapping[str, Mapping], module: str | None = None) -> Figure:
     """Left: drop rate by position, one line per layer (OpenMoE's drop towards the end).
     Right: each expert's share of dispatch by position for ``module`` (default: the first layer)."""
+    if not report:
+        raise ValueError(
+            "routing_by_position: the report has no module (routing_report saw no batch, or no MoPE layer)"
+        )
     module = module or next(iter(report))
+    if module not in report:
+        raise ValueError(f"routing_by_position: module {module!r} is not in the report: pass one of {list(report)}")
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     drops, shares = fig.subplots(1, 2)
     lines = [(n, s["drop_rate_by_position"]) for n, s in report.items() if s.get("drop_rate_by_position")]
@@ -128,6 +136,10 @@ def routing_by_position(report: Mapping[str, Mapping], module: str | None = None
 def token_map(tokens: Sequence[str], choices: Mapping[str, torch.Tensor], num_experts: int | None = None) -> Figure:
     """Tokens by layers, colour = each token's top-1 expert (``choices``: module -> ``[seq]`` expert ids)."""
     names = list(choices)
+    if not names or not len(tokens):
+        raise ValueError(
+            f"token_map needs tokens and the choices of at least one module; got {len(tokens)} tokens, {len(names)} modules"
+        )
     grid = np.stack([np.asarray(choices[n]).reshape(-1)[: len(tokens)] for n in names])
     num_experts = num_experts or int(grid.max()) + 1
     fig = Figure(figsize=(1.8 + 0.34 * len(tokens), 1.0 + 0.3 * len(names)), layout="constrained")
@@ -163,6 +175,9 @@ def text_token_map(
     per_token = {
         n: c[0] for n, c in choices.items() if tuple(c.shape) == (1, len(tokens)) and (only is None or only in n)
     }
+    if not per_token:
+        hint = f"whose name contains {only!r} " if only is not None else ""
+        raise ValueError(f"text_token_map: no MoPE module {hint}routes per token here; seen: {sorted(choices)}")
     modules = dict(model.named_modules())
     num_experts = max((modules[n].mope_router[adapter_name].num_experts for n in per_token), default=None)
     return token_map(tokens, per_token, num_experts)

@@ -31,6 +31,22 @@ def test_plots_render_to_png(tmp_path):
         assert (tmp_path / f"{i}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_plots_of_nothing_say_what_is_missing():
+    # an empty report (no batch) or an unknown module failed inside matplotlib/numpy ("max() arg is an empty
+    # sequence", StopIteration, "need at least one array to stack", KeyError)
+    from mope.analysis.plots import load_heatmap, routing_by_position, token_map
+
+    with pytest.raises(ValueError, match="load_heatmap: the report has no module"):
+        load_heatmap({})
+    with pytest.raises(ValueError, match="routing_by_position: the report has no module"):
+        routing_by_position({})
+    report = routing_report(routed_llama(num_experts=4, top_k=2), repeated_token_batches(1))
+    with pytest.raises(ValueError, match=r"module 'nope' is not in the report: pass one of \['base_model"):
+        routing_by_position(report, module="nope")
+    with pytest.raises(ValueError, match="token_map needs tokens and the choices of at least one module"):
+        token_map([], {})
+
+
 DOMAINS = ("stdlib", "fortunes", "man")
 MODULES = ("base_model.model.layer.0.query", "base_model.model.layer.0.value")
 
@@ -103,3 +119,16 @@ def test_domain_expert_load_plot_draws_the_mean_or_one_module_and_the_separation
     assert (tmp_path / "domains.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match=re.escape("module 'layer.9.key' has no loads")):
         domain_expert_load(loads, module="layer.9.key")
+
+
+def test_text_token_map_plots_the_modules_that_route_per_token_and_names_a_filter_that_keeps_none():
+    from conftest import word_tokenizer
+
+    from mope.analysis.plots import text_token_map
+
+    model, tokenizer = routed_llama(num_experts=4, top_k=2), word_tokenizer()
+    figure = text_token_map(model, tokenizer, "t5 t9 t12 t40", only="q_proj")
+    tokens = len(tokenizer("t5 t9 t12 t40")["input_ids"])
+    assert figure.axes[0].images[0].get_array().shape == (2, tokens)  # q_proj of both layers
+    with pytest.raises(ValueError, match="no MoPE module whose name contains 'nope' routes per token"):
+        text_token_map(model, word_tokenizer(), "t5 t9", only="nope")

@@ -63,14 +63,15 @@ def plain_trainer(folder, base: str, quantized: bool = False, **args) -> Trainer
 
 def sft_trainer(folder, base: str, **args):
     """MoPESFTTrainer given the base's path and peft_config=, as TRL's examples do."""
-    from test_trl import dataset, tokenizer
+    from conftest import word_tokenizer
+    from test_trl import dataset
     from trl import SFTConfig
 
     from mope.integrations.trl import MoPESFTTrainer
 
     arguments = SFTConfig(**settings(folder, bf16=False, **args))
     return MoPESFTTrainer(
-        model=base, args=arguments, train_dataset=dataset("messages"), processing_class=tokenizer(128),
+        model=base, args=arguments, train_dataset=dataset("messages"), processing_class=word_tokenizer(),
         peft_config=mixture(),
     )  # fmt: skip
 

@@ -9,25 +9,14 @@ import torch
 from peft import PeftModel
 
 pytest.importorskip("trl")
-from conftest import make_model, no_grad_logits, ranks_of_two_cpu_processes
+from conftest import make_model, no_grad_logits, ranks_of_two_cpu_processes, word_tokenizer
 from datasets import Dataset
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 import mope
 from mope.integrations.trl import MoPESFTTrainer
 
 TESTS = str(Path(__file__).resolve().parents[1])
-
-
-def tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    words = {f"t{i}": i for i in range(vocab_size)}
-    inner = Tokenizer(models.WordLevel(words, unk_token="t0"))
-    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="t0", eos_token="t1")
-    fast.chat_template = "{% for m in messages %}t2 {{ m['content'] }} {% endfor %}"
-    return fast
 
 
 def dataset(kind: str, count: int = 16) -> Dataset:
@@ -52,7 +41,7 @@ def trainer(folder, kind: str = "messages", cls=MoPESFTTrainer, **args) -> SFTTr
         model=model,
         args=SFTConfig(**settings),
         train_dataset=dataset(kind),
-        processing_class=tokenizer(model.config.vocab_size),
+        processing_class=word_tokenizer(model.config.vocab_size),
         peft_config=config,
     )
 

@@ -13,9 +13,8 @@ import torch
 import transformers
 
 pytest.importorskip("trl")
-from conftest import make_model
+from conftest import make_model, word_tokenizer
 from datasets import Dataset
-from test_trl import tokenizer
 from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, RLOOConfig
 
 import mope
@@ -36,11 +35,11 @@ def build(kind: str, folder) -> transformers.Trainer:
     lm = dict(model=make_model("llama"), peft_config=mope.MoPEConfig(task_type="CAUSAL_LM", **config))
     if kind == "dpo":
         return mope_trl.MoPEDPOTrainer(args=DPOConfig(**common), train_dataset=Dataset.from_list(ROWS), **lm,
-                                       processing_class=tokenizer(128))  # fmt: skip
+                                       processing_class=word_tokenizer())  # fmt: skip
     if kind == "kto":
         rows = [{"prompt": r["prompt"], "completion": r["chosen"], "label": n % 2 == 0} for n, r in enumerate(ROWS)]
         return mope_trl.MoPEKTOTrainer(args=KTOConfig(**common), train_dataset=Dataset.from_list(rows), **lm,
-                                       processing_class=tokenizer(128))  # fmt: skip
+                                       processing_class=word_tokenizer())  # fmt: skip
     if kind == "reward":
         torch.manual_seed(0)
         scorer = transformers.LlamaForSequenceClassification(
@@ -50,15 +49,15 @@ def build(kind: str, folder) -> transformers.Trainer:
         rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]} for r in ROWS]
         return mope_trl.MoPERewardTrainer(
             model=scorer, args=RewardConfig(**common), train_dataset=Dataset.from_list(rows),
-            processing_class=tokenizer(128), peft_config=mope.MoPEConfig(task_type="SEQ_CLS", **config),
+            processing_class=word_tokenizer(), peft_config=mope.MoPEConfig(task_type="SEQ_CLS", **config),
         )  # fmt: skip
     rl = dict(num_generations=2, max_completion_length=3, per_device_train_batch_size=4)
     rows = Dataset.from_list([{"prompt": r["prompt"]} for r in ROWS])
     if kind == "grpo":
         return mope_trl.MoPEGRPOTrainer(args=GRPOConfig(**{**common, **rl}), train_dataset=rows, **lm,
-                                        reward_funcs=reward_of_length, processing_class=tokenizer(128))  # fmt: skip
+                                        reward_funcs=reward_of_length, processing_class=word_tokenizer())  # fmt: skip
     return mope_trl.MoPERLOOTrainer(args=RLOOConfig(**{**common, **rl}), train_dataset=rows, **lm,
-                                    reward_funcs=reward_of_length, processing_class=tokenizer(128))  # fmt: skip
+                                    reward_funcs=reward_of_length, processing_class=word_tokenizer())  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["dpo", "kto", "reward", "grpo", "rloo"])
