@@ -10,6 +10,7 @@ checks that need more than the file (adapter config, model and data locations).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a YAML true is not the number 1 (training.max_steps=true trained one step); no inf or nan
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class QuantizationSection(Section):
@@ -185,7 +187,12 @@ class RecipeError(ValueError):
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, at any depth."""
+    """``yaml.SafeLoader`` with YAML 1.2's scalars, refusing a key given twice in one mapping, at any depth.
+
+    PyYAML follows YAML 1.1: ``no``/``yes``/``on``/``off`` are booleans (``mixed_precision: no`` was refused as
+    False) and ``1e-2`` is a string (a float needs a dot there). Here only ``true``/``false`` are booleans and
+    ``1e-2`` is a number, as in YAML 1.2 (and JSON); a date is a string.
+    """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_line: dict[Any, int] = {}
@@ -201,6 +208,25 @@ class RecipeLoader(yaml.SafeLoader):
                 )
             first_line[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+YAML_12_SCALARS = {  # tag -> (pattern, first characters), YAML 1.2's core schema
+    "tag:yaml.org,2002:bool": (r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    "tag:yaml.org,2002:int": (r"[-+]?[0-9]+", "-+0123456789"),
+    "tag:yaml.org,2002:float": (
+        r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        "-+0123456789.",
+    ),
+}
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [
+        (tag, pattern) for tag, pattern in resolvers if tag not in YAML_12_SCALARS and not tag.endswith("timestamp")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, (_pattern, _first) in YAML_12_SCALARS.items():  # int before float: '1' is an int
+    RecipeLoader.add_implicit_resolver(_tag, re.compile(rf"^(?:{_pattern})$"), list(_first))
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
 
 
 def yaml_problem(error: yaml.YAMLError) -> str:

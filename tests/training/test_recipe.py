@@ -49,6 +49,23 @@ def test_unknown_key_and_wrong_type_are_named(tmp_path):
         load_recipe(bad)
 
 
+def test_values_read_as_yaml_1_2_and_strictly(tmp_path):
+    # PyYAML's YAML 1.1 read the documented `mixed_precision: no` as False (refused) and 1e-2 as a string
+    text = OFFLINE_TINY.read_text().replace("training:\n", "training:\n  mixed_precision: no\n  weight_decay: 1e-2\n", 1)
+    (tmp_path / "recipe.yaml").write_text(text)
+    recipe = load_recipe(tmp_path / "recipe.yaml", ["adapter.config.aux_loss_coef=1e-2", "training.output_dir=on"])
+    assert recipe.training.mixed_precision == "no" and recipe.training.weight_decay == 0.01
+    assert recipe.adapter.config["aux_loss_coef"] == 0.01 and recipe.training.output_dir == "on"
+    assert load_recipe(OFFLINE_TINY, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    # a YAML true is not the number 1 (max_steps=true trained one step); inf is no length
+    with pytest.raises(RecipeError, match=r"training\.max_steps: Input should be a valid integer"):
+        load_recipe(OFFLINE_TINY, ["training.max_steps=true"])
+    with pytest.raises(RecipeError, match=r"training\.epochs: Input should be a finite number"):
+        load_recipe(OFFLINE_TINY, ["training.max_steps=null", "training.epochs=.inf"])
+    with pytest.raises(RecipeError, match=r"training\.gradient_checkpointing: Input should be a valid boolean"):
+        load_recipe(OFFLINE_TINY, ["training.gradient_checkpointing=yes"])
+
+
 def test_router_learning_rate_absolute_or_relative_and_not_both():
     lr = ["training.learning_rate=0.004"]
     assert load_recipe(OFFLINE_TINY, lr).training.router_lr == pytest.approx(0.004)  # default: same rate
