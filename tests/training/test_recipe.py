@@ -51,7 +51,9 @@ def test_unknown_key_and_wrong_type_are_named(tmp_path):
 
 def test_values_read_as_yaml_1_2_and_strictly(tmp_path):
     # PyYAML's YAML 1.1 read the documented `mixed_precision: no` as False (refused) and 1e-2 as a string
-    text = OFFLINE_TINY.read_text().replace("training:\n", "training:\n  mixed_precision: no\n  weight_decay: 1e-2\n", 1)
+    text = OFFLINE_TINY.read_text().replace(
+        "training:\n", "training:\n  mixed_precision: no\n  weight_decay: 1e-2\n", 1
+    )
     (tmp_path / "recipe.yaml").write_text(text)
     recipe = load_recipe(tmp_path / "recipe.yaml", ["adapter.config.aux_loss_coef=1e-2", "training.output_dir=on"])
     assert recipe.training.mixed_precision == "no" and recipe.training.weight_decay == 0.01
