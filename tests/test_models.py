@@ -420,3 +420,20 @@ def test_training_forward_traces_as_one_graph(router):
     explained = torch._dynamo.explain(lambda batch: model(**batch).loss)(make_batch("llama"))
     assert explained.graph_break_count == 0, [str(reason.reason) for reason in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_a_compiled_encoder_routes_its_pooler_as_eager_does():
+    # compiled, every call counts as continuing a KV cache (the tuner cannot read the cache's length there): the
+    # pooler's [batch, hidden] input was then taken for a decoding step, which expert choice refuses
+    config = MoPEConfig(
+        task_type="SEQ_CLS", target_modules="all-linear", num_experts=4, top_k=2, r=4, router="expert_choice",
+        init_weights=False,
+    )  # fmt: skip
+    model = get_peft_model(make_model("bert"), config).eval()
+    assert isinstance(model.base_model.model.bert.pooler.dense, MoPELayer)
+    batch = make_batch("bert", pad=2)
+    with torch.no_grad():
+        eager = model(**batch).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager")(**batch).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

@@ -28,7 +28,7 @@ names: train with ``remove_unused_columns=False`` to keep these columns.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,15 +113,6 @@ class RoutingContext:
         self.call = ForwardCall(inputs, collecting, continues_cache=continues_cache)
         return self.call
 
-    @contextmanager
-    def replaying(self, call: ForwardCall) -> Iterator[None]:
-        """Inside: ``call`` is the current one (a checkpointed layer recomputes with its forward's inputs)."""
-        current, self.call = self.call, call
-        try:
-            yield
-        finally:
-            self.call = current
-
     def finish(self) -> list[LossRecord]:
         """End the current call's recording and hand over its records."""
         call = self.call
@@ -167,7 +158,12 @@ class RoutingContext:
         rows = token_shape[0]
         if rows == batch * seq:
             return batch, seq
-        if self.call.continues_cache and rows % batch == 0 and 1 < rows // batch < seq:
+        if (
+            self.call.continues_cache
+            and not torch.compiler.is_compiling()
+            and rows % batch == 0
+            and 1 < rows // batch < seq
+        ):
             return batch, rows // batch
         return None
 
@@ -189,8 +185,11 @@ class RoutingContext:
         mask = inputs.get(mask_key)
         cache_step = False
         if mask is not None and mask.dim() == 2 and self.call.continues_cache:
-            # [batch, hidden]: one new token per example, where a block flattens them (see flattened)
-            new = token_shape[1] if len(token_shape) == 2 else 1 if token_shape == mask.shape[:1] else None
+            new = token_shape[1] if len(token_shape) == 2 else None
+            if token_shape == mask.shape[:1] and not torch.compiler.is_compiling():
+                # [batch, hidden]: one new token per example where a block flattens them (see flattened); compiled,
+                # every call counts as continuing a cache (the tuner's hook), and a pooler's input would too
+                new = 1
             cache_step = new is not None and mask.shape[1] > new
         return RoutingInputs(
             token_mask=self.token_mask(mask_key, token_shape),
@@ -283,15 +282,23 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
 
 
 def recomputing_with_its_call(checkpoint: Any, context: RoutingContext) -> Any:
-    """transformers' non-reentrant checkpoint function, recomputing a layer with the routing call of the forward
-    that ran it: a later forward (a reference or metrics pass before ``backward``) replaces ``context.call``, and
-    sequence- or task-level routers recomputed with its mask or task ids gave wrong gradients (6.7x off)."""
+    """transformers' checkpoint function, recomputing a layer with the routing call of the forward that ran it: a
+    later forward (a reference or metrics pass before ``backward``) replaces ``context.call``, and sequence- or
+    task-level routers recomputed with its mask or task ids gave wrong gradients (6.7x off). The checkpointed
+    function sets the call itself (a ``context_fn`` doing it was skipped under ``torch.compile``, which takes only
+    selective-checkpoint contexts: 1.6x off there)."""
 
     def checkpointed(function: Any, *args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling():  # dynamo takes only selective-checkpoint contexts
-            return checkpoint(function, *args, **kwargs)
         call = context.call
-        return checkpoint(function, *args, context_fn=lambda: (nullcontext(), context.replaying(call)), **kwargs)
+
+        def with_its_call(*inner: Any, **named: Any) -> Any:  # the forward, and its recomputation in backward
+            current, context.call = context.call, call
+            try:
+                return function(*inner, **named)
+            finally:
+                context.call = current
+
+        return checkpoint(with_its_call, *args, **kwargs)
 
     checkpointed.mope_context = context
     return checkpointed
@@ -299,13 +306,11 @@ def recomputing_with_its_call(checkpoint: Any, context: RoutingContext) -> Any:
 
 def keep_calls_in_recomputation(layers: list[Any], context: RoutingContext) -> None:
     """Wrap each checkpointed layer's ``_gradient_checkpointing_func`` once (see :func:`recomputing_with_its_call`);
-    a reentrant one (no ``context_fn``) or one with the user's own ``context_fn`` is left as it is."""
+    the wrapped function puts the call back itself, so any checkpoint (reentrant or not, compiled or not) recomputes
+    with it."""
     for layer in layers:
         checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
-        if checkpoint is None or getattr(checkpoint, "mope_context", None) is context:
-            continue
-        keywords = getattr(checkpoint, "keywords", {})
-        if keywords.get("use_reentrant") is False and "context_fn" not in keywords:
+        if checkpoint is not None and getattr(checkpoint, "mope_context", None) is not context:
             layer._gradient_checkpointing_func = recomputing_with_its_call(checkpoint, context)
 
 
