@@ -82,6 +82,7 @@ def train_both(out: str, seeds: int, rank: int, common: list[str]) -> dict[str, 
         ):
             out_dir = os.path.join(out, method if seed == 0 else f"{method}_seed{seed}")
             overrides = [f"training.output_dir={out_dir}", f"training.seed={seed}", *common, *extra]
+            overrides.append("training.overwrite_output_dir=true")  # the demo's own folder: a rerun replaces it
             results[method].append(launch(RECIPES[method], overrides))
     return results
 

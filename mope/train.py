@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", required=True, help="path to a recipe YAML")
     parser.add_argument("--resume_from_checkpoint", default=None, help="checkpoint folder or 'latest'")
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. training.max_steps=10")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides on both sides of --resume_from_checkpoint
     quiet_third_party()
     overrides = list(args.overrides)
     if args.resume_from_checkpoint:

@@ -278,6 +278,16 @@ def load_examples(section: DataSection, task: str) -> Examples:
     return Examples(train, held_out, labels)
 
 
+def prompt_to_keep(prompt: list[int], response_length: int, max_length: int) -> list[int]:
+    """The end of a prompt too long to leave its response room: at most ``max_length // 2`` tokens once they do not
+    fit together (as TRL's DPO keeps the prompt's end), so the response keeps the rest. A prompt that filled
+    ``max_length`` left no label token, and a batch of such rows had a NaN loss (the run stopped as diverged)."""
+    if len(prompt) + response_length <= max_length:
+        return prompt
+    keep = min(len(prompt), max(max_length - response_length, max_length // 2))
+    return prompt[len(prompt) - keep :]
+
+
 class Collator:
     """Tokenises rows into padded batches (classification labels or causal-LM labels with -100)."""
 
@@ -306,8 +316,9 @@ class Collator:
             if s.prompt_column:
                 prompt = tok(str(row[s.prompt_column]), add_special_tokens=False)["input_ids"]
                 response = tok(str(row[s.response_column]), add_special_tokens=False)["input_ids"]
+                prompt = prompt_to_keep(prompt, len(response), s.max_length)
                 ids.append((prompt + response)[: s.max_length])
-                prompt_lengths.append(min(len(prompt), s.max_length))
+                prompt_lengths.append(len(prompt))
             else:
                 ids.append(tok(str(row[s.text_column]), add_special_tokens=False)["input_ids"][: s.max_length])
                 prompt_lengths.append(0)

@@ -33,15 +33,61 @@ def launch_command(recipe: str, overrides: list[str]) -> list[str]:
     return [sys.executable, *LAUNCH, "-m", "mope.train", "--recipe", recipe, *overrides]
 
 
+# What a run writes into output_dir (docs/training.md "What a run writes"): a folder holding one is an earlier run.
+RUN_FILES = ("metrics.jsonl", "summary.json", "routing_summary.json", "predictions.json", "bundle", "checkpoints")
+
+
+def earlier_run(output_dir: str) -> list[str]:
+    """The files of an earlier run in ``output_dir`` (none for a new or empty folder)."""
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(output_dir, name))]
+
+
 def check_folders(training: TrainingSection) -> None:
-    """``output_dir`` can be a folder; a checkpoint to resume from (other than ``latest``) exists."""
-    if os.path.exists(training.output_dir) and not os.path.isdir(training.output_dir):
-        raise RecipeError(f"training.output_dir: '{training.output_dir}' is a file; name a folder")
+    """``output_dir`` is a folder, new or resumed (or overwritten); a checkpoint to resume from is one.
+
+    A new run in a folder holding an earlier one mixed both runs' ``metrics.jsonl``, pruned the new
+    run's checkpoints in favour of the old run's later steps, and ``latest`` then resumed the old run.
+    """
+    out = training.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RecipeError(f"training.output_dir: '{out}' is a file; name a folder")
+    found = earlier_run(out)
+    if found and training.resume_from_checkpoint is None and not training.overwrite_output_dir:
+        raise RecipeError(
+            f"training.output_dir: '{out}' holds an earlier run ({', '.join(found)}): resume it "
+            "(--resume_from_checkpoint latest), name a new folder, or set training.overwrite_output_dir=true"
+        )
     resume = training.resume_from_checkpoint
-    if resume is not None and resume != "latest" and not os.path.isdir(resume):
+    if resume is None or resume == "latest":
+        return
+    if not os.path.isdir(resume):
         raise RecipeError(
             f"training.resume_from_checkpoint: folder '{resume}' does not exist (pass a checkpoint folder or 'latest')"
         )
+    if not os.path.isfile(os.path.join(resume, "custom_checkpoint_0.pkl")):  # the data position, in every one
+        hint = f" such as '{latest}'" if (latest := latest_in(resume)) else ""
+        raise RecipeError(
+            f"training.resume_from_checkpoint: '{resume}' is not a checkpoint (checkpoints/step-N of a run); pass "
+            f"one{hint}, or 'latest' to continue the run of training.output_dir"
+        )
+
+
+def checkpoint_steps(folder: str) -> list[int]:
+    """The steps of the complete checkpoints in ``folder``: ``step-N``; one cut off while it was written is
+    still ``step-N.partial`` (:meth:`mope.training.loop.Run.save_checkpoint` renames it when it is whole)."""
+    if not os.path.isdir(folder):
+        return []
+    names = (n.removeprefix("step-") for n in os.listdir(folder) if n.startswith("step-"))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def latest_in(folder: str) -> str | None:
+    """The latest complete ``step-N`` in a checkpoints folder or the run folder above it, if any."""
+    for candidate in (os.path.join(folder, "checkpoints"), folder):
+        steps = checkpoint_steps(candidate)
+        if steps:
+            return os.path.join(candidate, f"step-{steps[-1]}")
+    return None
 
 
 def checked_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:

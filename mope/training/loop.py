@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..analysis import expert_load
+from ..analysis import RoutingStats
 from ..bundles import save_pretrained
 from ..integrations.deepspeed import gather_routers_with_their_layers
 from ..routing.schedule import step_schedule
 from .data import Collator, load_examples
+from .launch import check_folders, checkpoint_steps, earlier_run, latest_in
 from .models import build_model, load_tokenizer, wrap
 from .probe import ProbePhase, head_names, probe_then_run
 from .recipe import Recipe, RecipeError, TrainingSection
@@ -90,11 +91,22 @@ def checksum(tensors) -> torch.Tensor:
     return total
 
 
+# Written into each checkpoint, last: how the run that wrote it split its batches (see Run.resume).
+CHECKPOINT_LAYOUT = "mope_checkpoint.json"
+
+
 def latest_checkpoint(folder: str) -> str | None:
-    if not os.path.isdir(folder):
-        return None
-    steps = sorted((int(n.split("-")[1]), n) for n in os.listdir(folder) if n.startswith("step-"))
-    return os.path.join(folder, steps[-1][1]) if steps else None
+    """The latest complete checkpoint in a run's ``checkpoints`` folder."""
+    return latest_in(folder) if checkpoint_steps(folder) else None
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the summed next-token cross-entropy over its label tokens, and their number (a causal LM's)."""
+    targets = labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )
+    return losses.sum(-1), (targets != -100).sum(-1)
 
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -261,6 +273,15 @@ class Run:
 
     def setup(self) -> None:
         r, t = self.recipe, self.recipe.training
+        check_folders(t)  # also where the run was not started through checked_recipe (accelerate launch)
+        if t.overwrite_output_dir and t.resume_from_checkpoint is None and self.main:
+            for name in earlier_run(self.out):
+                path = os.path.join(self.out, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+        self.accelerator.wait_for_everyone()
         self.examples = load_examples(r.data, r.model.task)
         self.tokenizer = load_tokenizer(r.model)
         labels = len(self.examples.labels or []) or None
@@ -294,10 +315,14 @@ class Run:
             collate_fn=collator,
             generator=torch.Generator().manual_seed(t.seed),
         )
-        updates_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
+        # each process draws every num_processes-th batch (accelerate's sharding evens them out)
+        batches_per_process = math.ceil(len(train_loader) / self.accelerator.num_processes)
+        updates_per_epoch = math.ceil(batches_per_process / t.gradient_accumulation_steps)
         run_steps = t.max_steps or math.ceil(t.epochs * updates_per_epoch)
         self.total_steps = t.linear_probe_steps + run_steps
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, r))
+        groups = parameter_groups(self.model, r)
+        self.initial_lrs = [group["lr"] for group in groups]
+        optimizer = torch.optim.AdamW(groups)
         if t.linear_probe_steps:
             self.probe = ProbePhase(optimizer, t, self.accelerator)
             scheduler = probe_then_run(optimizer, t, run_steps, [g.get("head", False) for g in optimizer.param_groups])
@@ -322,7 +347,52 @@ class Run:
             self.accelerator.print("resume_from_checkpoint=latest: no checkpoint yet, starting fresh")
             return
         self.accelerator.load_state(path)
-        self.accelerator.print(f"resumed from {path} at step {self.state.step}")
+        self.convert_data_position(path)
+        restored = list(self.scheduler.scheduler.base_lrs)
+        self.apply_learning_rates()
+        note = (
+            ""
+            if restored == self.initial_lrs
+            else f" (learning rates {restored} in the checkpoint, now {self.initial_lrs})"
+        )
+        self.accelerator.print(f"resumed from {path} at step {self.state.step}{note}")
+
+    def convert_data_position(self, path: str) -> None:
+        """The checkpoint counts the batches each of its processes drew; with another number of processes (and
+        the same per-process batch size) the same examples are a different count of this run's batches."""
+        layout_file = os.path.join(path, CHECKPOINT_LAYOUT)
+        if not os.path.isfile(layout_file):  # written before the layout was recorded
+            return
+        with open(layout_file) as handle:
+            saved = json.load(handle)
+        now = self.layout()
+        if saved == now:
+            return
+        drawn = self.state.batch_in_epoch * saved["num_processes"] * saved["batch_size"]  # examples, all processes
+        per_batch = now["num_processes"] * now["batch_size"]
+        if saved["batch_size"] != now["batch_size"] or drawn % per_batch:
+            raise RecipeError(
+                f"training.resume_from_checkpoint: '{path}' was written by {saved['num_processes']} process(es) with "
+                f"training.batch_size={saved['batch_size']}; this run has {now['num_processes']} with "
+                f"{now['batch_size']}, so it cannot continue at the same example: resume with the checkpoint's "
+                "batch size (and a number of processes that divides the batches drawn)"
+            )
+        self.state.batch_in_epoch = drawn // per_batch
+
+    def apply_learning_rates(self) -> None:
+        """The recipe's learning rates, at the schedule's step: loading a checkpoint restores its own, and
+        resuming with a lower ``training.learning_rate`` (what a diverged run's error advises) kept the old."""
+        scheduler = self.scheduler.scheduler  # accelerate's wrapper holds the LambdaLR
+        if list(scheduler.base_lrs) == self.initial_lrs:
+            return
+        scheduler.base_lrs = list(self.initial_lrs)
+        rates = [
+            base * factor(scheduler.last_epoch)
+            for base, factor in zip(self.initial_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+        for group, initial, rate in zip(self.optimizer.param_groups, self.initial_lrs, rates, strict=True):
+            group["initial_lr"], group["lr"] = initial, rate
+        scheduler._last_lr = rates
 
     def log(self, record: dict) -> None:
         if self.main:
@@ -347,13 +417,30 @@ class Run:
         return whole
 
     def save_checkpoint(self) -> None:
+        """``checkpoints/step-N``, written as ``step-N.partial`` and renamed once whole: a run killed while saving
+        leaves the previous checkpoint as the latest (``latest`` picked the cut-off one and failed)."""
         self.check_weights()
         path = os.path.join(self.checkpoints, f"step-{self.state.step}")
-        self.accelerator.save_state(path)
+        staged = path + ".partial"
+        if self.main and os.path.isdir(staged):
+            shutil.rmtree(staged)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(staged)
+        self.accelerator.wait_for_everyone()
         if self.main:
-            kept = sorted(int(n.split("-")[1]) for n in os.listdir(self.checkpoints) if n.startswith("step-"))
-            for step in kept[: -self.recipe.training.keep_checkpoints]:
+            with open(os.path.join(staged, CHECKPOINT_LAYOUT), "w") as handle:
+                json.dump(self.layout(), handle)
+            if os.path.isdir(path):  # the same step saved again (a finished run continued): replace it
+                shutil.rmtree(path)
+            os.replace(staged, path)
+            for step in checkpoint_steps(self.checkpoints)[: -self.recipe.training.keep_checkpoints]:
                 shutil.rmtree(os.path.join(self.checkpoints, f"step-{step}"), ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def layout(self) -> dict:
+        """How this run splits a global batch: a checkpoint's data position counts each process's batches."""
+        t = self.recipe.training
+        return {"num_processes": self.accelerator.num_processes, "batch_size": t.batch_size}
 
     def batches(self):
         """Micro-batches from the current data position on, epoch after epoch, until the last optimizer step.
@@ -464,14 +551,45 @@ class Run:
                 count += labels.numel()
                 predictions += pred.tolist()
                 targets += labels.tolist()
-            else:
-                loss_sum += float(self.accelerator.gather_for_metrics(out.loss.detach()[None]).mean())
-                count += 1
+            else:  # per example, so that gather_for_metrics drops the examples repeated to even out processes
+                sums, tokens = self.accelerator.gather_for_metrics(token_losses(out.logits, batch["labels"]))
+                loss_sum += float(sums.sum())
+                count += int(tokens.sum())
         if self.recipe.model.task == "sequence_classification":
             self.predictions = predictions
             majority = max(Counter(targets).values(), default=0) / max(count, 1)
             return {"eval_accuracy": correct / max(count, 1), "majority_baseline": majority}
-        return {"eval_loss": loss_sum / max(count, 1)}
+        return {"eval_loss": loss_sum / max(count, 1)}  # the mean over the eval set's label tokens
+
+    def routing_summary(self, model) -> dict[str, dict]:
+        """Expert load per module over the whole eval set: every process's share summed (rank 0's alone before),
+        the examples accelerate repeats in the last batch to even out the processes masked out of it."""
+        with RoutingStats(model) as stats:
+            for batch in self.eval_loader:
+                model(**self.without_repeats(batch))
+        for accumulator in stats.collectors.values():
+            if accumulator.load is None:
+                continue
+            for name in ("load", "entropy", "tokens", "nonfinite", "dropped", "requested"):
+                value = getattr(accumulator, name)
+                if value is not None:
+                    setattr(accumulator, name, self.accelerator.reduce(value, reduction="sum"))
+            accumulator.load_at = accumulator.dropped_at = accumulator.requested_at = None  # lengths differ
+        return {name: {"share": s["load"], "cv": s["load_cv"]} for name, s in stats.report().items()}
+
+    def without_repeats(self, batch: dict) -> dict:
+        """``batch``, where it is the last and holds examples repeated to even out the processes, with their
+        attention mask 0: gathered in process order, the first ``remainder`` rows are the real ones."""
+        state = self.accelerator.gradient_state
+        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return batch
+        rows = batch["attention_mask"].shape[0]
+        keep = min(max(state.remainder - self.accelerator.process_index * rows, 0), rows)
+        if keep == rows:
+            return batch
+        mask = batch["attention_mask"].clone()
+        mask[keep:] = 0
+        return {**batch, "attention_mask": mask}
 
     def finish(self, train_seconds: float) -> dict:
         whole = self.check_weights()
@@ -481,7 +599,7 @@ class Run:
         checksums = self.accelerator.gather(checksum(whole.values()).to(self.accelerator.device)[None]).tolist()
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.model)
-        load = expert_load(model, self.eval_loader) if self.recipe.adapter.method == "mope" else {}
+        load = self.routing_summary(model) if self.recipe.adapter.method == "mope" else {}
         trainable, total = model.get_nb_trainable_parameters()
         summary = {
             **metrics,

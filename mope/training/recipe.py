@@ -136,6 +136,11 @@ class TrainingSection(Section):
     save_every: int | None = Field(None, gt=0, description="Steps between accelerate checkpoints.")
     keep_checkpoints: int = Field(2, gt=0)
     resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or 'latest'.")
+    overwrite_output_dir: bool = Field(
+        False,
+        description="Start afresh in an output_dir that holds an earlier run, deleting its files (as Trainer's "
+        "flag); otherwise such a folder is refused unless the run resumes it.",
+    )
     compile: bool = Field(
         False, description="Compile the model with torch.compile (inductor) through accelerate's dynamo plugin."
     )

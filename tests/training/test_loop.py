@@ -80,7 +80,9 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_weights_and_destroys_its_g
     script.write_text(GROUP_AFTER_MAIN)
     command = [*LAUNCH, "--multi_gpu", "--num_processes", "2", str(script), str(tmp_path)]
     command += ["--recipe", str(OFFLINE_TINY)]
-    command += [f"training.output_dir={tmp_path}", "training.max_steps=6", "training.save_every=null"]
+    # one epoch: as many steps of 2 processes as of 1 process accumulating 2 (the 2 processes counted twice as many)
+    length = ["training.max_steps=null", "training.epochs=1", "data.max_examples=128", "training.save_every=null"]
+    command += [f"training.output_dir={tmp_path}", *length]
     ran = subprocess.run(
         command, env=env(ACCELERATE_USE_CPU="1"), cwd=ROOT, timeout=600, capture_output=True, text=True
     )
@@ -89,15 +91,22 @@ def test_ddp_on_two_cpu_processes_ends_with_identical_weights_and_destroys_its_g
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["rank_checksums"]) == 2
     assert summary["rank_checksums"][0] == summary["rank_checksums"][1]
-    assert summary["steps"] == 6
     # The logged loss is the step's mean over both processes, as one process accumulating the same two batches logs.
     one = tmp_path / "one_process"
-    overrides = [f"training.output_dir={one}", "training.max_steps=6", "training.save_every=null"]
-    run(load_recipe(OFFLINE_TINY, [*overrides, "training.gradient_accumulation_steps=2"]))
+    run(load_recipe(OFFLINE_TINY, [f"training.output_dir={one}", *length, "training.gradient_accumulation_steps=2"]))
+    alone = json.loads((one / "summary.json").read_text())
+    assert summary["steps"] == alone["steps"] == 8  # 16 batches of 8 in the epoch
     two_processes, accumulated = logged(tmp_path), logged(one)
-    assert [r["step"] for r in two_processes] == [r["step"] for r in accumulated] == [4, 6]
+    assert [r["step"] for r in two_processes] == [r["step"] for r in accumulated] == [4, 8]
     for got, want in zip(two_processes, accumulated, strict=True):
         assert (got["loss"], got["aux_loss"]) == pytest.approx((want["loss"], want["aux_loss"]), abs=1e-5)
+    # the eval set's mean loss per label token, and its expert load, over both processes' shares of it: rank 0's
+    # share alone before, and batch means including the examples repeated to even out the processes
+    assert summary["eval_loss"] == pytest.approx(alone["eval_loss"], abs=1e-5)
+    loads = [json.loads((folder / "routing_summary.json").read_text()) for folder in (tmp_path, one)]
+    assert loads[0].keys() == loads[1].keys()
+    for name, load in loads[1].items():
+        assert loads[0][name]["share"] == pytest.approx(load["share"], abs=1e-5), name
 
 
 # Trains like `-m mope.train`, but SIGKILLs itself right after the step-8 checkpoint is written:
