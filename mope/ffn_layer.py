@@ -105,7 +105,9 @@ class MoPEFFNLayer(MoPELayer):
         dtype = getattr(down, "compute_dtype", None) or (weight.dtype if weight.is_floating_point() else None)
         for layer_name in self.adapter_layer_names:
             modules = getattr(self, layer_name)
-            if adapter_name in modules:
+            # not yet materialised (low_cpu_mem_usage=True: on the meta device until the bundle's tensors load), as
+            # PEFT's own: moving them raised "Cannot copy out of meta tensor"
+            if adapter_name in modules and not any(p.is_meta for p in modules.parameters()):
                 modules[adapter_name] = modules[adapter_name].to(device or weight.device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

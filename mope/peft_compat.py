@@ -5,6 +5,7 @@ Nothing here patches PEFT: mope's own classes read these flags.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -20,6 +21,9 @@ PEFT_FILTERS_ADAPTERS = hasattr(save_and_load, "_filter_state_dict_for_adapter_n
 # PEFT >= 0.21 passes every adapter's loaded tensors through the tuner (BaseTuner._remap_adapter_state_dict_for_load),
 # where MoPEModel refuses tensors that do not fit; PEFT 0.19 and 0.20 load them without asking the tuner.
 PEFT_CHECKS_LOADED_TENSORS = hasattr(BaseTuner, "_remap_adapter_state_dict_for_load")
+# PEFT >= 0.21 asks the tuner how a key is saved (BaseTuner._remove_adapter_name_from_key): MoPEModel then saves
+# whole-FFN keys without the adapter name; older PEFT keeps it there, and loading drops it (without_ffn_name)
+PEFT_ASKS_SAVED_KEYS = hasattr(BaseTuner, "_remove_adapter_name_from_key")
 
 
 def without_other_adapters(
@@ -44,13 +48,27 @@ def key_names_adapter(key: str, adapter_name: str) -> bool:
     return any(f".{where}.{adapter_name}." in f".{key}." for where in ADAPTER_DICTS)
 
 
+# Whole-FFN experts' projections: their keys hold the adapter's name inside, "mope_experts.<name>.down.lora_A".
+FFN_KEY = re.compile(r"(^|\.)mope_experts\.([^.]+)\.((?:gate|up|down)\.[^.]+)$")
+
+
+def without_ffn_name(key: str) -> str:
+    """A whole-FFN expert key without the adapter name inside it (``mope_experts.default.down.lora_A`` ->
+    ``mope_experts.down.lora_A``), as bundles written by PEFT < 0.21 or before mope took it out hold it; any other key
+    as it is. Such a bundle loaded only under the adapter name it was saved with."""
+    return FFN_KEY.sub(r"\1mope_experts.\3", key)
+
+
 def saved_key(key: str, adapter_name: str) -> str:
-    """The name PEFT (0.19 to 0.21) saves ``key`` of ``adapter_name`` under: a head's keys without
-    ``modules_to_save.<name>.`` (``classifier.dense.weight`` in RoBERTa's nested head), else the adapter's name taken
-    out where its key format puts it, at the end or second to last (``mope_router.default.weight``
-    -> ``mope_router.weight``; whole-FFN experts keep it: ``mope_experts.default.down.lora_A``)."""
+    """The name a bundle holds ``key`` of ``adapter_name`` under (whole-FFN keys compared by :func:`without_ffn_name`):
+    a head's keys without ``modules_to_save.<name>.`` (``classifier.dense.weight`` in RoBERTa's nested head), else
+    the adapter's name taken out where its key format puts it, at the end or second to last
+    (``mope_router.default.weight`` -> ``mope_router.weight``), or inside (``mope_experts.down.lora_A``)."""
     if f".modules_to_save.{adapter_name}." in f".{key}":  # a head PEFT trains whole: its own state dict's keys
         return key.replace(f"modules_to_save.{adapter_name}.", "")
+    ffn = FFN_KEY.search(key)
+    if ffn is not None and ffn.group(2) == adapter_name:
+        return without_ffn_name(key)
     if "." not in key:
         return key
     if key.endswith(f".{adapter_name}"):

@@ -42,7 +42,7 @@ from .injection import (
 from .integrations.deepspeed import gather_routers_with_their_layers
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES, check_losses_reach_routers
-from .peft_compat import key_names_adapter, saved_key
+from .peft_compat import FFN_KEY, key_names_adapter, saved_key, without_ffn_name
 from .routing import ROUTERS
 from .routing.context import (
     CAPTURED_INPUTS,
@@ -318,7 +318,7 @@ class MoPEModel(BaseTuner):
         config = self.peft_config[adapter_name]
         if config.bundle is None:
             return
-        found = config.bundle.tensor_shapes
+        found = {without_ffn_name(key): shape for key, shape in config.bundle.tensor_shapes.items()}
         # the adapter's own tensors under their saved names (not get_peft_model_state_dict's, whose filter drops a
         # module's tensors where another adapter is named like a part of its path: '0', 'mlp')
         expected = {
@@ -338,6 +338,14 @@ class MoPEModel(BaseTuner):
             raise ValueError(problem)
 
     @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """PEFT >= 0.21's key of a bundle for a model key: whole-FFN experts' too lose the name inside their key
+        (``mope_experts.<name>.down.lora_A``), so their bundles load under any adapter name (see ``saved_key``)."""
+        if saved_key(key, adapter_name) != key and FFN_KEY.search(key) is not None:
+            return saved_key(key, adapter_name)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
@@ -349,6 +357,7 @@ class MoPEModel(BaseTuner):
         and its values read (``MoPEConfig.from_pretrained``), except one from the Hub or given with an
         explicit ``config=``: this check covers those too, values (NaN, dtypes, the step) included.
         """
+        state_dict = {without_ffn_name(key): value for key, value in state_dict.items()}  # any name it was saved with
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )

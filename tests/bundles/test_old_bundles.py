@@ -24,11 +24,14 @@ def test_there_are_old_bundles():
     assert len(CASES) >= 10
 
 
+@pytest.mark.parametrize("adapter_name", ["default", "other"])
 @pytest.mark.parametrize("folder", CASES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_old_bundle_loads_with_the_logits_it_was_saved_with(folder):
+def test_old_bundle_loads_with_the_logits_it_was_saved_with(folder, adapter_name):
+    # under any adapter name: whole-FFN bundles, whose keys hold the name they were saved under inside
+    # ("mope_experts.default.down.lora_A"), loaded under that name only
     config = json.loads((folder / "adapter_config.json").read_text())
     kind = config["base_model_type"]
-    model = PeftModel.from_pretrained(make_model(kind), folder)
+    model = PeftModel.from_pretrained(make_model(kind), folder, adapter_name=adapter_name)
     batch = make_batch(kind, pad=2)
     batch.pop("labels")
     extra = {"mope_task_ids": torch.tensor([1, 2])} if config["routing_level"] == "task" else {}
