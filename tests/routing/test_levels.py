@@ -414,4 +414,5 @@ def test_seq2seq_label_padding_counts_in_no_loss_or_decision(level):
         want, got = (model(input_ids=ids, labels=labels) for labels in (short, padded))
     torch.testing.assert_close(got.aux_loss, want.aux_loss)
     torch.testing.assert_close(got.loss, want.loss)
-    torch.testing.assert_close(got.logits[:, :3], want.logits)
+    # transformers 5.0's T5 attends over the longer padded rows with other rounding (4e-5); the padding moved them by 4.6
+    torch.testing.assert_close(got.logits[:, :3], want.logits, rtol=1e-4, atol=1e-4)
