@@ -99,6 +99,27 @@ def test_frozen_projections_run_once_per_forward_not_k_times():
     assert rows == {"gate_proj": [tokens], "up_proj": [tokens], "down_proj": [tokens]}
 
 
+def test_input_dropout_draws_one_mask_per_projection_for_all_experts():
+    # as every LoRA bank (docs/concepts.md): each expert drew its own, so a token's k experts saw k masks
+    model = ffn_model(top_k=2, lora_dropout=0.5).train()
+    layer = ffn_layers(model)[0]
+    bank = layer.mope_experts["default"]
+    draws = {name: [] for name in ("gate", "up", "down")}
+    for name, seen in draws.items():
+        getattr(bank, name).dropout.register_forward_hook(lambda m, a, o, seen=seen: seen.append(o))
+    batch = make_batch("llama")
+    model(**batch)
+    tokens = batch["input_ids"].numel()
+    assert [len(seen) for seen in draws.values()] == [1, 1, 1]  # once per forward, not once per expert
+    assert [seen[0].shape[0] for seen in draws.values()] == [tokens] * 3  # over every token of the layer
+    assert not torch.equal(draws["gate"][0], draws["up"][0])  # two projections, two masks (as two LoRA layers)
+    with torch.no_grad():  # and a reference with the same draws: each expert FFN on the masked inputs
+        layer.eval()
+        x = torch.randn(1, 3, layer.base_layer.gate_proj.in_features)
+        weights = layer.mope_router["default"](x).weights
+        torch.testing.assert_close(layer(x), reference_ffn(layer, x, weights), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("overrides", [{}, {"num_experts": 5, "num_shared_experts": 1}], ids=["top2", "shared"])
 def test_init_weights_starts_at_the_base_model(overrides):
     base = make_model("llama")

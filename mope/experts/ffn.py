@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..dispatch import sort_pairs
 from .base import ExpertBank
@@ -49,7 +50,7 @@ class FFNExpertBank(ExpertBank):
 
     @staticmethod
     def lora(bank: LoRAExpertBank, e: int, x: torch.Tensor) -> torch.Tensor:
-        return (bank.dropout(x) @ bank.lora_A[e].t()) @ bank.lora_B[e] * bank.scaling
+        return (x @ bank.lora_A[e].t()) @ bank.lora_B[e] * bank.scaling
 
     def mix(
         self,
@@ -69,14 +70,19 @@ class FFNExpertBank(ExpertBank):
         """
         pairs = sort_pairs(weights, 1.0, hidden.dtype, chosen)
         index = pairs.token
-        rows, gates, ups = (t.index_select(0, index).split(pairs.sizes) for t in (x, gate_out, up_out))
+        # input dropout as every LoRA bank draws it: one mask per projection, shared by all experts (a token's
+        # experts drew one each); the down projection's on the hidden units, drawn for every token once
+        gate_x, up_x = self.gate.dropout(x), self.up.dropout(x)
+        keep = None if isinstance(self.down.dropout, nn.Identity) else self.down.dropout(torch.ones_like(hidden))
+        inputs = (gate_x, up_x, gate_out, up_out) + (() if keep is None else (keep,))
+        split = [t.index_select(0, index).split(pairs.sizes) for t in inputs]
         states, deltas = [], []
-        for e, (xs, gs, us) in enumerate(zip(rows, gates, ups, strict=True)):
+        for e, (gx, ux, gs, us, *kept) in enumerate(zip(*split, strict=True)):
             if not pairs.sizes[e]:
                 continue
-            h = act(gs + self.lora(self.gate, e, xs)) * (us + self.lora(self.up, e, xs))
+            h = act(gs + self.lora(self.gate, e, gx)) * (us + self.lora(self.up, e, ux))
             states.append(h)
-            deltas.append(self.lora(self.down, e, h))
+            deltas.append(self.lora(self.down, e, h * kept[0] if kept else h))
         if not states:  # no token uses any expert (e.g. all dropped): the frozen MLP alone
             return hidden, hidden.new_zeros(hidden.shape[0], self.down.lora_B.shape[-1])
         remainder = (1.0 - weights.sum(-1, keepdim=True)).to(hidden.dtype)
