@@ -35,6 +35,7 @@ class ChoiceRecorder:
 
     def __init__(self, router: Router) -> None:
         self.k = max(1, int(getattr(router, "top_k", 1)))
+        self.num_experts = router.num_experts
         self.top1 = self.topk = self.mask = self.finite = self.token_ids = None
 
     def update(self, routing: Routing, inputs: RoutingInputs) -> None:

@@ -71,7 +71,12 @@ def checked_shares(loads: Loads) -> dict[str, dict[str, list[float]]]:
             )
         shares[domain] = {}
         for module in modules:
-            load = [float(x) for x in mine[module]]
+            given = mine[module]
+            if isinstance(given, (str, bytes)) or any(isinstance(x, bool) for x in given):  # "12" read as [1, 2]
+                raise ValueError(
+                    f"the load of module {module!r} for domain {domain!r} is not a set of shares (numbers): {given!r}"
+                )
+            load = [float(x) for x in given]
             if len(load) != len(loads[first][module]):
                 raise ValueError(
                     f"module {module!r} has {len(load)} experts' loads for domain {domain!r} but "

@@ -25,8 +25,9 @@ def routing_agreement(
 ) -> dict[str, dict[str, float | int]]:
     """Per module: ``top1_agreement`` and ``topk_agreement`` (shares of real tokens), ``tokens`` and ``nonfinite_tokens``.
 
-    The models must have the same adapted modules (same base, same target modules). Counts
-    accumulate on the device; they are read once at the end.
+    The models must have the same adapted modules (same base, same target modules) with as many experts each.
+    Where their ``top_k`` differs (a dense-to-sparse schedule between the checkpoints), ``topk_agreement`` is NaN:
+    sets of different sizes are never equal. Counts accumulate on the device; they are read once at the end.
     """
     with record_choices(model_a, adapter_name) as a, record_choices(model_b, adapter_name) as b:
         if set(a.collectors) != set(b.collectors):
@@ -34,6 +35,12 @@ def routing_agreement(
             raise ValueError(
                 f"The two models route in different modules ({', '.join(only[:3])}): compare checkpoints of one adapter."
             )
+        for name, first in a.collectors.items():  # expert e of one is not expert e of the other
+            if first.num_experts != b.collectors[name].num_experts:
+                raise ValueError(
+                    f"Module {name!r} routes over {first.num_experts} experts in the first model and "
+                    f"{b.collectors[name].num_experts} in the second: compare checkpoints of one adapter."
+                )
         sums: dict[str, torch.Tensor] = {}
         for batch in batches:
             model_a(**batch)
@@ -44,9 +51,15 @@ def routing_agreement(
                     continue
                 real = first.mask & second.mask
                 same_top1 = (first.top1 == second.top1) & real
-                same_set = (first.topk == second.topk).all(-1) & real if first.k == second.k else torch.zeros_like(real)
+                tokens = real.sum().float()
+                # different k: no count of equal sets means anything (it read 0.0, a believable figure)
+                same_set = (
+                    ((first.topk == second.topk).all(-1) & real).sum().float()
+                    if first.k == second.k
+                    else tokens * math.nan
+                )
                 nonfinite = real & ~(first.finite & second.finite)
-                counts = torch.stack([same_top1.sum(), same_set.sum(), real.sum(), nonfinite.sum()]).float()
+                counts = torch.stack([same_top1.sum().float(), same_set, tokens, nonfinite.sum().float()])
                 sums[name] = sums[name] + counts if name in sums else counts
     return {name: agreement(counts.tolist()) for name, counts in sums.items()}
 

@@ -105,6 +105,9 @@ def check_inputs(
         if out is not None and out.resolve() == bundle.resolve():
             raise ValueError(f"--out: '{out}' is the bundle itself; writing there would change it: name another folder")
     check_location(base, "--base", MODEL_CONFIG)
+    if out is not None and os.path.isdir(base) and out.resolve() == Path(base).resolve():
+        # a bundle there is a PEFT adapter transformers then loads with the base, whatever is asked of it
+        raise ValueError(f"--out: '{out}' is the base model's folder; writing there would change it: name another folder")
     if tokenizer is not None:
         check_location(tokenizer, "--tokenizer")
     if data is not None:

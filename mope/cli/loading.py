@@ -117,6 +117,12 @@ def read_texts(source: str, text_column: str = "text", max_examples: int | None 
     else:
         train, held_out = read_rows(DataSection(source=source, text_column=text_column), [text_column])
         rows = train + held_out
+    for number, row in enumerate(rows, 1):
+        if isinstance(row[text_column], (list, tuple, dict)):  # token ids or a message: its repr was analysed
+            raise RecipeError(
+                f"data {source}: row {number}'s '{text_column}' is a {type(row[text_column]).__name__}, not text; "
+                "name a column of plain text with --text-column"
+            )
     texts = [str(row[text_column]) for row in rows]
     return texts[:max_examples] if max_examples else texts
 

@@ -84,6 +84,8 @@ def test_domain_separation_is_zero_for_identical_loads_and_one_for_disjoint_expe
         (lambda loads: loads | {"man": every_module([0, 0, 0, 0])}, "for domain 'man' is not a set of shares"),
         (lambda loads: loads | {"man": every_module([1, float("nan"), 0, 0])}, "not a set of shares"),
         (lambda loads: loads | {"man": every_module([1, -1, 1, 0])}, "non-negative"),
+        (lambda loads: loads | {"man": {m: "1000" for m in MODULES}}, "is not a set of shares (numbers): '1000'"),
+        (lambda loads: loads | {"man": every_module([True, False, False, False])}, "not a set of shares"),
     ],
 )
 def test_domain_separation_names_the_domain_and_module_of_a_bad_load(change, words):

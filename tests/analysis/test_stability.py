@@ -36,6 +36,20 @@ def test_agreement_refuses_models_adapted_in_different_modules():
         routing_agreement(routed_llama(["q_proj"]), routed_llama(["up_proj"]), repeated_token_batches(1))
 
 
+def test_routers_of_other_sizes_are_not_compared_as_one_gate():
+    # top_k 2 vs 1 read as a believable topk_agreement of 0.0; 4 vs 8 experts were compared index by index
+    batches = repeated_token_batches(1)
+    model = routed_llama(["q_proj"], num_experts=4, top_k=2, router_init_std=1.0)
+    fewer = copy.deepcopy(model)
+    for module in fewer.modules():
+        if isinstance(module, mope.MoPELayer):
+            module.mope_router["default"].top_k = 1  # a dense-to-sparse schedule between two checkpoints
+    report = routing_agreement(model, fewer, batches)
+    assert all(layer["top1_agreement"] == 1.0 and math.isnan(layer["topk_agreement"]) for layer in report.values())
+    with pytest.raises(ValueError, match=r"routes over 4 experts in the first model and 8 in the second"):
+        routing_agreement(model, routed_llama(["q_proj"], num_experts=8, top_k=2), batches)
+
+
 def test_nan_routers_do_not_agree():
     model = routed_llama(num_experts=4, top_k=2, router_init_std=1.0)
     poisoned = "base_model.model.model.layers.1.mlp.up_proj"

@@ -53,6 +53,8 @@ BAD_DATA = {
     "empty.jsonl": ("", ["empty.jsonl", "empty", "no rows"]),
     "empty.csv": ("", ["empty.csv", "empty"]),
     "header.csv": ("text,label\n", ["header.csv", "header (text, label) but no rows"]),
+    # token ids: their repr was analysed as text
+    "ids.jsonl": ('{"text": "a b"}\n{"text": [101, 7592]}\n', ["ids.jsonl", "row 2's 'text' is a list, not text"]),
     "broken.jsonl": ('{"text": "a"}\n{"text": \n', ["broken.jsonl", "malformed JSON at line 2"]),
     "broken.json": ('[{"text": "a"}, ', ["broken.json", "malformed JSON at line 1"]),
     "body.jsonl": ('{"body": "a"}\n', ["body.jsonl", "no column 'text'", "body"]),
@@ -95,6 +97,9 @@ def test_every_path_option_says_when_it_does_not_exist(made, tmp_path):
     assert_user_error(run(*stats, "--base", base, "--tokenizer", tmp_path / "tok"), "--tokenizer", "does not exist")
     assert_user_error(run(*stats, "--base", base, "--out", data), "--out", "is a file")
     assert_user_error(run(*stats, "--base", base, "--out", data / "sub"), "--out", "cannot be created", "is a file")
+    # a bundle written into the base's folder is a PEFT adapter transformers then loads with every later use of it
+    assert_user_error(run("collapse", bundle, "--base", base, "--out", base), "--out", "is the base model's folder")
+    assert not (base / "adapter_config.json").exists()
     # found before the collapse, not as an internal staging path after it (root may write anywhere but /proc)
     assert_user_error(run("export-lora", bundle, "--base", base, "--out", "/proc/mope-x"), "--out", "cannot be written")
     assert_user_error(run("inspect", data), "data.jsonl", "is a file")
