@@ -107,7 +107,9 @@ def check_inputs(
     check_location(base, "--base", MODEL_CONFIG)
     if out is not None and os.path.isdir(base) and out.resolve() == Path(base).resolve():
         # a bundle there is a PEFT adapter transformers then loads with the base, whatever is asked of it
-        raise ValueError(f"--out: '{out}' is the base model's folder; writing there would change it: name another folder")
+        raise ValueError(
+            f"--out: '{out}' is the base model's folder; writing there would change it: name another folder"
+        )
     if tokenizer is not None:
         check_location(tokenizer, "--tokenizer")
     if data is not None:
