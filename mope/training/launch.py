@@ -81,13 +81,15 @@ def checkpoint_steps(folder: str) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
+def latest_checkpoint(folder: str) -> str | None:
+    """The latest complete checkpoint in a run's ``checkpoints`` folder."""
+    steps = checkpoint_steps(folder)
+    return os.path.join(folder, f"step-{steps[-1]}") if steps else None
+
+
 def latest_in(folder: str) -> str | None:
     """The latest complete ``step-N`` in a checkpoints folder or the run folder above it, if any."""
-    for candidate in (os.path.join(folder, "checkpoints"), folder):
-        steps = checkpoint_steps(candidate)
-        if steps:
-            return os.path.join(candidate, f"step-{steps[-1]}")
-    return None
+    return latest_checkpoint(os.path.join(folder, "checkpoints")) or latest_checkpoint(folder)
 
 
 def checked_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:

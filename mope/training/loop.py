@@ -23,7 +23,7 @@ from ..bundles import save_pretrained
 from ..integrations.deepspeed import gather_routers_with_their_layers
 from ..routing.schedule import step_schedule
 from .data import Collator, load_examples
-from .launch import check_folders, checkpoint_steps, earlier_run
+from .launch import check_folders, checkpoint_steps, earlier_run, latest_checkpoint
 from .models import build_model, load_tokenizer, wrap
 from .probe import ProbePhase, head_names, probe_then_run
 from .recipe import Recipe, RecipeError, TrainingSection
@@ -93,12 +93,6 @@ def checksum(tensors) -> torch.Tensor:
 
 # Written into each checkpoint, last: how the run that wrote it split its batches (see Run.resume).
 CHECKPOINT_LAYOUT = "mope_checkpoint.json"
-
-
-def latest_checkpoint(folder: str) -> str | None:
-    """The latest complete checkpoint in a run's ``checkpoints`` folder."""
-    steps = checkpoint_steps(folder)
-    return os.path.join(folder, f"step-{steps[-1]}") if steps else None
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
