@@ -509,11 +509,16 @@ def compiled_steps_without_recompiles(dispatch: str, device: str = "cpu") -> Non
 
 def word_tokenizer(vocab_size: int = 128):
     """A tokenizer for the tiny models: the word ``t<i>`` is token i (``t0`` pads, ``t1`` ends), built in memory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     inner = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
     inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="t0", eos_token="t1")
+    # whole words only: a special token matched inside words split t10 into t1 t0
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=inner,
+        pad_token=AddedToken("t0", single_word=True),
+        eos_token=AddedToken("t1", single_word=True),
+    )
     fast.chat_template = "{% for m in messages %}t2 {{ m['content'] }} {% endfor %}"
     return fast

@@ -222,25 +222,36 @@ def read_hub(source: str) -> tuple[Rows, Rows] | Rows:
     return list(loaded["train"]) if eval_split is None else (list(loaded["train"]), list(loaded[eval_split]))
 
 
-def check_columns(rows: Rows, columns: Sequence[str], source: str) -> None:
-    """Every row has every one of ``columns``, not null: else a RecipeError naming the column and the first row.
+# values a column may not hold: their repr is no text or label (chat messages belong in a template, token ids
+# in input_ids)
+Nested = (list, tuple, dict)
+
+
+def check_columns(rows: Rows, columns: Sequence[str], source: str, texts: Sequence[str] = ()) -> None:
+    """Every row has every one of ``columns``, not null and not a list or object (whose repr would be read as
+    text), and a non-blank value in each of ``texts``: else a RecipeError naming the column and the first row.
 
     ``source`` names the data in the message (e.g. ``data file train.jsonl``).
     """
     for column in columns:
         missing = [i for i, row in enumerate(rows, start=1) if row.get(column) is None]
-        if not missing:
-            continue
-        if len(missing) == len(rows):
+        if missing and len(missing) == len(rows):
             raise RecipeError(f"{source} has no column '{column}' (its columns: {sorted(rows[0])})")
-        raise RecipeError(
-            f"{source}: column '{column}' is missing or null in {len(missing)} of {len(rows)} rows "
-            f"(first: row {missing[0]})"
-        )
+        for problem, bad in (
+            ("missing or null", missing),
+            ("a list or an object", [i for i, row in enumerate(rows, start=1) if isinstance(row.get(column), Nested)]),
+            ("empty", [i for i, row in enumerate(rows, start=1) if column in texts and not str(row[column]).strip()]),
+        ):
+            if bad:
+                raise RecipeError(
+                    f"{source}: column '{column}' is {problem} in {len(bad)} of {len(rows)} rows (first: row {bad[0]})"
+                )
 
 
-def read_rows(section: DataSection, columns: Sequence[str] = ()) -> tuple[Rows, Rows]:
-    """``(train, held_out)`` rows of ``section.source``; every row has ``columns`` (RecipeError naming what is wrong)."""
+def read_rows(section: DataSection, columns: Sequence[str] = (), texts: Sequence[str] = ()) -> tuple[Rows, Rows]:
+    """``(train, held_out)`` rows of ``section.source``; every row has ``columns``, and ``texts`` not blank
+    (:func:`check_columns`). A file's rows are split by a hash of their prompt (or text), so the rows that share
+    a prompt fall on the same side."""
     source = section.source
     kind = source_kind(source)
     label = f"data file {source}" if kind == "file" else f"data source '{source}'"
@@ -251,9 +262,9 @@ def read_rows(section: DataSection, columns: Sequence[str] = ()) -> tuple[Rows, 
         if isinstance(loaded, tuple):
             train, held_out = loaded
         else:
-            check_columns(loaded, columns, label)  # before the split, so row numbers are the file's
-            train, held_out = split_by_hash(loaded, section.eval_fraction, section.text_column)
-    check_columns(train + held_out, columns, label)
+            check_columns(loaded, columns, label, texts)  # before the split, so row numbers are the file's
+            train, held_out = split_by_hash(loaded, section.eval_fraction, section.prompt_column or section.text_column)
+    check_columns(train + held_out, columns, label, texts)
     return train, held_out
 
 
@@ -264,12 +275,15 @@ def needed_columns(section: DataSection, task: str) -> list[str]:
 
 
 def load_examples(section: DataSection, task: str) -> Examples:
-    train, held_out = read_rows(section, needed_columns(section, task))
-    if not train:
-        raise RecipeError(
-            f"data source {section.source}: all {len(held_out)} rows fell in the held-out split "
-            f"(data.eval_fraction={section.eval_fraction}); add rows or lower eval_fraction"
-        )
+    # a causal LM's text (or response) is what it learns: a blank one leaves a row without label tokens
+    texts = [] if task == "sequence_classification" else [section.response_column or section.text_column]
+    train, held_out = read_rows(section, needed_columns(section, task), texts)
+    for empty, split, other, advice in ((train, "held-out", held_out, "lower"), (held_out, "train", train, "raise")):
+        if not empty:
+            raise RecipeError(
+                f"data source {section.source}: all {len(other)} rows fell in the {split} split "
+                f"(data.eval_fraction={section.eval_fraction}); add rows or {advice} eval_fraction"
+            )
     if section.max_examples:
         train = train[: section.max_examples]
     if task != "sequence_classification":
@@ -288,12 +302,31 @@ def prompt_to_keep(prompt: list[int], response_length: int, max_length: int) -> 
     return prompt[len(prompt) - keep :]
 
 
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """What a causal LM's example starts and ends with: the tokens the tokenizer puts before a text (Llama's BOS,
+    BERT's [CLS], none for GPT-2) and its EOS (none where it has no EOS token), so the model learns to stop."""
+    full, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    start = next((i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain), 0)
+    eos = tokenizer.eos_token_id
+    return full[:start], [] if eos is None else [eos]
+
+
 class Collator:
-    """Tokenises rows into padded batches (classification labels or causal-LM labels with -100)."""
+    """Tokenises rows into padded batches (classification labels or causal-LM labels with -100).
+
+    A causal LM's example is ``prefix + prompt + response + EOS`` (or ``prefix + text + EOS``), cut to
+    ``max_length``, as TRL's SFTTrainer builds it; only the response (or the text) and the EOS carry labels.
+    """
 
     def __init__(self, tokenizer, section: DataSection, task: str, labels: list[str] | None) -> None:
         self.tokenizer, self.section, self.task = tokenizer, section, task
         self.label_ids = {name: i for i, name in enumerate(labels or [])}
+        self.prefix, self.eos = special_tokens(tokenizer) if task != "sequence_classification" else ([], [])
+        if task != "sequence_classification" and section.max_length < len(self.prefix) + 2:
+            raise RecipeError(
+                f"data.max_length={section.max_length} leaves a causal LM no label token: the tokenizer starts "
+                f"each example with {len(self.prefix)} special token(s); use at least {len(self.prefix) + 2}"
+            )
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         s = self.section
@@ -309,21 +342,24 @@ class Collator:
             return dict(batch)
         return self.causal_batch(rows)
 
+    def tokens(self, text: Any, end: list[int] = ()) -> list[int]:
+        """``text``'s tokens, then ``end`` unless they already end with it (a text that holds its EOS)."""
+        ids = self.tokenizer(str(text), add_special_tokens=False)["input_ids"]
+        return ids if not end or ids[-len(end) :] == list(end) else ids + list(end)
+
     def causal_batch(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        s, tok = self.section, self.tokenizer
+        s, budget = self.section, self.section.max_length - len(self.prefix)
         ids, prompt_lengths = [], []
         for row in rows:
             if s.prompt_column:
-                prompt = tok(str(row[s.prompt_column]), add_special_tokens=False)["input_ids"]
-                response = tok(str(row[s.response_column]), add_special_tokens=False)["input_ids"]
-                prompt = prompt_to_keep(prompt, len(response), s.max_length)
-                ids.append((prompt + response)[: s.max_length])
-                prompt_lengths.append(len(prompt))
+                response = self.tokens(row[s.response_column], self.eos)
+                prompt = prompt_to_keep(self.tokens(row[s.prompt_column]), len(response), budget)
             else:
-                ids.append(tok(str(row[s.text_column]), add_special_tokens=False)["input_ids"][: s.max_length])
-                prompt_lengths.append(0)
+                prompt, response = [], self.tokens(row[s.text_column], self.eos)
+            ids.append((self.prefix + prompt + response)[: s.max_length])
+            prompt_lengths.append(len(self.prefix) + len(prompt))
         width = max(len(x) for x in ids)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(ids), width), pad)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, x in enumerate(ids):

@@ -117,10 +117,51 @@ def test_rows_all_in_the_held_out_split_and_half_a_prompt_pair_are_refused(tmp_p
         path.write_text(f'{{"text": "{text}", "label": "a"}}\n')
         if not read_rows(DataSection(source=str(path)))[0]:
             break
-    with pytest.raises(RecipeError, match=r"one\.jsonl: all 1 rows fell in the held-out split.*eval_fraction"):
+    with pytest.raises(RecipeError, match=r"one\.jsonl: all 1 rows fell in the held-out split.*lower eval_fraction"):
         load_examples(DataSection(source=str(path)), "sequence_classification")
     with pytest.raises(ValueError, match=r"prompt_column.*response_column"):
         DataSection(source=str(path), prompt_column="text")
+    # no row in the held-out split: its eval_loss read 0.0 (a perfect score) where nothing was measured
+    path.write_text('{"text": "t", "label": "a"}\n')
+    assert read_rows(DataSection(source=str(path)))[0]  # "t" hashes into train
+    with pytest.raises(RecipeError, match=r"one\.jsonl: all 1 rows fell in the train split.*raise eval_fraction"):
+        load_examples(DataSection(source=str(path)), "causal_lm")
+
+
+@pytest.mark.parametrize(
+    ("row", "task", "words"),
+    [
+        ({"text": ["a", "b"], "label": "x"}, "causal_lm", "column 'text' is a list or an object in 1 of 4"),
+        ({"text": {"role": "user"}, "label": "x"}, "sequence_classification", "column 'text' is a list or an object"),
+        ({"text": "a", "label": ["x"]}, "sequence_classification", "column 'label' is a list or an object"),
+        ({"text": "  ", "label": "x"}, "causal_lm", "column 'text' is empty in 1 of 4 rows \\(first: row 4\\)"),
+        ({"prompt": "p", "response": ""}, "causal_lm", "column 'response' is empty"),
+        ({"prompt": [{"role": "user"}], "response": "r"}, "causal_lm", "column 'prompt' is a list or an object"),
+    ],
+)
+def test_a_column_holding_a_list_an_object_or_no_text_is_refused(tmp_path, row, task, words):
+    # a list or an object was trained on as its Python repr; a blank causal-LM text left a row without label tokens
+    import json
+
+    good = {key: "a b c" for key in row}
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [good, good, good, row]))
+    section = DataSection(
+        source=str(path), **({"prompt_column": "prompt", "response_column": "response"} if "prompt" in row else {})
+    )
+    with pytest.raises(RecipeError, match=f"rows.jsonl: {words}"):
+        load_examples(section, task)
+
+
+def test_rows_that_share_a_prompt_fall_in_the_same_split(tmp_path):
+    # the split hashed the whole row where there was no 'text' column: a prompt's other responses were in train
+    import json
+
+    rows = [{"prompt": f"question {i}", "response": f"answer {j}"} for i in range(40) for j in range(4)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, held_out = read_rows(DataSection(source=str(path), prompt_column="prompt", response_column="response"))
+    assert held_out and not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
 
 
 # --- recipe YAML ---------------------------------------------------------------------------------------------
