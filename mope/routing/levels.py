@@ -95,6 +95,15 @@ def masked_mean_pool(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (flat * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
+def example_inputs(inputs: Any, batch: int) -> Any:
+    """``inputs`` for one vector per example: no token ids, and a mask that leaves out the examples with no real
+    token (all padding), so they take no capacity, count in no T, loss or statistic, as padding tokens do."""
+    mask = inputs.token_mask
+    if mask is not None:
+        mask = mask.reshape(batch, -1).any(-1) if mask.numel() and mask.shape[0] == batch else None
+    return dataclasses.replace(inputs, token_mask=mask, token_ids=None)
+
+
 class TokenLevel:
     name = "token"
 
@@ -134,7 +143,7 @@ class SequenceLevel:
                     "for its prompt was kept. Run the prompt through the model first (generate does)."
                 )
             pooled = masked_mean_pool(x, inputs.token_mask)
-            decision = router.decide(pooled, dataclasses.replace(inputs, token_mask=None, token_ids=None))
+            decision = router.decide(pooled, example_inputs(inputs, token_shape[0]))
             if cache is not None and not (router.training and torch.is_grad_enabled()):
                 cache.keep(router, decision)  # for decoding steps; not in training (a compiled backward broke on it)
         return spread(decision, token_shape)
@@ -160,7 +169,7 @@ class TaskLevel:
             raise ValueError(f"task_ids must lie in [0, num_tasks={num_tasks}), got {ids.tolist()}.")
         ids = ids.to(x.device)
         one_hot = torch.zeros(ids.shape[0], num_tasks, device=x.device).scatter_(1, ids.unsqueeze(1), 1.0)
-        decision = router.decide(one_hot, dataclasses.replace(inputs, token_mask=None, token_ids=None))
+        decision = router.decide(one_hot, example_inputs(inputs, token_shape[0]))
         return spread(decision, token_shape)
 
 

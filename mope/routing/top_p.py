@@ -31,9 +31,12 @@ class TopPRouter(Router):
     def gate(self, logits: torch.Tensor, inputs: RoutingInputs) -> Routing:
         probs = torch.softmax(logits, dim=-1)
         ranked, order = probs.sort(dim=-1, descending=True, stable=True)
-        mass_above = ranked.cumsum(dim=-1) - ranked
+        # the mass ranked above an expert is below top_p where the mass at and below it exceeds 1 - top_p: summed
+        # from the tail, so top_p = 1 keeps every expert with p > 0 (the cumsum from the top reached 1.0 early in
+        # fp32 and dropped small ones); the most likely expert is kept for any top_p
+        tail = ranked.flip(-1).cumsum(dim=-1).flip(-1)
         rank = torch.arange(probs.shape[-1], device=probs.device)
-        keep_ranked = (mass_above < self.top_p) & (rank < self.top_k)
+        keep_ranked = ((tail > 1 - self.top_p) | (rank == 0)) & (rank < self.top_k)
         keep = torch.zeros_like(keep_ranked).scatter(-1, order, keep_ranked)
         kept = probs * keep
         weights = kept / kept.sum(dim=-1, keepdim=True)

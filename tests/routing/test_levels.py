@@ -24,6 +24,28 @@ def sharpen_routers(model, std: float = 1.0) -> None:
                 p.normal_(0, std)
 
 
+@pytest.mark.parametrize(
+    ("router", "options"),
+    [("expert_choice", {"capacity_factor": 1.0}), ("top_k", {"capacity_factor": 1.0}), ("balanced", {})],
+)
+@pytest.mark.parametrize("level", ["sequence", "task"])
+def test_an_example_of_padding_only_takes_no_capacity_from_the_others(router, options, level):
+    # an all-padding example was one of T candidates: it took slots, and the real examples' routing changed
+    tasks = {"num_tasks": 5} if level == "task" else {}
+    config = mope.MoPEConfig(num_experts=4, top_k=1, router=router, routing_level=level, **tasks, **options)
+    changed = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        gate = ROUTERS[router](16 if level == "sequence" else 5, 4, 1, config)
+        torch.nn.init.normal_(gate.weight, std=1.0)
+        x, mask, ids = torch.randn(5, 4, 16), torch.ones(5, 4, dtype=torch.long), torch.arange(5)
+        alone = gate(x[:4], RoutingInputs(token_mask=mask[:4], task_ids=ids[:4]))
+        mask[4] = 0
+        padded = gate(x, RoutingInputs(token_mask=mask, task_ids=ids))
+        changed += not torch.equal(alone.weights, padded.weights[:4])
+    assert changed == 0
+
+
 @pytest.mark.parametrize("router", ["top_k", "dense", "top_p", "cosine"])
 def test_sequence_level_is_the_gate_of_the_masked_mean(router):
     config = mope.MoPEConfig(num_experts=4, top_k=2, router=router, routing_level="sequence")

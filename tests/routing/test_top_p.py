@@ -27,3 +27,16 @@ def test_top_p_matches_reference_loop():
         torch.testing.assert_close(got[t], want)
         sizes.add(len(kept))
     assert len(sizes) > 1  # the number of experts really varies per token
+
+
+def test_top_p_one_keeps_every_expert_of_some_probability():
+    # the fp32 running sum reached 1.0 before the last experts: top_p=1 dropped experts whose p was small, not zero
+    gate = router_of("top_p", num_experts=4, top_k=4, top_p=1.0)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[0, 0] = 17.0  # logits [17, 0, 0, 0]: p = 1 - 1.2e-7 and 4e-8 three times
+    routing = gate(torch.nn.functional.one_hot(torch.tensor([0]), 16).float())
+    assert (routing.weights > 0).all()
+    torch.testing.assert_close(routing.load, torch.full((1, 4), 0.25))
+    tiny = router_of("top_p", num_experts=4, top_k=4, top_p=1e-9)  # the most likely expert alone, never none
+    assert ((tiny(torch.randn(8, 16)).weights > 0).sum(-1) == 1).all()
