@@ -109,7 +109,8 @@ def read_texts(source: str, text_column: str = "text", max_examples: int | None 
     """The ``text_column`` of every row of a .json/.jsonl/.csv/.parquet file, in the file's order.
 
     A ``builtin:`` or hub source has no file order: its train split comes first, then its held-out
-    split (:func:`mope.training.data.read_rows`). Checked as recipes check data (RecipeError).
+    split (:func:`mope.training.data.read_rows`). Checked as recipes check data (RecipeError): token ids or
+    messages (a list or an object, whose repr was analysed) are refused.
     """
     if source_kind(source) == "file":  # not read_rows: its hash split would reorder the rows
         rows = read_file(source)
@@ -117,12 +118,6 @@ def read_texts(source: str, text_column: str = "text", max_examples: int | None 
     else:
         train, held_out = read_rows(DataSection(source=source, text_column=text_column), [text_column])
         rows = train + held_out
-    for number, row in enumerate(rows, 1):
-        if isinstance(row[text_column], (list, tuple, dict)):  # token ids or a message: its repr was analysed
-            raise RecipeError(
-                f"data {source}: row {number}'s '{text_column}' is a {type(row[text_column]).__name__}, not text; "
-                "name a column of plain text with --text-column"
-            )
     texts = [str(row[text_column]) for row in rows]
     return texts[:max_examples] if max_examples else texts
 

@@ -54,7 +54,10 @@ BAD_DATA = {
     "empty.csv": ("", ["empty.csv", "empty"]),
     "header.csv": ("text,label\n", ["header.csv", "header (text, label) but no rows"]),
     # token ids: their repr was analysed as text
-    "ids.jsonl": ('{"text": "a b"}\n{"text": [101, 7592]}\n', ["ids.jsonl", "row 2's 'text' is a list, not text"]),
+    "ids.jsonl": (
+        '{"text": "a b"}\n{"text": [101, 7592]}\n',
+        ["ids.jsonl", "column 'text' is a list or an object in 1 of 2 rows (first: row 2)"],
+    ),
     "broken.jsonl": ('{"text": "a"}\n{"text": \n', ["broken.jsonl", "malformed JSON at line 2"]),
     "broken.json": ('[{"text": "a"}, ', ["broken.json", "malformed JSON at line 1"]),
     "body.jsonl": ('{"body": "a"}\n', ["body.jsonl", "no column 'text'", "body"]),

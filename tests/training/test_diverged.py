@@ -59,12 +59,12 @@ def test_on_nonfinite_loss_is_stop_by_default_and_checked(tmp_path):
 
 
 def test_a_diverging_run_stops_at_the_first_infinite_loss_and_saves_nothing_after(tmp_path):
-    # learning rate 1000: the router z-loss reaches inf at step 4 (before: the run exited 0 with NaN weights)
+    # learning rate 2000: the router z-loss reaches inf at step 4 (before: the run exited 0 with NaN weights)
     with pytest.raises(TrainingDiverged) as error:
-        run(recipe(tmp_path, "training.learning_rate=1000", "training.max_steps=10", "training.save_every=2"))
+        run(recipe(tmp_path, "training.learning_rate=2000", "training.max_steps=10", "training.save_every=2"))
     message = str(error.value)
     assert "the aux loss (router losses) was NaN or inf at optimizer step 4 (on 1 of 1 processes" in message
-    assert "learning rate 875, routers 875" in message
+    assert "learning rate 1750, routers 1750" in message
     assert f"last checkpoint: {tmp_path / 'checkpoints' / 'step-2'}" in message
     for fix in ("training.learning_rate", "training.max_grad_norm", "float32", "aux_loss_coef (now 0.01)"):
         assert fix in message
