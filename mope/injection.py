@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, _maybe_include_all_linear_layers
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND, SEQ_CLS_HEAD_NAMES
 from torch import nn
 from transformers import PreTrainedModel
 
 from .base_layers import quantizer_of
+from .ffn_layer import MoPEFFNLayer
 from .layer import MoPELayer, supported_base_layer
 from .routing.schedule import detach_schedule
 
@@ -62,16 +63,60 @@ def include_mope_layers_in_all_linear(config, model: nn.Module) -> None:
     PEFT's expansion recognises an already adapted layer by "Linear" in its class name (LoRA's
     naming); ``MoPELayer`` wraps both ``nn.Linear`` and ``Conv1D`` under one name, so without
     this a second 'all-linear' adapter on a MoPE model matches no module at all. The heads PEFT
-    leaves out stay out.
+    leaves out stay out. A whole-FFN layer wraps a block, whose projections no other adapter can
+    reach: 'all-linear' is refused there (it gave whole-FFN experts on the block).
     """
     target = config.target_modules
     if not (isinstance(target, str) and target.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
         return
+    blocks = [name for name, m in model.named_modules() if isinstance(m, MoPEFFNLayer)]
+    if blocks:
+        raise ValueError(
+            f"MoPEConfig.target_modules='all-linear' cannot reach the projections inside the whole-FFN layers of "
+            f"this model's adapters ({', '.join(blocks[:3])}{', ...' if len(blocks) > 3 else ''}): name the "
+            "modules instead, e.g. ['q_proj', 'v_proj'], and the block ('mlp') for whole-FFN experts; nothing "
+            "was changed."
+        )
     heads = {id(head) for head in head_modules(model)}
     wrapped = {name for name, m in model.named_modules() if isinstance(m, MoPELayer) and id(m) not in heads}
     if wrapped:
         _maybe_include_all_linear_layers(config, model)
         config.target_modules = set(config.target_modules) | wrapped
+
+
+def refuse_nested_targets(config, model: nn.Module, tuner: BaseTuner) -> None:
+    """Refuse targets inside another target or inside a whole-FFN layer: a block's experts wrap it whole, so its
+    projections cannot take other experts (``['mlp', 'down_proj']`` failed with an AttributeError half-way through
+    the injection; a later adapter's ``down_proj`` was "not found", as PEFT skips an adapter's internals)."""
+
+    if config.target_modules is None:  # the model type's defaults (attention projections), filled in later
+        return
+
+    def targeted(name: str) -> bool:
+        found = tuner._check_target_module_exists(config, name)
+        return bool(found) and not isinstance(found, _ExcludedModule)
+
+    adapted = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    outer = None
+    for name, module in model.named_modules():
+        if isinstance(module, MoPEFFNLayer):  # its projections, by the names they had before it wrapped them
+            inner = next(
+                (f"{name}.{i}" for i, _ in module.base_layer.named_modules() if i and targeted(f"{name}.{i}")), None
+            )
+            if inner is not None:
+                raise ValueError(
+                    f"MoPEConfig.target_modules reaches {inner}, which is inside the whole-FFN layer of adapter(s) "
+                    f"{list(module.mope_experts)} at '{name}': its projections cannot take other experts. Target "
+                    f"'{name.rsplit('.', 1)[-1]}' (whole-FFN experts) or modules outside it; nothing was changed."
+                )
+        if not name or any(name.startswith(f"{layer}.") for layer in adapted) or not targeted(name):
+            continue
+        if outer is not None and name.startswith(f"{outer}."):
+            raise ValueError(
+                f"MoPEConfig.target_modules matches both '{outer}' and '{name}' inside it: experts wrap a module "
+                "whole, so target one of them; nothing was changed."
+            )
+        outer = name
 
 
 # The forward hooks of a module: the tuner's own two, and e.g. gradient checkpointing's input-embedding hook.

@@ -378,6 +378,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         weight = self.base_type.read_weight(base)
         bias = base.bias.data if getattr(base, "bias", None) is not None else None
         bank = self.mope_experts[adapter_name]
+        gate = gate.to(next(bank.parameters(), weight).device)  # kept by a merge before the model moved
         merged = self.router_for(adapter_name).merged_lora(bank, gate)  # e.g. soft_merge_lora='factors'
         if merged is not None:
             a, b = merged
@@ -414,10 +415,12 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             for name in self.merged_adapters[folded_before:]:
                 self.merged_gates.pop(name, None)
             del self.merged_adapters[folded_before:]
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
+        while self.merged_adapters:  # an adapter counts as merged until its fold is undone (an error leaves it)
+            name = self.merged_adapters[-1]
             if name in self.mope_experts:
-                self._write_base(*self._merged_weight(name, sign=-1, gate=self.merged_gates.pop(name, None)))
+                self._write_base(*self._merged_weight(name, sign=-1, gate=self.merged_gates.get(name)))
+            self.merged_adapters.pop()
+            self.merged_gates.pop(name, None)
 
     def _keep_unfolded_base(self, exact: bool = False) -> None:
         """Before the first fold into a base that re-quantizes on writing, or one that unfolding cannot undo

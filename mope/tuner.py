@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 
 from .bundles import describe_bad_values, describe_mismatch
 from .config import pattern_matches
-from .ffn_layer import layer_class_for
+from .ffn_layer import MoPEFFNLayer, layer_class_for
 from .injection import (
     AdapterConfigs,
     InjectionSnapshot,
@@ -38,6 +38,7 @@ from .injection import (
     has_key,
     include_mope_layers_in_all_linear,
     naming_meta_weights,
+    refuse_nested_targets,
 )
 from .integrations.deepspeed import gather_routers_with_their_layers
 from .layer import BlockLink, MoPELayer
@@ -51,6 +52,7 @@ from .routing.context import (
     generate_with_routing,
     holds_tokens,
     keep_calls_in_recomputation,
+    release_recomputation,
 )
 from .routing.schedule import advance_schedules, attach_schedule, bind_schedule, detach_schedule
 
@@ -238,6 +240,7 @@ class MoPEModel(BaseTuner):
             attach_schedule(self, self.peft_config[adapter_name], adapter_name)  # before: the bundle check counts it
             check_all_linear_finds_layers(self.peft_config[adapter_name], model)
             include_mope_layers_in_all_linear(self.peft_config[adapter_name], model)
+            refuse_nested_targets(self.peft_config[adapter_name], model, self)
             super().inject_adapter(
                 model,
                 adapter_name,
@@ -549,4 +552,13 @@ class MoPEModel(BaseTuner):
         for handle in self.hook_handles:
             handle.remove()
         self.hook_handles = []
+        release_recomputation(self.checkpointed_layers or [], self.routing_context)
+        self.checkpointed_layers = None
         return model
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if isinstance(child, MoPEFFNLayer) and new_module is child.base_layer:
+            # unload: the block goes back as it is (PEFT's version copies a Linear's weight and bias onto it)
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)

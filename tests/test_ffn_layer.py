@@ -216,3 +216,46 @@ def test_two_active_adapters_each_add_their_change_to_the_frozen_mlp():
         gate = layer.gate_weights(name, layer.mope_router[name](x, layer.routing_inputs(x)).weights)
         want += reference_ffn(layer, x, gate, name) - frozen
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unload_gives_the_blocks_back_and_merges_the_other_adapters():
+    # PEFT's module swap copied a Linear's weight onto the block: unload raised half-way through the model
+    base = make_model("llama")
+    batch = make_batch("llama")
+    with torch.no_grad():
+        want = base(**batch).logits
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "mlp"], init_weights=False)
+    unloaded = get_peft_model(base, config).unload()
+    assert not any(isinstance(m, mope.MoPELayer) for m in unloaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(unloaded(**batch).logits, want, rtol=0, atol=0)
+    model = ffn_model()
+    model.add_adapter("b", mope.MoPEConfig(num_experts=1, top_k=1, target_modules=["q_proj"], init_weights=False))
+    model.base_model.set_adapter("b")
+    with torch.no_grad():
+        want = model(**batch).logits
+    merged = model.merge_and_unload(adapter_names=["b"])
+    assert not any(isinstance(m, mope.MoPELayer) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "message"),
+    [
+        (None, ["mlp", "down_proj"], r"matches both 'model\.layers\.0\.mlp' and 'model\.layers\.0\.mlp\.down_proj'"),
+        (["mlp"], ["down_proj", "q_proj"], r"reaches model\.layers\.0\.mlp\.down_proj, which is inside the whole-FFN"),
+        (["mlp"], "all-linear", r"'all-linear' cannot reach the projections inside the whole-FFN layers"),
+    ],
+)
+def test_targets_inside_a_whole_ffn_layer_are_refused_with_nothing_changed(first, second, message):
+    # 'all-linear' gave a later adapter whole-FFN experts; a projection inside the block was "not found" or
+    # failed half-way with an AttributeError
+    base = make_model("llama")
+    model = base if first is None else get_peft_model(base, mope.MoPEConfig(target_modules=first))
+    before = {name: type(m) for name, m in model.named_modules()}
+    config = mope.MoPEConfig(target_modules=second)
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(model, config) if first is None else model.add_adapter("second", config)
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    assert first is None or list(model.peft_config) == ["default"]

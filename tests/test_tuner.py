@@ -268,6 +268,25 @@ def test_merge_of_single_expert_is_exact() -> None:
     torch.testing.assert_close(no_grad_logits(merged, batch), expected, rtol=0, atol=1e-5)
 
 
+def test_unmerge_after_the_model_moved_and_a_failed_unmerge_leaves_the_adapter_merged(monkeypatch) -> None:
+    # the gate a merge kept did not move with the model (unmerge failed on another device), and it was forgotten
+    # before the failing unfold, so the layer read "unmerged" while its weight still held the fold
+    model = get_peft_model(make_model("llama"), bundle_config(num_experts=1, top_k=1, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    model.merge_adapter()
+    folded = layer.base_layer.weight.detach().clone()
+    bank = layer.mope_experts["default"]
+    monkeypatch.setattr(type(bank), "fold_into", lambda *args: (_ for _ in ()).throw(RuntimeError("unfold failed")))
+    with pytest.raises(RuntimeError, match="unfold failed"):
+        model.unmerge_adapter()
+    assert layer.merged_adapters == ["default"] and "default" in layer.merged_gates
+    assert torch.equal(layer.base_layer.weight, folded)
+    monkeypatch.undo()
+    model.to("meta")  # another device (the only other one without a GPU)
+    model.unmerge_adapter()
+    assert layer.merged_adapters == [] and layer.merged_gates == {} and layer.base_layer.weight.device.type == "meta"
+
+
 def two_mergeable_adapters():
     """'lora' (LoRA experts) and 'scale' ((IA)^3 experts scaling down_proj's input), one expert each, both active."""
     common = dict(task_type="CAUSAL_LM", target_modules=["down_proj"], num_experts=1, top_k=1, r=4, init_weights=False)
@@ -342,3 +361,24 @@ def test_training_steps_leave_no_routing_or_loss_record_alive(router):
     gc.collect()
     alive = [o for o in gc.get_objects() if type(o).__name__ in ("Routing", "LossRecord", "LossSums")]
     assert alive == []
+
+
+def test_unload_gives_checkpointed_layers_back_their_checkpoint_function():
+    # the wrapper that recomputes a layer with its routing call stayed after unload, keeping the dead tuner's
+    # context (and its last call's inputs) alive, and a new adapter stacked a second wrapper on it
+    base = make_model("llama")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    own = {
+        name: m._gradient_checkpointing_func
+        for name, m in base.named_modules()
+        if m.__dict__.get("gradient_checkpointing")
+    }
+    assert own
+    for _ in range(2):  # the second round wraps the unloaded model again
+        model = get_peft_model(base, MoPEConfig(target_modules=["q_proj"]))
+        model.train()
+        model(**make_batch("llama")).loss.backward()
+        wrapped = base.get_submodule(next(iter(own)))._gradient_checkpointing_func
+        assert wrapped.__wrapped__ is own[next(iter(own))]  # one wrapper, around transformers' function
+        base = model.unload()
+        assert {name: base.get_submodule(name)._gradient_checkpointing_func for name in own} == own

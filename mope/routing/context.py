@@ -300,18 +300,29 @@ def recomputing_with_its_call(checkpoint: Any, context: RoutingContext) -> Any:
 
         return checkpoint(with_its_call, *args, **kwargs)
 
-    checkpointed.mope_context = context
+    checkpointed.mope_context, checkpointed.__wrapped__ = context, checkpoint
     return checkpointed
 
 
 def keep_calls_in_recomputation(layers: list[Any], context: RoutingContext) -> None:
     """Wrap each checkpointed layer's ``_gradient_checkpointing_func`` once (see :func:`recomputing_with_its_call`);
     the wrapped function puts the call back itself, so any checkpoint (reentrant or not, compiled or not) recomputes
-    with it."""
+    with it. A wrapper of another (an unloaded tuner's) context is replaced, not wrapped again."""
     for layer in layers:
         checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
         if checkpoint is not None and getattr(checkpoint, "mope_context", None) is not context:
+            while getattr(checkpoint, "mope_context", None) is not None:
+                checkpoint = checkpoint.__wrapped__
             layer._gradient_checkpointing_func = recomputing_with_its_call(checkpoint, context)
+
+
+def release_recomputation(layers: list[Any], context: RoutingContext) -> None:
+    """Give ``layers`` back transformers' own checkpoint function (unload: the wrapper kept the routing context and
+    its last call's inputs alive)."""
+    for layer in layers:
+        checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(checkpoint, "mope_context", None) is context:
+            layer._gradient_checkpointing_func = checkpoint.__wrapped__
 
 
 def holds_tokens(cache: Any) -> bool:
