@@ -10,11 +10,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from packaging.version import Version
 from peft import PeftConfig
 from peft.utils.constants import CONFIG_NAME
 
 from .bundles.files import BundleHeader
-from .bundles.upgrade import read_config_file, read_json_object
+from .bundles.upgrade import newer_than_this, read_config_file, read_json_object
 from .checks import check_bool, check_choice, check_int, check_number, check_type, check_version
 from .dispatch import DISPATCH_CHOICES
 from .experts import ACTIVATIONS, EXPERT_BANKS
@@ -70,7 +71,10 @@ class MoPEConfig(PeftConfig):
 
     Targeting fields (``target_modules``, ``exclude_modules``, ``layers_to_transform``,
     ``layers_pattern``, ``modules_to_save``) have exactly PEFT's semantics (see ``LoraConfig``).
-    Every invalid value raises ``ValueError`` naming the field, before any model is touched.
+    Every invalid value raises ``ValueError`` naming the field, before any model is touched: at
+    construction, and again (:meth:`validate`) when ``get_peft_model`` or ``add_adapter`` uses the
+    config, for fields assigned since. ``'all-linear'`` leaves out the head a task type trains whole
+    (``TOKEN_CLS``'s ``classifier``, ``QUESTION_ANS``'s ``qa_outputs``); naming it is refused.
     """
 
     target_modules: list[str] | str | None = field(
@@ -300,7 +304,8 @@ class MoPEConfig(PeftConfig):
         default=False,
         metadata={
             "help": "True: the experts never train (requires_grad stays False through set_adapter and "
-            "is_trainable=True loads); only the routers do. mope.from_lora_adapters(trainable=False) sets it."
+            "is_trainable=True loads); only the routers do. mope.from_lora_adapters(trainable=False) sets it. "
+            "A new adapter with init_weights=True is refused (its experts would stay the identity)."
         },
     )
     base_model_type: str | None = field(
@@ -325,21 +330,31 @@ class MoPEConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        for name, hint in typed_fields(type(self)):  # first: PEFT's own check would fail on a wrong type
-            check_type("MoPEConfig", name, getattr(self, name), hint)
+        self._check_types()  # first: PEFT's own check would fail on a wrong type
         super().__post_init__()
         self.peft_type = add_peft_type_member()
-        self._check()
-        check_shared_options(self, ROUTERS)
-        for gate in ROUTERS.values():  # every gate, whichever is chosen: a bad saved value is refused now
-            gate.check_options(self)
-        ROUTERS[self.router].check_chosen(self)
+        self.validate()
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.feedforward_modules, (list, tuple)):
             self.feedforward_modules = set(self.feedforward_modules)
+
+    def validate(self) -> None:
+        """Every check of the constructor, again: ``get_peft_model`` and ``add_adapter`` call it, so a field assigned
+        after construction (PEFT's ``config.r = 16`` idiom) is a ValueError naming it before the model is touched
+        (``router_temperature=0`` gave a NaN loss, ``router='topk'`` a bare KeyError)."""
+        self._check_types()
+        self._check()
+        check_shared_options(self, ROUTERS)
+        for gate in ROUTERS.values():  # every gate, whichever is chosen: a bad saved value is refused now
+            gate.check_options(self)
+        ROUTERS[self.router].check_chosen(self)
+
+    def _check_types(self) -> None:
+        for name, hint in typed_fields(type(self)):
+            check_type("MoPEConfig", name, getattr(self, name), hint)
 
     # Runtime-only settings: kept out of the saved adapter_config.json (as LoraConfig.runtime_config).
     RUNTIME_FIELDS = ("dispatch", "upgraded_from", "bundle")
@@ -349,6 +364,7 @@ class MoPEConfig(PeftConfig):
         saved = super().to_dict()
         for name in self.RUNTIME_FIELDS:
             saved.pop(name, None)
+        saved["mope_version"] = MOPE_VERSION  # this mope writes it (an older value read as an upgrade on load)
         return saved
 
     def _check(self) -> None:
@@ -387,6 +403,10 @@ class MoPEConfig(PeftConfig):
         check_bool("MoPEConfig", "freeze_experts", self.freeze_experts)
         check_bool("MoPEConfig", "inference_mode", self.inference_mode)
         check_version("MoPEConfig", "mope_version", self.mope_version)
+        if Version(self.mope_version) > Version(MOPE_VERSION):  # PEFT's PeftConfig.from_pretrained comes here directly
+            raise ValueError(
+                f"MoPEConfig.mope_version={self.mope_version!r}: this config {newer_than_this(self.mope_version)}"
+            )
         if self.target_parameters:
             raise ValueError("MoPEConfig.target_parameters is not supported: mope adapts modules, not parameters")
         if self.layers_pattern and self.layers_to_transform is None:

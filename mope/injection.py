@@ -79,9 +79,48 @@ def include_mope_layers_in_all_linear(config, model: nn.Module) -> None:
         )
     heads = {id(head) for head in head_modules(model)}
     wrapped = {name for name, m in model.named_modules() if isinstance(m, MoPELayer) and id(m) not in heads}
-    if wrapped:
-        _maybe_include_all_linear_layers(config, model)
-        config.target_modules = set(config.target_modules) | wrapped
+    _maybe_include_all_linear_layers(config, model)
+    # a task head is trained whole (modules_to_save): it takes no experts (PEFT's expansion kept TOKEN_CLS's and
+    # QUESTION_ANS's, and wrapping it whole failed after the injection)
+    saved = saved_whole(config)
+    config.target_modules = {name for name in config.target_modules if not ends_with_any(name, saved)} | wrapped
+
+
+# The heads PEFT's task classes add to modules_to_save after the injection (PeftModelForTokenClassification, ...).
+TASK_HEADS = {
+    "SEQ_CLS": tuple(SEQ_CLS_HEAD_NAMES),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def saved_whole(config) -> set[str]:
+    """The names of the modules trained whole: ``modules_to_save`` and the head the task type adds to it."""
+    task = getattr(config.task_type, "value", config.task_type)
+    return set(config.modules_to_save or ()) | set(TASK_HEADS.get(task, ()))
+
+
+def ends_with_any(name: str, keys: set[str]) -> bool:
+    """PEFT's modules_to_save rule: a module whose name ends with one of ``keys``."""
+    return any(name.endswith(key) for key in keys)
+
+
+def refuse_targets_saved_whole(config, model: nn.Module, tuner: BaseTuner) -> None:
+    """A module trained whole (:func:`saved_whole`) cannot also take experts (PEFT failed with a TypeError naming
+    no field once the injection had run, leaving the model wrapped)."""
+    saved = saved_whole(config)
+    if config.target_modules is None or not saved:
+        return
+    for name, module in model.named_modules():
+        if not name or not ends_with_any(name, saved) or not supported_base_layer(module):
+            continue
+        found = tuner._check_target_module_exists(config, name)
+        if found and not isinstance(found, _ExcludedModule):
+            raise ValueError(
+                f"MoPEConfig.target_modules matches '{name}', which is trained whole (modules_to_save, or the head "
+                f"task_type={getattr(config.task_type, 'value', config.task_type)!r} adds to it): leave it out of "
+                "target_modules; nothing was changed."
+            )
 
 
 def refuse_nested_targets(config, model: nn.Module, tuner: BaseTuner) -> None:

@@ -247,6 +247,7 @@ def mixture_config(
         lora_alpha=rank,  # bank scaling 1: each adapter's own scaling is folded into its B
         target_modules=modules,
         freeze_experts=not trainable,
+        init_weights=False,  # the adapters' weights replace the start (frozen identity experts are refused)
     )
 
 

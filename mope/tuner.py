@@ -39,6 +39,7 @@ from .injection import (
     include_mope_layers_in_all_linear,
     naming_meta_weights,
     refuse_nested_targets,
+    refuse_targets_saved_whole,
 )
 from .integrations.deepspeed import gather_routers_with_their_layers
 from .layer import BlockLink, MoPELayer
@@ -152,6 +153,17 @@ def is_loss(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 0
 
 
+def refuse_frozen_identity(config) -> None:
+    """Frozen experts that start as the identity never leave it: the model stays the base whatever trains. A saved
+    config (``inference_mode=True``, as PEFT saves it) brings its experts' weights, whichever loader reads it."""
+    if config.freeze_experts and config.init_weights and config.bundle is None and not config.inference_mode:
+        raise ValueError(
+            "MoPEConfig.freeze_experts=True with init_weights=True: every expert starts as the identity and never "
+            "trains, so the model would stay the base model. Load trained experts (PeftModel.from_pretrained, "
+            "mope.from_lora_adapters), or set init_weights=False (random experts) or freeze_experts=False."
+        )
+
+
 def forget_refused_adapter(model: nn.Module, adapter_name: str) -> None:
     """Delete the adapter ``load_adapter`` added for a bundle whose tensors were then refused: the model is as before."""
     tuner = model.base_model if isinstance(model, PeftModel) else model
@@ -237,10 +249,13 @@ class MoPEModel(BaseTuner):
         """PEFT's injection, made all-or-nothing: on any error the model is restored, then it re-raises."""
         snapshot = InjectionSnapshot(model, self)
         try:
+            self.peft_config[adapter_name].validate()  # fields assigned since the config was made
+            refuse_frozen_identity(self.peft_config[adapter_name])
             attach_schedule(self, self.peft_config[adapter_name], adapter_name)  # before: the bundle check counts it
             check_all_linear_finds_layers(self.peft_config[adapter_name], model)
             include_mope_layers_in_all_linear(self.peft_config[adapter_name], model)
             refuse_nested_targets(self.peft_config[adapter_name], model, self)
+            refuse_targets_saved_whole(self.peft_config[adapter_name], model, self)
             super().inject_adapter(
                 model,
                 adapter_name,

@@ -70,3 +70,50 @@ def test_every_config_field_has_help():
     for f in fields(mope.MoPEConfig):
         if f.name in own:
             assert f.metadata.get("help"), f"MoPEConfig.{f.name} has no help text"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("router_temperature", 0.0, "MoPEConfig.router_temperature"),  # a NaN loss before
+        ("router", "topk", "MoPEConfig.router='topk' is unknown"),  # a bare KeyError before
+        ("r", 0, "MoPEConfig.r"),  # ZeroDivisionError before
+        ("capacity_policy", "bpr_typo", "MoPEConfig.capacity_policy"),  # accepted silently before
+        ("target_modules", 5, "MoPEConfig.target_modules"),
+    ],
+)
+def test_a_field_assigned_after_construction_is_checked_before_the_model_is_touched(field, value, words):
+    # PEFT's idiom config.r = 16: the constructor's checks did not run again
+    model, batch = make_model("llama"), make_batch("llama")
+    before = Snapshot.of(model, batch)
+    config = MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"])
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=words):
+        get_peft_model(model, config)
+    before.assert_same(model, batch)
+
+
+def test_a_config_from_a_newer_mope_is_refused_by_every_reader_and_saved_with_this_version(tmp_path):
+    # transformers' load_adapter reads a bundle with PeftConfig.from_pretrained, which skipped mope's upgrade
+    import json
+
+    with pytest.raises(ValueError, match=r"mope_version='9\.0'.*newer than this mope"):
+        MoPEConfig(mope_version="9.0")
+    config = MoPEConfig(target_modules=["q_proj"], mope_version="0.0.1")
+    assert config.to_dict()["mope_version"] == mope.__version__  # this mope writes the file
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "mope_version": "9.0.0"}))
+    with pytest.raises(ValueError, match=r"9\.0\.0.*newer than this mope"):
+        PeftConfig.from_pretrained(str(tmp_path))
+
+
+def test_frozen_experts_that_start_as_the_identity_are_refused():
+    # the model could never leave the base: only the routers trained, and they changed nothing
+    model, batch = make_model("llama"), make_batch("llama")
+    before = Snapshot.of(model, batch)
+    with pytest.raises(ValueError, match=r"freeze_experts=True with init_weights=True: every expert starts as the"):
+        get_peft_model(model, MoPEConfig(target_modules=["q_proj"], freeze_experts=True))
+    before.assert_same(model, batch)
+    frozen = get_peft_model(model, MoPEConfig(target_modules=["q_proj"], freeze_experts=True, init_weights=False))
+    assert not any(p.requires_grad for name, p in frozen.named_parameters() if "mope_experts" in name)

@@ -382,3 +382,38 @@ def test_unload_gives_checkpointed_layers_back_their_checkpoint_function():
         assert wrapped.__wrapped__ is own[next(iter(own))]  # one wrapper, around transformers' function
         base = model.unload()
         assert {name: base.get_submodule(name)._gradient_checkpointing_func for name in own} == own
+
+
+@pytest.mark.parametrize(
+    ("model_class", "task_type", "head"),
+    [
+        ("BertForTokenClassification", "TOKEN_CLS", "classifier"),
+        ("BertForQuestionAnswering", "QUESTION_ANS", "qa_outputs"),
+        ("BertForSequenceClassification", "SEQ_CLS", "classifier"),
+    ],
+)
+def test_a_task_head_trained_whole_takes_no_experts(model_class, task_type, head):
+    # 'all-linear' wrapped TOKEN_CLS's and QUESTION_ANS's head, which PEFT's task class then trains whole: a
+    # TypeError naming no field, after the injection (the model was left wrapped)
+    import transformers
+
+    def bert():
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+        )
+        return getattr(transformers, model_class)(config).eval()
+
+    model = get_peft_model(bert(), MoPEConfig(task_type=task_type, target_modules="all-linear"))
+    assert not isinstance(model.base_model.model.get_submodule(head), MoPELayer)
+    # q, k, v, attention out, ffn in and out (and the pooler, which only sequence classification has)
+    assert sum(isinstance(m, MoPELayer) for m in model.modules()) == 6 + (task_type == "SEQ_CLS")
+    base = bert()
+    before = [(name, type(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in base.named_modules()]
+    if task_type == "SEQ_CLS":  # PEFT's class puts its head in modules_to_save first, and leaves it out itself
+        return
+    with pytest.raises(ValueError, match=f"target_modules matches '{head}', which is trained whole"):
+        get_peft_model(base, MoPEConfig(task_type=task_type, target_modules=["query", head]))
+    assert [
+        (name, type(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in base.named_modules()
+    ] == before
