@@ -122,7 +122,10 @@ def usage_vector(module: str, entry: UsageEntry, num_routed: int, num_experts: i
                 f"collapse_to_lora: usage['{module}'] is a mapping without 'load' (a routing_stats entry)."
             )
         entry = entry["load"]
-    values = torch.as_tensor(entry, dtype=torch.float64).detach().cpu()
+    try:
+        values = torch.as_tensor(entry, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"collapse_to_lora: usage['{module}'] is not a list of numbers ({error}).") from None
     if values.dim() != 1 or values.shape[0] not in (num_routed, num_experts):
         raise ValueError(
             f"collapse_to_lora: usage['{module}'] has shape {tuple(values.shape)}; this module has "

@@ -49,9 +49,14 @@ UNSUPPORTED_OPTIONS: dict[str, str] = {
     "trainable_token_indices": "it trains token embeddings",
     "modules_to_save": "it trains full copies of modules (e.g. a classification head), one per adapter",
     "megatron_config": "Megatron parallel layers",
+    "use_bdlora": "BD-LoRA keeps block-diagonal factors, not the dense A and B of a LoRA expert",
+    "kasa_config": "KaSA truncates the base weight and scales its update by a learned diagonal",
+    "velora_config": "VeLoRA is a LoRA variant whose saved state goes beyond A and B",
+    "monteclora_config": "Monte Carlo LoRA samples its update from variational parameters beyond A and B",
+    "arrow_config": "PEFT's Arrow routes among its LoRAs itself; give their folders here instead",
 }
 # init_lora_weights values that change the base weights: the adapter only fits the changed base.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass
@@ -128,6 +133,8 @@ def read_lora_adapter(path: str) -> LoraAdapter:
         if set(ab) != {"A", "B"}:
             raise refuse(path, f"module '{module}' has lora_{''.join(ab)} but not both lora_A and lora_B")
         a, b = ab["A"], ab["B"]
+        if not (a.is_floating_point() and b.is_floating_point()) or not (a.isfinite().all() and b.isfinite().all()):
+            raise refuse(path, f"module '{module}': lora_A or lora_B holds NaN, inf or non-float values")
         rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
             raise refuse(
@@ -148,6 +155,12 @@ def check_extra_tensors(adapter: LoraAdapter, base_model: nn.Module) -> None:
     params = dict(base_model.state_dict())
     for key, tensor in adapter.extras.items():
         name = re.sub(r"^base_model\.model\.", "", key).replace(".base_layer.", ".")
+        if name in params and params[name].shape != tensor.shape:
+            raise refuse(
+                adapter.path,
+                f"tensor '{key}' has shape {list(tensor.shape)}, the base model's '{name}' {list(params[name].shape)} "
+                "(made for another base model or hidden size?)",
+            )
         if name not in params or not torch.equal(params[name], tensor.to(params[name].dtype)):
             raise refuse(
                 adapter.path,
@@ -198,8 +211,10 @@ def check_same_modules(adapters: Sequence[LoraAdapter]) -> list[str]:
 
 
 def check_user_targets(config: MoPEConfig, modules: list[str], base_model: nn.Module) -> None:
-    """A given ``target_modules`` must pick exactly the modules the adapters adapt."""
+    """A given ``target_modules`` (and ``exclude_modules``) must pick exactly the modules the adapters adapt."""
     wanted = copy.deepcopy(config)
+    if wanted.target_modules is None:  # the adapters' modules, less the excluded ones
+        wanted.target_modules = set(modules)
     _maybe_include_all_linear_layers(wanted, base_model)
     picked = {
         name
@@ -211,8 +226,9 @@ def check_user_targets(config: MoPEConfig, modules: list[str], base_model: nn.Mo
         (sorted(picked - set(modules)), "picks module '{}', which the adapters do not adapt"),
     ):
         if names:
+            given = "target_modules" if config.target_modules is not None else "exclude_modules"
             raise ValueError(
-                f"MoPEConfig.target_modules={config.target_modules!r} {problem.format(names[0])} "
+                f"MoPEConfig.{given}={getattr(config, given)!r} {problem.format(names[0])} "
                 f"({len(names)} such); leave it None to take the adapters' modules"
             )
 
@@ -286,6 +302,10 @@ def from_lora_adapters(
     """
     if isinstance(base_model, PeftModel):
         raise ValueError("from_lora_adapters: base_model is already a PeftModel; pass the plain base model")
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise ValueError(
+            f"from_lora_adapters: paths={paths!r} is one path; give a list of LoRA folders, one per expert"
+        )
     if not paths:
         raise ValueError("from_lora_adapters: paths is empty; give one LoRA folder per expert")
     adapters = [read_lora_adapter(os.fspath(path)) for path in paths]
@@ -293,7 +313,7 @@ def from_lora_adapters(
         check_extra_tensors(adapter, base_model)
         resolve_module_names(adapter, base_model)
     modules = check_same_modules(adapters)
-    if config is not None and config.target_modules is not None:
+    if config is not None and (config.target_modules is not None or config.exclude_modules):
         check_user_targets(config, modules, base_model)
     config = mixture_config(config, adapters, modules, trainable)
     model = get_peft_model(base_model, config, adapter_name=adapter_name)

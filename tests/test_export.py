@@ -170,6 +170,9 @@ BAD_OPTIONS = {
     "usage-missing": ({"usage": {"model.layers.0.self_attn.q_proj": [1.0, 0.0]}}, "no entry for module"),
     "usage-negative": ({"usage": {"model.layers.0.self_attn.q_proj": [1.0, -1.0]}}, "usage\\['model.layers.0"),
     "adapter-name": ({"adapter_name": "other"}, "adapter_name='other'"),
+    # a TypeError from torch before
+    "usage-text": ({"usage": {"model.layers.0.self_attn.q_proj": "0.5,0.5"}}, "q_proj'\\] is not a list of numbers"),
+    "usage-load-text": ({"usage": {"model.layers.0.self_attn.q_proj": {"load": "x"}}}, "is not a list of numbers"),
 }
 
 

@@ -128,6 +128,14 @@ def test_bad_adapters_are_refused_and_the_model_is_left_alone(llama_adapters, tm
     assert_refused([good], "expert_type='adapter'", mope.MoPEConfig(expert_type="adapter"))
     assert_refused([good, good], "top_k", mope.MoPEConfig(top_k=3))
     assert_refused([], "paths is empty")
+    assert_refused(str(good), "is one path; give a list")  # its characters were read as folders
+    assert_refused([good, variant("ga", init_lora_weights="lora_ga")], "'lora_ga' changes the base weights")
+    assert_refused([good, variant("kasa", kasa_config={"r": 2})], r"kasa'.*kasa_config is not supported \(KaSA")
+    nan = variant("nan")
+    tensors = load_file(nan / "adapter_model.safetensors")
+    first = next(key for key in tensors if "lora_A" in key)
+    save_file({**tensors, first: tensors[first] * float("nan")}, nan / "adapter_model.safetensors")
+    assert_refused([good, nan], r"nan'.*lora_A or lora_B holds NaN")  # was an SVD error after the model was wrapped
 
     extra = variant("extra")
     tensors = load_file(extra / "adapter_model.safetensors")
@@ -136,6 +144,8 @@ def test_bad_adapters_are_refused_and_the_model_is_left_alone(llama_adapters, tm
     mope.from_lora_adapters(make_model("llama"), [extra])  # a copy of the base's own weight is fine
     save_file({**tensors, "base_model.model.lm_head.weight": torch.zeros(128, 64)}, extra / "adapter_model.safetensors")
     assert_refused([extra], r"extra'.*tensor 'base_model\.model\.lm_head\.weight' is not a LoRA A/B weight and differs")
+    save_file({**tensors, "base_model.model.lm_head.weight": torch.zeros(128, 32)}, extra / "adapter_model.safetensors")
+    assert_refused([extra], r"has shape \[128, 32\], the base model's 'lm_head\.weight' \[128, 64\]")
 
 
 def test_mismatched_modules_and_shapes_are_refused(llama_adapters, tmp_path):
@@ -143,6 +153,8 @@ def test_mismatched_modules_and_shapes_are_refused(llama_adapters, tmp_path):
     fewer = train_lora("llama", tmp_path / "fewer", seed=4, r=2, target_modules=["q_proj"])
     assert_refused([good, fewer], r"r2'.*adapts module 'model\.layers\.0\.mlp\.down_proj', which .*fewer' does not")
     assert_refused([good], r"target_modules=.*leaves out module", mope.MoPEConfig(target_modules=["q_proj"]))
+    # exclude_modules alone dropped modules without a word: expert e no longer matched its adapter
+    assert_refused([good], r"exclude_modules=.*leaves out module", mope.MoPEConfig(exclude_modules=["q_proj"]))
     assert_refused([good], "num_experts=3", mope.MoPEConfig(num_experts=3))
     assert_refused(
         [good], "picks module .* which the adapters do not adapt", mope.MoPEConfig(target_modules="all-linear")

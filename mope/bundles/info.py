@@ -15,7 +15,7 @@ from packaging.version import Version
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .files import read_bundle_header
-from .upgrade import current_version, newer_than_this, written_by
+from .upgrade import current_version, newer_than_this, upgraded, written_by
 
 # Parameter groups by the attribute a tensor name passes through (MoPELayer.adapter_layer_names).
 PARAMETER_GROUPS = {".mope_experts.": "experts", ".mope_router.": "routers"}
@@ -67,9 +67,15 @@ class BundleInfo:
                 f"mope {label}: NEWER than this mope {current}",
                 f"{note} The summary shows only the fields this version knows.",
             )
-        if version < current:
-            return f"mope {label} (older: upgraded when loaded, each change logged)", None
-        return f"mope {label} (this version)", None
+        said = f"mope {label} (older: upgraded when loaded, each change logged)" if version < current else None
+        said = said or f"mope {label} (this version)"
+        from ..config import MoPEConfig  # here: the config module reads bundles through this package
+
+        try:
+            upgraded(self.config, MoPEConfig, CONFIG_NAME)
+        except ValueError as error:  # e.g. an unknown key
+            return said, f"this bundle cannot be loaded: {error}"
+        return said, None
 
 
 def read_config(folder: str | os.PathLike) -> dict:

@@ -124,7 +124,17 @@ def newer_than_this(label: str) -> str:
 
 
 def upgrade_config(config: dict[str, Any], config_cls: type, path: str) -> tuple[dict[str, Any], str | None]:
-    """``config`` brought to this mope version, and the version it was written by if anything changed (else None)."""
+    """``config`` brought to this mope version, and the version it was written by if anything changed (else None);
+    each change is logged."""
+    config, label, changes = upgraded(config, config_cls, path)
+    for change in changes:
+        logger.warning("Upgrading '%s' (mope %s): %s", path, label, change)
+    return config, (label if changes else None)
+
+
+def upgraded(config: dict[str, Any], config_cls: type, path: str) -> tuple[dict[str, Any], str, list[str]]:
+    """``config`` brought to this mope version, the version label it was written by, and what changed (nothing
+    logged: ``mope inspect`` asks whether a bundle loads)."""
     current = current_version()
     version, label = written_by(config, path)
     if version > Version(current):
@@ -142,9 +152,7 @@ def upgrade_config(config: dict[str, Any], config_cls: type, path: str) -> tuple
     if version != Version(current):
         changes.append(f"mope_version {label} -> {current}")
     config["mope_version"] = current
-    for change in changes:
-        logger.warning("Upgrading '%s' (mope %s): %s", path, label, change)
-    return config, (label if changes else None)
+    return config, label, changes
 
 
 def read_config_file(path: str, config_cls: type) -> dict[str, Any]:

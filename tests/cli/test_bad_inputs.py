@@ -204,6 +204,10 @@ def test_inspect_says_when_a_newer_mope_wrote_the_bundle(made, tmp_path):
     (newer / "adapter_config.json").write_text(json.dumps({**config, "mope_version": "abc"}))
     broken = run("inspect", newer)
     assert "'abc' (not a version number)" in broken.stdout and "cannot be loaded" in broken.stderr
+    (newer / "adapter_config.json").write_text(json.dumps({**config, "num_expert": 4}))  # a key loading refuses
+    unknown = run("inspect", newer)
+    assert f"mope {MOPE_VERSION} (this version)" in unknown.stdout
+    assert "cannot be loaded" in unknown.stderr and "unknown key 'num_expert'" in unknown.stderr
 
 
 @pytest.fixture
