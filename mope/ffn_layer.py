@@ -71,6 +71,32 @@ def projection_features(block: nn.Module, layout: GatedMLP, module_name: str) ->
     return {name: check_base_layer(m, f"{module_name}.{name}").features(m) for name, m in parts.items()}
 
 
+@torch.no_grad()
+def check_block_computes_layout(block: nn.Module, layout: GatedMLP, module_name: str, in_features: int) -> None:
+    """The block's own forward must be ``down(act(gate(x)) * up(x))``, which the experts recompute: names alone
+    matched blocks that scale or sparsify (Falcon-H1's multipliers, Gemma 3n's activation sparsity), and the
+    model changed. Checked on two random tokens where the weights are there (not meta or sharded away)."""
+    gate, up, down = (getattr(block, name) for name in layout.projections())
+    weights = [getattr(m, "weight", None) for m in (gate, up, down)]
+    if any(w is None or w.is_meta or w.numel() == 0 for w in weights):
+        return
+    dtype = getattr(gate, "compute_dtype", None) or (weights[0].dtype if weights[0].is_floating_point() else None)
+    x = torch.randn(1, 2, in_features, generator=torch.Generator().manual_seed(0))
+    x = x.to(weights[0].device, dtype or torch.float32)
+    training = block.training
+    block.eval()
+    try:
+        got, want = block(x), down(getattr(block, layout.act)(gate(x)) * up(x))
+    finally:
+        block.train(training)
+    if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-6):
+        raise ValueError(
+            f"Module '{module_name}' ({type(block).__name__}) has gate_proj, up_proj, down_proj and act_fn, but its "
+            "forward computes more than down(act(gate(x)) * up(x)) (a scaling or activation sparsity), which "
+            "whole-FFN experts would drop. Target its projections instead."
+        )
+
+
 class MoPEFFNLayer(MoPELayer):
     """Wraps a gated MLP block; per active adapter, route once, then mix whole-FFN experts."""
 
@@ -80,6 +106,7 @@ class MoPEFFNLayer(MoPELayer):
         if layout is None:
             raise ValueError(f"Module '{module_name}' is not a gated MLP block (gate_proj, up_proj, down_proj, act_fn)")
         features = projection_features(base_layer, layout, module_name)
+        check_block_computes_layout(base_layer, layout, module_name, features[layout.gate][0])
         return features[layout.gate][0], features[layout.down][1]
 
     def make_bank(self, config, num_experts: int) -> nn.Module:

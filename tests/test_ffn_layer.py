@@ -259,3 +259,23 @@ def test_targets_inside_a_whole_ffn_layer_are_refused_with_nothing_changed(first
         get_peft_model(model, config) if first is None else model.add_adapter("second", config)
     assert {name: type(m) for name, m in model.named_modules()} == before
     assert first is None or list(model.peft_config) == ["default"]
+
+
+def test_a_block_whose_forward_computes_more_than_the_gated_mlp_is_refused():
+    # the names alone matched Falcon-H1's MLP (which scales) and Gemma 3n's (activation sparsity): the experts
+    # recomputed down(act(gate(x)) * up(x)) and the model changed at init_weights=True
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    class ScaledMLP(LlamaMLP):
+        def forward(self, x):
+            return 0.5 * super().forward(x)
+
+    base = make_model("llama")
+    for layer in base.model.layers:
+        scaled = ScaledMLP(base.config)
+        scaled.load_state_dict(layer.mlp.state_dict())
+        layer.mlp = scaled
+    before = {name: type(m) for name, m in base.named_modules()}
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp' \(ScaledMLP\) .* computes more than"):
+        get_peft_model(base, mope.MoPEConfig(target_modules=["mlp"]))
+    assert {name: type(m) for name, m in base.named_modules()} == before
