@@ -1,6 +1,6 @@
 """Quickstart: wrap a tiny Llama with a mixture of LoRA experts, train, save, reload, compare.
 
-Run:  make demo        (or: python examples/quickstart.py [--out DIR] [--steps N])
+Run:  python examples/quickstart.py [--out DIR] [--steps N]
 
 Everything is built from configs, so it runs offline in seconds on a CPU.
 """

@@ -198,24 +198,43 @@ def read_data(data: str, text_column: str, max_examples: int | None, tokenizer: 
     return texts, load_tokenizer(tokenizer, "--tokenizer") if tokenizer else load_tokenizer(base, "--base")
 
 
-def model_positions(model, wanted: int) -> int:
-    """``wanted`` tokens, or the model's ``max_position_embeddings`` where it has fewer.
+def model_positions(model, tokenizer, wanted: int) -> int:
+    """``wanted`` tokens, or the model's ``max_position_embeddings`` or the tokenizer's ``model_max_length`` where
+    either is fewer.
 
     A BERT-style model has that many learned positions: a longer input fails deep in its
-    embedding with a shape error, so texts are cut there instead.
+    embedding with a shape error, so texts are cut there instead. RoBERTa's 514 positions start
+    after its padding id (512 usable).
     """
     positions = getattr(model.config, "max_position_embeddings", None)
-    return min(wanted, positions) if isinstance(positions, int) else wanted
+    if isinstance(positions, int):
+        positions -= first_position(model)
+    limits = [positions, getattr(tokenizer, "model_max_length", None)]
+    return min([wanted] + [n for n in limits if isinstance(n, int) and 0 < n < 10**7])  # 10**30: no limit known
+
+
+def first_position(model) -> int:
+    """The first position id a model uses: RoBERTa's (XLM-R's, CamemBERT's) start after its padding id."""
+    import torch.nn as nn
+
+    for module in model.modules():
+        embedding = getattr(module, "position_embeddings", None)
+        if isinstance(embedding, nn.Embedding) and embedding.padding_idx is not None:
+            return embedding.padding_idx + 1
+    return 0
 
 
 def batches_for(model, tokenizer, texts: list[str], batch_size: int, max_length: int):
-    """Batches of ``texts`` cut at ``max_length`` tokens, or at the model's positions (with a note) where it has fewer."""
+    """Batches of ``texts`` cut at ``max_length`` tokens, or at the model's positions (with a note) where it has
+    fewer. A model config without a padding id (Llama's, Mistral's) takes the tokenizer's, as training sets it."""
     from .loading import text_batches
 
-    positions = model_positions(model, max_length)
+    positions = model_positions(model, tokenizer, max_length)
     if positions < max_length:
-        typer.echo(f"note: texts are cut at the model's {positions} positions, not {max_length} tokens", err=True)
+        typer.echo(f"note: texts longer than the model's {positions} positions are cut there", err=True)
         max_length = positions
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
     return text_batches(tokenizer, texts, batch_size, max_length, next(model.parameters()).device)
 
 
@@ -266,7 +285,7 @@ def write_report(report: dict[str, dict], out: Path, model, tokenizer, text: str
     figures = {
         "load_heatmap.png": load_heatmap(report),
         "routing_by_position.png": routing_by_position(report),
-        "token_map.png": text_token_map(model, tokenizer, text, max_tokens=model_positions(model, 48)),
+        "token_map.png": text_token_map(model, tokenizer, text, max_tokens=model_positions(model, tokenizer, 48)),
     }
     for name, figure in figures.items():
         figure.savefig(out / name, dpi=110)
@@ -375,13 +394,10 @@ def train(
 @app.callback()
 def quiet() -> None:
     """Before every command: no load reports or progress bars between the report lines, no screen for plots."""
-    import transformers
-
     from ..training import quiet_third_party
 
     os.environ.setdefault("MPLBACKEND", "Agg")
     quiet_third_party()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def main() -> None:

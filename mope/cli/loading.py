@@ -125,7 +125,12 @@ def read_texts(source: str, text_column: str = "text", max_examples: int | None 
 def text_batches(tokenizer, texts: list[str], batch_size: int, max_length: int, device) -> Iterator[dict]:
     """Padded, truncated batches of ``input_ids`` and ``attention_mask`` on ``device``."""
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        batch = tokenizer(  # padded on the right whatever the tokenizer's side: positions count from the first token
+            texts[start : start + batch_size],
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            padding_side="right",
+            return_tensors="pt",
         )
         yield {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}

@@ -10,8 +10,9 @@ require_extra("train", "accelerate", "yaml", "pydantic", "datasets", "tqdm")
 
 
 def quiet_third_party() -> None:
-    """Silence load reports and a PEFT/transformers deprecation that users cannot act on."""
+    """Silence load reports and progress bars and a PEFT/transformers deprecation that users cannot act on."""
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")

@@ -279,8 +279,7 @@ class Run:
         self.accelerator.wait_for_everyone()
         self.examples = load_examples(r.data, r.model.task)
         self.tokenizer = load_tokenizer(r.model)
-        labels = len(self.examples.labels or []) or None
-        base = build_model(r.model, labels, t.seed, quantized_storage(self.accelerator, r.model))
+        base = build_model(r.model, self.examples.labels, t.seed, quantized_storage(self.accelerator, r.model))
         if base.config.pad_token_id is None:
             base.config.pad_token_id = self.tokenizer.pad_token_id
         if t.gradient_checkpointing:

