@@ -51,3 +51,12 @@ def test_a_causal_example_starts_as_the_tokenizer_starts_a_text_and_ends_with_eo
     assert batch["labels"].tolist() == [[-100, 10, 11, 12], [-100, 10, 1, -100]]
     with pytest.raises(RecipeError, match=r"data.max_length=2 leaves a causal LM no label token.*at least 3"):
         Collator(bos_word_tokenizer(), DataSection(source="x.jsonl", max_length=2), "causal_lm", None)
+
+
+def test_a_family_whose_packages_this_python_lacks_is_refused():
+    # Debian ships tkinter and idlelib apart: the task silently lost two classes (the H100 study ran 8-way)
+    families = {"gui": ("no_such_package_here",), "xml": ("xml",)}
+    with pytest.raises(
+        ValueError, match=r"no docstrings for label\(s\) \['gui'\] \(packages \['no_such_package_here'\]\)"
+    ):
+        stdlib_docstrings.build(families=families)
