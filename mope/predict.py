@@ -37,7 +37,7 @@ def predict(recipe_path: str, bundle: str, overrides: list[str] = ()) -> tuple[l
             f"mope.predict loads MoPE bundles; {recipe_path} trains adapter.method {recipe.adapter.method!r} (load "
             "its bundle with peft.PeftModel.from_pretrained)"
         )
-    examples = load_examples(recipe.data, recipe.model.task)
+    examples = load_examples(recipe.data, recipe.model.task, recipe.id_bounds())
     tokenizer = load_tokenizer(recipe.model)
     base = build_model(recipe.model, examples.labels, recipe.training.seed)
     if base.config.pad_token_id is None:

@@ -269,15 +269,36 @@ def read_rows(section: DataSection, columns: Sequence[str] = (), texts: Sequence
 
 
 def needed_columns(section: DataSection, task: str) -> list[str]:
-    """The columns a recipe reads: text (or prompt and response), and the label for classification."""
+    """The columns a recipe reads: text (or prompt and response), the label for classification, the id columns."""
     columns = [section.prompt_column, section.response_column] if section.prompt_column else [section.text_column]
-    return [*columns, section.label_column] if task == "sequence_classification" else columns
+    columns += [section.label_column] if task == "sequence_classification" else []
+    return columns + [c for c in (section.task_column, section.group_column) if c is not None]
 
 
-def load_examples(section: DataSection, task: str) -> Examples:
+def check_ids(rows: Rows, column: str, bound: int | None, field: str, source: str) -> None:
+    """Every value of ``column`` is an integer id in ``[0, bound)`` (a CSV's digits count): a RecipeError naming the
+    column, the first bad row and ``field`` (the config field that sets the bound)."""
+    for number, row in enumerate(rows, start=1):
+        value = row[column]
+        digits = isinstance(value, str) and value.strip().isdigit()
+        if not (digits or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)):
+            raise RecipeError(f"{source}: column '{column}' holds {value!r} in row {number}; ids are integers >= 0")
+        if bound is not None and int(value) >= bound:
+            raise RecipeError(
+                f"{source}: column '{column}' holds id {int(value)} in row {number}, but {field}={bound} (ids lie "
+                f"in [0, {bound}))"
+            )
+
+
+def load_examples(section: DataSection, task: str, id_bounds: dict[str, tuple[int, str]] | None = None) -> Examples:
+    """The recipe's train and held-out rows; ``id_bounds`` (:meth:`Recipe.id_bounds`) bounds its id columns."""
     # a causal LM's text (or response) is what it learns: a blank one leaves a row without label tokens
     texts = [] if task == "sequence_classification" else [section.response_column or section.text_column]
     train, held_out = read_rows(section, needed_columns(section, task), texts)
+    for column in (section.task_column, section.group_column):
+        if column is not None:
+            bound, field = (id_bounds or {}).get(column, (None, ""))
+            check_ids(train + held_out, column, bound, field, f"data source {section.source}")
     for empty, split, other, advice in ((train, "held-out", held_out, "lower"), (held_out, "train", train, "raise")):
         if not empty:
             raise RecipeError(
@@ -339,8 +360,13 @@ class Collator:
                 return_tensors="pt",
             )
             batch["labels"] = torch.tensor([self.label_ids[str(r[s.label_column])] for r in rows])
-            return dict(batch)
-        return self.causal_batch(rows)
+            batch = dict(batch)
+        else:
+            batch = self.causal_batch(rows)
+        for column, key in ((s.task_column, "mope_task_ids"), (s.group_column, "group_ids")):
+            if column is not None:  # checked when loaded (check_ids)
+                batch[key] = torch.tensor([int(r[column]) for r in rows])
+        return batch
 
     def tokens(self, text: Any, end: list[int] = ()) -> list[int]:
         """``text``'s tokens, then ``end`` unless they already end with it (a text that holds its EOS)."""

@@ -107,6 +107,6 @@ def checked_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe
     check_model(recipe.model)
     check_quantization(recipe.model)
     if source_kind(recipe.data.source) == "file":  # built-in tasks take seconds to build; the run does it
-        load_examples(recipe.data, recipe.model.task)
+        load_examples(recipe.data, recipe.model.task, recipe.id_bounds())
     check_folders(recipe.training)
     return recipe

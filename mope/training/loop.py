@@ -277,7 +277,7 @@ class Run:
                 else:
                     os.remove(path)
         self.accelerator.wait_for_everyone()
-        self.examples = load_examples(r.data, r.model.task)
+        self.examples = load_examples(r.data, r.model.task, r.id_bounds())
         self.tokenizer = load_tokenizer(r.model)
         base = build_model(r.model, self.examples.labels, t.seed, quantized_storage(self.accelerator, r.model))
         if base.config.pad_token_id is None:

@@ -87,6 +87,16 @@ class DataSection(Section):
     max_length: int = Field(64, gt=0)
     eval_fraction: float = Field(0.2, gt=0, lt=1)
     max_examples: int | None = Field(None, gt=0)
+    task_column: str | None = Field(
+        None,
+        description="Column of task ids (integers in [0, adapter.config.num_tasks)), given to the model as "
+        "mope_task_ids: needed by adapter.config.routing_level='task'.",
+    )
+    group_column: str | None = Field(
+        None,
+        description="Column of group ids (integers in [0, adapter.config.num_groups)), given to the model as "
+        "group_ids: needed by LoRAMoE's localized balancing loss (adapter.config.localized_balance_coef > 0).",
+    )
 
     @model_validator(mode="after")
     def prompt_with_response(self) -> DataSection:
@@ -176,6 +186,39 @@ class Recipe(Section):
     data: DataSection
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+
+    @model_validator(mode="after")
+    def id_columns_for_what_reads_them(self) -> Recipe:
+        """A task-level gate reads task ids and LoRAMoE's loss group ids, which only a data column can give a
+        recipe (the run failed at its first step); a column nothing reads is refused too."""
+        config = self.adapter.config if self.adapter.method == "mope" else {}
+        for column, field, needed, reader in (
+            ("task_column", "routing_level", config.get("routing_level") == "task", "routing_level='task'"),
+            (
+                "group_column",
+                "localized_balance_coef",
+                (config.get("localized_balance_coef") or 0) > 0,
+                "localized_balance_coef > 0",
+            ),
+        ):
+            given = getattr(self.data, column) is not None
+            if needed and not given:
+                raise ValueError(f"adapter.config.{reader} needs data.{column}: the column of ids the model reads")
+            if given and not needed:
+                raise ValueError(
+                    f"data.{column} is read only with adapter.config.{reader} (adapter.config.{field} is "
+                    f"{config.get(field)!r}); remove it"
+                )
+        return self
+
+    def id_bounds(self) -> dict[str, tuple[int, str]]:
+        """Each id column -> (the count its ids lie below, the field that sets it)."""
+        config, bounds = self.adapter.config, {}
+        if self.data.task_column is not None and isinstance(config.get("num_tasks"), int):
+            bounds[self.data.task_column] = (config["num_tasks"], "adapter.config.num_tasks")
+        if self.data.group_column is not None:
+            bounds[self.data.group_column] = (config.get("num_groups", 2), "adapter.config.num_groups")
+        return bounds
 
     @model_validator(mode="after")
     def probe_needs_a_head(self) -> Recipe:

@@ -256,3 +256,72 @@ def test_a_model_or_tokenizer_that_does_not_load_is_a_recipe_error_naming_the_fi
         build_model(recipe.model, None, 0)
     with pytest.raises(RecipeError, match=r"model\.tokenizer: no tokenizer in '.*'"):
         load_tokenizer(load_recipe(TINY, [f"model.tokenizer={tmp_path}"]).model)
+
+
+def write_task_rows(path: Path, tasks: list) -> Path:
+    import json
+
+    path.write_text(
+        "".join(json.dumps({"text": f"word {i} more words", "task": t}) + "\n" for i, t in enumerate(tasks))
+    )
+    return path
+
+
+TASK_LEVEL = ["adapter.config.routing_level=task", "adapter.config.num_tasks=2"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (TASK_LEVEL, r"adapter\.config\.routing_level='task' needs data\.task_column"),  # failed at the first step
+        (["data.task_column=task"], r"data\.task_column is read only with adapter\.config\.routing_level='task'"),
+        (["adapter.config.localized_balance_coef=0.1"], r"localized_balance_coef > 0 needs data\.group_column"),
+        (["data.group_column=task"], r"data\.group_column is read only with .*localized_balance_coef"),
+    ],
+)
+def test_id_columns_and_what_reads_them_come_together(overrides, words):
+    with pytest.raises(RecipeError, match=words):
+        load_recipe(TINY, overrides)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "words"),
+    [
+        ([0, 1, 2, 0], r"column 'task' holds id 2 in row 3, but adapter\.config\.num_tasks=2"),
+        ([0, 1, "x", 0], r"column 'task' holds 'x' in row 3; ids are integers >= 0"),
+        ([0, True, 1, 0], r"column 'task' holds True in row 2"),
+    ],
+)
+def test_bad_task_ids_are_refused_before_a_launch(tmp_path, tasks, words):
+    data = write_task_rows(tmp_path / "tasks.jsonl", tasks * 10)
+    overrides = [*TASK_LEVEL, "data.task_column=task", f"data.source={data}", f"training.output_dir={tmp_path / 'out'}"]
+    with pytest.raises(RecipeError, match=words):
+        checked_recipe(TINY, overrides)
+
+
+def test_a_task_column_reaches_the_model_as_its_task_ids(tmp_path):
+    from mope.training.data import Collator
+
+    data = write_task_rows(tmp_path / "tasks.jsonl", ["0", "1"] * 20)  # a CSV's digits count too
+    recipe = checked_recipe(
+        TINY, [*TASK_LEVEL, "data.task_column=task", f"data.source={data}", f"training.output_dir={tmp_path}"]
+    )
+    examples = load_examples(recipe.data, recipe.model.task, recipe.id_bounds())
+    batch = Collator(load_tokenizer(recipe.model), recipe.data, recipe.model.task, None)(examples.train[:4])
+    assert batch["mope_task_ids"].tolist() == [int(row["task"]) for row in examples.train[:4]]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [*TASK_LEVEL, "data.task_column=task"],
+        ["adapter.config.localized_balance_coef=0.1", "data.group_column=task"],  # LoRAMoE's loss reads group ids
+    ],
+)
+def test_a_recipe_with_an_id_column_trains_and_evaluates(tmp_path, overrides):
+    from mope.training.loop import run
+
+    data = write_task_rows(tmp_path / "tasks.jsonl", [0, 1] * 20)
+    out = [f"data.source={data}", f"training.output_dir={tmp_path / 'out'}", "training.max_steps=2"]
+    summary = run(load_recipe(TINY, [*overrides, *out, "training.save_every=null"]))
+    assert summary["eval_loss"] > 0
