@@ -8,7 +8,8 @@ The issue's reference shape: an ``nn.Linear(1024 -> 2048)`` (weight 2048 x 1024)
 fp32. Each candidate wraps the same frozen layer; a step is the forward pass and the backward of
 the output's sum (gradients for the input and the adapter's parameters). Candidates: the frozen
 layer (input gradient only), PEFT LoRA r=8 and r=16, MoPE top-2 of 8 with r=8 (the real
-``MoPELayer`` with its router and both aux losses; dispatch ``auto`` and forced ``sorted``), and
+``MoPELayer`` with its router, computing both aux losses, whose backward the step leaves out: it
+backpropagates the layer's output alone; dispatch ``auto`` and forced ``sorted``), and
 three per-expert loops (top-2 of 8, r=8): step_time.py's naive loop (the frozen layer once, each
 expert's LoRA on its tokens) and two where each expert is the frozen layer plus its LoRA, on its
 tokens (MoE-PEFT's MixLoRA: the frozen weight runs k times per token) or on every token (N times).

@@ -1076,9 +1076,15 @@ SECTIONS: dict[str, Callable[[Settings], list[Row]]] = {
 }
 
 
-def write_results(rows: list[Row], info: dict, mode: str, settings: Settings, out: Path, name: str) -> str:
+# The sections the settings' notes are about (the CPU step shapes): other files do not carry them.
+NOTED_SECTIONS = ("step", "scaling", "memory")
+
+
+def write_results(
+    rows: list[Row], info: dict, mode: str, settings: Settings, out: Path, name: str, sections: list[str]
+) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, info, mode, settings.notes)
+    table = markdown(rows, info, mode, settings.notes if set(sections) & set(NOTED_SECTIONS) else ())
     (out / f"{name}.md").write_text(table)
     payload = {"mode": mode, "machine": info, "rows": [asdict(row) for row in rows]}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
@@ -1090,7 +1096,7 @@ def run_benchmark(settings: Settings, mode: str, sections: list[str], out: Path,
     started, info = time.perf_counter(), machine()
     info["load average (1, 5, 15 min) before"] = str(load_average())
     info["repetitions"] = f"{settings.warmup} warm-up + {settings.reps} timed per candidate"
-    if "gpu" in sections and torch.cuda.is_available():
+    if any(section.startswith("gpu") for section in sections) and torch.cuda.is_available():  # gpu, gpu_compiled
         info["repetitions"] += f" ({settings.gpu_reps} on the GPU)"
     if "host" in sections:
         info["repetitions"] += f" ({settings.host_reps} for the host table, on 1 thread)"
@@ -1102,7 +1108,7 @@ def run_benchmark(settings: Settings, mode: str, sections: list[str], out: Path,
             rows.append(Row(section, section, f"section '{section}'", "-", "-", note=error_note(error)))
         info["load average (1, 5, 15 min) after"] = str(load_average())
         info["wall time s"] = round(time.perf_counter() - started, 1)
-        table = write_results(rows, info, mode, settings, out, name)
+        table = write_results(rows, info, mode, settings, out, name, sections)
     print(table)
 
 
