@@ -197,7 +197,7 @@ class MoPEModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self.hook_handles = [
             model.register_forward_pre_hook(self._capture_inputs, with_kwargs=True),
-            model.register_forward_hook(self._attach_aux_loss),
+            model.register_forward_hook(self._attach_aux_loss, always_call=True),  # a forward that raised too
         ]
         for output_type in declared_outputs(model):
             with_aux_loss_field(output_type)
@@ -480,14 +480,18 @@ class MoPEModel(BaseTuner):
 
     def _attach_aux_loss(self, module: nn.Module, args: tuple, output: Any) -> Any:
         records = self.routing_context.finish()
-        if module.training and torch.is_grad_enabled():  # not a no-grad metrics forward (TRL's, in train mode)
-            advance_schedules(self, "forward")
-        if not records:
+        if output is None:  # the forward raised: its call is closed, its records (and their graph) dropped
             return None
-        aux = self.combine_losses(records)
-        if module.training and torch.is_grad_enabled() and not aux.requires_grad:
-            check_losses_reach_routers(module)
-        return attach_aux_loss(output, aux, module, self.aux_share)
+        training = module.training and torch.is_grad_enabled()  # not a no-grad metrics forward (TRL's, in train mode)
+        attached = None
+        if records:
+            aux = self.combine_losses(records)
+            if training and not aux.requires_grad:
+                check_losses_reach_routers(module)
+            attached = attach_aux_loss(output, aux, module, self.aux_share)
+        if training:  # only a forward that went through: a refused one (no place for its aux loss) counts no step
+            advance_schedules(self, "forward")
+        return attached
 
     def causal_lm(self) -> bool:
         """Whether the adapters are for a decoder-only LM (transformers' losses there read ``num_items_in_batch``)."""
@@ -509,8 +513,12 @@ class MoPEModel(BaseTuner):
         return total
 
     def delete_adapter(self, adapter_name: str) -> None:
+        routers = [
+            layer.mope_router[adapter_name] for layer in self._mope_layers() if adapter_name in layer.mope_router
+        ]
         super().delete_adapter(adapter_name)
         detach_schedule(self, adapter_name)
+        self.routing_context.decisions.forget(routers)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # Call the model, not model.forward as PEFT < 0.21 does, so that the two hooks above run.

@@ -363,6 +363,49 @@ def test_training_steps_leave_no_routing_or_loss_record_alive(router):
     assert alive == []
 
 
+def test_a_forward_that_raises_a_block_leader_or_a_deleted_adapter_keeps_nothing_alive():
+    # a forward that raised left its call recording (its records held the graph); a block leader's routing held
+    # the last forward's graph; a deleted adapter's routers stayed in the kept sequence decisions
+    import gc
+
+    def alive() -> list:
+        gc.collect()
+        return [o for o in gc.get_objects() if type(o).__name__ in ("Routing", "LossRecord")]
+
+    config = MoPEConfig(target_modules=["q_proj", "k_proj"], router_blocks=["self_attn"], init_weights=False)
+    model = get_peft_model(make_model("llama"), config).train()
+    lm_head = model.get_base_model().lm_head
+    lm_head.register_forward_pre_hook(lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model(**make_batch("llama"))
+    assert not model.base_model.routing_context.call.collecting and alive() == []
+    lm_head._forward_pre_hooks.clear()
+    out = model(**make_batch("llama"))
+    del out
+    assert alive() == []  # the block leader's routing went with its output
+    model.add_adapter("other", MoPEConfig(target_modules=["v_proj"], routing_level="sequence", init_weights=False))
+    model.base_model.set_adapter("other")
+    model.eval()(**make_batch("llama"))  # an eval forward keeps its sequence decisions
+    decisions = model.base_model.routing_context.decisions.decisions
+    assert decisions
+    model.base_model.set_adapter("default")
+    model.delete_adapter("other")
+    assert not model.base_model.routing_context.decisions.decisions
+
+
+def test_a_refused_training_forward_counts_no_schedule_step():
+    # the schedule advanced before the aux loss was found to have no place (return_dict=False without labels)
+    config = MoPEConfig(target_modules=["q_proj"], router_schedule_steps=10, router_schedule_start_top_k=4)
+    model = get_peft_model(make_model("llama"), config).train()
+    batch = {k: v for k, v in make_batch("llama").items() if k != "labels"}
+    for _ in range(3):
+        with pytest.raises(ValueError):
+            model(**batch, return_dict=False)
+    assert model.base_model.mope_schedule["default"].count == 0
+    model(**batch)
+    assert model.base_model.mope_schedule["default"].count == 1
+
+
 def test_unload_gives_checkpointed_layers_back_their_checkpoint_function():
     # the wrapper that recomputes a layer with its routing call stayed after unload, keeping the dead tuner's
     # context (and its last call's inputs) alive, and a new adapter stacked a second wrapper on it

@@ -27,6 +27,7 @@ only the classification head trains, so a first Trainer fits the head, then a se
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -55,6 +56,10 @@ class TrainingLoad:
         self.load = load if self.load is None else self.load + load
 
 
+# model -> the callback whose hooks are on it: at most one set per model
+LOGGING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class RoutingLogCallback(TrainerCallback):
     """Adds ``aux_loss``, ``expert_load_cv`` and ``expert_load_max`` to every training log (see module doc)."""
 
@@ -69,6 +74,10 @@ class RoutingLogCallback(TrainerCallback):
         self.close()
         if model is None:
             return
+        earlier = LOGGING.get(model)  # a run that stopped on an error never reached on_train_end: its hooks stayed
+        if earlier is not None:
+            earlier.close()
+        LOGGING[model] = self
         self.routers = RouterHooks(model, TrainingLoad, self.adapter_name)
         if not self.routers.collectors:
             raise ValueError(

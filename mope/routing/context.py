@@ -114,10 +114,13 @@ class RoutingContext:
         return self.call
 
     def finish(self) -> list[LossRecord]:
-        """End the current call's recording and hand over its records."""
+        """End the current call's recording and hand over its records. Its block leaders' routings go too: they
+        held the forward's autograd graph after its output was freed (a checkpointed block's recomputation routes
+        its leader again before its followers)."""
         call = self.call
         call.collecting = False
         records, call.records = call.records, []
+        call.block_routings.clear()
         return records
 
     @property

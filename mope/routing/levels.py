@@ -43,6 +43,11 @@ class DecisionCache:
     def clear(self) -> None:
         self.decisions = {}
 
+    def forget(self, routers: list[Any]) -> None:
+        """Drop ``routers``' decisions (a deleted adapter's: they kept its routers alive, one set per delete)."""
+        for router in routers:
+            self.decisions.pop(router, None)
+
 
 def _map(value: Any, fn) -> Any:
     return fn(value) if isinstance(value, torch.Tensor) else value

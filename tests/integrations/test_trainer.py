@@ -256,3 +256,17 @@ def test_mope_trainer_adds_the_router_loss_that_label_smoothing_leaves_out(tmp_p
     assert aux > 0
     torch.testing.assert_close(ours - plain, aux, rtol=0, atol=2e-6)
     assert_accumulation_matches_one_batch(tmp_path, cls=MoPETrainer, label_smoothing_factor=0.1)
+
+
+def test_runs_stopped_by_an_error_leave_one_set_of_hooks(tmp_path):
+    # on_train_end never ran after an error: each new run's callback added a set of hooks on the same model
+    run = trainer(tmp_path, steps=1)
+    routers = [m for n, m in run.model.named_modules() if n.endswith("mope_router.default")]
+    for attempt in range(3):
+        again = Trainer(model=run.model, args=run.args, train_dataset=rows())
+        mope.log_routing(again)
+        handle = again.model.register_forward_hook(lambda *args: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            again.train()
+        handle.remove()
+        assert all(len(r._forward_hooks) == 1 for r in routers), attempt
