@@ -1715,6 +1715,39 @@ def test_without_triton_set_dispatch_is_refused_with_the_install_line(monkeypatc
     assert triton_unavailable(torch.device("cuda")).startswith("Triton is not installed")
 
 
+def test_a_triton_that_does_not_import_is_refused_as_a_missing_one(monkeypatch):
+    # find_spec found it, so set_dispatch accepted it and the forward raised the bare ImportError
+    import importlib.abc
+    import importlib.machinery
+    import sys
+
+    from mope import kernels
+
+    class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            return importlib.machinery.ModuleSpec(name, self) if name.split(".")[0] == "triton" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise ImportError("libtriton.so: undefined symbol")
+
+    for name in [n for n in sys.modules if n.split(".")[0] == "triton" or n.startswith("mope.kernels.")]:
+        monkeypatch.delitem(sys.modules, name)
+        if name.startswith("mope.kernels."):  # `from . import lora` takes the package's attribute first
+            monkeypatch.delattr(kernels, name.rsplit(".", 1)[1], raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    kernels.triton_broken.cache_clear()
+    try:
+        model = get_peft_model(make_model("llama"), mope.MoPEConfig(target_modules=["q_proj"], num_experts=4, r=2))
+        with pytest.raises(ValueError, match=r"dispatch='triton': Triton is installed but does not import \(libtriton"):
+            mope.set_dispatch(model, "triton")
+        assert "does not import" in triton_unavailable(torch.device("cuda"))
+    finally:
+        kernels.triton_broken.cache_clear()
+
+
 def test_kernels_launch_on_the_inputs_gpu_only_where_several_are_and_another_is_current(monkeypatch):
     from mope.kernels import grid
 

@@ -38,7 +38,7 @@ def kernels_interpreted() -> bool:
     to be used). Reading ``sys.modules`` instead would change its answer in the middle of a
     ``torch.compile`` trace that imports the kernels, which Dynamo refuses.
     """
-    if triton_missing() is not None:
+    if triton_missing() is not None or triton_broken() is not None:
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
     from . import lora
 
@@ -52,9 +52,21 @@ def triton_missing() -> str | None:
     return None
 
 
+@functools.cache
+def triton_broken() -> str | None:
+    """Why an installed Triton cannot run the kernels (importing it or them fails: a build that does not match
+    this torch or Python), or None. Imports the kernels: call it only where they are about to run."""
+    try:
+        from . import lora  # noqa: F401
+    except ImportError as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return f"Triton is installed but does not import ({first}): reinstall it, {INSTALL_HINT}"
+    return None
+
+
 def triton_unavailable(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on tensors on ``device``, or None when they can."""
-    missing = triton_missing()
+    missing = triton_missing() or triton_broken()
     if missing is not None:
         return missing
     if device.type == "cuda":
