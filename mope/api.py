@@ -30,7 +30,9 @@ def load_mope(model: nn.Module, path: str | os.PathLike, **kwargs: Any) -> PeftM
     before the error propagates. ``PeftModel.from_pretrained`` itself restores the model only
     for failures inside mope's injection: PEFT's own steps after it run beyond mope's reach.
     """
-    config = MoPEConfig.from_pretrained(os.fspath(path))
+    # where the config is: a subfolder, a revision or a cache (PEFT reads the tensors with the same keywords)
+    where = {key: kwargs[key] for key in ("subfolder", "revision", "cache_dir", "token") if key in kwargs}
+    config = MoPEConfig.from_pretrained(os.fspath(path), **where)
     snapshot = ModelSnapshot(model)
     try:
         return PeftModel.from_pretrained(model, os.fspath(path), config=config, **kwargs)

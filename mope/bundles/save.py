@@ -53,11 +53,14 @@ def save_pretrained(model, save_directory: str | os.PathLike, **kwargs) -> None:
     every other file and subfolder of the target is kept. ``safe_serialization=False`` is refused before anything
     is written: it would pickle the tensors into ``adapter_model.bin``, which mope never loads.
     """
-    if kwargs.get("safe_serialization", True) is not True:
+    if not kwargs.get("safe_serialization", True):
         raise ValueError(
             f"mope.save_pretrained: safe_serialization={kwargs['safe_serialization']!r} would pickle the tensors "
             "into adapter_model.bin, and mope loads safetensors bundles only; nothing was written."
         )
+    if not kwargs.get("is_main_process", True):  # every process calls save; one writes (accelerate's pattern)
+        return
+    check_selected(getattr(model, "peft_config", {}), kwargs.get("selected_adapters"))
     if not os.fspath(save_directory):
         raise ValueError("mope.save_pretrained: save_directory is empty; pass a folder path ('.' for this folder).")
     target = os.path.realpath(os.fspath(save_directory))
@@ -121,18 +124,45 @@ def write_bundle(model, folder: str, kwargs: dict) -> None:
     view: PEFT's filter drops every key with another adapter's name as a dotted part (a second adapter named 'mlp'
     or 'model' left 6 or 24 of the first one's 12 tensors), and PEFT 0.19 filtered nothing for other methods.
     """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its state_dict keys start with _orig_mod.
     adapters = list(getattr(model, "peft_config", {}))
+    selected = kwargs.pop("selected_adapters", None) or adapters
     if len(adapters) < 2 or "state_dict" in kwargs:
-        model.save_pretrained(folder, **kwargs)
+        model.save_pretrained(folder, selected_adapters=selected, **kwargs)
+    else:
+        state, configs = model.state_dict(), model.peft_config
+        for name in selected:
+            only = without_other_adapters(state, name, adapters)
+            model.peft_config = OnlyAdapter(configs, name)
+            try:
+                model.save_pretrained(folder, selected_adapters=[name], state_dict=only, **kwargs)
+            finally:
+                model.peft_config = configs
+    for name in selected:  # before the old bundle is replaced
+        file = os.path.join(folder, "" if name == "default" else name, SAFETENSORS_WEIGHTS_NAME)
+        if os.path.isfile(file) and not tensor_count(file):
+            raise ValueError(
+                f"mope.save_pretrained: adapter '{name}' would be saved with no tensors; nothing was written."
+            )
+
+
+def tensor_count(path: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return len(list(handle.keys()))
+
+
+def check_selected(configs, selected) -> None:
+    """``selected_adapters`` names adapters of the model, at least one (a ValueError before anything is written)."""
+    if selected is None:
         return
-    state, configs = model.state_dict(), model.peft_config
-    for name in kwargs.pop("selected_adapters", None) or adapters:
-        only = without_other_adapters(state, name, adapters)
-        model.peft_config = OnlyAdapter(configs, name)
-        try:
-            model.save_pretrained(folder, selected_adapters=[name], state_dict=only, **kwargs)
-        finally:
-            model.peft_config = configs
+    unknown = [name for name in selected if name not in configs]
+    if not selected or unknown or isinstance(selected, str):
+        raise ValueError(
+            f"mope.save_pretrained: selected_adapters={selected!r} must list some of this model's adapters "
+            f"{sorted(configs)}; nothing was written."
+        )
 
 
 def carry_over(old: str, new: str, written: set[str], relative: str = "") -> None:

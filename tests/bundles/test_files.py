@@ -224,3 +224,36 @@ def test_a_pickled_save_is_refused_before_anything_is_written(tmp_path):
         mope.save_pretrained(model, tmp_path / "bundle", safe_serialization=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "bundle").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging folder left either
+
+
+def test_save_options_a_compiled_model_and_other_processes_keep_the_old_bundle_or_write_it_whole(tmp_path):
+    # a compiled model's keys start with _orig_mod.: with two adapters each file was written with no tensors over a
+    # good bundle; is_main_process=False replaced the folder all the same; [] saved every adapter; 1 was refused
+    from safetensors import safe_open
+
+    model = get_peft_model(make_model("llama"), bundle_config())
+    model.add_adapter("second", bundle_config(num_experts=2, top_k=1))
+    target = tmp_path / "bundle"
+    mope.save_pretrained(model, target)
+    before = folder_bytes(target)
+    mope.save_pretrained(model, target, is_main_process=False)
+    mope.save_pretrained(model, tmp_path / "elsewhere", is_main_process=False)
+    assert folder_bytes(target) == before and not (tmp_path / "elsewhere").exists()
+    for bad in ([], ["nope"], "second"):
+        with pytest.raises(ValueError, match=r"selected_adapters=.* must list some of this model's adapters"):
+            mope.save_pretrained(model, target, selected_adapters=bad)
+    assert folder_bytes(target) == before
+    mope.save_pretrained(torch.compile(model), target, safe_serialization=1)
+    for file in (target / WEIGHTS, target / "second" / WEIGHTS):
+        with safe_open(str(file), framework="pt") as handle:
+            assert list(handle.keys())
+    assert folder_bytes(target) == before  # the same tensors, saved whole
+
+
+def test_load_mope_reads_a_bundle_in_a_subfolder(tmp_path):
+    # the config was read from the folder itself ("Can't find adapter_config.json") where PEFT took the subfolder
+    model = get_peft_model(make_model("llama"), bundle_config())
+    mope.save_pretrained(model, tmp_path / "outer" / "inner")
+    loaded = mope.load_mope(make_model("llama"), tmp_path / "outer", subfolder="inner")
+    batch = make_batch("llama")
+    torch.testing.assert_close(no_grad_logits(loaded, batch), no_grad_logits(model, batch), rtol=0, atol=0)
