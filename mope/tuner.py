@@ -322,6 +322,12 @@ class MoPEModel(BaseTuner):
                         f"MoPEConfig.router_blocks: modules '{leader.module_name}' and '{member.module_name}' of "
                         f"block '{block}' resolve to different num_experts/top_k; a shared router needs equal ones"
                     )
+                if member.mask_key != leader.mask_key:  # cross-attention: the query sees decoder tokens, k/v encoder's
+                    raise ValueError(
+                        f"MoPEConfig.router_blocks: modules '{leader.module_name}' and '{member.module_name}' of block "
+                        f"'{block}' see different tokens ({leader.mask_key} and {member.mask_key}), so one routing "
+                        "cannot serve both; leave the block out or target the modules of one token stream"
+                    )
                 member.mope_block[adapter_name] = BlockLink(block, leader)
                 if member is not leader:
                     del member.mope_router[adapter_name]

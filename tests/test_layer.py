@@ -104,6 +104,17 @@ def test_one_expert_top1_equals_peft_lora():
         torch.testing.assert_close(mixture(**batch).logits, lora(**batch).logits, rtol=0, atol=1e-6)
 
 
+def test_a_block_whose_modules_see_two_token_streams_is_refused():
+    # T5's cross-attention: q sees decoder tokens, k and v encoder tokens; k/v reused q's per-token decisions where
+    # the two lengths matched (1.77 off), and generate failed
+    base = make_model("t5")
+    before = [(name, type(m)) for name, m in base.named_modules()]
+    config = mope.MoPEConfig(target_modules=["q", "k", "v", "o"], router_blocks=["EncDecAttention"])
+    with pytest.raises(ValueError, match=r"EncDecAttention\.q' and .*EncDecAttention\.k' .* see different tokens"):
+        get_peft_model(base, config)
+    assert [(name, type(m)) for name, m in base.named_modules()] == before
+
+
 def test_block_level_routing_runs_one_router_per_block(tmp_path):
     config = mope.MoPEConfig(
         task_type="CAUSAL_LM",
