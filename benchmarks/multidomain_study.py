@@ -94,6 +94,7 @@ TASK = "sequence_classification"
 TOP2 = ["adapter.config.router=top_k", "adapter.config.top_k=2", "training.router_lr_scale=0.1"]
 # routed by the domain id it is given: the upper bound of separation, not a router that learned it
 TASK_LEVEL = "mope top-2 of 8 task-level (domain id)"
+DOMAIN_ID = "domain_id"  # the column of domain indices the task-level run reads (data.task_column)
 COMPOSITION = (
     "head only (linear probe)",
     "compose: mope Arrow (no training)",
@@ -130,7 +131,12 @@ def trained_methods(r: Ranks) -> dict[str, tuple[str, list[str]]]:
         "mope top-2 of 7 + 1 shared": ("mope", [*top2, "adapter.config.num_shared_experts=1"]),
         TASK_LEVEL: (
             "mope",
-            [*top2, "adapter.config.routing_level=task", f"adapter.config.num_tasks={len(multidomain.DOMAINS)}"],
+            [
+                *top2,
+                "adapter.config.routing_level=task",
+                f"adapter.config.num_tasks={len(multidomain.DOMAINS)}",
+                f"data.task_column={DOMAIN_ID}",
+            ],
         ),
     }
 
@@ -181,15 +187,15 @@ def tokenizer(location: str):
     return load_tokenizer(ModelSection(name_or_path=location))
 
 
-def collator(recipe: Recipe, labels: list[str], task_ids: bool) -> Callable[[list[dict]], dict]:
-    """The recipe loop's collator, plus ``mope_task_ids`` (the domain id) for task-level routing."""
+def collator(recipe: Recipe, labels: list[str]) -> Callable[[list[dict]], dict]:
+    """The recipe loop's collator; for task-level routing each row gets its domain's index, which the recipe's
+    ``data.task_column`` gives the model as ``mope_task_ids``."""
     collate = Collator(tokenizer(recipe.model.tokenizer or recipe.model.name_or_path), recipe.data, TASK, labels)
 
     def call(rows: list[dict]) -> dict:
-        batch = collate(rows)
-        if task_ids:
-            batch["mope_task_ids"] = torch.tensor([multidomain.DOMAINS.index(r["domain"]) for r in rows])
-        return batch
+        if recipe.data.task_column is not None:
+            rows = [{**r, DOMAIN_ID: multidomain.DOMAINS.index(r["domain"])} for r in rows]
+        return collate(rows)
 
     return call
 
@@ -327,7 +333,7 @@ class Job:
     def train_linear_probe(self, path: str) -> tuple[dict[str, torch.Tensor], float, dict]:
         """:meth:`linear_probe`'s training, saved atomically at ``path``."""
         recipe = self.recipe("lora")
-        collate = collator(recipe, self.labels, False)
+        collate = collator(recipe, self.labels)
         base = self.base(recipe)
         for name, p in base.named_parameters():
             p.requires_grad = name.startswith("classifier")
@@ -362,15 +368,15 @@ class Job:
     def base_flops(self, recipe: Recipe) -> float:
         """The frozen model's forward FLOPs per token (counted once per job)."""
         if self.frozen_flops is None:
-            self.frozen_flops = flops_per_token(
-                self.base(recipe), self.probe_rows, collator(recipe, self.labels, False)
-            )
+            collate = collator(recipe, self.labels)  # the frozen base takes no task ids
+            frozen = lambda rows: {k: v for k, v in collate(rows).items() if k != "mope_task_ids"}  # noqa: E731
+            self.frozen_flops = flops_per_token(self.base(recipe), self.probe_rows, frozen)
         return self.frozen_flops
 
     def trained(self, method: str) -> dict:
         name, overrides = trained_methods(self.ranks)[method]
         recipe = self.recipe(name, overrides)
-        collate = collator(recipe, self.labels, "routing_level=task" in " ".join(overrides))
+        collate = collator(recipe, self.labels)
         base, probe_seconds, _ = self.start(recipe)
         model = wrap(base, recipe.adapter, TASK)
         seconds = probe_seconds + train(model, recipe, self.train_rows, collate)
@@ -384,7 +390,7 @@ class Job:
         from mope import MoPEConfig, from_lora_adapters
 
         recipe = self.recipe("lora")
-        collate = collator(recipe, self.labels, False)
+        collate = collator(recipe, self.labels)
         base, probe_seconds, probe_row = self.start(recipe)
         rows = {COMPOSITION[0]: probe_row}
         base.requires_grad_(False)
