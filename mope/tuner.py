@@ -192,7 +192,6 @@ class MoPEModel(BaseTuner):
         # adapters injected from a bundle whose tensors are not loaded yet: removed again if they are refused
         self.awaiting_tensors: set[str] = set()
         self.checkpointed_layers: list[nn.Module] | None = None
-        self.aux_share: torch.Tensor | None = None  # this call's accumulation_share (Trainer), set by the pre-hook
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self.hook_handles = [
@@ -479,12 +478,15 @@ class MoPEModel(BaseTuner):
                 self.checkpointed_layers = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
             keep_calls_in_recomputation(self.checkpointed_layers, self.routing_context)
         # a causal LM's loss normalised over an accumulated batch (Trainer): the aux joins it by tokens
-        self.aux_share = accumulation_share(kwargs) if module.training and self.causal_lm() else None
+        self.routing_context.call.aux_share = (
+            accumulation_share(kwargs) if module.training and self.causal_lm() else None
+        )
         if consumed:
             return args, {key: value for key, value in kwargs.items() if key not in consumed}
         return None
 
     def _attach_aux_loss(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        share = self.routing_context.call.aux_share
         records = self.routing_context.finish()
         if output is None:  # the forward raised: its call is closed, its records (and their graph) dropped
             return None
@@ -494,7 +496,7 @@ class MoPEModel(BaseTuner):
             aux = self.combine_losses(records)
             if training and not aux.requires_grad:
                 check_losses_reach_routers(module)
-            attached = attach_aux_loss(output, aux, module, self.aux_share)
+            attached = attach_aux_loss(output, aux, module, share)
         if training:  # only a forward that went through: a refused one (no place for its aux loss) counts no step
             advance_schedules(self, "forward")
         return attached

@@ -460,3 +460,17 @@ def test_a_task_head_trained_whole_takes_no_experts(model_class, task_type, head
     assert [
         (name, type(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in base.named_modules()
     ] == before
+
+
+def test_a_model_that_trained_with_gradient_checkpointing_still_pickles():
+    # the checkpoint wrapper was a closure: pickle.dumps(model) (torch.save of the object, spawn arguments) failed
+    import pickle
+
+    model = get_peft_model(make_model("llama"), MoPEConfig(target_modules=["q_proj"], routing_level="sequence"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    model(**make_batch("llama")).loss.backward()
+    model.get_base_model().disable_input_require_grads()  # transformers' own hook is a closure too (a ViT has none)
+    again = pickle.loads(pickle.dumps(model))
+    batch = make_batch("llama")
+    torch.testing.assert_close(no_grad_logits(again.eval(), batch), no_grad_logits(model.eval(), batch), rtol=0, atol=0)

@@ -126,10 +126,11 @@ def write_bundle(model, folder: str, kwargs: dict) -> None:
     """
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its state_dict keys start with _orig_mod.
     adapters = list(getattr(model, "peft_config", {}))
-    selected = kwargs.pop("selected_adapters", None) or adapters
+    selected = kwargs.get("selected_adapters") or adapters
     if len(adapters) < 2 or "state_dict" in kwargs:
-        model.save_pretrained(folder, selected_adapters=selected, **kwargs)
+        model.save_pretrained(folder, **kwargs)
     else:
+        kwargs.pop("selected_adapters", None)
         state, configs = model.state_dict(), model.peft_config
         for name in selected:
             only = without_other_adapters(state, name, adapters)

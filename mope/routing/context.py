@@ -27,6 +27,7 @@ names: train with ``remove_unused_columns=False`` to keep these columns.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,11 +99,14 @@ class ForwardCall:
     # whether the call continues a KV cache that holds tokens (a decoding step): only then may a layer that sees
     # fewer tokens than the mask reuse a kept decision; otherwise it sees the last ones (logits_to_keep)
     continues_cache: bool = False
+    # the aux loss's share of an accumulated batch (mope.tuner.accumulation_share), None outside Trainer's
+    aux_share: torch.Tensor | None = None
 
 
 @dataclass
 class RoutingContext:
-    """The routing state shared by all MoPE layers of one model (see the module docstring)."""
+    """The routing state shared by all MoPE layers of one model (see the module docstring). One call at a time:
+    two threads running the same model's forwards at once would read each other's inputs."""
 
     call: ForwardCall = field(default_factory=ForwardCall)
     given: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -289,22 +293,24 @@ def recomputing_with_its_call(checkpoint: Any, context: RoutingContext) -> Any:
     later forward (a reference or metrics pass before ``backward``) replaces ``context.call``, and sequence- or
     task-level routers recomputed with its mask or task ids gave wrong gradients (6.7x off). The checkpointed
     function sets the call itself (a ``context_fn`` doing it was skipped under ``torch.compile``, which takes only
-    selective-checkpoint contexts: 1.6x off there)."""
-
-    def checkpointed(function: Any, *args: Any, **kwargs: Any) -> Any:
-        call = context.call
-
-        def with_its_call(*inner: Any, **named: Any) -> Any:  # the forward, and its recomputation in backward
-            current, context.call = context.call, call
-            try:
-                return function(*inner, **named)
-            finally:
-                context.call = current
-
-        return checkpoint(with_its_call, *args, **kwargs)
-
+    selective-checkpoint contexts: 1.6x off there), in whichever thread recomputes it. Partials of module-level
+    functions, not closures, so a model that trained with checkpointing still pickles."""
+    checkpointed = functools.partial(checkpoint_with_the_call, checkpoint, context)
     checkpointed.mope_context, checkpointed.__wrapped__ = context, checkpoint
     return checkpointed
+
+
+def checkpoint_with_the_call(checkpoint: Any, context: RoutingContext, function: Any, *args: Any, **kwargs: Any) -> Any:
+    return checkpoint(functools.partial(run_with_call, context, context.call, function), *args, **kwargs)
+
+
+def run_with_call(context: RoutingContext, call: ForwardCall, function: Any, *args: Any, **kwargs: Any) -> Any:
+    """``function`` (the forward, and its recomputation in backward) with ``call`` as the context's call."""
+    current, context.call = context.call, call
+    try:
+        return function(*args, **kwargs)
+    finally:
+        context.call = current
 
 
 def keep_calls_in_recomputation(layers: list[Any], context: RoutingContext) -> None:
