@@ -7,6 +7,7 @@ collectors keep what they need on the device; the analyses read them to the host
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -42,6 +43,12 @@ def finite_tokens(routing: Routing) -> torch.Tensor:
     return torch.isfinite(routing.probs).all(-1) & torch.isfinite(routing.weights).all(-1)
 
 
+def feed(collector: Collector, module: nn.Module, args: tuple, output: Routing) -> None:
+    """Hand a router call's routing and inputs to ``collector``."""
+    given = args[1] if len(args) > 1 and isinstance(args[1], RoutingInputs) else None
+    collector.update(output, given or RoutingInputs())
+
+
 class RouterHooks(Generic[C]):
     """Context manager: hooks every router of ``adapter_name``; ``collectors`` maps module name to collector.
 
@@ -62,11 +69,9 @@ class RouterHooks(Generic[C]):
 
     @staticmethod
     def hook_for(collector: Collector):
-        def hook(module: nn.Module, args: tuple, output: Routing) -> None:
-            given = args[1] if len(args) > 1 and isinstance(args[1], RoutingInputs) else None
-            collector.update(output, given or RoutingInputs())
-
-        return hook
+        """The router's forward hook feeding ``collector``: a partial, not a closure, so a model under the hooks
+        still pickles (``torch.save`` of the model from a Trainer callback)."""
+        return functools.partial(feed, collector)
 
     def __enter__(self) -> RouterHooks[C]:
         return self

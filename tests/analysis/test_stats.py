@@ -99,3 +99,15 @@ def test_a_nan_router_reports_nan_not_a_plausible_load(kwargs):
     assert all(math.isnan(x) for x in nan["drop_rate_by_position"])
     for layer in report.values():
         assert layer["nonfinite_tokens"] == 0 and sum(layer["load"]) == pytest.approx(1.0)
+
+
+def test_a_model_under_routing_hooks_still_pickles():
+    # the hooks were closures: torch.save(model) from a Trainer callback (log_routing's hooks on) failed
+    import pickle
+
+    model = get_peft_model(make_model("llama"), mope.MoPEConfig(target_modules=["q_proj"], init_weights=False))
+    with mope.routing_stats(model) as stats:
+        model(**make_batch("llama"))
+        again = pickle.loads(pickle.dumps(model))
+        assert stats.report()
+    assert again is not model
