@@ -9,7 +9,7 @@
 #   make docs   builds the docs site into site/ (preview: .venv/bin/mkdocs serve)
 #   make bench  runs the speed benchmarks (run alone: training step, memory, inference, layer loops,
 #               soft merging; ~16 min)
-# torch is installed first, pinned, so that no CUDA build is pulled in on a CPU machine.
+# torch is installed first, pinned, so nothing else pulls in another torch (this project's machines serve its CPU wheel).
 
 PYTHON ?= python3
 VENV := .venv

@@ -22,6 +22,7 @@ the module, and the tuner raises it before the adapter is attached anywhere.
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,14 +142,16 @@ def read_bnb_4bit(module: nn.Module) -> torch.Tensor:
     from peft.utils.integrations import dequantize_bnb_weight
 
     weight = module.weight
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    if not getattr(weight.quant_state, "packing_format_for_cpu", False):
+        return dequantize_bnb_weight(weight, state=weight.quant_state)
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse, dequantize_4bit
 
-        weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        if state.absmax.dim() == 2:  # [blocks per row, rows]: the CPU layout's
-            state.absmax = state.absmax.T.reshape(-1).float()
-        weight.quant_state = state
-    return dequantize_bnb_weight(weight, state=weight.quant_state)
+    # on copies: the inverse rewrites the state in place and re-quantizes double-quantized scales (lossy), and the
+    # layer keeps serving (and unmerge restores) its own codes
+    data, state = _convert_weight_packed_for_cpu_inverse(weight.data.clone(), copy.deepcopy(weight.quant_state))
+    if state.absmax.dim() == 2:  # [blocks per row, rows]: the CPU layout's
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return dequantize_4bit(data, state)
 
 
 def write_bnb_4bit(module: nn.Module, weight: torch.Tensor) -> None:

@@ -75,14 +75,19 @@ def projection_features(block: nn.Module, layout: GatedMLP, module_name: str) ->
 def check_block_computes_layout(block: nn.Module, layout: GatedMLP, module_name: str, in_features: int) -> None:
     """The block's own forward must be ``down(act(gate(x)) * up(x))``, which the experts recompute: names alone
     matched blocks that scale or sparsify (Falcon-H1's multipliers, Gemma 3n's activation sparsity), and the
-    model changed. Checked on two random tokens where the weights are there (not meta or sharded away)."""
+    model changed. Checked on two random tokens where the weights are plain float tensors that are there (not
+    meta, sharded away or quantized: those blocks are taken by their names)."""
     gate, up, down = (getattr(block, name) for name in layout.projections())
     weights = [getattr(m, "weight", None) for m in (gate, up, down)]
-    if any(w is None or w.is_meta or w.numel() == 0 for w in weights):
+    # plain float weights only: a quantized layer's inference forward changes its state (bitsandbytes repacks 4-bit
+    # codes for its CPU kernel, which then served training with other gradients and saved them lossily)
+    if any(type(w) not in (torch.Tensor, nn.Parameter) or w.is_meta or w.numel() == 0 for w in weights):
         return
-    dtype = getattr(gate, "compute_dtype", None) or (weights[0].dtype if weights[0].is_floating_point() else None)
-    x = torch.randn(1, 2, in_features, generator=torch.Generator().manual_seed(0))
-    x = x.to(weights[0].device, dtype or torch.float32)
+    if not all(w.is_floating_point() for w in weights):
+        return
+    x = torch.randn(1, 2, in_features, generator=torch.Generator().manual_seed(0)).to(
+        weights[0].device, weights[0].dtype
+    )
     training = block.training
     block.eval()
     try:

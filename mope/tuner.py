@@ -592,4 +592,14 @@ class MoPEModel(BaseTuner):
             # unload: the block goes back as it is (PEFT's version copies a Linear's weight and bias onto it)
             setattr(parent, child_name, new_module)
             return
-        super()._replace_module(parent, child_name, new_module, child)
+        if not isinstance(new_module, MoPELayer):
+            super()._replace_module(parent, child_name, new_module, child)
+            return
+        # injection, as PEFT's LoRA does it: the experts follow the base's device unless they are still on meta
+        # (low_cpu_mem_usage); PEFT's version moved the whole layer for an 8-bit base ("Cannot copy out of meta")
+        setattr(parent, child_name, new_module)
+        weight = getattr(child, "weight", None)
+        device = (weight if isinstance(weight, torch.Tensor) else next(child.parameters())).device
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.is_meta for p in module.parameters()):
+                module.to(device)

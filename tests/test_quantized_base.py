@@ -341,3 +341,36 @@ def test_all_linear_names_the_quantized_layers_it_would_leave_out():
     with pytest.raises(ValueError, match=r"'all-linear' would leave out 2 GPTQ \(auto-gptq\) quantized layers"):
         get_peft_model(model, mope_config(target_modules="all-linear"))
     before.assert_same(model, batch)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_wrapping_and_a_merge_after_an_inference_forward_leave_the_4bit_codes_as_they_were(llama_folder, kind):
+    # the whole-FFN check ran the block in eval, and bitsandbytes repacked its codes for its CPU kernel: training then
+    # took other gradients and a save unpacked them lossily; a fold's read rewrote the codes the layer kept for
+    # unmerge (double-quantized scales re-quantized: 1.3e-3 off after merge and unmerge)
+    base = quantized_llama(llama_folder, kind)
+    codes = packed(base)
+    model = get_peft_model(
+        base, mope_config(target_modules=["q_proj", "mlp"], num_experts=1, top_k=1, init_weights=False)
+    )
+    assert same(packed(model), codes)
+    batch = make_batch("llama", pad=2)
+    want = logits(model.eval(), batch)
+    folded = get_peft_model(
+        quantized_llama(llama_folder, kind), mope_config(num_experts=1, top_k=1, init_weights=False)
+    )
+    before = logits(folded.eval(), batch)  # an inference forward: the codes may be repacked now
+    folded.merge_adapter()
+    folded.unmerge_adapter()
+    torch.testing.assert_close(logits(folded, batch), before, rtol=0, atol=0)
+    assert want.isfinite().all()
+
+
+def test_experts_load_on_an_8bit_base_with_low_cpu_mem_usage(llama_folder, tmp_path):
+    # PEFT's module swap moved the whole layer, experts still on meta included: "Cannot copy out of meta tensor"
+    model = get_peft_model(quantized_llama(llama_folder, "int8"), mope_config(init_weights=False))
+    model.save_pretrained(tmp_path)
+    batch = make_batch("llama")
+    loaded = PeftModel.from_pretrained(quantized_llama(llama_folder, "int8"), tmp_path, low_cpu_mem_usage=True)
+    torch.testing.assert_close(logits(loaded.eval(), batch), logits(model.eval(), batch), rtol=0, atol=0)
+    get_peft_model(quantized_llama(llama_folder, "int8"), mope_config(), low_cpu_mem_usage=True)

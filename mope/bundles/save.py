@@ -127,6 +127,8 @@ def write_bundle(model, folder: str, kwargs: dict) -> None:
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its state_dict keys start with _orig_mod.
     adapters = list(getattr(model, "peft_config", {}))
     selected = kwargs.get("selected_adapters") or adapters
+    if "state_dict" in kwargs:  # gathered from a compiled model (accelerate's get_state_dict): its keys' prefix too
+        kwargs["state_dict"] = {key.removeprefix("_orig_mod."): value for key, value in kwargs["state_dict"].items()}
     if len(adapters) < 2 or "state_dict" in kwargs:
         model.save_pretrained(folder, **kwargs)
     else:

@@ -77,8 +77,8 @@ class ModelSection(Section):
 class DataSection(Section):
     source: str = Field(
         ...,
-        description="'builtin:stdlib_docstrings', 'builtin:stdlib_modules', 'builtin:synthetic', a local .json/.jsonl/.csv/.parquet "
-        "file, or a datasets hub name.",
+        description="'builtin:stdlib_docstrings', 'builtin:stdlib_modules', 'builtin:synthetic', 'builtin:multidomain' "
+        "(needs Debian packages), a local .json/.jsonl/.csv/.parquet file, or a datasets hub name.",
     )
     text_column: str = "text"
     label_column: str = "label"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState
 
 from mope.training.loop import Run, run
@@ -40,7 +41,13 @@ def test_compiled_training_gives_the_eager_losses(tmp_path):
     assert compiled == pytest.approx(eager, abs=TOLERANCE, rel=0)
     assert eager[0] != eager[-1]  # the steps trained something
     assert summary["steps"] == 4
-    assert (tmp_path / "compiled" / "bundle" / "adapter_model.safetensors").exists()
+    # the compiled model's state dict keys start with _orig_mod.: its bundle was written with no tensors
+    from safetensors.torch import load_file
+
+    saved = [load_file(tmp_path / run / "bundle" / "adapter_model.safetensors") for run in ("eager", "compiled")]
+    assert saved[0] and saved[0].keys() == saved[1].keys()
+    for key, value in saved[0].items():
+        torch.testing.assert_close(saved[1][key], value, rtol=0, atol=1e-4)
     AcceleratorState._reset_state()
 
 
