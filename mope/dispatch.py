@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kernels import triton_broken, triton_missing, triton_unavailable
+from .kernels import triton_import_problem, triton_unavailable
 
 # (x [..., d_in], lora_A [N, r, d_in], lora_B [N, r, d_out], weights [..., N], scaling, base_out [..., d_out],
 #  chosen [..., k] or None: the experts a token's weights may be nonzero at) -> base_out + delta [..., d_out],
@@ -447,8 +447,9 @@ def set_dispatch(model: nn.Module, name: str) -> int:
     """
     if name not in DISPATCH_CHOICES:
         raise ValueError(f"dispatch={name!r} is unknown; choose one of {list(DISPATCH_CHOICES)}")
-    if name in KERNEL_DISPATCH and (triton_missing() or triton_broken()) is not None:
-        raise ValueError(f"dispatch={name!r}: {triton_missing() or triton_broken()}")
+    problem = triton_import_problem() if name in KERNEL_DISPATCH else None
+    if problem is not None:
+        raise ValueError(f"dispatch={name!r}: {problem}")
     modules = [module for module in model.modules() if hasattr(module, "dispatch")]  # banks and top-k routers
     for module in modules:
         module.dispatch = name

@@ -81,9 +81,8 @@ def check_block_computes_layout(block: nn.Module, layout: GatedMLP, module_name:
     weights = [getattr(m, "weight", None) for m in (gate, up, down)]
     # plain float weights only: a quantized layer's inference forward changes its state (bitsandbytes repacks 4-bit
     # codes for its CPU kernel, which then served training with other gradients and saved them lossily)
-    if any(type(w) not in (torch.Tensor, nn.Parameter) or w.is_meta or w.numel() == 0 for w in weights):
-        return
-    if not all(w.is_floating_point() for w in weights):
+    plain = (type(w) in (torch.Tensor, nn.Parameter) and w.is_floating_point() for w in weights)
+    if not all(plain) or any(w.is_meta or w.numel() == 0 for w in weights):
         return
     x = torch.randn(1, 2, in_features, generator=torch.Generator().manual_seed(0)).to(
         weights[0].device, weights[0].dtype

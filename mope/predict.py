@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from .api import load_mope
 from .training import quiet_third_party
-from .training.data import Collator, load_examples
-from .training.models import build_model, load_tokenizer
+from .training.data import Collator, id_bounds, load_examples
+from .training.models import adapter_config, build_model, load_tokenizer
 from .training.recipe import RecipeError, load_recipe
 
 
@@ -37,7 +37,9 @@ def predict(recipe_path: str, bundle: str, overrides: list[str] = ()) -> tuple[l
             f"mope.predict loads MoPE bundles; {recipe_path} trains adapter.method {recipe.adapter.method!r} (load "
             "its bundle with peft.PeftModel.from_pretrained)"
         )
-    examples = load_examples(recipe.data, recipe.model.task, recipe.id_bounds())
+    examples = load_examples(
+        recipe.data, recipe.model.task, id_bounds(recipe.data, adapter_config(recipe.adapter, recipe.model.task))
+    )
     tokenizer = load_tokenizer(recipe.model)
     base = build_model(recipe.model, examples.labels, recipe.training.seed)
     if base.config.pad_token_id is None:

@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 
 from .bundles import describe_bad_values, describe_mismatch
 from .config import pattern_matches
-from .ffn_layer import MoPEFFNLayer, layer_class_for
+from .ffn_layer import layer_class_for
 from .injection import (
     AdapterConfigs,
     InjectionSnapshot,
@@ -588,8 +588,9 @@ class MoPEModel(BaseTuner):
         return model
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        if isinstance(child, MoPEFFNLayer) and new_module is child.base_layer:
-            # unload: the block goes back as it is (PEFT's version copies a Linear's weight and bias onto it)
+        if new_module is getattr(child, "base_layer", None):
+            # unload: the base layer goes back as it is (PEFT's version copies a Linear's weight and bias onto it,
+            # which a whole-FFN layer's MLP block does not have)
             setattr(parent, child_name, new_module)
             return
         if not isinstance(new_module, MoPELayer):

@@ -67,8 +67,9 @@ class BundleInfo:
                 f"mope {label}: NEWER than this mope {current}",
                 f"{note} The summary shows only the fields this version knows.",
             )
-        said = f"mope {label} (older: upgraded when loaded, each change logged)" if version < current else None
-        said = said or f"mope {label} (this version)"
+        said = f"mope {label} " + (
+            "(older: upgraded when loaded, each change logged)" if version < current else "(this version)"
+        )
         from ..config import MoPEConfig  # here: the config module reads bundles through this package
 
         try:

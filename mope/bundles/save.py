@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
 from ..peft_compat import without_other_adapters
+from .files import read_bundle_header
 
 STAGING = ".mope-save-"  # the new folder while it is built; after an exchange, the old one while it is deleted
 BACKUP = ".mope-old-"  # the old folder between the two renames of the fallback
@@ -142,18 +143,13 @@ def write_bundle(model, folder: str, kwargs: dict) -> None:
             finally:
                 model.peft_config = configs
     for name in selected:  # before the old bundle is replaced
-        file = os.path.join(folder, "" if name == "default" else name, SAFETENSORS_WEIGHTS_NAME)
-        if os.path.isfile(file) and not tensor_count(file):
+        adapter_folder = os.path.join(folder, "" if name == "default" else name)
+        if os.path.isfile(os.path.join(adapter_folder, SAFETENSORS_WEIGHTS_NAME)) and not read_bundle_header(
+            adapter_folder
+        ):
             raise ValueError(
                 f"mope.save_pretrained: adapter '{name}' would be saved with no tensors; nothing was written."
             )
-
-
-def tensor_count(path: str) -> int:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        return len(list(handle.keys()))
 
 
 def check_selected(configs, selected) -> None:

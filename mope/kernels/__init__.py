@@ -38,7 +38,7 @@ def kernels_interpreted() -> bool:
     to be used). Reading ``sys.modules`` instead would change its answer in the middle of a
     ``torch.compile`` trace that imports the kernels, which Dynamo refuses.
     """
-    if triton_missing() is not None or triton_broken() is not None:
+    if triton_import_problem() is not None:
         return os.environ.get("TRITON_INTERPRET", "0") == "1"
     from . import lora
 
@@ -64,9 +64,14 @@ def triton_broken() -> str | None:
     return None
 
 
+def triton_import_problem() -> str | None:
+    """Why Triton or the kernels cannot be imported (not installed, or installed but broken), or None."""
+    return triton_missing() or triton_broken()
+
+
 def triton_unavailable(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on tensors on ``device``, or None when they can."""
-    missing = triton_missing() or triton_broken()
+    missing = triton_import_problem()
     if missing is not None:
         return missing
     if device.type == "cuda":

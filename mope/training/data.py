@@ -290,8 +290,18 @@ def check_ids(rows: Rows, column: str, bound: int | None, field: str, source: st
             )
 
 
+def id_bounds(section: DataSection, config: Any) -> dict[str, tuple[int, str]]:
+    """Each id column -> (the count its ids lie below, the field of the adapter ``config`` that sets it)."""
+    columns = ((section.task_column, "num_tasks"), (section.group_column, "num_groups"))
+    return {
+        column: (getattr(config, field), f"adapter.config.{field}")
+        for column, field in columns
+        if column is not None and getattr(config, field, None) is not None
+    }
+
+
 def load_examples(section: DataSection, task: str, id_bounds: dict[str, tuple[int, str]] | None = None) -> Examples:
-    """The recipe's train and held-out rows; ``id_bounds`` (:meth:`Recipe.id_bounds`) bounds its id columns."""
+    """The recipe's train and held-out rows; ``id_bounds`` (:func:`id_bounds`) bounds its id columns."""
     # a causal LM's text (or response) is what it learns: a blank one leaves a row without label tokens
     texts = [] if task == "sequence_classification" else [section.response_column or section.text_column]
     train, held_out = read_rows(section, needed_columns(section, task), texts)
@@ -368,10 +378,10 @@ class Collator:
                 batch[key] = torch.tensor([int(r[column]) for r in rows])
         return batch
 
-    def tokens(self, text: Any, end: list[int] = ()) -> list[int]:
+    def tokens(self, text: Any, end: list[int] | None = None) -> list[int]:
         """``text``'s tokens, then ``end`` unless they already end with it (a text that holds its EOS)."""
         ids = self.tokenizer(str(text), add_special_tokens=False)["input_ids"]
-        return ids if not end or ids[-len(end) :] == list(end) else ids + list(end)
+        return ids if not end or ids[-len(end) :] == end else ids + end
 
     def causal_batch(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         s, budget = self.section, self.section.max_length - len(self.prefix)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .data import load_examples, source_kind
+from .data import id_bounds, load_examples, source_kind
 from .models import adapter_config, check_model, check_quantization
 from .recipe import Recipe, RecipeError, TrainingSection, load_recipe
 
@@ -103,10 +103,10 @@ def checked_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe
     - ``training.output_dir`` is not a file; ``resume_from_checkpoint`` exists.
     """
     recipe = load_recipe(path, overrides)
-    adapter_config(recipe.adapter, recipe.model.task)
+    config = adapter_config(recipe.adapter, recipe.model.task)
     check_model(recipe.model)
     check_quantization(recipe.model)
     if source_kind(recipe.data.source) == "file":  # built-in tasks take seconds to build; the run does it
-        load_examples(recipe.data, recipe.model.task, recipe.id_bounds())
+        load_examples(recipe.data, recipe.model.task, id_bounds(recipe.data, config))
     check_folders(recipe.training)
     return recipe

@@ -22,9 +22,9 @@ from ..analysis import RoutingStats
 from ..bundles import save_pretrained
 from ..integrations.deepspeed import gather_routers_with_their_layers
 from ..routing.schedule import step_schedule
-from .data import Collator, load_examples
+from .data import Collator, id_bounds, load_examples
 from .launch import check_folders, checkpoint_steps, earlier_run, latest_checkpoint
-from .models import build_model, load_tokenizer, wrap
+from .models import adapter_config, build_model, load_tokenizer, wrap
 from .probe import ProbePhase, head_names, probe_then_run
 from .recipe import Recipe, RecipeError, TrainingSection
 from .sharding import check_sharding, quantized_storage, whole_adapter
@@ -277,7 +277,7 @@ class Run:
                 else:
                     os.remove(path)
         self.accelerator.wait_for_everyone()
-        self.examples = load_examples(r.data, r.model.task, r.id_bounds())
+        self.examples = load_examples(r.data, r.model.task, id_bounds(r.data, adapter_config(r.adapter, r.model.task)))
         self.tokenizer = load_tokenizer(r.model)
         base = build_model(r.model, self.examples.labels, t.seed, quantized_storage(self.accelerator, r.model))
         if base.config.pad_token_id is None:

@@ -211,15 +211,6 @@ class Recipe(Section):
                 )
         return self
 
-    def id_bounds(self) -> dict[str, tuple[int, str]]:
-        """Each id column -> (the count its ids lie below, the field that sets it)."""
-        config, bounds = self.adapter.config, {}
-        if self.data.task_column is not None and isinstance(config.get("num_tasks"), int):
-            bounds[self.data.task_column] = (config["num_tasks"], "adapter.config.num_tasks")
-        if self.data.group_column is not None:
-            bounds[self.data.group_column] = (config.get("num_groups", 2), "adapter.config.num_groups")
-        return bounds
-
     @model_validator(mode="after")
     def probe_needs_a_head(self) -> Recipe:
         if self.training.linear_probe_steps and self.model.task != "sequence_classification":

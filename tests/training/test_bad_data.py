@@ -11,9 +11,9 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from mope.training.data import load_examples, read_rows
+from mope.training.data import id_bounds, load_examples, read_rows
 from mope.training.launch import checked_recipe
-from mope.training.models import build_model, load_tokenizer
+from mope.training.models import adapter_config, build_model, load_tokenizer
 from mope.training.recipe import DataSection, RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -306,7 +306,9 @@ def test_a_task_column_reaches_the_model_as_its_task_ids(tmp_path):
     recipe = checked_recipe(
         TINY, [*TASK_LEVEL, "data.task_column=task", f"data.source={data}", f"training.output_dir={tmp_path}"]
     )
-    examples = load_examples(recipe.data, recipe.model.task, recipe.id_bounds())
+    examples = load_examples(
+        recipe.data, recipe.model.task, id_bounds(recipe.data, adapter_config(recipe.adapter, recipe.model.task))
+    )
     batch = Collator(load_tokenizer(recipe.model), recipe.data, recipe.model.task, None)(examples.train[:4])
     assert batch["mope_task_ids"].tolist() == [int(row["task"]) for row in examples.train[:4]]
 
