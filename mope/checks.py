@@ -2,8 +2,8 @@
 
 Every ``MoPEConfig`` field is validated through these functions (in ``mope.config``, in
 ``mope.routing.options`` and in each gate's ``Router.check_options``), so all fields agree on
-what they accept: a bool is never an integer or a number, and a number is always finite (NaN and
-±inf are refused; ``json`` reads ``NaN`` and ``Infinity`` from a hand-edited ``adapter_config.json``).
+what they accept: a bool is never an integer or a number, and a number is always finite and within
+float32's range (NaN, ±inf and 1e39 are refused; ``json`` reads ``NaN`` and ``Infinity`` from a hand-edited ``adapter_config.json``).
 Each raises ``ValueError`` naming the field as ``"<owner>.<name> must be <what>, got <repr>"`` and
 returns the value it accepted.
 """
@@ -30,11 +30,22 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# The largest float32: a field beyond it (lora_alpha=1e39) is inf in the tensors it scales.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def is_number(value: Any) -> bool:
-    """A finite ``int`` or ``float`` that is not a ``bool``."""
+    """A finite ``int`` or ``float`` that is not a ``bool``, within float32's range."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
-    return isinstance(value, int) or math.isfinite(value)  # isfinite(10**400) would overflow: ints are finite
+    finite = isinstance(value, int) or math.isfinite(value)  # isfinite(10**400) would overflow: ints are finite
+    return finite and abs(value) <= FLOAT32_MAX
+
+
+def beyond_float32(value: Any) -> bool:
+    """A finite number too large for float32 (``is_number`` refuses it)."""
+    plain = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return plain and (isinstance(value, int) or math.isfinite(value)) and abs(value) > FLOAT32_MAX
 
 
 def describe_range(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
@@ -98,7 +109,8 @@ def check_number(
     if optional and value is None:
         return None
     if not is_number(value) or not in_range(value, low, high, low_open, high_open):
-        wanted = ("None or " if optional else "") + "a finite number" + describe_range(low, high, low_open, high_open)
+        finite = "a finite number" + (" within float32's range (3.4e38)" if beyond_float32(value) else "")
+        wanted = ("None or " if optional else "") + finite + describe_range(low, high, low_open, high_open)
         fail(owner, name, f"{wanted} {why}".rstrip(), value)
     return value
 

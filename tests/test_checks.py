@@ -30,7 +30,7 @@ def test_check_number_refuses_non_finite_bools_and_strings(bad):
 def test_check_number_bounds_open_and_closed():
     assert check_number("C", "x", 0, low=0) == 0
     assert check_number("C", "x", 1.0, low=0, high=1, low_open=True) == 1.0
-    assert check_number("C", "x", 10**400, low=0) == 10**400  # a huge int is finite (isfinite would overflow)
+    assert check_number("C", "x", 10**30, low=0) == 10**30  # an int: no isfinite (it overflows past 1e308)
     assert check_number("C", "x", None, optional=True) is None
     cases = [
         ({"low": 0, "low_open": True}, 0, r"a finite number > 0"),
@@ -40,6 +40,9 @@ def test_check_number_bounds_open_and_closed():
         ({"low": 0, "high": 1, "low_open": True}, 0.0, r"a finite number in \(0, 1\]"),
         ({"low": 0.01, "why": "(clamped)"}, 0.001, r"a finite number >= 0\.01 \(clamped\)"),
         ({"low": 0, "optional": True}, math.inf, r"None or a finite number >= 0"),
+        # finite in Python, inf in the float32 tensors it scales (lora_alpha=1e39 failed at the first forward)
+        ({"low": 0}, 1e39, r"a finite number within float32's range \(3\.4e38\) >= 0"),
+        ({}, -(10**400), r"a finite number within float32's range \(3\.4e38\)"),
     ]
     for kwargs, value, wanted in cases:
         with pytest.raises(ValueError, match=rf"^C\.x must be {wanted}, got {re.escape(repr(value))}$"):

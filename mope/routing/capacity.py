@@ -95,11 +95,18 @@ CAPACITY_POLICIES: dict[str, CapacityPolicy] = {
 }
 
 
+MAX_CAPACITY_FACTOR = 1e6
+
+
 def check_capacity_options(config: Any, routers: dict[str, Any]) -> None:
     """``capacity_policy`` and ``capacity_factor``, shared by the gates with ``accepts_capacity`` (top_k, switch,
     expert_choice and their subclasses); a factor is refused for a gate that would ignore it."""
     check_choice("MoPEConfig", "capacity_policy", config.capacity_policy, CAPACITY_POLICIES)
-    factor = check_number("MoPEConfig", "capacity_factor", config.capacity_factor, low=0, low_open=True, optional=True)
+    # at most MAX_CAPACITY_FACTOR: the exact ceiling's integers fit int64 (factor * N / k >= 1 never drops anyway)
+    factor = check_number(
+        "MoPEConfig", "capacity_factor", config.capacity_factor, low=0, high=MAX_CAPACITY_FACTOR, low_open=True,
+        optional=True,
+    )  # fmt: skip
     if factor is not None and not routers[config.router].accepts_capacity:
         raise ValueError(
             f"MoPEConfig.capacity_factor is set but router={config.router!r} has no expert capacity; "

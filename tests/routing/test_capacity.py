@@ -178,3 +178,12 @@ def test_capacity_drops_in_causal_training_and_in_encoder_eval_only(router):
         routing = gate.gate(logits, inputs)
         assert bool(routing.dropped.any()) == drops, (task_type, training)
         assert routing.dropped.shape == (2, 9, 4)  # statistics still see the gate's capacity, with 0 drops
+
+
+def test_a_capacity_factor_too_large_for_the_exact_ceiling_is_refused():
+    # 1e20 overflowed int64 at the first forward (OverflowError naming no field); beyond N / k nothing drops anyway
+    with pytest.raises(
+        ValueError, match=r"MoPEConfig\.capacity_factor must be None or a finite number in \(0, 1e\+06\]"
+    ):
+        mope.MoPEConfig(router="switch", capacity_factor=1e20)
+    assert mope.MoPEConfig(router="switch", capacity_factor=1e6).capacity_factor == 1e6
