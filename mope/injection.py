@@ -9,6 +9,8 @@ leaving quantized layers out; a forward on meta weights; a deleted last adapter)
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +23,35 @@ from transformers import PreTrainedModel
 from .base_layers import quantizer_of
 from .ffn_layer import MoPEFFNLayer
 from .layer import MoPELayer, supported_base_layer
+from .peft_compat import ADAPTER_DICTS, key_names_adapter
 from .routing.schedule import detach_schedule
+
+
+def check_adapter_name(name: Any) -> None:
+    """An adapter's name is a key of mope's per-adapter dicts and a folder name in saves: refuse one that is not."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"adapter name {name!r}: give a non-empty string")
+    if "/" in name or "\\" in name or name.startswith(".") or os.path.isabs(name):
+        # PEFT saves a named adapter to os.path.join(save_directory, name): '/abs' and 'x/' wrote elsewhere
+        raise ValueError(
+            f"adapter name {name!r}: a name may not hold '/' or '\\' or start with '.' (saves use it as a folder)"
+        )
+    if name in ADAPTER_DICTS or hasattr(nn.ModuleDict(), name):
+        # a key then reads as another adapter's ('mope_experts.lora_A' of adapter 'mope_experts' as adapter 'lora_A')
+        raise ValueError(f"adapter name {name!r}: mope's modules use that name themselves; choose another")
+
+
+def warn_generate_without_task_type(config: Any, model: nn.Module, adapter_name: str) -> None:
+    """A model that generates, adapted with no ``task_type``: PEFT's plain ``PeftModel.generate`` skips mope's."""
+    can_generate = getattr(model, "can_generate", None)
+    if config.task_type is None and callable(can_generate) and can_generate():
+        warnings.warn(
+            f"MoPE adapter '{adapter_name}' has no task_type, and PEFT's PeftModel.generate then calls the base "
+            "model's generate directly, not mope's: mope_task_ids do not reach the steps, sequence-level decisions "
+            "are not the prompt's, capacity may drop tokens, and cached and uncached generation can differ. Give "
+            "task_type='CAUSAL_LM' (or 'SEQ_2_SEQ_LM') to generate with this model.",
+            stacklevel=4,
+        )
 
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
@@ -190,6 +220,23 @@ def has_key(state: dict[str, torch.Tensor], key: str) -> bool:
     """Whether a loaded tensor's ``key`` names an entry of a PeftModel's ``state``, with or without PEFT's prefix."""
     prefix = "base_model.model."
     return key in state or prefix + key in state or key.removeprefix(prefix) in state
+
+
+def saved_with_adapter(model: nn.Module, key: str, adapter_name: str) -> bool:
+    """Whether a loaded key outside mope's own modules is one PEFT saves with ``adapter_name``: a head it trains
+    whole (``modules_to_save.<name>``), or the input or output embedding (saved when the vocabulary was resized).
+    Any other key names a frozen base weight, which loading would overwrite."""
+    if key_names_adapter(key, adapter_name):
+        return True
+    prefix = "base_model.model."
+    embeddings = []
+    for name in ("get_input_embeddings", "get_output_embeddings"):
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            embeddings.append(getattr(model, name)())
+    names = [
+        name.removeprefix(prefix) for name, module in model.named_modules() if any(module is e for e in embeddings)
+    ]
+    return any(key.removeprefix(prefix).startswith(f"{name}.") for name in names)
 
 
 class ModelSnapshot:

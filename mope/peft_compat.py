@@ -59,6 +59,17 @@ def without_ffn_name(key: str) -> str:
     return FFN_KEY.sub(r"\1mope_experts.\3", key)
 
 
+def first_collision(places: Iterable[tuple[str, str]]) -> str | None:
+    """Two file keys of ``places`` (file key, the tensor it loads into) that load into one tensor, or None: a whole-FFN
+    key saved with and without the adapter name, or a key with the adapter's name beside the same key without it."""
+    seen: dict[str, str] = {}
+    for key, place in places:
+        if place in seen:
+            return f"'{seen[place]}' and '{key}' both load into '{place}'"
+        seen[place] = key
+    return None
+
+
 def saved_key(key: str, adapter_name: str) -> str:
     """The name a bundle holds ``key`` of ``adapter_name`` under (whole-FFN keys compared by :func:`without_ffn_name`):
     a head's keys without ``modules_to_save.<name>.`` (``classifier.dense.weight`` in RoBERTa's nested head), else

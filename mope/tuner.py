@@ -11,11 +11,13 @@ out of the call before the base model sees them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import re
 import typing
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ from .ffn_layer import layer_class_for
 from .injection import (
     AdapterConfigs,
     InjectionSnapshot,
+    check_adapter_name,
     check_all_linear_finds_layers,
     describe_unfit_weights,
     has_key,
@@ -40,11 +43,13 @@ from .injection import (
     naming_meta_weights,
     refuse_nested_targets,
     refuse_targets_saved_whole,
+    saved_with_adapter,
+    warn_generate_without_task_type,
 )
 from .integrations.deepspeed import gather_routers_with_their_layers
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES, check_losses_reach_routers
-from .peft_compat import FFN_KEY, key_names_adapter, saved_key, without_ffn_name
+from .peft_compat import FFN_KEY, first_collision, key_names_adapter, saved_key, without_ffn_name
 from .routing import ROUTERS
 from .routing.context import (
     CAPTURED_INPUTS,
@@ -53,9 +58,10 @@ from .routing.context import (
     generate_with_routing,
     holds_tokens,
     keep_calls_in_recomputation,
+    refuse_packed_rows,
     release_recomputation,
 )
-from .routing.schedule import advance_schedules, attach_schedule, bind_schedule, detach_schedule
+from .routing.schedule import advance_schedules, attach_schedule, bind_schedule, detach_schedule, schedules_of
 
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
 # projections of cross-attention, which see the encoder's tokens.
@@ -246,10 +252,12 @@ class MoPEModel(BaseTuner):
         state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """PEFT's injection, made all-or-nothing: on any error the model is restored, then it re-raises."""
+        check_adapter_name(adapter_name)
         snapshot = InjectionSnapshot(model, self)
         try:
             self.peft_config[adapter_name].validate()  # fields assigned since the config was made
             refuse_frozen_identity(self.peft_config[adapter_name])
+            warn_generate_without_task_type(self.peft_config[adapter_name], model, adapter_name)
             attach_schedule(self, self.peft_config[adapter_name], adapter_name)  # before: the bundle check counts it
             check_all_linear_finds_layers(self.peft_config[adapter_name], model)
             include_mope_layers_in_all_linear(self.peft_config[adapter_name], model)
@@ -341,7 +349,11 @@ class MoPEModel(BaseTuner):
         config = self.peft_config[adapter_name]
         if config.bundle is None:
             return
-        found = {without_ffn_name(key): shape for key, shape in config.bundle.tensor_shapes.items()}
+        shapes = config.bundle.tensor_shapes
+        problem = first_collision((key, without_ffn_name(key)) for key in shapes)
+        if problem is not None:
+            raise ValueError(f"{config.bundle.tensor_file}: {problem}; a bundle holds each tensor once")
+        found = {without_ffn_name(key): shape for key, shape in shapes.items()}
         # the adapter's own tensors under their saved names (not get_peft_model_state_dict's, whose filter drops a
         # module's tensors where another adapter is named like a part of its path: '0', 'mlp')
         expected = {
@@ -380,10 +392,11 @@ class MoPEModel(BaseTuner):
         and its values read (``MoPEConfig.from_pretrained``), except one from the Hub or given with an
         explicit ``config=``: this check covers those too, values (NaN, dtypes, the step) included.
         """
-        state_dict = {without_ffn_name(key): value for key, value in state_dict.items()}  # any name it was saved with
-        remapped = super()._remap_adapter_state_dict_for_load(
-            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
-        )
+        renamed = {without_ffn_name(key): key for key in state_dict}  # any name it was saved with
+        places = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict={key: key for key in renamed}
+        )  # the tensor each file key loads into -> that key
+        remapped = {place: state_dict[renamed[key]] for place, key in places.items()}
         state = model.state_dict()
         own = {
             key: tuple(value.shape)
@@ -391,10 +404,22 @@ class MoPEModel(BaseTuner):
             if cls.prefix in key and key_names_adapter(key, adapter_name)
         }
         refused = f"Cannot load these weights into MoPE adapter '{adapter_name}'; nothing was loaded"
-        problem = describe_unfit_weights(own, {k: tuple(v.shape) for k, v in remapped.items() if cls.prefix in k})
-        strange = [k for k in remapped if cls.prefix not in k and not has_key(state, k)]
+        problem = first_collision((key, without_ffn_name(key)) for key in state_dict)
+        if problem is None and len(places) < len(renamed):  # PEFT's mapping put two file keys in one place
+            lost = next(key for key in renamed if key not in places.values())
+            (place,) = super()._remap_adapter_state_dict_for_load(
+                model=model, config=config, adapter_name=adapter_name, state_dict={lost: lost}
+            )
+            problem = f"'{renamed[places[place]]}' and '{renamed[lost]}' both load into '{place}'"
+        if problem is None:
+            problem = describe_unfit_weights(own, {k: tuple(v.shape) for k, v in remapped.items() if cls.prefix in k})
+        others = [k for k in remapped if cls.prefix not in k]
+        strange = [k for k in others if not has_key(state, k)]
         if problem is None and strange:
             problem = f"{len(strange)} tensors have no place in this model (e.g. '{strange[0]}')"
+        base = [k for k in others if not saved_with_adapter(model, k, adapter_name)]
+        if problem is None and base:
+            problem = f"{len(base)} tensors are the frozen base model's own weights (e.g. '{base[0]}')"
         advice = (
             f" If '{adapter_name}' was already loaded (load_adapter into an existing name keeps that adapter's "
             f"config and only replaces tensors), load the bundle under a new adapter_name, or "
@@ -461,6 +486,8 @@ class MoPEModel(BaseTuner):
                     value = args[index] if index < len(args) else None
             if isinstance(value, torch.Tensor):
                 inputs[spec.routing_key] = value
+        if "attention_mask" not in inputs and any(c.routing_level == "sequence" for c in self.peft_config.values()):
+            refuse_packed_rows(kwargs.get("position_ids"))
         if "decoder_attention_mask" not in inputs and getattr(
             getattr(module, "config", None), "is_encoder_decoder", False
         ):
@@ -472,7 +499,8 @@ class MoPEModel(BaseTuner):
         # length would be one more guard, and a recompilation, per decoded token)
         continues = torch.compiler.is_compiling() or holds_tokens(cache)
         collecting = module.training and not self.routing_context.decisions.pinned  # inside generate: no losses
-        self.routing_context.begin(inputs, collecting=collecting, continues_cache=continues)
+        call = self.routing_context.begin(inputs, collecting=collecting, continues_cache=continues)
+        call.schedule_counts = [(schedule, schedule.count) for schedule in schedules_of(self).values()]
         if module.training and torch.is_grad_enabled():
             if self.checkpointed_layers is None:  # the modules transformers checkpoints (set up once)
                 self.checkpointed_layers = [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
@@ -537,6 +565,17 @@ class MoPEModel(BaseTuner):
         # PEFT < 0.21's PeftModelForSeq2SeqLM reads this attribute when it is built and in generate, but
         # transformers >= 5.18 no longer has it. generate() below does not use it.
         return self.model._prepare_encoder_decoder_kwargs_for_generation(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """PeftModel's forward and generate ask here first: ``adapter_names`` (one adapter per example, LoRA's
+        mixed batches) is refused rather than ignored, which would run every example through the active adapter."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "adapter_names= (an adapter per example) is not supported by MoPE adapters: every example would run "
+                "through the active adapter. Run each adapter's examples apart, after set_adapter(name)."
+            )
+        yield
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``mope_task_ids``/``group_ids`` reach every step, sequence decisions stay the prompt's."""

@@ -165,3 +165,58 @@ def test_sequence_level_generate_from_a_prefilled_cache_is_refused():
     assert torch.equal(
         token_level.generate(input_ids=ids, past_key_values=cache, max_new_tokens=2, do_sample=False), want
     )
+
+
+@pytest.mark.parametrize("row", ["sequence_level", "soft_merge"])
+def test_a_static_cache_decides_on_the_prompt_without_its_padding(row):
+    # the prompt's forward gets a 4-D mask there: the prompt's decision pooled its left padding (0.78 off)
+    model = generation_model(**ROWS[row])
+    batch = prompts(padded=True)
+    alone = greedy(model, {k: v[1:, 3:] for k, v in batch.items()}, True)[0, 4:]
+    static = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(static, greedy(model, batch, True))
+    assert torch.equal(static[1, 7:], alone)
+
+
+@pytest.mark.parametrize(
+    "option", [{"prompt_lookup_num_tokens": 2}, {"prefill_chunk_size": 4}, {"assistant_model": "any"}]
+)
+def test_sequence_level_generate_refuses_options_that_split_the_prompt(option):
+    # the first forward was the prompt with draft tokens, or its first chunk, and its decision was pinned
+    model = generation_model(routing_level="sequence")
+    batch = {k: v[:1] for k, v in prompts(padded=False).items()}
+    with pytest.raises(ValueError, match=rf"generate's {next(iter(option))} makes the first forward"):
+        model.generate(**batch, max_new_tokens=2, do_sample=False, **option)
+    lookup = generation_model()  # token-level routing: prompt lookup decoding is lossless
+    want = greedy(lookup, batch, True)
+    assert torch.equal(lookup.generate(**batch, **{"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0,
+                                                   "prompt_lookup_num_tokens": 2}), want)  # fmt: skip
+
+
+def test_generate_drops_nothing_where_capacity_applies_in_eval():
+    # a config without task_type keeps capacity in eval; inside generate it dropped tokens: cached != uncached
+    config = mope.MoPEConfig(
+        target_modules="all-linear", num_experts=4, top_k=2, r=4, init_weights=False, capacity_factor=0.5
+    )
+    with pytest.warns(UserWarning, match="has no task_type, and PEFT's PeftModel.generate then calls the base"):
+        model = get_peft_model(make_model("llama"), config)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(0, 1.0) if "mope_router" in name else param.mul_(4.0) if "mope_experts" in name else None
+    model.eval()
+    tuner = model.base_model  # PEFT's plain PeftModel.generate skips the tuner's: its own generate is mope's
+    batch = prompts(padded=True)
+    cached = tuner.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, tuner.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                              use_cache=False))  # fmt: skip
+
+
+def test_adapter_names_per_example_are_refused():
+    # PEFT's mixed-adapter batches: every example ran through the active adapter, without a word
+    model = generation_model()
+    batch = prompts(padded=False)
+    with pytest.raises(ValueError, match=r"adapter_names= \(an adapter per example\) is not supported"):
+        model.generate(**batch, adapter_names=["default", "default"], max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"adapter_names="):
+        model(**batch, adapter_names=["default", "default"])

@@ -53,8 +53,8 @@ def read_bundle_header(folder: str) -> dict[str, tuple[int, ...]]:
         ) from error
 
 
-# Tensors a bundle may hold as integers (a step count); every other tensor is a float parameter.
-INTEGER_TENSORS = ("mope_schedule.",)
+# The module whose tensors a bundle may hold as integers (a step count); every other tensor is a float parameter.
+INTEGER_TENSORS = "mope_schedule"
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -75,9 +75,10 @@ def describe_bad_values(tensors: Iterable[tuple[str, torch.Tensor]], limit: int 
     """What is wrong with a bundle's tensors (names -> values), or None: see :func:`check_bundle_values`."""
     wrong_dtype, non_finite, steps = [], [], []
     for key, tensor in tensors:
-        if any(part in key for part in INTEGER_TENSORS):
+        if INTEGER_TENSORS in key.split("."):
             if tensor.dtype not in INTEGER_DTYPES or (tensor < 0).any():
-                steps.append(f"{key} ({tensor.dtype}: {tensor.tolist()})")
+                value = tensor.item() if tensor.numel() == 1 else f"shape {list(tensor.shape)}"
+                steps.append(f"{key} ({tensor.dtype}: {value})")
         elif not tensor.is_floating_point():
             wrong_dtype.append(f"{key} ({tensor.dtype})")
         elif not torch.isfinite(tensor.float()).all():  # float(): float8 has no isfinite of its own

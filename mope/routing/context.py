@@ -37,6 +37,7 @@ import torch
 
 from .base import Router, RoutingInputs
 from .levels import DecisionCache, per_example
+from .schedule import schedules_at
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ class ForwardCall:
     continues_cache: bool = False
     # the aux loss's share of an accumulated batch (mope.tuner.accumulation_share), None outside Trainer's
     aux_share: torch.Tensor | None = None
+    # (router schedule, its step) at the start of the call: the step advances at the call's end, before gradient
+    # checkpointing recomputes its layers in backward, which must route with the call's top_k and temperature
+    schedule_counts: list[tuple[Any, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -219,6 +223,23 @@ class RoutingContext:
             self.given = previous
 
 
+def refuse_packed_rows(position_ids: Any) -> None:
+    """Refuse rows that hold several sequences, for sequence-level routing: one decision would pool them all.
+
+    Packed and padding-free batches (TRL's ``packing`` / ``padding_free``, transformers'
+    ``DataCollatorWithFlattening``) give no attention mask and restart ``position_ids`` at 0 inside a row.
+    Only forwards without an attention mask are looked at (one device sync there).
+    """
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[1] < 2:
+        return
+    if bool((position_ids[:, 1:] == 0).any()):
+        raise ValueError(
+            "routing_level='sequence': a row of this batch holds several sequences (its position_ids restart at 0: "
+            "a packed or padding-free batch), and its one decision would pool them all. Train on padded batches "
+            "(TRL: packing=False, padding_free=False), or route per token."
+        )
+
+
 def decoder_mask_from_labels(labels: Any, decoder_input_ids: torch.Tensor | None) -> torch.Tensor | None:
     """An encoder-decoder's decoder mask where the batch gives none: 1 up to each row's last label that is not -100.
 
@@ -260,14 +281,10 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
     if "task_ids" in given and prompts is not None:  # one per prompt; the steps then see them repeated for beams
         given["task_ids"] = per_example(given["task_ids"], prompts, "mope_task_ids", "generate")
     routers = [module for module in model.modules() if isinstance(module, Router)]
-    if holds_tokens(kwargs.get("cache", kwargs.get("past_key_values"))) and any(
-        r.level.name == "sequence" for r in routers
-    ):
-        raise ValueError(
-            "routing_level='sequence': generate was given a past_key_values cache that already holds tokens, so "
-            "the prompt's decision would see only its uncached tokens; pass the whole prompt without the cache."
-        )
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "input_ids" in found:
+    if any(r.level.name == "sequence" for r in routers):
+        check_prompt_comes_whole(model, kwargs)
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    if encoder_decoder and "input_ids" in found:
         # decoding steps get encoder_outputs, not input_ids, yet the decoder's cross-attention k/v layers
         # route encoder tokens: hash routing reads their ids from here
         given["input_ids"] = found["input_ids"]
@@ -276,6 +293,9 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
         context.begin({**found, **context.given}, collecting=False)
         context.decisions.clear()
         context.decisions.pinned = True
+        mask = found.get("attention_mask")
+        if not encoder_decoder and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            context.decisions.prompt_mask = mask
         training = [router for router in routers if router.training]
         for router in training:
             router.train(False)
@@ -286,6 +306,28 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
             context.decisions.clear()
             for router in training:
                 router.train(True)
+
+
+# generate's options whose first forward is not the prompt alone: the prompt and draft tokens, or its first chunk
+PROMPT_SPLITTING = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "prefill_chunk_size")
+
+
+def check_prompt_comes_whole(model: Any, kwargs: dict[str, Any]) -> None:
+    """Sequence-level routing decides on generate's first forward, which must be the whole prompt and nothing else."""
+    if holds_tokens(kwargs.get("cache", kwargs.get("past_key_values"))):
+        raise ValueError(
+            "routing_level='sequence': generate was given a past_key_values cache that already holds tokens, so "
+            "the prompt's decision would see only its uncached tokens; pass the whole prompt without the cache. "
+            "(transformers passes one to a model used as another's assistant_model: such a model cannot be one.)"
+        )
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    for name in PROMPT_SPLITTING:
+        if kwargs.get(name) is not None or getattr(config, name, None) is not None:
+            raise ValueError(
+                f"routing_level='sequence': generate's {name} makes the first forward something other than the "
+                "prompt (the prompt with draft tokens, or its first chunk), and the prompt's decision would be made "
+                "on it; generate without it."
+            )
 
 
 def recomputing_with_its_call(checkpoint: Any, context: RoutingContext) -> Any:
@@ -308,7 +350,8 @@ def run_with_call(context: RoutingContext, call: ForwardCall, function: Any, *ar
     """``function`` (the forward, and its recomputation in backward) with ``call`` as the context's call."""
     current, context.call = context.call, call
     try:
-        return function(*args, **kwargs)
+        with schedules_at(call.schedule_counts):
+            return function(*args, **kwargs)
     finally:
         context.call = current
 

@@ -32,6 +32,8 @@ class DecisionCache:
     def __init__(self) -> None:
         self.decisions: dict[Any, Any] = {}
         self.pinned = False
+        # generate's prompt mask ``[batch, prompt]``: the prompt's forward may get a 4-D mask instead (a static cache)
+        self.prompt_mask: torch.Tensor | None = None
 
     def get(self, router: Any) -> Any:
         return self.decisions.get(router)
@@ -42,6 +44,17 @@ class DecisionCache:
 
     def clear(self) -> None:
         self.decisions = {}
+        self.prompt_mask = None
+
+    def mask_of_prompt(self, token_shape: torch.Size) -> torch.Tensor | None:
+        """Inside generate, the prompt's ``[batch, seq]`` mask for a forward of the prompt's shape (repeated for
+        beams), or None."""
+        mask = self.prompt_mask
+        if not self.pinned or mask is None or len(token_shape) != 2 or tuple(token_shape[1:]) != tuple(mask.shape[1:]):
+            return None
+        if token_shape[0] % mask.shape[0] != 0:
+            return None
+        return mask.repeat_interleave(token_shape[0] // mask.shape[0], dim=0)
 
     def forget(self, routers: list[Any]) -> None:
         """Drop ``routers``' decisions (a deleted adapter's: they kept its routers alive, one set per delete)."""
@@ -147,7 +160,10 @@ class SequenceLevel:
                     "routing_level='sequence': this forward continues a KV-cached sequence, but no decision "
                     "for its prompt was kept. Run the prompt through the model first (generate does)."
                 )
-            pooled = masked_mean_pool(x, inputs.token_mask)
+            mask = inputs.token_mask
+            if mask is None and cache is not None:  # a static cache's prompt forward gets a 4-D mask
+                mask = cache.mask_of_prompt(token_shape)
+            pooled = masked_mean_pool(x, mask)
             decision = router.decide(pooled, example_inputs(inputs, token_shape[0]))
             if cache is not None and not (router.training and torch.is_grad_enabled()):
                 cache.keep(router, decision)  # for decoding steps; not in training (a compiled backward broke on it)

@@ -21,6 +21,8 @@ What counts as a step (``router_schedule_counter``):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,12 +49,12 @@ class RouterSchedule(nn.Module):
         self.count += 1
         self.move_routers()
 
-    def progress(self) -> float:
-        return min(1.0, self.count / self.steps)
+    def progress(self, count: int | None = None) -> float:
+        return min(1.0, (self.count if count is None else count) / self.steps)
 
-    def move_routers(self) -> None:
-        """Give every router of the adapter the current progress."""
-        progress = self.progress()
+    def move_routers(self, count: int | None = None) -> None:
+        """Give every router of the adapter the progress of step ``count`` (the current step if None)."""
+        progress = self.progress(count)
         for router in self.routers:
             router.set_schedule_progress(progress)
 
@@ -93,6 +95,8 @@ def detach_schedule(tuner: nn.Module, adapter_name: str) -> None:
     schedules = schedules_of(tuner)
     if adapter_name in schedules:
         del schedules[adapter_name]
+    if not schedules and "mope_schedule" in tuner._modules:  # the last one: the tuner's modules as before
+        del tuner.mope_schedule
 
 
 def schedules_of(tuner: nn.Module) -> nn.ModuleDict | dict:
@@ -105,6 +109,20 @@ def advance_schedules(tuner: Any, counter: str) -> None:
     for name in tuner.active_adapters:
         if name in schedules and tuner.peft_config[name].router_schedule_counter == counter:
             schedules[name].advance()
+
+
+@contextlib.contextmanager
+def schedules_at(counts: list[tuple[RouterSchedule, int]]) -> Iterator[None]:
+    """The routers as at these steps inside the block, then as now: gradient checkpointing recomputes a forward in
+    its backward, after the forward's end advanced the step (it routed with the next step's top_k: 189% off)."""
+    moved = [(schedule, count) for schedule, count in counts if schedule.count != count]
+    for schedule, count in moved:
+        schedule.move_routers(count)
+    try:
+        yield
+    finally:
+        for schedule, _ in moved:
+            schedule.move_routers()
 
 
 def step_schedule(model: nn.Module) -> None:

@@ -152,7 +152,7 @@ class TopKRouter(Router):
         # deferred like the full softmax: only losses and statistics read it
         load = one_hot_shares(logits, index, self.top_k)
         dropped = None
-        if self.capacity_factor is not None and not self.capacity_applies():
+        if self.capacity_factor is not None and not self.capacity_applies(inputs):
             dropped = torch.zeros_like(logits, dtype=torch.bool)  # capacity configured, nothing dropped
         elif self.capacity_factor is not None:
             probs = probs() if isinstance(probs, Deferred) else probs
@@ -171,8 +171,9 @@ class TopKRouter(Router):
             dropped = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, index, dropped_slots)
         return Routing(weights=weights, probs=probs, logits=logits, load=load, dropped=dropped, chosen=index)
 
-    def capacity_applies(self) -> bool:
-        """Whether capacity may drop assignments in this forward: always in training, in eval only if not causal.
+    def capacity_applies(self, inputs: RoutingInputs) -> bool:
+        """Whether capacity may drop assignments in this forward: always in training, in eval only if not causal
+        and not inside ``generate`` (a model with no ``task_type`` generates too).
 
         Capacity counts the batch's tokens, later ones included, so in a causal model's eval it
         would leak the future and make KV-cached decoding (each step's few tokens compete) differ
@@ -180,7 +181,8 @@ class TopKRouter(Router):
         capacity; a causal model here drops nothing outside training, as Mixtral- and DeepSeek-style
         inference does, so a token's output depends on it and earlier tokens only.
         """
-        return self.training or not self.causal
+        generating = inputs.decisions is not None and inputs.decisions.pinned
+        return self.training or not (self.causal or generating)
 
     def weights_need_the_batch(self) -> bool:
         """Inference capacity (non-causal models) that may drop a token's expert: ``capacity_factor * k < N``."""

@@ -138,3 +138,72 @@ def test_from_pretrained_with_an_explicit_config_checks_the_values(tmp_path):
     folder = damaged_bundle(tmp_path / "bundle", lambda t: t.fill_(float("nan")))
     with pytest.raises(ValueError, match=r"nothing was loaded: NaN or inf values in "):
         PeftModel.from_pretrained(make_model("llama"), folder, config=bundle_config())
+
+
+@pytest.mark.skipif(not PEFT_CHECKS_LOADED_TENSORS, reason="PEFT < 0.21 loads without asking the tuner")
+@pytest.mark.parametrize("how", ["existing-name", "explicit-config"])
+def test_a_bundle_cannot_overwrite_a_frozen_base_weight(tmp_path, how):
+    # the check only refused keys the model lacks: a base weight's key loaded (strict=False) over the frozen base
+    folder = add_tensor(damaged_bundle(tmp_path / "bundle", lambda t: t), "base_model.model.model.norm.weight")
+    path = folder / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    tensors["base_model.model.model.norm.weight"] = torch.zeros(64)
+    safetensors.torch.save_file(tensors, path)
+    model = get_peft_model(make_model("llama"), bundle_config()) if how == "existing-name" else make_model("llama")
+    norm = model.get_base_model().model.norm.weight.clone() if how == "existing-name" else model.model.norm.weight
+    norm = norm.clone()
+    with pytest.raises(ValueError, match=r"nothing was loaded: 1 tensors are the frozen base model's own weights"):
+        if how == "existing-name":
+            model.load_adapter(str(folder), adapter_name="default")
+        else:
+            PeftModel.from_pretrained(model, folder, config=bundle_config())
+    base = model.get_base_model() if how == "existing-name" else model
+    torch.testing.assert_close(base.model.norm.weight, norm, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not PEFT_CHECKS_LOADED_TENSORS, reason="PEFT < 0.21 loads without asking the tuner")
+def test_a_tensor_given_with_and_without_the_adapter_name_is_refused(tmp_path):
+    # both keys load into one tensor; the later one (zeros) silently won
+    folder = damaged_bundle(tmp_path / "bundle", lambda t: t)
+    path = folder / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    key = next(k for k in sorted(tensors) if k.endswith("mope_experts.lora_B"))
+    tensors[key.replace("mope_experts.", "mope_experts.second.")] = torch.zeros_like(tensors[key])
+    safetensors.torch.save_file(tensors, path)
+    model = get_peft_model(make_model("llama"), bundle_config())
+    model.add_adapter("second", bundle_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"nothing was loaded: '.*mope_experts\.second\.lora_B' and '.*' both load"):
+        model.load_adapter(str(folder), adapter_name="second")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_whole_ffn_tensor_saved_with_and_without_a_name_is_refused(tmp_path):
+    config = bundle_config(target_modules=["mlp"])
+    folder = damaged_bundle(tmp_path / "bundle", lambda t: t, config, suffix="down.lora_B")
+    path = folder / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    for key in [k for k in tensors if k.endswith("down.lora_B")]:
+        tensors[key.replace("mope_experts.", "mope_experts.zzz.")] = torch.zeros_like(tensors[key])
+    safetensors.torch.save_file(tensors, path)
+    for load in (mope.load_mope, PeftModel.from_pretrained):
+        model = make_model("llama")
+        with pytest.raises(ValueError, match=r"both load into '.*mope_experts\.down\.lora_B'; a bundle holds each"):
+            load(model, folder)
+        assert not any(isinstance(m, MoPELayer) for m in model.modules())
+
+
+def test_a_saved_output_embedding_still_loads_into_a_loaded_name(tmp_path):
+    # PEFT saves a targeted (resized) lm_head's base weight with the adapter: that base key is the adapter's own
+    config = bundle_config(target_modules=["q_proj", "lm_head"])
+    model = get_peft_model(make_model("llama"), config).eval()
+    with torch.no_grad():
+        model.base_model.model.lm_head.base_layer.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "bundle", save_embedding_layers=True)
+    assert "base_model.model.lm_head.base_layer.weight" in safetensors.torch.load_file(
+        tmp_path / "bundle" / "adapter_model.safetensors"
+    )
+    want = no_grad_logits(model, make_batch("llama"))
+    again = get_peft_model(make_model("llama"), config).eval()
+    again.load_adapter(str(tmp_path / "bundle"), adapter_name="default")
+    torch.testing.assert_close(no_grad_logits(again, make_batch("llama")), want, rtol=0, atol=0)

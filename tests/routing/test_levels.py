@@ -438,3 +438,16 @@ def test_seq2seq_label_padding_counts_in_no_loss_or_decision(level):
     torch.testing.assert_close(got.loss, want.loss)
     # transformers 5.0's T5 attends over the longer padded rows with other rounding (4e-5); the padding moved them by 4.6
     torch.testing.assert_close(got.logits[:, :3], want.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_packed_row_is_refused_at_sequence_level():
+    # a padding-free batch (no attention mask, position_ids restarting at 0): one decision pooled every sequence
+    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], routing_level="sequence")
+    model = get_peft_model(make_model("llama"), config)
+    ids = make_batch("llama")["input_ids"][:1]
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    with pytest.raises(ValueError, match="a row of this batch holds several sequences"):
+        model(input_ids=ids, position_ids=packed)
+    model(input_ids=ids, position_ids=torch.arange(8)[None])  # one sequence per row
+    token_level = get_peft_model(make_model("llama"), mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    token_level(input_ids=ids, position_ids=packed)  # per token, packing changes nothing

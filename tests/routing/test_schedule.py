@@ -150,3 +150,26 @@ def test_schedule_callback_steps_a_manual_schedule_per_trainer_step(tmp_path):
     trainer.train()
     assert model.base_model.mope_schedule["default"].step.item() == 3  # optimizer steps, not the 6 micro-batches
     assert {g.top_k for g in routers(model)} == {2}  # round(4 - 3 * 0.75)
+
+
+@pytest.mark.parametrize("counter", ["forward", "manual"])
+def test_checkpointing_recomputes_with_the_forwards_schedule_values(counter):
+    # the step advanced at the forward's end, before backward recomputed its layers with the next step's top_k
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], num_experts=4, top_k=1, r=4, init_weights=False,
+        router_schedule_steps=1, router_schedule_start_top_k=4, router_schedule_start_temperature=5.0,
+        router_schedule_counter=counter,
+    )  # fmt: skip
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(make_model("llama"), config).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(**make_batch("llama")).loss.backward()
+        mope.step_schedule(model)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert {(g.top_k, g.temperature) for g in routers(model)} == {(1, 1.0)}  # both advanced, values moved
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
