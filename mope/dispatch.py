@@ -156,7 +156,8 @@ def lora_sorted(
 ) -> torch.Tensor:
     """Per-expert GEMMs on the tokens each expert got; a loop over experts, never over tokens."""
     rows, pairs = gather_pairs(x, lora_A, weights, scaling, chosen)
-    used = [e for e, size in enumerate(pairs.sizes) if size]
+    # no pair at all (a batch of padding, under expert choice): one empty segment keeps the experts in the graph
+    used = [e for e, size in enumerate(pairs.sizes) if size] or [0]
     sizes = [pairs.sizes[e] for e in used]
     # unbind, not lora_A[e]: one stacked gradient in backward instead of a zero-filled full one per expert
     a_experts, b_experts = lora_A.unbind(0), lora_B.unbind(0)

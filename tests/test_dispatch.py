@@ -335,3 +335,19 @@ def test_routing_lists_the_chosen_experts_of_fixed_k_gates():
         listed = torch.zeros_like(used).scatter(-1, routing.chosen, True)
         assert routing.chosen.shape == (5, k) and (used <= listed).all(), router
         assert (listed.sum(-1) == k).all(), router  # k distinct experts
+
+
+@pytest.mark.parametrize("strategy", ["sorted", "sparse", "masked"])
+def test_a_batch_with_no_routed_token_runs_every_strategy(strategy):
+    # expert choice picks no padding: a batch of padding (the repeats on one process of a DDP eval) left no pair,
+    # and sorted's torch.cat of no segment raised, losing the run's bundle
+    config = mope.MoPEConfig(
+        task_type="SEQ_CLS", target_modules=["query"], num_experts=4, top_k=1, r=2, router="expert_choice",
+        dispatch=strategy, init_weights=False,
+    )  # fmt: skip
+    model = get_peft_model(make_model("bert"), config).train()
+    batch = make_batch("bert")
+    batch["attention_mask"] = torch.zeros_like(batch["attention_mask"])
+    model(**batch).loss.backward()
+    grads = [p.grad for name, p in model.named_parameters() if "mope_experts" in name]
+    assert grads and all(g is not None and not g.any() for g in grads)  # in the graph, with nothing to learn

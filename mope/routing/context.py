@@ -144,11 +144,16 @@ class RoutingContext:
         """The ``[batch, seq]`` mask (1 = real token) for a layer input of leading shape ``token_shape``.
 
         With a KV cache the layer sees only the newest tokens while the attention mask covers
-        past and new ones; the new tokens are its last columns. Inputs whose shape fits no
+        past and new ones; the new tokens are its last columns. An input of one vector per example
+        (``[batch, hidden]``) gets whether each example has a real token. Inputs whose shape fits no
         mask (flattened tokens, 4-D masks) get None: every token counts.
         """
         mask = self.call.inputs.get(key)
-        if mask is None or mask.dim() != 2 or len(token_shape) != 2 or mask.shape[0] != token_shape[0]:
+        if mask is None or mask.dim() != 2 or mask.shape[0] != token_shape[0]:
+            return None
+        if len(token_shape) == 1:  # one vector per example (BERT's pooler): an example of padding only is padding
+            return mask.any(-1).to(mask.dtype)
+        if len(token_shape) != 2:
             return None
         seq = token_shape[1]
         if mask.shape[1] < seq:

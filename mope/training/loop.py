@@ -538,7 +538,9 @@ class Run:
         correct, count, loss_sum = 0, 0, 0.0
         predictions, targets = [], []
         for batch in self.eval_loader:
-            out = model(**batch)
+            # the repeats masked: they are dropped from the metrics, and must not compete in the real examples'
+            # routing either (expert choice, an encoder's eval capacity)
+            out = model(**self.without_repeats(batch))
             if self.recipe.model.task == "sequence_classification":
                 pred, labels = self.accelerator.gather_for_metrics((out.logits.argmax(-1), batch["labels"]))
                 correct += int((pred == labels).sum())

@@ -212,6 +212,26 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def routing_a_run_can_evaluate_and_count(self) -> Recipe:
+        """Adapter settings a run cannot use: a forward-counted schedule (each process counts its own micro-batches
+        and the probe's, so N processes and one accumulating N differed), and expert choice in a causal LM without
+        ``allow_noncausal_routing`` (refused outside training: the run died at its evaluation, after training)."""
+        config = self.adapter.config if self.adapter.method == "mope" else {}
+        if config.get("router_schedule_steps") and config.get("router_schedule_counter", "forward") == "forward":
+            raise ValueError(
+                "adapter.config.router_schedule_counter: a run steps the router schedule once per optimizer step; "
+                "set it to 'manual' ('forward', the default, counts every process's micro-batches)"
+            )
+        causal = self.model.task == "causal_lm" and not config.get("allow_noncausal_routing")
+        if causal and config.get("router") == "expert_choice":
+            raise ValueError(
+                "adapter.config.router='expert_choice' picks tokens across the sequence, later ones included, "
+                "so a causal LM refuses it outside training, and a run evaluates its held-out split: set "
+                "adapter.config.allow_noncausal_routing: true to evaluate with it anyway, or choose another router"
+            )
+        return self
+
+    @model_validator(mode="after")
     def probe_needs_a_head(self) -> Recipe:
         if self.training.linear_probe_steps and self.model.task != "sequence_classification":
             raise ValueError(

@@ -451,3 +451,22 @@ def test_a_packed_row_is_refused_at_sequence_level():
     model(input_ids=ids, position_ids=torch.arange(8)[None])  # one sequence per row
     token_level = get_peft_model(make_model("llama"), mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     token_level(input_ids=ids, position_ids=packed)  # per token, packing changes nothing
+
+
+def test_an_example_of_padding_only_counts_nowhere_in_a_one_vector_per_example_layer():
+    # BERT's pooler sees [batch, hidden]: its token mask was None, so a DDP eval's masked repeats counted in its load
+    from mope.analysis import RoutingStats
+
+    config = mope.MoPEConfig(task_type="SEQ_CLS", target_modules=["dense"], num_experts=4, top_k=1, r=2)
+    model = get_peft_model(make_model("bert"), config).eval()
+    sharpen_routers(model)
+    ids = torch.randint(1, 128, (4, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(4, 8, dtype=torch.long)
+    mask[2:] = 0
+    reports = []
+    for batch in ({"input_ids": ids[:2], "attention_mask": mask[:2]}, {"input_ids": ids, "attention_mask": mask}):
+        with torch.no_grad(), RoutingStats(model) as stats:
+            model(**batch)
+        reports.append(next(v for k, v in stats.report().items() if "pooler" in k))
+    assert reports[1]["tokens"] == reports[0]["tokens"] == 2
+    assert reports[1]["load"] == reports[0]["load"]

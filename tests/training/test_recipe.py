@@ -94,3 +94,16 @@ def test_the_qlora_recipe_loads_llama3_in_4_bits_as_the_script_it_replaces_did()
     assert (config.num_experts, config.top_k, config.r, config.lora_alpha) == (8, 2, 8, 16)
     assert set(config.target_modules) == {"gate_proj", "up_proj", "down_proj"} and config.router_blocks == ["mlp"]
     assert recipe.training.gradient_checkpointing and recipe.training.mixed_precision == "bf16"
+
+
+def test_what_a_run_cannot_count_or_evaluate_is_refused_before_it_starts():
+    # a forward-counted schedule counted each process's micro-batches and the probe's steps: 2 processes reached
+    # step 4 where one accumulating 2 reached 8; expert choice in a causal LM trained, then died at the evaluation
+    schedule = ["adapter.config.router_schedule_steps=8", "adapter.config.router_schedule_start_top_k=4"]
+    with pytest.raises(RecipeError, match=r"router_schedule_counter: a run steps the router schedule once per"):
+        load_recipe(OFFLINE_TINY, schedule)
+    assert load_recipe(OFFLINE_TINY, [*schedule, "adapter.config.router_schedule_counter=manual"])
+    choice = ["adapter.config.router=expert_choice"]
+    with pytest.raises(RecipeError, match=r"router='expert_choice' .* set adapter\.config\.allow_noncausal_routing"):
+        load_recipe(OFFLINE_TINY, choice)
+    assert load_recipe(OFFLINE_TINY, [*choice, "adapter.config.allow_noncausal_routing=true"])
