@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .base_layers import BaseLayerType, base_layer_type, check_base_layer, keep_stored, restore_stored
-from .base_layers import supported_base_layer as supported_base_layer  # tuner.py and reuse.py import it from here
+from .base_layers import supported_base_layer as supported_base_layer  # injection.py and reuse.py import it from here
 from .experts import EXPERT_BANKS
 from .experts.lora import LoRAExpertBank
 from .kernels import triton_unavailable
@@ -367,13 +367,10 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         return None
 
     def _merged_weight(
-        self, adapter_name: str, sign: int, gate: torch.Tensor | None = None
+        self, adapter_name: str, sign: int, gate: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if gate is None:
-            blocker = self.fold_blocker(adapter_name)
-            if blocker is not None:
-                raise ValueError(f"Cannot merge: {blocker}.")
-            gate = self.gate_weights(adapter_name, self.router_for(adapter_name).fixed_weights())
+        """The base weight and bias with ``adapter_name`` folded in (``sign=1``) or out (-1), with the gate it was
+        (is) folded with."""
         base = self.get_base_layer()
         weight = self.base_type.read_weight(base)
         bias = base.bias.data if getattr(base, "bias", None) is not None else None
@@ -418,7 +415,7 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         while self.merged_adapters:  # an adapter counts as merged until its fold is undone (an error leaves it)
             name = self.merged_adapters[-1]
             if name in self.mope_experts:
-                self._write_base(*self._merged_weight(name, sign=-1, gate=self.merged_gates.get(name)))
+                self._write_base(*self._merged_weight(name, sign=-1, gate=self.merged_gates[name]))
             self.merged_adapters.pop()
             self.merged_gates.pop(name, None)
 

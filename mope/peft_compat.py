@@ -10,14 +10,10 @@ from collections.abc import Iterable
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import save_and_load
 
 # PEFT >= 0.20 freezes BaseTunerLayer.frozen_peft_weight_names again after set_adapter and the
 # mark-trainable pass; on PEFT 0.19 MoPELayer.keep_frozen does it.
 PEFT_KEEPS_FROZEN = hasattr(BaseTunerLayer, "_freeze_non_trainable_peft_weights")
-# PEFT >= 0.20 leaves the other adapters' tensors out of get_peft_model_state_dict for every method;
-# PEFT 0.19 does it only for its own methods, so a MoPE adapter's file got every adapter's tensors.
-PEFT_FILTERS_ADAPTERS = hasattr(save_and_load, "_filter_state_dict_for_adapter_name")
 # PEFT >= 0.21 passes every adapter's loaded tensors through the tuner (BaseTuner._remap_adapter_state_dict_for_load),
 # where MoPEModel refuses tensors that do not fit; PEFT 0.19 and 0.20 load them without asking the tuner.
 PEFT_CHECKS_LOADED_TENSORS = hasattr(BaseTuner, "_remap_adapter_state_dict_for_load")
@@ -29,7 +25,7 @@ PEFT_ASKS_SAVED_KEYS = hasattr(BaseTuner, "_remove_adapter_name_from_key")
 def without_other_adapters(
     state: dict[str, torch.Tensor], adapter_name: str, adapter_names: Iterable[str]
 ) -> dict[str, torch.Tensor]:
-    """``state`` less the tensors of the adapters other than ``adapter_name`` (PEFT 0.20's rule)."""
+    """``state`` less the tensors of the other adapters (as PEFT >= 0.20 leaves them out, by :func:`key_names_adapter`)."""
     others = [name for name in adapter_names if name != adapter_name]
     return {k: v for k, v in state.items() if not any(key_names_adapter(k, n) for n in others)}
 

@@ -80,3 +80,17 @@ def test_import_mope_pulls_in_no_extras():
     )
     with_mope = imported_extras("import mope")
     assert sorted(set(with_mope) - set(baseline)) == [], f"import mope imports {with_mope}, the core deps {baseline}"
+
+
+def test_a_tool_without_its_extra_names_the_install_line():
+    # the CLI said "mope: import of typer halted" and the plots a bare matplotlib ImportError
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    for missing, code in (
+        ("typer", "from mope.cli import main; main()"),
+        ("matplotlib", "import mope.analysis.plots"),
+    ):
+        script = f"import sys; sys.modules[{missing!r}] = None\n{code}"  # find_spec then says: not installed
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode != 0
+        extra = "cli" if missing == "typer" else "plots"
+        assert f"pip install 'mope[{extra}]'" in done.stderr, done.stderr[-2000:]

@@ -11,13 +11,16 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from matplotlib import colormaps
-from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
 from torch import nn
 
+from ..extras import require_extra
 from .choices import token_choices
 from .separation import Loads, checked_shares, module_separation
+
+require_extra("plots", "matplotlib")
+from matplotlib import colormaps  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 PREFIX = "base_model.model."
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from packaging.version import Version
 from peft.utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
+from ..version import MOPE_VERSION
 from .files import read_bundle_header
-from .upgrade import current_version, newer_than_this, upgraded, written_by
+from .upgrade import newer_than_this, upgraded, written_by
 
 # Parameter groups by the attribute a tensor name passes through (MoPELayer.adapter_layer_names).
 PARAMETER_GROUPS = {".mope_experts.": "experts", ".mope_router.": "routers"}
@@ -53,7 +54,7 @@ class BundleInfo:
         loading it is refused (:func:`mope.bundles.upgrade.upgrade_config`), and fields this
         version does not know are not in the summary: the warning says both.
         """
-        current = Version(current_version())
+        current = Version(MOPE_VERSION)
         try:
             version, label = written_by(self.config, CONFIG_NAME)
         except ValueError as error:

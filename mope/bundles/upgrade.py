@@ -107,18 +107,14 @@ def check_known_keys(config: dict[str, Any], config_cls: type, path: str, label:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ValueError(
                 f"'{path}': unknown key '{key}' in a config written by mope {label} (this is mope "
-                f"{current_version()}, which knows no such field){hint} Remove or fix the key."
+                f"{MOPE_VERSION}, which knows no such field){hint} Remove or fix the key."
             )
-
-
-def current_version() -> str:
-    return MOPE_VERSION
 
 
 def newer_than_this(label: str) -> str:
     """What a config written by a newer mope means: the loader's refusal and ``mope inspect``'s warning say the same."""
     return (
-        f"was written by mope {label}, newer than this mope {current_version()}: upgrade mope (pip install -U mope) "
+        f"was written by mope {label}, newer than this mope {MOPE_VERSION}: upgrade mope (pip install -U mope) "
         "to load it; this version refuses it because its keys may mean things this version cannot know."
     )
 
@@ -135,7 +131,7 @@ def upgrade_config(config: dict[str, Any], config_cls: type, path: str) -> tuple
 def upgraded(config: dict[str, Any], config_cls: type, path: str) -> tuple[dict[str, Any], str, list[str]]:
     """``config`` brought to this mope version, the version label it was written by, and what changed (nothing
     logged: ``mope inspect`` asks whether a bundle loads)."""
-    current = current_version()
+    current = MOPE_VERSION
     version, label = written_by(config, path)
     if version > Version(current):
         raise ValueError(f"'{path}' {newer_than_this(label)}")

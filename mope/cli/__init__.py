@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import sys
 
+from ..extras import require_extra
+
 
 def main() -> None:
     """Console-script entry point: run the typer app, or say which extra is missing."""
     try:
+        require_extra("cli", "typer", "rich")
         from .app import app
     except ImportError as error:
         sys.exit(f"mope: {error}")

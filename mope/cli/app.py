@@ -92,7 +92,6 @@ def check_inputs(
     bundles: list[Path], base: str, data: str | None = None, tokenizer: str | None = None, out: Path | None = None
 ) -> None:
     """Every bundle, model location, data source and output folder a command names, before anything is loaded."""
-    from ..bundles import read_bundle_header
     from ..bundles.info import read_config
     from ..config import MoPEConfig
     from ..training.data import source_kind
@@ -100,8 +99,8 @@ def check_inputs(
 
     for bundle in bundles:
         read_config(bundle)
-        MoPEConfig.from_pretrained(os.fspath(bundle))  # a field of the wrong type or value, naming file and field
-        read_bundle_header(os.fspath(bundle))  # a missing or truncated adapter_model.safetensors
+        # a field of the wrong type or value, naming file and field; a missing or truncated adapter_model.safetensors
+        MoPEConfig.from_pretrained(os.fspath(bundle))
         if out is not None and out.resolve() == bundle.resolve():
             raise ValueError(f"--out: '{out}' is the bundle itself; writing there would change it: name another folder")
     check_location(base, "--base", MODEL_CONFIG)
@@ -398,8 +397,3 @@ def quiet() -> None:
 
     os.environ.setdefault("MPLBACKEND", "Agg")
     quiet_third_party()
-
-
-def main() -> None:
-    """Console-script entry point (``mope = "mope.cli:main"``)."""
-    app()

@@ -135,6 +135,3 @@ class ExpertBank(nn.Module):
     def unfolds(self, weights: torch.Tensor) -> bool:
         """Whether ``fold_into(..., sign=-1)`` undoes the fold with gate weights ``weights`` (else the layer keeps a copy)."""
         return True
-
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters())
