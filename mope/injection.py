@@ -36,7 +36,8 @@ def check_adapter_name(name: Any) -> None:
         raise ValueError(
             f"adapter name {name!r}: a name may not hold '/' or '\\' or start with '.' (saves use it as a folder)"
         )
-    if name in ADAPTER_DICTS or hasattr(nn.ModuleDict(), name):
+    if name in ADAPTER_DICTS or name in ("lora_A", "lora_B") or hasattr(nn.ModuleDict(), name):
+        # 'lora_A'/'lora_B': PEFT < 0.21 takes a key's trailing tensor name for the adapter's and drops it
         # a key then reads as another adapter's ('mope_experts.lora_A' of adapter 'mope_experts' as adapter 'lora_A')
         raise ValueError(f"adapter name {name!r}: mope's modules use that name themselves; choose another")
 
@@ -216,10 +217,22 @@ def describe_unfit_weights(own: dict[str, tuple], given: dict[str, tuple]) -> st
     return "; ".join(problems) or None
 
 
-def has_key(state: dict[str, torch.Tensor], key: str) -> bool:
-    """Whether a loaded tensor's ``key`` names an entry of a PeftModel's ``state``, with or without PEFT's prefix."""
+def entry_of(state: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
+    """The entry of a PeftModel's ``state`` a loaded tensor's ``key`` names, with or without PEFT's prefix, or None."""
     prefix = "base_model.model."
-    return key in state or prefix + key in state or key.removeprefix(prefix) in state
+    for name in (key, prefix + key, key.removeprefix(prefix)):
+        if name in state:
+            return state[name]
+    return None
+
+
+def has_input_embeddings(model: nn.Module) -> bool:
+    """Whether ``model.get_input_embeddings()`` answers (transformers raises NotImplementedError for Wav2Vec2,
+    CLIPModel, ConvNext, ...)."""
+    try:
+        return model.get_input_embeddings() is not None
+    except (AttributeError, NotImplementedError):
+        return False
 
 
 def saved_with_adapter(model: nn.Module, key: str, adapter_name: str) -> bool:

@@ -38,7 +38,8 @@ from .injection import (
     check_adapter_name,
     check_all_linear_finds_layers,
     describe_unfit_weights,
-    has_key,
+    entry_of,
+    has_input_embeddings,
     include_mope_layers_in_all_linear,
     naming_meta_weights,
     refuse_nested_targets,
@@ -361,11 +362,13 @@ class MoPEModel(BaseTuner):
             for key, value in self.state_dict().items()
             if key_names_adapter(key, adapter_name)
         }
-        with_embeddings, without = (
-            get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=save)
-            for save in (True, False)
-        )
-        optional = {f"base_model.{k}": tuple(v.shape) for k, v in with_embeddings.items() if k not in without}
+        optional = {}
+        if has_input_embeddings(self.model):  # PEFT asks for them, and Wav2Vec2, CLIPModel, ConvNext raise
+            with_embeddings, without = (
+                get_peft_model_state_dict(self, adapter_name=adapter_name, save_embedding_layers=save)
+                for save in (True, False)
+            )
+            optional = {f"base_model.{k}": tuple(v.shape) for k, v in with_embeddings.items() if k not in without}
         # PEFT also saves the base weights of a targeted (or resized) embedding / lm_head: allowed, not required
         found = {key: shape for key, shape in found.items() if key in expected or optional.get(key) != shape}
         problem = describe_mismatch(config.bundle.tensor_file, expected, found)
@@ -414,9 +417,16 @@ class MoPEModel(BaseTuner):
         if problem is None:
             problem = describe_unfit_weights(own, {k: tuple(v.shape) for k, v in remapped.items() if cls.prefix in k})
         others = [k for k in remapped if cls.prefix not in k]
-        strange = [k for k in others if not has_key(state, k)]
+        strange = [k for k in others if entry_of(state, k) is None]
         if problem is None and strange:
             problem = f"{len(strange)} tensors have no place in this model (e.g. '{strange[0]}')"
+        resized = [k for k in others if k not in strange and entry_of(state, k).shape != remapped[k].shape]
+        if problem is None and resized:  # a head for another number of labels: torch refused it after the experts
+            key = resized[0]
+            problem = (
+                f"{len(resized)} tensors have other shapes (e.g. '{key}' is {list(remapped[key].shape)}, "
+                f"not {list(entry_of(state, key).shape)})"
+            )
         base = [k for k in others if not saved_with_adapter(model, k, adapter_name)]
         if problem is None and base:
             problem = f"{len(base)} tensors are the frozen base model's own weights (e.g. '{base[0]}')"
@@ -486,12 +496,23 @@ class MoPEModel(BaseTuner):
                     value = args[index] if index < len(args) else None
             if isinstance(value, torch.Tensor):
                 inputs[spec.routing_key] = value
-        if "attention_mask" not in inputs and any(c.routing_level == "sequence" for c in self.peft_config.values()):
+        ids = inputs.get("input_ids")
+        if ids is not None and ids.dim() == 3:  # multiple choice, [batch, choices, seq]: the layers see batch * choices
+            for key in ("input_ids", "attention_mask"):
+                if key in inputs and inputs[key].shape == ids.shape:
+                    inputs[key] = inputs[key].flatten(0, 1)
+        sequence_level = any(c.routing_level == "sequence" for c in self.peft_config.values())
+        if sequence_level and kwargs.get("attention_mask") is None and not self.routing_context.decisions.pinned:
+            # no mask at all (a dict of masks, Qwen2's under a static cache, is one), outside generate
             refuse_packed_rows(kwargs.get("position_ids"))
-        if "decoder_attention_mask" not in inputs and getattr(
-            getattr(module, "config", None), "is_encoder_decoder", False
-        ):
-            mask = decoder_mask_from_labels(kwargs.get("labels"), inputs.get("decoder_input_ids"))
+        encoder_decoder = getattr(getattr(module, "config", None), "is_encoder_decoder", False)
+        labels = kwargs.get("labels")
+        prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
+        if encoder_decoder and "decoder_input_ids" not in inputs and isinstance(labels, torch.Tensor) and prepare:
+            # the model shifts the labels right itself: hash routing in its decoder had no token ids
+            inputs["decoder_input_ids"] = prepare(labels=labels)
+        if "decoder_attention_mask" not in inputs and encoder_decoder:
+            mask = decoder_mask_from_labels(labels, inputs.get("decoder_input_ids"))
             if mask is not None:
                 inputs["decoder_attention_mask"] = mask
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x renamed past_key_values
@@ -500,6 +521,8 @@ class MoPEModel(BaseTuner):
         continues = torch.compiler.is_compiling() or holds_tokens(cache)
         collecting = module.training and not self.routing_context.decisions.pinned  # inside generate: no losses
         call = self.routing_context.begin(inputs, collecting=collecting, continues_cache=continues)
+        kept = kwargs.get("logits_to_keep")
+        call.kept_logits = kept if isinstance(kept, int) and not isinstance(kept, bool) else 0
         call.schedule_counts = [(schedule, schedule.count) for schedule in schedules_of(self).values()]
         if module.training and torch.is_grad_enabled():
             if self.checkpointed_layers is None:  # the modules transformers checkpoints (set up once)
@@ -627,13 +650,11 @@ class MoPEModel(BaseTuner):
         return model
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        if new_module is getattr(child, "base_layer", None):
-            # unload: the base layer goes back as it is (PEFT's version copies a Linear's weight and bias onto it,
-            # which a whole-FFN layer's MLP block does not have)
+        if new_module is getattr(child, "base_layer", None) or not isinstance(new_module, MoPELayer):
+            # unload: the base layer, or the trained copy of a head PEFT saved whole, goes back as it is (PEFT's
+            # version copies a Linear's weight and bias onto it, which a whole-FFN layer's MLP block and a nested
+            # head such as RoBERTa's classifier do not have: unload stopped half-way)
             setattr(parent, child_name, new_module)
-            return
-        if not isinstance(new_module, MoPELayer):
-            super()._replace_module(parent, child_name, new_module, child)
             return
         # injection, as PEFT's LoRA does it: the experts follow the base's device unless they are still on meta
         # (low_cpu_mem_usage); PEFT's version moved the whole layer for an 8-bit base ("Cannot copy out of meta")

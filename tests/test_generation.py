@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from conftest import MODELS, assert_cache_agrees, greedy, make_model, prompts
 from peft import get_peft_model
 
@@ -220,3 +221,31 @@ def test_adapter_names_per_example_are_refused():
         model.generate(**batch, adapter_names=["default", "default"], max_new_tokens=2)
     with pytest.raises(ValueError, match=r"adapter_names="):
         model(**batch, adapter_names=["default", "default"])
+
+
+def test_a_static_cache_with_a_dict_of_masks_generates_at_sequence_level():
+    # Qwen2 gets its masks as a dict under a static cache: no 2-D mask was captured, and generate's position_ids of
+    # a left-padded row ([0, 0, 0, 1, ...]) were refused as a packed row
+    config = transformers.Qwen2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    mope_config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules="all-linear", num_experts=4, top_k=2, r=4, init_weights=False,
+        routing_level="sequence",
+    )  # fmt: skip
+    model = get_peft_model(transformers.Qwen2ForCausalLM(config), mope_config).eval()
+    batch = prompts(padded=True)
+    static = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(static, model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0))
+
+
+def test_an_lm_head_under_logits_to_keep_reads_its_tokens_mask_and_ids():
+    # TRL's GRPO keeps a completion's logits: the adapted lm_head's k tokens are the mask's and ids' last k columns
+    model = generation_model(router="hash", top_k=1, target_modules=["q_proj", "lm_head"])
+    batch = prompts(padded=True)
+    with torch.no_grad():
+        kept = model(**batch, logits_to_keep=3).logits
+        full = model(**batch).logits
+    torch.testing.assert_close(kept, full[:, -3:], rtol=1e-5, atol=1e-5)

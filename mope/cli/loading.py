@@ -19,7 +19,12 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from peft import PeftModel
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModel
+from transformers import (
+    AutoModel,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForTokenClassification,
+)
 
 from ..api import load_mope
 from ..bundles import read_bundle_header
@@ -30,14 +35,21 @@ from ..training.models import AUTO_CLASSES, MODEL_CONFIG, TASK_TYPES, check_loca
 from ..training.recipe import DataSection, RecipeError
 
 # PEFT task type -> transformers Auto class (others, e.g. feature extraction, get AutoModel).
-AUTO_BY_TASK_TYPE = {TASK_TYPES[task]: auto for task, auto in AUTO_CLASSES.items()}
+AUTO_BY_TASK_TYPE = {
+    **{TASK_TYPES[task]: auto for task, auto in AUTO_CLASSES.items()},
+    "TOKEN_CLS": AutoModelForTokenClassification,  # bundles trained outside a recipe: their keys hold the head's
+    "QUESTION_ANS": AutoModelForQuestionAnswering,  # model (e.g. 'bert.'), so AutoModel's had no place for them
+    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
+}
+# The task types whose saved head gives num_labels (its output weight's first dimension).
+LABELLED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")
 
 
 def head_size(bundle: str) -> dict[str, int]:
     """``num_labels`` of a classification bundle, from its saved head's output weight (``[num_labels, hidden]``):
     ``<head>.weight``, or ``<head>.out_proj.weight`` for the nested heads of RoBERTa, XLM-R and ELECTRA."""
     config = MoPEConfig.from_pretrained(bundle)  # validated: modules_to_save is a list of names
-    if str(getattr(config.task_type, "value", config.task_type)) != "SEQ_CLS":
+    if str(getattr(config.task_type, "value", config.task_type)) not in LABELLED_TASK_TYPES:
         return {}
     heads = tuple(f".{name}{part}.weight" for name in config.modules_to_save or () for part in ("", ".out_proj"))
     for name, shape in read_bundle_header(bundle).items():

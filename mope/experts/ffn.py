@@ -20,11 +20,12 @@ PROJECTIONS = ("gate", "up", "down")
 
 def drop_repeated_adapter_name(state_dict: dict, prefix: str, *args: Any) -> None:
     """Saved keys keep the adapter name ("mope_experts.<name>.gate.lora_A"); PEFT < 0.21 inserts it again
-    when loading ("mope_experts.<name>.<name>.gate.lora_A"): drop the repeated one."""
+    when loading ("mope_experts.<name>.<name>.gate.lora_A"): drop the repeated one. The bank's own keys are
+    ``<projection>.<tensor>``, so the extra part goes whatever it is (an adapter named 'down' too)."""
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        head, _, rest = key[len(prefix) :].partition(".")
-        if head not in PROJECTIONS and rest.partition(".")[0] in PROJECTIONS:
-            state_dict[prefix + rest] = state_dict.pop(key)
+        parts = key[len(prefix) :].split(".")
+        if len(parts) == 3 and parts[1] in PROJECTIONS:
+            state_dict[prefix + ".".join(parts[1:])] = state_dict.pop(key)
 
 
 class FFNExpertBank(ExpertBank):

@@ -100,6 +100,8 @@ class ForwardCall:
     # whether the call continues a KV cache that holds tokens (a decoding step): only then may a layer that sees
     # fewer tokens than the mask reuse a kept decision; otherwise it sees the last ones (logits_to_keep)
     continues_cache: bool = False
+    # logits_to_keep=k of a causal LM's forward (its lm_head sees the last k tokens), 0 if not given
+    kept_logits: int = 0
     # the aux loss's share of an accumulated batch (mope.tuner.accumulation_share), None outside Trainer's
     aux_share: torch.Tensor | None = None
     # (router schedule, its step) at the start of the call: the step advances at the call's end, before gradient
@@ -144,9 +146,12 @@ class RoutingContext:
         """The ``[batch, seq]`` mask (1 = real token) for a layer input of leading shape ``token_shape``.
 
         With a KV cache the layer sees only the newest tokens while the attention mask covers
-        past and new ones; the new tokens are its last columns. An input of one vector per example
+        past and new ones; the new tokens are its last columns (so too for one token without a
+        cache: an lm_head under ``logits_to_keep=1``). An input of one vector per example
         (``[batch, hidden]``) gets whether each example has a real token. Inputs whose shape fits no
-        mask (flattened tokens, 4-D masks) get None: every token counts.
+        mask get None: every token counts. So do layers that see more than one token, but fewer than
+        the mask, outside a cached step: their tokens are not the mask's (an audio model's frames
+        against a mask over samples, a vision tower beside the text its mask covers).
         """
         mask = self.call.inputs.get(key)
         if mask is None or mask.dim() != 2 or mask.shape[0] != token_shape[0]:
@@ -156,9 +161,14 @@ class RoutingContext:
         if len(token_shape) != 2:
             return None
         seq = token_shape[1]
-        if mask.shape[1] < seq:
-            return None
-        return mask[:, -seq:] if mask.shape[1] > seq else mask
+        if mask.shape[1] == seq:
+            return mask
+        return mask[:, -seq:] if self.newest_tokens(mask.shape[1], seq) else None
+
+    def newest_tokens(self, covered: int, seq: int) -> bool:
+        """Whether a layer's ``seq`` tokens are the last of the ``covered`` a mask or ids cover: a cached step's,
+        or an lm_head's under ``logits_to_keep`` (one token, or the k the call keeps: TRL's GRPO keeps a completion)."""
+        return seq < covered and (self.call.continues_cache or seq in (1, self.call.kept_logits))
 
     def flattened(self, key: str, token_shape: torch.Size) -> tuple[int, int] | None:
         """``(batch, seq)`` if a layer's input ``[rows, hidden]`` is the mask's tokens flattened, else None.
@@ -191,9 +201,9 @@ class RoutingContext:
         if value.shape[0] != token_shape[0]:  # generate's encoder ids, under beams / num_return_sequences
             value = value.repeat_interleave(token_shape[0] // value.shape[0], dim=0)
         seq = token_shape[1]
-        if value.shape[1] < seq:
-            return None
-        return value[:, -seq:] if value.shape[1] > seq else value  # no slice (a few us) when it already fits
+        if value.shape[1] == seq:
+            return value  # no slice (a few us) when it already fits
+        return value[:, -seq:] if self.newest_tokens(value.shape[1], seq) else None
 
     def routing_inputs(self, mask_key: str, token_shape: torch.Size) -> RoutingInputs:
         """Everything a router of a layer whose tokens the mask ``mask_key`` covers may look at."""
@@ -309,6 +319,9 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
         finally:
             context.decisions.pinned = False
             context.decisions.clear()
+            # a model whose own generate calls its encoder directly (Whisper) read the last step's call after it:
+            # a continued cache, and a plain generate then failed
+            context.begin({}, collecting=False)
             for router in training:
                 router.train(True)
 

@@ -60,7 +60,10 @@ class RouterSchedule(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.count = int(self.step.item())  # once per load, not per forward
+        count = int(self.step.item())  # once per load, not per forward
+        if count < 0:  # PEFT < 0.21 loads without mope's value checks: the first forward failed far from here
+            raise ValueError(f"'{prefix}step' is {count}: a router schedule's step is a non-negative count")
+        self.count = count
         self.move_routers()
 
     def extra_repr(self) -> str:

@@ -3,6 +3,8 @@ substring, and a load_adapter whose tensors are refused leaves no half-made adap
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import bundle_config, make_batch, make_model, no_grad_logits
@@ -49,20 +51,22 @@ def test_a_new_adapter_whose_tensors_are_refused_is_removed_again(tmp_path, monk
     torch.testing.assert_close(no_grad_logits(model, make_batch("llama")), before, rtol=0, atol=0)
 
 
-def test_a_nested_classification_head_round_trips(tmp_path):
-    # RoBERTa's head is classifier.dense + classifier.out_proj: PEFT saves 'classifier.dense.weight', and the
-    # bundle check expected 'classifier.default.dense.weight' (the name is not second to last there): load refused
+def tiny_roberta():
+    """RoBERTa for sequence classification: its head is a module (dense + out_proj), not a Linear."""
     import transformers
 
     config = transformers.RobertaConfig(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         max_position_embeddings=40, num_labels=3,
     )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.RobertaForSequenceClassification(config).eval()
 
-    def base():
-        torch.manual_seed(0)
-        return transformers.RobertaForSequenceClassification(config).eval()
 
+def test_a_nested_classification_head_round_trips(tmp_path):
+    # RoBERTa's head is classifier.dense + classifier.out_proj: PEFT saves 'classifier.dense.weight', and the
+    # bundle check expected 'classifier.default.dense.weight' (the name is not second to last there): load refused
+    base = tiny_roberta
     adapter = mope.MoPEConfig(task_type="SEQ_CLS", target_modules=["query"], num_experts=2, top_k=1, r=2)
     torch.manual_seed(1)
     model = get_peft_model(base(), adapter).eval()
@@ -82,15 +86,19 @@ def ffn_model(name: str = "default"):
     return get_peft_model(make_model("llama"), config, adapter_name=name).eval()
 
 
-def test_whole_ffn_bundles_load_under_any_adapter_name(tmp_path):
+@pytest.mark.parametrize("saved_as", ["trained", "down"])  # 'down': a projection's name (PEFT 0.19 lost 2 of 3)
+def test_whole_ffn_bundles_load_under_any_adapter_name(tmp_path, saved_as):
     # their keys held the adapter's name inside ("mope_experts.default.down.lora_A"): loading under another was refused
-    model = ffn_model("trained")
+    model = ffn_model(saved_as)
     want = no_grad_logits(model, make_batch("llama"))
     model.save_pretrained(tmp_path)
-    bundle = tmp_path / "trained"  # PEFT's folder for an adapter not named 'default'
+    bundle = tmp_path / saved_as  # PEFT's folder for an adapter not named 'default'
     if PEFT_ASKS_SAVED_KEYS:  # older PEFT keeps the name there, and loading drops it
-        assert not [key for key in load_file(bundle / "adapter_model.safetensors") if ".trained." in key]
-    loaded = PeftModel.from_pretrained(make_model("llama"), bundle, adapter_name="x").eval()
+        named = re.compile(rf"mope_experts\.{saved_as}\.(gate|up|down)\.")
+        assert not [key for key in load_file(bundle / "adapter_model.safetensors") if named.search(key)]
+    base = make_model("llama")
+    torch.manual_seed(7)  # other experts than the saved ones before loading: a tensor left out shows
+    loaded = PeftModel.from_pretrained(base, bundle, adapter_name="x").eval()
     loaded.load_adapter(str(bundle), adapter_name="second")
     for adapter in ("x", "second"):
         loaded.set_adapter(adapter)
@@ -120,3 +128,18 @@ def test_saving_beside_an_adapter_named_like_a_module_keeps_every_tensor(tmp_pat
     loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "bundle").eval()
     torch.testing.assert_close(no_grad_logits(loaded, make_batch("llama")), want, rtol=0, atol=0)
     assert list(model.peft_config) == ["default", name]  # the save's narrowed view is gone
+
+
+def test_unload_gives_back_a_nested_head_trained_whole():
+    # RoBERTa's classifier is a module, not a Linear: PEFT's swap copied a '.weight' onto it and unload stopped with
+    # the attention layers already unwrapped and the head still wrapped
+    adapter = mope.MoPEConfig(task_type="SEQ_CLS", target_modules=["query"], num_experts=1, top_k=1, r=2)
+    model = get_peft_model(tiny_roberta(), adapter).eval()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "modules_to_save" in n and "out_proj" in n).add_(0.5)
+    ids = {"input_ids": torch.randint(3, 100, (2, 7))}
+    want = no_grad_logits(model, ids)
+    merged = model.merge_and_unload()
+    assert type(merged.classifier).__name__ == "RobertaClassificationHead"
+    assert not any(isinstance(m, MoPELayer) for m in merged.modules())
+    torch.testing.assert_close(no_grad_logits(merged, ids), want, rtol=1e-5, atol=1e-5)

@@ -25,6 +25,7 @@ import mope
         ),  # 'lora_A' then read adapter 'mope_experts' tensors as its own
         ("mope_schedule", "mope's modules use that name"),
         ("training", "mope's modules use that name"),  # torch's KeyError said nothing of an adapter name
+        ("lora_B", "mope's modules use that name"),  # PEFT 0.19 stripped it from whole-FFN keys: an unloadable save
         ("  ", "give a non-empty string"),
     ],
 )
@@ -71,3 +72,12 @@ def test_a_refused_adapter_with_a_schedule_leaves_no_schedule_dict():
         model.add_adapter("second", bad)
     before.assert_same(model, make_batch("llama"))
     assert "mope_schedule" not in model.base_model._modules
+
+
+def test_a_negative_schedule_step_is_refused_where_it_loads():
+    # PEFT < 0.21 loads tensors without mope's value checks: the first forward then failed with "index k out of range"
+    config = bundle_config(router_schedule_steps=4, router_schedule_start_top_k=2)
+    model = get_peft_model(make_model("llama"), config)
+    state = {"base_model.mope_schedule.default.step": torch.tensor(-3)}
+    with pytest.raises(ValueError, match=r"'base_model\.mope_schedule\.default\.step' is -3: a router schedule's step"):
+        model.load_state_dict(state, strict=False)

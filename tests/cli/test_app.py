@@ -168,3 +168,22 @@ def test_collapse_can_weigh_experts_by_their_load_on_data(built, tmp_path):
     measured = load_file(tmp_path / "load" / "adapter_model.safetensors")
     b_keys = [k for k in rule if k.endswith("lora_B.weight")]
     assert b_keys and any(not torch.equal(rule[k], measured[k]) for k in b_keys)
+
+
+@pytest.mark.parametrize("task", ["TOKEN_CLS", "QUESTION_ANS"])
+def test_stats_loads_bundles_of_other_encoder_tasks(task, tmp_path):
+    # the model class came from the recipe tasks only: AutoModel had no place for the 'bert.' keys ("missing tensors")
+    torch.manual_seed(0)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
+    auto = {"TOKEN_CLS": transformers.BertForTokenClassification, "QUESTION_ANS": transformers.BertForQuestionAnswering}
+    labels = {"num_labels": 5} if task == "TOKEN_CLS" else {}  # a QA head has two outputs, start and end
+    model = auto[task](transformers.BertConfig(vocab_size=30522, **labels, **shape))
+    model.save_pretrained(tmp_path / "base")
+    transformers.AutoTokenizer.from_pretrained(resolve_location(TOKENIZER)).save_pretrained(tmp_path / "base")
+    config = mope.MoPEConfig(task_type=task, target_modules=["query", "value"], r=2, num_experts=4, top_k=2)
+    get_peft_model(model, config).save_pretrained(tmp_path / "bundle")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"the {w} rain falls", "label": "a"}) for w in ("cold", "warm") * 3))
+    result = run("stats", tmp_path / "bundle", "--base", tmp_path / "base", "--data", data, "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads((tmp_path / "out" / "report.json").read_text())) == 4

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import safetensors.torch
 import torch
-from conftest import bundle_config, make_batch, make_model, no_grad_logits
+from conftest import bundle_config, make_batch, make_model, no_grad_logits, tiny_bert
 from peft import PeftModel, get_peft_model
 
 import mope
 from mope.layer import MoPELayer
-from mope.peft_compat import PEFT_CHECKS_LOADED_TENSORS
+from mope.peft_compat import PEFT_CHECKS_LOADED_TENSORS, without_ffn_name
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,10 @@ def test_a_whole_ffn_tensor_saved_with_and_without_a_name_is_refused(tmp_path):
     path = folder / "adapter_model.safetensors"
     tensors = safetensors.torch.load_file(path)
     for key in [k for k in tensors if k.endswith("down.lora_B")]:
-        tensors[key.replace("mope_experts.", "mope_experts.zzz.")] = torch.zeros_like(tensors[key])
+        # PEFT >= 0.21 saves the key without the adapter name: add a named one; older PEFT with it: add a bare one
+        other = without_ffn_name(key)
+        other = key.replace("mope_experts.", "mope_experts.zzz.") if other == key else other
+        tensors[other] = torch.zeros_like(tensors[key])
     safetensors.torch.save_file(tensors, path)
     for load in (mope.load_mope, PeftModel.from_pretrained):
         model = make_model("llama")
@@ -207,3 +210,16 @@ def test_a_saved_output_embedding_still_loads_into_a_loaded_name(tmp_path):
     again = get_peft_model(make_model("llama"), config).eval()
     again.load_adapter(str(tmp_path / "bundle"), adapter_name="default")
     torch.testing.assert_close(no_grad_logits(again, make_batch("llama")), want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not PEFT_CHECKS_LOADED_TENSORS, reason="PEFT < 0.21 loads without asking the tuner")
+def test_a_head_of_another_size_is_refused_before_the_experts_load(tmp_path):
+    # the head's shape was not compared: every expert was replaced, then torch refused the head
+    folder = tmp_path / "bundle"
+    config = bundle_config(task_type="SEQ_CLS", target_modules=["query"])
+    mope.save_pretrained(get_peft_model(tiny_bert(num_labels=5), config), folder)
+    model = get_peft_model(make_model("bert"), bundle_config(task_type="SEQ_CLS", target_modules=["query"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"nothing was loaded: 2 tensors have other shapes \(e\.g\. '.*classifier"):
+        model.load_adapter(str(folder), adapter_name="default")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -470,3 +470,35 @@ def test_an_example_of_padding_only_counts_nowhere_in_a_one_vector_per_example_l
         reports.append(next(v for k, v in stats.report().items() if "pooler" in k))
     assert reports[1]["tokens"] == reports[0]["tokens"] == 2
     assert reports[1]["load"] == reports[0]["load"]
+
+
+def test_multiple_choice_padding_is_masked():
+    # [batch, choices, seq] masks and ids were not 2-D: padding counted (pooled, in the losses) and hash refused
+    model = transformers.BertForMultipleChoice(make_model("bert").config)
+    config = mope.MoPEConfig(
+        target_modules=["query", "value"], num_experts=4, top_k=2, routing_level="sequence", init_weights=False
+    )
+    model = get_peft_model(model, config).eval()
+    sharpen_routers(model)
+    ids = torch.randint(3, 128, (2, 3, 8), generator=torch.Generator().manual_seed(5))
+    pad = torch.zeros(2, 3, 6, dtype=torch.long)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        got = model(input_ids=torch.cat([ids, pad], -1), attention_mask=torch.cat([torch.ones_like(ids), pad], -1))
+    torch.testing.assert_close(got.logits, want, rtol=0, atol=1e-6)
+
+
+def test_hash_routing_in_a_seq2seq_decoder_trains_from_labels_alone():
+    # the model shifts the labels right itself, after the pre-hook: its decoder's hash routers had no token ids
+    config = mope.MoPEConfig(
+        task_type="SEQ_2_SEQ_LM", target_modules=["q", "v"], num_experts=4, top_k=1, router="hash", init_weights=False,
+        aux_loss_coef=0.0, z_loss_coef=0.0,
+    )  # fmt: skip
+    model = get_peft_model(make_model("t5"), config).eval()  # no dropout: the two forwards compare exactly
+    batch = make_batch("t5")
+    labels = batch["labels"]
+    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    shifted = model.base_model.model.prepare_decoder_input_ids_from_labels(labels=labels)
+    given = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=shifted,
+                  labels=labels).loss  # fmt: skip
+    torch.testing.assert_close(loss, given)
