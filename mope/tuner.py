@@ -12,10 +12,8 @@ out of the call before the base model sees them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import re
-import typing
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -25,9 +23,7 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_peft_model_state_dict
 from torch import nn
-from transformers import PreTrainedModel
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.utils import ModelOutput
 
 from .bundles import describe_bad_values, describe_mismatch
 from .config import pattern_matches
@@ -50,12 +46,13 @@ from .injection import (
 from .integrations.deepspeed import gather_routers_with_their_layers
 from .layer import BlockLink, MoPELayer
 from .losses import AUX_LOSSES, check_losses_reach_routers
+from .outputs import accumulation_share, attach_aux_loss, declared_outputs, with_aux_loss_field
 from .peft_compat import FFN_KEY, first_collision, key_names_adapter, saved_key, without_ffn_name
 from .routing import ROUTERS
 from .routing.context import (
     CAPTURED_INPUTS,
     RoutingContext,
-    decoder_mask_from_labels,
+    complete_inputs,
     generate_with_routing,
     holds_tokens,
     keep_calls_in_recomputation,
@@ -70,94 +67,6 @@ CROSS_ATTENTION_KV = re.compile(r"(EncDecAttention\.[kv]|encoder_attn\.[kv]_proj
 AUX_LOSS_BY_NAME = {loss.name: loss for loss in AUX_LOSSES}
 # Task types whose PEFT class wraps the model for generation (it reads prepare_inputs_for_generation).
 GENERATING_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
-
-
-def accumulation_share(kwargs: dict) -> torch.Tensor | None:
-    """This micro-batch's share of the label tokens ``num_items_in_batch`` counts, where ``Trainer`` passes it.
-
-    With ``num_items_in_batch`` a causal LM's loss is its tokens' summed loss over the accumulated batch's
-    token count (all processes' under ``average_tokens_across_devices``), and the Trainer neither divides it
-    by the accumulation steps nor lets DDP's mean undo its world-size factor. The aux loss, a mean per
-    micro-batch, joins it weighted by this share, so that a step's router loss is its micro-batches'
-    token-weighted mean, as one unaccumulated batch would give (TRL's MoE rule, by tokens). Labels are
-    counted as the loss does: ``shift_labels``, else ``labels[..., 1:]``.
-    """
-    total, labels = kwargs.get("num_items_in_batch"), kwargs.get("shift_labels")
-    if labels is None and isinstance(kwargs.get("labels"), torch.Tensor):
-        labels = kwargs["labels"][..., 1:]
-    if total is None or not isinstance(labels, torch.Tensor):
-        return None
-    return labels.ne(-100).sum() / torch.as_tensor(total, device=labels.device).clamp_min(1)
-
-
-def attach_aux_loss(output: Any, aux: torch.Tensor, model: nn.Module, share: torch.Tensor | None = None) -> Any:
-    """Put ``aux`` on a model output as ``aux_loss`` and add it to ``loss`` when there is one.
-
-    ``share`` (:func:`accumulation_share`) weighs the aux added to ``loss``; ``aux_loss`` stays unweighted.
-
-    A model that has an ``aux_loss`` of its own (e.g. Mixtral) gets the sum. A tuple output
-    (``return_dict=False``) has no place for ``aux_loss``: when it starts with a loss (transformers puts
-    the loss first when labels are given) ``aux`` is added to that loss; a transformers model's tuple
-    without a loss is refused, as the aux loss would be silently lost.
-    """
-    joined = aux if share is None else aux * share.to(aux.device)
-    if isinstance(output, tuple) and output and is_loss(output[0]):
-        return (output[0] + joined.to(output[0].device), *output[1:])
-    if isinstance(output, tuple) and isinstance(model, PreTrainedModel):
-        raise ValueError(
-            f"{type(model).__name__} returned a tuple without a loss (return_dict=False and no labels) in training, "
-            "so MoPE's router losses (aux_loss: load balancing, z-loss) would be lost. Call it with return_dict=True "
-            "and add output.aux_loss to your loss, or pass labels: the loss it returns then includes them."
-        )
-    if not isinstance(output, dict):  # ModelOutput is an OrderedDict
-        return output
-    if isinstance(output, ModelOutput) and "aux_loss" not in output.__dataclass_fields__:
-        made = WITH_AUX_LOSS.get(type(output))
-        if made is None and not torch.compiler.is_compiling():  # dynamo cannot trace making a class
-            made = with_aux_loss_field(type(output))
-        if made is not None:  # else (compiled, type not declared by forward) the item alone, as a plain dict
-            output = made(**output)
-    previous = output.get("aux_loss")
-    output["aux_loss"] = aux if previous is None else previous + aux.to(previous.device)
-    if output.get("loss") is not None:
-        output["loss"] = output["loss"] + joined.to(output["loss"].device)
-    return output
-
-
-# output type -> its subclass with an aux_loss field: made for the types a model's forward declares when
-# MoPE is injected (so a compiled first forward finds them), else on the first eager training forward
-WITH_AUX_LOSS: dict[type, type] = {}
-
-
-def declared_outputs(model: nn.Module) -> list[type]:
-    """The ``ModelOutput`` types without ``aux_loss`` in ``model.forward``'s return annotation (``tuple | ...Output``)."""
-    try:
-        returned = typing.get_type_hints(type(model).forward).get("return")
-    except (NameError, TypeError, AttributeError):  # an annotation that does not evaluate: nothing declared
-        return []
-    types = [t for t in typing.get_args(returned) or (returned,) if isinstance(t, type) and issubclass(t, ModelOutput)]
-    return [t for t in types if "aux_loss" not in t.__dataclass_fields__]
-
-
-def with_aux_loss_field(output_type: type) -> type:
-    """``output_type`` (a ``ModelOutput`` without ``aux_loss``) with that field: a subclass, so isinstance holds.
-
-    torch's pytree rebuilds a ``ModelOutput`` as ``type(**items)``, and DDP does so with every output when
-    it looks for unused parameters (as ``Trainer`` asks for a ``PeftModel``): an ``aux_loss`` item that is
-    not a field of the type failed there (``unexpected keyword argument 'aux_loss'``).
-    """
-    made = WITH_AUX_LOSS.get(output_type)
-    if made is None:
-        field = ("aux_loss", "torch.FloatTensor | None", dataclasses.field(default=None))
-        name = f"{output_type.__name__}WithAuxLoss"
-        made = dataclasses.make_dataclass(name, [field], bases=(output_type,), namespace={"__module__": __name__})
-        WITH_AUX_LOSS[output_type] = made
-    return made
-
-
-def is_loss(value: Any) -> bool:
-    """A 0-dim tensor: what a loss is, and what no other model output (logits, hidden states, caches) is."""
-    return isinstance(value, torch.Tensor) and value.dim() == 0
 
 
 def refuse_frozen_identity(config) -> None:
@@ -496,31 +405,20 @@ class MoPEModel(BaseTuner):
                     value = args[index] if index < len(args) else None
             if isinstance(value, torch.Tensor):
                 inputs[spec.routing_key] = value
-        ids = inputs.get("input_ids")
-        if ids is not None and ids.dim() == 3:  # multiple choice, [batch, choices, seq]: the layers see batch * choices
-            for key in ("input_ids", "attention_mask"):
-                if key in inputs and inputs[key].shape == ids.shape:
-                    inputs[key] = inputs[key].flatten(0, 1)
         sequence_level = any(c.routing_level == "sequence" for c in self.peft_config.values())
         if sequence_level and kwargs.get("attention_mask") is None and not self.routing_context.decisions.pinned:
             # no mask at all (a dict of masks, Qwen2's under a static cache, is one), outside generate
             refuse_packed_rows(kwargs.get("position_ids"))
-        encoder_decoder = getattr(getattr(module, "config", None), "is_encoder_decoder", False)
-        labels = kwargs.get("labels")
-        prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
-        if encoder_decoder and "decoder_input_ids" not in inputs and isinstance(labels, torch.Tensor) and prepare:
-            # the model shifts the labels right itself: hash routing in its decoder had no token ids
-            inputs["decoder_input_ids"] = prepare(labels=labels)
-        if "decoder_attention_mask" not in inputs and encoder_decoder:
-            mask = decoder_mask_from_labels(labels, inputs.get("decoder_input_ids"))
-            if mask is not None:
-                inputs["decoder_attention_mask"] = mask
+        complete_inputs(module, kwargs, inputs)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x renamed past_key_values
         # compiled: a layer seeing fewer tokens than the mask is taken for a decoding step, as before (the cache's
         # length would be one more guard, and a recompilation, per decoded token)
         continues = torch.compiler.is_compiling() or holds_tokens(cache)
         collecting = module.training and not self.routing_context.decisions.pinned  # inside generate: no losses
         call = self.routing_context.begin(inputs, collecting=collecting, continues_cache=continues)
+        frames = getattr(module, "_get_feature_vector_attention_mask", None)  # Wav2Vec2, HuBERT, WavLM, ...
+        if frames is not None and isinstance(inputs.get("attention_mask"), torch.Tensor):
+            call.frame_mask = frames
         kept = kwargs.get("logits_to_keep")
         call.kept_logits = kept if isinstance(kept, int) and not isinstance(kept, bool) else 0
         call.schedule_counts = [(schedule, schedule.count) for schedule in schedules_of(self).values()]

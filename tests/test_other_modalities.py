@@ -89,3 +89,27 @@ def test_generate_leaves_no_cached_call_behind():
     )
     model.generate(input_ids=torch.randint(1, 64, (1, 5)), max_new_tokens=3, do_sample=False)
     assert not model.base_model.routing_context.call.continues_cache
+
+
+def test_an_audio_example_routes_the_same_alone_and_padded_in_a_batch():
+    # the layers see frames, the mask covers samples: its last columns were taken for the frames, so a row padded by
+    # 18 samples or more counted as all padding (a sequence-level decision 0.08 off); the model says which frames
+    # are real
+    config = mope.MoPEConfig(
+        task_type="SEQ_CLS", target_modules=["q_proj", "v_proj", "intermediate_dense"], num_experts=4, top_k=2,
+        routing_level="sequence", init_weights=False,
+    )  # fmt: skip
+    model = get_peft_model(tiny_wav2vec2(), config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "mope_" in name:
+                param.normal_(0, 0.5)
+    torch.manual_seed(1)
+    long, short = torch.randn(1, 400), torch.randn(1, 240)
+    batch = torch.zeros(2, 400)
+    batch[0], batch[1, :240] = long[0], short[0]
+    mask = torch.zeros(2, 400, dtype=torch.long)
+    mask[0], mask[1, :240] = 1, 1
+    padded = no_grad_logits(model, {"input_values": batch, "attention_mask": mask})
+    alone = no_grad_logits(model, {"input_values": short, "attention_mask": torch.ones(1, 240, dtype=torch.long)})
+    torch.testing.assert_close(padded[1:], alone, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ from torch.utils import _pytree as pytree
 from transformers.utils import ModelOutput
 
 import mope
-from mope import MoPEConfig, MoPELayer, tuner
+from mope import MoPEConfig, MoPELayer, outputs
 from mope.losses import load_balancing_loss, router_z_loss
 
 BAD_TARGETS = [
@@ -222,7 +222,7 @@ def test_a_training_output_is_rebuilt_from_its_items_as_ddp_does(name, made, mon
     config = MoPEConfig(task_type=task, target_modules=["query", "q_proj"], num_experts=4, top_k=2, r=2)
     model = get_peft_model(base, config).train()
     if made == "on the first forward":
-        monkeypatch.setattr(tuner, "WITH_AUX_LOSS", {})
+        monkeypatch.setattr(outputs, "WITH_AUX_LOSS", {})
     out = model(**make_batch("bert" if name == "bert" else "llama"))
     assert isinstance(out, declared) and out.aux_loss > 0
     assert (type(out) is declared) == (made == "never")  # Mixtral's output has an aux_loss field of its own

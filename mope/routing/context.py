@@ -102,11 +102,15 @@ class ForwardCall:
     continues_cache: bool = False
     # logits_to_keep=k of a causal LM's forward (its lm_head sees the last k tokens), 0 if not given
     kept_logits: int = 0
-    # the aux loss's share of an accumulated batch (mope.tuner.accumulation_share), None outside Trainer's
+    # the aux loss's share of an accumulated batch (mope.outputs.accumulation_share), None outside Trainer's
     aux_share: torch.Tensor | None = None
     # (router schedule, its step) at the start of the call: the step advances at the call's end, before gradient
     # checkpointing recomputes its layers in backward, which must route with the call's top_k and temperature
     schedule_counts: list[tuple[Any, int]] = field(default_factory=list)
+    # an audio model's mask over its frames, from its mask over samples (Wav2Vec2's
+    # _get_feature_vector_attention_mask(frames, mask)), or None; computed once per frame count
+    frame_mask: Any = None
+    frame_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -150,8 +154,9 @@ class RoutingContext:
         cache: an lm_head under ``logits_to_keep=1``). An input of one vector per example
         (``[batch, hidden]``) gets whether each example has a real token. Inputs whose shape fits no
         mask get None: every token counts. So do layers that see more than one token, but fewer than
-        the mask, outside a cached step: their tokens are not the mask's (an audio model's frames
-        against a mask over samples, a vision tower beside the text its mask covers).
+        the mask, outside a cached step: their tokens are not the mask's (a vision tower beside the
+        text its mask covers), except an audio model's frames against its mask over samples, where the
+        model says which frames are real (``frame_mask``).
         """
         mask = self.call.inputs.get(key)
         if mask is None or mask.dim() != 2 or mask.shape[0] != token_shape[0]:
@@ -163,7 +168,13 @@ class RoutingContext:
         seq = token_shape[1]
         if mask.shape[1] == seq:
             return mask
-        return mask[:, -seq:] if self.newest_tokens(mask.shape[1], seq) else None
+        if self.newest_tokens(mask.shape[1], seq):
+            return mask[:, -seq:]
+        if key == "attention_mask" and self.call.frame_mask is not None and seq < mask.shape[1]:
+            if seq not in self.call.frame_masks:
+                self.call.frame_masks[seq] = self.call.frame_mask(seq, mask).to(mask.dtype)
+            return self.call.frame_masks[seq]
+        return None
 
     def newest_tokens(self, covered: int, seq: int) -> bool:
         """Whether a layer's ``seq`` tokens are the last of the ``covered`` a mask or ids cover: a cached step's,
@@ -253,6 +264,27 @@ def refuse_packed_rows(position_ids: Any) -> None:
             "a packed or padding-free batch), and its one decision would pool them all. Train on padded batches "
             "(TRL: packing=False, padding_free=False), or route per token."
         )
+
+
+def complete_inputs(module: Any, kwargs: dict[str, Any], inputs: dict[str, torch.Tensor]) -> None:
+    """What a forward's captured ``inputs`` lack and the model derives itself: multiple choice's ``[batch, choices,
+    seq]`` ids and mask as the rows its layers see, and an encoder-decoder's decoder ids and mask from its labels
+    (hash routing in the decoder had no token ids; seq2seq collators give no decoder mask)."""
+    ids = inputs.get("input_ids")
+    if ids is not None and ids.dim() == 3:
+        for key in ("input_ids", "attention_mask"):
+            if key in inputs and inputs[key].shape == ids.shape:
+                inputs[key] = inputs[key].flatten(0, 1)
+    if not getattr(getattr(module, "config", None), "is_encoder_decoder", False):
+        return
+    labels = kwargs.get("labels")
+    prepare = getattr(module, "prepare_decoder_input_ids_from_labels", None)
+    if "decoder_input_ids" not in inputs and isinstance(labels, torch.Tensor) and prepare is not None:
+        inputs["decoder_input_ids"] = prepare(labels=labels)  # the labels shifted right, as the model does
+    if "decoder_attention_mask" not in inputs:
+        mask = decoder_mask_from_labels(labels, inputs.get("decoder_input_ids"))
+        if mask is not None:
+            inputs["decoder_attention_mask"] = mask
 
 
 def decoder_mask_from_labels(labels: Any, decoder_input_ids: torch.Tensor | None) -> torch.Tensor | None:
