@@ -42,6 +42,8 @@ def test_hash_needs_token_ids_in_the_model():
         make_model("t5"), mope.MoPEConfig(task_type="SEQ_2_SEQ_LM", target_modules=["q"], num_experts=4, router="hash")
     )
     t5_batch = make_batch("t5")
-    with pytest.raises(ValueError, match="decoder_input_ids"):
-        t5(**t5_batch)  # T5 builds its decoder ids from labels internally: the hook never sees them
+    t5(**t5_batch)  # labels alone: the decoder's ids are the labels shifted right, as T5 builds them itself
     t5(**t5_batch, decoder_input_ids=torch.randint(1, 128, (2, 4)))
+    embedded = t5.get_input_embeddings()(t5_batch["labels"].clamp_min(0))
+    with pytest.raises(ValueError, match="decoder_input_ids"):
+        t5(input_ids=t5_batch["input_ids"], decoder_inputs_embeds=embedded)  # no ids for the decoder
