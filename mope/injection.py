@@ -239,8 +239,13 @@ def saved_with_adapter(model: nn.Module, key: str, adapter_name: str) -> bool:
     """Whether a loaded key outside mope's own modules is one PEFT saves with ``adapter_name``: a head it trains
     whole (``modules_to_save.<name>``), or the input or output embedding (saved when the vocabulary was resized).
     Any other key names a frozen base weight, which loading would overwrite."""
-    if key_names_adapter(key, adapter_name):
-        return True
+    return key_names_adapter(key, adapter_name) or under_embeddings(model, key)
+
+
+def under_embeddings(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` lies under the model's input or output embedding module, whose tensors PEFT's
+    ``save_embedding_layers`` writes (of a ``modules_to_save`` lm_head also the wrapper's own, which no model
+    has: PEFT ignores them on load)."""
     prefix = "base_model.model."
     embeddings = []
     for name in ("get_input_embeddings", "get_output_embeddings"):

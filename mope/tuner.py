@@ -41,6 +41,7 @@ from .injection import (
     refuse_nested_targets,
     refuse_targets_saved_whole,
     saved_with_adapter,
+    under_embeddings,
     warn_generate_without_task_type,
 )
 from .integrations.deepspeed import gather_routers_with_their_layers
@@ -326,10 +327,12 @@ class MoPEModel(BaseTuner):
         if problem is None:
             problem = describe_unfit_weights(own, {k: tuple(v.shape) for k, v in remapped.items() if cls.prefix in k})
         others = [k for k in remapped if cls.prefix not in k]
-        strange = [k for k in others if entry_of(state, k) is None]
+        # an embedding's keys without a place are PEFT's own (a wrapped lm_head's 'modules_to_save.weight'): it skips them
+        strange = [k for k in others if entry_of(state, k) is None and not under_embeddings(model, k)]
         if problem is None and strange:
             problem = f"{len(strange)} tensors have no place in this model (e.g. '{strange[0]}')"
-        resized = [k for k in others if k not in strange and entry_of(state, k).shape != remapped[k].shape]
+        placed = [k for k in others if entry_of(state, k) is not None]
+        resized = [k for k in placed if entry_of(state, k).shape != remapped[k].shape]
         if problem is None and resized:  # a head for another number of labels: torch refused it after the experts
             key = resized[0]
             problem = (

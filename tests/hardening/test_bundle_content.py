@@ -223,3 +223,21 @@ def test_a_head_of_another_size_is_refused_before_the_experts_load(tmp_path):
     with pytest.raises(ValueError, match=r"nothing was loaded: 2 tensors have other shapes \(e\.g\. '.*classifier"):
         model.load_adapter(str(folder), adapter_name="default")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_lm_head_trained_whole_and_saved_with_the_embeddings_loads(tmp_path):
+    # PEFT then also writes the wrapper's own keys ('lm_head.modules_to_save.weight'), which no model has and PEFT
+    # skips on load: they were refused as "no place in this model" (a PEFT LoRA loads the same file)
+    config = bundle_config(target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = get_peft_model(make_model("llama"), config).eval()
+    with torch.no_grad():
+        model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
+    model.save_pretrained(tmp_path / "bundle", save_embedding_layers=True)
+    keys = safetensors.torch.load_file(tmp_path / "bundle" / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.modules_to_save.weight" in keys
+    want = no_grad_logits(model, make_batch("llama"))
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path / "bundle").eval()
+    torch.testing.assert_close(no_grad_logits(loaded, make_batch("llama")), want, rtol=0, atol=0)
+    if PEFT_CHECKS_LOADED_TENSORS:
+        loaded.load_adapter(str(tmp_path / "bundle"), adapter_name="default")
+        torch.testing.assert_close(no_grad_logits(loaded, make_batch("llama")), want, rtol=0, atol=0)
