@@ -34,18 +34,16 @@ def is_int(value: Any) -> bool:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def is_number(value: Any) -> bool:
-    """A finite ``int`` or ``float`` that is not a ``bool``, within float32's range."""
+def is_finite(value: Any) -> bool:
+    """A finite ``int`` or ``float`` that is not a ``bool``."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
-    finite = isinstance(value, int) or math.isfinite(value)  # isfinite(10**400) would overflow: ints are finite
-    return finite and abs(value) <= FLOAT32_MAX
+    return isinstance(value, int) or math.isfinite(value)  # isfinite(10**400) would overflow: ints are finite
 
 
-def beyond_float32(value: Any) -> bool:
-    """A finite number too large for float32 (``is_number`` refuses it)."""
-    plain = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return plain and (isinstance(value, int) or math.isfinite(value)) and abs(value) > FLOAT32_MAX
+def is_number(value: Any) -> bool:
+    """A finite ``int`` or ``float`` that is not a ``bool``, within float32's range."""
+    return is_finite(value) and abs(value) <= FLOAT32_MAX
 
 
 def describe_range(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
@@ -109,7 +107,8 @@ def check_number(
     if optional and value is None:
         return None
     if not is_number(value) or not in_range(value, low, high, low_open, high_open):
-        finite = "a finite number" + (" within float32's range (3.4e38)" if beyond_float32(value) else "")
+        beyond_float32 = is_finite(value) and not is_number(value)
+        finite = "a finite number" + (" within float32's range (3.4e38)" if beyond_float32 else "")
         wanted = ("None or " if optional else "") + finite + describe_range(low, high, low_open, high_open)
         fail(owner, name, f"{wanted} {why}".rstrip(), value)
     return value

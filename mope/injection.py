@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from .base_layers import quantizer_of
 from .ffn_layer import MoPEFFNLayer
 from .layer import MoPELayer, supported_base_layer
-from .peft_compat import ADAPTER_DICTS, key_names_adapter
+from .peft_compat import ADAPTER_DICTS
 from .routing.schedule import detach_schedule
 
 
@@ -37,8 +37,8 @@ def check_adapter_name(name: Any) -> None:
             f"adapter name {name!r}: a name may not hold '/' or '\\' or start with '.' (saves use it as a folder)"
         )
     if name in ADAPTER_DICTS or name in ("lora_A", "lora_B") or hasattr(nn.ModuleDict(), name):
-        # 'lora_A'/'lora_B': PEFT < 0.21 takes a key's trailing tensor name for the adapter's and drops it
-        # a key then reads as another adapter's ('mope_experts.lora_A' of adapter 'mope_experts' as adapter 'lora_A')
+        # a dict's name: a key then reads as another adapter's ('mope_experts.lora_A' of adapter 'mope_experts' as
+        # adapter 'lora_A'); 'lora_A'/'lora_B': PEFT < 0.21 takes a key's trailing tensor name for the adapter's
         raise ValueError(f"adapter name {name!r}: mope's modules use that name themselves; choose another")
 
 
@@ -235,26 +235,20 @@ def has_input_embeddings(model: nn.Module) -> bool:
         return False
 
 
-def saved_with_adapter(model: nn.Module, key: str, adapter_name: str) -> bool:
-    """Whether a loaded key outside mope's own modules is one PEFT saves with ``adapter_name``: a head it trains
-    whole (``modules_to_save.<name>``), or the input or output embedding (saved when the vocabulary was resized).
-    Any other key names a frozen base weight, which loading would overwrite."""
-    return key_names_adapter(key, adapter_name) or under_embeddings(model, key)
-
-
-def under_embeddings(model: nn.Module, key: str) -> bool:
-    """Whether ``key`` lies under the model's input or output embedding module, whose tensors PEFT's
-    ``save_embedding_layers`` writes (of a ``modules_to_save`` lm_head also the wrapper's own, which no model
-    has: PEFT ignores them on load)."""
+def embedding_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """``'<name>.'`` of the model's input and output embedding modules (without PEFT's prefix), whose tensors PEFT's
+    ``save_embedding_layers`` writes with an adapter (of a ``modules_to_save`` lm_head also the wrapper's own, which
+    no model has: PEFT skips them on load)."""
     prefix = "base_model.model."
     embeddings = []
     for name in ("get_input_embeddings", "get_output_embeddings"):
         with contextlib.suppress(AttributeError, NotImplementedError):
             embeddings.append(getattr(model, name)())
-    names = [
-        name.removeprefix(prefix) for name, module in model.named_modules() if any(module is e for e in embeddings)
-    ]
-    return any(key.removeprefix(prefix).startswith(f"{name}.") for name in names)
+    return tuple(
+        f"{name.removeprefix(prefix)}."
+        for name, module in model.named_modules()
+        if any(module is e for e in embeddings)
+    )
 
 
 class ModelSnapshot:

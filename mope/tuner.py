@@ -34,14 +34,13 @@ from .injection import (
     check_adapter_name,
     check_all_linear_finds_layers,
     describe_unfit_weights,
+    embedding_prefixes,
     entry_of,
     has_input_embeddings,
     include_mope_layers_in_all_linear,
     naming_meta_weights,
     refuse_nested_targets,
     refuse_targets_saved_whole,
-    saved_with_adapter,
-    under_embeddings,
     warn_generate_without_task_type,
 )
 from .integrations.deepspeed import gather_routers_with_their_layers
@@ -326,20 +325,22 @@ class MoPEModel(BaseTuner):
             problem = f"'{renamed[places[place]]}' and '{renamed[lost]}' both load into '{place}'"
         if problem is None:
             problem = describe_unfit_weights(own, {k: tuple(v.shape) for k, v in remapped.items() if cls.prefix in k})
-        others = [k for k in remapped if cls.prefix not in k]
-        # an embedding's keys without a place are PEFT's own (a wrapped lm_head's 'modules_to_save.weight'): it skips them
-        strange = [k for k in others if entry_of(state, k) is None and not under_embeddings(model, k)]
+        # the tensors outside mope's modules: this adapter's heads, and PEFT's saved embeddings (whose keys without a
+        # place are PEFT's own, a wrapped lm_head's 'modules_to_save.weight': it skips them); nothing else
+        entries = {k: entry_of(state, k) for k in remapped if cls.prefix not in k}
+        embeddings = embedding_prefixes(model)
+        embedded = {k for k in entries if k.removeprefix("base_model.model.").startswith(embeddings)}
+        strange = [k for k, entry in entries.items() if entry is None and k not in embedded]
         if problem is None and strange:
             problem = f"{len(strange)} tensors have no place in this model (e.g. '{strange[0]}')"
-        placed = [k for k in others if entry_of(state, k) is not None]
-        resized = [k for k in placed if entry_of(state, k).shape != remapped[k].shape]
+        resized = [k for k, entry in entries.items() if entry is not None and entry.shape != remapped[k].shape]
         if problem is None and resized:  # a head for another number of labels: torch refused it after the experts
             key = resized[0]
             problem = (
                 f"{len(resized)} tensors have other shapes (e.g. '{key}' is {list(remapped[key].shape)}, "
-                f"not {list(entry_of(state, key).shape)})"
+                f"not {list(entries[key].shape)})"
             )
-        base = [k for k in others if not saved_with_adapter(model, k, adapter_name)]
+        base = [k for k in entries if k not in embedded and not key_names_adapter(k, adapter_name)]
         if problem is None and base:
             problem = f"{len(base)} tensors are the frozen base model's own weights (e.g. '{base[0]}')"
         advice = (

@@ -54,7 +54,7 @@ def read_bundle_header(folder: str) -> dict[str, tuple[int, ...]]:
 
 
 # The module whose tensors a bundle may hold as integers (a step count); every other tensor is a float parameter.
-INTEGER_TENSORS = "mope_schedule"
+STEP_MODULE = "mope_schedule"
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -75,7 +75,7 @@ def describe_bad_values(tensors: Iterable[tuple[str, torch.Tensor]], limit: int 
     """What is wrong with a bundle's tensors (names -> values), or None: see :func:`check_bundle_values`."""
     wrong_dtype, non_finite, steps = [], [], []
     for key, tensor in tensors:
-        if INTEGER_TENSORS in key.split("."):
+        if STEP_MODULE in key.split("."):
             if tensor.dtype not in INTEGER_DTYPES or (tensor < 0).any():
                 value = tensor.item() if tensor.numel() == 1 else f"shape {list(tensor.shape)}"
                 steps.append(f"{key} ({tensor.dtype}: {value})")

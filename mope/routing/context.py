@@ -151,7 +151,8 @@ class RoutingContext:
 
         With a KV cache the layer sees only the newest tokens while the attention mask covers
         past and new ones; the new tokens are its last columns (so too for one token without a
-        cache: an lm_head under ``logits_to_keep=1``). An input of one vector per example
+        cache: an lm_head under ``logits_to_keep=1``). Inside generate, a prompt given a 4-D mask (a
+        static cache) gets the prompt's own. An input of one vector per example
         (``[batch, hidden]``) gets whether each example has a real token. Inputs whose shape fits no
         mask get None: every token counts. So do layers that see more than one token, but fewer than
         the mask, outside a cached step: their tokens are not the mask's (a vision tower beside the
@@ -159,6 +160,9 @@ class RoutingContext:
         model says which frames are real (``frame_mask``).
         """
         mask = self.call.inputs.get(key)
+        if (mask is None or mask.dim() != 2) and key == "attention_mask":
+            # a static cache's prompt forward inside generate gets a 4-D mask (or a dict of them): the prompt's own
+            return self.decisions.mask_of_prompt(token_shape)
         if mask is None or mask.dim() != 2 or mask.shape[0] != token_shape[0]:
             return None
         if len(token_shape) == 1:  # one vector per example (BERT's pooler): an example of padding only is padding

@@ -160,10 +160,7 @@ class SequenceLevel:
                     "routing_level='sequence': this forward continues a KV-cached sequence, but no decision "
                     "for its prompt was kept. Run the prompt through the model first (generate does)."
                 )
-            mask = inputs.token_mask
-            if mask is None and cache is not None:  # a static cache's prompt forward gets a 4-D mask
-                mask = cache.mask_of_prompt(token_shape)
-            pooled = masked_mean_pool(x, mask)
+            pooled = masked_mean_pool(x, inputs.token_mask)
             decision = router.decide(pooled, example_inputs(inputs, token_shape[0]))
             if cache is not None and not (router.training and torch.is_grad_enabled()):
                 cache.keep(router, decision)  # for decoding steps; not in training (a compiled backward broke on it)
