@@ -222,8 +222,8 @@ class Recipe(Section):
                 "adapter.config.router_schedule_counter: a run steps the router schedule once per optimizer step; "
                 "set it to 'manual' ('forward', the default, counts every process's micro-batches)"
             )
-        causal = self.model.task == "causal_lm" and not config.get("allow_noncausal_routing")
-        if causal and config.get("router") == "expert_choice":
+        not_allowed = self.model.task == "causal_lm" and not config.get("allow_noncausal_routing")
+        if not_allowed and config.get("router") == "expert_choice":
             raise ValueError(
                 "adapter.config.router='expert_choice' picks tokens across the sequence, later ones included, "
                 "so a causal LM refuses it outside training, and a run evaluates its held-out split: set "
