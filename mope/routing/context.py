@@ -189,14 +189,21 @@ class RoutingContext:
         """``(batch, seq)`` if a layer's input ``[rows, hidden]`` is the mask's tokens flattened, else None.
 
         Some blocks flatten the tokens before a linear (Qwen2-MoE's shared expert): ``batch * seq`` rows
-        for a ``[batch, seq]`` mask, or ``batch * new`` rows (1 < new < seq) in a forward that continues a
-        KV cache. ``[batch, hidden]`` (a pooler, a head, one decoded token per example) is not flattened.
+        for a ``[batch, seq]`` mask (a static cache's prompt: its own mask), or ``batch * new`` rows (1 < new < seq)
+        in a forward that continues a KV cache. ``[batch, hidden]`` (a pooler, a head, one decoded token per example) is not flattened.
         """
-        mask = self.call.inputs.get(key)
-        if mask is None or mask.dim() != 2 or len(token_shape) != 1 or mask.shape[1] < 2:
+        if len(token_shape) != 1:
+            return None
+        mask, rows = self.call.inputs.get(key), token_shape[0]
+        if (mask is None or mask.dim() != 2) and key == "attention_mask" and not self.call.continues_cache:
+            # a static cache's prompt forward inside generate gets a 4-D mask: the prompt's own (beams repeat it)
+            prompt = self.decisions.prompt_mask if self.decisions.pinned else None
+            if prompt is None or prompt.shape[1] < 2 or rows % prompt.shape[1] or rows // prompt.shape[1] % len(prompt):
+                return None
+            return rows // prompt.shape[1], prompt.shape[1]
+        if mask is None or mask.dim() != 2 or mask.shape[1] < 2:
             return None
         batch, seq = mask.shape
-        rows = token_shape[0]
         if rows == batch * seq:
             return batch, seq
         if (
@@ -211,7 +218,12 @@ class RoutingContext:
     def aligned(self, key: str, token_shape: torch.Size) -> torch.Tensor | None:
         """Input ``key`` (``[batch, seq]``) cut to the layer's tokens: its last columns, as for the mask."""
         value = self.call.inputs.get(key)
-        if value is None or value.dim() != 2 or len(token_shape) != 2 or token_shape[0] % value.shape[0] != 0:
+        if value is None or value.dim() != 2 or token_shape[0] % value.shape[0] != 0:
+            return None
+        if len(token_shape) == 1:  # [batch, hidden]: a cached step's new token per example, where a block flattens
+            newest = self.call.continues_cache and not torch.compiler.is_compiling()  # (see routing_inputs)
+            return value[:, -1] if newest and value.shape[0] == token_shape[0] else None
+        if len(token_shape) != 2:
             return None
         if value.shape[0] != token_shape[0]:  # generate's encoder ids, under beams / num_return_sequences
             value = value.repeat_interleave(token_shape[0] // value.shape[0], dim=0)

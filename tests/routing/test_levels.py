@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, prompts
 from peft import PeftModel, get_peft_model
 
 import mope
@@ -398,6 +398,22 @@ def test_sequence_level_on_flattened_tokens_pools_each_sequence_without_its_padd
         outputs[use_cache] = model.generate(**prompt, max_new_tokens=4, do_sample=False, use_cache=use_cache)
         assert calls[0] == 2  # one decision per router on the prompt, reused for every new token
     assert torch.equal(outputs[True], outputs[False])
+    # a static cache gives the prompt's forward a 4-D mask: its flattened tokens were routed one by one, padding too
+    for beams in (1, 2):
+        options = {"max_new_tokens": 4, "do_sample": False, "num_beams": beams, "pad_token_id": 0}
+        static = model.generate(**prompt, **options, cache_implementation="static")
+        assert torch.equal(static, model.generate(**prompt, **options))
+
+
+def test_hash_routing_on_flattened_tokens_decodes_with_a_cache():
+    # a cached step's shared expert sees [batch, hidden], one new token per example: it got no token ids (an error)
+    model = qwen2_moe("token", router="hash", aux_loss_coef=0.0, z_loss_coef=0.0)
+    prompt = prompts(padded=True)
+    for beams in (1, 2):
+        options = {"max_new_tokens": 4, "do_sample": False, "num_beams": beams, "pad_token_id": 0}
+        want = model.generate(**prompt, **options, use_cache=False)
+        assert torch.equal(model.generate(**prompt, **options), want)
+        assert torch.equal(model.generate(**prompt, **options, cache_implementation="static"), want)
 
 
 def test_token_level_aux_loss_on_flattened_tokens_leaves_padding_out():
