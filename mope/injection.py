@@ -325,24 +325,43 @@ class AdapterConfigs(dict):
         raise KeyError(f"MoPE adapter {name!r} does not exist; {fix}")
 
 
+def meta_weights_error(model: nn.Module) -> ValueError | None:
+    """The error for a model that has weights on the meta device (shapes, no values), or None.
+
+    Only the adapter's (an adapter injected with ``low_cpu_mem_usage=True`` before its tensors
+    load), or the model's own (built under ``torch.device('meta')`` or ``init_empty_weights``). A
+    model dispatched by accelerate (``hf_device_map``) keeps offloaded weights there on purpose: None.
+    """
+    if getattr(model, "hf_device_map", None) is not None:
+        return None
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if not meta:
+        return None
+    base = next((name for name in meta if ".mope_" not in name), None)
+    if base is None:
+        return ValueError(
+            f"MoPE adapter weights are on the meta device (e.g. '{meta[0]}'): an adapter injected with "
+            "low_cpu_mem_usage=True has shapes but no values until its tensors load (PeftModel.from_pretrained, "
+            "load_adapter, set_peft_model_state_dict(..., low_cpu_mem_usage=True)). Load them before calling the model."
+        )
+    return ValueError(
+        f"{type(model).__name__} has weights on the meta device (e.g. '{base}'): they have shapes but no values, "
+        "as in a model built under torch.device('meta') or accelerate.init_empty_weights(), so it cannot run. "
+        "Load its weights first (from_pretrained, or model.to_empty(device=...) then load_state_dict)."
+    )
+
+
 @contextlib.contextmanager
 def naming_meta_weights(model: nn.Module) -> Iterator[None]:
     """Re-raise an error of a model whose weights are on the meta device as one that says so.
 
     torch's own error names no weight (on CPU: "unknown device type for autocast"). Checked only
-    after an error, so a forward pays nothing; a model dispatched by accelerate (``hf_device_map``)
-    keeps offloaded weights on the meta device on purpose and is left alone.
+    after an error, so a forward pays nothing.
     """
     try:
         yield
     except (RuntimeError, NotImplementedError) as error:
-        if getattr(model, "hf_device_map", None) is not None:
-            raise
-        meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+        meta = meta_weights_error(model)
         if meta is None:
             raise
-        raise ValueError(
-            f"{type(model).__name__} has weights on the meta device (e.g. '{meta}'): they have shapes but no values, "
-            "as in a model built under torch.device('meta') or accelerate.init_empty_weights(), so it cannot run. "
-            "Load its weights first (from_pretrained, or model.to_empty(device=...) then load_state_dict)."
-        ) from error
+        raise meta from error

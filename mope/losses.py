@@ -277,8 +277,8 @@ AUX_LOSSES: tuple[AuxLoss, ...] = (
 )
 
 
-def check_losses_reach_routers(model: nn.Module) -> None:
-    """Refuse a training forward whose router losses cannot train any router.
+def check_losses_reach_routers(model: nn.Module, adapters: set[str]) -> None:
+    """Refuse a training forward whose router losses (of ``adapters``) cannot train any of their routers.
 
     Reentrant gradient checkpointing (``use_reentrant=True``, which PEFT's
     ``prepare_model_for_kbit_training`` selects by default) runs each checkpointed layer's first
@@ -287,7 +287,9 @@ def check_losses_reach_routers(model: nn.Module) -> None:
     gradient reaches a router. Called only when ``aux`` has no gradient while autograd is on, so
     the normal path costs one flag read.
     """
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad and "mope_router" in name]
+    # those adapters' routers only: a frozen active adapter's losses beside another adapter set trainable are fine
+    routers = tuple(f"mope_router.{name}." for name in adapters)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad and any(r in name for r in routers)]
     if trainable:
         raise ValueError(
             "MoPE's router losses cannot train the routers in this forward: the routers ran without autograd "

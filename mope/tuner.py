@@ -38,6 +38,7 @@ from .injection import (
     entry_of,
     has_input_embeddings,
     include_mope_layers_in_all_linear,
+    meta_weights_error,
     naming_meta_weights,
     refuse_nested_targets,
     refuse_targets_saved_whole,
@@ -91,12 +92,40 @@ def forget_refused_adapter(model: nn.Module, adapter_name: str) -> None:
         model.delete_adapter(adapter_name)
 
 
+def refuse_second_tuner(model: nn.Module) -> None:
+    """One MoPE tuner per model: each keeps its own routing context, config table and hooks, so adapters added by a
+    second one (transformers' ``load_adapter`` twice, ``get_peft_model`` twice on one base) counted the aux loss
+    twice, lost their task ids to the first one's hook, and failed in training (the first one's table lacks them)."""
+    earlier = next(
+        (
+            hook.__self__
+            for hook in model._forward_pre_hooks.values()
+            if isinstance(getattr(hook, "__self__", None), MoPEModel)
+        ),
+        None,
+    )
+    if earlier is None:
+        return
+    names = ", ".join(repr(name) for name in earlier.peft_config)
+    raise ValueError(
+        f"This model already holds MoPE adapters ({names}) from an earlier injection (transformers' "
+        "model.load_adapter/add_adapter, PEFT's inject_adapter_in_model, or get_peft_model on this same base model); "
+        "a second injection would keep its adapters' aux losses, task ids and router schedules apart from the "
+        "first's. Hold several MoPE adapters in one PeftModel: PeftModel.from_pretrained(base, first_bundle), then "
+        "model.load_adapter(second_bundle, adapter_name=...); or unload() the first. Nothing was changed."
+    )
+
+
 class MoPEModel(BaseTuner):
     """Creates a mixture of parameter-efficient experts on a pretrained model (use via ``get_peft_model``)."""
 
     prefix: str = "mope_"
     tuner_layer_cls = MoPELayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+        refuse_second_tuner(model)  # before BaseTuner puts the new config into the model's table
+        super().__init__(model, *args, **kwargs)
 
     # injection ---------------------------------------------------------------------------------
 
@@ -108,6 +137,8 @@ class MoPEModel(BaseTuner):
         # adapters injected from a bundle whose tensors are not loaded yet: removed again if they are refused
         self.awaiting_tensors: set[str] = set()
         self.checkpointed_layers: list[nn.Module] | None = None
+        self.adapters_enabled = True  # False inside PeftModel.disable_adapter(): the routers do not run
+        self.meta_experts = False  # an adapter was injected with low_cpu_mem_usage: checked until its tensors load
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self.hook_handles = [
@@ -186,6 +217,8 @@ class MoPEModel(BaseTuner):
             self._check_bundle_fits(adapter_name)
             if self.peft_config[adapter_name].bundle is not None:  # its tensors come next (PEFT's load_adapter)
                 self.awaiting_tensors.add(adapter_name)
+            # low_cpu_mem_usage (or PeftModel's init_empty_weights): shapes, no values until the tensors load
+            self.meta_experts = self.meta_experts or any(p.is_meta for p in self.model.parameters())
         except Exception:
             snapshot.restore_adapter(adapter_name)
             raise
@@ -396,6 +429,11 @@ class MoPEModel(BaseTuner):
 
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Start a call with CAPTURED_INPUTS for the routers; remove mope's own (``consumed``) ones from the call."""
+        if self.meta_experts:  # on CPU torch computes with a meta weight, without an error (NaN, or 0.16 off)
+            error = meta_weights_error(self.model)
+            if error is not None:
+                raise error
+            self.meta_experts = False  # loaded: no more checks
         inputs = dict(self.routing_context.given)
         consumed = {spec.name for spec in CAPTURED_INPUTS if spec.consumed and spec.name in kwargs}
         for spec in CAPTURED_INPUTS:
@@ -409,7 +447,8 @@ class MoPEModel(BaseTuner):
                     value = args[index] if index < len(args) else None
             if isinstance(value, torch.Tensor):
                 inputs[spec.routing_key] = value
-        sequence_level = any(c.routing_level == "sequence" for c in self.peft_config.values())
+        # the table PEFT shares with a tuner stacked on the same model (a LoRA) holds its configs too
+        sequence_level = any(getattr(c, "routing_level", None) == "sequence" for c in self.peft_config.values())
         if sequence_level and kwargs.get("attention_mask") is None and not self.routing_context.decisions.pinned:
             # no mask at all (a dict of masks, Qwen2's under a static cache, is one), outside generate
             refuse_packed_rows(kwargs.get("position_ids"))
@@ -448,11 +487,28 @@ class MoPEModel(BaseTuner):
         if records:
             aux = self.combine_losses(records)
             if training and not aux.requires_grad:
-                check_losses_reach_routers(module)
+                check_losses_reach_routers(module, {record.adapter_name for record in records})
             attached = attach_aux_loss(output, aux, module, share)
-        if training:  # only a forward that went through: a refused one (no place for its aux loss) counts no step
+        if training and self.adapters_enabled:  # a forward that went through (a refused one counts no step) and routed
             advance_schedules(self, "forward")
         return attached
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT upcasts an adapter's half-precision parameters to float32; so too a router's buffers (Arrow's
+        prototypes, which a half-precision base rounded: 32 of 7168 tokens went to other experts)."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if not autocast_adapter_dtype:
+            return
+        for layer in self._mope_layers():
+            if adapter_name in layer.mope_router:
+                router = layer.mope_router[adapter_name]
+                for name, buffer in router.named_buffers(recurse=False):
+                    if buffer.dtype in (torch.float16, torch.bfloat16):
+                        setattr(router, name, buffer.float())
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled=enabled)
+        self.adapters_enabled = enabled
 
     def causal_lm(self) -> bool:
         """Whether the adapters are for a decoder-only LM (transformers' losses there read ``num_items_in_batch``)."""
@@ -508,6 +564,15 @@ class MoPEModel(BaseTuner):
             return generate_with_routing(self.model, self.routing_context, *args, **kwargs)
 
     # merging and unloading ----------------------------------------------------------------------
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """LoRA's combination of adapters into a new one; without this, PeftModel fell through to the base model's
+        AttributeError."""
+        raise NotImplementedError(
+            "add_weighted_adapter (PEFT's weighted combination of LoRA adapters) does not apply to MoPE adapters, "
+            "whose experts a router mixes per input. mope.export_lora(model, folder) writes one LoRA standing for a "
+            "mixture; LoRAs exported so can be combined with add_weighted_adapter on a LoRA PeftModel."
+        )
 
     def _mope_layers(self) -> list[MoPELayer]:
         return [m for m in self.model.modules() if isinstance(m, MoPELayer)]

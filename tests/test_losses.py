@@ -199,3 +199,20 @@ def test_reentrant_checkpointing_is_fine_without_router_losses_or_without_autogr
         if "mope_router" in name:
             parameter.requires_grad_(False)  # frozen routers: their losses train nothing anyway
     model(**batch).loss.backward()
+
+
+def test_a_frozen_active_adapter_beside_a_trainable_one_trains():
+    # set_requires_grad on an inactive adapter: its trainable routers were taken for the active adapter's, and the
+    # forward was refused as reentrant gradient checkpointing (there was none)
+    model = mope_model("llama", target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2)
+    model.add_adapter("other", model.peft_config["default"])
+    model.base_model.set_requires_grad("other", True)
+    model.base_model.set_requires_grad("default", False)
+    out = model.train()(**make_batch("llama"))
+    assert out.aux_loss is not None and not out.loss.requires_grad  # the active adapter trains nothing (as LoRA's)
+    with pytest.raises(ValueError, match=r"use_reentrant.*False"):  # the active adapter's own routers: refused
+        model.base_model.set_requires_grad("default", True)
+        checkpointed = model.base_model.model
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        checkpointed.enable_input_require_grads()
+        model(**make_batch("llama"))

@@ -241,6 +241,29 @@ def test_a_second_adapter_shares_the_routing_context():
     assert len(model.base_model.hook_handles) == 2
 
 
+@pytest.mark.parametrize("mope_first", [True, False], ids=["lora_on_mope", "mope_on_lora"])
+def test_a_lora_stacked_on_the_same_model_runs_beside_the_mixture(mope_first) -> None:
+    # PEFT shares one config table between the two tuners: mope's hook read routing_level off the LoraConfig
+    from peft import LoraConfig
+
+    mixture = MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=4, top_k=2, init_weights=False)
+    lora = LoraConfig(task_type="CAUSAL_LM", target_modules=["k_proj"], init_lora_weights=False)
+    batch = make_batch("llama")
+    first, second = (mixture, lora) if mope_first else (lora, mixture)
+    inner = get_peft_model(make_model("llama"), first)
+    alone = no_grad_logits(inner, batch)
+    outer = get_peft_model(inner.get_base_model(), second, adapter_name="second")
+    assert not torch.allclose(no_grad_logits(outer, batch), alone)  # the second adapter adds its change
+    assert outer.train()(**batch).aux_loss is not None
+
+
+def test_add_weighted_adapter_is_refused_by_name() -> None:
+    model = get_peft_model(make_model("llama"), MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match=r"add_weighted_adapter .* does not apply to MoPE adapters"):
+        model.add_weighted_adapter(["default"], [1.0], "mix")
+    assert list(model.peft_config) == ["default"]
+
+
 def test_merge_of_input_routed_experts_refused() -> None:
     peft_model = get_peft_model(make_model("llama"), bundle_config())
     batch = make_batch("llama")

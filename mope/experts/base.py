@@ -56,6 +56,14 @@ class ExpertBank(nn.Module):
         # MoPEConfig.lora_dropout replace it (router='soft_tokens' applies it before mixing tokens).
         self.dropout: nn.Module = nn.Identity()
 
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        """A tensor loaded in place of a frozen one stays frozen: transformers' ``load_adapter`` sets each tensor it
+        loads as a new Parameter that requires grad, so frozen experts (``freeze_experts``) trained."""
+        old = self._parameters.get(name) if "_parameters" in self.__dict__ else None
+        if old is not None and param is not None and not old.requires_grad and param.is_leaf:
+            param.requires_grad_(False)
+        super().register_parameter(name, param)
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

@@ -244,6 +244,10 @@ class RoutingContext:
                 # every call counts as continuing a cache (the tuner's hook), and a pooler's input would too
                 new = 1
             cache_step = new is not None and mask.shape[1] > new
+        elif self.call.continues_cache and not torch.compiler.is_compiling():
+            # no [batch, seq] mask (none given, a 4-D one, a dict of them): a forward continuing a cache that holds
+            # tokens runs its layers on the new tokens only (a hand-written loop; transformers' own generate)
+            cache_step = len(token_shape) in (1, 2)
         return RoutingInputs(
             token_mask=self.token_mask(mask_key, token_shape),
             token_ids=self.aligned(TOKEN_IDS_FOR_MASK.get(mask_key, "input_ids"), token_shape),

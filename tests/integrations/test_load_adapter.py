@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_batch, make_model, no_grad_logits
 from peft import PeftModel, get_peft_model
@@ -26,3 +27,62 @@ def test_transformers_load_adapter_gives_the_bundle_s_logits_and_aux_loss(tmp_pa
     model.train()
     output = model(**batch)
     assert output.aux_loss is not None and output.aux_loss > 0
+
+
+def trained_bundle(folder, **options) -> str:
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], num_experts=4, top_k=1, r=2, **options
+    )
+    trained = get_peft_model(make_model("llama"), config)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    mope.save_pretrained(trained, folder)
+    return str(folder)
+
+
+def test_a_second_mope_injection_into_one_model_is_refused_and_changes_nothing(tmp_path):
+    # each injection made its own tuner: a second adapter's aux loss counted twice, its task ids were taken by the
+    # first one's hook, and a third one's training forward raised KeyError
+    first, second = (trained_bundle(tmp_path / name, aux_loss_coef=0.1) for name in ("a", "b"))
+    batch = make_batch("llama", pad=2)
+    model = make_model("llama")
+    model.load_adapter(first, adapter_name="a")
+    model.train()
+    aux = model(**batch).aux_loss
+    with pytest.raises(ValueError, match=r"already holds MoPE adapters \('a'\) from an earlier injection"):
+        model.load_adapter(second, adapter_name="b")
+    assert list(model.peft_config) == ["a"]
+    torch.testing.assert_close(model(**batch).aux_loss, aux, rtol=0, atol=0)
+    base = make_model("llama")
+    get_peft_model(base, mope.MoPEConfig(target_modules=["q_proj"], num_experts=2, top_k=1))
+    with pytest.raises(ValueError, match=r"already holds MoPE adapters \('default'\)"):
+        get_peft_model(base, mope.MoPEConfig(target_modules=["v_proj"], num_experts=2, top_k=1))
+    held = PeftModel.from_pretrained(make_model("llama"), first, adapter_name="a")  # the way to hold several
+    held.load_adapter(second, adapter_name="b")
+    assert set(held.peft_config) == {"a", "b"}
+
+
+def test_transformers_generate_reuses_the_prompt_s_sequence_decision_with_a_cache(tmp_path):
+    # transformers' own generate (a load_adapter model) gives its cached steps no 2-D mask: each new token was
+    # routed alone instead of with its prompt's decision
+    folder = trained_bundle(tmp_path, routing_level="sequence")
+    model = make_model("llama").eval()
+    model.load_adapter(folder)
+    reference = PeftModel.from_pretrained(make_model("llama"), folder).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(model.generate(input_ids=ids, **options), reference.generate(input_ids=ids, **options))
+
+
+def test_frozen_experts_stay_frozen_when_transformers_loads_them_trainable(tmp_path):
+    # transformers sets each loaded tensor as a new Parameter that requires grad: the frozen experts trained
+    folder = trained_bundle(tmp_path, freeze_experts=True, init_weights=False)
+    model = make_model("llama")
+    model.load_adapter(folder, is_trainable=True)
+    trainable = {name.split(".")[-3] for name, p in model.named_parameters() if p.requires_grad}
+    want = PeftModel.from_pretrained(make_model("llama"), folder, is_trainable=True)
+    assert trainable == {name.split(".")[-3] for name, p in want.named_parameters() if p.requires_grad}
+    assert trainable == {"mope_router"}

@@ -100,3 +100,17 @@ def test_arrow_equals_peft_arrow_given_the_same_prototypes(llama_adapters, tmp_p
                 (arrow,) = [m for m in modules[layer.module_name].modules() if hasattr(m, "prototypes")]
                 arrow.prototypes.copy_(layer.mope_router["default"].weight)
             torch.testing.assert_close(ours(**batch).logits, ref(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_prototypes_stay_float32_on_a_half_precision_base():
+    # PEFT upcast the experts (parameters) to float32 but left the prototypes (a buffer) in the base's bf16: init_arrow
+    # rounded them, and tokens went to other experts than on a float32 base
+    from peft import get_peft_model
+
+    config = mope.MoPEConfig(target_modules=["q_proj"], num_experts=4, top_k=1, router="arrow")
+    model = get_peft_model(make_model("llama").to(torch.bfloat16), config)
+    model.add_adapter("second", config)
+    for layer in mope_layers(model):
+        assert {layer.mope_router[name].weight.dtype for name in ("default", "second")} == {torch.float32}
+    kept = get_peft_model(make_model("llama").to(torch.bfloat16), config, autocast_adapter_dtype=False)
+    assert mope_layers(kept)[0].mope_router["default"].weight.dtype == torch.bfloat16  # as PEFT's parameters there

@@ -85,6 +85,17 @@ def test_a_no_grad_forward_in_training_mode_does_not_advance_the_schedule():
     assert model.base_model.mope_schedule["default"].step.item() == 1
 
 
+def test_a_forward_with_the_adapters_disabled_does_not_advance_the_schedule():
+    # a reference pass under disable_adapter() with autograd on (the routers do not run) counted as a step
+    model = scheduled_model()
+    model.train()
+    with model.disable_adapter():
+        model(**make_batch("llama"))  # autograd on, as a training forward
+    assert model.base_model.mope_schedule["default"].step.item() == 0
+    model(**make_batch("llama"))
+    assert model.base_model.mope_schedule["default"].step.item() == 1
+
+
 def test_schedule_step_is_saved_and_restored(tmp_path):
     model = scheduled_model()
     model.train()
