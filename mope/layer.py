@@ -366,14 +366,16 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             )
         return None
 
-    def _merged_weight(
-        self, adapter_name: str, sign: int, gate: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The base weight and bias with ``adapter_name`` folded in (``sign=1``) or out (-1), with the gate it was
-        (is) folded with."""
+    def _base_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         base = self.get_base_layer()
-        weight = self.base_type.read_weight(base)
-        bias = base.bias.data if getattr(base, "bias", None) is not None else None
+        return self.base_type.read_weight(base), base.bias.data if getattr(base, "bias", None) is not None else None
+
+    def _merged_weight(
+        self, adapter_name: str, sign: int, gate: torch.Tensor, start: tuple | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight and bias (or ``start``'s) with ``adapter_name`` folded in (``sign=1``) or out (-1), with the
+        gate it was (is) folded with."""
+        weight, bias = start or self._base_weight()
         bank = self.mope_experts[adapter_name]
         gate = gate.to(next(bank.parameters(), weight).device)  # kept by a merge before the model moved
         merged = self.router_for(adapter_name).merged_lora(bank, gate)  # e.g. soft_merge_lora='factors'
@@ -382,12 +384,27 @@ class MoPELayer(nn.Module, BaseTunerLayer):
             return weight + sign * (b @ a).to(weight.device, weight.dtype), bias
         return bank.fold_into(weight, bias, gate, sign)
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+    def _fold_order(self, adapter_names: list[str]) -> list[str]:
         names = [name for name in adapter_names if name in self.mope_experts]
         # the forward scales the base's input for every (IA)^3 input scaling, then adds the other updates: fold in
         # that order, W diag(l) + dW (LoRA first gave (W + dW) diag(l), scaling the LoRA's input too)
-        names.sort(key=lambda name: not self.mope_experts[name].scales_input)
+        return sorted(names, key=lambda name: not self.mope_experts[name].scales_input)
+
+    def unsafe_merge(self, adapter_names: list[str] | None) -> str | None:
+        """What would make merging ``adapter_names`` give non-finite weights here (folded in order, as ``merge``
+        does, nothing written), or None: ``safe_merge`` checks every layer before merging any."""
+        wanted = adapter_names if adapter_names is not None else self.active_adapters
+        names = self._fold_order([name for name in wanted if name not in self.merged_adapters])
+        start = self._base_weight() if names else None
+        for name in names:
+            gate = self.gate_weights(name, self.router_for(name).fixed_weights())
+            start = self._merged_weight(name, sign=1, gate=gate, start=start)
+            if not torch.isfinite(start[0]).all():
+                return f"merging adapter '{name}' into '{self.module_name}' gives non-finite weights"
+        return None
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        names = self._fold_order(check_adapters_to_merge(self, adapter_names))
         for name in names:  # check all before changing anything
             blocker = self.fold_blocker(name)
             if blocker is not None:

@@ -577,7 +577,7 @@ class MoPEModel(BaseTuner):
     def _mope_layers(self) -> list[MoPELayer]:
         return [m for m in self.model.modules() if isinstance(m, MoPELayer)]
 
-    def _check_mope_merge(self, adapter_names: list[str] | None) -> None:
+    def _check_mope_merge(self, adapter_names: list[str] | None, safe_merge: bool = False) -> None:
         names = adapter_names if adapter_names is not None else self.active_adapters
         blockers = [
             blocker
@@ -592,9 +592,13 @@ class MoPEModel(BaseTuner):
                 "only when the routing does not depend on the input (e.g. num_experts=1, or task-level routing with "
                 "a task fixed by mope.fix_task); nothing was changed."
             )
+        if safe_merge:  # every layer before any: PEFT merges (and unloads) layer by layer, and stopped half-way
+            problem = next(filter(None, (layer.unsafe_merge(adapter_names) for layer in self._mope_layers())), None)
+            if problem is not None:
+                raise ValueError(f"Cannot merge: {problem}; nothing was changed.")
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self._check_mope_merge(adapter_names)
+        self._check_mope_merge(adapter_names, safe_merge)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(
@@ -605,7 +609,7 @@ class MoPEModel(BaseTuner):
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
         if merge:
-            self._check_mope_merge(adapter_names)
+            self._check_mope_merge(adapter_names, safe_merge)
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )

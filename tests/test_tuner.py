@@ -291,6 +291,25 @@ def test_merge_of_single_expert_is_exact() -> None:
     torch.testing.assert_close(no_grad_logits(merged, batch), expected, rtol=0, atol=1e-5)
 
 
+def test_a_safe_merge_that_overflows_in_a_later_layer_changes_nothing() -> None:
+    # PEFT merges (and unloads) layer by layer: the earlier layers were merged and unwrapped before the refusal
+    peft_model = get_peft_model(make_model("llama"), bundle_config(num_experts=1, top_k=1, target_modules=["q_proj"]))
+    last = [m for m in peft_model.modules() if isinstance(m, MoPELayer)][-1]
+    with torch.no_grad():
+        last.mope_experts["default"].lora_A.fill_(1e30)
+        last.mope_experts["default"].lora_B.fill_(1e30)
+    modules = [(name, type(m)) for name, m in peft_model.named_modules()]
+    state = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    for merge in (peft_model.merge_and_unload, peft_model.merge_adapter):
+        with pytest.raises(
+            ValueError, match=r"'model\.layers\.1\.self_attn\.q_proj' gives non-finite weights; nothing"
+        ):
+            merge(safe_merge=True)
+        assert [(name, type(m)) for name, m in peft_model.named_modules()] == modules
+        assert all(torch.equal(v, state[k]) for k, v in peft_model.state_dict().items())
+        assert not any(m.merged for m in peft_model.modules() if isinstance(m, MoPELayer))
+
+
 def test_unmerge_after_the_model_moved_and_a_failed_unmerge_leaves_the_adapter_merged(monkeypatch) -> None:
     # the gate a merge kept did not move with the model (unmerge failed on another device), and it was forgotten
     # before the failing unfold, so the layer read "unmerged" while its weight still held the fold
