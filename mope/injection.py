@@ -330,9 +330,10 @@ def meta_weights_error(model: nn.Module) -> ValueError | None:
 
     Only the adapter's (an adapter injected with ``low_cpu_mem_usage=True`` before its tensors
     load), or the model's own (built under ``torch.device('meta')`` or ``init_empty_weights``). A
-    model dispatched by accelerate (``hf_device_map``) keeps offloaded weights there on purpose: None.
+    model dispatched or offloaded by accelerate (``hf_device_map``, its modules' ``_hf_hook``) keeps
+    offloaded weights there on purpose: None.
     """
-    if getattr(model, "hf_device_map", None) is not None:
+    if getattr(model, "hf_device_map", None) is not None or any(hasattr(m, "_hf_hook") for m in model.modules()):
         return None
     meta = [name for name, p in model.named_parameters() if p.is_meta]
     if not meta:

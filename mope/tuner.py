@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -81,15 +82,31 @@ def refuse_frozen_identity(config) -> None:
         )
 
 
+def in_peft_from_pretrained() -> bool:
+    """Whether PEFT's ``PeftModel.from_pretrained`` (or an ``AutoPeftModel``'s) is on the call stack: its
+    injection's tensors come next, and its PeftModel is never returned if they are refused."""
+    code = PeftModel.from_pretrained.__func__.__code__
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None
+
+
 def forget_refused_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Delete the adapter ``load_adapter`` added for a bundle whose tensors were then refused: the model is as before."""
+    """Undo the injection of an adapter whose bundle's tensors were then refused: the model is as before.
+
+    ``load_adapter`` under a new name deletes it again; ``from_pretrained``'s only adapter (that PeftModel is
+    never returned) gives the base model back as it was before the injection, hooks included (they kept a retry
+    on the same base from loading: the model seemed to hold a MoPE adapter already).
+    """
     tuner = model.base_model if isinstance(model, PeftModel) else model
-    awaiting = getattr(tuner, "awaiting_tensors", set())
-    if adapter_name not in awaiting:
+    snapshot = getattr(tuner, "awaiting_tensors", {}).pop(adapter_name, None)
+    if snapshot is None:
         return
-    awaiting.discard(adapter_name)
-    if isinstance(model, PeftModel) and len(model.peft_config) > 1:  # from_pretrained's only one: never returned
+    if isinstance(model, PeftModel) and len(model.peft_config) > 1:
         model.delete_adapter(adapter_name)
+    else:
+        snapshot.restore_adapter(adapter_name)
 
 
 def refuse_second_tuner(model: nn.Module) -> None:
@@ -122,6 +139,9 @@ class MoPEModel(BaseTuner):
     prefix: str = "mope_"
     tuner_layer_cls = MoPELayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    # also on the class: a model pickled before they existed reads these (set per tuner in _pre_injection_hook)
+    adapters_enabled = True
+    meta_experts = False
 
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         refuse_second_tuner(model)  # before BaseTuner puts the new config into the model's table
@@ -132,10 +152,11 @@ class MoPEModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self.peft_config = AdapterConfigs(self.peft_config)  # BaseTuner then gives the model this same table
         self.routing_context = RoutingContext()
+        self.routing_context.encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
         self.hook_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.forward_parameter_names: list[str] | None = None
         # adapters injected from a bundle whose tensors are not loaded yet: removed again if they are refused
-        self.awaiting_tensors: set[str] = set()
+        self.awaiting_tensors: dict[str, InjectionSnapshot] = {}
         self.checkpointed_layers: list[nn.Module] | None = None
         self.adapters_enabled = True  # False inside PeftModel.disable_adapter(): the routers do not run
         self.meta_experts = False  # an adapter was injected with low_cpu_mem_usage: checked until its tensors load
@@ -215,8 +236,8 @@ class MoPEModel(BaseTuner):
             self._link_blocks(adapter_name)
             bind_schedule(self, adapter_name)
             self._check_bundle_fits(adapter_name)
-            if self.peft_config[adapter_name].bundle is not None:  # its tensors come next (PEFT's load_adapter)
-                self.awaiting_tensors.add(adapter_name)
+            if self.peft_config[adapter_name].bundle is not None or in_peft_from_pretrained():  # its tensors come next
+                self.awaiting_tensors[adapter_name] = snapshot
             # low_cpu_mem_usage (or PeftModel's init_empty_weights): shapes, no values until the tensors load
             self.meta_experts = self.meta_experts or any(p.is_meta for p in self.model.parameters())
         except Exception:
@@ -388,7 +409,9 @@ class MoPEModel(BaseTuner):
             forget_refused_adapter(model, adapter_name)
             raise ValueError(f"{refused}: {problem}.{advice}")
         tuner = model.base_model if isinstance(model, PeftModel) else model
-        getattr(tuner, "awaiting_tensors", set()).discard(adapter_name)
+        getattr(tuner, "awaiting_tensors", {}).pop(adapter_name, None)
+        if isinstance(tuner, cls):  # they load now (a model offloaded next keeps weights on meta on purpose)
+            tuner.meta_experts = False
         return remapped
 
     def _create_and_replace(

@@ -257,6 +257,14 @@ def test_a_lora_stacked_on_the_same_model_runs_beside_the_mixture(mope_first) ->
     assert outer.train()(**batch).aux_loss is not None
 
 
+def test_a_tuner_pickled_before_its_newer_flags_existed_runs() -> None:
+    # torch.save of a whole model from an older mope: its tuner lacks the attributes set since in __init__
+    model = get_peft_model(make_model("llama"), bundle_config(num_experts=2, top_k=1))
+    for name in ("meta_experts", "adapters_enabled"):
+        del vars(model.base_model)[name]
+    assert model.train()(**make_batch("llama")).aux_loss is not None
+
+
 def test_add_weighted_adapter_is_refused_by_name() -> None:
     model = get_peft_model(make_model("llama"), MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     with pytest.raises(NotImplementedError, match=r"add_weighted_adapter .* does not apply to MoPE adapters"):

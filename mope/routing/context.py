@@ -121,6 +121,8 @@ class RoutingContext:
     call: ForwardCall = field(default_factory=ForwardCall)
     given: dict[str, torch.Tensor] = field(default_factory=dict)
     decisions: DecisionCache = field(default_factory=DecisionCache)
+    # an encoder-decoder's: its layers over the encoder's tokens never run in a cached step (set by the tuner)
+    encoder_decoder: bool = False
 
     def begin(self, inputs: dict[str, torch.Tensor], collecting: bool, continues_cache: bool = False) -> ForwardCall:
         """Start a new call with these routing inputs; ``collecting``: record aux-loss inputs (training)."""
@@ -246,8 +248,10 @@ class RoutingContext:
             cache_step = new is not None and mask.shape[1] > new
         elif self.call.continues_cache and not torch.compiler.is_compiling():
             # no [batch, seq] mask (none given, a 4-D one, a dict of them): a forward continuing a cache that holds
-            # tokens runs its layers on the new tokens only (a hand-written loop; transformers' own generate)
-            cache_step = len(token_shape) in (1, 2)
+            # tokens runs its layers on the new tokens only (a hand-written loop; transformers' own generate). Not
+            # an encoder's layers: the encoder called directly after a cached step reads that step's call
+            encoder = self.encoder_decoder and mask_key == "attention_mask"
+            cache_step = len(token_shape) in (1, 2) and not encoder
         return RoutingInputs(
             token_mask=self.token_mask(mask_key, token_shape),
             token_ids=self.aligned(TOKEN_IDS_FOR_MASK.get(mask_key, "input_ids"), token_shape),

@@ -100,6 +100,20 @@ def test_a_successful_load_mope_after_a_failed_one_matches_the_bundle(bundle):
     torch.testing.assert_close(no_grad_logits(loaded, batch), no_grad_logits(fresh, batch), rtol=0, atol=0)
 
 
+@needs_load_check
+def test_from_pretrained_refused_at_its_tensors_leaves_the_base_model_as_it_was(bundle):
+    # the refused injection's hooks stayed on the base: a retry on it was refused as a second MoPE injection
+    model, batch = make_model("llama"), make_batch("llama")
+    before = Snapshot.of(model, batch)
+    with pytest.raises(ValueError, match="nothing was loaded: 8 have other shapes"):
+        PeftModel.from_pretrained(model, bundle, config=bundle_config(target_modules=["q_proj", "v_proj"], r=2))
+    before.assert_same(model, batch)
+    assert_plain(model)
+    retried = PeftModel.from_pretrained(model, bundle)
+    fresh = PeftModel.from_pretrained(make_model("llama"), bundle)
+    torch.testing.assert_close(no_grad_logits(retried, batch), no_grad_logits(fresh, batch), rtol=0, atol=0)
+
+
 # --- item 4: load_adapter into a name in use ------------------------------------------------------------------
 
 

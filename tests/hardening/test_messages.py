@@ -51,6 +51,11 @@ def test_experts_injected_without_values_are_named_until_they_load():
         model(**batch)
     set_peft_model_state_dict(model, get_peft_model_state_dict(trained), low_cpu_mem_usage=True)
     torch.testing.assert_close(model(**batch).logits, trained(**batch).logits, rtol=0, atol=0)
+    # loaded, then offloaded by accelerate before its first forward: weights on meta on purpose
+    offloaded = get_peft_model(make_model("llama"), bundle_config(), low_cpu_mem_usage=True)
+    set_peft_model_state_dict(offloaded, get_peft_model_state_dict(trained), low_cpu_mem_usage=True)
+    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    torch.testing.assert_close(offloaded(**batch).logits, trained(**batch).logits, rtol=0, atol=0)
 
 
 def test_an_error_of_a_model_with_real_weights_is_not_renamed():

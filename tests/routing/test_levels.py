@@ -416,6 +416,37 @@ def test_hash_routing_on_flattened_tokens_decodes_with_a_cache():
         assert torch.equal(model.generate(**prompt, **options, cache_implementation="static"), want)
 
 
+def test_a_cached_step_without_a_mask_reuses_the_prompt_s_decision_but_an_encoder_does_not():
+    # a hand-written loop without masks: a decoder-only model's step routed its new token alone (0.387 off); an
+    # encoder called directly after a cached decoder step (it reads that step's call) must not reuse a decision
+    model = get_peft_model(make_model("llama"), mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], num_experts=4, top_k=1, r=4, init_weights=False,
+        routing_level="sequence",
+    )).eval()  # fmt: skip
+    sharpen_routers(model, std=3.0)
+    ids, new = torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[94]])
+    with torch.no_grad():
+        masked = model(input_ids=ids, attention_mask=torch.ones(1, 6, dtype=torch.long), use_cache=True)
+        ones = torch.ones(1, 7, dtype=torch.long)
+        want = model(input_ids=new, attention_mask=ones, past_key_values=masked.past_key_values).logits
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        torch.testing.assert_close(model(input_ids=new, past_key_values=cache).logits, want, rtol=0, atol=0)
+    t5 = get_peft_model(make_model("t5"), mope.MoPEConfig(
+        task_type="SEQ_2_SEQ_LM", target_modules=["q", "v", "wo"], num_experts=4, top_k=1, r=4, init_weights=False,
+        routing_level="sequence",
+    )).eval()  # fmt: skip
+    sharpen_routers(t5, std=3.0)
+    first, second = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(5)).unbind(0)
+    with torch.no_grad():
+        start = torch.zeros(1, 1, dtype=torch.long)
+        want = t5(input_ids=second[None], decoder_input_ids=start).encoder_last_hidden_state
+        encoded = t5.get_encoder()(input_ids=first[None])
+        out = t5(encoder_outputs=encoded, decoder_input_ids=start, use_cache=True)
+        t5(encoder_outputs=encoded, decoder_input_ids=start, past_key_values=out.past_key_values, use_cache=True)
+        got = t5.get_encoder()(input_ids=second[None]).last_hidden_state  # after the first's cached step
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_token_level_aux_loss_on_flattened_tokens_leaves_padding_out():
     model = qwen2_moe("token", aux_loss_coef=1.0)
     model.train()
