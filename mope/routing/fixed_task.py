@@ -29,8 +29,11 @@ class FixedTask:
     def __init__(self, model: nn.Module, task_id: int, adapter_name: str | None = None) -> None:
         routers = task_routers(model, adapter_name)
         if not routers:
-            which = f"adapter '{adapter_name}'" if adapter_name is not None else "any adapter"
-            raise ValueError(f"fix_task: {which} of this model has no routing_level='task' router to fix.")
+            which = f"adapter '{adapter_name}' of this model has" if adapter_name is not None else "this model has"
+            raise ValueError(
+                f"fix_task: {which} no routing_level='task' router to fix (none at all after merge_and_unload or "
+                "unload, which remove the adapter)."
+            )
         num_tasks = min(router.weight.shape[-1] for router in routers)
         if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < num_tasks:
             raise ValueError(f"fix_task: task_id must be an int in [0, num_tasks={num_tasks}), got {task_id!r}.")

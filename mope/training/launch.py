@@ -55,7 +55,7 @@ def check_folders(training: TrainingSection) -> None:
     if found and training.resume_from_checkpoint is None and not training.overwrite_output_dir:
         raise RecipeError(
             f"training.output_dir: '{out}' holds an earlier run ({', '.join(found)}): resume it "
-            "(--resume_from_checkpoint latest), name a new folder, or set training.overwrite_output_dir=true"
+            "(training.resume_from_checkpoint=latest), name a new folder, or set training.overwrite_output_dir=true"
         )
     resume = training.resume_from_checkpoint
     if resume is None or resume == "latest":
