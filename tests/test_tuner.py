@@ -244,7 +244,12 @@ def test_a_second_adapter_shares_the_routing_context():
 @pytest.mark.parametrize("mope_first", [True, False], ids=["lora_on_mope", "mope_on_lora"])
 def test_a_lora_stacked_on_the_same_model_runs_beside_the_mixture(mope_first) -> None:
     # PEFT shares one config table between the two tuners: mope's hook read routing_level off the LoraConfig
+    import peft
+    from packaging.version import Version
     from peft import LoraConfig
+
+    if mope_first and Version(peft.__version__) < Version("0.21"):
+        pytest.skip("PEFT < 0.21's LoRA tuner calls model.forward, which skips mope's hooks (docs/bundles.md)")
 
     mixture = MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=4, top_k=2, init_weights=False)
     lora = LoraConfig(task_type="CAUSAL_LM", target_modules=["k_proj"], init_lora_weights=False)
