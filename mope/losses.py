@@ -197,7 +197,10 @@ def localized_balance_loss(
         mask = mask.reshape(batch, -1, 1).to(per_token.dtype)
         per_token = per_token * mask
         real_rows = (mask.sum(dim=1) > 0).to(per_token.dtype)  # [batch, 1]
-    ids = per_example(group_ids, batch, "group_ids", "MoPEConfig.localized_balance_coef > 0").to(weights.device)
+    ids = per_example(group_ids, batch, "group_ids", "MoPEConfig.localized_balance_coef > 0")
+    if ids.device.type == "cpu" and (bool((ids < 0).any()) or bool((ids >= num_groups).any())):  # as task ids
+        raise ValueError(f"group_ids must lie in [0, num_groups={num_groups}), got {ids.tolist()}.")
+    ids = ids.to(weights.device)
     ids = ids.repeat_interleave(batch // ids.shape[0])
     expert_group = torch.arange(n, device=weights.device) * num_groups // n
     own = expert_group.unsqueeze(0) == ids.unsqueeze(1)

@@ -468,6 +468,7 @@ class MoPEModel(BaseTuner):
                 if name in self.forward_parameter_names:
                     index = self.forward_parameter_names.index(name)
                     value = args[index] if index < len(args) else None
+            spec.check(value)
             if isinstance(value, torch.Tensor):
                 inputs[spec.routing_key] = value
         # the table PEFT shares with a tuner stacked on the same model (a LoRA) holds its configs too

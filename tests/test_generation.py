@@ -249,3 +249,15 @@ def test_an_lm_head_under_logits_to_keep_reads_its_tokens_mask_and_ids():
         kept = model(**batch, logits_to_keep=3).logits
         full = model(**batch).logits
     torch.testing.assert_close(kept, full[:, -3:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_of_another_kind_counts_as_holding_no_tokens():
+    # paged attention's cache (TRL GRPO's use_transformers_paged) has neither get_seq_length nor len(): every
+    # forward raised TypeError in mope's hook, which TRL reported as "list index out of range"
+    from mope.routing.context import holds_tokens
+
+    class PagedCache:
+        pass
+
+    assert holds_tokens(PagedCache()) is False
+    assert holds_tokens(((torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)),)) is True

@@ -147,6 +147,9 @@ def test_group_ids_reach_the_localized_loss_in_the_model():
     assert a > 0 and not torch.allclose(a, b)
     with pytest.raises(ValueError, match="group_ids"):
         model(**batch)
+    for bad in ([0, 1], torch.tensor([0, 2]), torch.tensor([-1, 0])):  # a list was dropped; out of range taken
+        with pytest.raises(ValueError, match=r"group_ids must (be a 1-D integer tensor|lie in \[0, num_groups=2\))"):
+            model(**batch, group_ids=bad)
     model.eval()
     assert model(**batch).get("aux_loss") is None  # no loss, so no labels needed
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..extras import require_extra
-from ..routing.schedule import ScheduleCallback
+from ..routing.schedule import ScheduleCallback, schedules_of
 from .trainer import accumulation_divisor, log_routing
 
 require_extra("trl", "trl")
@@ -37,11 +37,30 @@ def model_returns_own_loss(trainer: Any) -> bool:
     return bool(config is not None and getattr(config, "sp_enabled", False) and trainer.model.training)
 
 
+def copy_adapter_buffers(model: nn.Module, source: str, target: str) -> None:
+    """Give adapter ``target`` the buffers of ``source`` (its schedule step, Arrow's prototypes), as TRL gives a
+    reference adapter copied from the policy its parameters only: the reference routed with the schedule's start."""
+    buffers = dict(model.named_buffers())
+    for name, buffer in buffers.items():
+        copy = name.replace(f".{source}.", f".{target}.")
+        if copy != name and copy in buffers:
+            buffers[copy].copy_(buffer)
+    schedules = schedules_of(getattr(model, "base_model", model))
+    if target in schedules:
+        schedule = schedules[target]
+        schedule.count = int(schedule.step.item())
+        schedule.move_routers()
+
+
 class RouterLosses:
     """Mixin for a TRL trainer: its optimised loss includes MoPE's router losses; see the module doc."""
 
     def __init__(self, *args: Any, adapter_name: str = "default", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # a PeftModel given to DPO/KTO/GRPO/RLOO: TRL adds a frozen "ref" adapter and copies the policy's parameters
+        if "ref" in getattr(self.model, "peft_config", {}) and adapter_name in self.model.peft_config:
+            with torch.no_grad():
+                copy_adapter_buffers(self.model, adapter_name, "ref")
         self.routing_log = log_routing(self, adapter_name)
         self.add_callback(ScheduleCallback())
 

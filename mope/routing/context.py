@@ -56,6 +56,14 @@ class CapturedInput:
     def routing_key(self) -> str:
         return self.key or self.name
 
+    def check(self, value: Any) -> None:
+        """mope's own per-example ids must be tensors: a list (or numpy array) was taken out of the call unread, and
+        the routing fell back to a fixed task, or said the ids were missing."""
+        if self.consumed and value is not None and not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{self.name} must be a 1-D integer tensor [batch] (torch.tensor(...)), got a {type(value).__name__}."
+            )
+
 
 # Later entries win for the same key: mope_task_ids over task_ids.
 CAPTURED_INPUTS: tuple[CapturedInput, ...] = (
@@ -190,9 +198,10 @@ class RoutingContext:
     def flattened(self, key: str, token_shape: torch.Size) -> tuple[int, int] | None:
         """``(batch, seq)`` if a layer's input ``[rows, hidden]`` is the mask's tokens flattened, else None.
 
-        Some blocks flatten the tokens before a linear (Qwen2-MoE's shared expert): ``batch * seq`` rows
-        for a ``[batch, seq]`` mask (a static cache's prompt: its own mask), or ``batch * new`` rows (1 < new < seq)
-        in a forward that continues a KV cache. ``[batch, hidden]`` (a pooler, a head, one decoded token per example) is not flattened.
+        Some blocks flatten the tokens before a linear (Qwen2-MoE's shared expert): ``batch * seq`` rows for a
+        ``[batch, seq]`` mask (a static cache's prompt: its own mask; no mask: the ids), or ``batch * new`` rows
+        (1 < new < seq) in a forward that continues a KV cache. ``[batch, hidden]`` (a pooler, a head, one decoded
+        token per example) is not flattened.
         """
         if len(token_shape) != 1:
             return None
@@ -200,9 +209,12 @@ class RoutingContext:
         if (mask is None or mask.dim() != 2) and key == "attention_mask" and not self.call.continues_cache:
             # a static cache's prompt forward inside generate gets a 4-D mask: the prompt's own (beams repeat it)
             prompt = self.decisions.prompt_mask if self.decisions.pinned else None
-            if prompt is None or prompt.shape[1] < 2 or rows % prompt.shape[1] or rows // prompt.shape[1] % len(prompt):
-                return None
-            return rows // prompt.shape[1], prompt.shape[1]
+            if prompt is not None:
+                if prompt.shape[1] < 2 or rows % prompt.shape[1] or rows // prompt.shape[1] % len(prompt):
+                    return None
+                return rows // prompt.shape[1], prompt.shape[1]
+        if mask is None or mask.dim() != 2:  # no mask at all: the token ids have the batch's shape
+            mask = self.call.inputs.get(TOKEN_IDS_FOR_MASK.get(key, "input_ids"))
         if mask is None or mask.dim() != 2 or mask.shape[1] < 2:
             return None
         batch, seq = mask.shape
@@ -292,13 +304,19 @@ def refuse_packed_rows(position_ids: Any) -> None:
 
 def complete_inputs(module: Any, kwargs: dict[str, Any], inputs: dict[str, torch.Tensor]) -> None:
     """What a forward's captured ``inputs`` lack and the model derives itself: multiple choice's ``[batch, choices,
-    seq]`` ids and mask as the rows its layers see, and an encoder-decoder's decoder ids and mask from its labels
+    seq]`` ids and mask (and its per-question task and group ids) as the rows its layers see, and an encoder-decoder's decoder ids and mask from its labels
     (hash routing in the decoder had no token ids; seq2seq collators give no decoder mask)."""
     ids = inputs.get("input_ids")
     if ids is not None and ids.dim() == 3:
         for key in ("input_ids", "attention_mask"):
             if key in inputs and inputs[key].shape == ids.shape:
                 inputs[key] = inputs[key].flatten(0, 1)
+        for key in ("task_ids", "group_ids"):  # one per question (or per choice): one per row its layers see
+            labels = inputs.get(key)
+            if labels is not None and labels.shape == ids.shape[:1]:
+                inputs[key] = labels.repeat_interleave(ids.shape[1])
+            elif labels is not None and labels.shape == ids.shape[:2]:
+                inputs[key] = labels.flatten()
     if not getattr(getattr(module, "config", None), "is_encoder_decoder", False):
         return
     labels = kwargs.get("labels")
@@ -344,11 +362,16 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
     capacity drops, expert choice, noise or jitter, which would make a token depend on the batch's
     later tokens, and cached and uncached generation differ.
     """
+    for spec in CAPTURED_INPUTS:
+        spec.check(kwargs.get(spec.name))
     given = {
         spec.routing_key: kwargs.pop(spec.name) for spec in CAPTURED_INPUTS if spec.consumed and spec.name in kwargs
     }
     found = generate_inputs(args, kwargs)
-    prompts = next((found[key].shape[0] for key in ("input_ids", "attention_mask") if key in found), None)
+    embeds = kwargs.get("inputs_embeds")
+    shapes = [found[key].shape for key in ("input_ids", "attention_mask") if key in found]
+    shapes += [embeds.shape] if isinstance(embeds, torch.Tensor) else []  # prompts given as embeddings only
+    prompts = shapes[0][0] if shapes else None
     if "task_ids" in given and prompts is not None:  # one per prompt; the steps then see them repeated for beams
         given["task_ids"] = per_example(given["task_ids"], prompts, "mope_task_ids", "generate")
     routers = [module for module in model.modules() if isinstance(module, Router)]
@@ -458,4 +481,6 @@ def holds_tokens(cache: Any) -> bool:
     length = getattr(cache, "get_seq_length", None)
     if length is not None:
         return length() > 0
+    if not isinstance(cache, (tuple, list)):  # another kind (paged attention's, TRL GRPO's paged generation)
+        return False
     return len(cache) > 0 and cache[0] is not None and len(cache[0]) > 0 and cache[0][0].shape[-2] > 0

@@ -95,3 +95,24 @@ def test_the_optimised_loss_is_trl_s_plus_the_router_loss(kind, tmp_path, monkey
         torch.testing.assert_close(call["ours"], call["trl"] + aux, rtol=0, atol=1e-6)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(entry["aux_loss"] > 0 and entry["expert_load_max"] >= 1 for entry in logs)
+
+
+def test_a_reference_adapter_copied_by_trl_routes_as_the_policy(tmp_path):
+    # a PeftModel given to DPO: TRL adds a frozen "ref" adapter and copies the policy's parameters only, so the
+    # reference's schedule step (a buffer) stayed 0 and it routed with the schedule's start top_k
+    from peft import get_peft_model
+
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM", target_modules=["q_proj"], num_experts=4, top_k=1, r=2, init_weights=False,
+        router_schedule_steps=2, router_schedule_start_top_k=4,
+    )  # fmt: skip
+    model = get_peft_model(make_model("llama"), config).train()
+    for _ in range(2):
+        model(input_ids=torch.tensor([[5, 6, 7]]))  # the schedule at its end: top_k 1
+    common = dict(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no")
+    trainer = mope_trl.MoPEDPOTrainer(model=model, args=DPOConfig(**common), train_dataset=Dataset.from_list(ROWS),
+                                      processing_class=word_tokenizer())  # fmt: skip
+    schedules = trainer.model.base_model.mope_schedule
+    assert {name: schedules[name].step.item() for name in ("default", "ref")} == {"default": 2, "ref": 2}
+    layers = [m for m in trainer.model.modules() if isinstance(m, mope.MoPELayer)]
+    assert {(m.mope_router["default"].top_k, m.mope_router["ref"].top_k) for m in layers} == {(1, 1)}

@@ -282,6 +282,38 @@ def test_task_ids_must_be_one_per_example_outside_generate():
         torch.testing.assert_close(model(**batch, mope_task_ids=ids.to(torch.int16)).logits, want, rtol=0, atol=0)
 
 
+def test_task_ids_that_are_not_tensors_or_do_not_fit_the_prompts_are_refused():
+    # a list was taken out of the call unread: under fix_task every example then got the fixed task; prompts given as
+    # inputs_embeds to generate took any count of ids that divided them ([0, 1] for 4 prompts acted as [0, 0, 1, 1])
+    model = task_model("llama").eval()
+    batch = {k: v for k, v in make_batch("llama", batch=3).items() if k != "labels"}
+    with mope.fix_task(model, 0):
+        for call in (model, lambda **kw: model.generate(**kw, max_new_tokens=1)):
+            with pytest.raises(ValueError, match=r"mope_task_ids must be a 1-D integer tensor .*got a list"):
+                call(**batch, mope_task_ids=[0, 1, 2])
+    embeds = model.get_input_embeddings()(torch.randint(3, 128, (4, 5)))
+    with pytest.raises(ValueError, match="mope_task_ids has 2 entries but the batch has 4"):
+        model.generate(inputs_embeds=embeds, mope_task_ids=torch.tensor([0, 1]), max_new_tokens=1)
+
+
+def test_task_ids_of_multiple_choice_are_per_question():
+    # the layers see [batch * choices] rows: ids of [batch] were refused ("2 entries but the batch has 6")
+    base = transformers.BertForMultipleChoice(make_model("bert").config)
+    config = mope.MoPEConfig(
+        target_modules=["query", "value"], num_experts=4, top_k=1, routing_level="task", num_tasks=3, init_weights=False
+    )
+    model = get_peft_model(base, config).eval()
+    sharpen_routers(model, std=3.0)
+    ids = torch.randint(3, 128, (2, 3, 6), generator=torch.Generator().manual_seed(5))
+    tasks = torch.tensor([0, 2])
+    with torch.no_grad():
+        want = model(input_ids=ids, mope_task_ids=tasks.repeat_interleave(3)).logits
+        torch.testing.assert_close(model(input_ids=ids, mope_task_ids=tasks).logits, want, rtol=0, atol=0)
+        per_choice = model(input_ids=ids, mope_task_ids=tasks[:, None].expand(2, 3)).logits
+        torch.testing.assert_close(per_choice, want, rtol=0, atol=0)
+        assert not torch.allclose(model(input_ids=ids, mope_task_ids=tasks.flip(0)).logits, want)
+
+
 def test_hash_routing_in_a_t5_generate_with_beams():
     # the encoder's token ids reached the expanded cross-attention states unexpanded: 'no token ids matching'
     config = mope.MoPEConfig(task_type="SEQ_2_SEQ_LM", target_modules="all-linear", num_experts=4, router="hash")
@@ -445,6 +477,18 @@ def test_a_cached_step_without_a_mask_reuses_the_prompt_s_decision_but_an_encode
         t5(encoder_outputs=encoded, decoder_input_ids=start, past_key_values=out.past_key_values, use_cache=True)
         got = t5.get_encoder()(input_ids=second[None]).last_hidden_state  # after the first's cached step
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("level", ["sequence", "task"])
+def test_flattened_tokens_without_a_mask_are_each_batch_s_sequences(level):
+    # without an attention_mask the flattened rows were taken for examples: each token pooled alone (0.51 off), and
+    # task ids were refused ("2 entries but the batch has 10 examples")
+    model = qwen2_moe(level, **({"num_tasks": 3} if level == "task" else {}))
+    ids = make_batch("llama", seq=5)["input_ids"]
+    extra = {"mope_task_ids": torch.tensor([0, 2])} if level == "task" else {}
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits
+        torch.testing.assert_close(model(input_ids=ids, **extra).logits, want, rtol=0, atol=0)
 
 
 def test_token_level_aux_loss_on_flattened_tokens_leaves_padding_out():
