@@ -304,8 +304,9 @@ def refuse_packed_rows(position_ids: Any) -> None:
 
 def complete_inputs(module: Any, kwargs: dict[str, Any], inputs: dict[str, torch.Tensor]) -> None:
     """What a forward's captured ``inputs`` lack and the model derives itself: multiple choice's ``[batch, choices,
-    seq]`` ids and mask (and its per-question task and group ids) as the rows its layers see, and an encoder-decoder's decoder ids and mask from its labels
-    (hash routing in the decoder had no token ids; seq2seq collators give no decoder mask)."""
+    seq]`` ids and mask (and its per-question task and group ids) as the rows its layers see, and an
+    encoder-decoder's decoder ids and mask from its labels (hash routing in the decoder had no token ids; seq2seq
+    collators give no decoder mask)."""
     ids = inputs.get("input_ids")
     if ids is not None and ids.dim() == 3:
         for key in ("input_ids", "attention_mask"):
