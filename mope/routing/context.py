@@ -199,7 +199,7 @@ class RoutingContext:
         """``(batch, seq)`` if a layer's input ``[rows, hidden]`` is the mask's tokens flattened, else None.
 
         Some blocks flatten the tokens before a linear (Qwen2-MoE's shared expert): ``batch * seq`` rows for a
-        ``[batch, seq]`` mask (a static cache's prompt: its own mask; no mask: the ids), or ``batch * new`` rows
+        ``[batch, seq]`` mask (a static cache's prompt: its own mask), or ``batch * new`` rows
         (1 < new < seq) in a forward that continues a KV cache. ``[batch, hidden]`` (a pooler, a head, one decoded
         token per example) is not flattened.
         """
@@ -213,8 +213,6 @@ class RoutingContext:
                 if prompt.shape[1] < 2 or rows % prompt.shape[1] or rows // prompt.shape[1] % len(prompt):
                     return None
                 return rows // prompt.shape[1], prompt.shape[1]
-        if mask is None or mask.dim() != 2:  # no mask at all: the token ids have the batch's shape
-            mask = self.call.inputs.get(TOKEN_IDS_FOR_MASK.get(key, "input_ids"))
         if mask is None or mask.dim() != 2 or mask.shape[1] < 2:
             return None
         batch, seq = mask.shape

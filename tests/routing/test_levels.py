@@ -479,18 +479,6 @@ def test_a_cached_step_without_a_mask_reuses_the_prompt_s_decision_but_an_encode
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("level", ["sequence", "task"])
-def test_flattened_tokens_without_a_mask_are_each_batch_s_sequences(level):
-    # without an attention_mask the flattened rows were taken for examples: each token pooled alone (0.51 off), and
-    # task ids were refused ("2 entries but the batch has 10 examples")
-    model = qwen2_moe(level, **({"num_tasks": 3} if level == "task" else {}))
-    ids = make_batch("llama", seq=5)["input_ids"]
-    extra = {"mope_task_ids": torch.tensor([0, 2])} if level == "task" else {}
-    with torch.no_grad():
-        want = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits
-        torch.testing.assert_close(model(input_ids=ids, **extra).logits, want, rtol=0, atol=0)
-
-
 def test_token_level_aux_loss_on_flattened_tokens_leaves_padding_out():
     model = qwen2_moe("token", aux_loss_coef=1.0)
     model.train()
