@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import re
 import sys
 from collections import defaultdict
@@ -24,9 +25,10 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_peft_model_state_dict
 from torch import nn
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.integrations import PeftAdapterMixin, is_deepspeed_zero3_enabled
 
 from .bundles import describe_bad_values, describe_mismatch
+from .bundles.files import BundleHeader
 from .config import pattern_matches
 from .ffn_layer import layer_class_for
 from .injection import (
@@ -61,7 +63,14 @@ from .routing.context import (
     refuse_packed_rows,
     release_recomputation,
 )
-from .routing.schedule import advance_schedules, attach_schedule, bind_schedule, detach_schedule, schedules_of
+from .routing.schedule import (
+    advance_schedules,
+    attach_schedule,
+    bind_schedule,
+    detach_schedule,
+    load_saved_step,
+    schedules_of,
+)
 
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
 # projections of cross-attention, which see the encoder's tokens.
@@ -82,14 +91,68 @@ def refuse_frozen_identity(config) -> None:
         )
 
 
-def in_peft_from_pretrained() -> bool:
-    """Whether PEFT's ``PeftModel.from_pretrained`` (or an ``AutoPeftModel``'s) is on the call stack: its
-    injection's tensors come next, and its PeftModel is never returned if they are refused."""
-    code = PeftModel.from_pretrained.__func__.__code__
+def caller_frame(code) -> Any:
+    """The innermost frame on the call stack that runs ``code``, or None."""
     frame = sys._getframe(1)
     while frame is not None and frame.f_code is not code:
         frame = frame.f_back
-    return frame is not None
+    return frame
+
+
+def in_peft_from_pretrained() -> bool:
+    """Whether PEFT's ``PeftModel.from_pretrained`` (or an ``AutoPeftModel``'s) is on the call stack: its
+    injection's tensors come next, and its PeftModel is never returned if they are refused."""
+    return caller_frame(PeftModel.from_pretrained.__func__.__code__) is not None
+
+
+def transformers_bundle_folder() -> tuple[str, bool] | None:
+    """The local bundle folder transformers' own ``model.load_adapter`` is loading when it is the caller, and
+    whether it read the config from there (not given ``peft_config=``); None for a Hub id or ``adapter_state_dict``.
+
+    It builds the config with PEFT's ``PeftConfig.from_pretrained`` (no upgrade, unknown keys dropped, no bundle
+    header) and loads the tensors itself after the injection, where no mope code runs and a failure leaves the
+    adapter injected: so the injection reads the folder and checks it first.
+    """
+    frame = caller_frame(PeftAdapterMixin.load_adapter.__code__)
+    if frame is None or frame.f_locals.get("adapter_state_dict") is not None:
+        return None
+    source = frame.f_locals.get("peft_model_id")
+    if source is None:
+        return None
+    subfolder = (frame.f_locals.get("adapter_kwargs") or {}).get("subfolder") or ""
+    folder = os.path.normpath(os.path.join(os.fspath(source), subfolder))
+    return (folder, "adapter_config_file" in frame.f_locals) if os.path.isdir(folder) else None
+
+
+def read_bundle_for_transformers(config, folder: str, config_from_file: bool) -> None:
+    """Give a config that transformers' ``load_adapter`` built what ``MoPEConfig.from_pretrained`` checks and
+    reads: the tensor header and values, and (from the folder's config file) its unknown keys refused, a newer
+    version refused, and an older version's upgrade. ``inference_mode`` stays as transformers set it."""
+    if not config_from_file:
+        config.bundle = BundleHeader.read(folder)
+    else:
+        saved = type(config).from_pretrained(folder)
+        saved.inference_mode = config.inference_mode
+        vars(config).update(vars(saved))
+    refuse_named_ffn_keys(config.bundle)
+
+
+# transformers' load_adapter maps a bundle's keys with PEFT's build_peft_weight_mapping (transformers 5.25 does; 5.0
+# maps them itself), which takes a whole-FFN key that holds the adapter name for a tensor the model does not have
+PEFT_MAPS_TRANSFORMERS_KEYS = "build_peft_weight_mapping" in PeftAdapterMixin.load_adapter.__code__.co_names
+
+
+def refuse_named_ffn_keys(header: BundleHeader) -> None:
+    """transformers' ``load_adapter`` reports a whole-FFN bundle's keys that hold the adapter name (as PEFT < 0.21
+    and older mope versions wrote them) as unexpected, and loads the bundle without its experts: refused there."""
+    named = [key for key in header.tensor_shapes if without_ffn_name(key) != key]
+    if named and PEFT_MAPS_TRANSFORMERS_KEYS:
+        raise ValueError(
+            f"{header.tensor_file}: {len(named)} whole-FFN expert tensors hold their adapter's name (e.g. "
+            f"'{named[0]}', as PEFT < 0.21 and older mope versions wrote them), which transformers' "
+            "model.load_adapter does not load; nothing was loaded. Load this bundle with PeftModel.from_pretrained "
+            "or mope.load_mope."
+        )
 
 
 def forget_refused_adapter(model: nn.Module, adapter_name: str) -> None:
@@ -216,7 +279,12 @@ class MoPEModel(BaseTuner):
         """PEFT's injection, made all-or-nothing: on any error the model is restored, then it re-raises."""
         check_adapter_name(adapter_name)
         snapshot = InjectionSnapshot(model, self)
+        from_transformers = False
         try:
+            config = self.peft_config[adapter_name]
+            if config.bundle is None and (source := transformers_bundle_folder()) is not None:
+                read_bundle_for_transformers(config, *source)
+                from_transformers = True
             self.peft_config[adapter_name].validate()  # fields assigned since the config was made
             refuse_frozen_identity(self.peft_config[adapter_name])
             warn_generate_without_task_type(self.peft_config[adapter_name], model, adapter_name)
@@ -236,7 +304,9 @@ class MoPEModel(BaseTuner):
             self._link_blocks(adapter_name)
             bind_schedule(self, adapter_name)
             self._check_bundle_fits(adapter_name)
-            if self.peft_config[adapter_name].bundle is not None or in_peft_from_pretrained():  # its tensors come next
+            if from_transformers:
+                load_saved_step(self, adapter_name, config.bundle.tensor_file)
+            if not from_transformers and (config.bundle is not None or in_peft_from_pretrained()):  # tensors next
                 self.awaiting_tensors[adapter_name] = snapshot
             # low_cpu_mem_usage (or PeftModel's init_empty_weights): shapes, no values until the tensors load
             self.meta_experts = self.meta_experts or any(p.is_meta for p in self.model.parameters())

@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors import safe_open
 from torch import nn
 from transformers import TrainerCallback
 
 SCHEDULE_COUNTERS = ("forward", "manual")
+SAVED_STEP = "base_model.mope_schedule.step"  # the step's key in a bundle, under any adapter name
 
 
 class RouterSchedule(nn.Module):
@@ -91,6 +93,18 @@ def bind_schedule(tuner: Any, adapter_name: str) -> None:
         if isinstance(routers := getattr(module, "mope_router", None), nn.ModuleDict) and adapter_name in routers
     ]
     schedule.move_routers()
+
+
+def load_saved_step(tuner: nn.Module, adapter_name: str, tensor_file: str) -> None:
+    """Set the adapter's step from its bundle file (``base_model.mope_schedule.step``), when both have one.
+
+    For transformers' own ``model.load_adapter``: the tuner is not in that model's module tree, so transformers
+    reports the saved step as unexpected and the routers would start the schedule again.
+    """
+    schedules = schedules_of(tuner)
+    with safe_open(tensor_file, framework="pt") as handle:
+        if adapter_name in schedules and SAVED_STEP in handle.keys():  # noqa: SIM118
+            schedules[adapter_name].load_state_dict({"step": handle.get_tensor(SAVED_STEP)})
 
 
 def detach_schedule(tuner: nn.Module, adapter_name: str) -> None:

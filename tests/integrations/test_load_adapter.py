@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import make_batch, make_model, no_grad_logits
+from conftest import Snapshot, make_batch, make_model, no_grad_logits
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 import mope
 
@@ -86,3 +90,74 @@ def test_frozen_experts_stay_frozen_when_transformers_loads_them_trainable(tmp_p
     want = PeftModel.from_pretrained(make_model("llama"), folder, is_trainable=True)
     assert trainable == {name.split(".")[-3] for name, p in want.named_parameters() if p.requires_grad}
     assert trainable == {"mope_router"}
+
+
+def edit_bundle(folder, config=None, tensors=None) -> None:
+    """Change a saved bundle's config keys (a dict merged in) or tensors (a function of the name -> tensor dict)."""
+    if config is not None:
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    if tensors is not None:
+        path = folder / "adapter_model.safetensors"
+        saved = load_file(path)
+        tensors(saved)
+        save_file(saved, path)
+
+
+def with_nan(saved: dict) -> None:
+    saved[next(key for key in saved if "lora_B" in key)].fill_(float("nan"))
+
+
+# transformers' own load_adapter builds the config with PEFT (no header, no value checks, unknown keys dropped) and
+# loads the tensors after the injection, where a failure left the adapter injected and a retry "already exists"
+UNFIT_FOR_TRANSFORMERS = {
+    "other rank": ({"config": {"r": 4}}, "does not fit this model: wrong shapes"),
+    "nan": ({"tensors": with_nan}, r"NaN or inf values in base_model\.model\..*lora_B"),
+    "unknown key": ({"config": {"top_kk": 2}}, "top_kk"),
+}
+
+
+@pytest.mark.parametrize(("edit", "wanted"), UNFIT_FOR_TRANSFORMERS.values(), ids=list(UNFIT_FOR_TRANSFORMERS))
+@pytest.mark.parametrize("subfolder", ["", "inner"])
+def test_transformers_load_adapter_refuses_an_unfit_bundle_and_changes_nothing(tmp_path, edit, wanted, subfolder):
+    folder = tmp_path / subfolder
+    trained_bundle(folder)
+    edit_bundle(folder, **edit)
+    model = make_model("llama")
+    batch = make_batch("llama", pad=2)
+    before = Snapshot.of(model, batch)
+    options = {"adapter_kwargs": {"subfolder": subfolder}} if subfolder else {}
+    with pytest.raises(ValueError, match=wanted):
+        model.load_adapter(str(tmp_path), **options)
+    before.assert_same(model, batch)
+    assert not model._hf_peft_config_loaded
+    good = trained_bundle(tmp_path / "good")
+    model.load_adapter(good)  # a retry on the same model: it was "already exists" once the injection stayed
+    want = no_grad_logits(PeftModel.from_pretrained(make_model("llama"), good), batch)
+    torch.testing.assert_close(no_grad_logits(model, batch), want, rtol=0, atol=0)
+
+
+OLD = Path(__file__).resolve().parents[1] / "bundles" / "old"
+OLD_CASES = sorted(path for path in OLD.glob("*/*") if (path / "adapter_config.json").is_file())
+
+
+@pytest.mark.parametrize("folder", OLD_CASES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_transformers_load_adapter_gives_an_old_bundle_s_saved_logits_or_refuses_it(folder):
+    # a router schedule's step is the tuner's, outside the model's module tree: transformers dropped it (0.039 off);
+    # a whole-FFN bundle whose keys hold the adapter name loaded without its experts
+    config = json.loads((folder / "adapter_config.json").read_text())
+    kind = config["base_model_type"]
+    model = make_model(kind)
+    batch = make_batch(kind, pad=2)
+    batch.pop("labels")
+    if folder.name == "ffn_block":
+        before = Snapshot.of(model, batch)
+        with pytest.raises(ValueError, match=r"hold their adapter's name .* Load this bundle with PeftModel"):
+            model.load_adapter(str(folder))
+        before.assert_same(model, batch)
+        return
+    model.load_adapter(str(folder))
+    extra = {"mope_task_ids": torch.tensor([1, 2])} if config["routing_level"] == "task" else {}
+    with torch.no_grad():
+        got = model.eval()(**batch, **extra).logits
+    torch.testing.assert_close(got, load_file(folder / "logits.safetensors")["logits"], rtol=1e-5, atol=1e-6)
