@@ -280,19 +280,28 @@ AUX_LOSSES: tuple[AuxLoss, ...] = (
 )
 
 
-def check_losses_reach_routers(model: nn.Module, adapters: set[str]) -> None:
+def check_losses_reach_routers(model: nn.Module, adapters: set[str], continues_cache: bool = False) -> None:
     """Refuse a training forward whose router losses (of ``adapters``) cannot train any of their routers.
 
     Reentrant gradient checkpointing (``use_reentrant=True``, which PEFT's
     ``prepare_model_for_kbit_training`` selects by default) runs each checkpointed layer's first
     forward without autograd and recomputes it in the backward; the routings mope keeps for its
     losses come from that first forward, so ``aux_loss`` is added to ``loss`` but none of its
-    gradient reaches a router. Called only when ``aux`` has no gradient while autograd is on, so
-    the normal path costs one flag read.
+    gradient reaches a router. So too a forward that continues a KV cache (``continues_cache``) made
+    under ``torch.no_grad``: sequence-level routing reuses that forward's decisions. Called only when
+    ``aux`` has no gradient while autograd is on, so the normal path costs one flag read.
     """
     # those adapters' routers only: a frozen active adapter's losses beside another adapter set trainable are fine
     routers = tuple(f"mope_router.{name}." for name in adapters)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad and any(r in name for r in routers)]
+    if trainable and continues_cache:
+        raise ValueError(
+            "MoPE's router losses cannot train the routers in this forward: it continues a KV cache "
+            "(past_key_values), and sequence-level routing reuses the decisions of the forward that made the cache, "
+            f"which ran without autograd (torch.no_grad; e.g. '{trainable[0]}'). Train on whole sequences (no "
+            "past_key_values), or set the loss coefficients (aux_loss_coef, z_loss_coef, ...) to 0 to train without "
+            "router losses."
+        )
     if trainable:
         raise ValueError(
             "MoPE's router losses cannot train the routers in this forward: the routers ran without autograd "

@@ -572,7 +572,7 @@ class MoPEModel(BaseTuner):
         return None
 
     def _attach_aux_loss(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        share = self.routing_context.call.aux_share
+        share, continues_cache = self.routing_context.call.aux_share, self.routing_context.call.continues_cache
         records = self.routing_context.finish()
         if output is None:  # the forward raised: its call is closed, its records (and their graph) dropped
             return None
@@ -581,7 +581,7 @@ class MoPEModel(BaseTuner):
         if records:
             aux = self.combine_losses(records)
             if training and not aux.requires_grad:
-                check_losses_reach_routers(module, {record.adapter_name for record in records})
+                check_losses_reach_routers(module, {record.adapter_name for record in records}, continues_cache)
             attached = attach_aux_loss(output, aux, module, share)
         if training and self.adapters_enabled:  # a forward that went through (a refused one counts no step) and routed
             advance_schedules(self, "forward")

@@ -204,6 +204,22 @@ def test_reentrant_checkpointing_is_fine_without_router_losses_or_without_autogr
     model(**batch).loss.backward()
 
 
+def test_a_training_forward_that_continues_a_cache_says_so():
+    # sequence-level routing reuses the decision of the forward that made the cache: made under no_grad, the refusal
+    # named reentrant gradient checkpointing (there was none); made in training, "run the prompt first" (it was)
+    model = mope_model("llama", target_modules=["q_proj"], num_experts=4, top_k=1, routing_level="sequence").train()
+    prompt, more = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10, 11]])
+    rest = {"input_ids": more, "labels": more, "attention_mask": torch.ones(1, 7, dtype=torch.long)}
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"it continues a KV cache .* Train on whole sequences"):
+        model(past_key_values=cache, **rest)
+    cache = model(input_ids=prompt, use_cache=True).past_key_values
+    model.base_model.routing_context.decisions.clear()
+    with pytest.raises(RuntimeError, match=r"a training forward \(train mode, autograd on\) keeps none"):
+        model(past_key_values=cache, **rest)
+
+
 def test_a_frozen_active_adapter_beside_a_trainable_one_trains():
     # set_requires_grad on an inactive adapter: its trainable routers were taken for the active adapter's, and the
     # forward was refused as reentrant gradient checkpointing (there was none)

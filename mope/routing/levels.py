@@ -158,7 +158,8 @@ class SequenceLevel:
             if inputs.cache_step:
                 raise RuntimeError(
                     "routing_level='sequence': this forward continues a KV-cached sequence, but no decision "
-                    "for its prompt was kept. Run the prompt through the model first (generate does)."
+                    "for its prompt was kept. Run the prompt through the model first (generate does); a training "
+                    "forward (train mode, autograd on) keeps none, so train on whole sequences (no past_key_values)."
                 )
             pooled = masked_mean_pool(x, inputs.token_mask)
             decision = router.decide(pooled, example_inputs(inputs, token_shape[0]))
