@@ -52,10 +52,32 @@ def copy_adapter_buffers(model: nn.Module, source: str, target: str) -> None:
         schedule.move_routers()
 
 
+def refuse_wrapped_packing(trainer_args: Any, configs: list[Any]) -> None:
+    """Refuse SFTConfig's ``packing_strategy="wrapped"`` (without ``padding_free``) for sequence-level routing.
+
+    It cuts the examples into rows of ``max_length`` tokens with an attention mask of ones and no
+    ``position_ids``: nothing in a batch shows where examples meet (the other packings restart
+    ``position_ids``, which the forward refuses), and one decision would pool each row's pieces.
+    """
+    wrapped = getattr(trainer_args, "packing", False) and getattr(trainer_args, "packing_strategy", None) == "wrapped"
+    if not wrapped or getattr(trainer_args, "padding_free", False):
+        return
+    names = [name for name, config in configs if getattr(config, "routing_level", None) == "sequence"]
+    if names:
+        raise ValueError(
+            f"MoPE adapter '{names[0]}' routes per sequence (routing_level='sequence'), but SFTConfig(packing=True, "
+            "packing_strategy='wrapped') glues several examples into each row with nothing to show where they meet, "
+            "so one decision would pool them all. Use packing=False, or route per token."
+        )
+
+
 class RouterLosses:
     """Mixin for a TRL trainer: its optimised loss includes MoPE's router losses; see the module doc."""
 
     def __init__(self, *args: Any, adapter_name: str = "default", **kwargs: Any) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        configs = [("default", kwargs.get("peft_config")), *getattr(model, "peft_config", {}).items()]
+        refuse_wrapped_packing(kwargs.get("args", args[1] if len(args) > 1 else None), configs)
         super().__init__(*args, **kwargs)
         # a PeftModel given to DPO/KTO/GRPO/RLOO: TRL adds a frozen "ref" adapter and copies the policy's parameters
         if "ref" in getattr(self.model, "peft_config", {}) and adapter_name in self.model.peft_config:

@@ -31,12 +31,21 @@ def dataset(kind: str, count: int = 16) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def trainer(folder, kind: str = "messages", cls=MoPESFTTrainer, **args) -> SFTTrainer:
-    model = make_model("llama")
+def trainer(
+    folder, kind: str = "messages", cls=MoPESFTTrainer, model=None, routing_level="token", **args
+) -> SFTTrainer:
+    model = make_model("llama") if model is None else model
     settings = dict(output_dir=str(folder), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-2)
     settings.update(report_to=[], use_cpu=True, bf16=False, save_strategy="no", logging_steps=1)
     settings.update(args)
-    config = mope.MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2, r=2)
+    config = mope.MoPEConfig(
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "up_proj"],
+        num_experts=4,
+        top_k=2,
+        r=2,
+        routing_level=routing_level,
+    )
     return cls(
         model=model,
         args=SFTConfig(**settings),
@@ -102,6 +111,18 @@ def test_logs_hold_aux_loss_and_balance_and_the_bundle_reloads(tmp_path):
     for folder in (checkpoint, tmp_path / "final"):
         again = PeftModel.from_pretrained(make_model("llama"), str(folder))
         torch.testing.assert_close(no_grad_logits(again, batch), no_grad_logits(sft.model, batch), rtol=0, atol=0)
+
+
+def test_wrapped_packing_is_refused_for_sequence_level_routing_before_the_model_changes(tmp_path):
+    # its rows glue several examples with a mask of ones and no position_ids: one decision pooled them all, silently
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=r"routes per sequence .* packing_strategy='wrapped'"):
+        trainer(
+            tmp_path, model=model, routing_level="sequence", packing=True, packing_strategy="wrapped", max_length=16
+        )
+    assert not any(isinstance(module, mope.MoPELayer) for module in model.modules())
+    for options in ({"routing_level": "token", "packing_strategy": "wrapped"}, {"routing_level": "sequence"}):
+        trainer(tmp_path, packing=True, max_length=16, **options)  # per token; or a packing the forward checks
 
 
 SFT_UNDER_DDP = """
