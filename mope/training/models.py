@@ -12,6 +12,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from packaging.version import Version
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -211,7 +212,21 @@ def build_model(
             ) from error
     if not quantization:
         return model
+    keep_4bit_layout(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def keep_4bit_layout(model: nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel (CPUs with AVX-512 BF16).
+
+    It repacks a ``Linear4bit`` in its first eval-mode no-grad forward (an evaluation between training steps), and
+    training forwards through a repacked frozen layer pass no gradient to its input: the experts before it (q_proj,
+    v_proj before o_proj) stopped training, silently (8 of 24 tensors without a gradient on a tiny Llama, PEFT's
+    LoRA too). The loop trains and evaluates through the one layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def adapter_config(section: AdapterSection, task: str) -> PeftConfig:

@@ -125,6 +125,23 @@ def test_gradient_checkpointing_on_a_quantized_base_gives_the_routers_the_same_g
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_an_evaluation_between_training_steps_leaves_every_expert_a_gradient(tmp_path):
+    """bitsandbytes repacked a 4-bit weight in an eval-mode no-grad forward (CPUs with AVX-512 BF16), and training
+    forwards through that frozen layer passed no gradient on: q_proj's and v_proj's experts (before o_proj) stopped
+    training. The loop's base keeps one layout (this check bites only on such a CPU)."""
+    AcceleratorState._reset_state()
+    targets = "adapter.config.target_modules=[q_proj, v_proj]"  # their outputs reach the loss through o_proj
+    job = Run(recipe(tmp_path, NF4, "adapter.config.init_weights=false", targets))
+    job.setup()
+    assert all(not m.support_avx512bf16_for_cpu for m in job.model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    job.evaluate()
+    job.model.train()
+    job.model(**next(iter(job.train_loader))).loss.backward()
+    AcceleratorState._reset_state()
+    missing = [n for n, p in job.model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing and any("q_proj.mope_experts" in n for n, p in job.model.named_parameters() if p.requires_grad)
+
+
 def test_a_quantized_classifier_keeps_its_head_unquantized_and_trains(tmp_path):
     """PEFT trains the SEQ_CLS head whole (modules_to_save); a 4-bit copy of it failed in bitsandbytes' forward."""
     section = recipe(tmp_path, NF4, "model.task=sequence_classification").model
