@@ -116,12 +116,12 @@ class CollapsedModule:
 
 def usage_vector(module: str, entry: UsageEntry, num_routed: int, num_experts: int) -> torch.Tensor:
     """One module's usage over its routed experts, normalised to sum 1 (see the module docstring)."""
-    if isinstance(entry, Mapping):
-        if "load" not in entry:
+    if isinstance(entry, Mapping):  # a routing_stats entry: the gate's weight share (an older report: its load)
+        if "weight" not in entry and "load" not in entry:
             raise ValueError(
-                f"collapse_to_lora: usage['{module}'] is a mapping without 'load' (a routing_stats entry)."
+                f"collapse_to_lora: usage['{module}'] is a mapping without 'weight' or 'load' (a routing_stats entry)."
             )
-        entry = entry["load"]
+        entry = entry.get("weight", entry.get("load"))
     try:
         values = torch.as_tensor(entry, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as error:

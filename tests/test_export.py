@@ -98,6 +98,30 @@ def test_router_that_always_picks_one_expert_collapses_to_that_expert(tmp_path):
     torch.testing.assert_close(logits(load_lora("llama", tmp_path), "llama"), want, rtol=0, atol=1e-5)
 
 
+def test_usage_from_routing_stats_is_the_gate_weight_each_expert_received(tmp_path):
+    # the report's load is the dispatch share (1/k per chosen expert whatever its weight): a constant top-2 gate of
+    # [0, 0, 0.18, 0.82] collapsed as [0, 0, 0.5, 0.5], 0.38 off where the mixture moves the logits 0.83
+    model = mope_model("llama", routing_level="task", num_tasks=1, num_experts=4, top_k=2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "mope_router" in name:
+                parameter.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+    with mope.routing_stats(model) as stats:
+        want = logits(model, "llama", mope_task_ids=torch.zeros(3, dtype=torch.long))
+    report = stats.report()
+    with mope.fix_task(model, 0):
+        gates = {
+            name: layer.router_for("default").fixed_weights()
+            for name, layer in model.named_modules()
+            if isinstance(layer, mope.MoPELayer)
+        }
+    for module, gate in gates.items():
+        assert sorted(report[module]["load"])[-2:] == [0.5, 0.5]  # top-2: half the dispatch each, unlike the gate
+        torch.testing.assert_close(torch.tensor(report[module]["weight"]), gate.float(), rtol=0, atol=1e-6)
+    mope.export_lora(model, tmp_path, method="concat", usage=report)
+    torch.testing.assert_close(logits(load_lora("llama", tmp_path), "llama"), want, rtol=0, atol=1e-5)
+
+
 def delta(state: dict, module: str) -> torch.Tensor:
     prefix = f"base_model.model.{module}"
     return state[f"{prefix}.lora_B.weight"].double() @ state[f"{prefix}.lora_A.weight"].double()

@@ -6,7 +6,8 @@
     report = stats.report()      # {module name: LayerStats as a dict}, read once at the end
 
 Per adapted module (the router's own module; block followers share their leader's): expert load
-(share of non-padding dispatch), mean gate entropy, drop rate, and drop rate by sequence
+(share of non-padding dispatch), expert weight (share of the gate weight, what ``mope.export_lora``'s usage
+reads), mean gate entropy, drop rate, and drop rate by sequence
 position (OpenMoE's "drop towards the end"), expert load by position. Hooks (:mod:`.hooks`) add a
 few on-device reductions per router call; nothing is copied to the host until ``report()``.
 
@@ -30,6 +31,7 @@ from .hooks import RouterHooks, finite_tokens, token_mask
 @dataclass
 class LayerStats:
     load: list[float]  # share of dispatch per expert, sums to 1
+    weight: list[float]  # share of the routed gate weight per expert, sums to 1 (load weighted by the gate)
     load_cv: float  # coefficient of variation of ``load``
     entropy: float  # mean per-token entropy of the router probabilities (nats)
     drop_rate: float  # dropped / requested (token, expert) pairs; 0 without capacity
@@ -43,7 +45,7 @@ class Accumulator:
     """Running on-device sums for one router."""
 
     def __init__(self) -> None:
-        self.load = self.entropy = self.tokens = self.dropped = self.requested = None
+        self.load = self.weight = self.entropy = self.tokens = self.dropped = self.requested = None
         self.dropped_at = self.requested_at = self.load_at = self.nonfinite = None
 
     @staticmethod
@@ -64,6 +66,8 @@ class Accumulator:
         real = token_mask(routing, inputs)
         token_load = routing.load.detach().float() * real.unsqueeze(-1)
         self.load = self.add(self.load, token_load.reshape(-1, probs.shape[-1]).sum(0))
+        token_weight = routing.weights.detach().float() * real.unsqueeze(-1)
+        self.weight = self.add(self.weight, token_weight.reshape(-1, probs.shape[-1]).sum(0))
         if token_load.dim() == 3:  # [batch, seq, N]: expert load by position
             self.load_at = self.add_padded(self.load_at, token_load.sum(0))
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
@@ -90,6 +94,7 @@ class Accumulator:
     def ratios(self) -> dict:
         """The shares, rates and entropy of :class:`LayerStats`, as computed from the sums."""
         load = self.load / self.load.sum().clamp_min(1e-12)
+        weight = self.weight / self.weight.sum().clamp_min(1e-12)
         cv = (load.std(unbiased=False) / load.mean()).item() if load.numel() > 1 else 0.0
         drop_rate = 0.0 if self.dropped is None else (self.dropped / self.requested.clamp_min(1)).item()
         by_position = [] if self.dropped_at is None else (self.dropped_at / self.requested_at.clamp_min(1)).tolist()
@@ -100,6 +105,7 @@ class Accumulator:
         )
         return {
             "load": load.tolist(),
+            "weight": weight.tolist(),
             "load_cv": cv,
             "entropy": (self.entropy / self.tokens.clamp_min(1)).item(),
             "drop_rate": drop_rate,
