@@ -9,8 +9,8 @@ Run from the repository root (offline, CPU):
 The mixture is the MoPE recipe (``recipes/offline/minilm_stdlib_mope.yaml``) made top-2 of 8 LoRA experts
 of rank 2 on every linear layer of MiniLM, i.e. N·r = 16, alpha 4 (``TOP2``: the demo recipe when the figures were
 measured; it is dense now). Expert usage per module is the ``weight`` (share of the gate weight) that
-:func:`mope.routing_stats` reports over the *training* split; each variant is exported with :func:`mope.export_lora`, loaded back with plain ``PeftModel.from_pretrained`` and
-scored on the held-out split: accuracy, and agreement with the mixture's own predictions.
+:func:`mope.routing_stats` reports over the *training* split; each variant is exported with
+:func:`mope.export_lora`, loaded back with plain ``PeftModel.from_pretrained`` and scored on the held-out split: accuracy, and agreement with the mixture's own predictions.
 Variants: ``concat`` (the exact usage-weighted average of the experts' updates, rank 16),
 ``svd`` truncations of it, and ``concat`` with uniform usage (what usage statistics buy).
 Writes ``DIR/collapse_accuracy_cpu.json`` and ``.md`` (``_h100`` etc. where a GPU trains; default DIR:
