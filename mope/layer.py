@@ -386,9 +386,28 @@ class MoPELayer(nn.Module, BaseTunerLayer):
 
     def _fold_order(self, adapter_names: list[str]) -> list[str]:
         names = [name for name in adapter_names if name in self.mope_experts]
-        # the forward scales the base's input for every (IA)^3 input scaling, then adds the other updates: fold in
-        # that order, W diag(l) + dW (LoRA first gave (W + dW) diag(l), scaling the LoRA's input too)
-        return sorted(names, key=lambda name: not self.mope_experts[name].scales_input)
+        # the forward scales the base's input for every (IA)^3 input scaling, then applies the others in the active
+        # adapters' order (an (IA)^3 output scaling scales what came before it): fold in that order, W diag(l) + dW
+        # (LoRA first gave (W + dW) diag(l), scaling the LoRA's input too)
+        active = [name for name in self.active_adapters if name in names]
+        rest = [name for name in names if name not in active]
+        return sorted(active + rest, key=lambda name: not self.mope_experts[name].scales_input)
+
+    def fold_order_problem(self, adapter_names: list[str] | None) -> str | None:
+        """Why folding ``adapter_names`` (the active adapters if None) after those already merged here would give
+        another model than the forward, or None: the forward puts one of them before those, and an (IA)^3 scaling
+        makes the order count (each merge call folds into what the base holds)."""
+        merged = [name for name in self.merged_adapters if name in self.mope_experts]
+        wanted = adapter_names if adapter_names is not None else self.active_adapters
+        names = self._fold_order([name for name in wanted if name not in merged])
+        order = self._fold_order(merged + names)
+        if order == merged + names or not any(self.mope_experts[name].folds_by_scaling for name in order):
+            return None
+        return (
+            f"module '{self.module_name}' would fold {names} after {merged}, but the forward applies them in the "
+            f"order {order} and an (IA)3 scaling makes the order count; unmerge_adapter(), then merge them in one "
+            "call (merge_adapter(adapter_names=[...]))"
+        )
 
     def unsafe_merge(self, adapter_names: list[str] | None) -> str | None:
         """What would make merging ``adapter_names`` give non-finite weights here (folded in order, as ``merge``
@@ -405,6 +424,8 @@ class MoPELayer(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         names = self._fold_order(check_adapters_to_merge(self, adapter_names))
+        if (problem := self.fold_order_problem(adapter_names)) is not None:
+            raise ValueError(f"Cannot merge: {problem}.")
         for name in names:  # check all before changing anything
             blocker = self.fold_blocker(name)
             if blocker is not None:

@@ -686,6 +686,9 @@ class MoPEModel(BaseTuner):
                 "only when the routing does not depend on the input (e.g. num_experts=1, or task-level routing with "
                 "a task fixed by mope.fix_task); nothing was changed."
             )
+        problem = next(filter(None, (layer.fold_order_problem(adapter_names) for layer in self._mope_layers())), None)
+        if problem is not None:
+            raise ValueError(f"Cannot merge: {problem}; nothing was changed.")
         if safe_merge:  # every layer before any: PEFT merges (and unloads) layer by layer, and stopped half-way
             problem = next(filter(None, (layer.unsafe_merge(adapter_names) for layer in self._mope_layers())), None)
             if problem is not None:

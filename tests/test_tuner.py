@@ -372,6 +372,44 @@ def test_merging_lora_and_input_scaling_ia3_adapters_folds_what_the_forward_comp
         torch.testing.assert_close(layer.get_base_layer().weight, weight, rtol=0, atol=1e-6)
 
 
+def lora_and_output_scaling_ia3():
+    """'lora' then 'scale' ((IA)^3 scaling down_proj's output, so (W + dW) * l in the forward), both active."""
+    common = dict(task_type="CAUSAL_LM", target_modules=["down_proj"], num_experts=1, top_k=1, r=4, init_weights=False)
+    model = get_peft_model(make_model("llama"), MoPEConfig(expert_type="lora", **common), adapter_name="lora")
+    model.add_adapter("scale", MoPEConfig(expert_type="ia3", **common))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(3))
+    model.base_model.set_adapter(["lora", "scale"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("make", [lora_and_output_scaling_ia3, two_mergeable_adapters])
+def test_merging_adapters_one_call_at_a_time_folds_in_the_forward_s_order_or_refuses(make):
+    # each call folds into what the base holds: the (IA)^3 before the LoRA gave W * l + dW for the forward's
+    # (W + dW) * l (0.057 off), and the LoRA before an input scaling (W + dW) diag(l) (0.048 off); named in one call
+    # against the active order too
+    model = make()
+    if make is two_mergeable_adapters:
+        model.base_model.set_adapter(["lora", "scale"])
+    batch = make_batch("llama")
+    unmerged = no_grad_logits(model, batch)
+    model.merge_adapter(adapter_names=["scale", "lora"])
+    torch.testing.assert_close(no_grad_logits(model, batch), unmerged, rtol=0, atol=1e-5)
+    model.unmerge_adapter()
+    first, then = ("scale", "lora") if make is lora_and_output_scaling_ia3 else ("lora", "scale")
+    model.merge_adapter(adapter_names=[first])
+    before = Snapshot.of(model, batch)
+    with pytest.raises(ValueError, match=r"applies them in the order .* nothing was changed"):
+        model.merge_adapter(adapter_names=[then])
+    before.assert_same(model, batch)
+    model.unmerge_adapter()
+    model.merge_adapter(adapter_names=[then])  # the forward's first, then the other: exact
+    model.merge_adapter(adapter_names=[first])
+    torch.testing.assert_close(no_grad_logits(model, batch), unmerged, rtol=0, atol=1e-5)
+
+
 def test_unmerging_an_ia3_scale_of_zero_restores_the_base():
     # unfolding divided by the scale: a 0 wrote a NaN row into the frozen weight, silently
     model = two_mergeable_adapters()
@@ -389,14 +427,22 @@ def test_unmerging_an_ia3_scale_of_zero_restores_the_base():
     model.unmerge_adapter()
     for layer, weight in zip(layers, weights, strict=True):
         assert torch.equal(layer.get_base_layer().weight, weight) and not layer.merged_adapters
+    assert not torch.allclose(unmerged, both)
+    model = lora_and_output_scaling_ia3()  # the forward's order is 'lora' then 'scale': mergeable one at a time
+    layers = [m for m in model.modules() if isinstance(m, MoPELayer)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.mope_experts["scale"].ia3_l[0, :3] = 0.0
+    weights = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    both = no_grad_logits(model, batch)
     model.merge_adapter(["lora"])  # alone: subtracting undoes it
     model.merge_adapter(["scale"])  # kept after 'lora' was folded: restoring it undoes 'scale' only
     assert all(layer.merged_adapters == ["lora", "scale"] for layer in layers)
+    torch.testing.assert_close(no_grad_logits(model, batch), both, rtol=0, atol=1e-5)
     model.unmerge_adapter()
     for layer, weight in zip(layers, weights, strict=True):
         torch.testing.assert_close(layer.get_base_layer().weight, weight, rtol=0, atol=1e-6)
     torch.testing.assert_close(no_grad_logits(model, batch), both, rtol=0, atol=1e-5)
-    assert not torch.allclose(unmerged, both)
 
 
 @pytest.mark.parametrize("router", ["top_k", "dense"])

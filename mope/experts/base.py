@@ -39,6 +39,8 @@ class ExpertBank(nn.Module):
     """
 
     scales_input: bool = False
+    # whether its fold multiplies the weight ((IA)3): it does not commute with an additive fold, so the order counts
+    folds_by_scaling: ClassVar[bool] = False
     # router='soft_merge': "sequence" merges the parameters once per sequence (soft_merged_delta),
     # "token" means forward already is the per-token merge (e.g. (IA)3's g L), None refuses.
     soft_merge: ClassVar[str | None] = None

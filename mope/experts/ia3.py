@@ -20,6 +20,7 @@ class IA3ExpertBank(ExpertBank):
     """
 
     soft_merge = "token"
+    folds_by_scaling = True
     no_lora_form = "(IA)3 vectors, which scale activations: there is no low-rank update to export"
 
     def __init__(self, in_features: int, out_features: int, config, num_experts: int, module_name: str = "") -> None:
