@@ -16,6 +16,7 @@ import inspect
 import os
 import re
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -205,6 +206,7 @@ class MoPEModel(BaseTuner):
     # also on the class: a model pickled before they existed reads these (set per tuner in _pre_injection_hook)
     adapters_enabled = True
     meta_experts = False
+    warned_unread_task_ids = False
 
     def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
         refuse_second_tuner(model)  # before BaseTuner puts the new config into the model's table
@@ -223,6 +225,7 @@ class MoPEModel(BaseTuner):
         self.checkpointed_layers: list[nn.Module] | None = None
         self.adapters_enabled = True  # False inside PeftModel.disable_adapter(): the routers do not run
         self.meta_experts = False  # an adapter was injected with low_cpu_mem_usage: checked until its tensors load
+        self.warned_unread_task_ids = False
 
     def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
         self.hook_handles = [
@@ -520,6 +523,18 @@ class MoPEModel(BaseTuner):
 
     # routing context and aux losses -------------------------------------------------------------
 
+    def warn_unread_task_ids(self) -> None:
+        """Warn (once) that a forward's task ids reach no router: no active adapter routes by task."""
+        levels = {getattr(self.peft_config.get(name), "routing_level", None) for name in self.active_adapters}
+        if "task" in levels:
+            return
+        self.warned_unread_task_ids = True
+        warnings.warn(
+            f"mope_task_ids were given, but no active MoPE adapter routes by task (routing_level {sorted(levels)}), "
+            "so they are ignored; set routing_level='task' (with num_tasks) to route by them.",
+            stacklevel=3,
+        )
+
     def _capture_inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Start a call with CAPTURED_INPUTS for the routers; remove mope's own (``consumed``) ones from the call."""
         if self.meta_experts:  # on CPU torch computes with a meta weight, without an error (NaN, or 0.16 off)
@@ -547,6 +562,8 @@ class MoPEModel(BaseTuner):
             # no mask at all (a dict of masks, Qwen2's under a static cache, is one), outside generate
             refuse_packed_rows(kwargs.get("position_ids"))
         complete_inputs(module, kwargs, inputs)
+        if "task_ids" in inputs and not self.warned_unread_task_ids:
+            self.warn_unread_task_ids()
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x renamed past_key_values
         # compiled: a layer seeing fewer tokens than the mask is taken for a decoding step, as before (the cache's
         # length would be one more guard, and a recompilation, per decoded token)

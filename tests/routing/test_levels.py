@@ -4,6 +4,8 @@ task ids reaching the routers through every PEFT task class.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -280,6 +282,19 @@ def test_task_ids_must_be_one_per_example_outside_generate():
     with torch.no_grad():
         want = model(**batch, mope_task_ids=ids).logits
         torch.testing.assert_close(model(**batch, mope_task_ids=ids.to(torch.int16)).logits, want, rtol=0, atol=0)
+
+
+def test_task_ids_that_no_active_adapter_reads_are_warned_about_once():
+    # a token-level mixture took them out of the call and routed as if they were not there, without a word
+    model = mope.get_mope_model(make_model("llama"), mope.MoPEConfig(target_modules=["q_proj"], num_experts=2)).eval()
+    batch = {k: v for k, v in make_batch("llama").items() if k != "labels"}
+    with pytest.warns(UserWarning, match=r"no active MoPE adapter routes by task \(routing_level \['token'\]\)"):
+        model(**batch, mope_task_ids=torch.tensor([0, 1]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(**batch, mope_task_ids=torch.tensor([0, 1]))  # once
+        task_model("llama").eval()(**batch, mope_task_ids=torch.tensor([0, 1]))  # read: no warning
+    assert not [w for w in caught if "mope_task_ids" in str(w.message)]
 
 
 def test_task_ids_that_are_not_tensors_or_do_not_fit_the_prompts_are_refused():
