@@ -155,11 +155,15 @@ FILE_READERS: dict[str, Callable[[str], Rows]] = {
 
 
 def multidomain_rows(section: DataSection) -> tuple[Rows, Rows]:
-    """The multi-domain union; its missing Debian packages are a RecipeError naming them and the command."""
+    """The multi-domain union, each row with its domain's index as ``domain_id`` (``data.task_column: domain_id``
+    routes by domain; ``domain`` is its name); missing Debian packages are a RecipeError naming them and the command."""
     try:
-        return multidomain.build(eval_fraction=section.eval_fraction)
+        splits = multidomain.build(eval_fraction=section.eval_fraction)
     except multidomain.MissingPackages as error:
         raise RecipeError(f"data.source 'builtin:multidomain': {error}") from error
+    ids = {domain: index for index, domain in enumerate(multidomain.DOMAINS)}
+    train, held_out = ([{**row, "domain_id": ids[row["domain"]]} for row in rows] for rows in splits)
+    return train, held_out
 
 
 # builtin:<name> -> its (train, held_out) rows for a data section

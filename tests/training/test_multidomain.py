@@ -139,3 +139,15 @@ def test_the_union_is_a_builtin_data_source(monkeypatch):
     monkeypatch.setattr(multidomain.os, "geteuid", lambda: 1000)
     with pytest.raises(RecipeError, match=r"builtin:multidomain.*fortunes"):
         read_rows(DataSection(source="builtin:multidomain"))
+
+
+def test_the_builtin_source_gives_each_row_its_domain_id_for_task_routing(built):
+    # its domain column is a name, which a task_column refuses: data.task_column: domain_id routes by domain
+    from mope.training.data import load_examples
+    from mope.training.recipe import DataSection
+
+    section = DataSection(source="builtin:multidomain", task_column="domain_id")
+    examples = load_examples(section, "sequence_classification", {"domain_id": (3, "adapter.config.num_tasks")})
+    rows = examples.train + examples.eval
+    assert {row["domain_id"] for row in rows} == {0, 1, 2}
+    assert all(multidomain.DOMAINS[row["domain_id"]] == row["domain"] for row in rows)
