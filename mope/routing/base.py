@@ -63,7 +63,8 @@ class Routing:
     ``weights``: ``[..., N]`` gate weight per expert, zero for experts a token does not use; this
     is all the dispatch needs. ``probs`` and ``logits``: the router's full softmax and raw scores
     (for losses and statistics). ``load``: each token's share of dispatch per expert, summing
-    to 1 over experts (one-hot / k for top-k, the probabilities for a dense gate); the
+    to 1 over experts (one-hot / k for top-k, the probabilities for a dense gate; expert choice, where a
+    token may get no expert or several: its dispatch counts scaled to sum to 1 per token on average); the
     load-balancing loss reads it. ``probs`` and ``load`` may be given as a :class:`Deferred`,
     computed on first read.
     ``dropped``: bool ``[..., N]``, True where the gate chose the

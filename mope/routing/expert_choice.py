@@ -96,7 +96,10 @@ class ExpertChoiceRouter(Router):
         rank = torch.empty_like(order).scatter_(-1, order, ranks).t()
         chosen = (rank < capacity) & real.unsqueeze(-1)
         weights = (flat * chosen).reshape(probs.shape)
-        load = (chosen / chosen.sum(dim=-1, keepdim=True).clamp_min(1)).reshape(probs.shape)
+        # dispatch counts scaled to sum to the real token count: the loss's f_i (a mean over tokens) is then expert i's
+        # share of all dispatch, whatever share of tokens no expert took (per-token shares left those rows at 0 and
+        # scaled the loss down: 0.25 for a perfectly balanced choice, not 1)
+        load = (chosen * (num_tokens / chosen.sum().clamp_min(1))).reshape(probs.shape)
         return Routing(weights=weights, probs=probs, logits=logits, load=load)
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from conftest import make_batch, make_model, make_router, padded_mask, skewed_lo
 from peft import get_peft_model
 
 import mope
+from mope.losses import load_balancing_loss
 from mope.routing import NoncausalRoutingError, RoutingInputs
 
 
@@ -38,8 +39,19 @@ def test_expert_choice_matches_reference(factor):
     want, c = reference_expert_choice(logits, mask, factor or 2.0)  # None -> top_k
     torch.testing.assert_close(routing.weights.reshape(-1, 4), want, rtol=1e-5, atol=1e-7)
     assert ((routing.weights > 0).sum(dim=(0, 1)) == c).all()  # every expert takes exactly c tokens
-    loads = routing.load.sum(-1)[(routing.weights > 0).any(-1)]
-    torch.testing.assert_close(loads, torch.ones_like(loads))
+    # load: the dispatch counts, scaled to a mean of 1 per real token (the loss's f_i is each expert's share)
+    counts = (routing.weights > 0).reshape(-1, 4).sum(0).float()
+    real = mask.sum().float()
+    torch.testing.assert_close(routing.load.reshape(-1, 4).sum(0), counts * real / counts.sum())
+
+
+def test_the_load_balancing_loss_of_a_balanced_expert_choice_is_one():
+    # tokens no expert took had all-zero load rows, which scaled the loss down by their share (0.25 here, not 1)
+    router = make_router("expert_choice", 4, 1, capacity_factor=1.0).train()
+    logits = torch.zeros(1, 8, 4)  # uniform: every expert takes the first 2 tokens, the other 6 get none
+    routing = router.gate(logits, RoutingInputs())
+    assert ((routing.weights > 0).sum(dim=(0, 1)) == 2).all() and (routing.weights[0, 2:] == 0).all()
+    assert load_balancing_loss(routing, None).item() == pytest.approx(1.0)
 
 
 def sparse_config(model: str, **kwargs) -> mope.MoPEConfig:
