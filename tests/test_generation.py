@@ -177,6 +177,12 @@ def test_a_static_cache_decides_on_the_prompt_without_its_padding(row):
     static = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
     assert torch.equal(static, greedy(model, batch, True))
     assert torch.equal(static[1, 7:], alone)
+    # no mask given: generate infers it from pad_token_id, and that one is the prompt's (it pooled the padding)
+    inferred = model.generate(
+        input_ids=batch["input_ids"], max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static"
+    )
+    assert torch.equal(inferred, static)
+    assert "prepare_inputs_for_generation" not in vars(model.get_base_model())  # set for that generate only
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -392,8 +392,10 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
         training = [router for router in routers if router.training]
         for router in training:
             router.train(False)
+        inferred = encoder_decoder or context.decisions.prompt_mask is not None
         try:
-            return model.generate(*args, **kwargs)
+            with nullcontext() if inferred else recording_inferred_prompt_mask(model, context):
+                return model.generate(*args, **kwargs)
         finally:
             context.decisions.pinned = False
             context.decisions.clear()
@@ -402,6 +404,30 @@ def generate_with_routing(model: Any, context: RoutingContext, *args: Any, **kwa
             context.begin({}, collecting=False)
             for router in training:
                 router.train(True)
+
+
+@contextmanager
+def recording_inferred_prompt_mask(model: Any, context: RoutingContext) -> Iterator[None]:
+    """Keep the ``[batch, seq]`` mask generate infers for a prompt given without one (from ``pad_token_id``) as the
+    prompt's: a static cache gives the prompt's forward only a 4-D mask, and a left-padded row's decision pooled its
+    padding (every token of it differed). Set on the instance for this generate only."""
+    previous = vars(model).get("prepare_inputs_for_generation")
+    prepare = model.prepare_inputs_for_generation
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        mask = kwargs.get("attention_mask")
+        if context.decisions.prompt_mask is None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            context.decisions.prompt_mask = mask
+        return prepare(*args, **kwargs)
+
+    model.prepare_inputs_for_generation = recording
+    try:
+        yield
+    finally:
+        if previous is None:
+            del model.prepare_inputs_for_generation
+        else:
+            model.prepare_inputs_for_generation = previous
 
 
 # generate's options whose first forward is not the prompt alone: the prompt and draft tokens, or its first chunk
