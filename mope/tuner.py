@@ -27,6 +27,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_peft_model_state_dict
 from torch import nn
 from transformers.integrations import PeftAdapterMixin, is_deepspeed_zero3_enabled
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .bundles import describe_bad_values, describe_mismatch
 from .bundles.files import BundleHeader
@@ -77,6 +78,8 @@ from .routing.schedule import (
 # projections of cross-attention, which see the encoder's tokens.
 CROSS_ATTENTION_KV = re.compile(r"(EncDecAttention\.[kv]|encoder_attn\.[kv]_proj|crossattention\.self\.(key|value))$")
 AUX_LOSS_BY_NAME = {loss.name: loss for loss in AUX_LOSSES}
+# transformers' decoder-only LM classes (their loss is normalised over Trainer's num_items_in_batch)
+CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 # Task types whose PEFT class wraps the model for generation (it reads prepare_inputs_for_generation).
 GENERATING_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM")
 
@@ -622,8 +625,10 @@ class MoPEModel(BaseTuner):
         self.adapters_enabled = enabled
 
     def causal_lm(self) -> bool:
-        """Whether the adapters are for a decoder-only LM (transformers' losses there read ``num_items_in_batch``)."""
-        return any(str(getattr(c.task_type, "value", c.task_type)) == "CAUSAL_LM" for c in self.peft_config.values())
+        """Whether the model is a decoder-only LM (transformers' losses there read ``num_items_in_batch``): its
+        adapters' task type says so, or, without one (a plain PeftModel, which Trainer gives it too), its class."""
+        tasks = {str(getattr(c.task_type, "value", c.task_type)) for c in self.peft_config.values()}
+        return "CAUSAL_LM" in tasks or type(self.model).__name__ in CAUSAL_LM_CLASSES
 
     def combine_losses(self, records) -> torch.Tensor:
         """``sum over (adapter, loss) of coef * mean over modules``; see :mod:`mope.losses`."""

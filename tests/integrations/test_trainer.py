@@ -83,11 +83,13 @@ def test_hooks_are_removed_after_training_and_eval_forwards_are_not_counted(tmp_
     assert load.load is not None and load.load.sum() == pytest.approx(3.0)
 
 
-def sgd_trainer(folder, batch: int, accumulation: int, cls: type = Trainer, **extra) -> Trainer:
+def sgd_trainer(
+    folder, batch: int, accumulation: int, cls: type = Trainer, task_type: str | None = "CAUSAL_LM", **extra
+) -> Trainer:
     """One SGD step (lr 1) on 4 rows; z-loss only: a per-token mean, so one batch of 4 and two micro-batches of 2
     have the same router loss."""
     config = mope.MoPEConfig(
-        task_type="CAUSAL_LM", target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2, r=2,
+        task_type=task_type, target_modules=["q_proj", "up_proj"], num_experts=4, top_k=2, r=2,
         aux_loss_coef=0.0, z_loss_coef=1.0, init_weights=False,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -113,10 +115,12 @@ def assert_accumulation_matches_one_batch(folder, **kwargs) -> None:
         torch.testing.assert_close(accumulated[name], value, rtol=0, atol=1e-5, msg=name)
 
 
-def test_gradient_accumulation_weighs_the_router_loss_as_one_batch_does(tmp_path):
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])
+def test_gradient_accumulation_weighs_the_router_loss_as_one_batch_does(tmp_path, task_type):
     # Trainer passes num_items_in_batch and no longer divides a causal LM's loss by the accumulation steps:
-    # the aux loss added per micro-batch counted twice (the routers' aux gradient was 2x that of one batch)
-    assert_accumulation_matches_one_batch(tmp_path)
+    # the aux loss added per micro-batch counted twice (the routers' aux gradient was 2x that of one batch); so too
+    # without a task_type (a plain PeftModel: the weighting read only the task type)
+    assert_accumulation_matches_one_batch(tmp_path, task_type=task_type)
 
 
 def test_an_adapter_without_routers_is_named(tmp_path):
