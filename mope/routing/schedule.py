@@ -148,10 +148,21 @@ def step_schedule(model: nn.Module) -> None:
     Acts on adapters with ``router_schedule_counter='manual'``; a no-op for the others (and for a
     MoPE model without a schedule), so a training loop may always call it.
     """
-    tuner = model.base_model if isinstance(model, PeftModel) else model
-    if not hasattr(tuner, "routing_context"):
+    tuner = mope_tuner_of(model)
+    if tuner is None:
         raise ValueError(f"mope.step_schedule needs a MoPE model (a PeftModel with a MoPE adapter), got {type(model)}")
     advance_schedules(tuner, "manual")
+
+
+def mope_tuner_of(model: nn.Module) -> Any:
+    """The MoPE tuner of ``model`` (a PeftModel's ``base_model``, or the tuner itself), or the one whose forward hook a
+    model carries that loaded a bundle with transformers' own ``load_adapter`` (no tuner is in its module tree);
+    None if it has none."""
+    tuner = model.base_model if isinstance(model, PeftModel) else model
+    if hasattr(tuner, "routing_context"):
+        return tuner
+    hooks = getattr(model, "_forward_pre_hooks", {}).values()
+    return next((hook.__self__ for hook in hooks if hasattr(getattr(hook, "__self__", None), "routing_context")), None)
 
 
 class ScheduleCallback(TrainerCallback):

@@ -161,3 +161,20 @@ def test_transformers_load_adapter_gives_an_old_bundle_s_saved_logits_or_refuses
     with torch.no_grad():
         got = model.eval()(**batch, **extra).logits
     torch.testing.assert_close(got, load_file(folder / "logits.safetensors")["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_router_schedule_of_a_load_adapter_model_steps(tmp_path):
+    # step_schedule (so ScheduleCallback, MoPETrainer) looked for the tuner in a PeftModel only: "needs a MoPE model"
+    folder = trained_bundle(
+        tmp_path, router_schedule_steps=4, router_schedule_counter="manual", router_schedule_start_temperature=4.0
+    )
+    model = make_model("llama")
+    model.load_adapter(folder, is_trainable=True)
+    (tuner,) = {hook.__self__ for hook in model._forward_pre_hooks.values() if hasattr(hook, "__self__")}
+    schedule = tuner.mope_schedule["default"]
+    before = schedule.count
+    mope.step_schedule(model)
+    mope.ScheduleCallback().on_step_end(None, None, None, model=model)
+    assert schedule.count == before + 2
+    with pytest.raises(ValueError, match="needs a MoPE model"):
+        mope.step_schedule(make_model("llama"))
