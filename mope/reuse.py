@@ -36,6 +36,7 @@ from .layer import MoPELayer, supported_base_layer
 from .routing.arrow import init_arrow
 
 # PEFT writes "base_model.model.<module>.lora_A.weight" (the adapter name removed); accept it with one.
+EMBEDDING_LORA_KEY = re.compile(r"\.lora_embedding_[AB](?:\.[^.]+)?$")  # PEFT's LoRA of an nn.Embedding
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 
 # LoRA options whose adapters the saved A and B alone do not reproduce, and why.
@@ -119,6 +120,11 @@ def read_lora_adapter(path: str) -> LoraAdapter:
     try:
         with safe_open(file, framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if EMBEDDING_LORA_KEY.search(key):
+                    module = EMBEDDING_LORA_KEY.sub("", key).removeprefix("base_model.model.")
+                    raise refuse(
+                        path, f"module '{module}' is an embedding ({key}): only Linear / Conv1D LoRAs are experts"
+                    )
                 match = LORA_KEY.match(key)
                 if match is None:
                     extras[key] = handle.get_tensor(key)
@@ -136,7 +142,9 @@ def read_lora_adapter(path: str) -> LoraAdapter:
         if not (a.is_floating_point() and b.is_floating_point()) or not (a.isfinite().all() and b.isfinite().all()):
             raise refuse(path, f"module '{module}': lora_A or lora_B holds NaN, inf or non-float values")
         rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        if a.dim() != 2 or b.dim() != 2:  # a Conv2d's LoRA (4-D factors)
+            raise refuse(path, f"module '{module}': lora_A is {a.dim()}-D, not a Linear / Conv1D LoRA's 2-D")
+        if a.shape[0] != rank or b.shape[1] != rank:
             raise refuse(
                 path, f"module '{module}': lora_A {list(a.shape)} and lora_B {list(b.shape)} do not have rank {rank}"
             )
@@ -308,6 +316,17 @@ def from_lora_adapters(
         )
     if not paths:
         raise ValueError("from_lora_adapters: paths is empty; give one LoRA folder per expert")
+    strange = next((path for path in paths if not isinstance(path, (str, os.PathLike))), None)
+    if strange is not None:
+        raise ValueError(
+            f"from_lora_adapters: paths holds a {type(strange).__name__}; give the LoRA folders (save_pretrained's "
+            "output), one per expert"
+        )
+    if config is not None and (config.layers_to_transform is not None or config.layers_pattern):
+        raise ValueError(
+            "from_lora_adapters: MoPEConfig.layers_to_transform / layers_pattern cannot narrow the mixture: it adapts "
+            "exactly the modules the LoRAs adapt; leave them None (or give LoRAs of those layers only)"
+        )
     adapters = [read_lora_adapter(os.fspath(path)) for path in paths]
     for adapter in adapters:
         check_extra_tensors(adapter, base_model)

@@ -151,6 +151,21 @@ def test_bad_adapters_are_refused_and_the_model_is_left_alone(llama_adapters, tm
     assert_refused([extra], r"has shape \[128, 32\], the base model's 'lm_head\.weight' \[128, 64\]")
 
 
+def test_what_a_mixture_of_loras_cannot_hold_is_named(llama_adapters, tmp_path):
+    # an Embedding's LoRA was "not a LoRA A/B weight and differs from the base model's"; a loaded PeftModel in paths
+    # a bare TypeError from os.fspath; layers_to_transform was ignored (every layer of the LoRAs got experts)
+    good = llama_adapters[0]
+    embedding = tmp_path / "embedding"
+    config = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj", "embed_tokens"])
+    get_peft_model(make_model("llama"), config).save_pretrained(embedding)
+    assert_refused([embedding], r"module 'model\.embed_tokens' is an embedding .* only Linear / Conv1D LoRAs")
+    loaded = PeftModel.from_pretrained(make_model("llama"), good)
+    assert_refused([good, loaded], "paths holds a PeftModelForCausalLM; give the LoRA folders")
+    assert_refused(
+        [good], "layers_to_transform / layers_pattern cannot narrow", mope.MoPEConfig(layers_to_transform=[0])
+    )
+
+
 def test_mismatched_modules_and_shapes_are_refused(llama_adapters, tmp_path):
     good = llama_adapters[0]
     fewer = train_lora("llama", tmp_path / "fewer", seed=4, r=2, target_modules=["q_proj"])
