@@ -7,11 +7,12 @@ import functools
 import os
 import re
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from packaging.version import Version
-from peft import PeftConfig
+from peft import PeftConfig, TaskType
 from peft.utils.constants import CONFIG_NAME
 
 from .bundles.files import BundleHeader
@@ -52,6 +53,15 @@ def pattern_matches(pattern: str, module_name: str) -> bool:
     return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
 
 
+def lists_module(targets: str | Iterable[str] | None, module_name: str) -> bool:
+    """PEFT's ``feedforward_modules`` rule: a regex matching the whole name, or a list of names or dotted suffixes."""
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
 def check_regex(what: str, pattern: str) -> None:
     """Refuse a pattern that does not compile, naming the field (``re.error`` would name none)."""
     try:
@@ -60,9 +70,20 @@ def check_regex(what: str, pattern: str) -> None:
         raise ValueError(f"MoPEConfig.{what} {pattern!r} is not a valid regex: {error}") from error
 
 
-def pattern_value(table: dict[str, int], module_name: str, default: int) -> int:
-    """The value of the first pattern in ``table`` matching ``module_name``, else ``default``."""
-    return next((value for pattern, value in table.items() if pattern_matches(pattern, module_name)), default)
+def pattern_value(table: dict[str, int], module_name: str, default: int, field_name: str = "pattern") -> int:
+    """The value of the patterns in ``table`` matching ``module_name``, else ``default``.
+
+    Two patterns that match one module with different values are refused: which one wins would be
+    their order, and PEFT saves the config with its keys sorted, so a reloaded bundle could route the
+    module with the other value (top_k 2 for 1: logits 0.026 off, silently).
+    """
+    values = {pattern: value for pattern, value in table.items() if pattern_matches(pattern, module_name)}
+    if len(set(values.values())) > 1:
+        raise ValueError(
+            f"MoPEConfig.{field_name}: patterns {sorted(values)} all match module '{module_name}' with different values "
+            f"({values}); a saved config sorts its keys, so which one wins would change. Make them not overlap."
+        )
+    return next(iter(values.values()), default)
 
 
 @dataclass
@@ -334,18 +355,19 @@ class MoPEConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = add_peft_type_member()
         self.validate()
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, (list, tuple)):
-            self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.feedforward_modules, (list, tuple)):
-            self.feedforward_modules = set(self.feedforward_modules)
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+            if isinstance(getattr(self, name), (list, tuple, frozenset)):  # a frozenset: PEFT's save writes sets only
+                setattr(self, name, set(getattr(self, name)))
 
     def validate(self) -> None:
         """Every check of the constructor, again: ``get_peft_model`` and ``add_adapter`` call it, so a field assigned
         after construction (PEFT's ``config.r = 16`` idiom) is a ValueError naming it before the model is touched
         (``router_temperature=0`` gave a NaN loss, ``router='topk'`` a bare KeyError)."""
         self._check_types()
+        if self.task_type is not None and self.task_type not in list(TaskType):  # PEFT checks it at construction only
+            raise ValueError(
+                f"MoPEConfig.task_type={self.task_type!r} is not one of PEFT's task types: {', '.join(TaskType)}"
+            )
         self._check()
         check_shared_options(self, ROUTERS)
         for gate in ROUTERS.values():  # every gate, whichever is chosen: a bad saved value is refused now
@@ -364,6 +386,9 @@ class MoPEConfig(PeftConfig):
         saved = super().to_dict()
         for name in self.RUNTIME_FIELDS:
             saved.pop(name, None)
+        for name, value in saved.items():  # assigned after construction: PEFT's save turns sets into lists, no other
+            if isinstance(value, frozenset):
+                saved[name] = set(value)
         saved["mope_version"] = MOPE_VERSION  # this mope writes it (an older value read as an upgrade on load)
         return saved
 
@@ -431,19 +456,14 @@ class MoPEConfig(PeftConfig):
 
     def module_settings(self, module_name: str) -> tuple[int, int]:
         """``(num_experts, top_k)`` for one module, after ``num_experts_pattern`` / ``top_k_pattern``."""
-        num_experts = pattern_value(self.num_experts_pattern, module_name, self.num_experts)
-        top_k = pattern_value(self.top_k_pattern, module_name, self.top_k)
+        num_experts = pattern_value(self.num_experts_pattern, module_name, self.num_experts, "num_experts_pattern")
+        top_k = pattern_value(self.top_k_pattern, module_name, self.top_k, "top_k_pattern")
         self.check_top_k(num_experts, top_k, f"MoPEConfig.top_k/top_k_pattern for module '{module_name}'")
         return num_experts, top_k
 
     def is_feedforward(self, module_name: str) -> bool:
         """Whether ``feedforward_modules`` lists the module ((IA)3 then scales its input)."""
-        targets = self.feedforward_modules
-        if not targets:
-            return False
-        if isinstance(targets, str):
-            return re.fullmatch(targets, module_name) is not None
-        return any(module_name == t or module_name.endswith("." + t) for t in targets)
+        return lists_module(self.feedforward_modules, module_name)
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from .bundles import describe_bad_values, describe_mismatch
 from .bundles.files import BundleHeader
-from .config import pattern_matches
+from .config import lists_module, pattern_matches
 from .ffn_layer import layer_class_for
 from .injection import (
     AdapterConfigs,
@@ -340,11 +340,14 @@ class MoPEModel(BaseTuner):
                         f"MoPEConfig.{field_name} key {pattern!r} matches none of the {len(adapted)} adapted modules "
                         f"(e.g. {', '.join(adapted[:3])})"
                     )
-        if config.feedforward_modules and not any(config.is_feedforward(name) for name in adapted):
-            raise ValueError(
-                f"MoPEConfig.feedforward_modules={config.feedforward_modules!r} matches none of the adapted modules "
-                f"(e.g. {', '.join(adapted[:3])})"
-            )
+        targets = config.feedforward_modules
+        entries = [targets] if isinstance(targets, str) else sorted(targets or ())  # each entry: a typo beside others
+        for entry in entries:
+            if not any(lists_module(entry if isinstance(targets, str) else [entry], name) for name in adapted):
+                raise ValueError(
+                    f"MoPEConfig.feedforward_modules entry {entry!r} matches none of the adapted modules "
+                    f"(e.g. {', '.join(adapted[:3])})"
+                )
 
     def _link_blocks(self, adapter_name: str) -> None:
         """Block-level routing: keep the router of each block's first adapted module, drop the others'."""
@@ -357,6 +360,11 @@ class MoPEModel(BaseTuner):
         blocks = [
             n for n, _ in self.model.named_modules() if n and any(pattern_matches(p, n) for p in config.router_blocks)
         ]
+        for pattern in config.router_blocks:  # each one: a typo beside a pattern that links was ignored
+            if not any(pattern_matches(pattern, b) and any(n.startswith(b + ".") for n, _ in layers) for b in blocks):
+                raise ValueError(
+                    f"MoPEConfig.router_blocks entry {pattern!r} matches no module that contains adapted modules"
+                )
         linked = 0
         for block in blocks:
             members = [m for n, m in layers if n.startswith(block + ".")]

@@ -80,6 +80,7 @@ def test_every_config_field_has_help():
         ("r", 0, "MoPEConfig.r"),  # ZeroDivisionError before
         ("capacity_policy", "bpr_typo", "MoPEConfig.capacity_policy"),  # accepted silently before
         ("target_modules", 5, "MoPEConfig.target_modules"),
+        ("task_type", "CAUSAL_LMM", "MoPEConfig.task_type='CAUSAL_LMM' is not one of PEFT's task types"),
     ],
 )
 def test_a_field_assigned_after_construction_is_checked_before_the_model_is_touched(field, value, words):
@@ -91,6 +92,41 @@ def test_a_field_assigned_after_construction_is_checked_before_the_model_is_touc
     with pytest.raises(ValueError, match=words):
         get_peft_model(model, config)
     before.assert_same(model, batch)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        # PEFT saves the config with its keys sorted: which overlapping pattern won changed (top_k 2 for 1: 0.026 off)
+        (
+            {"top_k_pattern": {"q_proj": 1, ".*_proj": 2}},
+            r"top_k_pattern: patterns \['\.\*_proj', 'q_proj'\] all match",
+        ),
+        ({"num_experts_pattern": {"v_proj": 3, ".*_proj": 4}}, "num_experts_pattern: patterns"),
+        # a typo beside an entry that matches was ignored
+        ({"expert_type": "ia3", "feedforward_modules": ["v_proj", "q_prj"]}, "feedforward_modules entry 'q_prj'"),
+        ({"router_blocks": ["self_attn", "mlpp"]}, "router_blocks entry 'mlpp' matches no module"),
+    ],
+)
+def test_overlapping_patterns_and_a_misspelt_entry_are_refused(options, words):
+    model, batch = make_model("llama"), make_batch("llama")
+    before = Snapshot.of(model, batch)
+    config = MoPEConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], num_experts=4, **options)
+    with pytest.raises(ValueError, match=words):
+        get_peft_model(model, config)
+    before.assert_same(model, batch)
+    agreeing = {"top_k_pattern": {"q_proj": 1, ".*_proj": 1}}  # overlapping with one value: no ambiguity
+    get_peft_model(make_model("llama"), MoPEConfig(target_modules=["q_proj", "v_proj"], num_experts=4, **agreeing))
+
+
+def test_a_frozenset_of_targets_saves(tmp_path):
+    # accepted, then PeftModel.save_pretrained wrote a 0-byte adapter_config.json (frozenset is not JSON)
+    config = MoPEConfig(task_type="CAUSAL_LM", target_modules=frozenset({"q_proj"}), num_experts=2)
+    model = get_peft_model(make_model("llama"), config)
+    model.peft_config["default"].exclude_modules = frozenset({"lm_head"})  # assigned after construction
+    model.save_pretrained(tmp_path)
+    saved = PeftConfig.from_pretrained(tmp_path)
+    assert saved.target_modules == {"q_proj"} and saved.exclude_modules == {"lm_head"}
 
 
 def test_a_config_from_a_newer_mope_is_refused_by_every_reader_and_saved_with_this_version(tmp_path):
