@@ -71,19 +71,22 @@ def check_regex(what: str, pattern: str) -> None:
 
 
 def pattern_value(table: dict[str, int], module_name: str, default: int, field_name: str = "pattern") -> int:
-    """The value of the patterns in ``table`` matching ``module_name``, else ``default``.
+    """The value of the first pattern in ``table`` matching ``module_name``, else ``default``.
 
-    Two patterns that match one module with different values are refused: which one wins would be
-    their order, and PEFT saves the config with its keys sorted, so a reloaded bundle could route the
-    module with the other value (top_k 2 for 1: logits 0.026 off, silently).
+    PEFT saves the config with its keys sorted, so a reloaded bundle takes the first match in sorted
+    order: where that gives a module another value than the order given (two overlapping keys with
+    different values, the wrong one first in sorted order: top_k 2 for 1, logits 0.026 off, silently),
+    it is refused. A saved config's keys are sorted already: it always loads as it was saved.
     """
-    values = {pattern: value for pattern, value in table.items() if pattern_matches(pattern, module_name)}
-    if len(set(values.values())) > 1:
+    matching = [(pattern, value) for pattern, value in table.items() if pattern_matches(pattern, module_name)]
+    given, saved = (next(iter(order), (None, default)) for order in (matching, sorted(matching)))
+    if given[1] != saved[1]:
         raise ValueError(
-            f"MoPEConfig.{field_name}: patterns {sorted(values)} all match module '{module_name}' with different values "
-            f"({values}); a saved config sorts its keys, so which one wins would change. Make them not overlap."
+            f"MoPEConfig.{field_name}: keys {given[0]!r} ({given[1]}) and {saved[0]!r} ({saved[1]}) both match module "
+            f"'{module_name}'; the first one given wins, but a saved config sorts its keys, so the reloaded bundle "
+            f"would take {saved[1]}. Make them not overlap (or give the one you mean first in sorted order)."
         )
-    return next(iter(values.values()), default)
+    return given[1]
 
 
 @dataclass

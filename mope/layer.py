@@ -401,7 +401,14 @@ class MoPELayer(nn.Module, BaseTunerLayer):
         wanted = adapter_names if adapter_names is not None else self.active_adapters
         names = self._fold_order([name for name in wanted if name not in merged])
         order = self._fold_order(merged + names)
-        if order == merged + names or not any(self.mope_experts[name].folds_by_scaling for name in order):
+        scaling = {name: self.mope_experts[name].folds_by_scaling for name in order}
+        folds = merged + names
+        # only a scaling and an additive fold fail to commute: the order counts for such a pair alone
+        if not any(
+            scaling[a] != scaling[b] and folds.index(a) > folds.index(b)
+            for i, a in enumerate(order)
+            for b in order[i + 1 :]
+        ):
             return None
         return (
             f"module '{self.module_name}' would fold {names} after {merged}, but the forward applies them in the "

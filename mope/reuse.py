@@ -314,6 +314,7 @@ def from_lora_adapters(
         raise ValueError(
             f"from_lora_adapters: paths={paths!r} is one path; give a list of LoRA folders, one per expert"
         )
+    paths = list(paths)  # a generator too: read once
     if not paths:
         raise ValueError("from_lora_adapters: paths is empty; give one LoRA folder per expert")
     strange = next((path for path in paths if not isinstance(path, (str, os.PathLike))), None)

@@ -123,7 +123,9 @@ def transformers_bundle_folder() -> tuple[str, bool] | None:
     source = frame.f_locals.get("peft_model_id")
     if source is None:
         return None
-    subfolder = (frame.f_locals.get("adapter_kwargs") or {}).get("subfolder") or ""
+    # adapter_kwargs, or (transformers 5.25: from_pretrained(..., subfolder=...)) the load config's download kwargs
+    downloads = getattr(frame.f_locals.get("load_config"), "download_kwargs", None) or {}
+    subfolder = (frame.f_locals.get("adapter_kwargs") or {}).get("subfolder") or downloads.get("subfolder") or ""
     folder = os.path.normpath(os.path.join(os.fspath(source), subfolder))
     return (folder, "adapter_config_file" in frame.f_locals) if os.path.isdir(folder) else None
 
@@ -285,12 +287,12 @@ class MoPEModel(BaseTuner):
         """PEFT's injection, made all-or-nothing: on any error the model is restored, then it re-raises."""
         check_adapter_name(adapter_name)
         snapshot = InjectionSnapshot(model, self)
-        from_transformers = False
+        config = self.peft_config[adapter_name]
+        source = transformers_bundle_folder() if config.bundle is None else None
+        from_transformers = source is not None
         try:
-            config = self.peft_config[adapter_name]
-            if config.bundle is None and (source := transformers_bundle_folder()) is not None:
+            if from_transformers:
                 read_bundle_for_transformers(config, *source)
-                from_transformers = True
             self.peft_config[adapter_name].validate()  # fields assigned since the config was made
             refuse_frozen_identity(self.peft_config[adapter_name])
             warn_generate_without_task_type(self.peft_config[adapter_name], model, adapter_name)
@@ -319,6 +321,9 @@ class MoPEModel(BaseTuner):
         except Exception:
             snapshot.restore_adapter(adapter_name)
             raise
+        finally:
+            if from_transformers and not source[1]:  # the caller's own config (peft_config=): no lasting bundle link
+                config.bundle = None
 
     def _check_patterns_used(self, adapter_name: str) -> None:
         """Every per-module pattern must match an adapted module: a typo would silently do nothing."""
@@ -341,12 +346,15 @@ class MoPEModel(BaseTuner):
                         f"(e.g. {', '.join(adapted[:3])})"
                     )
         targets = config.feedforward_modules
-        entries = [targets] if isinstance(targets, str) else sorted(targets or ())  # each entry: a typo beside others
+        # each entry, as PEFT's IA3Config: one of target_modules (a portable list: 'fc2' beside 'down_proj'), or one
+        # that matches an adapted module; a typo beside an entry that matches was ignored
+        listed = set(config.target_modules) if isinstance(config.target_modules, set) else set()
+        entries = [targets] if isinstance(targets, str) else sorted(set(targets or ()) - listed)
         for entry in entries:
             if not any(lists_module(entry if isinstance(targets, str) else [entry], name) for name in adapted):
                 raise ValueError(
                     f"MoPEConfig.feedforward_modules entry {entry!r} matches none of the adapted modules "
-                    f"(e.g. {', '.join(adapted[:3])})"
+                    f"(e.g. {', '.join(adapted[:3])}) and is not one of target_modules"
                 )
 
     def _link_blocks(self, adapter_name: str) -> None:
@@ -360,10 +368,12 @@ class MoPEModel(BaseTuner):
         blocks = [
             n for n, _ in self.model.named_modules() if n and any(pattern_matches(p, n) for p in config.router_blocks)
         ]
-        for pattern in config.router_blocks:  # each one: a typo beside a pattern that links was ignored
+        for pattern in config.router_blocks:  # each one: a typo beside a pattern that links was silent
             if not any(pattern_matches(pattern, b) and any(n.startswith(b + ".") for n, _ in layers) for b in blocks):
-                raise ValueError(
-                    f"MoPEConfig.router_blocks entry {pattern!r} matches no module that contains adapted modules"
+                warnings.warn(  # not refused: a list shared by adapters of different targets is fine
+                    f"MoPEConfig.router_blocks entry {pattern!r} of adapter '{adapter_name}' matches no module that "
+                    "contains its adapted modules; it links nothing",
+                    stacklevel=2,
                 )
         linked = 0
         for block in blocks:
@@ -636,7 +646,12 @@ class MoPEModel(BaseTuner):
         """Whether the model is a decoder-only LM (transformers' losses there read ``num_items_in_batch``): its
         adapters' task type says so, or, without one (a plain PeftModel, which Trainer gives it too), its class."""
         tasks = {str(getattr(c.task_type, "value", c.task_type)) for c in self.peft_config.values()}
-        return "CAUSAL_LM" in tasks or type(self.model).__name__ in CAUSAL_LM_CLASSES
+        if "CAUSAL_LM" in tasks:
+            return True
+        # a causal LM class whose forward computes its loss with transformers' loss_function (which reads
+        # num_items_in_batch), not those with a plain CrossEntropyLoss mean (BartForCausalLM, XLNet, ...)
+        forward = inspect.unwrap(type(self.model).forward)
+        return type(self.model).__name__ in CAUSAL_LM_CLASSES and "loss_function" in forward.__code__.co_names
 
     def combine_losses(self, records) -> torch.Tensor:
         """``sum over (adapter, loss) of coef * mean over modules``; see :mod:`mope.losses`."""

@@ -183,6 +183,9 @@ def test_a_static_cache_decides_on_the_prompt_without_its_padding(row):
     )
     assert torch.equal(inferred, static)
     assert "prepare_inputs_for_generation" not in vars(model.get_base_model())  # set for that generate only
+    # the wrapper keeps the signature transformers reads: prompts as embeddings alone were refused
+    embeds = model.get_input_embeddings()(batch["input_ids"][:, 3:])
+    assert model.generate(inputs_embeds=embeds, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (2, 2)
 
 
 @pytest.mark.parametrize(

@@ -164,6 +164,8 @@ def test_what_a_mixture_of_loras_cannot_hold_is_named(llama_adapters, tmp_path):
     assert_refused(
         [good], "layers_to_transform / layers_pattern cannot narrow", mope.MoPEConfig(layers_to_transform=[0])
     )
+    paths = (str(path) for path in llama_adapters)  # a generator: read once (the type check emptied it)
+    assert mope.from_lora_adapters(make_model("llama"), paths).peft_config["default"].num_experts == len(llama_adapters)
 
 
 def test_mismatched_modules_and_shapes_are_refused(llama_adapters, tmp_path):

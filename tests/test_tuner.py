@@ -410,6 +410,22 @@ def test_merging_adapters_one_call_at_a_time_folds_in_the_forward_s_order_or_ref
     torch.testing.assert_close(no_grad_logits(model, batch), unmerged, rtol=0, atol=1e-5)
 
 
+def test_folds_that_commute_merge_one_call_at_a_time_in_any_order():
+    # two scalings, or two LoRAs, commute: merging them against the active order was refused (exact before)
+    common = dict(task_type="CAUSAL_LM", target_modules=["down_proj"], num_experts=1, top_k=1, r=4, init_weights=False)
+    model = get_peft_model(make_model("llama"), MoPEConfig(expert_type="ia3", **common), adapter_name="out")
+    model.add_adapter("in", MoPEConfig(expert_type="ia3", feedforward_modules=["down_proj"], **common))
+    model.add_adapter("l1", MoPEConfig(**common))
+    model.add_adapter("l2", MoPEConfig(**common))
+    model.base_model.set_adapter(["out", "in", "l1", "l2"])  # the forward: W diag(in) * out + dW1 + dW2
+    model.eval()
+    batch = make_batch("llama")
+    unmerged = no_grad_logits(model, batch)
+    for name in ("in", "out", "l2", "l1"):
+        model.merge_adapter(adapter_names=[name])
+    torch.testing.assert_close(no_grad_logits(model, batch), unmerged, rtol=0, atol=1e-5)
+
+
 def test_unmerging_an_ia3_scale_of_zero_restores_the_base():
     # unfolding divided by the scale: a 0 wrote a NaN row into the frozen weight, silently
     model = two_mergeable_adapters()

@@ -66,7 +66,8 @@ class Accumulator:
         real = token_mask(routing, inputs)
         token_load = routing.load.detach().float() * real.unsqueeze(-1)
         self.load = self.add(self.load, token_load.reshape(-1, probs.shape[-1]).sum(0))
-        token_weight = routing.weights.detach().float() * real.unsqueeze(-1)
+        # where, not a product: a padding row's NaN (fully masked fp16 attention) times 0 is NaN
+        token_weight = torch.where(real.bool().unsqueeze(-1), routing.weights.detach().float(), 0.0)
         self.weight = self.add(self.weight, token_weight.reshape(-1, probs.shape[-1]).sum(0))
         if token_load.dim() == 3:  # [batch, seq, N]: expert load by position
             self.load_at = self.add_padded(self.load_at, token_load.sum(0))

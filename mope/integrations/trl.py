@@ -53,14 +53,14 @@ def copy_adapter_buffers(model: nn.Module, source: str, target: str) -> None:
 
 
 def refuse_wrapped_packing(trainer_args: Any, configs: list[Any]) -> None:
-    """Refuse SFTConfig's ``packing_strategy="wrapped"`` (without ``padding_free``) for sequence-level routing.
+    """Refuse SFTConfig's ``packing_strategy="wrapped"`` for sequence-level routing.
 
     It cuts the examples into rows of ``max_length`` tokens with an attention mask of ones and no
     ``position_ids``: nothing in a batch shows where examples meet (the other packings restart
     ``position_ids``, which the forward refuses), and one decision would pool each row's pieces.
     """
     wrapped = getattr(trainer_args, "packing", False) and getattr(trainer_args, "packing_strategy", None) == "wrapped"
-    if not wrapped or getattr(trainer_args, "padding_free", False):
+    if not wrapped:  # padding_free too: its position_ids restart per wrapped row, not per example
         return
     names = [name for name, config in configs if getattr(config, "routing_level", None) == "sequence"]
     if names:

@@ -414,6 +414,7 @@ def recording_inferred_prompt_mask(model: Any, context: RoutingContext) -> Itera
     previous = vars(model).get("prepare_inputs_for_generation")
     prepare = model.prepare_inputs_for_generation
 
+    @functools.wraps(prepare)  # transformers reads its signature (inputs_embeds)
     def recording(*args: Any, **kwargs: Any) -> Any:
         mask = kwargs.get("attention_mask")
         if context.decisions.prompt_mask is None and isinstance(mask, torch.Tensor) and mask.dim() == 2:

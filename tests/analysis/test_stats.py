@@ -36,6 +36,26 @@ def test_load_shares_entropy_and_tokens_exclude_padding():
     assert stats.report() == report
 
 
+def test_the_weight_share_leaves_padding_out_even_when_it_is_nan():
+    # weights * mask: a padding row's NaN (fully masked fp16 attention) made every share NaN, and the export refused it
+    model = wrapped(num_experts=4, top_k=2)
+    batch = make_batch("llama", batch=2, seq=8, pad=3)
+    batch.pop("labels")
+    layer = next(m for m in model.modules() if isinstance(m, MoPELayer))
+    pad = batch["attention_mask"] == 0
+    hook = layer.register_forward_pre_hook(lambda m, args: (args[0].masked_fill(pad.unsqueeze(-1), float("nan")),))
+    with mope.routing_stats(model) as stats:
+        model(**batch)
+    hook.remove()
+    entry = stats.report()[layer_name(model, layer)]
+    assert entry["nonfinite_tokens"] == 0 and all(math.isfinite(x) for x in entry["weight"])
+    assert sum(entry["weight"]) == pytest.approx(1.0)
+
+
+def layer_name(model, layer) -> str:
+    return next(name for name, m in model.named_modules() if m is layer)
+
+
 def test_entropy_matches_a_hand_computation():
     model = wrapped(num_experts=3, top_k=1)
     layer = next(m for m in model.modules() if isinstance(m, MoPELayer))

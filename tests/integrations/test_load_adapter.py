@@ -178,3 +178,21 @@ def test_the_router_schedule_of_a_load_adapter_model_steps(tmp_path):
     assert schedule.count == before + 2
     with pytest.raises(ValueError, match="needs a MoPE model"):
         mope.step_schedule(make_model("llama"))
+
+
+def test_a_subfolder_and_an_explicit_config_are_read_as_transformers_reads_them(tmp_path):
+    # from_pretrained(root, subfolder=...) puts it in the load config, not adapter_kwargs: the root was read (its
+    # config, or "Can't find adapter_config.json"); an explicit peft_config= kept a link to the bundle for good
+    import transformers
+
+    make_model("llama").save_pretrained(tmp_path / "root" / "sub")
+    folder = trained_bundle(tmp_path / "root" / "sub")
+    edit_bundle(tmp_path / "root" / "sub", config={"base_model_name_or_path": str(tmp_path / "root")})
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "root", subfolder="sub")
+    batch = make_batch("llama", pad=2)
+    want = no_grad_logits(PeftModel.from_pretrained(make_model("llama"), folder), batch)
+    torch.testing.assert_close(no_grad_logits(loaded, batch), want, rtol=0, atol=0)
+    config = mope.MoPEConfig.from_pretrained(folder)
+    config.bundle = None  # as a config made in code
+    make_model("llama").load_adapter(folder, peft_config=config)
+    assert config.bundle is None

@@ -123,6 +123,20 @@ def test_gradient_accumulation_weighs_the_router_loss_as_one_batch_does(tmp_path
     assert_accumulation_matches_one_batch(tmp_path, task_type=task_type)
 
 
+def test_the_aux_loss_is_weighted_by_tokens_only_where_the_lm_loss_is():
+    # without a task_type the weighting follows the model's class, and only a class whose loss reads
+    # num_items_in_batch (transformers' loss_function): BartForCausalLM's plain mean got half the aux (0.51 of 1.01)
+    from transformers import BartConfig, BartForCausalLM
+
+    config = mope.MoPEConfig(target_modules=["q_proj"], num_experts=4, top_k=2, aux_loss_coef=1.0)
+    tiny = BartConfig(vocab_size=64, d_model=16, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32)
+    causal = {
+        "llama": get_peft_model(make_model("llama"), config),
+        "bart": get_peft_model(BartForCausalLM(tiny), config),
+    }
+    assert {name: model.base_model.causal_lm() for name, model in causal.items()} == {"llama": True, "bart": False}
+
+
 def test_an_adapter_without_routers_is_named(tmp_path):
     run = trainer(tmp_path, steps=1)
     mope.log_routing(run, adapter_name="other")

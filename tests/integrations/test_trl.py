@@ -121,6 +121,8 @@ def test_wrapped_packing_is_refused_for_sequence_level_routing_before_the_model_
             tmp_path, model=model, routing_level="sequence", packing=True, packing_strategy="wrapped", max_length=16
         )
     assert not any(isinstance(module, mope.MoPELayer) for module in model.modules())
+    with pytest.raises(ValueError, match=r"routes per sequence"):  # padding_free: position_ids restart per row only
+        trainer(tmp_path, routing_level="sequence", packing=True, packing_strategy="wrapped", padding_free=True)
     for options in ({"routing_level": "token", "packing_strategy": "wrapped"}, {"routing_level": "sequence"}):
         trainer(tmp_path, packing=True, max_length=16, **options)  # per token; or a packing the forward checks
 
