@@ -64,15 +64,15 @@ class Accumulator:
     def update(self, routing: Routing, inputs: RoutingInputs) -> None:
         probs = routing.probs.detach().float()
         real = token_mask(routing, inputs)
-        token_load = routing.load.detach().float() * real.unsqueeze(-1)
+        keep = real.bool().unsqueeze(-1)  # where, not a product: a padding row's NaN times 0 is NaN
+        token_load = torch.where(keep, routing.load.detach().float(), 0.0)
         self.load = self.add(self.load, token_load.reshape(-1, probs.shape[-1]).sum(0))
-        # where, not a product: a padding row's NaN (fully masked fp16 attention) times 0 is NaN
-        token_weight = torch.where(real.bool().unsqueeze(-1), routing.weights.detach().float(), 0.0)
+        token_weight = torch.where(keep, routing.weights.detach().float(), 0.0)
         self.weight = self.add(self.weight, token_weight.reshape(-1, probs.shape[-1]).sum(0))
         if token_load.dim() == 3:  # [batch, seq, N]: expert load by position
             self.load_at = self.add_padded(self.load_at, token_load.sum(0))
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
-        self.entropy = self.add(self.entropy, (entropy * real).sum())
+        self.entropy = self.add(self.entropy, torch.where(real.bool(), entropy, 0.0).sum())
         self.tokens = self.add(self.tokens, real.sum())
         self.nonfinite = self.add(self.nonfinite, (real * ~finite_tokens(routing)).sum())
         if routing.dropped is None:

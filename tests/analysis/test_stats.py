@@ -48,7 +48,8 @@ def test_the_weight_share_leaves_padding_out_even_when_it_is_nan():
         model(**batch)
     hook.remove()
     entry = stats.report()[layer_name(model, layer)]
-    assert entry["nonfinite_tokens"] == 0 and all(math.isfinite(x) for x in entry["weight"])
+    assert entry["nonfinite_tokens"] == 0 and all(math.isfinite(x) for x in [*entry["weight"], *entry["load"]])
+    assert math.isfinite(entry["entropy"])
     assert sum(entry["weight"]) == pytest.approx(1.0)
 
 
