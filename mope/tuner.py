@@ -123,9 +123,10 @@ def transformers_bundle_folder() -> tuple[str, bool] | None:
     source = frame.f_locals.get("peft_model_id")
     if source is None:
         return None
-    # adapter_kwargs, or (transformers 5.25: from_pretrained(..., subfolder=...)) the load config's download kwargs
+    # where transformers reads the tensors from: its load config's download kwargs (adapter_kwargs are merged in
+    # when it reads the config too; from_pretrained(..., subfolder=...) puts the subfolder there)
     downloads = getattr(frame.f_locals.get("load_config"), "download_kwargs", None) or {}
-    subfolder = (frame.f_locals.get("adapter_kwargs") or {}).get("subfolder") or downloads.get("subfolder") or ""
+    subfolder = downloads.get("subfolder") or ""
     folder = os.path.normpath(os.path.join(os.fspath(source), subfolder))
     return (folder, "adapter_config_file" in frame.f_locals) if os.path.isdir(folder) else None
 
