@@ -347,15 +347,19 @@ class MoPEModel(BaseTuner):
                         f"(e.g. {', '.join(adapted[:3])})"
                     )
         targets = config.feedforward_modules
-        # each entry, as PEFT's IA3Config: one of target_modules (a portable list: 'fc2' beside 'down_proj'), or one
-        # that matches an adapted module; a typo beside an entry that matches was ignored
-        listed = set(config.target_modules) if isinstance(config.target_modules, set) else set()
-        entries = [targets] if isinstance(targets, str) else sorted(set(targets or ()) - listed)
-        for entry in entries:
-            if not any(lists_module(entry if isinstance(targets, str) else [entry], name) for name in adapted):
-                raise ValueError(
-                    f"MoPEConfig.feedforward_modules entry {entry!r} matches none of the adapted modules "
-                    f"(e.g. {', '.join(adapted[:3])}) and is not one of target_modules"
+        if targets and not any(config.is_feedforward(name) for name in adapted):
+            raise ValueError(
+                f"MoPEConfig.feedforward_modules={targets!r} matches none of the adapted modules "
+                f"(e.g. {', '.join(adapted[:3])})"
+            )
+        # each entry of a list: a typo beside one that matches was silent; a warning, as a list written for several
+        # architectures ('down_proj', 'fc2', BERT's 'output.dense') names modules one model does not have
+        for entry in [] if isinstance(targets, str) else sorted(targets or ()):
+            if not any(lists_module([entry], name) for name in adapted):
+                warnings.warn(
+                    f"MoPEConfig.feedforward_modules entry {entry!r} matches none of adapter '{adapter_name}''s "
+                    "adapted modules; it scales nothing",
+                    stacklevel=2,
                 )
 
     def _link_blocks(self, adapter_name: str) -> None:
