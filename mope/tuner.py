@@ -149,6 +149,10 @@ def read_bundle_for_transformers(config, folder: str, config_from_file: bool) ->
 PEFT_MAPS_TRANSFORMERS_KEYS = "build_peft_weight_mapping" in PeftAdapterMixin.load_adapter.__code__.co_names
 
 
+def any_match(table: dict[str, int], module_name: str) -> bool:
+    return any(pattern_matches(pattern, module_name) for pattern in table)
+
+
 def refuse_named_ffn_keys(header: BundleHeader) -> None:
     """transformers' ``load_adapter`` reports a whole-FFN bundle's keys that hold the adapter name (as PEFT < 0.21
     and older mope versions wrote them) as unexpected, and loads the bundle without its experts: refused there."""
@@ -345,6 +349,15 @@ class MoPEModel(BaseTuner):
                     raise ValueError(
                         f"MoPEConfig.{field_name} key {pattern!r} matches none of the {len(adapted)} adapted modules "
                         f"(e.g. {', '.join(adapted[:3])})"
+                    )
+            table = getattr(config, field_name)
+            first = {next(p for p in table if pattern_matches(p, name)) for name in adapted if any_match(table, name)}
+            for pattern in table:
+                if pattern not in first:  # an earlier key takes every module it matches (PEFT's first-match rule)
+                    warnings.warn(
+                        f"MoPEConfig.{field_name} key {pattern!r} applies to no module: an earlier key matches every "
+                        "module it matches (the first matching key wins)",
+                        stacklevel=2,
                     )
         targets = config.feedforward_modules
         if targets and not any(config.is_feedforward(name) for name in adapted):

@@ -117,6 +117,14 @@ def test_overlapping_patterns_and_a_misspelt_entry_are_refused(options, words):
         get_peft_model(make_model("llama"), MoPEConfig(target_modules=targets, num_experts=4, **fine))
 
 
+def test_a_pattern_key_that_an_earlier_key_shadows_everywhere_is_warned_about():
+    # the first matching key wins (PEFT's rule): 'q_proj' after '.*_proj' applied nowhere, silently
+    config = MoPEConfig(target_modules=["q_proj", "v_proj"], num_experts=4, top_k_pattern={".*_proj": 2, "q_proj": 1})
+    with pytest.warns(UserWarning, match="top_k_pattern key 'q_proj' applies to no module"):
+        model = get_peft_model(make_model("llama"), config)
+    assert {layer.mope_settings["default"].top_k for layer in model.modules() if hasattr(layer, "mope_settings")} == {2}
+
+
 def test_a_feedforward_modules_entry_that_matches_nothing_is_warned_about():
     # a typo beside an entry that matches was silent; refusing it refused a list written for several architectures
     config = MoPEConfig(target_modules=["q_proj", "v_proj"], expert_type="ia3", feedforward_modules=["v_proj", "q_prj"])
