@@ -12,6 +12,7 @@ out of the call before the base model sees them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import re
@@ -72,6 +73,7 @@ from .routing.schedule import (
     detach_schedule,
     load_saved_step,
     schedules_of,
+    tuner_by_hook,
 )
 
 # In encoder-decoder models, decoder modules see decoder tokens, except the key/value
@@ -149,8 +151,13 @@ def read_bundle_for_transformers(config, folder: str, config_from_file: bool) ->
 PEFT_MAPS_TRANSFORMERS_KEYS = "build_peft_weight_mapping" in PeftAdapterMixin.load_adapter.__code__.co_names
 
 
-def any_match(table: dict[str, int], module_name: str) -> bool:
-    return any(pattern_matches(pattern, module_name) for pattern in table)
+@functools.cache
+def loss_reads_items(model_class: type) -> bool:
+    """Whether a transformers causal LM class computes its loss with ``loss_function`` (which reads Trainer's
+    ``num_items_in_batch``), not a plain CrossEntropyLoss mean (BartForCausalLM, XLNet, ...). Once per class: the
+    training forward asks."""
+    forward = inspect.unwrap(model_class.forward)
+    return model_class.__name__ in CAUSAL_LM_CLASSES and "loss_function" in forward.__code__.co_names
 
 
 def refuse_named_ffn_keys(header: BundleHeader) -> None:
@@ -187,14 +194,7 @@ def refuse_second_tuner(model: nn.Module) -> None:
     """One MoPE tuner per model: each keeps its own routing context, config table and hooks, so adapters added by a
     second one (transformers' ``load_adapter`` twice, ``get_peft_model`` twice on one base) counted the aux loss
     twice, lost their task ids to the first one's hook, and failed in training (the first one's table lacks them)."""
-    earlier = next(
-        (
-            hook.__self__
-            for hook in model._forward_pre_hooks.values()
-            if isinstance(getattr(hook, "__self__", None), MoPEModel)
-        ),
-        None,
-    )
+    earlier = tuner_by_hook(model)
     if earlier is None:
         return
     names = ", ".join(repr(name) for name in earlier.peft_config)
@@ -351,7 +351,7 @@ class MoPEModel(BaseTuner):
                         f"(e.g. {', '.join(adapted[:3])})"
                     )
             table = getattr(config, field_name)
-            first = {next(p for p in table if pattern_matches(p, name)) for name in adapted if any_match(table, name)}
+            first = {next((p for p in table if pattern_matches(p, name)), None) for name in adapted}
             for pattern in table:
                 if pattern not in first:  # an earlier key takes every module it matches (PEFT's first-match rule)
                     warnings.warn(
@@ -666,10 +666,7 @@ class MoPEModel(BaseTuner):
         tasks = {str(getattr(c.task_type, "value", c.task_type)) for c in self.peft_config.values()}
         if "CAUSAL_LM" in tasks:
             return True
-        # a causal LM class whose forward computes its loss with transformers' loss_function (which reads
-        # num_items_in_batch), not those with a plain CrossEntropyLoss mean (BartForCausalLM, XLNet, ...)
-        forward = inspect.unwrap(type(self.model).forward)
-        return type(self.model).__name__ in CAUSAL_LM_CLASSES and "loss_function" in forward.__code__.co_names
+        return loss_reads_items(type(self.model))
 
     def combine_losses(self, records) -> torch.Tensor:
         """``sum over (adapter, loss) of coef * mean over modules``; see :mod:`mope.losses`."""

@@ -159,8 +159,11 @@ def mope_tuner_of(model: nn.Module) -> Any:
     model carries that loaded a bundle with transformers' own ``load_adapter`` (no tuner is in its module tree);
     None if it has none."""
     tuner = model.base_model if isinstance(model, PeftModel) else model
-    if hasattr(tuner, "routing_context"):
-        return tuner
+    return tuner if hasattr(tuner, "routing_context") else tuner_by_hook(model)
+
+
+def tuner_by_hook(model: nn.Module) -> Any:
+    """The MoPE tuner whose forward pre-hook ``model`` carries (every MoPE injection registers one), or None."""
     hooks = getattr(model, "_forward_pre_hooks", {}).values()
     return next((hook.__self__ for hook in hooks if hasattr(getattr(hook, "__self__", None), "routing_context")), None)
 
